@@ -1,0 +1,350 @@
+"""YAML -> typed config. The top key is `auto_eval:`; Data-Juicer's keys are accepted as they are.
+
+Every error names the key path (and file:line where the YAML has one) and what was expected;
+unknown keys get a "did you mean". Relative paths are resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import string
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from evaluator.common.errors import EvaluatorError
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAYOUT_NAMES = ("megatron", "huggingface", "deepspeed", "glob")
+EVAL_TYPES = ("native", "gpt", "helm")
+# placeholders a `command` benchmark template may use (evaluator.stages.command renders them)
+COMMAND_PLACEHOLDERS = ("checkpoint", "iteration", "output_dir", "run", "benchmark", "tokens_b", "seed", "python")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- Data-Juicer's sections, key for key --------------------------------------------------
+class MegatronConfig(Section):
+    process_num: int = Field(1, ge=1)
+    megatron_home: Optional[str] = None
+    checkpoint_path: Optional[str] = None
+    tokenizer_type: Optional[Literal["gpt2", "sentencepiece"]] = None
+    vocab_path: Optional[str] = None
+    merge_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    max_tokens: int = Field(512, ge=1)
+    token_per_iteration: float = Field(0.0, ge=0, description="billions of tokens per iteration")
+    log_path: Optional[str] = None
+    port: int = 5000
+
+
+class HelmConfig(Section):
+    helm_spec_template_path: Optional[str] = None
+    helm_output_path: Optional[str] = None
+    helm_env_name: str = "crfm-helm"
+    eval_instances: int = Field(100, ge=1)
+    benchmarks: Optional[list[Any]] = None
+
+
+class GptEvaluationConfig(Section):
+    openai_api_key: Optional[SecretStr] = None
+    openai_organization: Optional[str] = None
+    question_file: Optional[str] = None
+    baseline_file: Optional[str] = None
+    prompt_file: Optional[str] = None
+    reviewer_file: Optional[str] = None
+    answer_file: Optional[str] = None
+    result_file: Optional[str] = None
+
+
+class WandbConfig(Section):
+    project: Optional[str] = None
+    base_url: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = []
+
+
+# ---- ours ----------------------------------------------------------------------------------
+class WatchPath(Section):
+    path: str
+    name: Optional[str] = None  # run name in the results tree; default model_name (or folder name)
+    layout: Optional[Literal["megatron", "huggingface", "deepspeed", "glob"]] = None
+
+
+class WatchConfig(Section):
+    paths: list[WatchPath] = []
+    layout: Optional[Literal["megatron", "huggingface", "deepspeed", "glob"]] = None
+    pattern: Optional[str] = None  # glob layout: regex over entry names, with an iteration group
+    done_marker: Optional[str] = None  # glob layout: e.g. "{name}.done" or "{name}/DONE"
+    settle_seconds: float = Field(2.0, ge=0)
+    poll_seconds: float = Field(10.0, gt=0)
+    mode: Literal["auto", "inotify", "polling"] = "auto"
+    order: Literal["oldest-first", "newest-first"] = "oldest-first"
+    begin_iteration: Optional[int] = Field(None, ge=0)
+    end_iteration: Optional[int] = Field(None, ge=0)
+    iteration_interval: int = Field(1000, ge=1)
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _strings_are_paths(cls, v):
+        if isinstance(v, list):
+            return [{"path": p} if isinstance(p, str) else p for p in v]
+        return v
+
+
+class EnvsConfig(Section):
+    inference: str = os.path.join(PROJECT_ROOT, ".venvs", "inference")
+    evaluation: str = os.path.join(PROJECT_ROOT, ".venvs", "evaluation")
+
+
+class ExecutorConfig(Section):
+    type: Literal["local"] = "local"
+    gpus: Optional[list[str]] = None  # GPU slots for the inference lane; default: CUDA_VISIBLE_DEVICES or nvidia-smi
+    inference_concurrency: Optional[int] = Field(None, ge=1)  # default: one per GPU slot (1 without GPUs)
+    evaluation_concurrency: int = Field(1, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    backoff_seconds: float = Field(30.0, ge=0)
+    backoff_max_seconds: float = Field(3600.0, ge=0)
+    inference_timeout_minutes: float = Field(240.0, gt=0)
+    evaluation_timeout_minutes: float = Field(120.0, gt=0)
+    kill_grace_seconds: float = Field(5.0, ge=0, le=8)
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_ids_as_strings(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return [str(i) for i in range(v)]
+        if isinstance(v, list):
+            return [str(x) for x in v]
+        return v
+
+
+class BenchmarkConfig(Section):
+    name: str = Field(min_length=1)
+    type: str = "command"
+    inference: Optional[str] = None  # command template (type: command)
+    evaluation: Optional[str] = None  # command template (type: command)
+    seed: Optional[int] = None
+
+
+class RecorderConfig(Section):
+    sinks: list[str] = ["local"]
+
+
+class AutoEvalConfig(Section):
+    project_name: str
+    model_name: str
+    cache_dir: str = "cache"
+    megatron: Optional[MegatronConfig] = None
+    helm: Optional[HelmConfig] = None
+    gpt_evaluation: Optional[GptEvaluationConfig] = None
+    wandb: Optional[WandbConfig] = None
+    watch: WatchConfig = WatchConfig()
+    envs: EnvsConfig = EnvsConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    benchmarks: list[BenchmarkConfig] = []
+    recorder: RecorderConfig = RecorderConfig()
+    seed: int = 0
+
+    @property
+    def token_per_iteration(self) -> float:
+        return self.megatron.token_per_iteration if self.megatron else 0.0
+
+
+class ConfigFile(Section):
+    auto_eval: AutoEvalConfig
+
+
+# ---- loading and error reporting -----------------------------------------------------------
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    index: dict[tuple, int] = {}
+
+    def walk(node, path):
+        index.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                index[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _model_at(model: type, loc: tuple) -> Optional[type]:
+    """The pydantic model class that holds the last key of `loc` (for "did you mean")."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+        while get_origin(current) in (Union, list, Optional) or (get_origin(current) is not None and get_args(current)):
+            args = [a for a in get_args(current) if a is not type(None)]
+            if not args:
+                break
+            current = args[0]
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _describe(err: dict, model: type) -> str:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(model, loc)
+        known = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    return f"{err['msg'].lower()}, got {got!r}"
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fail(path: str, lines: dict[tuple, int], problems: list[tuple[tuple, str]]) -> EvaluatorError:
+    msgs = []
+    for loc, text in problems:
+        line = None
+        probe = loc
+        while probe and line is None:
+            line = lines.get(probe)
+            probe = probe[:-1]
+        where = f"{path}:{line}" if line else path
+        msgs.append(f"{where}: {_dotted(loc)}: {text}")
+    return EvaluatorError("invalid config:\n  " + "\n  ".join(msgs) if len(msgs) > 1 else "invalid config: " + msgs[0])
+
+
+def load_config(path: str) -> AutoEvalConfig:
+    """Read, validate and resolve a config file; raises EvaluatorError on any problem."""
+    if not os.path.isfile(path):
+        raise EvaluatorError(f"--config: no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise EvaluatorError(f"invalid config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    lines = _line_index(text)
+    if not isinstance(data, dict) or "auto_eval" not in data:
+        keys = list(data) if isinstance(data, dict) else []
+        close = difflib.get_close_matches("auto_eval", [str(k) for k in keys], n=1)
+        hint = f" (found '{close[0]}': did you mean 'auto_eval'?)" if close else ""
+        raise EvaluatorError(f"invalid config: {path}: expected a mapping with the top key 'auto_eval:'{hint}")
+    try:
+        cfg = ConfigFile.model_validate(data).auto_eval
+    except ValidationError as e:
+        raise _fail(path, lines, [(tuple(err["loc"]), _describe(err, ConfigFile)) for err in e.errors()]) from None
+    problems = _semantic_checks(cfg)
+    if problems:
+        raise _fail(path, lines, problems)
+    _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+    return cfg
+
+
+def _template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
+    # imported here: the registries import this module's types
+    from evaluator.daemon.stages import BENCHMARK_TYPES
+    from recorder.sinks import SINKS
+
+    base = ("auto_eval",)
+    problems: list[tuple[tuple, str]] = []
+    seen: set[str] = set()
+    for i, bench in enumerate(cfg.benchmarks):
+        loc = base + ("benchmarks", i)
+        if bench.name in seen:
+            problems.append((loc + ("name",), f"duplicate benchmark name {bench.name!r}"))
+        seen.add(bench.name)
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", bench.name):
+            problems.append((loc + ("name",), f"expected letters, digits, '.', '_' or '-' (it names a folder), got {bench.name!r}"))
+        if bench.type not in BENCHMARK_TYPES:
+            close = difflib.get_close_matches(bench.type, list(BENCHMARK_TYPES), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append((loc + ("type",), f"unknown benchmark type {bench.type!r} (known: {', '.join(BENCHMARK_TYPES)}){hint}"))
+            continue
+        if bench.type == "command":
+            for stage in ("inference", "evaluation"):
+                template = getattr(bench, stage)
+                if not template:
+                    problems.append((loc + (stage,), "a command benchmark needs a command template for this stage"))
+                    continue
+                try:
+                    fields = _template_fields(template)
+                except ValueError as e:
+                    problems.append((loc + (stage,), f"bad command template ({e}); write literal braces as {{{{ }}}}"))
+                    continue
+                for name in fields:
+                    if name not in COMMAND_PLACEHOLDERS:
+                        close = difflib.get_close_matches(name, COMMAND_PLACEHOLDERS, n=1)
+                        hint = f"; did you mean '{{{close[0]}}}'?" if close else ""
+                        problems.append((loc + (stage,), f"unknown placeholder {{{name}}} (known: {', '.join('{%s}' % p for p in COMMAND_PLACEHOLDERS)}){hint}"))
+    for i, sink in enumerate(cfg.recorder.sinks):
+        if sink not in SINKS:
+            problems.append((base + ("recorder", "sinks", i), f"unknown sink {sink!r} (known: {', '.join(SINKS)})"))
+    w = cfg.watch
+    if w.end_iteration is not None and w.begin_iteration is not None and w.end_iteration < w.begin_iteration:
+        problems.append((base + ("watch", "end_iteration"), f"expected >= begin_iteration ({w.begin_iteration}), got {w.end_iteration}"))
+    layouts = {p.layout or w.layout for p in w.paths}
+    if "glob" in layouts:
+        if not w.pattern:
+            problems.append((base + ("watch", "pattern"), "the glob layout needs a regex with an iteration group, e.g. 'step_(?P<iteration>\\d+)\\.ckpt'"))
+        else:
+            try:
+                rx = re.compile(w.pattern)
+                if rx.groups == 0:
+                    problems.append((base + ("watch", "pattern"), "expected a regex with an iteration group ((?P<iteration>\\d+) or the first group)"))
+            except re.error as e:
+                problems.append((base + ("watch", "pattern"), f"not a valid regex: {e}"))
+    if w.done_marker:
+        try:
+            bad = [f for f in _template_fields(w.done_marker) if f not in ("name", "iteration")]
+        except ValueError as e:
+            bad = [str(e)]
+        if bad:
+            problems.append((base + ("watch", "done_marker"), f"expected placeholders {{name}} or {{iteration}} only, got {bad}"))
+    names = [p.name for p in w.paths if p.name]
+    for i, p in enumerate(w.paths):
+        if p.name and names.count(p.name) > 1:
+            problems.append((base + ("watch", "paths", i, "name"), f"duplicate run name {p.name!r}"))
+    return problems
+
+
+def _resolve_paths(cfg: AutoEvalConfig, base: str) -> None:
+    def absolute(p: Optional[str]) -> Optional[str]:
+        return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    cfg.cache_dir = absolute(cfg.cache_dir)
+    for p in cfg.watch.paths:
+        p.path = absolute(p.path)
+    if cfg.megatron and cfg.megatron.checkpoint_path:
+        cfg.megatron.checkpoint_path = absolute(cfg.megatron.checkpoint_path)
+    cfg.envs.inference = absolute(cfg.envs.inference)
+    cfg.envs.evaluation = absolute(cfg.envs.evaluation)

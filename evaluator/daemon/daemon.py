@@ -1,0 +1,489 @@
+"""The loop that ties discovery, the ledger, the executor and the recorder together.
+
+One pass of the loop (`step`): rescan what changed -> reap finished stages -> release due retries
+-> start stages on free lanes -> hand scored results to the sinks. Between passes the loop sleeps
+until a watcher event, a child exit, a retry or settle deadline, or a signal wakes it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+from filelock import FileLock, Timeout
+
+from evaluator.common.atomic import read_json
+from evaluator.common.contracts import (
+    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, RUN_METADATA, StageJob,
+    read_metrics, result_dir)
+from evaluator.common.errors import EvaluatorError
+from evaluator.daemon import ledger as L
+from evaluator.daemon.checkpoints import LAYOUTS, Checkpoint, CheckpointLayout, Selection
+from evaluator.daemon.config import AutoEvalConfig
+from evaluator.daemon.executors import Lanes, LocalExecutor, StageProcess, detect_gpus, kill_group, process_start_time
+from evaluator.daemon.stages import BENCHMARK_TYPES
+from evaluator.daemon.watch import CheckpointWatcher, Rescanner, choose_mode
+from recorder.sinks import ResultRecord, make_sinks
+
+log = logging.getLogger("evaluator")
+STAGE_STATE = {INFERENCE: (L.PENDING, L.INFERRING, L.INFERRED), EVALUATION: (L.INFERRED, L.SCORING, L.SCORED)}
+HEARTBEAT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    root: str
+    layout: str
+
+
+def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[RunSpec]:
+    """The training runs to watch: watch.paths, or Data-Juicer's megatron.checkpoint_path."""
+    paths = list(cfg.watch.paths)
+    default_layout = model_type or cfg.watch.layout or "megatron"
+    if not paths:
+        if cfg.megatron and cfg.megatron.checkpoint_path:
+            return [RunSpec(cfg.model_name, cfg.megatron.checkpoint_path, default_layout)]
+        raise EvaluatorError("invalid config: auto_eval.watch.paths: no checkpoint folder to watch; "
+                             "set watch.paths or megatron.checkpoint_path")
+    runs = []
+    for p in paths:
+        name = p.name or (cfg.model_name if len(paths) == 1 else os.path.basename(p.path.rstrip("/")))
+        runs.append(RunSpec(name, p.path, p.layout or default_layout))
+    return runs
+
+
+def make_layouts(cfg: AutoEvalConfig, runs: list[RunSpec]) -> dict[str, CheckpointLayout]:
+    w = cfg.watch
+    return {r.name: LAYOUTS[r.layout](r.name, r.root, w.settle_seconds, w.pattern, w.done_marker) for r in runs}
+
+
+def venv_python(path: str) -> str:
+    """A venv folder or a python executable -> the python executable."""
+    return os.path.join(path, "bin", "python") if os.path.isdir(path) else path
+
+
+def stage_done(stage: str, output_dir: str) -> Optional[str]:
+    """None when the stage's outputs are complete and valid, else what is wrong."""
+    path = os.path.join(output_dir, DONE_FILE[stage])
+    if not os.path.exists(path):
+        return f"no {DONE_FILE[stage]} written"
+    try:
+        if stage == EVALUATION:
+            read_metrics(path)
+        else:
+            read_json(path)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Daemon:
+    def __init__(self, cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] = None,
+                 once: bool = False):
+        self.cfg = cfg
+        self.selection = selection
+        self.once = once
+        self.runs = resolve_runs(cfg, model_type)
+        self.layouts = make_layouts(cfg, self.runs)
+        self.benchmarks = {b.name: b for b in cfg.benchmarks}
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self._dirty: set[str] = {r.name for r in self.runs}
+        self.stopping = False
+        self.settle_deadline: Optional[float] = None
+        self.record_retry_at: dict[tuple, float] = {}
+        self.last_heartbeat = 0.0
+        self.ledger: Optional[L.Ledger] = None
+
+    # ---- wiring --------------------------------------------------------------------------
+    def notify(self, run: Optional[str] = None) -> None:
+        """Called from watcher/scheduler threads: mark runs for rescanning and wake the loop."""
+        with self._lock:
+            self._dirty.update([run] if run else [r.name for r in self.runs])
+        self.wake.set()
+
+    def _check_envs(self) -> dict[str, str]:
+        pythons = {}
+        for stage, key in ((INFERENCE, "inference"), (EVALUATION, "evaluation")):
+            py = venv_python(getattr(self.cfg.envs, key))
+            if not os.access(py, os.X_OK):
+                raise EvaluatorError(f"auto_eval.envs.{key}: no python at {py} (run `make setup`, or point it at a venv)")
+            probe = subprocess.run([py, "-c", "import evaluator.stages"], capture_output=True, text=True)
+            if probe.returncode != 0:
+                raise EvaluatorError(f"auto_eval.envs.{key}: {py} cannot import the evaluator package "
+                                     f"(run `make setup`): {probe.stderr.strip().splitlines()[-1:]}")
+            pythons[stage] = py
+        return pythons
+
+    def run(self) -> int:
+        if not self.benchmarks:
+            raise EvaluatorError("auto_eval.benchmarks: no benchmarks configured; nothing to run "
+                                 "(--dry-run shows which checkpoints would be evaluated)")
+        self.pythons = self._check_envs()
+        os.makedirs(self.cfg.cache_dir, exist_ok=True)
+        lock = FileLock(os.path.join(self.cfg.cache_dir, "daemon.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise EvaluatorError(f"another daemon is already running on cache_dir {self.cfg.cache_dir} "
+                                 f"(it holds {lock.lock_file}); stop it first") from None
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> int:
+        ex = self.cfg.executor
+        gpus = ex.gpus if ex.gpus is not None else detect_gpus()
+        lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus)
+        self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
+        self.sinks = make_sinks(self.cfg.recorder.sinks, self.cfg.cache_dir)
+        self.ledger = L.Ledger(self.cfg.cache_dir)
+        mode = choose_mode(self.cfg.watch.mode, [r.root for r in self.runs])
+        log.info("daemon started: %d run(s), %d benchmark(s), lanes inference=%d evaluation=%d gpus=%s, %s + rescan every %ss",
+                 len(self.runs), len(self.benchmarks), lanes.inference, lanes.evaluation, gpus or "none",
+                 mode, self.cfg.watch.poll_seconds)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: self.wake.set())
+        watcher = None
+        if mode == "inotify":
+            watcher = CheckpointWatcher(
+                {r.name: (r.root, LAYOUTS[r.layout].watch_recursive) for r in self.runs}, self.notify)
+            watcher.start()
+        rescanner = Rescanner(self.cfg.watch.poll_seconds, self.notify)
+        rescanner.start()
+        try:
+            self.recover()
+            while not self.stopping:
+                self.step()
+                if watcher:
+                    watcher.ensure_watches()
+                if self.once and self.idle():
+                    log.info("--once: every job that exists is done")
+                    break
+                if self.range_finished():
+                    log.info("every iteration up to --end-iteration %s is done", self.selection.end)
+                    break
+                self.wake.wait(self._sleep_seconds())
+                self.wake.clear()
+        finally:
+            self._shutdown(watcher, rescanner)
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.print_summary()
+        return 0
+
+    def _on_stop_signal(self, signum, _frame):
+        log.info("%s received: stopping (running stages are killed and go back to the queue)", signal.Signals(signum).name)
+        self.stopping = True
+        self.wake.set()
+
+    def _shutdown(self, watcher, rescanner) -> None:
+        for sp in self.executor.stop_all():
+            back = L.PENDING if sp.stage == INFERENCE else L.INFERRED
+            self.ledger.transition(sp.key, back, "daemon stopped mid-stage", pid=None, pid_start=None)
+            log.info("%s %s: stopped, back to %s", sp.stage, _fmt(sp.key), back)
+        if watcher:
+            watcher.stop()
+        rescanner.stop()
+
+    # ---- one pass -----------------------------------------------------------------------
+    def step(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        if self.settle_deadline is not None and time.monotonic() >= self.settle_deadline:
+            dirty |= {r.name for r in self.runs}
+        if dirty:
+            self.scan(dirty)
+        for sp in self.executor.poll():
+            self.finish_stage(sp)
+        self.release_retries()
+        self.dispatch()
+        self.record()
+        self.heartbeat()
+
+    def scan(self, runs: set[str]) -> None:
+        self.settle_deadline = None
+        for run in runs:
+            layout = self.layouts[run]
+            rows = self.ledger.jobs(run=run)
+            known = frozenset(j.iteration for j in rows)
+            checkpoints = layout.scan(known)
+            by_iter = {c.iteration: c for c in checkpoints}
+            for c in checkpoints:
+                if c.settle_deadline is not None:
+                    self.settle_deadline = min(self.settle_deadline or c.settle_deadline, c.settle_deadline)
+                if c.complete:
+                    self._admit(c)
+            for job in rows:
+                self._reconcile(job, by_iter.get(job.iteration))
+
+    def _admit(self, c: Checkpoint) -> None:
+        state = L.PENDING if self.selection.selects(c.iteration) else L.SKIPPED
+        for name in self.benchmarks:
+            if self.ledger.add(c.run, c.iteration, name, c.path, state) and state == L.PENDING:
+                log.info("checkpoint %s iteration %d complete: queued %s", c.run, c.iteration, name)
+
+    def _reconcile(self, job: L.Job, present: Optional[Checkpoint]) -> None:
+        """Follow the selection (it may change between restarts) and notice deleted checkpoints."""
+        if present is None:
+            needs_checkpoint = job.state in (L.PENDING, L.SKIPPED) or (
+                job.state == L.FAILED and job.resume_state == L.PENDING and job.next_retry_at is not None)
+            if needs_checkpoint:
+                self.ledger.transition(job.key, L.VANISHED, "checkpoint deleted before evaluation", next_retry_at=None,
+                                       last_error="checkpoint deleted before its inference finished")
+                log.warning("%s: checkpoint %s vanished", _fmt(job.key), job.path)
+            return
+        selected = self.selection.selects(job.iteration)
+        if job.state == L.SKIPPED and selected:
+            self.ledger.transition(job.key, L.PENDING, "now selected")
+        elif job.state == L.PENDING and not selected:
+            self.ledger.transition(job.key, L.SKIPPED, "outside begin/end/interval")
+
+    def finish_stage(self, sp: StageProcess) -> None:
+        job = self.ledger.get(sp.key)
+        _, _, done_state = STAGE_STATE[sp.stage]
+        out = self._outdir(job)
+        problem = None
+        if sp.timed_out:
+            minutes = self._timeout_s(sp.stage) / 60
+            problem = f"timed out after {minutes:g} min (process group killed)"
+        elif sp.returncode == 75:
+            problem = "exit 75: the stage asked to be retried later"
+        elif sp.returncode != 0:
+            problem = f"exit {sp.returncode}" if sp.returncode > 0 else f"killed by {signal.Signals(-sp.returncode).name}"
+        else:
+            problem = stage_done(sp.stage, out)
+            if problem:
+                problem = f"exit 0 but {problem}"
+        seconds = time.monotonic() - sp.started
+        if problem is None:
+            self.ledger.transition(sp.key, done_state, f"{sp.stage} done in {seconds:.1f}s", attempts=0,
+                                   last_error=None, pid=None, pid_start=None, next_retry_at=None)
+            log.info("%s %s: done in %.1fs", sp.stage, _fmt(sp.key), seconds)
+            return
+        self.fail(job, sp.stage, problem)
+
+    def fail(self, job: L.Job, stage: str, problem: str) -> None:
+        tail = log_tail(os.path.join(self._outdir(job), LOG_FILE[stage]))
+        if stage == INFERENCE and not os.path.exists(job.path):
+            # deleted under us: retrying cannot help, so no retry storm
+            self.ledger.transition(job.key, L.VANISHED, f"inference: {problem}; checkpoint gone", next_retry_at=None,
+                                   last_error=f"checkpoint deleted before its inference finished ({problem})",
+                                   pid=None, pid_start=None)
+            log.warning("inference %s: checkpoint %s was deleted mid-stage: vanished, not retried", _fmt(job.key), job.path)
+            return
+        ex = self.cfg.executor
+        attempts = job.attempts + 1
+        resume = L.PENDING if stage == INFERENCE else L.INFERRED
+        if attempts >= ex.max_attempts:
+            retry_at, what = None, f"failed for good after {attempts} attempt(s)"
+        else:
+            delay = min(ex.backoff_max_seconds, ex.backoff_seconds * 2 ** (attempts - 1))
+            retry_at, what = time.time() + delay, f"retry {attempts + 1}/{ex.max_attempts} in {delay:g}s"
+        self.ledger.transition(job.key, L.FAILED, f"{stage}: {problem}", attempts=attempts, resume_state=resume,
+                               next_retry_at=retry_at, last_error=f"{stage}: {problem}\n{tail}".rstrip(),
+                               pid=None, pid_start=None)
+        log.warning("%s %s: %s; %s (log: %s)", stage, _fmt(job.key), problem, what,
+                    os.path.join(self._outdir(job), LOG_FILE[stage]))
+
+    def release_retries(self) -> None:
+        now = time.time()
+        for job in self.ledger.jobs([L.FAILED]):
+            if job.next_retry_at is not None and job.next_retry_at <= now:
+                self.ledger.transition(job.key, job.resume_state or L.PENDING, f"retry {job.attempts + 1}",
+                                       next_retry_at=None)
+
+    def _ordered(self, state: str) -> list[L.Job]:
+        jobs = self.ledger.jobs([state])
+        newest = self.cfg.watch.order == "newest-first"
+        return sorted(jobs, key=lambda j: (-j.iteration if newest else j.iteration, j.run, j.benchmark))
+
+    def dispatch(self) -> None:
+        for stage in (INFERENCE, EVALUATION):
+            ready, _, _ = STAGE_STATE[stage]
+            free = self.executor.free_slots(stage)
+            for job in self._ordered(ready):
+                if free <= 0 or self.stopping:
+                    break
+                if job.benchmark not in self.benchmarks:
+                    continue  # removed from the config since it was queued; kept in the ledger as it is
+                if stage == EVALUATION and stage_done(INFERENCE, self._outdir(job)):
+                    self.ledger.transition(job.key, L.PENDING, "inference outputs missing: infer again")
+                    continue
+                self.start_stage(job, stage)
+                free -= 1
+
+    def start_stage(self, job: L.Job, stage: str) -> None:
+        bench = self.benchmarks[job.benchmark]
+        out = self._outdir(job)
+        os.makedirs(out, exist_ok=True)
+        for name in OUTPUT_FILES[stage]:  # a fresh attempt must not inherit an earlier one's outputs
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        spec = StageJob(stage=stage, run=job.run, iteration=job.iteration, checkpoint=job.path,
+                        benchmark=bench.model_dump(), output_dir=out,
+                        seed=bench.seed if bench.seed is not None else self.cfg.seed,
+                        attempt=job.attempts + 1, tokens_b=self.tokens_b(job.iteration))
+        job_file = os.path.join(out, JOB_FILE[stage])
+        spec.write(job_file)
+        btype = BENCHMARK_TYPES[bench.type]
+        module = btype.inference_module if stage == INFERENCE else btype.evaluation_module
+        argv = [self.pythons[stage], "-m", module, "--job", job_file]
+        _, running_state, _ = STAGE_STATE[stage]
+        self.ledger.transition(job.key, running_state, f"attempt {job.attempts + 1}", started_at=time.time())
+        sp = self.executor.start(job.key, stage, argv, out, os.path.join(out, LOG_FILE[stage]), self._timeout_s(stage))
+        self.ledger.update(job.key, pid=sp.pid, pid_start=process_start_time(sp.pid))
+        log.info("%s %s: started (pid %d%s)", stage, _fmt(job.key), sp.pid, f", GPU {sp.gpu}" if sp.gpu else "")
+
+    def record(self) -> None:
+        now = time.monotonic()
+        for job in self.ledger.jobs([L.SCORED]):
+            if self.record_retry_at.get(job.key, 0) > now:
+                continue
+            path = os.path.join(self._outdir(job), DONE_FILE[EVALUATION])
+            try:
+                m = read_metrics(path)
+            except (OSError, ValueError) as e:
+                self.ledger.transition(job.key, L.INFERRED, f"metrics unreadable ({e}): score again")
+                continue
+            result = ResultRecord(run=job.run, iteration=job.iteration, benchmark=job.benchmark,
+                                  metrics=m["metrics"], tokens_b=self.tokens_b(job.iteration), n=m.get("n"),
+                                  stderr=m.get("stderr") or {}, per_category=m.get("per_category") or {},
+                                  checkpoint=job.path, metrics_path=path)
+            done = self.ledger.recorded_sinks(job.key)
+            for sink in self.sinks:
+                if sink.name in done:
+                    continue
+                try:
+                    sink.record(result)
+                except Exception as e:  # a sink that is down must not stop evaluation: retried later
+                    delay = 30.0
+                    self.record_retry_at[job.key] = now + delay
+                    log.warning("recorder %s: %s for %s; retrying in %gs", sink.name, e, _fmt(job.key), delay)
+                    break
+                self.ledger.mark_recorded(job.key, sink.name)
+            else:
+                self.ledger.transition(job.key, L.RECORDED, "recorded")
+                log.info("recorded %s: %s", _fmt(job.key),
+                         ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+
+    # ---- restart recovery ---------------------------------------------------------------
+    def recover(self) -> None:
+        """Rows left running by a previous daemon: stop leftovers, check outputs, resume."""
+        for job in self.ledger.jobs(L.RUNNING):
+            stage = INFERENCE if job.state == L.INFERRING else EVALUATION
+            if job.pid and job.pid_start and process_start_time(job.pid) == job.pid_start:
+                log.warning("%s %s: stage pid %d of the previous daemon still runs: killing its group",
+                            stage, _fmt(job.key), job.pid)
+                kill_group(job.pid, signal.SIGTERM)
+                deadline = time.monotonic() + self.cfg.executor.kill_grace_seconds
+                while time.monotonic() < deadline and process_start_time(job.pid) == job.pid_start:
+                    time.sleep(0.05)
+                kill_group(job.pid, signal.SIGKILL)
+            ready, _, done_state = STAGE_STATE[stage]
+            if stage_done(stage, self._outdir(job)) is None:
+                self.ledger.transition(job.key, done_state, "recovered after restart: outputs complete",
+                                       pid=None, pid_start=None)
+            else:
+                self.ledger.transition(job.key, ready, "recovered after restart: run again", pid=None, pid_start=None)
+            log.info("%s %s: resumed after restart as %s", stage, _fmt(job.key), self.ledger.get(job.key).state)
+        for job in self.ledger.jobs([L.SCORED]):
+            if stage_done(EVALUATION, self._outdir(job)):
+                self.ledger.transition(job.key, L.INFERRED, "recovered: metrics missing, score again")
+        for job in self.ledger.jobs([L.INFERRED]):
+            if stage_done(INFERENCE, self._outdir(job)):
+                self.ledger.transition(job.key, L.PENDING, "recovered: predictions missing, infer again")
+
+    # ---- helpers ------------------------------------------------------------------------
+    def tokens_b(self, iteration: int) -> Optional[float]:
+        tpi = self.cfg.token_per_iteration
+        return iteration * tpi if tpi else None
+
+    def _outdir(self, job: L.Job) -> str:
+        return result_dir(self.cfg.cache_dir, job.run, job.iteration, job.benchmark)
+
+    def _timeout_s(self, stage: str) -> float:
+        ex = self.cfg.executor
+        return 60 * (ex.inference_timeout_minutes if stage == INFERENCE else ex.evaluation_timeout_minutes)
+
+    def idle(self) -> bool:
+        """Nothing running, nothing runnable, no retry or settling checkpoint still to come."""
+        if self.executor.running or self.settle_deadline is not None or self._dirty:
+            return False
+        for job in self.ledger.jobs([L.PENDING, L.INFERRED, L.SCORED, L.FAILED]):
+            if job.state != L.FAILED or job.next_retry_at is not None:
+                if job.benchmark in self.benchmarks:
+                    return False
+        return True
+
+    def range_finished(self) -> bool:
+        expected = self.selection.expected()
+        if expected is None or self.executor.running:
+            return False
+        final = {L.RECORDED, L.VANISHED}
+        for run in self.runs:
+            states = {}
+            for job in self.ledger.jobs(run=run.name):
+                states[(job.iteration, job.benchmark)] = job
+            for it in expected:
+                for name in self.benchmarks:
+                    job = states.get((it, name))
+                    if job is None:
+                        return False
+                    if not (job.state in final or (job.state == L.FAILED and job.next_retry_at is None)):
+                        return False
+        return True
+
+    def _sleep_seconds(self) -> float:
+        if self.executor.running:
+            return 0.5  # SIGCHLD wakes us sooner; this bounds timeout enforcement
+        waits = [5.0]
+        if self.settle_deadline is not None:
+            waits.append(self.settle_deadline - time.monotonic())
+        retries = [j.next_retry_at for j in self.ledger.jobs([L.FAILED]) if j.next_retry_at is not None]
+        if retries:
+            waits.append(min(retries) - time.time())
+        if self.record_retry_at:
+            waits.append(min(self.record_retry_at.values()) - time.monotonic())
+        return max(0.01, min(waits))
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heartbeat < HEARTBEAT_SECONDS:
+            return
+        self.last_heartbeat = now
+        counts = Counter(j.state for j in self.ledger.jobs())
+        running = ", ".join(f"{sp.stage} {_fmt(k)}" for k, sp in self.executor.running.items()) or "nothing"
+        log.info("status: %s; running: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts[s]) or "no jobs yet",
+                 running)
+
+    def print_summary(self) -> None:
+        counts = Counter(j.state for j in self.ledger.jobs())
+        log.info("stopped; jobs: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts[s]) or "none")
+        self.ledger.close()
+
+
+def _fmt(key: tuple) -> str:
+    run, iteration, bench = key
+    return f"{run}@{iteration}/{bench}"

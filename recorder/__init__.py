@@ -1,0 +1,1 @@
+"""Sinks that record scored results (runs in the daemon venv; never imports torch)."""

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Create or refresh the three virtualenvs from the locks in thirdparty/envs/.
+#   scripts/setup_envs.sh [daemon] [inference] [evaluation]   (default: all three)
+# Idempotent: a venv whose lock file, Python and uv are unchanged is left alone (seconds).
+# WITH_VLLM=1 adds vLLM to the inference venv (CUDA machines only).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENVS=${EVAL_VENVS_DIR:-$ROOT/.venvs}
+PYTHON=${PYTHON:-python3}
+UV_VERSION=0.13.9
+ENVS=${*:-daemon inference evaluation}
+# The uv cache sits beside the venvs so installs are hardlinks: torch is stored once on disk.
+export UV_CACHE_DIR=${UV_CACHE_DIR:-$VENVS/.uv-cache}
+mkdir -p "$VENVS"
+
+UV=$VENVS/.tools/bin/uv
+if ! [ -x "$UV" ] || [ "$("$UV" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+  echo "[setup] bootstrapping uv $UV_VERSION into $VENVS/.tools"
+  "$PYTHON" -m venv "$VENVS/.tools"
+  "$VENVS/.tools/bin/pip" install -q --disable-pip-version-check "uv==$UV_VERSION"
+fi
+
+for env in $ENVS; do
+  lock=$ROOT/thirdparty/envs/$env.txt
+  [ -f "$lock" ] || { echo "[setup] unknown env '$env' (no $lock)" >&2; exit 2; }
+  locks=("$lock")
+  if [ "$env" = inference ] && [ "${WITH_VLLM:-0}" = 1 ]; then locks+=("$ROOT/thirdparty/envs/inference-vllm.txt"); fi
+  stamp=$( { cat "${locks[@]}"; "$PYTHON" --version; echo "$UV_VERSION"; } | sha256sum | cut -d' ' -f1)
+  dir=$VENVS/$env
+  if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ] && [ -x "$dir/bin/python" ]; then
+    echo "[setup] $env: up to date ($dir)"
+    continue
+  fi
+  echo "[setup] $env: installing from ${locks[*]#$ROOT/} (first time: minutes; torch is ~3 GB of downloads)"
+  start=$(date +%s)
+  rm -f "$dir/.stamp"
+  [ -x "$dir/bin/python" ] || "$UV" venv -q --python "$PYTHON" "$dir"
+  reqs=(); for l in "${locks[@]}"; do reqs+=(-r "$l"); done
+  "$UV" pip install -q --python "$dir/bin/python" "${reqs[@]}"
+  "$UV" pip install -q --python "$dir/bin/python" --no-deps -e "$ROOT"
+  echo "$stamp" > "$dir/.stamp"
+  echo "[setup] $env: ready in $(( $(date +%s) - start )) s, $(du -sh "$dir" 2>/dev/null | cut -f1) ($dir)"
+done
