@@ -1,0 +1,115 @@
+"""The ledger: states, transactional transitions, durability across reopen, concurrent readers."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from evaluator.daemon import ledger as L
+from evaluator.daemon.ledger import Ledger, LedgerConflict
+
+KEY = ("run", 1000, "qa")
+
+
+@pytest.fixture
+def led(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    yield ledger
+    ledger.close()
+
+
+def test_a_new_row_starts_pending_and_adding_it_again_changes_nothing(led):
+    assert led.add(*KEY, path="/ckpt/iter_0001000") is True
+    led.transition(KEY, L.INFERRING)
+    assert led.add(*KEY, path="/elsewhere") is False
+    job = led.get(KEY)
+    assert job.state == L.INFERRING and job.path == "/ckpt/iter_0001000"
+
+
+def test_the_happy_path_walks_every_state_and_logs_each_transition(led):
+    led.add(*KEY, path="/p")
+    for state in (L.INFERRING, L.INFERRED, L.SCORING, L.SCORED, L.RECORDED):
+        led.transition(KEY, state)
+    assert [e["to_state"] for e in led.events(KEY)] == ["pending", "inferring", "inferred", "scoring", "scored", "recorded"]
+    assert [e["from_state"] for e in led.events(KEY)][1:] == ["pending", "inferring", "inferred", "scoring", "scored"]
+
+
+@pytest.mark.parametrize("path", [
+    (L.RECORDED,),                 # pending -> recorded skips the stages
+    (L.SCORING,),                  # pending -> scoring skips inference
+    (L.INFERRING, L.INFERRING),    # the same stage cannot be started twice
+    (L.INFERRING, L.INFERRED, L.INFERRING),
+])
+def test_illegal_transitions_are_refused_and_leave_the_row_as_it_was(led, path):
+    led.add(*KEY, path="/p")
+    *legal, illegal = path
+    for s in legal:
+        led.transition(KEY, s)
+    before = led.get(KEY)
+    with pytest.raises(LedgerConflict):
+        led.transition(KEY, illegal)
+    assert led.get(KEY).state == before.state
+    assert len(led.events(KEY)) == 1 + len(legal)  # the refused move left no event
+
+
+def test_recorded_and_vanished_are_final(led):
+    led.add(*KEY, path="/p")
+    led.transition(KEY, L.VANISHED)
+    for s in L.STATES:
+        if s != L.VANISHED:
+            with pytest.raises(LedgerConflict):
+                led.transition(KEY, s)
+
+
+def test_failed_keeps_attempts_retry_time_and_where_to_resume(led):
+    led.add(*KEY, path="/p")
+    led.transition(KEY, L.INFERRING)
+    led.transition(KEY, L.INFERRED)
+    led.transition(KEY, L.SCORING)
+    led.transition(KEY, L.FAILED, attempts=1, resume_state=L.INFERRED, next_retry_at=123.0, last_error="boom")
+    job = led.get(KEY)
+    assert (job.state, job.attempts, job.resume_state, job.next_retry_at, job.last_error) == (
+        L.FAILED, 1, L.INFERRED, 123.0, "boom")
+    led.transition(KEY, L.INFERRED, next_retry_at=None)  # a retry restarts at scoring, not at inference
+    assert led.get(KEY).state == L.INFERRED
+
+
+def test_only_known_fields_can_be_set(led):
+    led.add(*KEY, path="/p")
+    with pytest.raises(ValueError):
+        led.transition(KEY, L.INFERRING, state="recorded")
+    with pytest.raises(ValueError):
+        led.update(KEY, run="other")
+
+
+def test_rows_survive_closing_and_reopening(tmp_path):
+    a = Ledger(str(tmp_path))
+    a.add(*KEY, path="/p")
+    a.transition(KEY, L.INFERRING, pid=4242, pid_start="99")
+    a.close()
+    b = Ledger(str(tmp_path))
+    job = b.get(KEY)
+    b.close()
+    assert (job.state, job.pid, job.pid_start) == (L.INFERRING, 4242, "99")
+
+
+def test_the_database_is_in_wal_mode_so_status_can_read_while_the_daemon_writes(tmp_path):
+    writer = Ledger(str(tmp_path))
+    writer.add(*KEY, path="/p")
+    mode = sqlite3.connect(writer.path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    reader = Ledger(str(tmp_path), readonly=True)
+    writer.db.execute("BEGIN IMMEDIATE")  # the daemon holds a write transaction...
+    writer.db.execute("UPDATE jobs SET state='inferring'")
+    assert reader.get(KEY).state == L.PENDING  # ...and a reader still sees the last committed state
+    writer.db.execute("COMMIT")
+    assert reader.get(KEY).state == L.INFERRING
+    reader.close()
+    writer.close()
+
+
+def test_a_sink_is_marked_recorded_once(led):
+    led.add(*KEY, path="/p")
+    led.mark_recorded(KEY, "local")
+    led.mark_recorded(KEY, "local")
+    assert led.recorded_sinks(KEY) == {"local"}
