@@ -20,6 +20,10 @@ STAGES = (INFERENCE, EVALUATION)
 EXIT_OK = 0
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the stage asks to be retried later
 
+# placeholders a `command` benchmark template may use (rendered by evaluator.stages.command)
+COMMAND_PLACEHOLDERS = ("checkpoint", "iteration", "output_dir", "run", "benchmark", "tokens_b", "seed", "python",
+                        "config_dir")
+
 PREDICTIONS = "predictions.jsonl"
 RUN_METADATA = "run_metadata.json"
 METRICS = "metrics.json"

@@ -12,15 +12,14 @@ import string
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
+from evaluator.common.contracts import COMMAND_PLACEHOLDERS
 from evaluator.common.errors import EvaluatorError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUT_NAMES = ("megatron", "huggingface", "deepspeed", "glob")
 EVAL_TYPES = ("native", "gpt", "helm")
-# placeholders a `command` benchmark template may use (evaluator.stages.command renders them)
-COMMAND_PLACEHOLDERS = ("checkpoint", "iteration", "output_dir", "run", "benchmark", "tokens_b", "seed", "python")
 
 
 class Section(BaseModel):
@@ -150,6 +149,11 @@ class AutoEvalConfig(Section):
     benchmarks: list[BenchmarkConfig] = []
     recorder: RecorderConfig = RecorderConfig()
     seed: int = 0
+    _config_dir: str = PrivateAttr("")  # the config file's folder: base of relative paths, {config_dir}
+
+    @property
+    def config_dir(self) -> str:
+        return self._config_dir
 
     @property
     def token_per_iteration(self) -> float:
@@ -341,6 +345,7 @@ def _resolve_paths(cfg: AutoEvalConfig, base: str) -> None:
     def absolute(p: Optional[str]) -> Optional[str]:
         return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
+    cfg._config_dir = base
     cfg.cache_dir = absolute(cfg.cache_dir)
     for p in cfg.watch.paths:
         p.path = absolute(p.path)

@@ -344,7 +344,8 @@ class Daemon:
         spec = StageJob(stage=stage, run=job.run, iteration=job.iteration, checkpoint=job.path,
                         benchmark=bench.model_dump(), output_dir=out,
                         seed=bench.seed if bench.seed is not None else self.cfg.seed,
-                        attempt=job.attempts + 1, tokens_b=self.tokens_b(job.iteration))
+                        attempt=job.attempts + 1, tokens_b=self.tokens_b(job.iteration),
+                        extra={"config_dir": self.cfg.config_dir})
         job_file = os.path.join(out, JOB_FILE[stage])
         spec.write(job_file)
         btype = BENCHMARK_TYPES[bench.type]

@@ -3,8 +3,9 @@
     python -m evaluator.stages.command --job <job.json>
 
 The template comes from the benchmark spec (`inference:` or `evaluation:` key) and may use
-{checkpoint} {iteration} {output_dir} {run} {benchmark} {tokens_b} {seed} {python}; each value
-is shell-quoted. {python} is this venv's interpreter, so a command runs in the stage's venv.
+{checkpoint} {iteration} {output_dir} {run} {benchmark} {tokens_b} {seed} {python} {config_dir}; each
+value is shell-quoted. {python} is this venv's interpreter, so a command runs in the stage's venv;
+{config_dir} is the config file's folder (for scripts kept beside it). The command runs in {output_dir}.
 Uses: Megatron->HF conversion, external harnesses, user scripts.
 
 Exit code is the command's own (0 done, 75 retry later, other failed). After exit 0:
@@ -25,14 +26,12 @@ from evaluator.common.atomic import read_json, write_json_atomic
 from evaluator.common.contracts import (
     EVALUATION, EXIT_OK, INFERENCE, METRICS, RUN_METADATA, StageJob, validate_metrics)
 
-PLACEHOLDERS = ("checkpoint", "iteration", "output_dir", "run", "benchmark", "tokens_b", "seed", "python")
-
-
 def render(template: str, job: StageJob) -> str:
     values = {
         "checkpoint": job.checkpoint, "iteration": job.iteration, "output_dir": job.output_dir,
         "run": job.run, "benchmark": job.benchmark.get("name", ""), "seed": job.seed,
         "tokens_b": "" if job.tokens_b is None else job.tokens_b, "python": sys.executable,
+        "config_dir": job.extra.get("config_dir", ""),
     }
     return template.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
 
