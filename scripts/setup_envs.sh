@@ -2,7 +2,8 @@
 # Create or refresh the three virtualenvs from the locks in thirdparty/envs/.
 #   scripts/setup_envs.sh [daemon] [inference] [evaluation]   (default: all three)
 # Idempotent: a venv whose lock file, Python and uv are unchanged is left alone (seconds).
-# WITH_VLLM=1 adds vLLM to the inference venv (CUDA machines only).
+# WITH_VLLM=1 builds the inference venv from inference-vllm.txt instead (vLLM, CUDA machines only;
+# vLLM pins torch and caps transformers, so it is a lock of its own, not an add-on).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENVS=${EVAL_VENVS_DIR:-$ROOT/.venvs}
@@ -22,21 +23,20 @@ fi
 
 for env in $ENVS; do
   lock=$ROOT/thirdparty/envs/$env.txt
+  if [ "$env" = inference ] && [ "${WITH_VLLM:-0}" = 1 ]; then lock=$ROOT/thirdparty/envs/inference-vllm.txt; fi
   [ -f "$lock" ] || { echo "[setup] unknown env '$env' (no $lock)" >&2; exit 2; }
-  locks=("$lock")
-  if [ "$env" = inference ] && [ "${WITH_VLLM:-0}" = 1 ]; then locks+=("$ROOT/thirdparty/envs/inference-vllm.txt"); fi
-  stamp=$( { cat "${locks[@]}"; "$PYTHON" --version; echo "$UV_VERSION"; } | sha256sum | cut -d' ' -f1)
+  stamp=$( { cat "$lock"; "$PYTHON" --version; echo "$UV_VERSION"; } | sha256sum | cut -d' ' -f1)
   dir=$VENVS/$env
   if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ] && [ -x "$dir/bin/python" ]; then
     echo "[setup] $env: up to date ($dir)"
     continue
   fi
-  echo "[setup] $env: installing from ${locks[*]#$ROOT/} (first time: minutes; torch is ~3 GB of downloads)"
+  echo "[setup] $env: installing from ${lock#$ROOT/} (first time: minutes; torch is ~3 GB of downloads)"
   start=$(date +%s)
   rm -f "$dir/.stamp"
   [ -x "$dir/bin/python" ] || "$UV" venv -q --python "$PYTHON" "$dir"
-  reqs=(); for l in "${locks[@]}"; do reqs+=(-r "$l"); done
-  "$UV" pip install -q --python "$dir/bin/python" "${reqs[@]}"
+  # sync, not install: a venv switched between locks (WITH_VLLM) must not keep the other's packages
+  "$UV" pip sync -q --python "$dir/bin/python" "$lock"
   "$UV" pip install -q --python "$dir/bin/python" --no-deps -e "$ROOT"
   echo "$stamp" > "$dir/.stamp"
   echo "[setup] $env: ready in $(( $(date +%s) - start )) s, $(du -sh "$dir" 2>/dev/null | cut -f1) ($dir)"
