@@ -45,23 +45,27 @@ class LocalHistorySink:
 
     def __init__(self, cache_dir: str):
         self.cache_dir = cache_dir
+        self._keys: dict[str, set] = {}  # run -> keys in its history.jsonl (read once, then kept)
 
     def _path(self, run: str) -> str:
         return os.path.join(self.cache_dir, "results", run, "history.jsonl")
 
     def recorded_keys(self, run: str) -> set:
-        keys = set()
-        path = self._path(run)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.endswith("\n"):  # an unterminated last line is a torn write
-                        row = json.loads(line)
-                        keys.add((row["run"], row["iteration"], row["benchmark"]))
-        return keys
+        if run not in self._keys:
+            keys = set()
+            path = self._path(run)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        if line.endswith("\n"):  # an unterminated last line is a torn write
+                            row = json.loads(line)
+                            keys.add((row["run"], row["iteration"], row["benchmark"]))
+            self._keys[run] = keys
+        return self._keys[run]
 
     def record(self, result: ResultRecord) -> None:
-        if result.key in self.recorded_keys(result.run):
+        keys = self.recorded_keys(result.run)
+        if result.key in keys:
             return  # offered again after a crash: already written once
         path = self._path(result.run)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -70,16 +74,20 @@ class LocalHistorySink:
             f.write(json.dumps(asdict(result), sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        keys.add(result.key)
 
 
 def _drop_torn_tail(path: str) -> None:
     """Cut a line left half-written by a crash, so the next row starts on a line of its own."""
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()  # rare: only after a crash mid-write
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 SINKS = {"local": LocalHistorySink}

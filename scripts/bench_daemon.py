@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -250,6 +251,20 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def proc_cpu_seconds_precise(pid: int) -> Optional[float]:
+    """Run time of all live threads from schedstat (ns, finer than 10 ms ticks); None without schedstat."""
+    if not os.path.exists(f"/proc/{pid}/schedstat"):
+        return None
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass  # the thread exited since listdir
+    return total / 1e9
+
+
 def proc_rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -277,23 +292,26 @@ def idle_cost(window: float, checkpoints: int = 100) -> dict:
         try:
             wait_for_log(proc, tmp, "watching ")
             time.sleep(3.0)  # let startup (imports, env probes, first scan) finish
-            cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
+            cpu0, fine0, t0 = proc_cpu_seconds(proc.pid), proc_cpu_seconds_precise(proc.pid), time.monotonic()
             rss = []
             while time.monotonic() - t0 < window:
                 rss.append(proc_rss_mib(proc.pid))
                 time.sleep(0.5)
-            cpu1, t1 = proc_cpu_seconds(proc.pid), time.monotonic()
+            cpu1, fine1, t1 = proc_cpu_seconds(proc.pid), proc_cpu_seconds_precise(proc.pid), time.monotonic()
             if proc.poll() is not None:
                 raise RuntimeError(f"idle daemon exited {proc.returncode}:\n{daemon_log(tmp)}")
         finally:
             stop_daemon(proc)
     tick = 1 / os.sysconf("SC_CLK_TCK")
     pct = 100 * (cpu1 - cpu0) / (t1 - t0)
-    return {
-        "idle_cpu": row(pct, "%", f"{t1 - t0:.0f}s window, {cpu1 - cpu0:.2f} CPU-s, resolution "
-                                  f"{100 * tick / (t1 - t0):.2f}%; inotify, poll_seconds=10, {checkpoints} ckpts"),
+    out = {
+        "idle_cpu": row(pct, "%", f"/proc stat over {t1 - t0:.0f}s (resolution {100 * tick / (t1 - t0):.2f}%); "
+                                  f"inotify, poll_seconds=10, {checkpoints} recorded ckpts"),
         "idle_rss": row(statistics.mean(rss), "MiB", f"max {max(rss):.1f} MiB; startup used {cpu0:.2f} CPU-s"),
     }
+    if fine0 is not None:
+        out["idle_cpu_schedstat"] = row(100 * (fine1 - fine0) / (t1 - t0), "%", "same window, per-thread schedstat (ns)")
+    return out
 
 
 # ---- 4. executor overhead --------------------------------------------------------------------
@@ -340,6 +358,12 @@ def executor_overhead(k: int) -> dict:
         t = time.perf_counter()
         subprocess.run([INFERENCE_PYTHON, "-c", "pass"], check=True)
         startup.append(time.perf_counter() - t)
+    module = []
+    for _ in range(5):
+        t = time.perf_counter()
+        subprocess.run([INFERENCE_PYTHON, "-m", "evaluator.stages.command", "--help"], check=True,
+                       stdout=subprocess.DEVNULL)
+        module.append(time.perf_counter() - t)
     per_ckpt = wall / k
     serial = statistics.mean(infer) + statistics.mean(score)
     return {
@@ -352,6 +376,8 @@ def executor_overhead(k: int) -> dict:
                                       "wall/K minus (infer+eval mean); <0 = lanes overlap"),
         "exec_python_startup": row(statistics.median(startup) * 1000, "ms",
                                    "floor: .venvs/inference/bin/python -c pass, median of 10"),
+        "exec_stage_module_startup": row(statistics.median(module) * 1000, "ms",
+                                         "python -m evaluator.stages.command --help, median of 5"),
     }
 
 
@@ -373,7 +399,7 @@ def main() -> int:
 
     print(f"{'measure':<24} {'value':>10}  {'unit':<5} notes")
     for name, m in measurements.items():
-        print(f"{name:<24} {m['value']:>10.2f}  {m['unit']:<5} {m['notes']}")
+        print(f"{name:<24} {m['value']:>10.3f}  {m['unit']:<5} {m['notes']}")
     result = {
         "measurements": measurements,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},

@@ -486,3 +486,20 @@ def test_cli_dry_run_never_prints_the_openai_api_key(tmp_path):
     # the dry run did read this config: it planned the one checkpoint
     assert [job["iteration"] for job in json.loads(as_json.stdout)] == [1000]
     assert "iter_0001000" in as_text.stdout
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("auto_eval:\n  project_name: a\n  model_name: b\n  megatron: {checkpoint_path: x}\n"
+                    "  megatron: {checkpoint_path: y}\n")
+    with pytest.raises(EvaluatorError) as e:
+        load_config(str(path))
+    assert f"{path}:5" in str(e.value) and "'megatron' given twice (first on line 4)" in str(e.value)
+
+
+def test_unknown_sink_gets_a_did_you_mean(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("auto_eval:\n  project_name: a\n  model_name: b\n  recorder:\n    sinks: [locl]\n")
+    with pytest.raises(EvaluatorError) as e:
+        load_config(str(path))
+    assert "auto_eval.recorder.sinks[0]" in str(e.value) and "did you mean 'local'" in str(e.value)

@@ -361,3 +361,38 @@ def test_missing_stage_venv_is_a_clear_error_naming_the_key(tmp_path):
     proc = run_cli("--config", cfg, "--once")
     assert proc.returncode == 2 and "auto_eval.envs.inference" in proc.stderr and "make setup" in proc.stderr
     assert not (tmp_path / "cache" / "ledger.sqlite3").exists()  # nothing half-started
+
+
+def test_a_sink_that_fails_is_retried_and_records_the_result_once(tmp_path, venvs, daemons):
+    """Real fault: history.jsonl is a directory, so the local sink cannot append; then it is fixed."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa")], executor={"backoff_seconds": 0.3})
+    cache = tmp_path / "cache"
+    blocker = cache / "results" / "tiny" / "history.jsonl"
+    blocker.mkdir(parents=True)
+    d = daemons(cfg)
+    wait_until(lambda: "recorder local:" in d.log(), what="the sink failure to be logged")
+    assert states(cache) == {(1000, "qa"): "scored"}  # scored, kept, not lost and not marked recorded
+    blocker.rmdir()
+    wait_until(lambda: states(cache).get((1000, "qa")) == "recorded", what="recorded after the sink recovered")
+    assert d.stop() == 0
+    assert [(h["iteration"], h["benchmark"]) for h in history(cache)] == [(1000, "qa")]
+
+
+def test_huggingface_checkpoint_completed_inside_its_folder_is_noticed_without_rescans(tmp_path, venvs, daemons):
+    """Only the run folder is watched; a checkpoint whose last file lands inside it is re-checked."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    cfg = write_config(tmp_path, [bench("qa")], watch={"layout": "huggingface", "iteration_interval": 10,
+                                                        "mode": "inotify", "poll_seconds": 3600})
+    d = daemons(cfg)
+    wait_until(lambda: "watching" in d.log(), what="the daemon to watch the folder")
+    base = ckpt / "checkpoint-10"
+    base.mkdir()  # the only event in the watched folder
+    time.sleep(0.5)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    (base / "trainer_state.json").write_text('{"global_step": 10}')
+    wait_until(lambda: states(tmp_path / "cache").get((10, "qa")) == "recorded", what="checkpoint-10 recorded")
+    assert d.stop() == 0

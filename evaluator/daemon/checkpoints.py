@@ -118,18 +118,23 @@ def _numbered_entries(root: str, rx: re.Pattern, want_dir: bool = True) -> list[
 
 
 def _read_tracker(path: str) -> Optional[str]:
+    """The tracker's text, None if there is none; damaged bytes come back as text that parses as nothing."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace").strip()
     except (FileNotFoundError, IsADirectoryError):
         return None
+    except OSError as e:  # unreadable (permissions, flaky storage): not complete, and say why
+        return f"<unreadable: {e.strerror}>"
 
 
 class CheckpointLayout:
     """Scans one training run's checkpoint folder."""
 
     name: ClassVar[str] = ""
-    watch_recursive: ClassVar[bool] = False  # does completeness depend on files inside checkpoint dirs?
+    # True where completeness shows only inside a checkpoint dir (no tracker file beside them): only the
+    # run folder is watched (a recursive watch on 10k dirs floods inotify), so incomplete ones are polled
+    recheck_incomplete: ClassVar[bool] = False
 
     def __init__(self, run: str, root: str, settle_seconds: float = 2.0, pattern: Optional[str] = None,
                  done_marker: Optional[str] = None):
@@ -209,9 +214,9 @@ def safetensors_complete(path: str) -> bool:
             if header_len > size - 8 or header_len > 100_000_000:
                 return False
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError):
-        return False
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return False  # unreadable or a header of the wrong shape: not (yet) a whole file
     return size == 8 + header_len + end
 
 
@@ -254,7 +259,7 @@ def huggingface_incomplete_reason(path: str) -> Optional[str]:
 
 class HuggingFaceLayout(CheckpointLayout):
     name = "huggingface"
-    watch_recursive = True
+    recheck_incomplete = True
     dir_pattern = re.compile(r"^checkpoint-(\d+)$")
 
     def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
@@ -287,7 +292,7 @@ def _trainer_state_written(path: str) -> bool:
 
 class GlobLayout(CheckpointLayout):
     name = "glob"
-    watch_recursive = True
+    recheck_incomplete = True
 
     def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
         rx = re.compile(self.pattern or "")
@@ -299,8 +304,8 @@ class GlobLayout(CheckpointLayout):
             return out
         for entry in entries:
             m = rx.fullmatch(entry.name)
-            if not m:
-                continue
+            if not m or not (m.group(group) or "").isdigit():
+                continue  # not a checkpoint name (e.g. 'ckpt_final' for a pattern 'ckpt_(.+)')
             iteration = int(m.group(group))
             if iteration in known_complete:
                 out.append(Checkpoint(self.run, iteration, entry.path, True))

@@ -241,6 +241,20 @@ def _fail(path: str, lines: dict[tuple, int], problems: list[tuple[tuple, str]])
     return EvaluatorError("invalid config:\n  " + "\n  ".join(msgs) if len(msgs) > 1 else "invalid config: " + msgs[0])
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str) -> AutoEvalConfig:
     """Read, validate and resolve a config file; raises EvaluatorError on any problem."""
     if not os.path.isfile(path):
@@ -248,7 +262,7 @@ def load_config(path: str) -> AutoEvalConfig:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -312,7 +326,9 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
                         problems.append((loc + (stage,), f"unknown placeholder {{{name}}} (known: {', '.join('{%s}' % p for p in COMMAND_PLACEHOLDERS)}){hint}"))
     for i, sink in enumerate(cfg.recorder.sinks):
         if sink not in SINKS:
-            problems.append((base + ("recorder", "sinks", i), f"unknown sink {sink!r} (known: {', '.join(SINKS)})"))
+            close = difflib.get_close_matches(sink, list(SINKS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append((base + ("recorder", "sinks", i), f"unknown sink {sink!r} (known: {', '.join(SINKS)}){hint}"))
     w = cfg.watch
     if w.end_iteration is not None and w.begin_iteration is not None and w.end_iteration < w.begin_iteration:
         problems.append((base + ("watch", "end_iteration"), f"expected >= begin_iteration ({w.begin_iteration}), got {w.end_iteration}"))

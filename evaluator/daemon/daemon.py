@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -34,6 +35,8 @@ from recorder.sinks import ResultRecord, make_sinks
 log = logging.getLogger("evaluator")
 STAGE_STATE = {INFERENCE: (L.PENDING, L.INFERRING, L.INFERRED), EVALUATION: (L.INFERRED, L.SCORING, L.SCORED)}
 HEARTBEAT_SECONDS = 60.0
+RECHECK_SECONDS = 1.0  # how often an incomplete checkpoint of a marker-less layout is looked at again
+MIN_SCAN_GAP = 0.05  # a burst of file events costs one rescan, not one per event
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,12 @@ class Daemon:
         self.runs = resolve_runs(cfg, model_type)
         self.layouts = make_layouts(cfg, self.runs)
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
-        self.wake = threading.Event()
         self._lock = threading.Lock()
         self._dirty: set[str] = {r.name for r in self.runs}
         self.stopping = False
         self.settle_deadline: Optional[float] = None
+        self.recheck_at: Optional[float] = None
+        self.last_scan = 0.0
         self.record_retry_at: dict[tuple, float] = {}
         self.last_heartbeat = 0.0
         self.ledger: Optional[L.Ledger] = None
@@ -118,7 +122,21 @@ class Daemon:
         """Called from watcher/scheduler threads: mark runs for rescanning and wake the loop."""
         with self._lock:
             self._dirty.update([run] if run else [r.name for r in self.runs])
-        self.wake.set()
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is due to wake anyway
+
+    def _sleep(self, timeout: float) -> None:
+        select.select([self._wake_r], [], [], timeout)
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _check_envs(self) -> dict[str, str]:
         pythons = {}
@@ -151,6 +169,11 @@ class Daemon:
             lock.release()
 
     def _run_locked(self) -> int:
+        # Wake-ups come through a pipe: watcher threads write a byte, and signal.set_wakeup_fd makes
+        # the C-level signal handler write one too, so no Python-level handler ever takes a lock.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         ex = self.cfg.executor
         gpus = ex.gpus if ex.gpus is not None else detect_gpus()
         lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus)
@@ -162,13 +185,13 @@ class Daemon:
                  len(self.runs), len(self.benchmarks), lanes.inference, lanes.evaluation, gpus or "none",
                  mode, self.cfg.watch.poll_seconds)
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+        previous_fd = signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGCHLD, lambda *_: self.wake.set())
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler must exist for the wakeup byte
         watcher = None
         if mode == "inotify":
-            watcher = CheckpointWatcher(
-                {r.name: (r.root, LAYOUTS[r.layout].watch_recursive) for r in self.runs}, self.notify)
+            watcher = CheckpointWatcher({r.name: r.root for r in self.runs}, self.notify)
             watcher.start()
         rescanner = Rescanner(self.cfg.watch.poll_seconds, self.notify)
         rescanner.start()
@@ -184,19 +207,21 @@ class Daemon:
                 if self.range_finished():
                     log.info("every iteration up to --end-iteration %s is done", self.selection.end)
                     break
-                self.wake.wait(self._sleep_seconds())
-                self.wake.clear()
+                self._sleep(self._sleep_seconds())
+            if self.stopping:
+                log.info("stop signal received: stopping (running stages are killed and go back to the queue)")
         finally:
             self._shutdown(watcher, rescanner)
             for s, h in previous.items():
                 signal.signal(s, h)
+            signal.set_wakeup_fd(previous_fd)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         self.print_summary()
         return 0
 
     def _on_stop_signal(self, signum, _frame):
-        log.info("%s received: stopping (running stages are killed and go back to the queue)", signal.Signals(signum).name)
-        self.stopping = True
-        self.wake.set()
+        self.stopping = True  # only a flag: the wakeup fd has already woken the loop
 
     def _shutdown(self, watcher, rescanner) -> None:
         for sp in self.executor.stop_all():
@@ -209,12 +234,16 @@ class Daemon:
 
     # ---- one pass -----------------------------------------------------------------------
     def step(self) -> None:
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-        if self.settle_deadline is not None and time.monotonic() >= self.settle_deadline:
-            dirty |= {r.name for r in self.runs}
-        if dirty:
-            self.scan(dirty)
+        now = time.monotonic()
+        if now - self.last_scan >= MIN_SCAN_GAP:
+            with self._lock:
+                dirty, self._dirty = self._dirty, set()
+            due = [t for t in (self.settle_deadline, self.recheck_at) if t is not None]
+            if due and now >= min(due):
+                dirty |= {r.name for r in self.runs}
+            if dirty:
+                self.last_scan = now
+                self.scan(dirty)
         for sp in self.executor.poll():
             self.finish_stage(sp)
         self.release_retries()
@@ -223,24 +252,29 @@ class Daemon:
         self.heartbeat()
 
     def scan(self, runs: set[str]) -> None:
-        self.settle_deadline = None
+        self.settle_deadline = self.recheck_at = None
         for run in runs:
             layout = self.layouts[run]
             rows = self.ledger.jobs(run=run)
-            known = frozenset(j.iteration for j in rows)
-            checkpoints = layout.scan(known)
+            have = {(j.iteration, j.benchmark) for j in rows}
+            checkpoints = layout.scan(frozenset(it for it, _ in have))
             by_iter = {c.iteration: c for c in checkpoints}
             for c in checkpoints:
                 if c.settle_deadline is not None:
                     self.settle_deadline = min(self.settle_deadline or c.settle_deadline, c.settle_deadline)
                 if c.complete:
-                    self._admit(c)
+                    self._admit(c, have)
+                elif layout.recheck_incomplete:
+                    # its completion shows inside the checkpoint dir, which is not watched: look again soon
+                    self.recheck_at = time.monotonic() + RECHECK_SECONDS
             for job in rows:
                 self._reconcile(job, by_iter.get(job.iteration))
 
-    def _admit(self, c: Checkpoint) -> None:
+    def _admit(self, c: Checkpoint, have: set) -> None:
         state = L.PENDING if self.selection.selects(c.iteration) else L.SKIPPED
         for name in self.benchmarks:
+            if (c.iteration, name) in have:
+                continue
             if self.ledger.add(c.run, c.iteration, name, c.path, state) and state == L.PENDING:
                 log.info("checkpoint %s iteration %d complete: queued %s", c.run, c.iteration, name)
 
@@ -379,12 +413,13 @@ class Daemon:
                 try:
                     sink.record(result)
                 except Exception as e:  # a sink that is down must not stop evaluation: retried later
-                    delay = 30.0
+                    delay = max(self.cfg.executor.backoff_seconds, MIN_SCAN_GAP)
                     self.record_retry_at[job.key] = now + delay
                     log.warning("recorder %s: %s for %s; retrying in %gs", sink.name, e, _fmt(job.key), delay)
                     break
                 self.ledger.mark_recorded(job.key, sink.name)
             else:
+                self.record_retry_at.pop(job.key, None)
                 self.ledger.transition(job.key, L.RECORDED, "recorded")
                 log.info("recorded %s: %s", _fmt(job.key),
                          ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
@@ -459,15 +494,13 @@ class Daemon:
     def _sleep_seconds(self) -> float:
         if self.executor.running:
             return 0.5  # SIGCHLD wakes us sooner; this bounds timeout enforcement
-        waits = [5.0]
-        if self.settle_deadline is not None:
-            waits.append(self.settle_deadline - time.monotonic())
+        now = time.monotonic()
+        waits = [5.0] + [t - now for t in (self.settle_deadline, self.recheck_at) if t is not None]
         retries = [j.next_retry_at for j in self.ledger.jobs([L.FAILED]) if j.next_retry_at is not None]
         if retries:
             waits.append(min(retries) - time.time())
-        if self.record_retry_at:
-            waits.append(min(self.record_retry_at.values()) - time.monotonic())
-        return max(0.01, min(waits))
+        waits += [t - now for t in self.record_retry_at.values() if t > now]
+        return max(MIN_SCAN_GAP, min(waits))
 
     def heartbeat(self) -> None:
         now = time.monotonic()

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER, pid_start TEXT, started_at REAL,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (run, iteration, benchmark));
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL,

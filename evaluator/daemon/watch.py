@@ -11,7 +11,8 @@ import os
 from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from watchdog.events import FileSystemEventHandler
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileDeletedEvent, FileMovedEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
@@ -51,21 +52,26 @@ def choose_mode(mode: str, paths: list[str]) -> str:
     return "inotify"
 
 
+# What can change completeness in a run folder: entries appearing, going, renamed, or a file closed
+# after writing (a tracker rewritten in place). Not every write(): that would rescan per chunk.
+EVENTS = [DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
+          FileClosedEvent]
+
+
 class _Notify(FileSystemEventHandler):
     def __init__(self, run: str, on_change: Callable[[str], None]):
         self.run = run
         self.on_change = on_change
 
     def on_any_event(self, event):
-        if event.event_type not in ("opened", "closed_no_write"):
-            self.on_change(self.run)
+        self.on_change(self.run)
 
 
 class CheckpointWatcher:
-    """inotify watches on each run's folder (scheduled lazily: the folder may not exist yet)."""
+    """A non-recursive inotify watch on each run's folder (scheduled lazily: it may not exist yet)."""
 
-    def __init__(self, roots: dict[str, tuple[str, bool]], on_change: Callable[[str], None]):
-        self.roots = roots  # run -> (folder, recursive)
+    def __init__(self, roots: dict[str, str], on_change: Callable[[str], None]):
+        self.roots = roots  # run -> folder
         self.on_change = on_change
         self.observer = Observer()
         self.scheduled: set[str] = set()
@@ -76,13 +82,13 @@ class CheckpointWatcher:
 
     def ensure_watches(self) -> None:
         """Watch folders that exist now; called again on every rescan for folders created later."""
-        for run, (root, recursive) in self.roots.items():
+        for run, root in self.roots.items():
             if run in self.scheduled or not os.path.isdir(root):
                 continue
             try:
-                self.observer.schedule(_Notify(run, self.on_change), root, recursive=recursive)
+                self.observer.schedule(_Notify(run, self.on_change), root, recursive=False, event_filter=EVENTS)
                 self.scheduled.add(run)
-                log.info("watching %s (inotify%s)", root, ", recursive" if recursive else "")
+                log.info("watching %s (inotify)", root)
             except OSError as e:  # e.g. inotify watch limit reached: rescans still find everything
                 log.warning("cannot watch %s (%s); relying on rescans", root, e)
                 self.scheduled.add(run)
