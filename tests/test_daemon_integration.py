@@ -248,9 +248,10 @@ def test_restart_after_stage_finished_unobserved_trusts_only_verified_outputs(tm
 
 
 def test_checkpoint_deleted_mid_stage_ends_vanished_without_retries(tmp_path, venvs, daemons):
+    """snapshot: none evaluates in place, so a deleted checkpoint is lost (see test_snapshots.py for pinning)."""
     path = megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg = write_config(tmp_path, [bench("qa", infer_mode="needs_checkpoint", infer_sleep=1.5)],
-                       executor={"max_attempts": 5, "backoff_seconds": 0.1})
+                       executor={"max_attempts": 5, "backoff_seconds": 0.1}, watch={"snapshot": "none"})
     cache = tmp_path / "cache"
     d = daemons(cfg)
     wait_until(lambda: states(cache).get((1000, "qa")) == "inferring", what="inference in flight")
@@ -267,7 +268,7 @@ def test_checkpoint_deleted_mid_stage_ends_vanished_without_retries(tmp_path, ve
 def test_pending_checkpoint_deleted_before_its_turn_is_vanished(tmp_path, venvs, daemons):
     for it in (1000, 2000):
         megatron_checkpoint(tmp_path / "ckpt", it)
-    cfg = write_config(tmp_path, [bench("qa", infer_sleep=1.5)])
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=1.5)], watch={"snapshot": "none"})
     cache = tmp_path / "cache"
     d = daemons(cfg)
     wait_until(lambda: states(cache).get((1000, "qa")) == "inferring" and states(cache).get((2000, "qa")) == "pending",

@@ -148,6 +148,14 @@ class CheckpointLayout:
         """Every checkpoint present now. Iterations in `known_complete` skip the deep checks."""
         raise NotImplementedError
 
+    def incomplete_reason(self, path: str) -> Optional[str]:
+        """What a layout can tell from the files alone (used on snapshots); None = nothing wrong."""
+        return None
+
+    def snapshot_markers(self, c: Checkpoint) -> dict[str, str]:
+        """Files to write beside a snapshot so it loads like the original folder."""
+        return {}
+
 
 class TrackerLayout(CheckpointLayout):
     """A numbered directory is complete once a tracker file names an iteration >= its own."""
@@ -183,6 +191,10 @@ class MegatronLayout(TrackerLayout):
     def parse_tracker(self, text: str) -> Optional[int]:
         return int(text) if text.isdigit() else None
 
+    def snapshot_markers(self, c: Checkpoint) -> dict[str, str]:
+        name = os.path.basename(c.path)
+        return {MEGATRON_TRACKER: "release" if name == "release" else str(c.iteration)}
+
     def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
         out = super().scan(known_complete)
         release = os.path.join(self.root, "release")
@@ -200,6 +212,9 @@ class DeepSpeedLayout(TrackerLayout):
     def parse_tracker(self, text: str) -> Optional[int]:
         m = self.dir_pattern.match(text)
         return int(m.group(1)) if m else None
+
+    def snapshot_markers(self, c: Checkpoint) -> dict[str, str]:
+        return {DEEPSPEED_TRACKER: os.path.basename(c.path)}
 
 
 def safetensors_complete(path: str) -> bool:
@@ -261,6 +276,9 @@ class HuggingFaceLayout(CheckpointLayout):
     name = "huggingface"
     recheck_incomplete = True
     dir_pattern = re.compile(r"^checkpoint-(\d+)$")
+
+    def incomplete_reason(self, path: str) -> Optional[str]:
+        return huggingface_incomplete_reason(path)
 
     def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
         out = []

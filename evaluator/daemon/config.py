@@ -87,6 +87,10 @@ class WatchConfig(Section):
     begin_iteration: Optional[int] = Field(None, ge=0)
     end_iteration: Optional[int] = Field(None, ge=0)
     iteration_interval: int = Field(1000, ge=1)
+    # rotation safety (evaluator/daemon/snapshots.py): pin what inference needs as soon as complete
+    snapshot: Literal["auto", "none", "hardlink", "copy"] = "auto"
+    snapshot_max_gb: Optional[float] = Field(None, gt=0)  # budget for pinned snapshots; None = no limit
+    snapshot_exclude: Optional[list[str]] = None  # file-name patterns not pinned; default: the layout's
 
     @field_validator("paths", mode="before")
     @classmethod

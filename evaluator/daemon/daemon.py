@@ -28,6 +28,7 @@ from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import LAYOUTS, Checkpoint, CheckpointLayout, Selection
 from evaluator.daemon.config import AutoEvalConfig
 from evaluator.daemon.executors import Lanes, LocalExecutor, StageProcess, detect_gpus, kill_group, process_start_time
+from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.daemon.watch import CheckpointWatcher, Rescanner, choose_mode
 from recorder.sinks import ResultRecord, make_sinks
@@ -85,6 +86,11 @@ def stage_done(stage: str, output_dir: str) -> Optional[str]:
     except ValueError as e:
         return str(e)
     return None
+
+
+def is_final(job: L.Job) -> bool:
+    """Nothing more will happen to this job."""
+    return job.state in (L.RECORDED, L.VANISHED, L.SKIPPED) or (job.state == L.FAILED and job.next_retry_at is None)
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -157,6 +163,11 @@ class Daemon:
                                  "(--dry-run shows which checkpoints would be evaluated)")
         self.pythons = self._check_envs()
         os.makedirs(self.cfg.cache_dir, exist_ok=True)
+        if self.cfg.watch.snapshot == "hardlink":
+            for r in self.runs:
+                if resolve_mode("auto", self.cfg.cache_dir, r.root) != "hardlink":
+                    raise EvaluatorError(f"auto_eval.watch.snapshot: hardlink needs cache_dir ({self.cfg.cache_dir}) on the "
+                                         f"same filesystem as {r.root}; use 'copy' (or 'auto')")
         lock = FileLock(os.path.join(self.cfg.cache_dir, "daemon.lock"))
         try:
             lock.acquire(timeout=0)
@@ -180,6 +191,9 @@ class Daemon:
         self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
         self.sinks = make_sinks(self.cfg.recorder.sinks, self.cfg.cache_dir)
         self.ledger = L.Ledger(self.cfg.cache_dir)
+        w = self.cfg.watch
+        self.keeper = SnapshotKeeper(self.ledger, self.cfg.cache_dir, self.layouts, w.snapshot, w.snapshot_max_gb,
+                                     w.snapshot_exclude, self._poke)
         mode = choose_mode(self.cfg.watch.mode, [r.root for r in self.runs])
         log.info("daemon started: %d run(s), %d benchmark(s), lanes inference=%d evaluation=%d gpus=%s, %s + rescan every %ss",
                  len(self.runs), len(self.benchmarks), lanes.inference, lanes.evaluation, gpus or "none",
@@ -228,6 +242,9 @@ class Daemon:
             back = L.PENDING if sp.stage == INFERENCE else L.INFERRED
             self.ledger.transition(sp.key, back, "daemon stopped mid-stage", pid=None, pid_start=None)
             log.info("%s %s: stopped, back to %s", sp.stage, _fmt(sp.key), back)
+        self.keeper.shutdown()
+        self.keeper.collect()
+        self.keeper.release_finished(is_final)
         if watcher:
             watcher.stop()
         rescanner.stop()
@@ -244,6 +261,7 @@ class Daemon:
             if dirty:
                 self.last_scan = now
                 self.scan(dirty)
+        self.pin_snapshots()
         for sp in self.executor.poll():
             self.finish_stage(sp)
         self.release_retries()
@@ -278,8 +296,21 @@ class Daemon:
             if self.ledger.add(c.run, c.iteration, name, c.path, state) and state == L.PENDING:
                 log.info("checkpoint %s iteration %d complete: queued %s", c.run, c.iteration, name)
 
+    def pin_snapshots(self) -> None:
+        """Pin queued checkpoints (rotation safety), collect finished pins, release finished snapshots."""
+        waiting = {(j.run, j.iteration): j.path for j in self.ledger.jobs([L.PENDING])}
+        queued = [Checkpoint(run, it, path, True) for (run, it), path in sorted(waiting.items())]
+        for run, iteration, why in self.keeper.ensure(queued) + self.keeper.collect():
+            for job in self.ledger.jobs(run=run):
+                if job.iteration == iteration and job.state in (L.PENDING, L.SKIPPED, L.FAILED) and not is_final(job):
+                    self.ledger.transition(job.key, L.VANISHED, why, next_retry_at=None, last_error=why)
+            log.warning("%s iteration %d: %s: vanished", run, iteration, why)
+        self.keeper.release_finished(is_final)
+
     def _reconcile(self, job: L.Job, present: Optional[Checkpoint]) -> None:
         """Follow the selection (it may change between restarts) and notice deleted checkpoints."""
+        if present is None and self.keeper.protects(job.run, job.iteration):
+            return  # pinned: the original may go, the snapshot stays
         if present is None:
             needs_checkpoint = job.state in (L.PENDING, L.SKIPPED) or (
                 job.state == L.FAILED and job.resume_state == L.PENDING and job.next_retry_at is not None)
@@ -320,7 +351,7 @@ class Daemon:
 
     def fail(self, job: L.Job, stage: str, problem: str) -> None:
         tail = log_tail(os.path.join(self._outdir(job), LOG_FILE[stage]))
-        if stage == INFERENCE and not os.path.exists(job.path):
+        if stage == INFERENCE and not self.keeper.protects(job.run, job.iteration) and not os.path.exists(job.path):
             # deleted under us: retrying cannot help, so no retry storm
             self.ledger.transition(job.key, L.VANISHED, f"inference: {problem}; checkpoint gone", next_retry_at=None,
                                    last_error=f"checkpoint deleted before its inference finished ({problem})",
@@ -365,17 +396,20 @@ class Daemon:
                 if stage == EVALUATION and stage_done(INFERENCE, self._outdir(job)):
                     self.ledger.transition(job.key, L.PENDING, "inference outputs missing: infer again")
                     continue
-                self.start_stage(job, stage)
+                checkpoint = self.keeper.checkpoint_for(job.run, job.iteration, job.path)
+                if checkpoint is None:
+                    continue  # its snapshot is still being pinned
+                self.start_stage(job, stage, checkpoint)
                 free -= 1
 
-    def start_stage(self, job: L.Job, stage: str) -> None:
+    def start_stage(self, job: L.Job, stage: str, checkpoint: str) -> None:
         bench = self.benchmarks[job.benchmark]
         out = self._outdir(job)
         os.makedirs(out, exist_ok=True)
         for name in OUTPUT_FILES[stage]:  # a fresh attempt must not inherit an earlier one's outputs
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
-        spec = StageJob(stage=stage, run=job.run, iteration=job.iteration, checkpoint=job.path,
+        spec = StageJob(stage=stage, run=job.run, iteration=job.iteration, checkpoint=checkpoint,
                         benchmark=bench.model_dump(), output_dir=out,
                         seed=bench.seed if bench.seed is not None else self.cfg.seed,
                         attempt=job.attempts + 1, tokens_b=self.tokens_b(job.iteration),
@@ -450,6 +484,7 @@ class Daemon:
         for job in self.ledger.jobs([L.INFERRED]):
             if stage_done(INFERENCE, self._outdir(job)):
                 self.ledger.transition(job.key, L.PENDING, "recovered: predictions missing, infer again")
+        self.keeper.recover()
 
     # ---- helpers ------------------------------------------------------------------------
     def tokens_b(self, iteration: int) -> Optional[float]:
@@ -465,7 +500,7 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing running, nothing runnable, no retry or settling checkpoint still to come."""
-        if self.executor.running or self.settle_deadline is not None or self._dirty:
+        if self.executor.running or self.settle_deadline is not None or self._dirty or self.keeper.busy():
             return False
         for job in self.ledger.jobs([L.PENDING, L.INFERRED, L.SCORED, L.FAILED]):
             if job.state != L.FAILED or job.next_retry_at is not None:
@@ -477,17 +512,12 @@ class Daemon:
         expected = self.selection.expected()
         if expected is None or self.executor.running:
             return False
-        final = {L.RECORDED, L.VANISHED}
         for run in self.runs:
-            states = {}
-            for job in self.ledger.jobs(run=run.name):
-                states[(job.iteration, job.benchmark)] = job
+            jobs = {(j.iteration, j.benchmark): j for j in self.ledger.jobs(run=run.name)}
             for it in expected:
                 for name in self.benchmarks:
-                    job = states.get((it, name))
-                    if job is None:
-                        return False
-                    if not (job.state in final or (job.state == L.FAILED and job.next_retry_at is None)):
+                    job = jobs.get((it, name))
+                    if job is None or not is_final(job):
                         return False
         return True
 

@@ -18,6 +18,8 @@ from typing import Iterable, Optional
 
 PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED = "pending", "inferring", "inferred", "scoring", "scored", "recorded"
 FAILED, VANISHED, SKIPPED = "failed", "vanished", "skipped"
+# snapshot states (table `snapshots`, one row per pinned (run, iteration)); see snapshots.py
+PINNING, PINNED, UNPINNED, RELEASED = "pinning", "pinned", "unpinned", "released"  # + VANISHED
 STATES = (PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED, FAILED, VANISHED, SKIPPED)
 RUNNING = (INFERRING, SCORING)
 TERMINAL = (RECORDED, VANISHED)
@@ -48,6 +50,10 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL,
     from_state TEXT, to_state TEXT NOT NULL, note TEXT);
+CREATE TABLE IF NOT EXISTS snapshots (
+    run TEXT NOT NULL, iteration INTEGER NOT NULL, state TEXT NOT NULL,
+    source TEXT NOT NULL, path TEXT, bytes INTEGER NOT NULL DEFAULT 0, manifest TEXT, note TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (run, iteration));
 CREATE TABLE IF NOT EXISTS recordings (
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL, sink TEXT NOT NULL,
     recorded_at REAL NOT NULL, PRIMARY KEY (run, iteration, benchmark, sink));
@@ -172,6 +178,33 @@ class Ledger:
         with self._tx():
             self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)}, updated_at = ?"
                             " WHERE run=? AND iteration=? AND benchmark=?", (*fields.values(), time.time(), *key))
+
+    # ---- snapshots ------------------------------------------------------------------------
+    def snapshot(self, run: str, iteration: int) -> Optional[dict]:
+        row = self.db.execute("SELECT * FROM snapshots WHERE run=? AND iteration=?", (run, iteration)).fetchone()
+        return dict(row) if row else None
+
+    def snapshots(self, states: Iterable[str] = ()) -> list[dict]:
+        states = tuple(states)
+        sql = "SELECT * FROM snapshots"
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY run, iteration", states)]
+
+    def put_snapshot(self, run: str, iteration: int, state: str, source: str, **fields) -> None:
+        """Insert or replace the snapshot row of (run, iteration)."""
+        now = time.time()
+        cols = {"state": state, "source": source, "path": None, "bytes": 0, "manifest": None, "note": None, **fields}
+        with self._tx():
+            self.db.execute(
+                f"INSERT OR REPLACE INTO snapshots (run, iteration, {', '.join(cols)}, created_at, updated_at)"
+                f" VALUES (?, ?, {', '.join('?' * len(cols))}, ?, ?)", (run, iteration, *cols.values(), now, now))
+
+    def set_snapshot(self, run: str, iteration: int, state: str, **fields) -> None:
+        sets = "".join(f", {k} = ?" for k in fields)
+        with self._tx():
+            self.db.execute(f"UPDATE snapshots SET state = ?, updated_at = ?{sets} WHERE run=? AND iteration=?",
+                            (state, time.time(), *fields.values(), run, iteration))
 
     def mark_recorded(self, key: tuple, sink: str) -> None:
         with self._tx():
