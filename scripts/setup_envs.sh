@@ -25,7 +25,8 @@ for env in $ENVS; do
   lock=$ROOT/thirdparty/envs/$env.txt
   if [ "$env" = inference ] && [ "${WITH_VLLM:-0}" = 1 ]; then lock=$ROOT/thirdparty/envs/inference-vllm.txt; fi
   [ -f "$lock" ] || { echo "[setup] unknown env '$env' (no $lock)" >&2; exit 2; }
-  stamp=$( { cat "$lock"; "$PYTHON" --version; echo "$UV_VERSION"; } | sha256sum | cut -d' ' -f1)
+  # the checkout's path is in the stamp: the project is installed editable, pointing at $ROOT
+  stamp=$( { cat "$lock"; "$PYTHON" --version; echo "$UV_VERSION"; echo "$ROOT"; } | sha256sum | cut -d' ' -f1)
   dir=$VENVS/$env
   if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ] && [ -x "$dir/bin/python" ]; then
     echo "[setup] $env: up to date ($dir)"

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
+import string
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -23,6 +25,23 @@ EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the stage asks to be retried later
 # placeholders a `command` benchmark template may use (rendered by evaluator.stages.command)
 COMMAND_PLACEHOLDERS = ("checkpoint", "iteration", "output_dir", "run", "benchmark", "tokens_b", "seed", "python",
                         "config_dir")
+
+
+
+def render_template(template: str, values: dict) -> str:
+    """str.format with each formatted value shell-quoted (so '{iteration:07d}' works and paths with
+    spaces stay one argument). Raises KeyError/ValueError on unknown fields or bad format specs."""
+    out = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        value = values[name]
+        if conversion:
+            value = {"r": repr, "s": str, "a": ascii}[conversion](value)
+        out.append(shlex.quote(format(value, spec or "")))
+    return "".join(out)
+
 
 PREDICTIONS = "predictions.jsonl"
 RUN_METADATA = "run_metadata.json"

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from typing import Optional
@@ -19,7 +20,7 @@ from evaluator.daemon.checkpoints import Selection
 from evaluator.daemon.config import EVAL_TYPES, LAYOUT_NAMES, AutoEvalConfig, load_config
 
 EPILOG = """subcommands:
-  status --config CFG [--json]   iteration x benchmark table: state, attempts, last error
+  status --config CFG [--json]   iteration x benchmark table (state, attempts, last error) + pinned snapshots
 
 examples:
   python tools/evaluator.py --config config/megatron.yaml --begin-iteration 2000
@@ -144,11 +145,16 @@ def status(argv: list[str]) -> int:
     cfg = load_config(args.config)
     if not os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
         raise EvaluatorError(f"no ledger in cache_dir {cfg.cache_dir}: the daemon has not run with this config yet")
-    led = L.Ledger(cfg.cache_dir, readonly=True)
-    jobs = led.jobs(run=args.run)
-    led.close()
+    try:
+        led = L.Ledger(cfg.cache_dir, readonly=True)
+        jobs = led.jobs(run=args.run)
+        snaps = [s for s in led.snapshots([L.PINNING, L.PINNED, L.UNPINNED]) if args.run in (None, s["run"])]
+        led.close()
+    except sqlite3.Error as e:
+        raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
     if args.json:
-        print(json.dumps([j.__dict__ for j in jobs], indent=2))
+        print(json.dumps({"jobs": [j.__dict__ for j in jobs],
+                          "snapshots": [{k: v for k, v in s.items() if k != "manifest"} for s in snaps]}, indent=2))
         return 0
     print(f"{'run':<20} {'iteration':>10}  {'benchmark':<20} {'state':<10} {'attempts':>8}  {'next retry':<19} last error")
     for j in jobs:
@@ -157,6 +163,12 @@ def status(argv: list[str]) -> int:
         print(f"{j.run:<20} {j.iteration:>10}  {j.benchmark:<20} {j.state:<10} {j.attempts:>8}  {retry:<19} {first}")
     counts = {s: sum(1 for j in jobs if j.state == s) for s in L.STATES}
     print("total: " + (", ".join(f"{s}={n}" for s, n in counts.items() if n) or "no jobs"))
+    if snaps:
+        pinned = sum(s["bytes"] for s in snaps if s["state"] in (L.PINNING, L.PINNED))
+        print(f"\nsnapshots: {len(snaps)} held, {pinned / 1e6:.1f} MB pinned")
+        for s in snaps:
+            print(f"  {s['run']:<20} {s['iteration']:>10}  {s['state']:<9} {s['bytes'] / 1e6:>9.1f} MB  "
+                  f"{s['path'] or s['source']}{'  (' + s['note'] + ')' if s['note'] else ''}")
     for j in jobs:
         if j.state == L.FAILED and j.last_error and "\n" in j.last_error:
             print(f"\n--- {j.run}@{j.iteration}/{j.benchmark}: {j.last_error.splitlines()[0]}; log tail:")

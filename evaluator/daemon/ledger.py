@@ -95,6 +95,13 @@ class Ledger:
         self.path = os.path.join(cache_dir, "ledger.sqlite3")
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            try:
+                self.db.execute("SELECT 1 FROM jobs LIMIT 1")
+            except sqlite3.OperationalError:
+                # WAL needs to create -shm beside the database; in a cache_dir this user cannot write
+                # (the service runs as another user) and with the daemon stopped, read it as immutable
+                self.db.close()
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, timeout=30)
         else:
             os.makedirs(cache_dir, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)

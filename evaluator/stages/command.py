@@ -24,16 +24,17 @@ import time
 
 from evaluator.common.atomic import read_json, write_json_atomic
 from evaluator.common.contracts import (
-    EVALUATION, EXIT_OK, INFERENCE, METRICS, RUN_METADATA, StageJob, validate_metrics)
+    EVALUATION, EXIT_OK, INFERENCE, METRICS, RUN_METADATA, StageJob, render_template, validate_metrics)
 
 def render(template: str, job: StageJob) -> str:
+    """Fill the placeholders (format specs allowed, e.g. iter_{iteration:07d}); each value is shell-quoted."""
     values = {
         "checkpoint": job.checkpoint, "iteration": job.iteration, "output_dir": job.output_dir,
         "run": job.run, "benchmark": job.benchmark.get("name", ""), "seed": job.seed,
         "tokens_b": "" if job.tokens_b is None else job.tokens_b, "python": sys.executable,
         "config_dir": job.extra.get("config_dir", ""),
     }
-    return template.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
+    return render_template(template, values)
 
 
 def _finish_metrics(job: StageJob) -> int:
