@@ -503,3 +503,43 @@ def test_unknown_sink_gets_a_did_you_mean(tmp_path):
     with pytest.raises(EvaluatorError) as e:
         load_config(str(path))
     assert "auto_eval.recorder.sinks[0]" in str(e.value) and "did you mean 'local'" in str(e.value)
+
+
+def test_a_format_spec_that_cannot_apply_is_caught_when_the_config_loads(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("auto_eval:\n  project_name: a\n  model_name: b\n  benchmarks:\n    - name: x\n"
+                    "      inference: 'run {checkpoint:07d}'\n      evaluation: 'score iter_{iteration:07d}'\n")
+    with pytest.raises(EvaluatorError) as e:
+        load_config(str(path))
+    msg = str(e.value)
+    assert "benchmarks[0].inference" in msg and "bad format spec" in msg
+    assert "evaluation" not in msg  # {iteration:07d} is fine
+
+
+def test_a_config_that_is_not_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"auto_eval:\n  project_name: \xff\xfe\n")
+    with pytest.raises(EvaluatorError, match="not UTF-8"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("watch,expected", [
+    ({"paths": ["/x/exp1/ckpt", "/x/exp2/ckpt"]}, "two runs are named 'ckpt'"),
+    ({"paths": [{"path": "/x/a", "name": "../escape"}, "/x/b"]}, "without '..'"),
+])
+def test_run_names_must_be_distinct_and_stay_inside_the_results_tree(tmp_path, watch, expected):
+    import yaml as _yaml
+    from evaluator.daemon.daemon import resolve_runs
+    path = tmp_path / "cfg.yaml"
+    path.write_text(_yaml.safe_dump({"auto_eval": {"project_name": "a", "model_name": "b", "watch": watch}}))
+    with pytest.raises(EvaluatorError, match=expected):
+        resolve_runs(load_config(str(path)))
+
+
+def test_a_watch_path_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "not_a_dir").write_text("x")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"auto_eval:\n  project_name: a\n  model_name: b\n  watch:\n    paths: [{tmp_path / 'not_a_dir'}]\n")
+    proc = subprocess.run([str(DAEMON_PYTHON), str(EVALUATOR), "--config", str(path), "--dry-run"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -397,3 +397,31 @@ def test_huggingface_checkpoint_completed_inside_its_folder_is_noticed_without_r
     (base / "trainer_state.json").write_text('{"global_step": 10}')
     wait_until(lambda: states(tmp_path / "cache").get((10, "qa")) == "recorded", what="checkpoint-10 recorded")
     assert d.stop() == 0
+
+
+def test_a_run_folder_that_disappears_for_a_while_loses_nothing(tmp_path, venvs, daemons):
+    """An NFS hiccup or a moved-and-restored folder: queued jobs wait, they are not 'vanished'."""
+    for it in (1000, 2000, 3000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=1.0)], watch={"snapshot": "none", "poll_seconds": 0.2})
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    wait_until(lambda: states(cache).get((1000, "qa")) == "inferring", what="1000 in flight")
+    os.rename(tmp_path / "ckpt", tmp_path / "ckpt.away")
+    wait_until(lambda: "is not available" in d.log(), what="the outage to be noticed")
+    time.sleep(0.5)
+    os.rename(tmp_path / "ckpt.away", tmp_path / "ckpt")
+    wait_until(lambda: set(states(cache).values()) <= {"recorded", "vanished", "failed"} and len(states(cache)) == 3
+               and "inferring" not in states(cache).values(), what="all final")
+    assert d.stop() == 0
+    final = states(cache)
+    assert final[(2000, "qa")] == "recorded" and final[(3000, "qa")] == "recorded", final
+
+
+def test_end_iteration_does_not_wait_for_an_iteration_that_was_never_saved(tmp_path, venvs, daemons):
+    for it in (1000, 3000):  # 2000 was never saved (or rotated away before anyone saw it)
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa")])
+    d = daemons(cfg, "--begin-iteration", "1000", "--end-iteration", "3000")
+    assert d.proc.wait(timeout=60) == 0
+    assert states(tmp_path / "cache") == {(1000, "qa"): "recorded", (3000, "qa"): "recorded"}

@@ -14,12 +14,15 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
-from evaluator.common.contracts import COMMAND_PLACEHOLDERS
+from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
 from evaluator.common.errors import EvaluatorError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUT_NAMES = ("megatron", "huggingface", "deepspeed", "glob")
 EVAL_TYPES = ("native", "gpt", "helm")
+# values of the types a stage gets, to try command templates' format specs at load time
+SAMPLE_VALUES = {"checkpoint": "/ckpt/iter_0001000", "iteration": 1000, "output_dir": "/out", "run": "run",
+                 "benchmark": "bench", "tokens_b": 1.0, "seed": 0, "python": "/venv/bin/python", "config_dir": "/cfg"}
 
 
 class Section(BaseModel):
@@ -61,11 +64,16 @@ class GptEvaluationConfig(Section):
 
 
 class WandbConfig(Section):
-    project: Optional[str] = None
-    base_url: Optional[str] = None
+    project: Optional[str] = None  # default: project_name
+    base_url: Optional[str] = None  # self-hosted W&B
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = []
+    # ours: auto = online when WANDB_API_KEY is set, else offline (upload later with `wandb sync`)
+    mode: Literal["auto", "online", "offline"] = "auto"
+    dir: Optional[str] = None  # local W&B folder; default <cache_dir>/wandb
+    sample_predictions: int = Field(5, ge=0)  # rows of predictions.jsonl in each checkpoint's samples table
+    init_timeout: float = Field(60.0, gt=0)  # seconds an online init may take before the result is retried
 
 
 # ---- ours ----------------------------------------------------------------------------------
@@ -135,8 +143,16 @@ class BenchmarkConfig(Section):
     seed: Optional[int] = None
 
 
+class MlflowConfig(Section):
+    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<cache_dir>/mlflow.db
+    experiment: Optional[str] = None  # default: wandb.project, else project_name
+
+
 class RecorderConfig(Section):
+    # local is always on; unset, a `wandb:` section adds wandb (see recorder.sinks.sink_names)
     sinks: list[str] = ["local"]
+    mlflow: MlflowConfig = MlflowConfig()
+    plots: bool = True  # local sink: curves.png and summary.md beside history.jsonl
 
 
 class AutoEvalConfig(Section):
@@ -263,8 +279,13 @@ def load_config(path: str) -> AutoEvalConfig:
     """Read, validate and resolve a config file; raises EvaluatorError on any problem."""
     if not os.path.isfile(path):
         raise EvaluatorError(f"--config: no such file: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise EvaluatorError(f"invalid config: {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise EvaluatorError(f"--config: cannot read {path}: {e.strerror}") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
@@ -323,11 +344,16 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
                 except ValueError as e:
                     problems.append((loc + (stage,), f"bad command template ({e}); write literal braces as {{{{ }}}}"))
                     continue
-                for name in fields:
-                    if name not in COMMAND_PLACEHOLDERS:
-                        close = difflib.get_close_matches(name, COMMAND_PLACEHOLDERS, n=1)
-                        hint = f"; did you mean '{{{close[0]}}}'?" if close else ""
-                        problems.append((loc + (stage,), f"unknown placeholder {{{name}}} (known: {', '.join('{%s}' % p for p in COMMAND_PLACEHOLDERS)}){hint}"))
+                unknown = [name for name in fields if name not in COMMAND_PLACEHOLDERS]
+                for name in unknown:
+                    close = difflib.get_close_matches(name, COMMAND_PLACEHOLDERS, n=1)
+                    hint = f"; did you mean '{{{close[0]}}}'?" if close else ""
+                    problems.append((loc + (stage,), f"unknown placeholder {{{name}}} (known: {', '.join('{%s}' % p for p in COMMAND_PLACEHOLDERS)}){hint}"))
+                if not unknown:
+                    try:  # a format spec that cannot apply (e.g. {checkpoint:07d}) fails here, not in every stage
+                        render_template(template, SAMPLE_VALUES)
+                    except (ValueError, KeyError, IndexError) as e:
+                        problems.append((loc + (stage,), f"bad format spec in the command template ({e})"))
     for i, sink in enumerate(cfg.recorder.sinks):
         if sink not in SINKS:
             close = difflib.get_close_matches(sink, list(SINKS), n=1)

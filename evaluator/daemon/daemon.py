@@ -60,6 +60,17 @@ def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[
     for p in paths:
         name = p.name or (cfg.model_name if len(paths) == 1 else os.path.basename(p.path.rstrip("/")))
         runs.append(RunSpec(name, p.path, p.layout or default_layout))
+    names = [r.name for r in runs]
+    for r in runs:
+        if names.count(r.name) > 1:
+            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: two runs are named {r.name!r}; give each "
+                                 f"path a distinct `name:` (it names the folder of its results)")
+    for r in runs:
+        if os.path.isabs(r.name) or ".." in r.name.split("/") or not r.name.strip("/"):
+            raise EvaluatorError(f"invalid config: run name {r.name!r} (model_name or watch.paths[].name) must be a "
+                                 f"relative folder name without '..'")
+        if os.path.exists(r.root) and not os.path.isdir(r.root):
+            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: {r.root} is not a folder")
     return runs
 
 
@@ -115,9 +126,10 @@ class Daemon:
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
         self._lock = threading.Lock()
         self._dirty: set[str] = {r.name for r in self.runs}
+        self.unavailable: set[str] = set()
         self.stopping = False
-        self.settle_deadline: Optional[float] = None
-        self.recheck_at: Optional[float] = None
+        self.settling: dict[str, float] = {}  # run -> when its settling checkpoints need another look
+        self.recheck: dict[str, float] = {}  # run -> when to look again at its incomplete checkpoints
         self.last_scan = 0.0
         self.record_retry_at: dict[tuple, float] = {}
         self.last_heartbeat = 0.0
@@ -162,7 +174,10 @@ class Daemon:
             raise EvaluatorError("auto_eval.benchmarks: no benchmarks configured; nothing to run "
                                  "(--dry-run shows which checkpoints would be evaluated)")
         self.pythons = self._check_envs()
-        os.makedirs(self.cfg.cache_dir, exist_ok=True)
+        try:
+            os.makedirs(self.cfg.cache_dir, exist_ok=True)
+        except OSError as e:
+            raise EvaluatorError(f"auto_eval.cache_dir: cannot create {self.cfg.cache_dir}: {e.strerror}") from None
         if self.cfg.watch.snapshot == "hardlink":
             for r in self.runs:
                 if resolve_mode("auto", self.cfg.cache_dir, r.root) != "hardlink":
@@ -189,8 +204,12 @@ class Daemon:
         gpus = ex.gpus if ex.gpus is not None else detect_gpus()
         lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus)
         self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
-        self.sinks = make_sinks(self.cfg.recorder.sinks, self.cfg.cache_dir)
+        self.sinks = make_sinks(self.cfg)
         self.ledger = L.Ledger(self.cfg.cache_dir)
+        stale = sorted({j.run for j in self.ledger.jobs()} - {r.name for r in self.runs})
+        if stale:
+            log.warning("the ledger holds jobs of run(s) %s that are not configured now; if a run was renamed, "
+                        "its checkpoints are evaluated again under the new name", ", ".join(stale))
         w = self.cfg.watch
         self.keeper = SnapshotKeeper(self.ledger, self.cfg.cache_dir, self.layouts, w.snapshot, w.snapshot_max_gb,
                                      w.snapshot_exclude, self._poke)
@@ -255,9 +274,7 @@ class Daemon:
         if now - self.last_scan >= MIN_SCAN_GAP:
             with self._lock:
                 dirty, self._dirty = self._dirty, set()
-            due = [t for t in (self.settle_deadline, self.recheck_at) if t is not None]
-            if due and now >= min(due):
-                dirty |= {r.name for r in self.runs}
+            dirty |= {run for run, t in list(self.settling.items()) + list(self.recheck.items()) if now >= t}
             if dirty:
                 self.last_scan = now
                 self.scan(dirty)
@@ -270,21 +287,35 @@ class Daemon:
         self.heartbeat()
 
     def scan(self, runs: set[str]) -> None:
-        self.settle_deadline = self.recheck_at = None
         for run in runs:
+            self.settling.pop(run, None)
+            self.recheck.pop(run, None)
             layout = self.layouts[run]
+            if not os.path.isdir(layout.root):
+                # not there (yet, or a storage hiccup): no news, and no reason to call anything vanished
+                if run not in self.unavailable:
+                    log.warning("run %s: %s is not available; waiting for it", run, layout.root)
+                self.unavailable.add(run)
+                continue
             rows = self.ledger.jobs(run=run)
             have = {(j.iteration, j.benchmark) for j in rows}
-            checkpoints = layout.scan(frozenset(it for it, _ in have))
+            try:
+                checkpoints = layout.scan(frozenset(it for it, _ in have))
+            except OSError as e:  # flaky storage (EIO, ESTALE, EACCES): try again at the next rescan
+                log.warning("run %s: scanning %s failed (%s); will rescan", run, layout.root, e)
+                continue
+            if run in self.unavailable:
+                log.info("run %s: %s is available again", run, layout.root)
+                self.unavailable.discard(run)
             by_iter = {c.iteration: c for c in checkpoints}
             for c in checkpoints:
                 if c.settle_deadline is not None:
-                    self.settle_deadline = min(self.settle_deadline or c.settle_deadline, c.settle_deadline)
+                    self.settling[run] = min(self.settling.get(run, c.settle_deadline), c.settle_deadline)
                 if c.complete:
                     self._admit(c, have)
                 elif layout.recheck_incomplete:
                     # its completion shows inside the checkpoint dir, which is not watched: look again soon
-                    self.recheck_at = time.monotonic() + RECHECK_SECONDS
+                    self.recheck[run] = time.monotonic() + RECHECK_SECONDS
             for job in rows:
                 self._reconcile(job, by_iter.get(job.iteration))
 
@@ -319,6 +350,8 @@ class Daemon:
                                        last_error="checkpoint deleted before its inference finished")
                 log.warning("%s: checkpoint %s vanished", _fmt(job.key), job.path)
             return
+        if present.path != job.path and job.state in (L.PENDING, L.SKIPPED, L.FAILED):
+            self.ledger.update(job.key, path=present.path)  # the run folder moved (config updated)
         selected = self.selection.selects(job.iteration)
         if job.state == L.SKIPPED and selected:
             self.ledger.transition(job.key, L.PENDING, "now selected")
@@ -336,7 +369,7 @@ class Daemon:
         elif sp.returncode == 75:
             problem = "exit 75: the stage asked to be retried later"
         elif sp.returncode != 0:
-            problem = f"exit {sp.returncode}" if sp.returncode > 0 else f"killed by {signal.Signals(-sp.returncode).name}"
+            problem = f"exit {sp.returncode}" if sp.returncode > 0 else f"killed by {_signal_name(-sp.returncode)}"
         else:
             problem = stage_done(sp.stage, out)
             if problem:
@@ -426,7 +459,10 @@ class Daemon:
         log.info("%s %s: started (pid %d%s)", stage, _fmt(job.key), sp.pid, f", GPU {sp.gpu}" if sp.gpu else "")
 
     def record(self) -> None:
+        """Offer scored results to the sinks; `scored` rows + `recordings` are the durable outbox."""
         now = time.monotonic()
+        delay = max(self.cfg.executor.backoff_seconds, MIN_SCAN_GAP)
+        down: set[str] = set()  # sinks that failed in this pass: not tried again for the other jobs
         for job in self.ledger.jobs([L.SCORED]):
             if self.record_retry_at.get(job.key, 0) > now:
                 continue
@@ -439,17 +475,21 @@ class Daemon:
             result = ResultRecord(run=job.run, iteration=job.iteration, benchmark=job.benchmark,
                                   metrics=m["metrics"], tokens_b=self.tokens_b(job.iteration), n=m.get("n"),
                                   stderr=m.get("stderr") or {}, per_category=m.get("per_category") or {},
-                                  checkpoint=job.path, metrics_path=path)
+                                  checkpoint=job.path, metrics_path=path, versions=m.get("versions") or {})
             done = self.ledger.recorded_sinks(job.key)
             for sink in self.sinks:
                 if sink.name in done:
                     continue
+                if sink.name in down:
+                    self.record_retry_at[job.key] = now + delay
+                    break
                 try:
                     sink.record(result)
                 except Exception as e:  # a sink that is down must not stop evaluation: retried later
-                    delay = max(self.cfg.executor.backoff_seconds, MIN_SCAN_GAP)
+                    down.add(sink.name)
                     self.record_retry_at[job.key] = now + delay
-                    log.warning("recorder %s: %s for %s; retrying in %gs", sink.name, e, _fmt(job.key), delay)
+                    log.warning("recorder %s: %s: %s for %s; retrying in %gs", sink.name, type(e).__name__, e,
+                                _fmt(job.key), delay)
                     break
                 self.ledger.mark_recorded(job.key, sink.name)
             else:
@@ -457,6 +497,14 @@ class Daemon:
                 self.ledger.transition(job.key, L.RECORDED, "recorded")
                 log.info("recorded %s: %s", _fmt(job.key),
                          ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is None:
+                continue
+            try:
+                flush()  # derived views (plots): a failure here loses no result and is tried next pass
+            except Exception as e:
+                log.warning("recorder %s: refreshing its views failed: %s: %s", sink.name, type(e).__name__, e)
 
     # ---- restart recovery ---------------------------------------------------------------
     def recover(self) -> None:
@@ -500,7 +548,7 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing running, nothing runnable, no retry or settling checkpoint still to come."""
-        if self.executor.running or self.settle_deadline is not None or self._dirty or self.keeper.busy():
+        if self.executor.running or self.settling or self._dirty or self.keeper.busy():
             return False
         for job in self.ledger.jobs([L.PENDING, L.INFERRED, L.SCORED, L.FAILED]):
             if job.state != L.FAILED or job.next_retry_at is not None:
@@ -514,9 +562,12 @@ class Daemon:
             return False
         for run in self.runs:
             jobs = {(j.iteration, j.benchmark): j for j in self.ledger.jobs(run=run.name)}
+            newest = max((it for it, _ in jobs), default=None)
             for it in expected:
                 for name in self.benchmarks:
                     job = jobs.get((it, name))
+                    if job is None and newest is not None and newest > it:
+                        continue  # never saved (or rotated away unseen) while a later one exists: not waited for
                     if job is None or not is_final(job):
                         return False
         return True
@@ -525,7 +576,7 @@ class Daemon:
         if self.executor.running:
             return 0.5  # SIGCHLD wakes us sooner; this bounds timeout enforcement
         now = time.monotonic()
-        waits = [5.0] + [t - now for t in (self.settle_deadline, self.recheck_at) if t is not None]
+        waits = [5.0] + [t - now for t in list(self.settling.values()) + list(self.recheck.values())]
         retries = [j.next_retry_at for j in self.ledger.jobs([L.FAILED]) if j.next_retry_at is not None]
         if retries:
             waits.append(min(retries) - time.time())
@@ -546,6 +597,13 @@ class Daemon:
         counts = Counter(j.state for j in self.ledger.jobs())
         log.info("stopped; jobs: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts[s]) or "none")
         self.ledger.close()
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:  # real-time signals have no name
+        return f"signal {num}"
 
 
 def _fmt(key: tuple) -> str:
