@@ -3,14 +3,28 @@
 The daemon hands each scored result to every configured sink and marks it recorded for a sink
 only after that sink accepted it (ledger table `recordings`). A sink must therefore be
 idempotent per (run, iteration, benchmark): after a crash between "sink accepted" and "ledger
-updated" the same result is offered again and must not be written twice.
+updated" the same result is offered again and must not be written twice. Each sink decides that
+from its own durable storage (history.jsonl, the W&B transaction logs, the MLflow store), never
+from memory alone, so a restarted daemon knows too.
+
+Sinks: `local` (always on: history.jsonl, curves.png, summary.md), `wandb`, `mlflow`. The W&B and
+MLflow libraries are imported only when such a sink records its first result, so a daemon that
+does not use them starts without them.
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
+import re
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
+
+if TYPE_CHECKING:  # the daemon config imports this module's registry; no import cycle at runtime
+    from evaluator.daemon.config import AutoEvalConfig
+
+FLUSH_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -25,10 +39,43 @@ class ResultRecord:
     per_category: dict = field(default_factory=dict)
     checkpoint: str = ""
     metrics_path: str = ""
+    versions: dict = field(default_factory=dict)
 
     @property
     def key(self) -> tuple:
         return (self.run, self.iteration, self.benchmark)
+
+
+# ---- what the sinks are told (built from the daemon config or from a wandb_writer config) --------
+@dataclass
+class WandbSettings:
+    project: str
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
+    dir: str = ""  # W&B writes <dir>/wandb/{offline-,}run-<time>-<id>/
+    base_url: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    sample_predictions: int = 5  # rows of predictions.jsonl shown per checkpoint (0: none)
+    init_timeout: float = 60.0  # seconds; online only: a W&B server that is down costs this per retry
+
+
+@dataclass
+class MlflowSettings:
+    tracking_uri: str
+    experiment: str
+    artifact_location: Optional[str] = None  # only used when the sink creates the experiment
+
+
+@dataclass
+class RecorderSettings:
+    cache_dir: str
+    project: str
+    wandb: WandbSettings
+    mlflow: MlflowSettings
+    run_config: dict = field(default_factory=dict)  # W&B config / MLflow params; never holds secrets
+    plots: bool = True  # local sink: curves.png and summary.md
+    summary_only: bool = False  # only the metrics: no W&B tables (wandb_writer --summary-only)
 
 
 class Sink(Protocol):
@@ -37,44 +84,83 @@ class Sink(Protocol):
     def record(self, result: ResultRecord) -> None:
         """Store the result or raise; must be idempotent per result.key."""
 
+    # Optional: `flush()` -- called once per daemon pass (and at the end of wandb_writer) to refresh
+    # views derived from what was recorded (plots); a failure there is logged, never loses a result.
 
+
+# ---- local -----------------------------------------------------------------------------------
 class LocalHistorySink:
-    """Appends one JSON line per result to <cache_dir>/results/<run>/history.jsonl."""
+    """<cache_dir>/results/<run>/history.jsonl (one line per result), curves.png and summary.md."""
 
     name = "local"
 
-    def __init__(self, cache_dir: str):
+    def __init__(self, cache_dir: str, plots: bool = True):
         self.cache_dir = cache_dir
-        self._keys: dict[str, set] = {}  # run -> keys in its history.jsonl (read once, then kept)
+        self.plots = plots
+        self._rows: dict[str, list[dict]] = {}  # run -> rows of its history.jsonl (read once, then kept)
+        self._keys: dict[str, set] = {}
+        self._dirty: set[str] = set()  # runs whose plots are older than their history
+        self._retry_flush_at = 0.0
 
-    def _path(self, run: str) -> str:
-        return os.path.join(self.cache_dir, "results", run, "history.jsonl")
+    def _path(self, run: str, name: str = "history.jsonl") -> str:
+        return os.path.join(self.cache_dir, "results", run, name)
 
-    def recorded_keys(self, run: str) -> set:
-        if run not in self._keys:
-            keys = set()
+    def rows(self, run: str) -> list[dict]:
+        if run not in self._rows:
+            rows = []
             path = self._path(run)
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     for line in f:
                         if line.endswith("\n"):  # an unterminated last line is a torn write
-                            row = json.loads(line)
-                            keys.add((row["run"], row["iteration"], row["benchmark"]))
-            self._keys[run] = keys
+                            rows.append(json.loads(line))
+            self._rows[run] = rows
+            self._keys[run] = {(r["run"], r["iteration"], r["benchmark"]) for r in rows}
+            if rows and self.plots and _older(self._path(run, "curves.png"), path):
+                self._dirty.add(run)  # e.g. the last daemon died between an append and the redraw
+        return self._rows[run]
+
+    def recorded_keys(self, run: str) -> set:
+        self.rows(run)
         return self._keys[run]
 
     def record(self, result: ResultRecord) -> None:
-        keys = self.recorded_keys(result.run)
+        rows = self.rows(result.run)
+        keys = self._keys[result.run]
         if result.key in keys:
             return  # offered again after a crash: already written once
         path = self._path(result.run)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _drop_torn_tail(path)
+        row = asdict(result)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(asdict(result), sort_keys=True) + "\n")
+            f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        rows.append(row)
         keys.add(result.key)
+        if self.plots:
+            self._dirty.add(result.run)
+
+    def flush(self) -> None:
+        """Redraw curves.png and rewrite summary.md of every run that got a result since the last flush."""
+        if not self._dirty or time.monotonic() < self._retry_flush_at:
+            return
+        from recorder import plots  # matplotlib is imported only when there is something to draw
+
+        for run in sorted(self._dirty):
+            rows = self._rows[run]
+            try:
+                plots.write_summary_md(run, rows, self._path(run, "summary.md"))
+                plots.write_curves(run, rows, self._path(run, "curves.png"))
+            except Exception:
+                self._retry_flush_at = time.monotonic() + FLUSH_RETRY_SECONDS  # e.g. disk full: not every pass
+                raise
+            self._dirty.discard(run)
+
+
+def _older(path: str, than: str) -> bool:
+    return not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(than)
 
 
 def _drop_torn_tail(path: str) -> None:
@@ -90,8 +176,113 @@ def _drop_torn_tail(path: str) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-SINKS = {"local": LocalHistorySink}
+# ---- registry --------------------------------------------------------------------------------
+def _wandb(settings: RecorderSettings):
+    from recorder.wandb_sink import WandbSink
+
+    return WandbSink(settings)
 
 
-def make_sinks(names: list[str], cache_dir: str) -> list:
-    return [SINKS[name](cache_dir) for name in names]
+def _mlflow(settings: RecorderSettings):
+    from recorder.mlflow_sink import MlflowSink
+
+    return MlflowSink(settings)
+
+
+SINKS: dict[str, Callable[[RecorderSettings], Sink]] = {
+    "local": lambda s: LocalHistorySink(s.cache_dir, plots=s.plots),
+    "wandb": _wandb,
+    "mlflow": _mlflow,
+}
+
+
+def sink_names(cfg: "AutoEvalConfig") -> list[str]:
+    """The sinks a daemon config asks for: `recorder.sinks` when given, else local (+ wandb when the
+    config has Data-Juicer's `wandb:` section). `local` is always on."""
+    if "sinks" in cfg.recorder.model_fields_set:
+        names = list(cfg.recorder.sinks)
+    else:
+        names = ["local"] + (["wandb"] if cfg.wandb is not None else [])
+    if "local" not in names:
+        names.insert(0, "local")
+    return list(dict.fromkeys(names))
+
+
+def settings_from_config(cfg: "AutoEvalConfig") -> RecorderSettings:
+    project = (cfg.wandb.project if cfg.wandb and cfg.wandb.project else None) or cfg.project_name
+    w = cfg.wandb
+    wandb_dir = (w.dir if w and w.dir else None) or os.path.join(cfg.cache_dir, "wandb")
+    wandb = WandbSettings(
+        project=project, dir=os.path.join(cfg.config_dir or os.getcwd(), os.path.expanduser(wandb_dir)),
+        mode=w.mode if w else "auto", base_url=w.base_url if w else None, entity=w.entity if w else None,
+        group=w.group if w else None, tags=list(w.tags) if w else [],
+        sample_predictions=w.sample_predictions if w else 5, init_timeout=w.init_timeout if w else 60.0)
+    m = cfg.recorder.mlflow
+    mlflow = mlflow_settings(cfg.cache_dir, m.tracking_uri, m.experiment or project, cfg.config_dir)
+    run_config = {
+        "project_name": cfg.project_name,
+        "model_name": cfg.model_name,
+        "token_per_iteration": cfg.token_per_iteration or None,
+        "benchmarks": [_benchmark_config(b.model_dump()) for b in cfg.benchmarks],
+        "versions": versions(),
+    }
+    return RecorderSettings(cache_dir=cfg.cache_dir, project=project, wandb=wandb, mlflow=mlflow,
+                            run_config=run_config, plots=cfg.recorder.plots)
+
+
+def mlflow_settings(cache_dir: str, tracking_uri: Optional[str], experiment: str,
+                    base_dir: str = "") -> MlflowSettings:
+    """Default store: SQLite in cache_dir (MLflow 3 keeps the plain-file store read-only), artifacts beside it."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if "://" not in uri:  # a bare path: a SQLite file, relative to the config's folder
+            uri = "sqlite:///" + os.path.abspath(os.path.join(base_dir or os.getcwd(), uri))
+        return MlflowSettings(tracking_uri=uri, experiment=experiment)
+    return MlflowSettings(tracking_uri="sqlite:///" + os.path.join(os.path.abspath(cache_dir), "mlflow.db"),
+                          experiment=experiment,
+                          artifact_location="file://" + os.path.join(os.path.abspath(cache_dir), "mlflow-artifacts"))
+
+
+def make_sinks(cfg: "AutoEvalConfig") -> list:
+    settings = settings_from_config(cfg)
+    return [SINKS[name](settings) for name in sink_names(cfg)]
+
+
+# ---- run config without secrets --------------------------------------------------------------
+# `KEY=value`, `--api-key value`, `--token=value`, `Authorization: Bearer value` in command templates
+_SECRET_WORD = (r"(?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|key|token|secret|password|passwd)"
+                r"(?:[_-][A-Za-z0-9]+)*(?![A-Za-z0-9])")  # OPENAI_API_KEY, hf-token; not max_tokens
+_SECRET_PATTERNS = [
+    re.compile(rf"(?i)(\b{_SECRET_WORD}\s*=\s*)(\S+)"),
+    re.compile(rf"(?i)((?:^|\s)--?{_SECRET_WORD}(?:\s+|=))(\S+)"),
+    re.compile(r"(?i)(bearer\s+)(\S+)"),
+    re.compile(r"()\bsk-[A-Za-z0-9_-]{8,}"),
+]
+
+
+def redact(text: str) -> str:
+    """Replace what looks like a credential in a command line with ***."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + "***", text)
+    return text
+
+
+def _benchmark_config(spec: dict) -> dict:
+    out = {}
+    for key, value in spec.items():
+        if value is None:
+            continue
+        if re.fullmatch(_SECRET_WORD, key, flags=re.IGNORECASE):
+            continue  # a field named like a credential is never copied
+        out[key] = redact(value) if isinstance(value, str) else value
+    return out
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("ckpt-evaluator")
+    except PackageNotFoundError:  # a checkout that was never installed (make setup installs it)
+        ours = "not installed"
+    return {"python": platform.python_version(), "ckpt_evaluator": ours}

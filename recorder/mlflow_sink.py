@@ -1,0 +1,119 @@
+"""MLflow sink: one MLflow run per (experiment, run name); metrics `<benchmark>/<metric>` with
+step=iteration, `tokens_b` with step=iteration, the run config as params, metrics.json as an artifact
+under `iter_%07d/<benchmark>/`.
+
+Default store: SQLite at <cache_dir>/mlflow.db with artifacts in <cache_dir>/mlflow-artifacts (MLflow 3
+keeps its plain-file store read-only); `recorder.mlflow.tracking_uri` (or MLFLOW_TRACKING_URI) points
+it elsewhere, e.g. a tracking server.
+
+Exactly once: the run is found again by a tag holding a hash of its name, and a metric is logged only
+when the run's history of that metric has no point at this iteration yet (read once per process,
+then kept). A result offered again after a crash therefore adds nothing; the artifact is re-copied
+to the same path, which replaces it with the same file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+from recorder.sinks import RecorderSettings, ResultRecord
+
+log = logging.getLogger("evaluator")
+RUN_TAG = "ckpt_evaluator.run_key"
+
+
+def _flat_params(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_params(value, name + "."))
+        elif value is not None:
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            out[name] = text[:6000]  # MLflow's limit for a param value
+    return out
+
+
+class MlflowSink:
+    name = "mlflow"
+
+    def __init__(self, settings: RecorderSettings):
+        self.settings = settings
+        self.ms = settings.mlflow
+        self._client = None
+        self._experiment_id = None
+        self._run_ids: dict[str, str] = {}
+        self._steps: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps logged
+
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            if self.ms.tracking_uri.startswith("sqlite:///"):
+                os.makedirs(os.path.dirname(self.ms.tracking_uri[len("sqlite:///"):]) or ".", exist_ok=True)
+            client = MlflowClient(tracking_uri=self.ms.tracking_uri)
+            exp = client.get_experiment_by_name(self.ms.experiment)
+            if exp is None:
+                self._experiment_id = client.create_experiment(self.ms.experiment,
+                                                               artifact_location=self.ms.artifact_location)
+            else:
+                self._experiment_id = exp.experiment_id
+            self._client = client
+        return self._client
+
+    def run_id(self, run: str) -> str:
+        """The MLflow run of this training run, created (with its params) on first use."""
+        if run in self._run_ids:
+            return self._run_ids[run]
+        client = self.client()
+        key = hashlib.sha256(run.encode()).hexdigest()[:32]
+        found = client.search_runs([self._experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'",
+                                   max_results=2)
+        if found:
+            rid = found[0].info.run_id
+            have = found[0].data.params
+        else:
+            rid = client.create_run(self._experiment_id, run_name=run, tags={RUN_TAG: key}).info.run_id
+            have = {}
+        params = _flat_params(dict(self.settings.run_config, model_name=run))
+        new = {k: v for k, v in params.items() if k not in have}
+        changed = sorted(k for k, v in params.items() if k in have and have[k] != v)
+        if changed:  # params are immutable in MLflow: keep the first value, say so
+            log.warning("mlflow: run %s keeps its first value of params %s (the config changed since)", run, changed)
+        if new:
+            from mlflow.entities import Param
+
+            client.log_batch(rid, params=[Param(k, v) for k, v in sorted(new.items())])
+        self._run_ids[run] = rid
+        return rid
+
+    def _logged_steps(self, rid: str, key: str) -> set[int]:
+        if (rid, key) not in self._steps:
+            self._steps[(rid, key)] = {m.step for m in self.client().get_metric_history(rid, key)}
+        return self._steps[(rid, key)]
+
+    def record(self, result: ResultRecord) -> None:
+        from mlflow.entities import Metric
+
+        client = self.client()
+        rid = self.run_id(result.run)
+        now = int(time.time() * 1000)
+        values = {f"{result.benchmark}/{name}": float(value) for name, value in result.metrics.items()}
+        if result.tokens_b is not None:
+            values["tokens_b"] = float(result.tokens_b)
+        missing = [Metric(key, value, now, result.iteration) for key, value in sorted(values.items())
+                   if result.iteration not in self._logged_steps(rid, key)]
+        if missing:
+            try:
+                client.log_batch(rid, metrics=missing)
+            except BaseException:
+                for m in missing:  # unsure what was stored: read the history again next time
+                    self._steps.pop((rid, m.key), None)
+                raise
+            for m in missing:
+                self._steps[(rid, m.key)].add(result.iteration)
+        if result.metrics_path and os.path.exists(result.metrics_path):
+            client.log_artifact(rid, result.metrics_path, artifact_path=f"iter_{result.iteration:07d}/{result.benchmark}")

@@ -1,0 +1,250 @@
+"""`python tools/wandb_writer.py --config recorder.yaml [--print-only] [--summary-only]`.
+
+Rebuilds dashboards from results that already exist and builds leaderboards. The config is
+Data-Juicer's recorder config (`project`, `base_url`, `evals: [{eval_type, model_name, source, ...}]`,
+`leaderboard`, `leaderboard_metrics`, `excluded_models`) plus ours (`source: results`, `mode`, `dir`,
+`output_dir`, `sinks`, `entity`, `group`, `tags`). Each model's results go through the same sinks as
+the daemon's, to the same W&B run id (deterministic per project and model), so a backfill next to a
+running daemon adds only what is missing, and running the writer twice logs nothing twice.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from typing import Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError
+
+from evaluator.common.atomic import write_json_atomic, write_text_atomic
+from evaluator.common.errors import EvaluatorError
+# the daemon config's YAML loader and error wording, so both tools report problems the same way
+from evaluator.daemon.config import Section, _describe, _fail, _line_index, _UniqueKeyLoader
+from recorder import leaderboard, plots, sources
+from recorder.sinks import SINKS, RecorderSettings, ResultRecord, WandbSettings, mlflow_settings, versions
+
+
+class HelmBenchmarkSpec(Section):
+    name: str = Field(min_length=1)
+    metrics: list[str] = Field(min_length=1)
+
+
+class MlflowSpec(Section):
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None
+
+
+class EvalSpec(Section):
+    eval_type: str = "helm"  # Data-Juicer's label; kept as a W&B tag
+    model_name: str = Field(min_length=1)
+    source: Literal["helm", "file", "results"] = "helm"
+    helm_output_dir: Optional[str] = None
+    helm_suite_name: Optional[str] = None
+    benchmarks: Optional[list[HelmBenchmarkSpec]] = None  # default: HELM's 16 core scenarios
+    eval_result: Optional[dict[str, dict[str, float]]] = None
+    results_dir: Optional[str] = None  # a results tree: <results_dir>/<model_name>/iter_%07d/<bench>/metrics.json
+    default_iteration: int = Field(0, ge=0)
+    token_num: Optional[float] = Field(None, ge=0, description="billions of tokens seen (a fixed number)")
+    token_per_iteration: Optional[float] = Field(None, ge=0, description="billions of tokens per iteration")
+
+
+class WriterConfig(Section):
+    project: str = Field(min_length=1)
+    base_url: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = []
+    mode: Literal["auto", "online", "offline"] = "auto"
+    dir: Optional[str] = None  # W&B local folder; default <results_dir>/../wandb for `results`, else ./wandb
+    output_dir: Optional[str] = None  # leaderboard.{md,json,png} and the local sink; default: the config's folder
+    sinks: list[str] = ["wandb"]
+    mlflow: MlflowSpec = MlflowSpec()
+    sample_predictions: int = Field(5, ge=0)
+    evals: list[EvalSpec] = []
+    leaderboard: bool = False
+    leaderboard_metrics: Optional[list[str]] = None  # default: HELM's 16 core metrics (Data-Juicer)
+    excluded_models: list[str] = []
+    excluded_runs: list[str] = []  # the spelling in Data-Juicer's leaderboard example; same meaning
+
+
+def load_writer_config(path: str) -> WriterConfig:
+    if not os.path.isfile(path):
+        raise EvaluatorError(f"--config: no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise EvaluatorError(f"invalid config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    lines = _line_index(text)
+    if not isinstance(data, dict):
+        raise EvaluatorError(f"invalid config: {path}: expected a mapping with `project:` and `evals:` or `leaderboard:`")
+    if "auto_eval" in data:
+        raise EvaluatorError(f"invalid config: {path}: this is a daemon config (auto_eval:); wandb_writer takes a "
+                             f"recorder config: project, evals: [...] (see config/recorder/)")
+    try:
+        cfg = WriterConfig.model_validate(data)
+    except ValidationError as e:
+        raise _fail(path, lines, [(tuple(err["loc"]), _describe(err, WriterConfig)) for err in e.errors()]) from None
+    problems = []
+    need = {"helm": ("helm_output_dir", "helm_suite_name"), "file": ("eval_result",), "results": ("results_dir",)}
+    for i, ev in enumerate(cfg.evals):
+        for key in need[ev.source]:
+            if getattr(ev, key) in (None, {}):
+                problems.append((("evals", i, key), f"source: {ev.source} needs `{key}`"))
+    for i, name in enumerate(cfg.sinks):
+        if name not in SINKS:
+            problems.append((("sinks", i), f"unknown sink {name!r} (known: {', '.join(SINKS)})"))
+    if not cfg.evals and not cfg.leaderboard:
+        problems.append(((), "nothing to do: give `evals:` and/or `leaderboard: true`"))
+    if problems:
+        raise _fail(path, lines, problems)
+    base = os.path.dirname(os.path.abspath(path))
+
+    def absolute(p: Optional[str]) -> Optional[str]:
+        return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    cfg.dir, cfg.output_dir = absolute(cfg.dir), absolute(cfg.output_dir) or base
+    for ev in cfg.evals:
+        ev.helm_output_dir, ev.results_dir = absolute(ev.helm_output_dir), absolute(ev.results_dir)
+    return cfg
+
+
+def wandb_dir(cfg: WriterConfig, ev: Optional[EvalSpec]) -> str:
+    if cfg.dir:
+        return cfg.dir
+    if ev is not None and ev.source == "results":
+        return os.path.join(os.path.dirname(ev.results_dir.rstrip("/")), "wandb")  # the daemon's <cache_dir>/wandb
+    return os.path.join(cfg.output_dir, "wandb")
+
+
+def settings_for(cfg: WriterConfig, ev: Optional[EvalSpec], summary_only: bool) -> RecorderSettings:
+    run_config = {"project": cfg.project, "versions": versions()}
+    tags = list(cfg.tags)
+    if ev is not None:
+        run_config.update(model_name=ev.model_name, eval_type=ev.eval_type, source=ev.source,
+                          token_num=ev.token_num, token_per_iteration=ev.token_per_iteration,
+                          helm_suite_name=ev.helm_suite_name)
+        tags = tags + [ev.eval_type, "summary"]  # Data-Juicer tags the runs its leaderboard reads `summary`
+    w = WandbSettings(project=cfg.project, mode=cfg.mode, dir=wandb_dir(cfg, ev), base_url=cfg.base_url,
+                      entity=cfg.entity, group=cfg.group or (ev.model_name if ev else None), tags=tags,
+                      sample_predictions=cfg.sample_predictions)
+    m = mlflow_settings(cfg.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment or cfg.project, cfg.output_dir)
+    return RecorderSettings(cache_dir=cfg.output_dir, project=cfg.project, wandb=w, mlflow=m,
+                            run_config={k: v for k, v in run_config.items() if v is not None},
+                            summary_only=summary_only)
+
+
+def collect(ev: EvalSpec, summary_only: bool) -> tuple[list[ResultRecord], list[str]]:
+    if ev.source == "helm":
+        benchmarks = [b.model_dump() for b in ev.benchmarks] if ev.benchmarks else None
+        return sources.records_from_helm(ev.model_name, ev.helm_output_dir, ev.helm_suite_name, benchmarks,
+                                         ev.default_iteration, ev.token_num, ev.token_per_iteration, summary_only)
+    if ev.source == "file":
+        return sources.records_from_file(ev.model_name, ev.eval_result, ev.default_iteration, ev.token_num,
+                                         ev.token_per_iteration), []
+    return sources.records_from_results(ev.model_name, ev.results_dir, ev.token_per_iteration, ev.token_num)
+
+
+def write_records(settings: RecorderSettings, names: list[str], records: list[ResultRecord]) -> None:
+    sinks = [SINKS[name](settings) for name in names]
+    for rec in records:
+        for sink in sinks:
+            try:
+                sink.record(rec)
+            except Exception as e:  # report which result and sink, then stop: nothing is marked done anyway
+                raise SinkFailed(f"{sink.name} sink failed on {rec.run}@{rec.iteration}/{rec.benchmark}: "
+                                 f"{type(e).__name__}: {e}") from e
+    for sink in sinks:
+        if hasattr(sink, "flush"):
+            sink.flush()
+
+
+class SinkFailed(RuntimeError):
+    pass
+
+
+def run(cfg: WriterConfig, print_only: bool = False, summary_only: bool = False, out=sys.stdout) -> int:
+    every: list[ResultRecord] = []
+    for ev in cfg.evals:
+        records, problems = collect(ev, summary_only)
+        for p in problems:
+            print(f"warning: {p}", file=sys.stderr)
+        every += records
+        rows = [dataclasses.asdict(r) for r in records]
+        print(plots.summary_markdown(f"{ev.model_name} ({ev.source}, {len(records)} results)", rows), file=out)
+        if print_only:
+            continue
+        settings = settings_for(cfg, ev, summary_only)
+        write_records(settings, cfg.sinks, records)
+        if "wandb" in cfg.sinks:
+            from recorder.wandb_sink import resolve_mode, run_id
+
+            mode = resolve_mode(cfg.mode)
+            print(f"W&B ({mode}): run {run_id(cfg.project, ev.model_name)} in project {cfg.project}, "
+                  f"local logs in {settings.wandb.dir}"
+                  + (f"; upload with: wandb sync {os.path.join(settings.wandb.dir, 'wandb')}" if mode == "offline" else ""),
+                  file=out)
+    if cfg.leaderboard:
+        make_leaderboard(cfg, every, print_only, out)
+    return 0
+
+
+def make_leaderboard(cfg: WriterConfig, records: list[ResultRecord], print_only: bool, out) -> None:
+    metrics = cfg.leaderboard_metrics or sources.DEFAULT_HELM_METRICS
+    if not cfg.evals:  # Data-Juicer reads the project's runs from W&B; offline-first, we read the local logs
+        records = sources.records_from_wandb_dir(wandb_dir(cfg, None), cfg.project)
+    entries, missing = leaderboard.build(records, metrics, cfg.excluded_models + cfg.excluded_runs)
+    if missing:
+        print(f"warning: no results for leaderboard metrics {missing}", file=sys.stderr)
+    if not entries:
+        raise EvaluatorError(f"leaderboard: no model has any of the metrics {metrics}")
+    shown = [m for m in metrics if m not in missing]
+    table = leaderboard.markdown(entries, shown)
+    print(f"# leaderboard ({cfg.project})\n\n{table}", file=out)
+    if print_only:
+        return
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    write_text_atomic(os.path.join(cfg.output_dir, "leaderboard.md"), f"# leaderboard ({cfg.project})\n\n{table}")
+    write_json_atomic(os.path.join(cfg.output_dir, "leaderboard.json"),
+                      [dataclasses.asdict(e) for e in entries])
+    plots.write_leaderboard_png(entries, os.path.join(cfg.output_dir, "leaderboard.png"), f"leaderboard ({cfg.project})")
+    print(f"leaderboard: {os.path.join(cfg.output_dir, 'leaderboard.png')}", file=out)
+    if "wandb" in cfg.sinks:
+        from recorder.wandb_sink import WandbSink
+
+        columns, rows = leaderboard.as_rows(entries, shown)
+        rid = WandbSink(settings_for(cfg, None, False)).log_leaderboard(columns, rows, f"leaderboard ({cfg.project})")
+        print(f"W&B leaderboard run: {rid}", file=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wandb_writer.py",
+                                description="Write existing evaluation results (HELM output, inline results, a results "
+                                            "tree) to W&B and build a leaderboard.")
+    p.add_argument("--config", required=True, help="recorder YAML: project, evals: [...], leaderboard: true")
+    p.add_argument("--print-only", action="store_true", help="print the results as tables; write nothing")
+    p.add_argument("--summary-only", action="store_true",
+                   help="log only the headline metrics (no HELM subsets, no W&B tables)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_writer_config(args.config)
+        return run(cfg, args.print_only, args.summary_only)
+    except EvaluatorError as e:
+        print(f"wandb_writer: {e}", file=sys.stderr)
+        return 2
+    except SinkFailed as e:
+        print(f"wandb_writer: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,85 @@
+"""The recorder inside a real daemon: real stages, real W&B offline files, a real MLflow store."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from conftest import (bench, daemons, history, ledger_rows, megatron_checkpoint, run_cli, venvs,  # noqa: F401
+                      wait_until, write_config)
+from test_recorder_wandb import history as wandb_history
+
+pytestmark = pytest.mark.slow
+ALL_SINKS = {"recorder": {"sinks": ["local", "wandb", "mlflow"]}, "wandb": {"mode": "offline"}}
+
+
+def mlflow_steps(cache, key):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cache}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert [r.info.run_name for r in runs] == ["tiny"]
+    return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
+
+
+def states(cache):
+    return {(r["iteration"], r["benchmark"]): r["state"] for r in ledger_rows(cache)}
+
+
+def test_a_sink_that_fails_several_times_then_recovers_records_each_result_exactly_once(tmp_path, venvs, daemons):
+    """Fault injected for real: <cache_dir>/wandb is a regular file, so the W&B sink cannot write; then it is removed."""
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    blocker = cache / "wandb"
+    blocker.write_text("in the way")
+    cfg = write_config(tmp_path, [bench("qa")], executor={"backoff_seconds": 0.3},
+                       megatron={"token_per_iteration": 0.002}, **ALL_SINKS)
+    d = daemons(cfg)
+    wait_until(lambda: d.log().count("recorder wandb:") >= 3, timeout=120, what="three failed W&B attempts")
+    assert states(cache) == {(1000, "qa"): "scored", (2000, "qa"): "scored"}  # kept, not lost, not recorded
+    assert [h["iteration"] for h in history(cache)] == [1000, 2000]  # the local sink before it did its part
+    blocker.unlink()
+    wait_until(lambda: set(states(cache).values()) == {"recorded"}, timeout=120, what="recorded after recovery")
+    assert d.stop() == 0
+    rows = wandb_history(cache / "wandb")
+    assert [(r["iteration"], r["qa/iteration_k"], r["tokens_b"]) for r in rows] == [(1000, 1.0, 2.0), (2000, 2.0, 4.0)]
+    assert mlflow_steps(cache, "qa/iteration_k") == [1000, 2000]
+    assert [h["iteration"] for h in history(cache)] == [1000, 2000]
+    run_dir = cache / "results" / "tiny"
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert "| 2000 | 4 | 2 | 1 |" in (run_dir / "summary.md").read_text()  # iteration, tokens, qa/iteration_k, qa/rows
+
+
+def test_a_crash_between_sinks_accepting_and_the_ledger_noting_it_duplicates_nothing(tmp_path, venvs):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa")], **ALL_SINKS)
+    run_cli("--config", cfg, "--once", check=0)
+    cache = tmp_path / "cache"
+    assert states(cache) == {(1000, "qa"): "recorded"}
+    # the state a crash right after the sinks accepted leaves behind: scored, no recordings noted
+    db = sqlite3.connect(cache / "ledger.sqlite3")
+    with db:
+        db.execute("UPDATE jobs SET state = 'scored'")
+        db.execute("DELETE FROM recordings")
+    db.close()
+    run_cli("--config", cfg, "--once", check=0)  # a fresh daemon offers the result to every sink again
+    assert states(cache) == {(1000, "qa"): "recorded"}
+    assert [r["iteration"] for r in wandb_history(cache / "wandb")] == [1000]
+    assert mlflow_steps(cache, "qa/iteration_k") == [1000]
+    assert [h["iteration"] for h in history(cache)] == [1000]
+
+
+def test_sink_choice_follows_the_config(tmp_path):
+    from evaluator.daemon.config import load_config
+    from recorder.sinks import sink_names
+
+    def names(**top):
+        return sink_names(load_config(write_config(tmp_path, [bench("qa")], **top)))
+
+    assert names() == ["local"]  # default: offline-safe, nothing but files in cache_dir
+    assert names(wandb={"project": "dj-project"}) == ["local", "wandb"]  # Data-Juicer's wandb: section
+    assert names(wandb={"project": "p"}, recorder={"sinks": ["mlflow"]}) == ["local", "mlflow"]  # explicit wins; local stays
+    proc = run_cli("--config", write_config(tmp_path, [bench("qa")], recorder={"sinks": ["local", "wandbb"]}), "--dry-run")
+    assert proc.returncode == 2 and "unknown sink 'wandbb'" in proc.stderr and "did you mean 'wandb'" in proc.stderr

@@ -1,0 +1,98 @@
+"""The MLflow sink, read back from a real MLflow store (SQLite) with MLflow's own client."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recorder.mlflow_sink import MlflowSink
+from recorder.sinks import RecorderSettings, ResultRecord, WandbSettings, mlflow_settings
+
+
+def settings(tmp_path, tracking_uri=None) -> RecorderSettings:
+    return RecorderSettings(cache_dir=str(tmp_path / "cache"), project="proj",
+                            wandb=WandbSettings(project="proj"),
+                            mlflow=mlflow_settings(str(tmp_path / "cache"), tracking_uri, "proj", str(tmp_path)),
+                            run_config={"project_name": "proj", "token_per_iteration": 0.002,
+                                        "benchmarks": [{"name": "qa", "type": "command"}]})
+
+
+def result(tmp_path, it, bench="qa") -> ResultRecord:
+    out = tmp_path / "cache" / "results" / "tiny" / f"iter_{it:07d}" / bench
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"acc": it / 10000, "f1": 0.5}
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "iteration": it}))
+    return ResultRecord(run="tiny", iteration=it, benchmark=bench, metrics=metrics, tokens_b=it * 0.002,
+                        metrics_path=str(out / "metrics.json"))
+
+
+def client_for(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def the_run(client, experiment="proj"):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"one MLflow run per model, got {len(runs)}"
+    return runs[0]
+
+
+def test_metrics_are_logged_with_iteration_as_step_params_and_artifacts_alongside(tmp_path):
+    s = settings(tmp_path)
+    sink = MlflowSink(s)
+    for it in (2000, 1000, 3000):  # out of order, as checkpoints may finish
+        sink.record(result(tmp_path, it))
+    assert s.mlflow.tracking_uri == "sqlite:///" + str(tmp_path / "cache" / "mlflow.db")
+    client = client_for(s.mlflow.tracking_uri)
+    run = the_run(client)
+    assert run.info.run_name == "tiny"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "qa/acc"))
+    assert history == [(1000, 0.1), (2000, 0.2), (3000, 0.3)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "tokens_b")) == [
+        (1000, 2.0), (2000, 4.0), (3000, 6.0)]
+    params = run.data.params
+    assert params["model_name"] == "tiny" and params["token_per_iteration"] == "0.002"
+    assert json.loads(params["benchmarks"]) == [{"name": "qa", "type": "command"}]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "iter_0002000/qa")]
+    assert artifacts == ["iter_0002000/qa/metrics.json"]
+    local = client.download_artifacts(run.info.run_id, "iter_0002000/qa/metrics.json", str(tmp_path / "dl"))
+    assert json.load(open(local))["metrics"]["acc"] == 0.2
+    assert (tmp_path / "cache" / "mlflow-artifacts").is_dir()  # artifacts stay under cache_dir, not ./mlruns
+
+
+def test_a_result_offered_again_by_a_restarted_process_adds_nothing(tmp_path):
+    s = settings(tmp_path)
+    MlflowSink(s).record(result(tmp_path, 1000))
+    # the daemon died after the sink accepted, before the ledger noted it: a fresh sink gets it again
+    again = MlflowSink(s)
+    again.record(result(tmp_path, 1000))
+    again.record(result(tmp_path, 2000))
+    client = client_for(s.mlflow.tracking_uri)
+    run = the_run(client)
+    for key in ("qa/acc", "qa/f1", "tokens_b"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1000, 2000], (key, steps)
+
+
+def test_tracking_uri_is_configurable_and_a_bare_path_is_a_sqlite_file(tmp_path):
+    s = settings(tmp_path, tracking_uri="elsewhere/store.db")
+    assert s.mlflow.tracking_uri == "sqlite:///" + str(tmp_path / "elsewhere" / "store.db")
+    MlflowSink(s).record(result(tmp_path, 1000))
+    run = the_run(client_for(s.mlflow.tracking_uri))
+    assert run.data.metrics["qa/acc"] == 0.1
+    assert not (tmp_path / "cache" / "mlflow.db").exists()
+
+
+def test_an_unreachable_store_fails_the_record_until_it_is_fixed(tmp_path):
+    """Fault injected for real: the folder of the SQLite store is a regular file, so the store cannot open."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "mlstore").write_text("in the way")
+    s = settings(tmp_path, tracking_uri=str(tmp_path / "cache" / "mlstore" / "mlflow.db"))
+    with pytest.raises(OSError):
+        MlflowSink(s).record(result(tmp_path, 1000))
+    (tmp_path / "cache" / "mlstore").unlink()
+    MlflowSink(s).record(result(tmp_path, 1000))
+    run = the_run(client_for(s.mlflow.tracking_uri))
+    assert [m.step for m in client_for(s.mlflow.tracking_uri).get_metric_history(run.info.run_id, "qa/acc")] == [1000]

@@ -1,0 +1,205 @@
+"""The W&B sink, read back from the real offline run files wandb 0.31 writes (no mocks, no network).
+
+`wandb_runs()` below is the test's own reader of the transaction log (LevelDB-style blocks of CRC-checked
+chunks holding protobuf Records, see ../shared/notes/wandb-offline.md), written independently of the
+sink's reader, so the sink cannot agree with itself by accident.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import zlib
+
+import pytest
+
+from recorder.sinks import MlflowSettings, RecorderSettings, ResultRecord, WandbSettings
+from recorder.wandb_sink import WandbSink, resolve_mode, run_id
+
+
+# ---- the test's reader -----------------------------------------------------------------------
+def _records(path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", f"{path}: not a W&B log"
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"{path}: bad chunk at {pos}"
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            yield rec
+
+
+def wandb_runs(wandb_dir):
+    """Every local session under <wandb_dir>/wandb: {"id", "project", "name", "rows", "metrics", "config"}."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(str(wandb_dir), "wandb", "*run-*", "run-*.wandb"))):
+        if os.path.islink(os.path.dirname(path)):
+            continue
+        run = {"path": path, "rows": [], "metrics": [], "config": {}}
+        for rec in _records(path):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run.update(id=rec.run.run_id, project=rec.run.project, name=rec.run.display_name,
+                           start=rec.run.start_time.ToMicroseconds())
+                run["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "history":
+                run["rows"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                    for i in rec.history.item})
+            elif kind == "metric":
+                run["metrics"].append((rec.metric.name or rec.metric.glob_name, rec.metric.step_metric))
+        out.append(run)
+    return sorted(out, key=lambda r: r.get("start", 0))  # session order (folder names tie within a second)
+
+
+def history(wandb_dir, run_id_=None):
+    """(iteration, {key: value}) of every history row, in the order the sessions wrote them."""
+    return [r for run in wandb_runs(wandb_dir) if run_id_ in (None, run["id"]) for r in run["rows"]]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def settings(tmp_path, **wandb) -> RecorderSettings:
+    w = WandbSettings(project="proj", mode="offline", dir=str(tmp_path / "wandb"), **wandb)
+    return RecorderSettings(cache_dir=str(tmp_path), project="proj", wandb=w,
+                            mlflow=MlflowSettings(tracking_uri="unused", experiment="unused"),
+                            run_config={"model_name": "tiny", "token_per_iteration": 0.002})
+
+
+def result(tmp_path, it, bench="qa", value=None, predictions=None) -> ResultRecord:
+    out = tmp_path / "results" / "tiny" / f"iter_{it:07d}" / bench
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"acc": it / 10000 if value is None else value, "f1": 0.5}
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    if predictions is not None:
+        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    return ResultRecord(run="tiny", iteration=it, benchmark=bench, metrics=metrics, tokens_b=it * 0.002,
+                        stderr={"acc": 0.01}, metrics_path=str(out / "metrics.json"), versions={"aac": "1.0"})
+
+
+# ---- tests -----------------------------------------------------------------------------------
+def test_out_of_order_checkpoints_and_a_restarted_sink_append_to_one_run(tmp_path):
+    WandbSink(settings(tmp_path)).record(result(tmp_path, 2000))
+    # a new sink instance knows only what is on disk, like a restarted daemon
+    restarted = WandbSink(settings(tmp_path))
+    restarted.record(result(tmp_path, 1000))
+    restarted.record(result(tmp_path, 3000))
+    runs = wandb_runs(tmp_path / "wandb")
+    assert {r["id"] for r in runs} == {run_id("proj", "tiny")}, "one deterministic run id for every session"
+    assert {r["project"] for r in runs} == {"proj"} and {r["name"] for r in runs} == {"tiny"}
+    rows = history(tmp_path / "wandb")
+    assert [(r["iteration"], r["qa/acc"], r["tokens_b"]) for r in rows] == [
+        (2000, 0.2, 4.0), (1000, 0.1, 2.0), (3000, 0.3, 6.0)]
+    # offline segments get steps that continue each other, so `wandb sync` can append them in order
+    assert [r["_step"] for r in rows] == [0, 1, 2]
+    for run in runs:  # every session declares iteration as the x axis of the benchmark's metrics
+        assert ("iteration", "") in run["metrics"] and ("tokens_b", "") in run["metrics"]
+        assert ("qa/*", "iteration") in run["metrics"]
+
+
+def test_a_result_offered_again_after_a_crash_is_not_logged_twice(tmp_path):
+    WandbSink(settings(tmp_path)).record(result(tmp_path, 1000))
+    # the daemon died after the sink accepted but before the ledger noted it: a new process offers it again
+    WandbSink(settings(tmp_path)).record(result(tmp_path, 1000))
+    sink = WandbSink(settings(tmp_path))
+    sink.record(result(tmp_path, 1000, bench="mc"))  # same iteration, other benchmark: a different result
+    sink.record(result(tmp_path, 1000, bench="mc"))
+    rows = history(tmp_path / "wandb")
+    assert [(r["iteration"], "qa/acc" in r, "mc/acc" in r) for r in rows] == [(1000, True, False), (1000, False, True)]
+
+
+def test_each_checkpoint_gets_a_summary_table_and_sample_predictions(tmp_path):
+    preds = [{"sample_id": f"s{i}", "request_messages": [{"role": "user", "content": [
+        {"type": "text", "text": f"question {i}"}, {"type": "audio", "path": "a.wav"}]}],
+        "response": {"text": f"answer {i}"}, "status": "ok"} for i in range(8)]
+    WandbSink(settings(tmp_path, sample_predictions=3)).record(result(tmp_path, 1000, predictions=preds))
+    row = history(tmp_path / "wandb")[0]
+    assert row["qa/summary_table/_type"] == "table-file" and row["qa/samples/_type"] == "table-file"
+    run_dir = os.path.dirname(wandb_runs(tmp_path / "wandb")[0]["path"])
+    summary = json.loads(open(os.path.join(run_dir, "files", row["qa/summary_table/path"])).read())
+    assert summary["columns"][:6] == ["iteration", "tokens_b", "category", "metric", "value", "stderr"]
+    assert [r[3:6] for r in summary["data"]] == [["acc", 0.1, 0.01], ["f1", 0.5, None]]
+    samples = json.loads(open(os.path.join(run_dir, "files", row["qa/samples/path"])).read())
+    assert samples["columns"] == ["iteration", "sample_id", "input", "prediction", "status"]
+    assert samples["data"] == [[1000, f"s{i}", f"question {i}", f"answer {i}", "ok"] for i in range(3)]
+
+
+def test_summary_only_logs_the_metrics_without_tables(tmp_path):
+    s = settings(tmp_path)
+    s.summary_only = True
+    WandbSink(s).record(result(tmp_path, 1000, predictions=[{"sample_id": "x", "response": {"text": "y"}}]))
+    row = history(tmp_path / "wandb")[0]
+    assert row["qa/acc"] == 0.1 and not [k for k in row if "table" in k or "samples" in k]
+
+
+def test_run_config_from_a_daemon_config_names_the_model_and_holds_no_secrets(tmp_path):
+    from evaluator.daemon.config import AutoEvalConfig
+    from recorder.sinks import settings_from_config
+
+    cfg = AutoEvalConfig.model_validate({
+        "project_name": "proj", "model_name": "tiny", "cache_dir": str(tmp_path),
+        "megatron": {"token_per_iteration": 0.002},
+        "wandb": {"mode": "offline", "dir": str(tmp_path / "wandb")},
+        "benchmarks": [{"name": "judge", "type": "command",
+                        "inference": "OPENAI_API_KEY=sk-live1234567890 {python} judge.py --api-key=abc123 --tokens {tokens_b}",
+                        "evaluation": "curl -H 'Authorization: Bearer tok987' x"}],
+        "gpt_evaluation": {"openai_api_key": "sk-secret000000"}})
+    WandbSink(settings_from_config(cfg)).record(result(tmp_path, 1000))
+    config = wandb_runs(tmp_path / "wandb")[0]["config"]
+    assert config["model_name"] == "tiny" and config["token_per_iteration"] == 0.002
+    assert config["benchmarks"][0]["name"] == "judge" and "--tokens {tokens_b}" in config["benchmarks"][0]["inference"]
+    assert config["versions"]["wandb"] and config["versions"]["python"]
+    written = b"".join(open(p, "rb").read() for p in glob.glob(str(tmp_path / "wandb" / "**" / "*"), recursive=True)
+                       if os.path.isfile(p))
+    for secret in (b"sk-live1234567890", b"abc123", b"tok987", b"sk-secret000000"):
+        assert secret not in written, secret
+
+
+def test_auto_mode_is_offline_without_an_api_key_and_online_with_one():
+    assert resolve_mode("auto", {}) == "offline"
+    assert resolve_mode("auto", {"WANDB_API_KEY": "x" * 40}) == "online"
+    assert resolve_mode("offline", {"WANDB_API_KEY": "x" * 40}) == "offline"
+
+
+def test_run_ids_are_deterministic_and_differ_per_project_and_model():
+    assert run_id("proj", "llama-1b") == run_id("proj", "llama-1b")
+    assert len({run_id("proj", "llama-1b"), run_id("proj2", "llama-1b"), run_id("proj", "llama-7b")}) == 3
+
+
+def test_an_unwritable_wandb_folder_fails_the_record_until_it_is_fixed(tmp_path):
+    """Fault injected for real: the W&B folder path is a regular file, so nothing can be written there
+    (W&B itself would silently fall back to /tmp; the sink must refuse instead)."""
+    s = settings(tmp_path)
+    (tmp_path / "wandb").write_text("in the way")
+    sink = WandbSink(s)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            sink.record(result(tmp_path, 1000))
+    (tmp_path / "wandb").unlink()
+    sink.record(result(tmp_path, 1000))
+    assert [r["iteration"] for r in history(tmp_path / "wandb")] == [1000]
+    assert not glob.glob("/tmp/wandb/*" + run_id("proj", "tiny") + "*")
+
+
+def test_a_torn_tail_of_the_log_is_ignored_and_the_rows_before_it_still_count(tmp_path):
+    from recorder.wandb_sink import read_run_log
+
+    WandbSink(settings(tmp_path)).record(result(tmp_path, 1000))
+    torn = wandb_runs(tmp_path / "wandb")[0]["path"]
+    with open(torn, "ab") as f:  # a crash mid-append: a chunk header promising more bytes than follow
+        f.write(struct.pack("<IHB", 0, 500, 1) + b"partial")
+    assert [r["iteration"] for r in read_run_log(torn).rows] == [1000]
+    restarted = WandbSink(settings(tmp_path))
+    restarted.record(result(tmp_path, 1000))  # still known as logged: skipped
+    restarted.record(result(tmp_path, 2000))
+    os.remove(torn)  # the test's strict reader refuses torn files; what is left is what the restart wrote
+    assert [(r["iteration"], r["_step"]) for r in history(tmp_path / "wandb")] == [(2000, 1)]
