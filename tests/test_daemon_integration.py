@@ -425,3 +425,21 @@ def test_end_iteration_does_not_wait_for_an_iteration_that_was_never_saved(tmp_p
     d = daemons(cfg, "--begin-iteration", "1000", "--end-iteration", "3000")
     assert d.proc.wait(timeout=60) == 0
     assert states(tmp_path / "cache") == {(1000, "qa"): "recorded", (3000, "qa"): "recorded"}
+
+
+def test_once_with_a_sink_that_stays_down_exits_keeps_the_result_and_records_it_next_time(tmp_path, venvs):
+    """Real fault: history.jsonl is a directory for the whole first run."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa")], executor={"backoff_seconds": 0.05, "max_attempts": 3})
+    cache = tmp_path / "cache"
+    blocker = cache / "results" / "tiny" / "history.jsonl"
+    blocker.mkdir(parents=True)
+    first = run_cli("--config", cfg, "--once", timeout=120)
+    assert first.returncode == 1 and "could not be recorded" in first.stderr
+    row = ledger_rows(cache)[0]
+    assert row["state"] == "scored" and row["last_error"].startswith("recorder local:")
+    assert "recorder local" in run_cli("status", "--config", cfg, check=0).stdout
+    blocker.rmdir()
+    run_cli("--config", cfg, "--once", check=0)
+    assert states(cache) == {(1000, "qa"): "recorded"} and len(history(cache)) == 1
+    assert ledger_rows(cache)[0]["last_error"] is None

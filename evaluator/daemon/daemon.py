@@ -132,6 +132,7 @@ class Daemon:
         self.recheck: dict[str, float] = {}  # run -> when to look again at its incomplete checkpoints
         self.last_scan = 0.0
         self.record_retry_at: dict[tuple, float] = {}
+        self.record_failures: dict[tuple, int] = {}  # sink failures per job in this process
         self.last_heartbeat = 0.0
         self.ledger: Optional[L.Ledger] = None
 
@@ -228,6 +229,7 @@ class Daemon:
             watcher.start()
         rescanner = Rescanner(self.cfg.watch.poll_seconds, self.notify)
         rescanner.start()
+        exit_code = 0
         try:
             self.recover()
             while not self.stopping:
@@ -235,6 +237,11 @@ class Daemon:
                 if watcher:
                     watcher.ensure_watches()
                 if self.once and self.idle():
+                    unrecorded = len(self.ledger.jobs([L.SCORED]))
+                    if unrecorded:
+                        log.warning("--once: %d scored result(s) could not be recorded (sink down, see status); "
+                                    "they stay queued and are recorded by the next run", unrecorded)
+                        exit_code = 1
                     log.info("--once: every job that exists is done")
                     break
                 if self.range_finished():
@@ -251,7 +258,7 @@ class Daemon:
             os.close(self._wake_r)
             os.close(self._wake_w)
         self.print_summary()
-        return 0
+        return exit_code
 
     def _on_stop_signal(self, signum, _frame):
         self.stopping = True  # only a flag: the wakeup fd has already woken the loop
@@ -461,7 +468,7 @@ class Daemon:
     def record(self) -> None:
         """Offer scored results to the sinks; `scored` rows + `recordings` are the durable outbox."""
         now = time.monotonic()
-        delay = max(self.cfg.executor.backoff_seconds, MIN_SCAN_GAP)
+        ex = self.cfg.executor
         down: set[str] = set()  # sinks that failed in this pass: not tried again for the other jobs
         for job in self.ledger.jobs([L.SCORED]):
             if self.record_retry_at.get(job.key, 0) > now:
@@ -481,20 +488,24 @@ class Daemon:
                 if sink.name in done:
                     continue
                 if sink.name in down:
-                    self.record_retry_at[job.key] = now + delay
+                    self.record_retry_at[job.key] = now + MIN_SCAN_GAP
                     break
                 try:
                     sink.record(result)
                 except Exception as e:  # a sink that is down must not stop evaluation: retried later
                     down.add(sink.name)
+                    n = self.record_failures[job.key] = self.record_failures.get(job.key, 0) + 1
+                    delay = max(MIN_SCAN_GAP, min(ex.backoff_max_seconds, ex.backoff_seconds * 2 ** (n - 1)))
                     self.record_retry_at[job.key] = now + delay
-                    log.warning("recorder %s: %s: %s for %s; retrying in %gs", sink.name, type(e).__name__, e,
-                                _fmt(job.key), delay)
+                    error = f"recorder {sink.name}: {type(e).__name__}: {e}"
+                    self.ledger.update(job.key, last_error=error)  # the result stays queued; status shows why
+                    log.warning("%s for %s (failure %d); retrying in %gs", error, _fmt(job.key), n, delay)
                     break
                 self.ledger.mark_recorded(job.key, sink.name)
             else:
                 self.record_retry_at.pop(job.key, None)
-                self.ledger.transition(job.key, L.RECORDED, "recorded")
+                self.record_failures.pop(job.key, None)
+                self.ledger.transition(job.key, L.RECORDED, "recorded", last_error=None)
                 log.info("recorded %s: %s", _fmt(job.key),
                          ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
         for sink in self.sinks:
@@ -551,9 +562,12 @@ class Daemon:
         if self.executor.running or self.settling or self._dirty or self.keeper.busy():
             return False
         for job in self.ledger.jobs([L.PENDING, L.INFERRED, L.SCORED, L.FAILED]):
+            if job.benchmark not in self.benchmarks:
+                continue
+            if job.state == L.SCORED and self.record_failures.get(job.key, 0) >= self.cfg.executor.max_attempts:
+                continue  # a sink that stays down: the result waits, durably, for the next run
             if job.state != L.FAILED or job.next_retry_at is not None:
-                if job.benchmark in self.benchmarks:
-                    return False
+                return False
         return True
 
     def range_finished(self) -> bool:
