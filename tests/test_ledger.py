@@ -113,3 +113,21 @@ def test_a_sink_is_marked_recorded_once(led):
     led.mark_recorded(KEY, "local")
     led.mark_recorded(KEY, "local")
     assert led.recorded_sinks(KEY) == {"local"}
+
+
+def test_a_ledger_from_before_slurm_support_is_read_and_upgraded(tmp_path):
+    old = sqlite3.connect(str(tmp_path / "ledger.sqlite3"))
+    old.executescript("""CREATE TABLE jobs (run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL,
+        path TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, resume_state TEXT,
+        next_retry_at REAL, last_error TEXT, pid INTEGER, pid_start TEXT, started_at REAL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (run, iteration, benchmark));
+        INSERT INTO jobs VALUES ('run', 1000, 'qa', '/p', 'recorded', 0, NULL, NULL, NULL, NULL, NULL, NULL, 1, 1);""")
+    old.commit()
+    old.close()
+    reader = Ledger(str(tmp_path), readonly=True)  # e.g. `status` or --dry-run before the daemon restarts
+    assert reader.get(KEY).state == L.RECORDED and reader.get(KEY).infer_job is None
+    reader.close()
+    writer = Ledger(str(tmp_path))
+    writer.update(KEY, infer_job="42")
+    assert writer.get(KEY).infer_job == "42"
+    writer.close()

@@ -20,7 +20,7 @@ from evaluator.daemon.checkpoints import Selection
 from evaluator.daemon.config import EVAL_TYPES, LAYOUT_NAMES, AutoEvalConfig, load_config
 
 EPILOG = """subcommands:
-  status --config CFG [--json]   iteration x benchmark table (state, attempts, last error) + pinned snapshots
+  status --config CFG [--json] [--cancel-jobs]   jobs (state, attempts, last error), pinned snapshots
 
 examples:
   python tools/evaluator.py --config config/megatron.yaml --begin-iteration 2000
@@ -59,6 +59,9 @@ def build_status_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true", help="print the rows as a JSON array")
     p.add_argument("--run", default=None, help="only this run")
+    p.add_argument("--cancel-jobs", action="store_true",
+                   help="executor.type slurm: scancel the jobs in flight (a stopped daemon leaves them running); "
+                        "the next start retries them")
     return p
 
 
@@ -152,6 +155,13 @@ def status(argv: list[str]) -> int:
         led.close()
     except sqlite3.Error as e:
         raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
+    if args.cancel_jobs:
+        from evaluator.daemon.slurm import cancel
+
+        ids = [j.infer_job for j in jobs if j.state == L.INFERRING and j.infer_job]
+        ids += [j.eval_job for j in jobs if j.state in (L.INFERRING, L.INFERRED, L.SCORING) and j.eval_job]
+        cancel(ids)
+        print(f"cancelled {len(ids)} Slurm job(s): {' '.join(ids) or '-'}")
     if args.json:
         print(json.dumps({"jobs": [j.__dict__ for j in jobs],
                           "snapshots": [{k: v for k, v in s.items() if k != "manifest"} for s in snaps]}, indent=2))
@@ -160,6 +170,8 @@ def status(argv: list[str]) -> int:
     for j in jobs:
         retry = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.next_retry_at)) if j.next_retry_at else "-"
         first = (j.last_error or "").splitlines()[0] if j.last_error else ""
+        if j.state in L.RUNNING + (L.INFERRED,) and (j.infer_job or j.eval_job):
+            first = f"slurm jobs {j.infer_job or '-'}/{j.eval_job or '-'} {first}".rstrip()
         print(f"{j.run:<20} {j.iteration:>10}  {j.benchmark:<20} {j.state:<10} {j.attempts:>8}  {retry:<19} {first}")
     counts = {s: sum(1 for j in jobs if j.state == s) for s in L.STATES}
     print("total: " + (", ".join(f"{s}={n}" for s, n in counts.items() if n) or "no jobs"))

@@ -113,8 +113,12 @@ class EnvsConfig(Section):
     evaluation: str = os.path.join(PROJECT_ROOT, ".venvs", "evaluation")
 
 
+SLURM_ONLY = ("partition", "account", "qos", "gpus_per_job", "gres", "cpus_per_task", "mem", "time",
+              "extra_sbatch_args", "env_setup")
+
+
 class ExecutorConfig(Section):
-    type: Literal["local"] = "local"
+    type: Literal["local", "slurm"] = "local"
     gpus: Optional[list[str]] = None  # GPU slots for the inference lane; default: CUDA_VISIBLE_DEVICES or nvidia-smi
     inference_concurrency: Optional[int] = Field(None, ge=1)  # default: one per GPU slot (1 without GPUs)
     evaluation_concurrency: int = Field(1, ge=1)
@@ -124,6 +128,19 @@ class ExecutorConfig(Section):
     inference_timeout_minutes: float = Field(240.0, gt=0)
     evaluation_timeout_minutes: float = Field(120.0, gt=0)
     kill_grace_seconds: float = Field(5.0, ge=0, le=8)
+    # type: slurm (evaluator/daemon/slurm.py): one sbatch job per stage
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_job: Optional[int] = Field(None, ge=1)  # inference jobs: --gpus=N (or give `gres`)
+    gres: Optional[str] = None  # inference jobs: --gres=..., e.g. gpu:a100:1
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    mem: Optional[str] = None  # e.g. 64G
+    time: Optional[str] = None  # --time for every job; default: the stage's timeout
+    max_in_flight: int = Field(4, ge=1)  # pipelines (checkpoint x benchmark) with a job not finished
+    extra_sbatch_args: list[str] = []
+    env_setup: list[str] = []  # shell lines run before the stage, e.g. "module load cuda/12.4"
+    slurm_poll_max_seconds: float = Field(30.0, gt=0)  # squeue/sacct polling backs off up to this
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -354,6 +371,15 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
                         render_template(template, SAMPLE_VALUES)
                     except (ValueError, KeyError, IndexError) as e:
                         problems.append((loc + (stage,), f"bad format spec in the command template ({e})"))
+    ex = cfg.executor
+    if ex.type != "slurm":
+        for key in SLURM_ONLY:
+            if getattr(ex, key):
+                problems.append((base + ("executor", key), "only used with executor.type: slurm"))
+    elif ex.gres and ex.gpus_per_job:
+        problems.append((base + ("executor", "gres"), "give either gres or gpus_per_job, not both"))
+    if ex.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", ex.time):
+        problems.append((base + ("executor", "time"), f"expected a Slurm time like 120, 2:00:00 or 1-00:00:00, got {ex.time!r}"))
     for i, sink in enumerate(cfg.recorder.sinks):
         if sink not in SINKS:
             close = difflib.get_close_matches(sink, list(SINKS), n=1)

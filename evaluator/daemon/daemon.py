@@ -28,6 +28,7 @@ from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import LAYOUTS, Checkpoint, CheckpointLayout, Selection
 from evaluator.daemon.config import AutoEvalConfig
 from evaluator.daemon.executors import Lanes, LocalExecutor, StageProcess, detect_gpus, kill_group, process_start_time
+from evaluator.daemon.slurm import SlurmExecutor
 from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.daemon.watch import CheckpointWatcher, Rescanner, choose_mode
@@ -204,7 +205,10 @@ class Daemon:
         ex = self.cfg.executor
         gpus = ex.gpus if ex.gpus is not None else detect_gpus()
         lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus)
-        self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
+        if ex.type == "slurm":
+            self.executor = SlurmExecutor(ex, {s: self._timeout_s(s) for s in (INFERENCE, EVALUATION)})
+        else:
+            self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
         self.sinks = make_sinks(self.cfg)
         self.ledger = L.Ledger(self.cfg.cache_dir)
         stale = sorted({j.run for j in self.ledger.jobs()} - {r.name for r in self.runs})
@@ -372,7 +376,7 @@ class Daemon:
         problem = None
         if sp.timed_out:
             minutes = self._timeout_s(sp.stage) / 60
-            problem = f"timed out after {minutes:g} min (process group killed)"
+            problem = f"timed out after {minutes:g} min ({sp.reason or 'process group killed'})"
         elif sp.returncode == 75:
             problem = "exit 75: the stage asked to be retried later"
         elif sp.returncode != 0:
@@ -381,6 +385,8 @@ class Daemon:
             problem = stage_done(sp.stage, out)
             if problem:
                 problem = f"exit 0 but {problem}"
+        if problem and sp.reason and not sp.timed_out:
+            problem += f" ({sp.reason})"
         seconds = time.monotonic() - sp.started
         if problem is None:
             self.ledger.transition(sp.key, done_state, f"{sp.stage} done in {seconds:.1f}s", attempts=0,
@@ -390,6 +396,8 @@ class Daemon:
         self.fail(job, sp.stage, problem)
 
     def fail(self, job: L.Job, stage: str, problem: str) -> None:
+        if stage == INFERENCE:
+            self.executor.cancel_chained(job.key)  # its evaluation job would wait for nothing
         tail = log_tail(os.path.join(self._outdir(job), LOG_FILE[stage]))
         if stage == INFERENCE and not self.keeper.protects(job.run, job.iteration) and not os.path.exists(job.path):
             # deleted under us: retrying cannot help, so no retry storm
@@ -408,7 +416,7 @@ class Daemon:
             retry_at, what = time.time() + delay, f"retry {attempts + 1}/{ex.max_attempts} in {delay:g}s"
         self.ledger.transition(job.key, L.FAILED, f"{stage}: {problem}", attempts=attempts, resume_state=resume,
                                next_retry_at=retry_at, last_error=f"{stage}: {problem}\n{tail}".rstrip(),
-                               pid=None, pid_start=None)
+                               pid=None, pid_start=None, eval_job=None)
         log.warning("%s %s: %s; %s (log: %s)", stage, _fmt(job.key), problem, what,
                     os.path.join(self._outdir(job), LOG_FILE[stage]))
 
@@ -442,7 +450,8 @@ class Daemon:
                 self.start_stage(job, stage, checkpoint)
                 free -= 1
 
-    def start_stage(self, job: L.Job, stage: str, checkpoint: str) -> None:
+    def _prepare(self, job: L.Job, stage: str, checkpoint: str) -> list[str]:
+        """Clear the stage's old outputs, write its job spec; returns the command that runs it."""
         bench = self.benchmarks[job.benchmark]
         out = self._outdir(job)
         os.makedirs(out, exist_ok=True)
@@ -458,12 +467,34 @@ class Daemon:
         spec.write(job_file)
         btype = BENCHMARK_TYPES[bench.type]
         module = btype.inference_module if stage == INFERENCE else btype.evaluation_module
-        argv = [self.pythons[stage], "-m", module, "--job", job_file]
+        return [self.pythons[stage], "-m", module, "--job", job_file]
+
+    def start_stage(self, job: L.Job, stage: str, checkpoint: str) -> None:
+        out = self._outdir(job)
         _, running_state, _ = STAGE_STATE[stage]
+        if stage == EVALUATION:
+            adopted = self.executor.adopt(job.key)
+            if adopted is not None:  # submitted together with its inference job (--dependency=afterok)
+                self.ledger.transition(job.key, running_state, "evaluation job already submitted",
+                                       started_at=time.time(), **adopted.ledger_fields())
+                return
+        argv = self._prepare(job, stage, checkpoint)
+        chain = None
+        if stage == INFERENCE and self.executor.chains:
+            chain = (self._prepare(job, EVALUATION, checkpoint), out, os.path.join(out, LOG_FILE[EVALUATION]))
         self.ledger.transition(job.key, running_state, f"attempt {job.attempts + 1}", started_at=time.time())
-        sp = self.executor.start(job.key, stage, argv, out, os.path.join(out, LOG_FILE[stage]), self._timeout_s(stage))
-        self.ledger.update(job.key, pid=sp.pid, pid_start=process_start_time(sp.pid))
-        log.info("%s %s: started (pid %d%s)", stage, _fmt(job.key), sp.pid, f", GPU {sp.gpu}" if sp.gpu else "")
+        try:
+            sp = self.executor.start(job.key, stage, argv, out, os.path.join(out, LOG_FILE[stage]),
+                                     self._timeout_s(stage), chain=chain)
+        except RuntimeError as e:  # e.g. sbatch refused the job: a failed attempt, with sbatch's reason
+            self.fail(self.ledger.get(job.key), stage, str(e))
+            return
+        fields = sp.ledger_fields()
+        if chain is not None:
+            fields["eval_job"] = self.executor.chained_id(job.key)
+        self.ledger.update(job.key, **fields)
+        where = f"Slurm job {fields.get('infer_job') or fields.get('eval_job')}" if self.executor.chains else f"pid {sp.pid}"
+        log.info("%s %s: started (%s%s)", stage, _fmt(job.key), where, f", GPU {sp.gpu}" if sp.gpu else "")
 
     def record(self) -> None:
         """Offer scored results to the sinks; `scored` rows + `recordings` are the durable outbox."""
@@ -522,6 +553,13 @@ class Daemon:
         """Rows left running by a previous daemon: stop leftovers, check outputs, resume."""
         for job in self.ledger.jobs(L.RUNNING):
             stage = INFERENCE if job.state == L.INFERRING else EVALUATION
+            job_id = job.infer_job if stage == INFERENCE else job.eval_job
+            if self.executor.chains and job_id:  # Slurm jobs run on without us: follow them again
+                self.executor.attach(job.key, stage, job_id)
+                if stage == INFERENCE and job.eval_job:
+                    self.executor.attach(job.key, EVALUATION, job.eval_job, chained=True)
+                log.info("%s %s: re-attached to Slurm job %s", stage, _fmt(job.key), job_id)
+                continue
             if job.pid and job.pid_start and process_start_time(job.pid) == job.pid_start:
                 log.warning("%s %s: stage pid %d of the previous daemon still runs: killing its group",
                             stage, _fmt(job.key), job.pid)
@@ -543,6 +581,8 @@ class Daemon:
         for job in self.ledger.jobs([L.INFERRED]):
             if stage_done(INFERENCE, self._outdir(job)):
                 self.ledger.transition(job.key, L.PENDING, "recovered: predictions missing, infer again")
+            elif self.executor.chains and job.eval_job:  # its evaluation job was submitted already
+                self.executor.attach(job.key, EVALUATION, job.eval_job, chained=True)
         self.keeper.recover()
 
     # ---- helpers ------------------------------------------------------------------------

@@ -31,10 +31,14 @@ class StageProcess:
     term_sent_at: Optional[float] = None
     timed_out: bool = False
     returncode: Optional[int] = None
+    reason: str = ""
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def ledger_fields(self) -> dict:
+        return {"pid": self.pid, "pid_start": process_start_time(self.pid)}
 
 
 @dataclass
@@ -74,6 +78,8 @@ def kill_group(pgid: int, sig: int) -> bool:
 
 
 class LocalExecutor:
+    chains = False  # each stage is started by the daemon when its input is ready
+
     def __init__(self, lanes: Lanes, kill_grace_seconds: float = 5.0):
         self.lanes = lanes
         self.kill_grace = kill_grace_seconds
@@ -92,8 +98,14 @@ class LocalExecutor:
         # least-loaded GPU first (several jobs may share a GPU when concurrency > GPUs)
         return min(self.lanes.gpus, key=lambda g: busy.count(g))
 
+    def adopt(self, key: tuple) -> None:
+        return None  # nothing is ever pre-submitted locally
+
+    def cancel_chained(self, key: tuple) -> None:
+        pass
+
     def start(self, key: tuple, stage: str, argv: list[str], cwd: str, log_path: str,
-              timeout_s: float, env: Optional[dict] = None) -> StageProcess:
+              timeout_s: float, env: Optional[dict] = None, chain: Optional[tuple] = None) -> StageProcess:
         env = dict(os.environ if env is None else env)
         gpu = None
         if stage == INFERENCE and self.lanes.gpus:

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL,
     path TEXT NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, resume_state TEXT, next_retry_at REAL, last_error TEXT,
-    pid INTEGER, pid_start TEXT, started_at REAL,
+    pid INTEGER, pid_start TEXT, started_at REAL, infer_job TEXT, eval_job TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (run, iteration, benchmark));
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -78,6 +78,8 @@ class Job:
     pid: Optional[int] = None
     pid_start: Optional[str] = None
     started_at: Optional[float] = None
+    infer_job: Optional[str] = None  # Slurm job ids (executor.type slurm)
+    eval_job: Optional[str] = None
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -87,7 +89,8 @@ class Job:
 
 
 FIELDS = tuple(Job.__dataclass_fields__)
-MUTABLE = ("path", "attempts", "resume_state", "next_retry_at", "last_error", "pid", "pid_start", "started_at")
+MUTABLE = ("path", "attempts", "resume_state", "next_retry_at", "last_error", "pid", "pid_start", "started_at",
+           "infer_job", "eval_job")
 
 
 class Ledger:
@@ -108,14 +111,21 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+            for name in ("infer_job", "eval_job"):  # ledgers made before Slurm support
+                if name not in columns:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} TEXT")
         self.db.row_factory = sqlite3.Row
+        # a read-only look at a ledger written by an older version lacks newer columns: read what exists
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        self.fields = [f for f in FIELDS if f in have]
 
     def close(self) -> None:
         self.db.close()
 
     # ---- reads ---------------------------------------------------------------------------
     def jobs(self, states: Iterable[str] = (), run: Optional[str] = None) -> list[Job]:
-        sql, args = f"SELECT {', '.join(FIELDS)} FROM jobs", []
+        sql, args = f"SELECT {', '.join(self.fields)} FROM jobs", []
         where = []
         states = tuple(states)
         if states:
@@ -131,7 +141,7 @@ class Ledger:
 
     def get(self, key: tuple) -> Optional[Job]:
         row = self.db.execute(
-            f"SELECT {', '.join(FIELDS)} FROM jobs WHERE run=? AND iteration=? AND benchmark=?", key).fetchone()
+            f"SELECT {', '.join(self.fields)} FROM jobs WHERE run=? AND iteration=? AND benchmark=?", key).fetchone()
         return Job(**dict(row)) if row else None
 
     def events(self, key: Optional[tuple] = None) -> list[dict]:
