@@ -2,15 +2,21 @@
 PY := .venvs/daemon/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup slurm slurm-stop test test-fast demo bench clean
 
 setup:  ## create/refresh .venvs/{daemon,inference,evaluation} (idempotent; seconds when nothing changed)
 	bash scripts/setup_envs.sh
 
-test: setup  ## the whole suite, slow tests included (what CI runs)
+slurm:  ## a real single-node Slurm for the Slurm executor tests (root; idempotent; Debian packages)
+	bash scripts/slurm_local.sh start
+
+slurm-stop:
+	bash scripts/slurm_local.sh stop
+
+test: setup slurm  ## the whole suite, slow and Slurm tests included (what CI runs)
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
-test-fast: setup  ## skip tests marked slow
+test-fast: setup  ## skip tests marked slow (Slurm tests are slow)
 	bash scripts/run_tests.sh -m "not slow" $(PYTEST_ARGS)
 
 demo: setup  ## a toy training run watched by the daemon

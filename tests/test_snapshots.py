@@ -173,3 +173,12 @@ def test_a_hardlinked_snapshot_survives_the_deletion_of_the_original(tmp_path):
     subprocess.run(["rm", "-rf", str(ck)], check=True)
     assert (tmp_path / "snap" / "checkpoint-10" / "model.safetensors").read_bytes() == before
     assert size == sum(manifest.values()) and path.endswith("checkpoint-10")
+
+
+def test_an_empty_checkpoint_folder_pins_as_an_empty_folder_and_a_missing_one_is_vanished(tmp_path):
+    (tmp_path / "iter_0001000").mkdir()
+    manifest = build_manifest(str(tmp_path / "iter_0001000"), [])
+    path, size = pin(str(tmp_path / "iter_0001000"), str(tmp_path / "snap"), manifest, "hardlink")
+    assert manifest == {} and size == 0 and os.path.isdir(path)
+    with pytest.raises(SnapshotVanished, match="gone"):
+        build_manifest(str(tmp_path / "iter_0002000"), [])

@@ -38,7 +38,7 @@ log = logging.getLogger("evaluator")
 STAGE_STATE = {INFERENCE: (L.PENDING, L.INFERRING, L.INFERRED), EVALUATION: (L.INFERRED, L.SCORING, L.SCORED)}
 HEARTBEAT_SECONDS = 60.0
 RECHECK_SECONDS = 1.0  # how often an incomplete checkpoint of a marker-less layout is looked at again
-MIN_SCAN_GAP = 0.05  # a burst of file events costs one rescan, not one per event
+MIN_SCAN_GAP = 0.005  # a burst of file events costs one rescan, not one per event
 
 
 @dataclass(frozen=True)
@@ -627,9 +627,11 @@ class Daemon:
         return True
 
     def _sleep_seconds(self) -> float:
+        now = time.monotonic()
+        if self._dirty:  # an event came within MIN_SCAN_GAP of the last scan: scan as soon as the gap ends
+            return max(0.001, self.last_scan + MIN_SCAN_GAP - now)
         if self.executor.running:
             return 0.5  # SIGCHLD wakes us sooner; this bounds timeout enforcement
-        now = time.monotonic()
         waits = [5.0] + [t - now for t in list(self.settling.values()) + list(self.recheck.values())]
         retries = [j.next_retry_at for j in self.ledger.jobs([L.FAILED]) if j.next_retry_at is not None]
         if retries:

@@ -74,6 +74,8 @@ def _excluded(rel: str, patterns: list[str]) -> bool:
 
 def build_manifest(source: str, excludes: list[str]) -> dict[str, int]:
     """Relative path -> size of every file to pin ('' for a checkpoint that is a single file)."""
+    if not os.path.exists(source):
+        raise SnapshotVanished("the checkpoint is gone")
     if os.path.isfile(source):
         return {"": os.path.getsize(source)}
     manifest = {}
@@ -87,9 +89,7 @@ def build_manifest(source: str, excludes: list[str]) -> dict[str, int]:
                     manifest[rel] = os.path.getsize(full)
                 except FileNotFoundError:
                     raise SnapshotVanished(f"{rel} disappeared while listing the checkpoint") from None
-    if not manifest:
-        raise SnapshotVanished("no files left to pin")
-    return manifest
+    return manifest  # may be empty: an (odd) empty checkpoint folder pins as an empty folder
 
 
 def snapshot_root(cache_dir: str, run: str, iteration: int) -> str:
@@ -108,6 +108,8 @@ def pin(source: str, root: str, manifest: dict[str, int], mode: str, markers: Op
         shutil.rmtree(root)  # a leftover of an interrupted pin
     dest = os.path.join(root, os.path.basename(source.rstrip("/")))
     try:
+        if "" not in manifest:
+            os.makedirs(dest)
         for rel, size in sorted(manifest.items()):
             if abort is not None and abort.is_set():
                 raise PinAborted()
