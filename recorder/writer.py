@@ -16,13 +16,12 @@ import os
 import sys
 from typing import Literal, Optional
 
-import yaml
 from pydantic import Field, ValidationError
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
 from evaluator.common.errors import EvaluatorError
 # the daemon config's YAML loader and error wording, so both tools report problems the same way
-from evaluator.daemon.config import Section, _describe, _fail, _line_index, _UniqueKeyLoader
+from evaluator.daemon.config import Section, _describe, _fail, read_yaml
 from recorder import leaderboard, plots, sources
 from recorder.sinks import SINKS, RecorderSettings, ResultRecord, WandbSettings, mlflow_settings, versions
 
@@ -71,17 +70,7 @@ class WriterConfig(Section):
 
 
 def load_writer_config(path: str) -> WriterConfig:
-    if not os.path.isfile(path):
-        raise EvaluatorError(f"--config: no such file: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise EvaluatorError(f"invalid config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    lines = _line_index(text)
+    data, lines = read_yaml(path)
     if not isinstance(data, dict):
         raise EvaluatorError(f"invalid config: {path}: expected a mapping with `project:` and `evals:` or `leaderboard:`")
     if "auto_eval" in data:

@@ -7,7 +7,6 @@ safetensors file, files still growing) and say what a scan reports for each.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import time

@@ -292,8 +292,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str) -> AutoEvalConfig:
-    """Read, validate and resolve a config file; raises EvaluatorError on any problem."""
+def read_yaml(path: str) -> tuple[object, dict[tuple, int]]:
+    """A YAML config file's data and its key-path -> line index; EvaluatorError names file:line."""
     if not os.path.isfile(path):
         raise EvaluatorError(f"--config: no such file: {path}")
     try:
@@ -309,7 +309,12 @@ def load_config(path: str) -> AutoEvalConfig:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         raise EvaluatorError(f"invalid config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    lines = _line_index(text)
+    return data, _line_index(text)
+
+
+def load_config(path: str) -> AutoEvalConfig:
+    """Read, validate and resolve a config file; raises EvaluatorError on any problem."""
+    data, lines = read_yaml(path)
     if not isinstance(data, dict) or "auto_eval" not in data:
         keys = list(data) if isinstance(data, dict) else []
         close = difflib.get_close_matches("auto_eval", [str(k) for k in keys], n=1)

@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from evaluator.common.atomic import read_json
 from evaluator.common.contracts import (
-    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, RUN_METADATA, StageJob,
+    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob,
     read_metrics, result_dir)
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
@@ -132,8 +132,9 @@ class Daemon:
         self.settling: dict[str, float] = {}  # run -> when its settling checkpoints need another look
         self.recheck: dict[str, float] = {}  # run -> when to look again at its incomplete checkpoints
         self.last_scan = 0.0
-        self.record_retry_at: dict[tuple, float] = {}
-        self.record_failures: dict[tuple, int] = {}  # sink failures per job in this process
+        # a sink that fails backs off as a whole, so results still reach it oldest first once it is back
+        self.sink_retry_at: dict[str, float] = {}
+        self.sink_failures: dict[str, int] = {}  # consecutive failures per sink in this process
         self.last_heartbeat = 0.0
         self.ledger: Optional[L.Ledger] = None
 
@@ -500,10 +501,11 @@ class Daemon:
         """Offer scored results to the sinks; `scored` rows + `recordings` are the durable outbox."""
         now = time.monotonic()
         ex = self.cfg.executor
-        down: set[str] = set()  # sinks that failed in this pass: not tried again for the other jobs
         for job in self.ledger.jobs([L.SCORED]):
-            if self.record_retry_at.get(job.key, 0) > now:
-                continue
+            done = self.ledger.recorded_sinks(job.key)
+            todo = [s for s in self.sinks if s.name not in done and self.sink_retry_at.get(s.name, 0) <= now]
+            if not todo and not all(s.name in done for s in self.sinks):
+                continue  # every sink it still needs is backing off
             path = os.path.join(self._outdir(job), DONE_FILE[EVALUATION])
             try:
                 m = read_metrics(path)
@@ -514,28 +516,25 @@ class Daemon:
                                   metrics=m["metrics"], tokens_b=self.tokens_b(job.iteration), n=m.get("n"),
                                   stderr=m.get("stderr") or {}, per_category=m.get("per_category") or {},
                                   checkpoint=job.path, metrics_path=path, versions=m.get("versions") or {})
-            done = self.ledger.recorded_sinks(job.key)
             for sink in self.sinks:
                 if sink.name in done:
                     continue
-                if sink.name in down:
-                    self.record_retry_at[job.key] = now + MIN_SCAN_GAP
-                    break
+                if self.sink_retry_at.get(sink.name, 0) > now:
+                    continue  # backing off (maybe since earlier in this pass); the others still get it
                 try:
                     sink.record(result)
                 except Exception as e:  # a sink that is down must not stop evaluation: retried later
-                    down.add(sink.name)
-                    n = self.record_failures[job.key] = self.record_failures.get(job.key, 0) + 1
+                    n = self.sink_failures[sink.name] = self.sink_failures.get(sink.name, 0) + 1
                     delay = max(MIN_SCAN_GAP, min(ex.backoff_max_seconds, ex.backoff_seconds * 2 ** (n - 1)))
-                    self.record_retry_at[job.key] = now + delay
+                    self.sink_retry_at[sink.name] = now + delay
                     error = f"recorder {sink.name}: {type(e).__name__}: {e}"
                     self.ledger.update(job.key, last_error=error)  # the result stays queued; status shows why
                     log.warning("%s for %s (failure %d); retrying in %gs", error, _fmt(job.key), n, delay)
-                    break
+                    continue
+                self.sink_failures.pop(sink.name, None)
                 self.ledger.mark_recorded(job.key, sink.name)
-            else:
-                self.record_retry_at.pop(job.key, None)
-                self.record_failures.pop(job.key, None)
+                done.add(sink.name)
+            if all(s.name in done for s in self.sinks):
                 self.ledger.transition(job.key, L.RECORDED, "recorded", last_error=None)
                 log.info("recorded %s: %s", _fmt(job.key),
                          ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
@@ -604,7 +603,8 @@ class Daemon:
         for job in self.ledger.jobs([L.PENDING, L.INFERRED, L.SCORED, L.FAILED]):
             if job.benchmark not in self.benchmarks:
                 continue
-            if job.state == L.SCORED and self.record_failures.get(job.key, 0) >= self.cfg.executor.max_attempts:
+            if job.state == L.SCORED and any(self.sink_failures.get(s.name, 0) >= self.cfg.executor.max_attempts
+                                             for s in self.sinks if s.name not in self.ledger.recorded_sinks(job.key)):
                 continue  # a sink that stays down: the result waits, durably, for the next run
             if job.state != L.FAILED or job.next_retry_at is not None:
                 return False
@@ -636,7 +636,7 @@ class Daemon:
         retries = [j.next_retry_at for j in self.ledger.jobs([L.FAILED]) if j.next_retry_at is not None]
         if retries:
             waits.append(min(retries) - time.time())
-        waits += [t - now for t in self.record_retry_at.values() if t > now]
+        waits += [t - now for t in self.sink_retry_at.values() if t > now]
         return max(MIN_SCAN_GAP, min(waits))
 
     def heartbeat(self) -> None:
