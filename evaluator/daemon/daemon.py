@@ -204,12 +204,14 @@ class Daemon:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         ex = self.cfg.executor
-        gpus = ex.gpus if ex.gpus is not None else detect_gpus()
-        lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus)
         if ex.type == "slurm":
             self.executor = SlurmExecutor(ex, {s: self._timeout_s(s) for s in (INFERENCE, EVALUATION)})
+            where = f"slurm executor (max_in_flight={ex.max_in_flight})"
         else:
+            gpus = ex.gpus if ex.gpus is not None else detect_gpus()
+            lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus)
             self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
+            where = f"lanes inference={lanes.inference} evaluation={lanes.evaluation} gpus={gpus or 'none'}"
         self.sinks = make_sinks(self.cfg)
         self.ledger = L.Ledger(self.cfg.cache_dir)
         stale = sorted({j.run for j in self.ledger.jobs()} - {r.name for r in self.runs})
@@ -220,9 +222,8 @@ class Daemon:
         self.keeper = SnapshotKeeper(self.ledger, self.cfg.cache_dir, self.layouts, w.snapshot, w.snapshot_max_gb,
                                      w.snapshot_exclude, self._poke)
         mode = choose_mode(self.cfg.watch.mode, [r.root for r in self.runs])
-        log.info("daemon started: %d run(s), %d benchmark(s), lanes inference=%d evaluation=%d gpus=%s, %s + rescan every %ss",
-                 len(self.runs), len(self.benchmarks), lanes.inference, lanes.evaluation, gpus or "none",
-                 mode, self.cfg.watch.poll_seconds)
+        log.info("daemon started: %d run(s), %d benchmark(s), %s, %s + rescan every %ss",
+                 len(self.runs), len(self.benchmarks), where, mode, self.cfg.watch.poll_seconds)
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
         previous_fd = signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
