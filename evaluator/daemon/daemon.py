@@ -345,8 +345,8 @@ class Daemon:
         waiting = {(j.run, j.iteration): j.path for j in self.ledger.jobs([L.PENDING])}
         queued = [Checkpoint(run, it, path, True) for (run, it), path in sorted(waiting.items())]
         for run, iteration, why in self.keeper.ensure(queued) + self.keeper.collect():
-            for job in self.ledger.jobs(run=run):
-                if job.iteration == iteration and job.state in (L.PENDING, L.SKIPPED, L.FAILED) and not is_final(job):
+            for job in self.ledger.jobs(run=run, iteration=iteration):
+                if job.state in (L.PENDING, L.SKIPPED, L.FAILED) and not is_final(job):
                     self.ledger.transition(job.key, L.VANISHED, why, next_retry_at=None, last_error=why)
             log.warning("%s iteration %d: %s: vanished", run, iteration, why)
         self.keeper.release_finished(is_final)

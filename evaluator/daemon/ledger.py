@@ -124,7 +124,7 @@ class Ledger:
         self.db.close()
 
     # ---- reads ---------------------------------------------------------------------------
-    def jobs(self, states: Iterable[str] = (), run: Optional[str] = None) -> list[Job]:
+    def jobs(self, states: Iterable[str] = (), run: Optional[str] = None, iteration: Optional[int] = None) -> list[Job]:
         sql, args = f"SELECT {', '.join(self.fields)} FROM jobs", []
         where = []
         states = tuple(states)
@@ -134,6 +134,9 @@ class Ledger:
         if run is not None:
             where.append("run = ?")
             args.append(run)
+        if iteration is not None:
+            where.append("iteration = ?")
+            args.append(iteration)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY run, iteration, benchmark"

@@ -256,7 +256,7 @@ class SnapshotKeeper:
     def release_finished(self, is_final: Callable[[L.Job], bool]) -> None:
         """Drop snapshots whose every benchmark is recorded or failed for good."""
         for row in self.ledger.snapshots([L.PINNED]):
-            jobs = [j for j in self.ledger.jobs(run=row["run"]) if j.iteration == row["iteration"]]
+            jobs = self.ledger.jobs(run=row["run"], iteration=row["iteration"])
             if jobs and all(is_final(j) for j in jobs):
                 release(snapshot_root(self.cache_dir, row["run"], row["iteration"]))
                 self.ledger.set_snapshot(row["run"], row["iteration"], L.RELEASED)
