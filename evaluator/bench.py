@@ -1,0 +1,258 @@
+"""One-off runs: `tools/bench.py make-dataset | inference | eval | run | list` (lalm_bench style).
+
+    tools/bench.py inference <benchmark|dataset-dir> --model PATH|ALIAS [--backend hf|vllm|openai]
+        [--dataset PATH] [--output-root DIR] [--sample-size N] [--batch-size N] [--param k=v]... [--backend-opt k=v]...
+    tools/bench.py eval <benchmark|dataset-dir> --predictions FILE [--metrics a,b] [--output-root DIR]
+    tools/bench.py run <benchmark|dataset-dir> --model PATH ...        (inference, then evaluation)
+
+Outputs go to <output-root>/<model-name>/<benchmark>/ (predictions.jsonl, run_metadata.json, metrics.json,
+result_<benchmark>.txt, infer|eval.stderr.log). Each stage runs in its own venv (.venvs/inference,
+.venvs/evaluation) whichever python started this, through the same job-spec files the daemon writes.
+Relative paths resolve against the repository root. Standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Optional
+
+from evaluator.benchmarks import registry
+from evaluator.benchmarks.dataset import ColumnMap, make_dataset
+from evaluator.common.atomic import read_json, write_text_atomic
+from evaluator.common.contracts import (EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS,
+                                        StageJob)
+from evaluator.common.errors import EvaluatorError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE_MODULES = {INFERENCE: "evaluator.stages.inference", EVALUATION: "evaluator.stages.evaluation"}
+
+
+def repo_path(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.join(ROOT, path)
+
+
+def venv_python(stage: str) -> str:
+    env = "inference" if stage == INFERENCE else "evaluation"
+    override = os.environ.get(f"EVALUATOR_{env.upper()}_PYTHON")
+    python = override or os.path.join(ROOT, ".venvs", env, "bin", "python")
+    if not os.path.exists(python):
+        raise EvaluatorError(f"{python}: the {env} venv is missing; run `make setup` first")
+    return python
+
+
+def model_name_of(model: str) -> str:
+    """outputs/<model-name>/: the checkpoint folder's name, with its parent for trainer-style checkpoint-N."""
+    if not os.path.exists(model):
+        return model.replace("/", "_")
+    path = os.path.abspath(model).rstrip("/")
+    base = os.path.basename(path)
+    if base.startswith(("checkpoint-", "iter_", "global_step")):
+        return f"{os.path.basename(os.path.dirname(path))}_{base}"
+    return base
+
+
+def benchmark_spec(args) -> dict:
+    """The benchmark mapping the stages get, as a config `benchmarks:` entry would give it."""
+    target = args.benchmark
+    if target not in registry.BENCHMARKS:
+        target = repo_path(target)
+    kind, source = registry.kind_for(target)
+    if args.dataset:
+        source = repo_path(args.dataset)
+    name = args.name or (os.path.basename(os.path.abspath(source)) if kind == "dataset" else kind)
+    from evaluator.stages.inference.params import parse_kv  # stdlib-only module
+    spec = {"name": name, "type": kind, "dataset": source, "options": parse_kv(args.option, "--option")}
+    if getattr(args, "model", None) is not None:
+        spec.update(backend=args.backend, generation=parse_kv(args.param, "--param"),
+                    backend_options=parse_kv(args.backend_opt, "--backend-opt"), sample_size=args.sample_size,
+                    batch_size=args.batch_size, max_error_rate=args.max_error_rate)
+    if getattr(args, "metrics", None):
+        spec["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if getattr(args, "sample_size", None) is not None:
+        spec["sample_size"] = args.sample_size
+    return spec
+
+
+def run_stage(stage: str, job: StageJob, quiet: bool = False) -> int:
+    """Write the job spec and run the stage in its venv; its stderr goes to the terminal and the stage log."""
+    os.makedirs(job.output_dir, exist_ok=True)
+    job_path = os.path.join(job.output_dir, JOB_FILE[stage])
+    job.write(job_path)
+    cmd = [venv_python(stage), "-m", STAGE_MODULES[stage], "--job", job_path]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log_path = os.path.join(job.output_dir, LOG_FILE[stage])
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if not quiet:
+                sys.stderr.write(line)
+        code = proc.wait()
+    if code != 0:
+        print(f"bench: the {stage} stage exited {code}; log: {log_path}", file=sys.stderr)
+    return code
+
+
+def make_job(stage: str, spec: dict, model: str, out_dir: str, seed: int, extra: Optional[dict] = None) -> StageJob:
+    return StageJob(stage=stage, run=model_name_of(model), iteration=0, checkpoint=model, benchmark=spec,
+                    output_dir=out_dir, seed=seed, extra=extra or {})
+
+
+def write_summary(out_dir: str, spec: dict) -> str:
+    """lalm_bench's result_<benchmark>.txt: the metrics in a few readable lines beside metrics.json."""
+    data = read_json(os.path.join(out_dir, METRICS))
+    lines = [f"benchmark: {spec['name']} ({spec['type']})", f"n: {data.get('n')}"]
+    for name, value in sorted(data["metrics"].items()):
+        se = (data.get("stderr") or {}).get(name)
+        lines.append(f"{name}: {value:.6g}" + (f" (stderr {se:.4g})" if se is not None else ""))
+    for name, why in sorted((data.get("unavailable") or {}).items()):
+        lines.append(f"{name}: {why}")
+    for category, values in sorted((data.get("per_category") or {}).items()):
+        lines.append(f"[{category}] " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+    path = os.path.join(out_dir, f"result_{spec['name']}.txt")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def cmd_make_dataset(args) -> int:
+    columns = ColumnMap(id=args.id_column, prompt=args.prompt_column, target=args.target_column,
+                        references=args.references_columns, choices=args.choices_columns,
+                        category=args.category_column, audio=args.audio_column, system=args.system_prompt,
+                        template=args.template)
+    extra = {"metrics": [m.strip() for m in args.metrics.split(",")]} if args.metrics else {}
+    if args.task_type:
+        extra["task_type"] = args.task_type
+    ds = make_dataset(repo_path(args.input), repo_path(args.output_dir), args.dataset_id, columns, extra)
+    print(f"wrote {len(ds.samples)} samples to {ds.root} (dataset_id {ds.dataset_id})")
+    return 0
+
+
+def cmd_inference(args, then_eval: bool = False) -> int:
+    spec = benchmark_spec(args)
+    model = repo_path(args.model) if os.path.exists(repo_path(args.model)) else args.model
+    out_dir = os.path.join(repo_path(args.output_root), args.model_name or model_name_of(model), spec["name"])
+    print(f"bench: {spec['name']} ({spec['type']}) x {model} -> {out_dir}", file=sys.stderr)
+    code = run_stage(INFERENCE, make_job(INFERENCE, spec, model, out_dir, args.seed))
+    if code != 0 or not then_eval:
+        if code == 0:
+            print(os.path.join(out_dir, PREDICTIONS))
+        return code
+    return evaluate(spec, model, out_dir, args.seed, os.path.join(out_dir, PREDICTIONS))
+
+
+def evaluate(spec: dict, model: str, out_dir: str, seed: int, predictions: str) -> int:
+    code = run_stage(EVALUATION, make_job(EVALUATION, spec, model, out_dir, seed, {"predictions": predictions}))
+    if code != 0:
+        return code
+    summary = write_summary(out_dir, spec)
+    print(open(summary, encoding="utf-8").read(), end="")
+    print(os.path.join(out_dir, METRICS))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    spec = benchmark_spec(args)
+    predictions = repo_path(args.predictions)
+    if not os.path.isfile(predictions):
+        raise EvaluatorError(f"--predictions {predictions}: no such file")
+    model = args.model_name or _model_from_predictions(predictions)
+    out_dir = os.path.join(repo_path(args.output_root), model, spec["name"]) if args.output_root \
+        else os.path.dirname(predictions)
+    os.makedirs(out_dir, exist_ok=True)
+    return evaluate(spec, model, out_dir, args.seed, predictions)
+
+
+def _model_from_predictions(predictions: str) -> str:
+    meta = os.path.join(os.path.dirname(predictions), "run_metadata.json")
+    if os.path.isfile(meta):
+        model = read_json(meta).get("model")
+        if model:
+            return model_name_of(model)
+    return "predictions"
+
+
+def cmd_list(args) -> int:
+    print("benchmarks:")
+    for name, spec in sorted(registry.BENCHMARKS.items()):
+        print(f"  {name:12s} {spec.description}  (default metrics: {', '.join(spec.metrics) or 'from metadata.json'})")
+    from evaluator.stages.inference.backends import BACKENDS
+    from evaluator.stages.inference.params import MODEL_ALIASES
+    print("backends: " + ", ".join(BACKENDS))
+    print("model aliases: " + ", ".join(f"{k} -> {v}" for k, v in MODEL_ALIASES.items()))
+    return 0
+
+
+def _common(p, with_model: bool) -> None:
+    p.add_argument("benchmark", help="a benchmark name (see `list`) or a canonical dataset directory")
+    p.add_argument("--dataset", help="the benchmark's data file/directory (for named benchmarks)")
+    p.add_argument("--name", help="benchmark name used for the output folder (default: the dataset/benchmark name)")
+    p.add_argument("--option", action="append", default=[], metavar="K=V", help="loader option (split=..., prompt=...)")
+    p.add_argument("--output-root", default="outputs", help="default: outputs/ in the repository")
+    p.add_argument("--model-name", help="output folder name for the model (default: from the checkpoint path)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-size", type=int, help="first N samples only")
+    if with_model:
+        p.add_argument("--model", required=True, help="checkpoint directory, hub id or alias (gemma3n, ...)")
+        p.add_argument("--backend", default="hf", help="hf (default), vllm or openai")
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--param", action="append", default=[], metavar="K=V",
+                       help="generation parameter (max_new_tokens=32, temperature=0, stop=...)")
+        p.add_argument("--backend-opt", action="append", default=[], metavar="K=V",
+                       help="backend option (device=cuda, base_url=..., max_concurrency=8, ...)")
+        p.add_argument("--max-error-rate", type=float, default=0.1, help="fail when more samples error (default 0.1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tools/bench.py", description="One-off benchmark runs on a checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make-dataset", help="CSV/TSV/JSONL -> canonical dataset directory")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--dataset-id", required=True)
+    p.add_argument("--id-column")
+    p.add_argument("--prompt-column", default="question")
+    p.add_argument("--template", help="prompt template over the columns, e.g. '{question}\\n{choices_block}'")
+    p.add_argument("--target-column")
+    p.add_argument("--references-columns", help="a,b,c or one column holding a JSON list")
+    p.add_argument("--choices-columns", help="A,B,C,D or one column holding a JSON list")
+    p.add_argument("--category-column")
+    p.add_argument("--audio-column", help="column with an audio path (relative to the input file)")
+    p.add_argument("--system-prompt")
+    p.add_argument("--metrics", help="default metrics stored in metadata.json")
+    p.add_argument("--task-type")
+    p = sub.add_parser("inference", help="run the inference stage once")
+    _common(p, True)
+    p = sub.add_parser("eval", help="score a predictions.jsonl")
+    _common(p, False)
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--metrics", help="comma-separated metric names (default: the benchmark's)")
+    p = sub.add_parser("run", help="inference then evaluation")
+    _common(p, True)
+    p.add_argument("--metrics", help="comma-separated metric names (default: the benchmark's)")
+    sub.add_parser("list", help="benchmarks, backends, model aliases")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "make-dataset":
+            return cmd_make_dataset(args)
+        if args.command == "inference":
+            return cmd_inference(args)
+        if args.command == "run":
+            return cmd_inference(args, then_eval=True)
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_list(args)
+    except EvaluatorError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2

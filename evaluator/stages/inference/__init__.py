@@ -1,0 +1,1 @@
+"""The inference stage (runs in .venvs/inference): benchmarks -> predictions.jsonl. See stage.py."""

@@ -1,0 +1,35 @@
+"""The backend registry: name -> class ("module:Class", imported only when chosen).
+
+A backend turns canonical samples into RunResult rows:
+
+    backend = cls(model, options, params, seed, log)   # nothing heavy yet
+    info = backend.load()                              # load weights / connect; raises ModelLoadError
+    results = backend.run(samples, dataset_id, progress)   # one RunResult per sample, sample order
+    backend.close()
+
+`params` is the generation parameters (GenerationParams: max_new_tokens, temperature, top_p, stop, extra),
+`options` the backend's own options (config `backend_options:`, bench.py `--backend-opt k=v`).
+A sample that fails is returned with status=error; run() raises only when nothing can go on.
+"""
+from __future__ import annotations
+
+import importlib
+
+from evaluator.common.errors import EvaluatorError
+
+BACKENDS = {
+    "hf": "evaluator.stages.inference.backends.hf:HFBackend",
+    "vllm": "evaluator.stages.inference.backends.vllm:VLLMBackend",
+    "openai": "evaluator.stages.inference.backends.openai:OpenAIBackend",
+}
+
+
+class ModelLoadError(EvaluatorError):
+    """The model (checkpoint, alias, endpoint) cannot be loaded; the message says why."""
+
+
+def backend_class(name: str):
+    if name not in BACKENDS:
+        raise EvaluatorError(f"backend: unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

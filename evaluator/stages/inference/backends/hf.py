@@ -1,0 +1,266 @@
+"""`hf` backend: transformers generate() on a checkpoint directory, batched.
+
+- Loads AutoConfig first; audio-LLM families (Whisper, Qwen2-Audio, Qwen2.5/3-Omni, Gemma 3n) go to
+  `audio.AudioRunner`; everything else is a causal LM (AutoModelForCausalLM) or, for encoder-decoders,
+  AutoModelForSeq2SeqLM, with AutoTokenizer.
+- Batches are sorted by prompt length (longest first, so padding is small and an out-of-memory shows early)
+  and left-padded; results come back in sample order. Greedy unless temperature > 0; the seed is set once.
+- Prompt: the tokenizer's chat template when it has one (option `chat_template: false` turns it off);
+  otherwise the turns' texts joined by newlines, fed as they are.
+- dtype/device: `device` option or CUDA when present; `dtype: auto` is bfloat16 on CUDA (float16 where bf16
+  is unsupported) and float32 on CPU.
+- A batch that raises is retried one sample at a time, so one bad sample costs only itself (status=error).
+- Option `choice_scoring: loglikelihood`: for samples with `choices`, no generation: each choice is scored
+  by the summed log-probability of " <choice>" after the prompt (lm-evaluation-harness's `acc` rule) and the
+  best choice's text is the response.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from evaluator.common.records import ERROR, RunError, RunResult
+
+from ..params import GenerationParams, MODEL_ALIASES, Progress, apply_stop
+from . import ModelLoadError
+
+DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}
+
+
+def pick_device_dtype(options: dict):
+    import torch
+    device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(options.get("dtype", "auto"))
+    if name == "auto":
+        if device.startswith("cuda"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ModelLoadError(f"backend_options.dtype: unknown torch dtype {name!r}")
+    return device, dtype
+
+
+def text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(p["text"] for p in content if p.get("type") == "text")
+
+
+def has_audio(messages) -> bool:
+    return any(isinstance(m["content"], list) and any(p.get("type") == "audio" for p in m["content"])
+               for m in messages)
+
+
+def error_result(base: dict, exc: BaseException, latency_ms: float = 0.0) -> RunResult:
+    retryable = "out of memory" in str(exc).lower()
+    return RunResult(**base, status=ERROR, latency_ms=latency_ms,
+                     error=RunError(type=type(exc).__name__, message=str(exc)[:2000], retryable=retryable))
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
+                 alias: Optional[str] = None):
+        self.model_path, self.options, self.params, self.seed, self.alias = model, dict(options), params, seed, alias
+        self.runner = None
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+    def load(self) -> dict:
+        import torch
+        import transformers
+        transformers.set_seed(self.seed)
+        if not os.path.isdir(self.model_path) and "HF_HUB_OFFLINE" not in os.environ and self.alias is None \
+                and "/" not in self.model_path:
+            raise ModelLoadError(f"model {self.model_path!r}: no such checkpoint directory "
+                                 f"(and not a hub id or alias; aliases: {', '.join(MODEL_ALIASES)})")
+        self.device, self.dtype = pick_device_dtype(self.options)
+        try:
+            config = transformers.AutoConfig.from_pretrained(self.model_path)
+        except Exception as e:  # OSError / ValueError from a missing or broken config
+            raise ModelLoadError(self._load_hint(e)) from None
+        from . import audio
+        try:
+            if audio.is_audio_model(config):
+                self.runner = audio.AudioRunner(self.model_path, config, self.device, self.dtype, self.params,
+                                                self.options, self.seed)
+            else:
+                self.runner = TextRunner(self.model_path, config, self.device, self.dtype, self.params, self.options)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(self._load_hint(e)) from None
+        self.batch_size = int(self.options.get("batch_size")
+                              or DEFAULT_BATCH_SIZE["cuda" if self.device.startswith("cuda") else "cpu"])
+        info = {"model_type": config.model_type, "architectures": getattr(config, "architectures", None),
+                "device": self.device, "dtype": str(self.dtype).replace("torch.", ""), "batch_size": self.batch_size,
+                "runner": type(self.runner).__name__}
+        if self.device.startswith("cuda"):
+            info["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
+        return info
+
+    def _load_hint(self, e: BaseException) -> str:
+        msg = f"cannot load model {self.model_path!r}: {type(e).__name__}: {str(e).strip()[:800]}"
+        if self.alias:
+            msg += (f"\n  {self.alias!r} is an alias of the hub model {self.model_path!r}; this machine could not "
+                    "fetch it. Download it where the hub is reachable (`huggingface-cli download "
+                    f"{self.model_path}`) and pass --model <that directory>.")
+        return msg
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def run(self, samples: list, dataset_id: str, progress: Progress) -> list:
+        run_config = {"model": self.alias or self.model_path, "backend": self.name, "seed": self.seed,
+                      "batch_size": self.batch_size, "params": self.params.to_dict()}
+        results: list[Optional[RunResult]] = [None] * len(samples)
+
+        def base(i):
+            s = samples[i]
+            return {"sample_id": s.id, "dataset_id": dataset_id, "backend": self.name, "run_config": run_config,
+                    "request_messages": s.messages}
+
+        scoring = self.options.get("choice_scoring")
+        if scoring not in (None, "generate", "loglikelihood"):
+            raise ModelLoadError(f"backend_options.choice_scoring: expected generate|loglikelihood, got {scoring!r}")
+        order = sorted(range(len(samples)), key=lambda i: -self.runner.length(samples[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if scoring == "loglikelihood":
+                self._score_choices(samples, batch, base, results)
+            else:
+                self._generate(samples, batch, base, results)
+            progress.update(len(batch))
+        return results
+
+    def _generate(self, samples, batch, base, results) -> None:
+        t0 = time.perf_counter()
+        try:
+            outputs = self.runner.generate([samples[i] for i in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                results[batch[0]] = error_result(base(batch[0]), e, (time.perf_counter() - t0) * 1000)
+                return
+            for i in batch:  # isolate the sample that breaks the batch
+                self._generate(samples, [i], base, results)
+            return
+        latency = (time.perf_counter() - t0) * 1000  # the batch's wall time: every sample waited that long
+        for i, (text, usage) in zip(batch, outputs):
+            results[i] = RunResult(**base(i), response={"text": apply_stop(text, self.params.stop).strip(),
+                                                        "usage": usage}, latency_ms=round(latency, 3))
+
+    def _score_choices(self, samples, batch, base, results) -> None:
+        for i in batch:
+            t0 = time.perf_counter()
+            sample = samples[i]
+            try:
+                if not sample.choices:
+                    raise ValueError(f"sample {sample.id!r} has no choices to score")
+                scores = self.runner.choice_logprobs(sample)
+            except Exception as e:
+                results[i] = error_result(base(i), e, (time.perf_counter() - t0) * 1000)
+                continue
+            best = max(range(len(scores)), key=lambda k: scores[k])  # first best on ties, as numpy argmax
+            results[i] = RunResult(**base(i), response={"text": sample.choices[best], "usage": {},
+                                                        "choice_logprobs": scores},
+                                   latency_ms=round((time.perf_counter() - t0) * 1000, 3))
+
+    def close(self) -> None:
+        self.runner = None
+
+
+class TextRunner:
+    """Causal or seq2seq text LM with its tokenizer."""
+
+    def __init__(self, path, config, device, dtype, params: GenerationParams, options: dict):
+        import transformers
+        self.params, self.device = params, device
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise ModelLoadError(f"{path}: the tokenizer has neither a pad nor an eos token; cannot batch")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        cls = transformers.AutoModelForSeq2SeqLM if self.seq2seq else transformers.AutoModelForCausalLM
+        self.model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+        use_template = options.get("chat_template", True) not in (False, "false", "no", 0)
+        self.chat = bool(use_template and getattr(self.tokenizer, "chat_template", None))
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def prompt(self, sample) -> str:
+        if has_audio(sample.messages):
+            raise ValueError(f"sample {sample.id!r} has audio input but this checkpoint is a text-only model")
+        messages = [{"role": m["role"], "content": text_of(m["content"])} for m in sample.messages]
+        if self.chat:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "\n".join(m["content"] for m in messages)
+
+    def length(self, sample) -> int:
+        try:
+            return len(self.tokenizer(self.prompt(sample), add_special_tokens=not self.chat)["input_ids"])
+        except Exception:
+            return 0  # the error surfaces (per sample) when the batch runs
+
+    def generate(self, samples) -> list:
+        import torch
+        prompts = [self.prompt(s) for s in samples]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True,
+                             add_special_tokens=not self.chat).to(self.device)
+        kwargs = dict(max_new_tokens=self.params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if self.params.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.params.temperature, top_p=self.params.top_p)
+        kwargs.update(self.params.extra)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        new = out if self.seq2seq else out[:, enc["input_ids"].shape[1]:]
+        results = []
+        for row, mask in zip(new.tolist(), enc["attention_mask"].tolist()):
+            if self.seq2seq and row and row[0] == self.model.generation_config.decoder_start_token_id:
+                row = row[1:]
+            n = len(row)
+            for k, tok in enumerate(row):
+                if tok in self.eos_ids:
+                    n = k + 1
+                    break
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            results.append((text, {"prompt_tokens": int(sum(mask)), "completion_tokens": n,
+                                   "total_tokens": int(sum(mask)) + n}))
+        return results
+
+    def choice_logprobs(self, sample) -> list:
+        """lm-evaluation-harness's loglikelihood rule: encode context+continuation whole, the continuation's
+        tokens are what follows the context's encoding; sum their log-probabilities."""
+        import torch
+        if self.seq2seq:
+            raise ValueError("choice_scoring=loglikelihood supports causal LMs only")
+        context = self.prompt(sample)
+        spaces = len(context) - len(context.rstrip())  # lm-eval moves the context's trailing spaces
+        context, moved = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
+        ctx_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in sample.choices:
+            whole = self.tokenizer(context + moved + " " + choice, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx_ids):]
+            if not ctx_ids:  # nothing to condition on: lm-eval prefixes the eos token
+                whole, ctx_len = [self.tokenizer.eos_token_id] + whole, 1
+            else:
+                ctx_len = len(ctx_ids)
+            ids = torch.tensor([whole], device=self.device)
+            with torch.inference_mode():
+                logits = self.model(ids).logits[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            target = ids[0, ctx_len:]
+            scores.append(float(logprobs[ctx_len - 1:ctx_len - 1 + len(cont)].gather(1, target[:, None]).sum()))
+        return scores

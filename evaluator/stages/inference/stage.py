@@ -1,0 +1,133 @@
+"""The inference stage: one checkpoint x one benchmark -> predictions.jsonl + run_metadata.json.
+
+    python -m evaluator.stages.inference --job <job.json>      (in .venvs/inference)
+
+The job's `benchmark` mapping (config `benchmarks:` entry) names the data and how to run it:
+    type            benchmark loader (dataset, clotho, mmau-pro, text-mc, text-qa, gpt_eval, ...)
+    dataset         its file or directory
+    options         loader options (split, prompt, ...)
+    backend         hf (default) | vllm | openai
+    generation      max_new_tokens, temperature (0 = greedy), top_p, stop, ... (others go to the backend)
+    backend_options backend settings (batch_size, device, dtype, base_url, max_concurrency, ...)
+    sample_size     first N samples only
+    max_error_rate  fraction of samples allowed to fail before the stage fails (default 0.1)
+
+Exit codes: 0 done (run_metadata.json written last); 1 the model cannot load or too many samples failed;
+2 bad benchmark spec or dataset. Sample failures below the limit are recorded as status=error rows.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import sys
+import time
+from importlib import metadata as importlib_metadata
+
+from evaluator.benchmarks.registry import load_benchmark
+from evaluator.common.atomic import write_json_atomic
+from evaluator.common.contracts import PREDICTIONS, RUN_METADATA, StageJob
+from evaluator.common.errors import EvaluatorError
+from evaluator.common.records import write_results
+
+from .backends import ModelLoadError, backend_class
+from .params import GenerationParams, Progress, resolve_model
+
+DEFAULT_MAX_ERROR_RATE = 0.1
+SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
+VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "vllm", "openai", "soundfile", "lm-eval")
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def mask_secrets(options: dict) -> dict:
+    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) and v else v) for k, v in options.items()}
+
+
+def log(msg: str) -> None:
+    print(f"[inference] {msg}", file=sys.stderr, flush=True)
+
+
+def run(job: StageJob) -> int:
+    bench = job.benchmark
+    started = time.time()
+    try:
+        kind = bench.get("type") or "dataset"
+        dataset = load_benchmark(kind, bench.get("dataset"), bench.get("options"), bench.get("sample_size"))
+        params = GenerationParams.from_dict(bench.get("generation"), "generation")
+        options = dict(bench.get("backend_options") or {})
+        if bench.get("batch_size"):
+            options["batch_size"] = bench["batch_size"]
+        backend_name = bench.get("backend") or "hf"
+        max_error_rate = float(bench.get("max_error_rate", DEFAULT_MAX_ERROR_RATE))
+        cls = backend_class(backend_name)
+    except EvaluatorError as e:
+        log(f"error: {e}")
+        return 2
+    model, alias = resolve_model(job.checkpoint)
+    log(f"benchmark {bench.get('name')!r} ({kind}, {len(dataset.samples)} samples from {dataset.root}), "
+        f"backend {backend_name}, model {alias or model}")
+    backend = cls(model, options, params, job.seed, alias)
+    t0 = time.perf_counter()
+    try:
+        info = backend.load()
+    except ModelLoadError as e:
+        log(f"error: {e}")
+        return 1
+    load_s = time.perf_counter() - t0
+    log(f"model loaded in {load_s:.1f}s: {info}")
+    t1 = time.perf_counter()
+    try:
+        results = backend.run(dataset.samples, dataset.dataset_id, Progress(len(dataset.samples)))
+    except EvaluatorError as e:
+        log(f"error: {e}")
+        return 1
+    finally:
+        backend.close()
+    run_s = time.perf_counter() - t1
+    write_results(os.path.join(job.output_dir, PREDICTIONS), results)
+    n = len(results)
+    errors = [r for r in results if not r.ok]
+    usage = [r.response.get("usage") or {} for r in results if r.ok]
+    prompt_tokens = sum(int(u.get("prompt_tokens") or 0) for u in usage)
+    completion_tokens = sum(int(u.get("completion_tokens") or 0) for u in usage)
+    error_rate = len(errors) / n if n else 0.0
+    if errors:
+        kinds = sorted({f"{r.error.type}: {r.error.message[:200]}" for r in errors if r.error})
+        log(f"{len(errors)}/{n} samples failed; first kinds: " + " | ".join(kinds[:3]))
+    if error_rate > max_error_rate:
+        log(f"error: {len(errors)}/{n} samples failed ({error_rate:.1%}), above max_error_rate "
+            f"{max_error_rate:.1%}; predictions kept in {PREDICTIONS} for inspection, no run_metadata.json")
+        return 1
+    meta = {
+        "model": alias or model, "checkpoint": job.checkpoint, "run": job.run, "iteration": job.iteration,
+        "tokens_b": job.tokens_b, "benchmark": bench.get("name"), "benchmark_type": kind,
+        "dataset_id": dataset.dataset_id, "dataset_dir": dataset.root, "backend": backend_name,
+        "backend_info": info, "backend_options": mask_secrets(options), "generation": params.to_dict(),
+        "seed": job.seed, "attempt": job.attempt, "n": n, "n_ok": n - len(errors), "n_error": len(errors),
+        "error_rate": error_rate, "versions": library_versions(),
+        "timings": {"load_s": round(load_s, 3), "run_s": round(run_s, 3), "total_s": round(time.time() - started, 3)},
+        "samples_per_s": round(n / run_s, 3) if run_s > 0 else None,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "completion_tokens_per_s": round(completion_tokens / run_s, 3) if run_s > 0 else None,
+        "host": socket.gethostname(), "started_at": started, "finished_at": time.time(),
+    }
+    write_json_atomic(os.path.join(job.output_dir, RUN_METADATA), meta)  # last: the daemon's done marker
+    log(f"done: {n} samples ({len(errors)} errors) in {run_s:.1f}s, {meta['samples_per_s']} samples/s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="job spec JSON (written by the daemon or tools/bench.py)")
+    args = parser.parse_args(argv)
+    return run(StageJob.read(args.job))
