@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, True)
     p = sub.add_parser("eval", help="score a predictions.jsonl")
     _common(p, False)
+    p.set_defaults(output_root=None)  # default: beside the predictions file
     p.add_argument("--predictions", required=True)
     p.add_argument("--metrics", help="comma-separated metric names (default: the benchmark's)")
     p = sub.add_parser("run", help="inference then evaluation")

@@ -176,3 +176,42 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+MAKE_TINY_LM = os.path.join(ROOT, "tests", "stage_scripts", "make_tiny_lm.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, venvs):
+    """build(arch="gpt2", chat=False) -> a tiny text LM checkpoint directory, built once per session
+    (tests/stage_scripts/make_tiny_lm.py in the inference venv: real tokenizer, real save_pretrained)."""
+    built: dict = {}
+
+    def build(arch: str = "gpt2", chat: bool = False) -> str:
+        key = (arch, chat)
+        if key not in built:
+            out = str(tmp_path_factory.mktemp(f"tiny-{arch}{'-chat' if chat else ''}") / "model")
+            cmd = [venvs["inference"], MAKE_TINY_LM, out, "--arch", arch] + (["--chat-template"] if chat else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            built[key] = out
+        return built[key]
+
+    return build
+
+
+def canonical_dataset(root, rows, dataset_id="toy", **meta) -> str:
+    """Write a canonical dataset directory (test.jsonl + metadata.json) from plain row dicts."""
+    os.makedirs(str(root), exist_ok=True)
+    with open(os.path.join(str(root), "test.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    with open(os.path.join(str(root), "metadata.json"), "w") as f:
+        json.dump({"dataset_id": dataset_id, **meta}, f)
+    return str(root)
+
+
+def bench_py(*args, timeout=300) -> subprocess.CompletedProcess:
+    """tools/bench.py under the daemon venv's python (it starts each stage in its own venv)."""
+    return subprocess.run([DAEMON_PY, os.path.join(ROOT, "tools", "bench.py"), *args],
+                          capture_output=True, text=True, timeout=timeout)

@@ -43,3 +43,14 @@ def test_stages_never_import_the_daemon():
     bad = [(f, m) for f in files("evaluator/stages") for m in imports_of(f)
            if m.startswith("evaluator.daemon") or m.startswith("recorder")]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("package", ["evaluator/benchmarks", "evaluator/bench.py",
+                                     "evaluator/stages/inference/params.py", "evaluator/stages/inference/backends/__init__.py"])
+def test_loaders_and_bench_cli_are_standard_library_only(package):
+    """Benchmark loaders and tools/bench.py run under any python (the daemon's, the user's), so no third-party
+    imports beyond yaml (pyarrow: optional, imported inside a try for MMAU-Pro's parquet files)."""
+    allowed = set(sys.stdlib_module_names) | {"evaluator", "yaml", "pyarrow"}
+    paths = [os.path.join(ROOT, package)] if package.endswith(".py") else files(package)
+    bad = [(f, m) for f in paths for m in imports_of(f) if m.split(".")[0] not in allowed]
+    assert not bad, bad

@@ -28,7 +28,8 @@ METRICS = ("cider_d", "spider", "fense", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
 # Where the captions CSV and the audio folder may live, relative to the root; first found wins.
 CSV_DIRS = ("", "clotho_csv_files", os.path.join("CLOTHO_v2.1", "clotho_csv_files"))
 AUDIO_DIRS = ("{split}", "clotho_audio_{split}", os.path.join("audio", "{split}"),
-              os.path.join("clotho_audio_files", "{split}"), os.path.join("CLOTHO_v2.1", "clotho_audio_files", "{split}"))
+              os.path.join("clotho_audio_files", "{split}"),
+              os.path.join("CLOTHO_v2.1", "clotho_audio_files", "{split}"))
 
 
 def _split(options: dict) -> str:

@@ -103,7 +103,8 @@ def _audio_paths(value, base: str) -> tuple[list, Optional[str]]:
     full = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in paths]
     missing = [p for p in full if not os.path.isfile(p)]
     if missing:
-        return full, f"audio file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return full, f"audio file not found: {missing[0]}{more}"
     return full, None
 
 
@@ -150,6 +151,9 @@ def load(source: str, options: dict) -> Dataset:
             problems.append(f"{where}: choices: expected a list of strings, got {raw_choices!r:.80}")
             continue
         kind = _kind(row, choices)
+        if kind == "mc" and len(choices) > len(LETTERS):
+            problems.append(f"{where}: {len(choices)} choices; at most {len(LETTERS)} can be lettered")
+            continue
         if kind != task:
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
@@ -172,7 +176,7 @@ def load(source: str, options: dict) -> Dataset:
             problems += [f"{where}: {b}" for b in bad]
             continue
         seen[sample_id] = where
-        metadata = {"source_line": line, **_extras(row)}
+        metadata = {**_extras(row), "source_line": line}
         fields = {"question": question.strip(), "choices": ""}
         if task == "mc":
             correct = answer_index(answer, choices)

@@ -300,8 +300,8 @@ def load_mc(source: str, options: dict) -> Dataset:
                 except json.JSONDecodeError:
                     pass
             choices = [cell_text(c) for c in raw] if isinstance(raw, list) else None
-            if not choices or len(choices) < 2 or any(c is None or not c.strip() for c in choices):
-                bad.append(f"{c_col}: expected a list of at least 2 non-empty strings, got {raw!r:.80}")
+            if not choices or not 2 <= len(choices) <= len(LETTERS) or any(c is None or not c.strip() for c in choices):
+                bad.append(f"{c_col}: expected a list of 2 to {len(LETTERS)} non-empty strings, got {raw!r:.80}")
         elif "A" in row and "B" in row:
             layout = "columns"
             choices, problem = _column_choices(row)

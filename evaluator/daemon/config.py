@@ -153,11 +153,28 @@ class ExecutorConfig(Section):
 
 
 class BenchmarkConfig(Section):
+    """One benchmark run on every checkpoint. `type` picks the stages (evaluator/daemon/stages.py): `command`
+    runs the two templates; the dataset types run evaluator.stages.inference / .evaluation (docs/benchmarks.md)."""
+
     name: str = Field(min_length=1)
     type: str = "command"
     inference: Optional[str] = None  # command template (type: command)
     evaluation: Optional[str] = None  # command template (type: command)
     seed: Optional[int] = None
+    # dataset types: where the data is and how to load it (relative paths: against the config file's folder)
+    dataset: Optional[str] = None
+    options: dict[str, Any] = {}  # loader options: split, prompt, ...
+    sample_size: Optional[int] = Field(None, ge=1)
+    # inference stage
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    generation: dict[str, Any] = {}  # max_new_tokens, temperature (0 = greedy), top_p, stop, ...
+    backend_options: dict[str, Any] = {}  # batch_size, device, dtype, base_url, max_concurrency, ...
+    batch_size: Optional[int] = Field(None, ge=1)
+    max_error_rate: float = Field(0.1, ge=0, le=1)  # fraction of samples that may fail in inference
+    # evaluation stage
+    metrics: Optional[list[str]] = None  # default: the dataset's metadata.json, else the benchmark type's
+    metric_options: dict[str, dict[str, Any]] = {}
+    main_metric: Optional[str] = None  # the metric `make demo` and summaries lead with
 
 
 class MlflowConfig(Section):
@@ -328,6 +345,10 @@ def load_config(path: str) -> AutoEvalConfig:
     if problems:
         raise _fail(path, lines, problems)
     _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+    missing = [(("auto_eval", "benchmarks", i, "dataset"), f"no such file or directory: {b.dataset}")
+               for i, b in enumerate(cfg.benchmarks) if b.dataset and not os.path.exists(b.dataset)]
+    if missing:
+        raise _fail(path, lines, missing)
     return cfg
 
 
@@ -355,6 +376,13 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             problems.append((loc + ("type",), f"unknown benchmark type {bench.type!r} (known: {', '.join(BENCHMARK_TYPES)}){hint}"))
             continue
+        if bench.type != "command":
+            kind = BENCHMARK_TYPES[bench.type]
+            if kind.needs_dataset and not bench.dataset:
+                problems.append((loc + ("dataset",), f"a {bench.type!r} benchmark needs `dataset:` (its file or directory)"))
+            for stage in ("inference", "evaluation"):
+                if getattr(bench, stage):
+                    problems.append((loc + (stage,), "command templates are only used with type: command"))
         if bench.type == "command":
             for stage in ("inference", "evaluation"):
                 template = getattr(bench, stage)
@@ -430,3 +458,5 @@ def _resolve_paths(cfg: AutoEvalConfig, base: str) -> None:
         cfg.megatron.checkpoint_path = absolute(cfg.megatron.checkpoint_path)
     cfg.envs.inference = absolute(cfg.envs.inference)
     cfg.envs.evaluation = absolute(cfg.envs.evaluation)
+    for bench in cfg.benchmarks:
+        bench.dataset = absolute(bench.dataset)

@@ -1,0 +1,5 @@
+import sys
+
+from .stage import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The evaluation stage: predictions.jsonl + the benchmark's references -> metrics.json.
+
+    python -m evaluator.stages.evaluation --job <job.json>      (in .venvs/evaluation)
+
+The job's `benchmark` mapping is the same one the inference stage got (type, dataset, options, sample_size)
+plus `metrics` (names from the metric registry; default: metadata.json's, else the benchmark's) and
+`metric_options` ({metric: {option: value}}). Predictions come from job.extra["predictions"] or
+<output_dir>/predictions.jsonl. Only the samples that have a prediction are scored; a sample whose
+inference failed (status=error) is scored as an empty answer, so it counts as wrong, and the count is
+reported as `n_error`.
+
+metrics.json: {benchmark, iteration, tokens_b, n, n_error, metrics, stderr, per_category, unavailable,
+versions, ...}, written atomically and last. Exit codes: 0 done; 1 no metric could be computed;
+2 bad predictions, benchmark spec or dataset (the message names file:line or the key).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from importlib import metadata as importlib_metadata
+
+from evaluator.benchmarks.registry import default_metrics, load_benchmark
+from evaluator.common.atomic import write_json_atomic
+from evaluator.common.contracts import METRICS, PREDICTIONS, StageJob, validate_metrics
+from evaluator.common.errors import EvaluatorError
+from evaluator.common.records import read_results
+
+VERSIONED = ("aac-metrics", "pycocoevalcap", "sentence-transformers", "transformers", "torch", "lm-eval")
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class NoMetricError(EvaluatorError):
+    """Every requested metric is unavailable here (e.g. SPICE without its jars)."""
+
+
+def log(msg: str) -> None:
+    print(f"[evaluation] {msg}", file=sys.stderr, flush=True)
+
+
+def aac_cache_dir() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    return os.environ.get("AAC_METRICS_CACHE_PATH") or os.path.join(root, ".venvs", "aac-metrics-cache")
+
+
+def score(job: StageJob) -> dict:
+    """Compute the metrics.json document for a job (raises EvaluatorError on bad input)."""
+    from .metrics import MetricInput, compute  # torch-heavy metrics import lazily inside
+    bench = job.benchmark
+    kind = bench.get("type") or "dataset"
+    predictions_path = job.extra.get("predictions") or os.path.join(job.output_dir, PREDICTIONS)
+    try:
+        results = read_results(predictions_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvaluatorError(str(e)) from None
+    if not results:
+        raise EvaluatorError(f"{predictions_path}: no prediction rows")
+    dataset = load_benchmark(kind, bench.get("dataset"), bench.get("options"))
+    by_id = dataset.by_id()
+    unknown = [r.sample_id for r in results if r.sample_id not in by_id]
+    if unknown:
+        raise EvaluatorError(f"{predictions_path}: {len(unknown)} prediction(s) for samples not in dataset "
+                             f"{dataset.dataset_id!r} ({dataset.root}), e.g. {unknown[0]!r}; wrong dataset?")
+    seen = set()
+    for r in results:
+        if r.sample_id in seen:
+            raise EvaluatorError(f"{predictions_path}: sample {r.sample_id!r} has more than one prediction")
+        seen.add(r.sample_id)
+    if len(results) < len(dataset.samples):
+        log(f"scoring the {len(results)} of {len(dataset.samples)} samples that have predictions")
+    samples = [by_id[r.sample_id] for r in results]
+    names = list(bench.get("metrics") or default_metrics(kind, dataset))
+    if not names:
+        raise EvaluatorError(f"benchmark {bench.get('name')!r}: no metrics configured and dataset "
+                             f"{dataset.dataset_id!r} names none (set `metrics:` in the benchmark)")
+    ok = [r.ok for r in results]
+    inp = MetricInput(predictions=[r.text if r.ok else "" for r in results], samples=samples, ok=ok,
+                      options=dict(bench.get("metric_options") or {}), cache_dir=aac_cache_dir())
+    log(f"benchmark {bench.get('name')!r}: {len(results)} predictions ({ok.count(False)} failed in inference), "
+        f"metrics: {', '.join(names)}")
+    t0 = time.perf_counter()
+    result = compute(names, inp)
+    for name, why in sorted(result.unavailable.items()):
+        log(f"{name}: {why}")
+    if not result.values:
+        raise NoMetricError("no metric could be computed: " +
+                             "; ".join(f"{k}: {v}" for k, v in sorted(result.unavailable.items())))
+    doc = {
+        "benchmark": bench.get("name"), "benchmark_type": kind, "dataset_id": dataset.dataset_id,
+        "run": job.run, "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint,
+        "n": len(results), "n_error": ok.count(False), "metrics": result.values, "stderr": result.stderr,
+        "per_category": result.per_category, "unavailable": result.unavailable, "versions": library_versions(),
+        "timings": {"score_s": round(time.perf_counter() - t0, 3)}, "predictions": predictions_path,
+    }
+    return validate_metrics(doc, METRICS)
+
+
+def run(job: StageJob) -> int:
+    try:
+        doc = score(job)
+    except NoMetricError as e:
+        log(f"error: {e}")
+        return 1
+    except EvaluatorError as e:
+        log(f"error: {e}")
+        return 2
+    write_json_atomic(os.path.join(job.output_dir, METRICS), doc)
+    log("done: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(doc["metrics"].items())))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="job spec JSON (written by the daemon or tools/bench.py)")
+    args = parser.parse_args(argv)
+    return run(StageJob.read(args.job))
