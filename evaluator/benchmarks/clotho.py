@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import os
 
-from .dataset import Dataset, DatasetError, Sample, _raise as raise_problems
+from .dataset import Dataset, DatasetError, Sample, raise_problems
 
 SPLITS = {"evaluation": "evaluation", "eval": "evaluation", "development": "development", "dev": "development",
           "validation": "validation", "val": "validation"}

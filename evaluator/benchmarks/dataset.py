@@ -140,7 +140,7 @@ def parse_row(data: Any, where: str, root: str, check_files: bool = True) -> tup
                   category=data.get("category"), metadata=data.get("metadata") or {}), []
 
 
-def _raise(problems: list, what: str) -> None:
+def raise_problems(problems: list, what: str) -> None:
     shown = problems[:MAX_REPORTED]
     more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
     raise DatasetError(f"{what}: {len(problems)} problem(s)\n  " + "\n  ".join(shown) + more)
@@ -197,7 +197,7 @@ def load_dataset(root: str, sample_size: Optional[int] = None, check_files: bool
             seen[sample.id] = lineno
             samples.append(sample)
     if problems:
-        _raise(problems, path)
+        raise_problems(problems, path)
     if not samples:
         raise DatasetError(f"{path}: no rows")
     if sample_size is not None:

@@ -29,7 +29,7 @@ import re
 import sys
 from typing import Optional
 
-from .dataset import Dataset, DatasetError, Sample, _raise as raise_problems, choices_block
+from .dataset import Dataset, DatasetError, Sample, raise_problems, choices_block
 from .text import LETTERS, cell_text, format_prompt, read_records
 
 MC_PROMPT = "{question}\n{choices}\nAnswer with the letter of the correct choice."

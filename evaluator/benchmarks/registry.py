@@ -73,7 +73,9 @@ def load_benchmark(kind: str, source: Optional[str], options: Optional[dict] = N
                    sample_size: Optional[int] = None) -> Dataset:
     """Load benchmark `kind` from `source` as canonical samples; the first `sample_size` rows if given."""
     spec = get(kind)
-    source = source or spec.default_source
+    if not source and spec.default_source:  # relative to the repository root, wherever we run from
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        source = os.path.join(root, spec.default_source)
     if not source:
         raise EvaluatorError(f"benchmark {kind!r}: no data given (set `dataset:` to its file or directory)")
     if not os.path.exists(source):

@@ -23,7 +23,7 @@ import os
 import re
 from typing import Callable, Optional
 
-from .dataset import Dataset, DatasetError, Sample, _raise as raise_problems, choices_block
+from .dataset import Dataset, DatasetError, Sample, raise_problems, choices_block
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv")
 MC_PROMPT = "{question}\n{choices}\nAnswer:"
