@@ -81,6 +81,29 @@ def test_lanes_overlap_checkpoint_n_is_scored_while_n_plus_1_generates(tmp_path,
     assert overlaps, f"no evaluation ran while another checkpoint was generating: infer={infer} score={score}"
 
 
+def stage_spans(events) -> list[tuple]:
+    """(start, end) of every stage run, from the ledger's events."""
+    open_, spans = {}, []
+    for e in events:
+        key = (e["iteration"], e["benchmark"])
+        if e["to_state"] in ("inferring", "scoring"):
+            open_[key] = e["ts"]
+        elif e["to_state"] in ("inferred", "scored") and key in open_:
+            spans.append((open_.pop(key), e["ts"]))
+    return spans
+
+
+def test_overlap_lanes_false_runs_one_stage_at_a_time(tmp_path, venvs):
+    """The strictly serial baseline scripts/bench_pipeline.py compares against."""
+    for it in (1000, 2000, 3000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=0.5, eval_sleep=0.5)], executor={"overlap_lanes": False})
+    run_cli("--config", cfg, "--once", check=0)
+    spans = sorted(stage_spans(ledger_events(tmp_path / "cache")))
+    assert len(spans) == 6
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+
+
 def test_new_checkpoint_is_noticed_through_inotify_without_rescans(tmp_path, venvs, daemons):
     (tmp_path / "ckpt").mkdir()
     cfg = write_config(tmp_path, [bench("qa")], watch={"mode": "inotify", "poll_seconds": 3600})

@@ -122,6 +122,7 @@ class ExecutorConfig(Section):
     gpus: Optional[list[str]] = None  # GPU slots for the inference lane; default: CUDA_VISIBLE_DEVICES or nvidia-smi
     inference_concurrency: Optional[int] = Field(None, ge=1)  # default: one per GPU slot (1 without GPUs)
     evaluation_concurrency: int = Field(1, ge=1)
+    overlap_lanes: bool = True  # False: strictly one stage at a time (a baseline; checkpoint N+1 waits for N's scoring)
     max_attempts: int = Field(3, ge=1)
     backoff_seconds: float = Field(30.0, ge=0)
     backoff_max_seconds: float = Field(3600.0, ge=0)

@@ -209,7 +209,8 @@ class Daemon:
             where = f"slurm executor (max_in_flight={ex.max_in_flight})"
         else:
             gpus = ex.gpus if ex.gpus is not None else detect_gpus()
-            lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus)
+            lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus,
+                          overlap=ex.overlap_lanes)
             self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
             where = f"lanes inference={lanes.inference} evaluation={lanes.evaluation} gpus={gpus or 'none'}"
         self.sinks = make_sinks(self.cfg)

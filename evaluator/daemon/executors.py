@@ -46,6 +46,7 @@ class Lanes:
     inference: int
     evaluation: int
     gpus: list = field(default_factory=list)
+    overlap: bool = True  # False: one stage at a time in all (the strictly serial baseline of scripts/bench_pipeline.py)
 
 
 def detect_gpus() -> list[str]:
@@ -89,6 +90,8 @@ class LocalExecutor:
         return self.lanes.inference if stage == INFERENCE else self.lanes.evaluation
 
     def free_slots(self, stage: str) -> int:
+        if not self.lanes.overlap:
+            return 0 if self.running else 1
         return self.capacity(stage) - sum(1 for p in self.running.values() if p.stage == stage)
 
     def _free_gpu(self) -> Optional[str]:
