@@ -543,3 +543,20 @@ def test_a_watch_path_that_is_a_file_is_a_clear_error(tmp_path):
     proc = subprocess.run([str(DAEMON_PYTHON), str(EVALUATOR), "--config", str(path), "--dry-run"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_per_run_benchmarks_limit_what_runs_where(tmp_path):
+    from conftest import megatron_checkpoint, run_cli, write_config
+    megatron_checkpoint(tmp_path / "a", 1000)
+    megatron_checkpoint(tmp_path / "b", 1000)
+    b1 = {"name": "one", "type": "command", "inference": "true", "evaluation": "true"}
+    b2 = {**b1, "name": "two"}
+    watch = {"paths": [{"path": str(tmp_path / "a"), "name": "ra", "benchmarks": ["one"]},
+                       {"path": str(tmp_path / "b"), "name": "rb"}]}
+    cfg = write_config(tmp_path, [b1, b2], watch=watch)
+    jobs = json.loads(run_cli("--config", cfg, "--dry-run", "--json", check=0).stdout)
+    assert sorted((j["run"], j["benchmark"]) for j in jobs) == [("ra", "one"), ("rb", "one"), ("rb", "two")]
+    watch["paths"][0]["benchmarks"] = ["tow"]
+    cfg = write_config(tmp_path, [b1, b2], watch=watch)
+    r = run_cli("--config", cfg, "--dry-run")
+    assert r.returncode == 2 and "watch.paths[0].benchmarks[0]" in r.stderr and "did you mean 'two'" in r.stderr

@@ -117,6 +117,8 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
                 not_planned.append((c, f"outside begin={selection.begin} end={selection.end} interval={selection.interval}"))
                 continue
             for bench in benchmarks:
+                if bench is not None and not run.runs_benchmark(bench):
+                    continue
                 job = ledger_state.get((run.name, c.iteration, bench))
                 if job and (job.state in L.TERMINAL or (job.state == L.FAILED and job.next_retry_at is None)):
                     continue

@@ -81,6 +81,7 @@ class WatchPath(Section):
     path: str
     name: Optional[str] = None  # run name in the results tree; default model_name (or folder name)
     layout: Optional[Literal["megatron", "huggingface", "deepspeed", "glob"]] = None
+    benchmarks: Optional[list[str]] = None  # names of the benchmarks to run on this run's checkpoints; default all
 
 
 class WatchConfig(Section):
@@ -440,6 +441,14 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
             bad = [str(e)]
         if bad:
             problems.append((base + ("watch", "done_marker"), f"expected placeholders {{name}} or {{iteration}} only, got {bad}"))
+    bench_names = [b.name for b in cfg.benchmarks]
+    for i, p in enumerate(w.paths):
+        for j, name in enumerate(p.benchmarks or []):
+            if name not in bench_names:
+                close = difflib.get_close_matches(name, bench_names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                problems.append((base + ("watch", "paths", i, "benchmarks", j),
+                                 f"no benchmark named {name!r} (configured: {', '.join(bench_names) or 'none'}){hint}"))
     names = [p.name for p in w.paths if p.name]
     for i, p in enumerate(w.paths):
         if p.name and names.count(p.name) > 1:

@@ -46,6 +46,10 @@ class RunSpec:
     name: str
     root: str
     layout: str
+    benchmarks: Optional[tuple] = None  # benchmark names run on this run's checkpoints; None = all
+
+    def runs_benchmark(self, name: str) -> bool:
+        return self.benchmarks is None or name in self.benchmarks
 
 
 def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[RunSpec]:
@@ -60,7 +64,8 @@ def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[
     runs = []
     for p in paths:
         name = p.name or (cfg.model_name if len(paths) == 1 else os.path.basename(p.path.rstrip("/")))
-        runs.append(RunSpec(name, p.path, p.layout or default_layout))
+        runs.append(RunSpec(name, p.path, p.layout or default_layout,
+                            tuple(p.benchmarks) if p.benchmarks is not None else None))
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:
@@ -123,6 +128,7 @@ class Daemon:
         self.selection = selection
         self.once = once
         self.runs = resolve_runs(cfg, model_type)
+        self.run_specs = {r.name: r for r in self.runs}
         self.layouts = make_layouts(cfg, self.runs)
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
         self._lock = threading.Lock()
@@ -335,8 +341,9 @@ class Daemon:
 
     def _admit(self, c: Checkpoint, have: set) -> None:
         state = L.PENDING if self.selection.selects(c.iteration) else L.SKIPPED
+        spec = self.run_specs[c.run]
         for name in self.benchmarks:
-            if (c.iteration, name) in have:
+            if (c.iteration, name) in have or not spec.runs_benchmark(name):
                 continue
             if self.ledger.add(c.run, c.iteration, name, c.path, state) and state == L.PENDING:
                 log.info("checkpoint %s iteration %d complete: queued %s", c.run, c.iteration, name)
@@ -620,7 +627,7 @@ class Daemon:
             jobs = {(j.iteration, j.benchmark): j for j in self.ledger.jobs(run=run.name)}
             newest = max((it for it, _ in jobs), default=None)
             for it in expected:
-                for name in self.benchmarks:
+                for name in filter(run.runs_benchmark, self.benchmarks):
                     job = jobs.get((it, name))
                     if job is None and newest is not None and newest > it:
                         continue  # never saved (or rotated away unseen) while a later one exists: not waited for

@@ -216,8 +216,8 @@ class AudioRunner:
             with torch.inference_mode():
                 out = self.model.generate(input_features=inputs["input_features"], **kwargs)
             sequences = out.sequences if hasattr(out, "sequences") else out
-            prompt_len = self._decoder_prompt_len(sequences)
-            rows = [(row[prompt_len:], prompt_len) for row in sequences.tolist()]
+            audio_positions = int(self.model.config.max_source_positions)  # the encoder's output per window
+            rows = [(self._strip_decoder_prompt(row), audio_positions) for row in sequences.tolist()]
         else:
             prompts = [self.prompt(s) for s in samples]
             audio = {"audio": clips, "sampling_rate": self.sampling_rate} if clips else {}
@@ -237,12 +237,11 @@ class AudioRunner:
                                    "total_tokens": prompt_tokens + n, "audio_seconds": round(secs, 3)}))
         return results
 
-    def _decoder_prompt_len(self, sequences) -> int:
-        """Whisper's generate() returns its forced decoder prefix (start of transcript, language/task,
-        no-timestamps) with the text; the prefix is the leading run of special tokens every row shares."""
+    def _strip_decoder_prompt(self, row: list) -> list:
+        """Whisper's generate() may return its forced decoder prefix (start of transcript, language, task,
+        no-timestamps) before the text: leading special tokens that are not an end token."""
         special = set(self.tokenizer.all_special_ids) - self.eos_ids
-        first = sequences[0].tolist()
         n = 0
-        while n < len(first) and first[n] in special and all(int(r[n]) == first[n] for r in sequences):
+        while n < len(row) and row[n] in special:
             n += 1
-        return n
+        return row[n:]
