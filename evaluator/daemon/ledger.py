@@ -206,6 +206,8 @@ class Ledger:
 
     def snapshots(self, states: Iterable[str] = ()) -> list[dict]:
         states = tuple(states)
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='snapshots'").fetchone():
+            return []  # a read-only look at a ledger from before snapshots existed
         sql = "SELECT * FROM snapshots"
         if states:
             sql += f" WHERE state IN ({', '.join('?' * len(states))})"
