@@ -19,11 +19,11 @@ test: setup slurm  ## the whole suite, slow and Slurm tests included (what CI ru
 test-fast: setup  ## skip tests marked slow (Slurm tests are slow)
 	bash scripts/run_tests.sh -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## a toy training run watched by the daemon
+demo: setup  ## two toy training runs (tiny LM, tiny audio captioner) watched by the daemon
 	bash scripts/demo.sh
 
-bench: setup  ## benchmark scripts; writes bench_results.json
-	$(PY) scripts/bench_daemon.py --output bench_results.json
+bench: setup  ## every benchmark script (daemon, pipeline, inference, metrics); one table + bench_results.json
+	$(PY) scripts/bench_all.py --output bench_results.json
 
 clean:
-	rm -rf demo/runs demo/cache .pytest_cache bench_results.json
+	rm -rf demo/runs demo/cache demo/data demo/logs outputs .pytest_cache bench_results.json
