@@ -80,12 +80,17 @@ def benchmark_spec(args) -> dict:
 
 
 def run_stage(stage: str, job: StageJob, quiet: bool = False) -> int:
-    """Write the job spec and run the stage in its venv; its stderr goes to the terminal and the stage log."""
+    """Write the job spec and run the stage in its venv; its stderr goes to the terminal and the stage log.
+    An `api_key` given with --backend-opt travels in the stage's environment, never in the job spec file."""
     os.makedirs(job.output_dir, exist_ok=True)
     job_path = os.path.join(job.output_dir, JOB_FILE[stage])
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    options = job.benchmark.get("backend_options") or {}
+    if "api_key" in options:
+        env["OPENAI_API_KEY"] = str(options["api_key"])
+        job.benchmark = {**job.benchmark, "backend_options": {k: v for k, v in options.items() if k != "api_key"}}
     job.write(job_path)
     cmd = [venv_python(stage), "-m", STAGE_MODULES[stage], "--job", job_path]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log_path = os.path.join(job.output_dir, LOG_FILE[stage])
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

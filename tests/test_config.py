@@ -560,3 +560,16 @@ def test_per_run_benchmarks_limit_what_runs_where(tmp_path):
     cfg = write_config(tmp_path, [b1, b2], watch=watch)
     r = run_cli("--config", cfg, "--dry-run")
     assert r.returncode == 2 and "watch.paths[0].benchmarks[0]" in r.stderr and "did you mean 'two'" in r.stderr
+
+
+def test_secrets_in_benchmark_options_are_refused(tmp_path):
+    from conftest import run_cli, write_config
+    (tmp_path / "d").mkdir()
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "dataset", "dataset": str(tmp_path / "d"), "backend": "openai",
+                                   "backend_options": {"api_key": "sk-123"},
+                                   "metric_options": {"llm_judge": {"api_key": "sk-456"}}}])
+    r = run_cli("--config", cfg, "--dry-run")
+    assert r.returncode == 2
+    assert "benchmarks[0].backend_options.api_key" in r.stderr and "api_key_env" in r.stderr
+    assert "benchmarks[0].metric_options.llm_judge.api_key" in r.stderr
+    assert "sk-123" not in r.stderr and "sk-456" not in r.stderr

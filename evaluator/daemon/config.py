@@ -61,6 +61,10 @@ class GptEvaluationConfig(Section):
     reviewer_file: Optional[str] = None
     answer_file: Optional[str] = None
     result_file: Optional[str] = None
+    # Data-Juicer's gpt_evaluator flags (--worker-num, --max-retry), and ours: the judge's OpenAI-compatible endpoint
+    worker_num: int = Field(4, ge=1)
+    max_retry: int = Field(5, ge=0)
+    base_url: Optional[str] = None
 
 
 class WandbConfig(Section):
@@ -152,6 +156,9 @@ class ExecutorConfig(Section):
         if isinstance(v, list):
             return [str(x) for x in v]
         return v
+
+
+SECRET_OPTION_KEYS = ("api_key", "token", "password", "secret")
 
 
 class BenchmarkConfig(Section):
@@ -385,6 +392,12 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
             for stage in ("inference", "evaluation"):
                 if getattr(bench, stage):
                     problems.append((loc + (stage,), "command templates are only used with type: command"))
+        secrets = [(("backend_options",), k) for k in bench.backend_options if k.lower() in SECRET_OPTION_KEYS]
+        secrets += [(("metric_options", m), k) for m, opts in bench.metric_options.items() for k in opts
+                    if k.lower() in SECRET_OPTION_KEYS]
+        for where, key in secrets:
+            problems.append((loc + where + (key,), "a secret does not belong in the config (it would be copied into "
+                             f"every job spec): set `{key}_env: VARIABLE_NAME` and export the variable"))
         if bench.type == "command":
             for stage in ("inference", "evaluation"):
                 template = getattr(bench, stage)

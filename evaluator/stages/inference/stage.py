@@ -50,7 +50,13 @@ def library_versions() -> dict:
 
 
 def mask_secrets(options: dict) -> dict:
-    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) and v else v) for k, v in options.items()}
+    """Options as run_metadata.json shows them: secret-looking values masked, nested mappings too
+    (`*_env` names a variable, not a secret, and is kept)."""
+    def secret(key: str) -> bool:
+        key = key.lower()
+        return not key.endswith("_env") and any(w in key for w in SECRET_WORDS)
+    return {k: mask_secrets(v) if isinstance(v, dict) else ("***" if secret(k) and v else v)
+            for k, v in options.items()}
 
 
 def log(msg: str) -> None:
