@@ -1,32 +1,82 @@
 #!/usr/bin/env bash
-# `make demo`: a toy training run writes checkpoints while the daemon evaluates each complete one.
-# Prints the iteration x metric table at the end. Takes about half a minute.
+# `make demo`: two toy training runs write Hugging Face checkpoints while the daemon (config/demo.yaml)
+# evaluates each complete one -- inference in .venvs/inference, evaluation in .venvs/evaluation, lanes
+# overlapping -- and records the curves (history.jsonl, curves.png, a W&B offline run).
+# Stops once both trainers are done and every checkpoint is recorded; then prints iteration x metric tables.
+# Environment: DEMO_TIMEOUT (seconds, default 1200); LM_ARGS / CAPTIONER_ARGS (extra trainer flags).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=.venvs/daemon/bin/python
-RUN=demo/runs/toy-logreg
-rm -rf demo/runs demo/cache
-mkdir -p demo/runs
-echo "[demo] starting the toy trainer: 600 steps, a Megatron-style checkpoint every 100 (written slowly, tracker last)"
-"$PY" scripts/toy_trainer.py --out "$RUN" --steps 600 --save-every 100 &
-TRAINER=$!
-trap 'kill $TRAINER 2>/dev/null || true' EXIT
-echo "[demo] starting the daemon: config/demo.yaml, stops once iteration 600 is recorded"
-"$PY" tools/evaluator.py --config config/demo.yaml --begin-iteration 100 --end-iteration 600
-wait "$TRAINER"
+IPY=.venvs/inference/bin/python
+CONFIG=config/demo.yaml
+TIMEOUT=${DEMO_TIMEOUT:-1200}
+STARTED=$(date +%s)
+say() { echo "[demo $(( $(date +%s) - STARTED ))s] $*"; }
+
+rm -rf demo/runs demo/cache demo/data demo/logs
+mkdir -p demo/runs demo/logs
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+say "starting the toy trainers (CPU, one thread each): a tiny GPT-2 learning addition, a tiny Whisper captioner"
+# shellcheck disable=SC2086
+"$IPY" scripts/train_toy_lm.py --out demo/runs/toy-lm --data-out demo/data/toy-lm ${LM_ARGS:-} \
+  > >(sed -u 's/^/[toy-lm] /') 2>&1 &
+LM_PID=$!
+PIDS+=("$LM_PID")
+# shellcheck disable=SC2086
+"$IPY" scripts/train_toy_captioner.py --out demo/runs/toy-captioner --data-out demo/data/toy-clotho ${CAPTIONER_ARGS:-} \
+  > >(sed -u 's/^/[toy-captioner] /') 2>&1 &
+CAP_PID=$!
+PIDS+=("$CAP_PID")
+
+# the benchmarks' datasets are written by the trainers before they train; the config checks they exist
+for f in demo/data/toy-lm/metadata.json demo/data/toy-clotho/clotho_captions_evaluation.csv; do
+  for _ in $(seq 1 240); do
+    [ -e "$f" ] && break
+    kill -0 "$LM_PID" 2>/dev/null && kill -0 "$CAP_PID" 2>/dev/null || { echo "a trainer exited early" >&2; exit 1; }
+    sleep 0.5
+  done
+done
+
+say "starting the daemon: $CONFIG (inotify on both run folders; inference and evaluation lanes overlap)"
+"$PY" tools/evaluator.py --config "$CONFIG" > >(sed -u 's/^/[daemon] /') 2>&1 &
+DAEMON_PID=$!
+PIDS+=("$DAEMON_PID")
+
+# the operator's loop: wait for the trainers, then for every checkpoint on disk to be recorded
+lm_code="" cap_code=""
+while true; do
+  if [ -z "$lm_code" ] && ! kill -0 "$LM_PID" 2>/dev/null; then wait "$LM_PID" && lm_code=0 || lm_code=$?; fi
+  if [ -z "$cap_code" ] && ! kill -0 "$CAP_PID" 2>/dev/null; then wait "$CAP_PID" && cap_code=0 || cap_code=$?; fi
+  if [ "${lm_code:-0}" != 0 ] || [ "${cap_code:-0}" != 0 ]; then
+    echo "a trainer failed (toy-lm: ${lm_code:-running}, toy-captioner: ${cap_code:-running})" >&2; exit 1
+  fi
+  kill -0 "$DAEMON_PID" 2>/dev/null || { echo "the daemon exited unexpectedly" >&2; exit 1; }
+  if [ -n "$lm_code" ] && [ -n "$cap_code" ]; then
+    verdict=$("$PY" scripts/demo_report.py --config "$CONFIG" --check)
+    case "$verdict" in
+      done) break ;;
+      failed*) echo "$verdict" >&2; exit 1 ;;
+    esac
+  fi
+  if [ $(( $(date +%s) - STARTED )) -gt "$TIMEOUT" ]; then
+    echo "demo: not finished after ${TIMEOUT}s" >&2
+    "$PY" tools/evaluator.py status --config "$CONFIG" >&2 || true
+    exit 1
+  fi
+  sleep 2
+done
+
+say "every checkpoint is recorded; stopping the daemon"
+kill -TERM "$DAEMON_PID"
+wait "$DAEMON_PID" || true
 trap - EXIT
 echo
-"$PY" tools/evaluator.py status --config config/demo.yaml
-echo
-"$PY" - <<'PY'
-import json
-rows = [json.loads(l) for l in open("demo/cache/results/toy-logreg/history.jsonl")]
-print(f"{'iteration':>10} {'tokens_b':>10} {'accuracy':>9} {'stderr':>7}")
-for r in sorted(rows, key=lambda r: r["iteration"]):
-    print(f"{r['iteration']:>10} {r['tokens_b']:>10.4f} {r['metrics']['accuracy']:>9.3f} {r['stderr']['accuracy']:>7.3f}")
-first, last = min(rows, key=lambda r: r["iteration"]), max(rows, key=lambda r: r["iteration"])
-print(f"\naccuracy {first['metrics']['accuracy']:.3f} at iteration {first['iteration']} -> "
-      f"{last['metrics']['accuracy']:.3f} at {last['iteration']}")
-print("results tree: demo/cache/results/toy-logreg/ (history.jsonl, iter_*/holdout/metrics.json)")
-PY
+"$PY" scripts/demo_report.py --config "$CONFIG"
+say "done"

@@ -141,3 +141,11 @@ def test_make_dataset_errors_name_the_column_and_line(tmp_path):
     r = bench_cli("make-dataset", "--input", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "o"),
                   "--dataset-id", "q")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_run_metadata_masks_secrets_at_any_depth():
+    from evaluator.stages.inference.stage import mask_secrets
+    masked = mask_secrets({"api_key": "sk-1", "api_key_env": "MY_KEY", "batch_size": 4,
+                           "request_defaults": {"extra_headers": {"Authorization": "Bearer x"}, "top_k": 1}})
+    assert masked == {"api_key": "***", "api_key_env": "MY_KEY", "batch_size": 4,
+                      "request_defaults": {"extra_headers": {"Authorization": "***"}, "top_k": 1}}

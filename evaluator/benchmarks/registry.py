@@ -53,6 +53,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "text-qa": BenchmarkSpec(
         "text-qa", "evaluator.benchmarks.text:load_qa", ("exact_match", "token_f1"),
         "question -> answer from .jsonl/.json/.csv/.tsv (options: question_column, answer_column, prompt)"),
+    "gpt_eval": BenchmarkSpec(
+        "gpt_eval", "evaluator.benchmarks.gpt_eval:load", ("llm_judge",),
+        "Data-Juicer's GPT evaluation: question/baseline/prompt/reviewer .jsonl files, judged pairwise by an LLM "
+        "(options: question_file, baseline_file, prompt_file, reviewer_file; docs/gpt_eval_lm_eval.md)"),
 }
 
 

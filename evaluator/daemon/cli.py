@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-type", choices=LAYOUT_NAMES, default=None,
                    help="checkpoint layout (default: watch.layout, else megatron)")
     p.add_argument("--eval-type", choices=EVAL_TYPES, default="native",
-                   help="native: the configured benchmarks (default); gpt / helm: Data-Juicer's evaluations")
+                   help="native: the configured benchmarks (default); gpt / helm: Data-Juicer's evaluation from the "
+                        "gpt_evaluation: / helm: section instead (docs/gpt_eval_lm_eval.md)")
     p.add_argument("--once", action="store_true", help="process the checkpoints that exist now, then exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan (which jobs would run) and run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as a JSON array")
@@ -200,6 +201,9 @@ def run(argv: list[str]) -> int:
     selection = apply_flags(cfg, args)
     if args.json and not args.dry_run:
         raise EvaluatorError("--json goes with --dry-run (or with the status subcommand)")
+    if args.eval_type != "native":  # Data-Juicer's gpt / helm evaluation replaces the configured benchmarks
+        from evaluator.daemon.eval_types import apply_eval_type
+        apply_eval_type(cfg, args.eval_type)
     if args.dry_run:
         jobs, not_planned = plan(cfg, selection, args.model_type)
         if args.json:
@@ -207,9 +211,6 @@ def run(argv: list[str]) -> int:
         else:
             print_plan(jobs, not_planned, selection)
         return 0
-    if args.eval_type != "native":
-        raise EvaluatorError(f"--eval-type {args.eval_type}: Data-Juicer's {args.eval_type} evaluation is not part of "
-                             f"this version; configure it as a benchmark (type: command) instead")
     from evaluator.daemon.daemon import Daemon
 
     return Daemon(cfg, selection, args.model_type, once=args.once).run()

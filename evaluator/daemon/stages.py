@@ -27,4 +27,10 @@ def _native(name: str) -> BenchmarkType:
 BENCHMARK_TYPES: dict[str, BenchmarkType] = {
     "command": BenchmarkType("command", "evaluator.stages.command", "evaluator.stages.command"),
     **{name: _native(name) for name in ("dataset", "clotho", "mmau-pro", "text-mc", "text-qa")},
+    # Data-Juicer's GPT evaluation: native inference answers the questions, the llm_judge metric reviews them
+    "gpt_eval": _native("gpt_eval"),
+    # external harnesses: the inference-lane module runs the harness on the checkpoint, the evaluation-lane
+    # module converts its results into metrics.json (docs/gpt_eval_lm_eval.md)
+    "lm-eval": BenchmarkType("lm-eval", "evaluator.stages.lm_eval", "evaluator.stages.lm_eval"),
+    "helm": BenchmarkType("helm", "evaluator.stages.helm", "evaluator.stages.helm"),
 }

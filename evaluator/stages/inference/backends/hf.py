@@ -98,7 +98,7 @@ class HFBackend:
                               or DEFAULT_BATCH_SIZE["cuda" if self.device.startswith("cuda") else "cpu"])
         info = {"model_type": config.model_type, "architectures": getattr(config, "architectures", None),
                 "device": self.device, "dtype": str(self.dtype).replace("torch.", ""), "batch_size": self.batch_size,
-                "runner": type(self.runner).__name__}
+                "runner": type(self.runner).__name__, **getattr(self.runner, "info", {})}
         if self.device.startswith("cuda"):
             info["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
         return info
