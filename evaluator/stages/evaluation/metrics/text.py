@@ -1,0 +1,188 @@
+"""Text metrics: exact_match, token_f1 (SQuAD v1.1/v2.0 rules) and multiple-choice accuracy.
+
+Pure Python, no torch: the daemon venv's tests import this module directly. The rules are written where they
+are applied and copied into docs/metrics.md; change both together.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Optional
+
+from evaluator.common.errors import EvaluatorError
+
+from . import MetricInput, MetricResult
+from .stats import category_groups, mean_metric
+
+# ---------------------------------------------------------------------------------------------------------------
+# SQuAD exact match / token F1
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1 normalisation, in its order: lowercase, delete ASCII punctuation, drop the words a/an/the,
+    collapse whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match_score(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    """SQuAD token F1 on normalised tokens. If either side has no tokens, F1 is 1 when both are empty, else 0
+    (the SQuAD v2.0 rule; v1.1 would divide by zero)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _golds(sample) -> list[str]:
+    """The target plus any references: every acceptable answer (SQuAD takes the max over them)."""
+    return [sample.target] + [r for r in (sample.references or []) if r != sample.target]
+
+
+def _squad_metric(inp: MetricInput, name: str, score) -> MetricResult:
+    scores = [max(score(pred, g) for g in _golds(s)) if ok else 0.0
+              for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok)]
+    result = MetricResult()
+    mean_metric(name, scores, category_groups(inp.samples), result)
+    return result
+
+
+def exact_match(inp: MetricInput, names: list[str]) -> MetricResult:
+    """1 if the normalised prediction equals a normalised gold answer; failed inference scores 0."""
+    return _squad_metric(inp, "exact_match", exact_match_score)
+
+
+def token_f1(inp: MetricInput, names: list[str]) -> MetricResult:
+    """SQuAD token F1 against the best gold answer; failed inference scores 0."""
+    return _squad_metric(inp, "token_f1", f1_score)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice: which choice does a free-text answer pick?
+
+LETTERS = string.ascii_uppercase
+# (b), [b], a capital not starting a word, or a small letter that ends the text or is followed by punctuation
+# ('answer is b.' -> B, but 'answer is a dog' is not A)
+_LETTER = r"(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Z])(?![\w'’])|([a-z])(?=\s*$|[.,;:!?]))"
+_BARE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:]?")
+_ANSWER_PHRASE = re.compile(
+    r"(?i:\banswer\b)(?:\s+(?i:is|would\s+be|should\s+be|will\s+be))?\s*[:\-]?\s*(?:(?i:option|choice)\s+)?"
+    + _LETTER)
+_OPTION_PHRASE = re.compile(r"(?i:\b(?:option|choice)\b)\s*[:\-]?\s*" + _LETTER)
+_LEADING = re.compile(r"(?:[(\[]([A-Za-z])[)\]]|([A-Z])[).:]|([a-z])\))(?=\s|$)")
+_PAREN = re.compile(r"\(([A-Za-z])\)")
+_THINK_END = "</think>"
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+
+
+def _mc_norm(s: str) -> str:
+    """Choice-matching normalisation: lowercase, punctuation -> space, collapse whitespace (articles kept:
+    choices like 'Speaker A' / 'Speaker B' differ only by a letter)."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", s.lower()).split())
+
+
+def _letter(match: re.Match) -> str:
+    return next(g for g in match.groups() if g).upper()
+
+
+def _index(letter: str, n_choices: int) -> Optional[int]:
+    i = LETTERS.find(letter)
+    return i if 0 <= i < n_choices else None
+
+
+def _unique(indices) -> Optional[int]:
+    found = {i for i in indices if i is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def extract_choice(response: str, choices: list[str]) -> Optional[int]:
+    """The index of the choice a free-text answer picks, or None when it cannot be told (counted as unparsed).
+
+    Preprocessing: keep only the text after the last `</think>`; if an `<answer>...</answer>` block is present
+    keep the last one's content; delete `*` and backticks (markdown emphasis); strip.
+    Then the first rule that gives an answer wins (a letter outside A..<k-th letter> gives none):
+      1. the whole text equals one choice's text (compared lowercased, punctuation -> space)
+      2. the whole text is a letter: B, b, (B), [B], B), B., B:
+      3. an answer phrase: 'answer is B', 'Answer: (B)', 'the answer would be option C'; the letter must be
+         in brackets, a capital not starting a word ('answer is A dog' -> A, 'answer is Apple' -> none), or
+         a small letter ending the text or followed by punctuation ('answer is b.' -> B, 'answer is a dog'
+         -> none); when several appear the last one counts (models revise: 'Answer: A ... final answer: B')
+      4. 'option B' / 'choice B' phrases naming exactly one distinct letter
+      5. a leading letter: '(B) ...', '[B] ...', 'B) ...', 'b) ...', 'B. ...', 'B: ...''
+      6. exactly one choice text appears as whole words in the text (a choice that is part of another
+         matching choice, e.g. 'dog' in 'dog barking', does not count)
+      7. exactly one distinct bracketed letter '(B)' appears anywhere
+    """
+    k = len(choices)
+    text = response
+    if _THINK_END in text:
+        text = text.rsplit(_THINK_END, 1)[1]
+    tags = _ANSWER_TAG.findall(text)
+    if tags:
+        text = tags[-1]
+    text = text.replace("*", "").replace("`", "").strip()
+    if not text:
+        return None
+    norm = _mc_norm(text)
+    normed_choices = [_mc_norm(c) for c in choices]
+
+    exact = _unique(i for i, c in enumerate(normed_choices) if c and c == norm)  # 1
+    if exact is not None:
+        return exact
+    m = _BARE.fullmatch(text)  # 2
+    if m and _index(m.group(1).upper(), k) is not None:
+        return _index(m.group(1).upper(), k)
+    phrases = [_index(_letter(m), k) for m in _ANSWER_PHRASE.finditer(text)]  # 3
+    phrases = [i for i in phrases if i is not None]
+    if phrases:
+        return phrases[-1]
+    option = _unique(_index(_letter(m), k) for m in _OPTION_PHRASE.finditer(text))  # 4
+    if option is not None:
+        return option
+    m = _LEADING.match(text)  # 5
+    if m and _index(_letter(m), k) is not None:
+        return _index(_letter(m), k)
+    padded = f" {norm} "
+    inside = [i for i, c in enumerate(normed_choices) if c and f" {c} " in padded]  # 6
+    contained = _unique(i for i in inside if not any(  # drop choices that are part of a longer matching one
+        normed_choices[j] != normed_choices[i] and f" {normed_choices[i]} " in f" {normed_choices[j]} " for j in inside))
+    if contained is not None:
+        return contained
+    return _unique(_index(m.group(1).upper(), k) for m in _PAREN.finditer(text))  # 7
+
+
+def resolve_target(sample) -> int:
+    """The gold choice index: the target may be the choice text or its letter (same rules as answers)."""
+    index = extract_choice(sample.target, sample.choices)
+    if index is None:
+        letters = f"A-{LETTERS[len(sample.choices) - 1]}"
+        raise EvaluatorError(f"sample {sample.id!r}: target {sample.target!r} is neither one of its choices "
+                             f"nor a letter {letters}")
+    return index
+
+
+def accuracy(inp: MetricInput, names: list[str]) -> MetricResult:
+    """Multiple-choice accuracy, plus unparsed_rate: the share of samples (of all n) that answered but whose
+    answer picks no choice. Unparsed and failed samples count as wrong; failed ones are not 'unparsed'."""
+    correct, unparsed = [], []
+    for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok):
+        gold = resolve_target(s)
+        picked = extract_choice(pred, s.choices) if ok else None
+        correct.append(float(picked is not None and picked == gold))
+        unparsed.append(float(ok and picked is None))
+    result = MetricResult()
+    groups = category_groups(inp.samples)
+    mean_metric("accuracy", correct, groups, result)
+    mean_metric("unparsed_rate", unparsed, groups, result)
+    return result
