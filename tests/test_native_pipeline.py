@@ -109,3 +109,48 @@ def test_config_errors_for_dataset_benchmarks(tmp_path):
     cfg = write_config(tmp_path, [{"name": "qa", "type": "dataset", "dataset": ".", "backend": "tgi"}])
     r = run_cli("--config", cfg, "--dry-run")
     assert r.returncode == 2 and "benchmarks[0].backend" in r.stderr
+
+
+PYCOCO_CIDER = """
+import json, sys
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from pycocoevalcap.cider.cider import Cider
+data = json.load(open(sys.argv[1]))
+tok = PTBTokenizer()
+gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in data["refs"].items()})
+res = tok.tokenize({k: [{"caption": v}] for k, v in data["cands"].items()})
+print(json.dumps(Cider().compute_score(gts, res)[0]))
+"""
+
+
+def test_bench_eval_cider_d_equals_pycocoevalcap(tmp_path, venvs):
+    """The issue's acceptance: tools/bench.py eval ... --metrics cider_d == pycocoevalcap's PTB-tokenised Cider."""
+    import random
+    rng = random.Random(7)
+    words = "a dog barks loudly while the rain falls on metal roof and birds sing in distance car engine".split()
+
+    def sentence():
+        s = " ".join(rng.choice(words) for _ in range(rng.randint(4, 10)))
+        return s.capitalize() + rng.choice([".", "!", "", " ,"])
+
+    rows, preds, refs, cands = [], [], {}, {}
+    for i in range(40):
+        sid = f"clip_{i:03d}.wav"
+        refs[sid] = [sentence() for _ in range(5)]
+        cands[sid] = sentence()
+        rows.append({"id": sid, "messages": [{"role": "user", "content": "Describe the audio."}], "references": refs[sid]})
+        preds.append({"sample_id": sid, "status": "ok", "response": {"text": cands[sid], "usage": {}}})
+    data = canonical_dataset(tmp_path / "caps", rows, dataset_id="caps")
+    pfile = tmp_path / "predictions.jsonl"
+    pfile.write_text("".join(json.dumps(p) + "\n" for p in preds))
+    r = bench_py("eval", data, "--predictions", str(pfile), "--metrics", "cider_d", "--output-root", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    [metrics_path] = list((tmp_path / "out").glob("*/caps/metrics.json"))
+    ours = json.loads(metrics_path.read_text())["metrics"]["cider_d"]
+    (tmp_path / "in.json").write_text(json.dumps({"refs": refs, "cands": cands}))
+    import subprocess
+    proc = subprocess.run([venvs["evaluation"], "-c", PYCOCO_CIDER, str(tmp_path / "in.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ours > 0 and abs(ours - reference) < 1e-9, (ours, reference)
