@@ -32,6 +32,7 @@ Standard library only (urllib): the evaluation venv has no openai client.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -231,7 +232,7 @@ class ChatClient:
             detail = e.read()[:300].decode("utf-8", "replace").strip()
             retryable = e.code in RETRY_STATUS or e.code >= 500
             raise JudgeCallError(f"HTTP {e.code} from {url}: {detail}", retryable) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, truncated bodies
             reason = getattr(e, "reason", e)
             raise JudgeCallError(f"cannot reach {url}: {reason}", True) from None
         try:
