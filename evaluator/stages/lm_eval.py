@@ -31,11 +31,6 @@ metrics.json from the harness's `results`: each metric as lm-eval names it, the 
 its "<metric>_stderr,<filter>" as stderr. One task (or one group, which the harness aggregates itself): its
 numbers as they are, a group's subtasks in per_category. Several: per task in per_category, and each metric
 they all share averaged weighted by the tasks' sample counts (n = the sum), stderr sqrt(sum((n_i/n)^2 se_i^2)).
-
-lm-eval 0.4.9.x predates transformers 5: it reads transformers.AutoModelForVision2Seq at import (gone in 5.x)
-and fails on an --include_path task outside its own tasks folder while logging it. The harness is therefore run
-through this module (`--harness ARGS`), which for lm-eval < 0.4.10 aliases the class and makes that log line
-tolerant; 0.4.10 fixed both, and from it on nothing is patched.
 """
 from __future__ import annotations
 
@@ -113,52 +108,6 @@ def harness_args(job: StageJob, device: Optional[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # running the harness (in the inference venv)
-
-def _version_tuple(version: str) -> tuple:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
-
-
-def apply_compat() -> list[str]:
-    """Make lm-eval < 0.4.10 run on transformers 5 (see the module docstring); returns what was patched."""
-    import lm_eval
-    if _version_tuple(getattr(lm_eval, "__version__", "0")) >= (0, 4, 10):
-        return []
-    patched = []
-    # `evaluate` (imported by lm-eval's registry) re-imports transformers, which replaces the lazy module in
-    # sys.modules; patch the module that the harness will see
-    import evaluate  # noqa: F401
-    import transformers
-    if not hasattr(transformers, "AutoModelForVision2Seq") and hasattr(transformers, "AutoModelForImageTextToText"):
-        transformers.AutoModelForVision2Seq = transformers.AutoModelForImageTextToText
-        patched.append("transformers.AutoModelForVision2Seq = AutoModelForImageTextToText")
-    import pathlib
-
-    import lm_eval.tasks as tasks_module
-
-    class _TolerantPath(type(pathlib.Path())):
-        def relative_to(self, *other):  # only used to print a task's YAML path in the log
-            try:
-                return super().relative_to(*other)
-            except ValueError:
-                return self
-
-    tasks_module.Path = _TolerantPath
-    patched.append("lm_eval.tasks: --include_path tasks outside lm_eval/tasks are logged by their full path")
-    return patched
-
-
-def run_harness(argv: list[str]) -> int:
-    """`--harness ARGS`: run `python -m lm_eval ARGS` in this process, compatibility patches applied first."""
-    for line in apply_compat():
-        log(f"compat (lm-eval < 0.4.10): {line}")
-    from lm_eval.__main__ import cli_evaluate
-    sys.argv = ["lm_eval", *argv]
-    try:
-        cli_evaluate()
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
-
 
 def _device(bench: dict) -> Optional[str]:
     device = (bench.get("backend_options") or {}).get("device")
@@ -243,7 +192,7 @@ def run_inference(job: StageJob) -> int:
     harness_out = os.path.join(job.output_dir, HARNESS_DIR)
     if os.path.isdir(harness_out):  # an earlier attempt's results must not be taken for this one's
         shutil.rmtree(harness_out)
-    cmd = [sys.executable, "-m", "evaluator.stages.lm_eval", "--harness", *args]
+    cmd = [sys.executable, "-m", "lm_eval", *args]
     log(f"lm-eval {version}: python -m lm_eval {' '.join(args)}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [_repo_root(), os.environ.get("PYTHONPATH")] if p))
     code = subprocess.call(cmd, cwd=job.output_dir, env=env)
@@ -377,9 +326,6 @@ def run_evaluation(job: StageJob) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--harness":
-        return run_harness(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="job spec JSON (written by the daemon)")
     args = parser.parse_args(argv)
