@@ -25,9 +25,15 @@ from evaluator.common.atomic import read_json, write_text_atomic
 from evaluator.common.contracts import (EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS,
                                         StageJob)
 from evaluator.common.errors import EvaluatorError
+from evaluator.daemon.stages import BENCHMARK_TYPES  # a plain table: no daemon machinery is imported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE_MODULES = {INFERENCE: "evaluator.stages.inference", EVALUATION: "evaluator.stages.evaluation"}
+
+
+def stage_module(stage: str, kind: str) -> str:
+    """The module the daemon would run for this benchmark type (evaluator/daemon/stages.py)."""
+    btype = BENCHMARK_TYPES[kind]
+    return btype.inference_module if stage == INFERENCE else btype.evaluation_module
 
 
 def repo_path(path: Optional[str]) -> Optional[str]:
@@ -60,9 +66,12 @@ def model_name_of(model: str) -> str:
 def benchmark_spec(args) -> dict:
     """The benchmark mapping the stages get, as a config `benchmarks:` entry would give it."""
     target = args.benchmark
-    if target not in registry.BENCHMARKS:
-        target = repo_path(target)
-    kind, source = registry.kind_for(target)
+    if target in BENCHMARK_TYPES and target not in registry.BENCHMARKS and target != "command":
+        kind, source = target, None  # an external harness (lm-eval, helm): --dataset names its tasks/spec
+    else:
+        if target not in registry.BENCHMARKS:
+            target = repo_path(target)
+        kind, source = registry.kind_for(target)
     if args.dataset:
         source = repo_path(args.dataset)
     name = args.name or (os.path.basename(os.path.abspath(source)) if kind == "dataset" else kind)
@@ -90,7 +99,7 @@ def run_stage(stage: str, job: StageJob, quiet: bool = False) -> int:
         env["OPENAI_API_KEY"] = str(options["api_key"])
         job.benchmark = {**job.benchmark, "backend_options": {k: v for k, v in options.items() if k != "api_key"}}
     job.write(job_path)
-    cmd = [venv_python(stage), "-m", STAGE_MODULES[stage], "--job", job_path]
+    cmd = [venv_python(stage), "-m", stage_module(stage, job.benchmark["type"]), "--job", job_path]
     log_path = os.path.join(job.output_dir, LOG_FILE[stage])
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -190,6 +199,8 @@ def cmd_list(args) -> int:
         print(f"  {name:12s} {spec.description}  (default metrics: {', '.join(spec.metrics) or 'from metadata.json'})")
     from evaluator.stages.inference.backends import BACKENDS
     from evaluator.stages.inference.params import MODEL_ALIASES
+    external = [k for k in BENCHMARK_TYPES if k not in registry.BENCHMARKS and k != "command"]
+    print("external harnesses (give --dataset and --option tasks=...): " + ", ".join(external))
     print("backends: " + ", ".join(BACKENDS))
     print("model aliases: " + ", ".join(f"{k} -> {v}" for k, v in MODEL_ALIASES.items()))
     return 0

@@ -155,3 +155,21 @@ def test_daemon_lm_eval_matches_our_loglikelihood_choice_scoring_sample_for_samp
         assert t["response"]["choice_logprobs"] == pytest.approx(o["response"]["choice_logprobs"], abs=1e-4)
         assert t["response"]["lm_eval_metrics"]["acc"] == float(o["response"]["text"] == row["choices"][row["answer"]])
     assert 0 < harness["metrics"]["acc"] < 1  # a set where picking matters, not all right or all wrong
+
+
+@pytest.mark.slow
+def test_bench_run_lm_eval_uses_the_harness_stages(tmp_path, tiny_gpt2):
+    """tools/bench.py runs an external-harness type through the same stage modules as the daemon."""
+    from conftest import bench_py
+    rows = mc_rows(8)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "tiny_mc.yaml").write_text(yaml.safe_dump(
+        {**TASK_YAML, "dataset_kwargs": {"data_files": {"test": str(tasks / "data.jsonl")}}}, sort_keys=False))
+    r = bench_py("run", "lm-eval", "--dataset", str(tasks), "--option", 'tasks=["tiny_mc"]', "--model", tiny_gpt2,
+                 "--backend-opt", "device=cpu", "--output-root", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "tiny-gpt2" / "lm-eval" / "metrics.json").read_text())
+    assert metrics["n"] == len(rows) and set(metrics["metrics"]) == {"acc", "acc_norm"}
+    assert (tmp_path / "out" / "tiny-gpt2" / "lm-eval" / "result_lm-eval.txt").exists()
