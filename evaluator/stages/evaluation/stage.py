@@ -49,11 +49,6 @@ def log(msg: str) -> None:
     print(f"[evaluation] {msg}", file=sys.stderr, flush=True)
 
 
-def aac_cache_dir() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    return os.environ.get("AAC_METRICS_CACHE_PATH") or os.path.join(root, ".venvs", "aac-metrics-cache")
-
-
 def score(job: StageJob) -> dict:
     """Compute the metrics.json document for a job (raises EvaluatorError on bad input)."""
     from .metrics import MetricInput, compute  # torch-heavy metrics import lazily inside
@@ -86,7 +81,9 @@ def score(job: StageJob) -> dict:
                              f"{dataset.dataset_id!r} names none (set `metrics:` in the benchmark)")
     ok = [r.ok for r in results]
     inp = MetricInput(predictions=[r.text if r.ok else "" for r in results], samples=samples, ok=ok,
-                      options=dict(bench.get("metric_options") or {}), cache_dir=aac_cache_dir())
+                      options=dict(bench.get("metric_options") or {}), cache_dir="",  # the caption metrics' default: $AAC_METRICS_CACHE_PATH or .venvs/aac-metrics-cache
+                     
+                      output_dir=job.output_dir)
     log(f"benchmark {bench.get('name')!r}: {len(results)} predictions ({ok.count(False)} failed in inference), "
         f"metrics: {', '.join(names)}")
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ class MetricInput:
     ok: list[bool]  # False where inference failed (those count as wrong / empty caption)
     options: dict  # per-metric options from config, e.g. {"sbert_model": path}
     cache_dir: str  # aac-metrics cache (jars); see caption.default_cache_dir()
+    output_dir: str = ""  # the stage's result folder: relative output files of a metric (judge reviews) go here
 
 
 @dataclass

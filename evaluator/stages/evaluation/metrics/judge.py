@@ -327,7 +327,7 @@ def llm_judge(inp: MetricInput, names: list[str]) -> MetricResult:
     if errors:
         _log(f"first error: {errors[0].error}")
     if settings.reviews_file:
-        _write_reviews(settings.reviews_file, inp, requests, outcomes)
+        _write_reviews(os.path.join(inp.output_dir or os.getcwd(), settings.reviews_file), inp, requests, outcomes)
     result = MetricResult()
     if len(errors) == len(requests):
         result.unavailable["llm_judge"] = (f"all {len(requests)} judge request(s) failed after retries; "
