@@ -80,10 +80,9 @@ def score(job: StageJob) -> dict:
         raise EvaluatorError(f"benchmark {bench.get('name')!r}: no metrics configured and dataset "
                              f"{dataset.dataset_id!r} names none (set `metrics:` in the benchmark)")
     ok = [r.ok for r in results]
+    # cache_dir "": the caption metrics' default ($AAC_METRICS_CACHE_PATH, else .venvs/aac-metrics-cache)
     inp = MetricInput(predictions=[r.text if r.ok else "" for r in results], samples=samples, ok=ok,
-                      options=dict(bench.get("metric_options") or {}), cache_dir="",  # the caption metrics' default: $AAC_METRICS_CACHE_PATH or .venvs/aac-metrics-cache
-                     
-                      output_dir=job.output_dir)
+                      options=dict(bench.get("metric_options") or {}), cache_dir="", output_dir=job.output_dir)
     log(f"benchmark {bench.get('name')!r}: {len(results)} predictions ({ok.count(False)} failed in inference), "
         f"metrics: {', '.join(names)}")
     t0 = time.perf_counter()
