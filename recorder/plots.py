@@ -113,10 +113,12 @@ def write_curves(run: str, rows: list[dict], path: str) -> None:
     if not series:
         axes[0][0].set_visible(True)
         axes[0][0].text(0.5, 0.5, "no results yet", ha="center", va="center")
-    fig.suptitle(f"{run} ({len(iterations)} checkpoints)", fontsize=10)
-    # fixed margins: tight_layout costs seconds on a large grid, and this runs after every pass
+    height = PANEL_H * nrows  # inches
+    fig.suptitle(f"{run} ({len(iterations)} checkpoints)", fontsize=10, y=1 - 0.08 / height)
+    # fixed margins (in inches, so the title never meets the panel titles): tight_layout costs seconds on a large
+    # grid, and this runs after every pass
     fig.subplots_adjust(left=0.06 if ncols > 2 else 0.12, right=0.98, bottom=0.12 / nrows + 0.04,
-                        top=1 - 0.35 / (PANEL_H * nrows), hspace=0.55, wspace=0.3)
+                        top=1 - 0.6 / height, hspace=0.55, wspace=0.3)
     _save(fig, path)
 
 

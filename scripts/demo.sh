@@ -14,8 +14,8 @@ TIMEOUT=${DEMO_TIMEOUT:-1200}
 STARTED=$(date +%s)
 say() { echo "[demo $(( $(date +%s) - STARTED ))s] $*"; }
 
-rm -rf demo/runs demo/cache demo/data demo/logs
-mkdir -p demo/runs demo/logs
+rm -rf demo/runs demo/cache demo/data
+mkdir -p demo/runs/toy-lm demo/runs/toy-captioner
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -25,13 +25,12 @@ trap cleanup EXIT
 
 say "starting the toy trainers (CPU, one thread each): a tiny GPT-2 learning addition, a tiny Whisper captioner"
 # shellcheck disable=SC2086
-"$IPY" scripts/train_toy_lm.py --out demo/runs/toy-lm --data-out demo/data/toy-lm ${LM_ARGS:-} \
-  > >(sed -u 's/^/[toy-lm] /') 2>&1 &
+"$IPY" scripts/train_toy_lm.py --out demo/runs/toy-lm --data-out demo/data/toy-lm ${LM_ARGS:-} 2>&1 &
 LM_PID=$!
 PIDS+=("$LM_PID")
 # shellcheck disable=SC2086
-"$IPY" scripts/train_toy_captioner.py --out demo/runs/toy-captioner --data-out demo/data/toy-clotho ${CAPTIONER_ARGS:-} \
-  > >(sed -u 's/^/[toy-captioner] /') 2>&1 &
+"$IPY" scripts/train_toy_captioner.py --out demo/runs/toy-captioner --data-out demo/data/toy-clotho \
+  ${CAPTIONER_ARGS:-} 2>&1 &
 CAP_PID=$!
 PIDS+=("$CAP_PID")
 

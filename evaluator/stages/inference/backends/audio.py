@@ -22,10 +22,13 @@ to the right number of audio positions by the processor, as the model was traine
   through `generation:`.
 - Audio: read with soundfile (wav/flac/ogg...), mixed down to mono by averaging channels, resampled to the
   feature extractor's sampling rate with torchaudio.functional.resample (band-limited sinc interpolation), then
-  handed to the processor, which pads/truncates to the family's window (30 s for Whisper/Qwen2-Audio
-  checkpoints). A missing, empty or unreadable file raises for that sample only.
-- Batches are left-padded; usage counts the prompt's tokens as the model sees them (audio positions included),
-  the generated tokens up to and including the first end token, and the audio's seconds.
+  handed to the processor, which pads/truncates to the family's window (30 s in real checkpoints). An empty
+  or unreadable file raises for that sample only (missing files are caught earlier, by the dataset loader).
+- Batches are left-padded; usage counts the prompt's tokens as the model sees them (audio positions included;
+  for Whisper the encoder's positions per window), the generated tokens up to and including the first end
+  token, and the audio's seconds. Whisper, Qwen2-Audio and the Omni processors pad audio features to a fixed
+  window, so batching leaves them unchanged; Gemma 3n's feature extractor counts a clip's last frames as valid
+  only when the clip is padded in a batch, so its batched outputs can differ slightly from batch_size 1.
 """
 from __future__ import annotations
 
@@ -116,8 +119,10 @@ class AudioRunner:
         self.model.to(device).eval()
         self.generator = self.model.thinker if self.family.thinker else self.model
         use_template = options.get("chat_template", True) not in (False, "false", "no", 0)
-        self.chat = bool(use_template and (getattr(self.processor, "chat_template", None)
-                                           or getattr(self.tokenizer, "chat_template", None)))
+        # the processor's template first (it knows the audio parts); some checkpoints keep it with the tokenizer
+        self.templater = next((o for o in (self.processor, self.tokenizer) if getattr(o, "chat_template", None)),
+                              None)
+        self.chat = bool(use_template and self.templater is not None)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -148,13 +153,11 @@ class AudioRunner:
         return paths
 
     def _placeholder(self) -> str:
-        p, t = self.processor, self.tokenizer
-        token = getattr(p, "audio_token", None) or getattr(t, "audio_token", None)
-        bos = getattr(t, "audio_bos_token", None) or getattr(t, "boa_token", None)
-        eos = getattr(t, "audio_eos_token", None)
+        def attr(name):
+            return getattr(self.processor, name, None) or getattr(self.tokenizer, name, None)
         if self.family.name == "gemma3n":  # its processor wraps the soft tokens in boa/eoa itself
-            bos = eos = None
-        return f"{bos or ''}{token}{eos or ''}"
+            return attr("audio_token")
+        return f"{attr('audio_bos_token') or ''}{attr('audio_token')}{attr('audio_eos_token') or ''}"
 
     def prompt(self, sample) -> str:
         if self.family.seq2seq:
@@ -163,7 +166,7 @@ class AudioRunner:
             messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
                          [{"type": "audio"} if p.get("type") == "audio" else {"type": "text", "text": p["text"]}
                           for p in m["content"]]} for m in sample.messages]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         turns = []
         for m in sample.messages:
             parts = [m["content"]] if isinstance(m["content"], str) else \
@@ -221,7 +224,9 @@ class AudioRunner:
         else:
             prompts = [self.prompt(s) for s in samples]
             audio = {"audio": clips, "sampling_rate": self.sampling_rate} if clips else {}
-            inputs = self.processor(text=prompts, return_tensors="pt", padding=True, **audio)
+            # a rendered chat template already holds the special tokens (Gemma's <bos>): add none twice
+            inputs = self.processor(text=prompts, return_tensors="pt", padding=True,
+                                    add_special_tokens=not self.chat, **audio)
             inputs = inputs.to(self.device, dtype=self.dtype)
             with torch.inference_mode():
                 out = self.generator.generate(**inputs, **kwargs)
