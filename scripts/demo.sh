@@ -3,19 +3,27 @@
 # evaluates each complete one -- inference in .venvs/inference, evaluation in .venvs/evaluation, lanes
 # overlapping -- and records the curves (history.jsonl, curves.png, a W&B offline run).
 # Stops once both trainers are done and every checkpoint is recorded; then prints iteration x metric tables.
-# Environment: DEMO_TIMEOUT (seconds, default 1200); LM_ARGS / CAPTIONER_ARGS (extra trainer flags).
+# Environment: DEMO_TIMEOUT (seconds, default 1200); LM_ARGS / CAPTIONER_ARGS (extra trainer flags);
+# DEMO_DIR (default demo/: runs, data, cache; another folder gets its own copy of config/demo.yaml).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-PY=.venvs/daemon/bin/python
-IPY=.venvs/inference/bin/python
+PY=$ROOT/.venvs/daemon/bin/python
+IPY=$ROOT/.venvs/inference/bin/python
+D=${DEMO_DIR:-demo}
 CONFIG=config/demo.yaml
+if [ "$D" != demo ]; then
+  mkdir -p "$D"
+  D=$(cd "$D" && pwd)
+  sed "s#\.\./demo/#$D/#g" config/demo.yaml > "$D/demo.yaml"
+  CONFIG=$D/demo.yaml
+fi
 TIMEOUT=${DEMO_TIMEOUT:-1200}
 STARTED=$(date +%s)
 say() { echo "[demo $(( $(date +%s) - STARTED ))s] $*"; }
 
-rm -rf demo/runs demo/cache demo/data
-mkdir -p demo/runs/toy-lm demo/runs/toy-captioner
+rm -rf "$D/runs" "$D/cache" "$D/data"
+mkdir -p "$D/runs/toy-lm" "$D/runs/toy-captioner"
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -25,17 +33,17 @@ trap cleanup EXIT
 
 say "starting the toy trainers (CPU, one thread each): a tiny GPT-2 learning addition, a tiny Whisper captioner"
 # shellcheck disable=SC2086
-"$IPY" scripts/train_toy_lm.py --out demo/runs/toy-lm --data-out demo/data/toy-lm ${LM_ARGS:-} 2>&1 &
+"$IPY" scripts/train_toy_lm.py --out "$D/runs/toy-lm" --data-out "$D/data/toy-lm" ${LM_ARGS:-} 2>&1 &
 LM_PID=$!
 PIDS+=("$LM_PID")
 # shellcheck disable=SC2086
-"$IPY" scripts/train_toy_captioner.py --out demo/runs/toy-captioner --data-out demo/data/toy-clotho \
+"$IPY" scripts/train_toy_captioner.py --out "$D/runs/toy-captioner" --data-out "$D/data/toy-clotho" \
   ${CAPTIONER_ARGS:-} 2>&1 &
 CAP_PID=$!
 PIDS+=("$CAP_PID")
 
 # the benchmarks' datasets are written by the trainers before they train; the config checks they exist
-for f in demo/data/toy-lm/metadata.json demo/data/toy-clotho/clotho_captions_evaluation.csv; do
+for f in "$D/data/toy-lm/metadata.json" "$D/data/toy-clotho/clotho_captions_evaluation.csv"; do
   for _ in $(seq 1 240); do
     [ -e "$f" ] && break
     kill -0 "$LM_PID" 2>/dev/null && kill -0 "$CAP_PID" 2>/dev/null || { echo "a trainer exited early" >&2; exit 1; }
