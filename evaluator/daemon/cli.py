@@ -148,7 +148,7 @@ def print_plan(jobs: list[dict], not_planned: list, selection: Selection) -> Non
 
 def status(argv: list[str]) -> int:
     args = build_status_parser().parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, require_datasets=False)
     if not os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
         raise EvaluatorError(f"no ledger in cache_dir {cfg.cache_dir}: the daemon has not run with this config yet")
     try:
@@ -197,8 +197,13 @@ def run(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)-7s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, require_datasets=not args.dry_run)
     selection = apply_flags(cfg, args)
+    if args.dry_run:
+        for b in cfg.benchmarks:
+            if b.dataset and not os.path.exists(b.dataset):
+                print(f"warning: benchmark {b.name!r}: dataset {b.dataset} does not exist (a real run refuses to start)",
+                      file=sys.stderr)
     if args.json and not args.dry_run:
         raise EvaluatorError("--json goes with --dry-run (or with the status subcommand)")
     if args.eval_type != "native":  # Data-Juicer's gpt / helm evaluation replaces the configured benchmarks

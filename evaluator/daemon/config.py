@@ -338,8 +338,9 @@ def read_yaml(path: str) -> tuple[object, dict[tuple, int]]:
     return data, _line_index(text)
 
 
-def load_config(path: str) -> AutoEvalConfig:
-    """Read, validate and resolve a config file; raises EvaluatorError on any problem."""
+def load_config(path: str, require_datasets: bool = True) -> AutoEvalConfig:
+    """Read, validate and resolve a config file; raises EvaluatorError on any problem. With
+    require_datasets=False (--dry-run, status) a benchmark dataset path that does not exist yet is allowed."""
     data, lines = read_yaml(path)
     if not isinstance(data, dict) or "auto_eval" not in data:
         keys = list(data) if isinstance(data, dict) else []
@@ -356,7 +357,7 @@ def load_config(path: str) -> AutoEvalConfig:
     _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
     missing = [(("auto_eval", "benchmarks", i, "dataset"), f"no such file or directory: {b.dataset}")
                for i, b in enumerate(cfg.benchmarks) if b.dataset and not os.path.exists(b.dataset)]
-    if missing:
+    if missing and require_datasets:
         raise _fail(path, lines, missing)
     return cfg
 
