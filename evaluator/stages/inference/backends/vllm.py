@@ -1,0 +1,164 @@
+"""`vllm` backend: vLLM's offline engine (`vllm.LLM`) on a checkpoint directory or hub id, on CUDA.
+
+- Needs vLLM installed in the inference venv and a CUDA GPU; without either, load() raises ModelLoadError
+  saying which is missing. It never falls back to the hf backend: a result must say what produced it.
+- Chat checkpoints (a tokenizer chat template) go through `LLM.chat(conversations, SamplingParams)`; audio parts
+  are sent as `input_audio` content parts (the file's bytes, base64), so vLLM decodes, resamples and places
+  the model's audio placeholders itself. Checkpoints without a chat template (or option `chat_template: false`)
+  go through `LLM.generate(prompts)` with the turns' texts joined by newlines, like the hf backend; audio
+  then needs a chat template. Whisper-style encoder-decoders: use the hf backend.
+- vLLM schedules (continuous batching) inside one call; `batch_size` (default 256) only sets how many samples
+  one call gets, i.e. how often progress is reported. A call that raises is retried one sample at a time, so a
+  bad sample (e.g. an unreadable audio file) costs only itself.
+- Options: tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype, enforce_eager,
+  trust_remote_code, limit_mm_per_prompt (default {"audio": 4}), engine_args (a mapping passed to vllm.LLM
+  as it is). Generation: max_new_tokens -> max_tokens, temperature (0 = greedy), top_p, stop; other
+  `generation:` keys go to SamplingParams by name.
+"""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import time
+from typing import Optional
+
+from evaluator.common.records import RunResult
+
+from ..params import GenerationParams, Progress, apply_stop
+from . import ModelLoadError
+from .hf import error_result, text_of
+
+ENGINE_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "enforce_eager",
+                  "trust_remote_code", "limit_mm_per_prompt")
+AUDIO_FORMATS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "ogg", ".m4a": "m4a"}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def audio_part(path: str) -> dict:
+    """An OpenAI-style input_audio content part holding the file's bytes (vLLM decodes and resamples it)."""
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode("ascii")
+    fmt = AUDIO_FORMATS.get(os.path.splitext(path)[1].lower(), "wav")
+    return {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}
+
+
+def conversation(sample) -> list:
+    """The sample's turns in vLLM's chat format (text parts as they are, audio parts inline)."""
+    out = []
+    for m in sample.messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = [audio_part(p["path"]) if p.get("type") == "audio" else {"type": "text", "text": p["text"]}
+                       for p in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
+                 alias: Optional[str] = None):
+        self.model_path, self.options, self.params, self.seed, self.alias = model, dict(options), params, seed, alias
+        self.llm = None
+
+    def load(self) -> dict:
+        missing = []
+        if importlib.util.find_spec("vllm") is None:
+            missing.append("vLLM is not installed in this venv (`pip install vllm` in .venvs/inference)")
+        if not cuda_available():
+            missing.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        if missing:
+            raise ModelLoadError("backend vllm cannot run here: " + "; ".join(missing)
+                                 + ". Run it on a CUDA machine with vLLM installed, or choose --backend hf.")
+        if self.options.get("choice_scoring") not in (None, "generate"):
+            raise ModelLoadError("backend_options.choice_scoring: the vllm backend generates only; "
+                                 "use the hf backend for choice_scoring=loglikelihood")
+        import vllm
+        kwargs = {k: self.options[k] for k in ENGINE_OPTIONS if k in self.options}
+        kwargs.setdefault("limit_mm_per_prompt", {"audio": 4})
+        kwargs.update(self.options.get("engine_args") or {})
+        try:
+            self.llm = vllm.LLM(model=self.model_path, seed=self.seed, **kwargs)
+        except Exception as e:  # vLLM raises many types (ValueError, OSError, RuntimeError) for a bad model
+            msg = f"cannot load model {self.model_path!r} with vLLM: {type(e).__name__}: {str(e).strip()[:800]}"
+            if self.alias:
+                msg += (f"\n  {self.alias!r} is an alias of the hub model {self.model_path!r}; download it where the "
+                        f"hub is reachable (`huggingface-cli download {self.model_path}`) and pass --model <dir>.")
+            raise ModelLoadError(msg) from None
+        tokenizer = self.llm.get_tokenizer()
+        use_template = self.options.get("chat_template", True) not in (False, "false", "no", 0)
+        self.chat = bool(use_template and getattr(tokenizer, "chat_template", None))
+        self.batch_size = int(self.options.get("batch_size") or 256)
+        self.sampling = self._sampling_params(vllm.SamplingParams)
+        return {"engine": "vllm", "vllm": vllm.__version__, "batch_size": self.batch_size, "chat": self.chat,
+                **{k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS}}
+
+    def _sampling_params(self, cls):
+        p = self.params
+        kwargs = dict(max_tokens=p.max_new_tokens, temperature=0.0 if p.greedy else p.temperature,
+                      top_p=1.0 if p.greedy else p.top_p, stop=list(p.stop) or None, seed=self.seed)
+        kwargs.update(p.extra)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"generation: vLLM's SamplingParams rejects {sorted(p.extra) or kwargs}: {e}") \
+                from None
+
+    def _request(self, samples) -> list:
+        if self.chat:
+            return self.llm.chat([conversation(s) for s in samples], self.sampling, use_tqdm=False)
+        for s in samples:
+            if s.audio_paths():
+                raise ValueError(f"sample {s.id!r} has audio input but the checkpoint has no chat template to "
+                                 "place it; the vllm backend needs one for audio")
+        prompts = ["\n".join(text_of(m["content"]) for m in s.messages) for s in samples]
+        return self.llm.generate(prompts, self.sampling, use_tqdm=False)
+
+    def run(self, samples: list, dataset_id: str, progress: Progress) -> list:
+        run_config = {"model": self.alias or self.model_path, "backend": self.name, "seed": self.seed,
+                      "batch_size": self.batch_size, "params": self.params.to_dict()}
+        results: list[Optional[RunResult]] = [None] * len(samples)
+
+        def base(i):
+            s = samples[i]
+            return {"sample_id": s.id, "dataset_id": dataset_id, "backend": self.name, "run_config": run_config,
+                    "request_messages": s.messages}
+
+        for start in range(0, len(samples), self.batch_size):
+            batch = list(range(start, min(start + self.batch_size, len(samples))))
+            self._generate(samples, batch, base, results)
+            progress.update(len(batch))
+        return results
+
+    def _generate(self, samples, batch, base, results) -> None:
+        t0 = time.perf_counter()
+        try:
+            outputs = self._request([samples[i] for i in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                results[batch[0]] = error_result(base(batch[0]), e, (time.perf_counter() - t0) * 1000)
+                return
+            for i in batch:
+                self._generate(samples, [i], base, results)
+            return
+        latency = round((time.perf_counter() - t0) * 1000, 3)
+        for i, out in zip(batch, outputs):
+            completion = out.outputs[0]
+            prompt_tokens = len(out.prompt_token_ids or [])
+            n = len(completion.token_ids)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            results[i] = RunResult(**base(i), response={"text": apply_stop(completion.text, self.params.stop).strip(),
+                                                        "usage": usage, "finish_reason": completion.finish_reason},
+                                   latency_ms=latency)
+
+    def close(self) -> None:
+        self.llm = None
