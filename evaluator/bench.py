@@ -13,7 +13,6 @@ Relative paths resolve against the repository root. Standard library only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

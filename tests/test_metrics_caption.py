@@ -6,7 +6,6 @@ runner script (below) that writes its findings as JSON; the tests then assert on
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest

@@ -24,7 +24,6 @@ default HEADLINE_STATS), extra_args.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -36,8 +35,9 @@ import time
 from typing import Optional
 
 from evaluator.common.atomic import read_json, write_json_atomic, write_text_atomic
-from evaluator.common.contracts import EVALUATION, INFERENCE, METRICS, RUN_METADATA, StageJob, validate_metrics
+from evaluator.common.contracts import METRICS, RUN_METADATA, StageJob, validate_metrics
 from evaluator.common.errors import EvaluatorError
+from evaluator.stages.common import stage_log, stage_main
 
 OPTIONS = ("spec_template", "output_path", "env", "eval_instances", "num_threads", "suite_prefix", "metrics",
            "extra_args")
@@ -49,8 +49,7 @@ HEADLINE_STATS = ("exact_match", "quasi_exact_match", "prefix_exact_match", "qua
 SPLITS = ("test", "valid")
 
 
-def log(msg: str) -> None:
-    print(f"[helm] {msg}", file=sys.stderr, flush=True)
+log = stage_log("helm")
 
 
 def _options(job: StageJob) -> dict:
@@ -280,16 +279,7 @@ def run_evaluation(job: StageJob) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="job spec JSON (written by the daemon)")
-    args = parser.parse_args(argv)
-    job = StageJob.read(args.job)
-    if job.stage == INFERENCE:
-        return run_inference(job)
-    if job.stage == EVALUATION:
-        return run_evaluation(job)
-    log(f"error: unknown stage {job.stage!r}")
-    return 2
+    return stage_main(__doc__.splitlines()[0], run_inference, run_evaluation, argv)
 
 
 if __name__ == "__main__":

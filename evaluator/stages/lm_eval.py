@@ -34,7 +34,6 @@ they all share averaged weighted by the tasks' sample counts (n = the sum), stde
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -47,16 +46,16 @@ import time
 from typing import Optional
 
 from evaluator.common.atomic import read_json, write_json_atomic
-from evaluator.common.contracts import EVALUATION, INFERENCE, METRICS, PREDICTIONS, RUN_METADATA, StageJob, validate_metrics
+from evaluator.common.contracts import METRICS, PREDICTIONS, RUN_METADATA, StageJob, validate_metrics
 from evaluator.common.errors import EvaluatorError
+from evaluator.stages.common import stage_log, stage_main
 from evaluator.common.records import RunResult, write_results
 
 HARNESS_DIR = "lm_eval"  # under the output dir: the harness's own output (results_*.json, samples_*.jsonl)
 OPTIONS = ("tasks", "include_path", "num_fewshot", "model_args", "apply_chat_template", "extra_args")
 
 
-def log(msg: str) -> None:
-    print(f"[lm-eval] {msg}", file=sys.stderr, flush=True)
+log = stage_log("lm-eval")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,16 +325,7 @@ def run_evaluation(job: StageJob) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="job spec JSON (written by the daemon)")
-    args = parser.parse_args(argv)
-    job = StageJob.read(args.job)
-    if job.stage == INFERENCE:
-        return run_inference(job)
-    if job.stage == EVALUATION:
-        return run_evaluation(job)
-    log(f"error: unknown stage {job.stage!r}")
-    return 2
+    return stage_main(__doc__.splitlines()[0], run_inference, run_evaluation, argv)
 
 
 if __name__ == "__main__":

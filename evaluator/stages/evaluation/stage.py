@@ -15,12 +15,8 @@ versions, ...}, written atomically and last. Exit codes: 0 done; 1 no metric cou
 """
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import sys
 import time
-from importlib import metadata as importlib_metadata
 
 from evaluator.benchmarks.registry import default_metrics, load_benchmark
 from evaluator.common.atomic import write_json_atomic
@@ -28,25 +24,16 @@ from evaluator.common.contracts import METRICS, PREDICTIONS, StageJob, validate_
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import read_results
 
+from ..common import library_versions, stage_log, stage_main
+
 VERSIONED = ("aac-metrics", "pycocoevalcap", "sentence-transformers", "transformers", "torch", "lm-eval")
-
-
-def library_versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 class NoMetricError(EvaluatorError):
     """Every requested metric is unavailable here (e.g. SPICE without its jars)."""
 
 
-def log(msg: str) -> None:
-    print(f"[evaluation] {msg}", file=sys.stderr, flush=True)
+log = stage_log("evaluation")
 
 
 def score(job: StageJob) -> dict:
@@ -96,7 +83,7 @@ def score(job: StageJob) -> dict:
         "benchmark": bench.get("name"), "benchmark_type": kind, "dataset_id": dataset.dataset_id,
         "run": job.run, "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint,
         "n": len(results), "n_error": ok.count(False), "metrics": result.values, "stderr": result.stderr,
-        "per_category": result.per_category, "unavailable": result.unavailable, "versions": library_versions(),
+        "per_category": result.per_category, "unavailable": result.unavailable, "versions": library_versions(VERSIONED),
         "timings": {"score_s": round(time.perf_counter() - t0, 3)}, "predictions": predictions_path,
     }
     return validate_metrics(doc, METRICS)
@@ -117,7 +104,4 @@ def run(job: StageJob) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="job spec JSON (written by the daemon or tools/bench.py)")
-    args = parser.parse_args(argv)
-    return run(StageJob.read(args.job))
+    return stage_main(__doc__.splitlines()[0], evaluation=run, argv=argv)

@@ -17,13 +17,9 @@ Exit codes: 0 done (run_metadata.json written last); 1 the model cannot load or 
 """
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import socket
-import sys
 import time
-from importlib import metadata as importlib_metadata
 
 from evaluator.benchmarks.registry import load_benchmark
 from evaluator.common.atomic import write_json_atomic
@@ -31,22 +27,13 @@ from evaluator.common.contracts import PREDICTIONS, RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import write_results
 
+from ..common import library_versions, stage_log, stage_main
 from .backends import ModelLoadError, backend_class
 from .params import GenerationParams, Progress, resolve_model
 
 DEFAULT_MAX_ERROR_RATE = 0.1
 SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
 VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "vllm", "openai", "soundfile", "lm-eval")
-
-
-def library_versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def mask_secrets(options: dict) -> dict:
@@ -59,8 +46,7 @@ def mask_secrets(options: dict) -> dict:
             for k, v in options.items()}
 
 
-def log(msg: str) -> None:
-    print(f"[inference] {msg}", file=sys.stderr, flush=True)
+log = stage_log("inference")
 
 
 def run(job: StageJob) -> int:
@@ -120,7 +106,7 @@ def run(job: StageJob) -> int:
         "dataset_id": dataset.dataset_id, "dataset_dir": dataset.root, "backend": backend_name,
         "backend_info": info, "backend_options": mask_secrets(options), "generation": params.to_dict(),
         "seed": job.seed, "attempt": job.attempt, "n": n, "n_ok": n - len(errors), "n_error": len(errors),
-        "error_rate": error_rate, "versions": library_versions(),
+        "error_rate": error_rate, "versions": library_versions(VERSIONED),
         "timings": {"load_s": round(load_s, 3), "run_s": round(run_s, 3), "total_s": round(time.time() - started, 3)},
         "samples_per_s": round(n / run_s, 3) if run_s > 0 else None,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
@@ -133,7 +119,4 @@ def run(job: StageJob) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="job spec JSON (written by the daemon or tools/bench.py)")
-    args = parser.parse_args(argv)
-    return run(StageJob.read(args.job))
+    return stage_main(__doc__.splitlines()[0], inference=run, argv=argv)
