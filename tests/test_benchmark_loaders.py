@@ -351,3 +351,10 @@ def test_text_qa_missing_answer_and_unknown_template_field_are_reported(tmp_path
     path.write_text("question,answer\nWho?,Me\n")
     with pytest.raises(DatasetError, match=r"options.prompt: no field 'context'"):
         registry.load_benchmark("text-qa", str(path), {"prompt": "{context} {question}"})
+
+
+def test_text_mc_header_with_a_renamed_question_column_is_not_data(tmp_path):
+    src = tmp_path / "mc.csv"
+    src.write_text("instruction,answer,A,B,C,D\nPick the colour of the sky,B,red,blue,green,black\n")
+    ds = registry.load_benchmark("text-mc", str(src), {"question_column": "instruction"})
+    assert len(ds.samples) == 1 and ds.samples[0].target == "blue"

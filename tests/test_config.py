@@ -573,3 +573,12 @@ def test_secrets_in_benchmark_options_are_refused(tmp_path):
     assert "benchmarks[0].backend_options.api_key" in r.stderr and "api_key_env" in r.stderr
     assert "benchmarks[0].metric_options.llm_judge.api_key" in r.stderr
     assert "sk-123" not in r.stderr and "sk-456" not in r.stderr
+
+
+def test_unknown_metric_names_fail_at_config_load_not_after_inference(tmp_path):
+    from conftest import run_cli, write_config
+    (tmp_path / "d").mkdir()
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "dataset", "dataset": str(tmp_path / "d"),
+                                   "metrics": ["exact_match", "cider"]}])
+    r = run_cli("--config", cfg, "--dry-run")
+    assert r.returncode == 2 and "benchmarks[0].metrics: unknown metric 'cider'" in r.stderr and "cider_d" in r.stderr

@@ -149,3 +149,28 @@ def test_run_metadata_masks_secrets_at_any_depth():
                            "request_defaults": {"extra_headers": {"Authorization": "Bearer x"}, "top_k": 1}})
     assert masked == {"api_key": "***", "api_key_env": "MY_KEY", "batch_size": 4,
                       "request_defaults": {"extra_headers": {"Authorization": "***"}, "top_k": 1}}
+
+
+def test_make_dataset_refuses_short_and_long_csv_rows(tmp_path):
+    src = tmp_path / "q.csv"
+    src.write_text("question,answer\nWhat is 3+3?\n")
+    r = bench_cli("make-dataset", "--input", str(src), "--output-dir", str(tmp_path / "o"), "--dataset-id", "q",
+                  "--target-column", "answer")
+    assert r.returncode == 2 and f"{src}:2: 1 field(s), the header has 2" in r.stderr
+    src.write_text("question,answer\nWhat is 3+3?,6,extra\n")
+    r = bench_cli("make-dataset", "--input", str(src), "--output-dir", str(tmp_path / "o"), "--dataset-id", "q")
+    assert r.returncode == 2 and f"{src}:2: 3 field(s), the header has 2" in r.stderr
+
+
+@pytest.mark.parametrize("generation, message", [
+    ({"stop": 5}, "generation.stop: expected a string or a list of strings"),
+    ({"stop": ["ok", 1]}, "generation.stop: expected a string or a list of strings"),
+    ({"num_return_sequences": 2}, "generation.num_return_sequences: one answer per sample"),
+    ({"max_new_tokens": 0}, "generation.max_new_tokens: expected >= 1"),
+])
+def test_generation_parameters_that_cannot_work_are_refused(generation, message):
+    from evaluator.common.errors import EvaluatorError
+    from evaluator.stages.inference.params import GenerationParams
+    with pytest.raises(EvaluatorError, match=message):
+        GenerationParams.from_dict(generation, "generation")
+    assert GenerationParams.from_dict({"stop": "\n"}).stop == ["\n"]

@@ -415,3 +415,15 @@ def test_daemon_eval_type_gpt_scores_a_tiny_checkpoint_against_the_baseline(tmp_
     assert "sk-from-config" not in (out / "eval.job.json").read_text()
     history = [json.loads(line) for line in (tmp_path / "cache" / "results" / "tiny" / "history.jsonl").read_text().splitlines()]
     assert history[0]["metrics"]["win_rate"] == 0.6
+
+
+def test_mostly_unjudged_questions_report_counts_but_no_rates(tmp_path, judge_server):
+    """4 of 6 questions judged is fine at the default limit (0.5); at 0.2 the rates would describe a biased
+    remainder, so only the counts are reported."""
+    server = judge_server(SCRIPT)
+    ds = load_benchmark("gpt_eval", str(dj_files(tmp_path / "gpt")))
+    result = compute(["llm_judge"], judge_input(ds, [f"answer-{s.id}" for s in ds.samples], base_url=server.base_url,
+                                                max_failure_rate=0.2, **FAST))
+    assert "win_rate" not in result.values and "score" not in result.values
+    assert (result.values["judged"], result.values["judge_unparsed"], result.values["judge_errors"]) == (4, 1, 1)
+    assert "33% of the questions could not be judged" in result.unavailable["llm_judge"]

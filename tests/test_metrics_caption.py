@@ -272,3 +272,12 @@ def test_with_their_files_present_spice_spider_fense_are_combined_per_sample(ven
         assert r["values"][name] == pytest.approx(sum(scores) / 4, abs=1e-12), name
         assert r["per_category"]["a"][name] == pytest.approx((scores[0] + scores[2]) / 2, abs=1e-12), name
         assert name in r["stderr"]
+
+
+def test_metric_options_nested_under_a_metric_name_reach_the_caption_metrics():
+    """Config `metric_options: {sbert_sim: {sbert_model: ...}}` is what the stage passes on."""
+    from evaluator.stages.evaluation.metrics.caption import merged_options
+    options = {"sbert_sim": {"sbert_model": "/m/x"}, "meteor": {"java_path": "/j/java"}, "llm_judge": {"model": "j"},
+               "device": "cpu"}
+    assert merged_options(options, ["sbert_sim", "meteor", "cider_d"]) == {
+        "sbert_model": "/m/x", "java_path": "/j/java", "device": "cpu"}

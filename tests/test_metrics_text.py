@@ -177,3 +177,26 @@ def test_every_registered_metric_names_a_lazy_function_and_a_known_need():
 ])
 def test_sbert_metric_name_says_which_model(model, name):
     assert sbert_model_and_label({"sbert_model": model}) == (model, name)
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Answer: A dog barking.", 1),       # the choice's text follows the phrase: not the letter A
+    ("The answer is A dog barking", 1),
+    ("Answer: A", 0),
+    ("Answer: C. Rain falling", 2),
+])
+def test_answer_phrase_followed_by_a_choice_text_that_starts_with_a_capital_letter(answer, expected):
+    from evaluator.stages.evaluation.metrics.text import extract_choice
+    assert extract_choice(answer, ["A cat meowing", "A dog barking", "Rain falling"]) == expected
+
+
+def test_duplicate_choices_score_by_text_and_never_fail_the_stage():
+    from evaluator.benchmarks.dataset import Sample
+    from evaluator.stages.evaluation.metrics import MetricInput, compute
+    samples = [Sample(id="1", messages=[{"role": "user", "content": "q"}], choices=["True", "False", "True"],
+                      target="True"),
+               Sample(id="2", messages=[{"role": "user", "content": "q"}], choices=["Dog", "dog.", "Cat"],
+                      target="Cat")]
+    res = compute(["accuracy"], MetricInput(predictions=["(C)", "Cat"], samples=samples, ok=[True, True],
+                                            options={}, cache_dir=""))
+    assert res.values["accuracy"] == 1.0

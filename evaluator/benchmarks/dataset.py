@@ -287,6 +287,9 @@ def make_dataset(input_path: str, output_dir: str, dataset_id: str, columns: Col
         where = f"{input_path}:{lineno}"
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: expected an object per line")
+        if None in row or None in row.values():  # csv.DictReader pads a short row with None, keys a long one None
+            fields = len([v for k, v in row.items() if k is not None and v is not None]) + len(row.get(None) or [])
+            raise DatasetError(f"{where}: {fields} field(s), the header has {len([k for k in row if k is not None])}")
         if columns.id and columns.id not in row:
             raise DatasetError(f"{where}: no id column {columns.id!r} (columns: {', '.join(row)})")
         choices = _list_field(row, columns.choices, where) if columns.choices else None

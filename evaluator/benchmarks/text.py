@@ -210,9 +210,13 @@ class _Rows:
 
 # --- text-mc -------------------------------------------------------------------------------------------------
 
-def _mmlu_headerless(fields: list) -> Optional[list]:
-    """The original MMLU CSVs have no header: question, A, B, C, D, answer-letter."""
-    if len(fields) >= 4 and fields[0].strip().lower() != "question":
+def _mmlu_headerless(fields: list, question_column: str = "question") -> Optional[list]:
+    """The original MMLU CSVs have no header: question, A, B, C, D, answer-letter. A first row naming the
+    question or answer column is a header, whatever its last field looks like."""
+    names = {f.strip().lower() for f in fields}
+    if names & {"question", "answer", question_column.lower()}:
+        return None
+    if len(fields) >= 4:
         answer = fields[-1].strip().upper()
         if len(answer) == 1 and answer in LETTERS[:len(fields) - 2]:
             return ["question", *LETTERS[:len(fields) - 2], "answer"]
@@ -277,8 +281,8 @@ def resolve_answer(answer, choices: list, layout: str, index_base: int) -> tuple
 
 def load_mc(source: str, options: dict) -> Dataset:
     """text-mc: MMLU/KMMLU-style multiple choice -> samples with choices, target = the correct choice text."""
-    rows = _Rows(source, options, headerless=_mmlu_headerless)
     q_col = options.get("question_column", "question")
+    rows = _Rows(source, options, headerless=lambda fields: _mmlu_headerless(fields, q_col))
     a_col = options.get("answer_column", "answer")
     c_col = options.get("choices_column", "choices")
     template = options.get("prompt", MC_PROMPT)

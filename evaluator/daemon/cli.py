@@ -229,6 +229,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run(argv)
     except EvaluatorError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         return 130

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
 from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
-from evaluator.common.errors import EvaluatorError
+from evaluator.common.errors import EvaluatorError, UnavailableError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUT_NAMES = ("megatron", "huggingface", "deepspeed", "glob")
@@ -358,7 +358,7 @@ def load_config(path: str, require_datasets: bool = True) -> AutoEvalConfig:
     missing = [(("auto_eval", "benchmarks", i, "dataset"), f"no such file or directory: {b.dataset}")
                for i, b in enumerate(cfg.benchmarks) if b.dataset and not os.path.exists(b.dataset)]
     if missing and require_datasets:
-        raise _fail(path, lines, missing)
+        raise UnavailableError(str(_fail(path, lines, missing)))
     return cfg
 
 
@@ -399,6 +399,12 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
         for where, key in secrets:
             problems.append((loc + where + (key,), "a secret does not belong in the config (it would be copied into "
                              f"every job spec): set `{key}_env: VARIABLE_NAME` and export the variable"))
+        if bench.metrics:
+            from evaluator.stages.evaluation.metrics import expand  # the metric registry: pure Python, no torch
+            try:
+                expand(list(bench.metrics))
+            except EvaluatorError as e:
+                problems.append((loc + ("metrics",), str(e).removeprefix("metrics: ")))
         if bench.type == "command":
             for stage in ("inference", "evaluation"):
                 template = getattr(bench, stage)

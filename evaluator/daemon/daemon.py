@@ -449,8 +449,9 @@ class Daemon:
             for job in self._ordered(ready):
                 if free <= 0 or self.stopping:
                     break
-                if job.benchmark not in self.benchmarks:
-                    continue  # removed from the config since it was queued; kept in the ledger as it is
+                spec = self.run_specs.get(job.run)
+                if job.benchmark not in self.benchmarks or (spec and not spec.runs_benchmark(job.benchmark)):
+                    continue  # removed from the config (or this run's list) since it was queued; kept as it is
                 if stage == EVALUATION and stage_done(INFERENCE, self._outdir(job)):
                     self.ledger.transition(job.key, L.PENDING, "inference outputs missing: infer again")
                     continue

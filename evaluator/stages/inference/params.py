@@ -52,7 +52,13 @@ class GenerationParams:
             raise EvaluatorError(f"{where}: {e}") from None
         if "stop" in data:
             stop = data.pop("stop")
-            out.stop = [stop] if isinstance(stop, str) else list(stop or [])
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise EvaluatorError(f"{where}.stop: expected a string or a list of strings, got {stop!r}")
+            out.stop = stop
+        for key in ("num_return_sequences", "n"):
+            if key in data and data[key] != 1:
+                raise EvaluatorError(f"{where}.{key}: one answer per sample is recorded; got {data[key]!r}")
         if out.max_new_tokens < 1:
             raise EvaluatorError(f"{where}.max_new_tokens: expected >= 1, got {out.max_new_tokens}")
         out.extra = data

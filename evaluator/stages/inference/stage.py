@@ -12,8 +12,10 @@ The job's `benchmark` mapping (config `benchmarks:` entry) names the data and ho
     sample_size     first N samples only
     max_error_rate  fraction of samples allowed to fail before the stage fails (default 0.1)
 
-Exit codes: 0 done (run_metadata.json written last); 1 the model cannot load or too many samples failed;
-2 bad benchmark spec or dataset. Sample failures below the limit are recorded as status=error rows.
+Exit codes: 0 done (run_metadata.json written last); 1 the model cannot load or more than max_error_rate of
+the samples failed; 2 bad benchmark spec or dataset (most backend option errors surface when the model loads:
+exit 1); 75 some samples failed with retryable errors (429, 5xx, timeouts, out of memory): run again later
+rather than score them as wrong. Non-retryable sample failures within the limit are status=error rows.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 
 from evaluator.benchmarks.registry import load_benchmark
 from evaluator.common.atomic import write_json_atomic
-from evaluator.common.contracts import PREDICTIONS, RUN_METADATA, StageJob
+from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import write_results
 
@@ -94,8 +96,15 @@ def run(job: StageJob) -> int:
     completion_tokens = sum(int(u.get("completion_tokens") or 0) for u in usage)
     error_rate = len(errors) / n if n else 0.0
     if errors:
-        kinds = sorted({f"{r.error.type}: {r.error.message[:200]}" for r in errors if r.error})
+        kinds = list(dict.fromkeys(f"{r.error.type}: {r.error.message[:200]}" for r in errors if r.error))
         log(f"{len(errors)}/{n} samples failed; first kinds: " + " | ".join(kinds[:3]))
+    retryable = [r for r in errors if r.error and r.error.retryable]
+    if retryable:
+        # a 429 / 5xx / timeout / out-of-memory says nothing about the model: scoring those samples as wrong would
+        # draw a dip on the curve that is not there. Ask to be run again later (the daemon bounds the attempts).
+        log(f"error: {len(retryable)}/{n} samples failed with retryable errors; exit {EXIT_TEMPFAIL} (retry later), "
+            f"no run_metadata.json")
+        return EXIT_TEMPFAIL
     if error_rate > max_error_rate:
         log(f"error: {len(errors)}/{n} samples failed ({error_rate:.1%}), above max_error_rate "
             f"{max_error_rate:.1%}; predictions kept in {PREDICTIONS} for inspection, no run_metadata.json")

@@ -12,6 +12,7 @@ aac_metrics, torch and sentence-transformers are imported inside the functions t
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 import os
 import re
 import shutil
@@ -220,8 +221,19 @@ def _java(options: dict) -> Optional[str]:
     return shutil.which(java)
 
 
+def merged_options(options: dict, names: list[str]) -> dict:
+    """metric_options are {metric: {option: value}} (config `metric_options:`); the caption metrics share one run,
+    so the options given under any of the requested names apply to all (sbert_model under sbert_sim, java_path...).
+    Plain top-level options (a caller building MetricInput directly) are kept."""
+    out = {k: v for k, v in options.items() if not isinstance(v, dict)}
+    for name in names:
+        out.update(options.get(name) or {})
+    return out
+
+
 def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
     """BLEU-1..4, ROUGE-L, METEOR, CIDEr-D, SPICE, SPIDEr, SPIDEr-FL, FENSE and SBERT similarity."""
+    inp = dataclasses.replace(inp, options=merged_options(inp.options, names))
     # Models load from local files or the Hugging Face cache only (checked below), so no hub calls; set
     # before huggingface_hub is first imported, which reads it once.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

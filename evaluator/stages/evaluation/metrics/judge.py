@@ -26,7 +26,8 @@ Options (`metric_options: {llm_judge: {...}}`): base_url (default $OPENAI_BASE_U
 api_key (default: the environment variable named by api_key_env, OPENAI_API_KEY), organization, model (default:
 the reviewer file's metadata.model), max_concurrency (4), timeout (s, 120), max_retries (5), retry_backoff (s, 2),
 temperature / max_tokens (override the reviewer's), swap (true), reviews_file (write every review as JSON
-Lines; a relative path is against the stage's working directory, which is the result directory under the daemon).
+Lines; a relative path is against the stage's result directory), max_failure_rate (0.5: with more questions
+unjudged than this, no rates are reported, only the counts).
 
 Standard library only (urllib): the evaluation venv has no openai client.
 """
@@ -68,7 +69,7 @@ DEFAULT_JUDGE = {"system_prompt": DEFAULT_SYSTEM_PROMPT, "prompt_template": DEFA
                  "defaults": {"prompt": DEFAULT_INSTRUCTION}, "temperature": 0.2, "max_tokens": 1024}
 
 OPTIONS = ("base_url", "api_key", "api_key_env", "organization", "model", "max_concurrency", "timeout",
-           "max_retries", "retry_backoff", "temperature", "max_tokens", "swap", "reviews_file")
+           "max_retries", "retry_backoff", "temperature", "max_tokens", "swap", "reviews_file", "max_failure_rate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,6 +111,9 @@ class JudgeSettings:
     max_tokens: Optional[int] = None
     swap: bool = True
     reviews_file: Optional[str] = None
+    # more questions than this left unjudged (judge errors, unparsed replies): no rates, they would describe a
+    # biased remainder; the counts are still reported
+    max_failure_rate: float = 0.5
 
     @classmethod
     def from_options(cls, options: dict) -> "JudgeSettings":
@@ -137,6 +141,7 @@ class JudgeSettings:
             raise EvaluatorError(f"metric_options.llm_judge: {e}") from None
         out.swap = options.get("swap", True) not in (False, "false", "no", 0)
         out.reviews_file = options.get("reviews_file")
+        out.max_failure_rate = float(options.get("max_failure_rate", out.max_failure_rate))
         if out.max_concurrency < 1 or out.max_retries < 0 or out.timeout <= 0:
             raise EvaluatorError("metric_options.llm_judge: expected max_concurrency >= 1, max_retries >= 0, timeout > 0")
         return out
@@ -333,7 +338,12 @@ def llm_judge(inp: MetricInput, names: list[str]) -> MetricResult:
         result.unavailable["llm_judge"] = (f"all {len(requests)} judge request(s) failed after retries; "
                                            f"first error: {errors[0].error}")
         return result
-    if judged:
+    failed_share = 1 - len(judged) / len(inp.samples) if inp.samples else 0.0
+    if judged and failed_share > settings.max_failure_rate:
+        result.unavailable["llm_judge"] = (f"{failed_share:.0%} of the questions could not be judged ({len(errors)} "
+                                           f"request error(s), {len(unparsed)} unparsed repl(ies)), above "
+                                           f"max_failure_rate {settings.max_failure_rate:.0%}: no rates reported")
+    elif judged:
         samples = [inp.samples[i] for i in judged]
         groups = category_groups(samples)
         answer = [outcomes[i][0] for i in judged]

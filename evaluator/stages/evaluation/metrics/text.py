@@ -106,6 +106,16 @@ def _unique(indices) -> Optional[int]:
     return found.pop() if len(found) == 1 else None
 
 
+def _phrase_pick(text: str, m: re.Match, normed_choices: list) -> Optional[int]:
+    """Rule 3 for one answer phrase: 'Answer: A dog barking' names the choice 'A dog barking' (its text follows the
+    phrase), not the letter A; only when no choice's text follows does the letter count."""
+    tail = _mc_norm(text[m.start(m.lastindex):])
+    texts = {c for c in normed_choices if c and (tail == c or tail.startswith(c + " "))}
+    if len(texts) == 1:
+        return normed_choices.index(texts.pop())
+    return _index(_letter(m), len(normed_choices))
+
+
 def extract_choice(response: str, choices: list[str]) -> Optional[int]:
     """The index of the choice a free-text answer picks, or None when it cannot be told (counted as unparsed).
 
@@ -114,7 +124,8 @@ def extract_choice(response: str, choices: list[str]) -> Optional[int]:
     Then the first rule that gives an answer wins (a letter outside A..<k-th letter> gives none):
       1. the whole text equals one choice's text (compared lowercased, punctuation -> space)
       2. the whole text is a letter: B, b, (B), [B], B), B., B:
-      3. an answer phrase: 'answer is B', 'Answer: (B)', 'the answer would be option C'; the letter must be
+      3. an answer phrase: 'answer is B', 'Answer: (B)', 'the answer would be option C'; when a choice's text
+         follows the phrase ('Answer: A dog barking.') that choice counts, not the letter; the letter must be
          in brackets, a capital not starting a word ('answer is A dog' -> A, 'answer is Apple' -> none), or
          a small letter ending the text or followed by punctuation ('answer is b.' -> B, 'answer is a dog'
          -> none); when several appear the last one counts (models revise: 'Answer: A ... final answer: B')
@@ -137,13 +148,13 @@ def extract_choice(response: str, choices: list[str]) -> Optional[int]:
     norm = _mc_norm(text)
     normed_choices = [_mc_norm(c) for c in choices]
 
-    exact = _unique(i for i, c in enumerate(normed_choices) if c and c == norm)  # 1
-    if exact is not None:
-        return exact
+    exact = [i for i, c in enumerate(normed_choices) if c and c == norm]  # 1 (duplicate choices: the first)
+    if exact:
+        return exact[0]
     m = _BARE.fullmatch(text)  # 2
     if m and _index(m.group(1).upper(), k) is not None:
         return _index(m.group(1).upper(), k)
-    phrases = [_index(_letter(m), k) for m in _ANSWER_PHRASE.finditer(text)]  # 3
+    phrases = [_phrase_pick(text, m, normed_choices) for m in _ANSWER_PHRASE.finditer(text)]  # 3
     phrases = [i for i in phrases if i is not None]
     if phrases:
         return phrases[-1]
@@ -163,7 +174,10 @@ def extract_choice(response: str, choices: list[str]) -> Optional[int]:
 
 
 def resolve_target(sample) -> int:
-    """The gold choice index: the target may be the choice text or its letter (same rules as answers)."""
+    """The gold choice index: the target is one of the choices (the first of duplicates) or else read by the same
+    rules as answers (e.g. a letter)."""
+    if sample.target in sample.choices:
+        return sample.choices.index(sample.target)
     index = extract_choice(sample.target, sample.choices)
     if index is None:
         letters = f"A-{LETTERS[len(sample.choices) - 1]}"
@@ -179,7 +193,8 @@ def accuracy(inp: MetricInput, names: list[str]) -> MetricResult:
     for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok):
         gold = resolve_target(s)
         picked = extract_choice(pred, s.choices) if ok else None
-        correct.append(float(picked is not None and picked == gold))
+        # compared by text: with duplicate choices ('True', 'False', 'True') either copy is the right answer
+        correct.append(float(picked is not None and _mc_norm(s.choices[picked]) == _mc_norm(s.choices[gold])))
         unparsed.append(float(ok and picked is None))
     result = MetricResult()
     groups = category_groups(inp.samples)

@@ -185,8 +185,11 @@ class OpenAIBackend:
     # ---- connecting --------------------------------------------------------------------------------------------
     def load(self) -> dict:
         self.opts = ClientOptions.from_dict(self.raw_options)
-        base_url = self.opts.base_url or os.environ.get("OPENAI_BASE_URL")
-        serve = self.opts.serve if self.opts.serve is not None else (not base_url and os.path.isdir(self.model))
+        # a local checkpoint is served unless the benchmark itself names an endpoint: OPENAI_BASE_URL in the
+        # environment (e.g. set for a judge) must not send a checkpoint's samples to some other model
+        local = os.path.isdir(self.model)
+        base_url = self.opts.base_url or (None if local else os.environ.get("OPENAI_BASE_URL"))
+        serve = self.opts.serve if self.opts.serve is not None else (not base_url and local)
         if serve:
             self.server = self._start_server()
             base_url, model_name = self.server.base_url, self.server.model_name  # the name it is pinned to
