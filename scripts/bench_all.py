@@ -40,6 +40,10 @@ def flatten(prefix: str, value, out: list) -> None:
     elif isinstance(value, dict):
         for k, v in value.items():
             flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list):  # e.g. bench_inference's runs: named by their model and device
+        for i, item in enumerate(value):
+            name = "_".join(str(item[k]) for k in ("model", "device") if isinstance(item, dict) and k in item) or str(i)
+            flatten(f"{prefix}.{name}", item, out)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         out.append((prefix, value, "", ""))
 
