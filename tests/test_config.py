@@ -582,3 +582,12 @@ def test_unknown_metric_names_fail_at_config_load_not_after_inference(tmp_path):
                                    "metrics": ["exact_match", "cider"]}])
     r = run_cli("--config", cfg, "--dry-run")
     assert r.returncode == 2 and "benchmarks[0].metrics: unknown metric 'cider'" in r.stderr and "cider_d" in r.stderr
+
+
+def test_loader_option_typos_fail_at_config_load(tmp_path):
+    from conftest import run_cli, write_config
+    (tmp_path / "d").mkdir()
+    cfg = write_config(tmp_path, [{"name": "c", "type": "clotho", "dataset": str(tmp_path / "d"),
+                                   "options": {"spilt": "development"}}])
+    r = run_cli("--config", cfg, "--dry-run")
+    assert r.returncode == 2 and "benchmarks[0].options.spilt" in r.stderr and "did you mean 'split'" in r.stderr

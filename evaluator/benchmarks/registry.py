@@ -28,11 +28,15 @@ class BenchmarkSpec:
     description: str = ""
     default_source: Optional[str] = None  # relative to the repo root, for bench.py without --dataset
     options: dict = field(default_factory=dict)  # default loader options
+    known_options: Optional[tuple] = ()  # the loader options it reads (a typo is an error); None: it checks itself
 
 
 def _load_canonical(source: str, options: dict) -> Dataset:
     return load_dataset(source)
 
+
+TEXT_OPTIONS = ("question_column", "answer_column", "choices_column", "category_column", "id_column",
+                "answer_index_base", "prompt", "dataset_id", "name")
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "dataset": BenchmarkSpec("dataset", "evaluator.benchmarks.registry:_load_canonical", (),
@@ -42,21 +46,24 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "clotho", "evaluator.benchmarks.clotho:load",
         ("cider_d", "spider", "fense", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "sbert_sim"),
         "Clotho-v2.1 audio captioning: clotho_captions_<split>.csv + <split>/*.wav (options: split, prompt)",
-        default_source="data/clotho-v2"),
+        default_source="data/clotho-v2", known_options=("split", "prompt", "audio_dir", "encoding")),
     "mmau-pro": BenchmarkSpec(
         "mmau-pro", "evaluator.benchmarks.mmau_pro:load", ("accuracy",),
         "MMAU-Pro audio QA: test.jsonl|json|parquet + data/*.wav (options: task mc|open, prompt, bad_answer)",
-        default_source="data/mmau-pro"),
+        default_source="data/mmau-pro", known_options=("task", "prompt", "bad_answer", "audio_root")),
     "text-mc": BenchmarkSpec(
         "text-mc", "evaluator.benchmarks.text:load_mc", ("accuracy",),
-        "MMLU/KMMLU-style multiple choice from .jsonl/.json/.csv/.tsv (a file or a folder of them)"),
+        "MMLU/KMMLU-style multiple choice from .jsonl/.json/.csv/.tsv (a file or a folder of them)",
+        known_options=TEXT_OPTIONS),
     "text-qa": BenchmarkSpec(
         "text-qa", "evaluator.benchmarks.text:load_qa", ("exact_match", "token_f1"),
-        "question -> answer from .jsonl/.json/.csv/.tsv (options: question_column, answer_column, prompt)"),
+        "question -> answer from .jsonl/.json/.csv/.tsv (options: question_column, answer_column, prompt)",
+        known_options=TEXT_OPTIONS),
     "gpt_eval": BenchmarkSpec(
         "gpt_eval", "evaluator.benchmarks.gpt_eval:load", ("llm_judge",),
         "Data-Juicer's GPT evaluation: question/baseline/prompt/reviewer .jsonl files, judged pairwise by an LLM "
-        "(options: question_file, baseline_file, prompt_file, reviewer_file; docs/gpt_eval_lm_eval.md)"),
+        "(options: question_file, baseline_file, prompt_file, reviewer_file; docs/gpt_eval_lm_eval.md)",
+        known_options=None),
 }
 
 
@@ -73,10 +80,29 @@ def get(name: str) -> BenchmarkSpec:
     return BENCHMARKS[name]
 
 
+def option_problems(kind: str, options: Optional[dict]) -> list:
+    """`options.<key>: ...` lines for loader options the benchmark type does not read (typos would be ignored)."""
+    import difflib
+    known = get(kind).known_options
+    if known is None:
+        return []
+    out = []
+    for key in options or {}:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(f"options.{key}: not an option of benchmark type {kind!r} "
+                       f"(known: {', '.join(known) or 'none'}){hint}")
+    return out
+
+
 def load_benchmark(kind: str, source: Optional[str], options: Optional[dict] = None,
                    sample_size: Optional[int] = None) -> Dataset:
     """Load benchmark `kind` from `source` as canonical samples; the first `sample_size` rows if given."""
     spec = get(kind)
+    problems = option_problems(kind, options)
+    if problems:
+        raise EvaluatorError("; ".join(problems))
     if not source and spec.default_source:  # relative to the repository root, wherever we run from
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         source = os.path.join(root, spec.default_source)

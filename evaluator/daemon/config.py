@@ -399,6 +399,11 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
         for where, key in secrets:
             problems.append((loc + where + (key,), "a secret does not belong in the config (it would be copied into "
                              f"every job spec): set `{key}_env: VARIABLE_NAME` and export the variable"))
+        from evaluator.benchmarks import registry as benchmark_registry  # standard library only
+        if bench.type in benchmark_registry.BENCHMARKS:
+            for problem in benchmark_registry.option_problems(bench.type, bench.options):
+                key, _, text = problem.partition(": ")
+                problems.append((loc + tuple(key.split(".")), text))
         if bench.metrics:
             from evaluator.stages.evaluation.metrics import expand  # the metric registry: pure Python, no torch
             try:
