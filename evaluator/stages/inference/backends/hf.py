@@ -10,7 +10,7 @@
 - dtype/device: `device` option or CUDA when present; `dtype: auto` is bfloat16 on CUDA (float16 where bf16
   is unsupported) and float32 on CPU.
 - A batch that raises is retried one sample at a time, so one bad sample costs only itself (status=error).
-- Option `choice_scoring: loglikelihood`: for samples with `choices`, no generation: each choice is scored
+- Option `choice_scoring: loglikelihood`: no generation (a sample without `choices` fails alone): each choice is scored
   by the summed log-probability of " <choice>" after the prompt (lm-evaluation-harness's `acc` rule) and the
   best choice's text is the response.
 """
