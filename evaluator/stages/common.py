@@ -6,12 +6,14 @@ serves both lanes (an external harness) gets both runners and picks by the job's
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from importlib import metadata as importlib_metadata
 from typing import Callable, Optional
 
-from evaluator.common.contracts import EVALUATION, INFERENCE, StageJob
+from evaluator.common.atomic import write_json_atomic
+from evaluator.common.contracts import EVALUATION, INFERENCE, METRICS, StageJob, validate_metrics
 
 Runner = Callable[[StageJob], int]
 
@@ -32,6 +34,21 @@ def library_versions(names: tuple) -> dict:
         except importlib_metadata.PackageNotFoundError:
             pass
     return out
+
+
+def metrics_header(job: StageJob, kind: str) -> dict:
+    """The metrics.json fields that say which job a result belongs to."""
+    return {"benchmark": job.benchmark.get("name"), "benchmark_type": kind, "run": job.run,
+            "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint}
+
+
+def write_metrics(job: StageJob, doc: dict, log: Callable[[str], None]) -> int:
+    """Check a metrics.json document against the contract, write it atomically (the evaluation stage's done
+    marker, so last) and log the numbers; returns exit code 0."""
+    validate_metrics(doc, METRICS)
+    write_json_atomic(os.path.join(job.output_dir, METRICS), doc)
+    log("done: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(doc["metrics"].items())))
+    return 0
 
 
 def stage_main(description: str, inference: Optional[Runner] = None, evaluation: Optional[Runner] = None,

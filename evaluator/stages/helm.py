@@ -35,9 +35,9 @@ import time
 from typing import Optional
 
 from evaluator.common.atomic import read_json, write_json_atomic, write_text_atomic
-from evaluator.common.contracts import METRICS, RUN_METADATA, StageJob, validate_metrics
+from evaluator.common.contracts import RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
-from evaluator.stages.common import stage_log, stage_main
+from evaluator.stages.common import metrics_header, stage_log, stage_main, write_metrics
 
 OPTIONS = ("spec_template", "output_path", "env", "eval_instances", "num_threads", "suite_prefix", "metrics",
            "extra_args")
@@ -268,14 +268,9 @@ def run_evaluation(job: StageJob) -> int:
     except EvaluatorError as e:
         log(f"error: {e}")
         return 2
-    doc = {"benchmark": job.benchmark.get("name"), "benchmark_type": "helm", "run": job.run,
-           "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint, "n_error": 0,
-           **converted, "unavailable": {}, "versions": {},
+    doc = {**metrics_header(job, "helm"), "n_error": 0, **converted, "unavailable": {}, "versions": {},
            "helm": {"suite": meta["suite"], "output_path": meta["output_path"], "runs": runs}}
-    validate_metrics(doc, METRICS)
-    write_json_atomic(os.path.join(job.output_dir, METRICS), doc)
-    log("done: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(doc["metrics"].items())))
-    return 0
+    return write_metrics(job, doc, log)
 
 
 def main(argv=None) -> int:

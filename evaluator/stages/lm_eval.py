@@ -46,9 +46,9 @@ import time
 from typing import Optional
 
 from evaluator.common.atomic import read_json, write_json_atomic
-from evaluator.common.contracts import METRICS, PREDICTIONS, RUN_METADATA, StageJob, validate_metrics
+from evaluator.common.contracts import PREDICTIONS, RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
-from evaluator.stages.common import stage_log, stage_main
+from evaluator.stages.common import metrics_header, stage_log, stage_main, write_metrics
 from evaluator.common.records import RunResult, write_results
 
 HARNESS_DIR = "lm_eval"  # under the output dir: the harness's own output (results_*.json, samples_*.jsonl)
@@ -312,16 +312,11 @@ def run_evaluation(job: StageJob) -> int:
     except EvaluatorError as e:
         log(f"error: {results_file}: {e}")
         return 2
-    doc = {"benchmark": job.benchmark.get("name"), "benchmark_type": "lm-eval", "run": job.run,
-           "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint, "n_error": 0,
-           **converted, "unavailable": {},
+    doc = {**metrics_header(job, "lm-eval"), "n_error": 0, **converted, "unavailable": {},
            "versions": {"lm-eval": data.get("lm_eval_version"), "transformers": data.get("transformers_version")},
            "lm_eval": {"results_file": results_file, "n-shot": data.get("n-shot"), "versions": data.get("versions"),
                        "higher_is_better": data.get("higher_is_better")}}
-    validate_metrics(doc, METRICS)
-    write_json_atomic(os.path.join(job.output_dir, METRICS), doc)
-    log("done: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(doc["metrics"].items())))
-    return 0
+    return write_metrics(job, doc, log)
 
 
 def main(argv=None) -> int:

@@ -19,12 +19,11 @@ import os
 import time
 
 from evaluator.benchmarks.registry import default_metrics, load_benchmark
-from evaluator.common.atomic import write_json_atomic
-from evaluator.common.contracts import METRICS, PREDICTIONS, StageJob, validate_metrics
+from evaluator.common.contracts import PREDICTIONS, StageJob
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import read_results
 
-from ..common import library_versions, stage_log, stage_main
+from ..common import library_versions, metrics_header, stage_log, stage_main, write_metrics
 
 VERSIONED = ("aac-metrics", "pycocoevalcap", "sentence-transformers", "transformers", "torch", "lm-eval")
 
@@ -79,14 +78,11 @@ def score(job: StageJob) -> dict:
     if not result.values:
         raise NoMetricError("no metric could be computed: " +
                              "; ".join(f"{k}: {v}" for k, v in sorted(result.unavailable.items())))
-    doc = {
-        "benchmark": bench.get("name"), "benchmark_type": kind, "dataset_id": dataset.dataset_id,
-        "run": job.run, "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint,
-        "n": len(results), "n_error": ok.count(False), "metrics": result.values, "stderr": result.stderr,
+    return {
+        **metrics_header(job, kind), "dataset_id": dataset.dataset_id, "n": len(results), "n_error": ok.count(False), "metrics": result.values, "stderr": result.stderr,
         "per_category": result.per_category, "unavailable": result.unavailable, "versions": library_versions(VERSIONED),
         "timings": {"score_s": round(time.perf_counter() - t0, 3)}, "predictions": predictions_path,
     }
-    return validate_metrics(doc, METRICS)
 
 
 def run(job: StageJob) -> int:
@@ -98,9 +94,7 @@ def run(job: StageJob) -> int:
     except EvaluatorError as e:
         log(f"error: {e}")
         return 2
-    write_json_atomic(os.path.join(job.output_dir, METRICS), doc)
-    log("done: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(doc["metrics"].items())))
-    return 0
+    return write_metrics(job, doc, log)
 
 
 def main(argv=None) -> int:

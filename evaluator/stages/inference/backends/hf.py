@@ -61,6 +61,31 @@ def error_result(base: dict, exc: BaseException, latency_ms: float = 0.0) -> Run
                      error=RunError(type=type(exc).__name__, message=str(exc)[:2000], retryable=retryable))
 
 
+def sample_bases(samples: list, dataset_id: str, backend: str, run_config: dict):
+    """base(i): the RunResult fields every result of sample i carries, whatever its outcome."""
+    def base(i: int) -> dict:
+        return {"sample_id": samples[i].id, "dataset_id": dataset_id, "backend": backend, "run_config": run_config,
+                "request_messages": samples[i].messages}
+    return base
+
+
+def generate_isolated(batch: list, request, record, base, results: list) -> None:
+    """Run `request(batch)` on a batch of sample indices and hand its outputs to `record(batch, outputs,
+    latency_ms)`. A batch that raises is retried one sample at a time, so one bad sample costs only itself
+    (its result is a status=error row)."""
+    t0 = time.perf_counter()
+    try:
+        outputs = request(batch)
+    except Exception as e:
+        if len(batch) == 1:
+            results[batch[0]] = error_result(base(batch[0]), e, (time.perf_counter() - t0) * 1000)
+            return
+        for i in batch:
+            generate_isolated([i], request, record, base, results)
+        return
+    record(batch, outputs, (time.perf_counter() - t0) * 1000)
+
+
 class HFBackend:
     name = "hf"
 
@@ -116,12 +141,7 @@ class HFBackend:
         run_config = {"model": self.alias or self.model_path, "backend": self.name, "seed": self.seed,
                       "batch_size": self.batch_size, "params": self.params.to_dict()}
         results: list[Optional[RunResult]] = [None] * len(samples)
-
-        def base(i):
-            s = samples[i]
-            return {"sample_id": s.id, "dataset_id": dataset_id, "backend": self.name, "run_config": run_config,
-                    "request_messages": s.messages}
-
+        base = sample_bases(samples, dataset_id, self.name, run_config)
         scoring = self.options.get("choice_scoring")
         if scoring not in (None, "generate", "loglikelihood"):
             raise ModelLoadError(f"backend_options.choice_scoring: expected generate|loglikelihood, got {scoring!r}")
@@ -131,25 +151,16 @@ class HFBackend:
             if scoring == "loglikelihood":
                 self._score_choices(samples, batch, base, results)
             else:
-                self._generate(samples, batch, base, results)
+                generate_isolated(batch, lambda b: self.runner.generate([samples[i] for i in b]),
+                                  lambda b, outputs, ms: self._record(b, outputs, ms, base, results), base, results)
             progress.update(len(batch))
         return results
 
-    def _generate(self, samples, batch, base, results) -> None:
-        t0 = time.perf_counter()
-        try:
-            outputs = self.runner.generate([samples[i] for i in batch])
-        except Exception as e:
-            if len(batch) == 1:
-                results[batch[0]] = error_result(base(batch[0]), e, (time.perf_counter() - t0) * 1000)
-                return
-            for i in batch:  # isolate the sample that breaks the batch
-                self._generate(samples, [i], base, results)
-            return
-        latency = (time.perf_counter() - t0) * 1000  # the batch's wall time: every sample waited that long
+    def _record(self, batch, outputs, latency_ms, base, results) -> None:
+        # latency: the batch's wall time, since every sample in it waited that long
         for i, (text, usage) in zip(batch, outputs):
             results[i] = RunResult(**base(i), response={"text": apply_stop(text, self.params.stop).strip(),
-                                                        "usage": usage}, latency_ms=round(latency, 3))
+                                                        "usage": usage}, latency_ms=round(latency_ms, 3))
 
     def _score_choices(self, samples, batch, base, results) -> None:
         for i in batch:

@@ -3,7 +3,8 @@
 - Needs vLLM installed in the inference venv and a CUDA GPU; without either, load() raises ModelLoadError
   saying which is missing. It never falls back to the hf backend: a result must say what produced it.
 - Chat checkpoints (a tokenizer chat template) go through `LLM.chat(conversations, SamplingParams)`; audio parts
-  are sent as `input_audio` content parts (the file's bytes, base64), so vLLM decodes, resamples and places
+  are sent as `input_audio` content parts (openai.to_openai_messages: wav/mp3 bytes as they are, other formats
+  as wav), so vLLM decodes, resamples and places
   the model's audio placeholders itself. Checkpoints without a chat template (or option `chat_template: false`)
   go through `LLM.generate(prompts)` with the turns' texts joined by newlines, like the hf backend; audio
   then needs a chat template. Whisper-style encoder-decoders: use the hf backend.
@@ -17,49 +18,24 @@
 """
 from __future__ import annotations
 
-import base64
 import importlib.util
-import os
-import time
 from typing import Optional
 
 from evaluator.common.records import RunResult
 
 from ..params import GenerationParams, Progress, apply_stop
 from . import ModelLoadError
-from .hf import error_result, text_of
+from .hf import generate_isolated, sample_bases, text_of
+from .openai import to_openai_messages  # the OpenAI chat format vLLM's LLM.chat takes, audio as input_audio
 
 ENGINE_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "enforce_eager",
                   "trust_remote_code", "limit_mm_per_prompt")
-AUDIO_FORMATS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "ogg", ".m4a": "m4a"}
-
-
 def cuda_available() -> bool:
     try:
         import torch
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
-
-
-def audio_part(path: str) -> dict:
-    """An OpenAI-style input_audio content part holding the file's bytes (vLLM decodes and resamples it)."""
-    with open(path, "rb") as f:
-        data = base64.b64encode(f.read()).decode("ascii")
-    fmt = AUDIO_FORMATS.get(os.path.splitext(path)[1].lower(), "wav")
-    return {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}
-
-
-def conversation(sample) -> list:
-    """The sample's turns in vLLM's chat format (text parts as they are, audio parts inline)."""
-    out = []
-    for m in sample.messages:
-        content = m["content"]
-        if not isinstance(content, str):
-            content = [audio_part(p["path"]) if p.get("type") == "audio" else {"type": "text", "text": p["text"]}
-                       for p in content]
-        out.append({"role": m["role"], "content": content})
-    return out
 
 
 class VLLMBackend:
@@ -115,7 +91,7 @@ class VLLMBackend:
 
     def _request(self, samples) -> list:
         if self.chat:
-            return self.llm.chat([conversation(s) for s in samples], self.sampling, use_tqdm=False)
+            return self.llm.chat([to_openai_messages(s.messages) for s in samples], self.sampling, use_tqdm=False)
         for s in samples:
             if s.audio_paths():
                 raise ValueError(f"sample {s.id!r} has audio input but the checkpoint has no chat template to "
@@ -127,30 +103,16 @@ class VLLMBackend:
         run_config = {"model": self.alias or self.model_path, "backend": self.name, "seed": self.seed,
                       "batch_size": self.batch_size, "params": self.params.to_dict()}
         results: list[Optional[RunResult]] = [None] * len(samples)
-
-        def base(i):
-            s = samples[i]
-            return {"sample_id": s.id, "dataset_id": dataset_id, "backend": self.name, "run_config": run_config,
-                    "request_messages": s.messages}
-
+        base = sample_bases(samples, dataset_id, self.name, run_config)
         for start in range(0, len(samples), self.batch_size):
             batch = list(range(start, min(start + self.batch_size, len(samples))))
-            self._generate(samples, batch, base, results)
+            generate_isolated(batch, lambda b: self._request([samples[i] for i in b]),
+                              lambda b, outputs, ms: self._record(b, outputs, ms, base, results), base, results)
             progress.update(len(batch))
         return results
 
-    def _generate(self, samples, batch, base, results) -> None:
-        t0 = time.perf_counter()
-        try:
-            outputs = self._request([samples[i] for i in batch])
-        except Exception as e:
-            if len(batch) == 1:
-                results[batch[0]] = error_result(base(batch[0]), e, (time.perf_counter() - t0) * 1000)
-                return
-            for i in batch:
-                self._generate(samples, [i], base, results)
-            return
-        latency = round((time.perf_counter() - t0) * 1000, 3)
+    def _record(self, batch, outputs, latency_ms, base, results) -> None:
+        latency = round(latency_ms, 3)
         for i, out in zip(batch, outputs):
             completion = out.outputs[0]
             prompt_tokens = len(out.prompt_token_ids or [])
