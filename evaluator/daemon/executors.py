@@ -1,164 +1,116 @@
-"""Local executor: stage subprocesses on two lanes, each in its own process group.
+"""The one Executor protocol the daemon talks to: local lanes (local.py) and Slurm (slurm.py).
 
-The GPU lane runs inference (one slot per GPU unless configured otherwise; the slot's GPU goes in
-CUDA_VISIBLE_DEVICES), the CPU lane runs evaluation, so checkpoint N is scored while N+1 generates.
-Non-blocking: the daemon loop calls `poll()`; nothing here sleeps except `stop_all`.
-A timeout sends SIGTERM to the whole group, then SIGKILL after kill_grace_seconds.
+The daemon never calls anything that exists for one executor only. A stage start is two-phase:
+the daemon makes an intent *token* durable in the ledger first, then calls `submit`; the executor
+marks what it starts with that token (local: `CKPT_EVAL_TOKEN` in the process environment; Slurm:
+the job name), so after a kill -9 anywhere in between `recover` finds it again -- nothing is started
+twice and nothing is orphaned.
+
+An executor that can chain (Slurm) submits `launch.then` (the evaluation) together with the inference,
+with a dependency, and registers nothing until every submission succeeded. When the daemon later
+submits that evaluation (same key, same token) the executor hands back the job it already has.
 """
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import subprocess
-import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
 
-from evaluator.common.contracts import EVALUATION, INFERENCE
-
-log = logging.getLogger(__name__)
+TOKEN_ENV = "CKPT_EVAL_TOKEN"  # set in every local stage's environment: "<token>:<stage>"
 
 
-@dataclass
-class StageProcess:
+class SubmitError(RuntimeError):
+    """The executor could not start the work; nothing it started is left running."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One stage to start. `token` is already durable in the ledger row of `key`."""
+
+    key: tuple  # ledger.JobKey (run, iteration, benchmark)
+    stage: str  # contracts.INFERENCE | contracts.EVALUATION
+    token: str
+    argv: tuple
+    cwd: str  # the result folder
+    log_path: str
+    timeout_s: float
+    then: Optional["Launch"] = None  # the evaluation to chain after this inference (executors that chain)
+
+
+@dataclass(frozen=True)
+class Started:
+    """What the ledger keeps of a started stage, so it can be found again after a restart."""
+
     key: tuple
     stage: str
-    proc: subprocess.Popen
-    started: float
-    deadline: float
-    gpu: Optional[str] = None
-    term_sent_at: Optional[float] = None
+    handle: str  # local: the pid; Slurm: the job id
+    where: str  # for the log: "pid 123, GPU 0" / "Slurm job 45"
+    pid_start: Optional[str] = None  # local: the kernel start time of the pid (tells a reused pid apart)
+    then_handle: Optional[str] = None  # Slurm: the chained evaluation job id
+
+
+@dataclass(frozen=True)
+class Exit:
+    """A stage that ended (poll)."""
+
+    key: tuple
+    stage: str
+    token: str
+    returncode: int  # 0 ok, 75 retry later, other = failure; negative = killed by that signal
+    seconds: float
     timed_out: bool = False
-    returncode: Optional[int] = None
-    reason: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def ledger_fields(self) -> dict:
-        return {"pid": self.pid, "pid_start": process_start_time(self.pid)}
+    reason: str = ""  # what the executor knows beyond the code (e.g. "Slurm job 45 CANCELLED")
 
 
-@dataclass
-class Lanes:
-    inference: int
-    evaluation: int
-    gpus: list = field(default_factory=list)
-    overlap: bool = True  # False: one stage at a time in all (the strictly serial baseline of scripts/bench_pipeline.py)
+@dataclass(frozen=True)
+class Intent:
+    """A ledger row that may have work running under `token` (recover)."""
+
+    key: tuple
+    stage: str
+    token: str
+    handle: Optional[str] = None  # what the ledger recorded, if it got that far
+    pid_start: Optional[str] = None
 
 
-def detect_gpus() -> list[str]:
-    """GPU ids for the inference lane: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
-
-
-def process_start_time(pid: int) -> Optional[str]:
-    """The kernel's start time of a pid (field 22 of /proc/pid/stat), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def kill_group(pgid: int, sig: int) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-class LocalExecutor:
-    chains = False  # each stage is started by the daemon when its input is ready
-
-    def __init__(self, lanes: Lanes, kill_grace_seconds: float = 5.0):
-        self.lanes = lanes
-        self.kill_grace = kill_grace_seconds
-        self.running: dict[tuple, StageProcess] = {}
-
-    def capacity(self, stage: str) -> int:
-        return self.lanes.inference if stage == INFERENCE else self.lanes.evaluation
-
+class Executor(Protocol):
     def free_slots(self, stage: str) -> int:
-        if not self.lanes.overlap:
-            return 0 if self.running else 1
-        return self.capacity(stage) - sum(1 for p in self.running.values() if p.stage == stage)
+        """How many more stages of this kind may be submitted now."""
 
-    def _free_gpu(self) -> Optional[str]:
-        if not self.lanes.gpus:
-            return None
-        busy = [p.gpu for p in self.running.values() if p.stage == INFERENCE]
-        # least-loaded GPU first (several jobs may share a GPU when concurrency > GPUs)
-        return min(self.lanes.gpus, key=lambda g: busy.count(g))
+    def busy(self) -> bool:
+        """Whether anything submitted has not been reported by poll yet."""
 
-    def adopt(self, key: tuple) -> None:
-        return None  # nothing is ever pre-submitted locally
+    def submit(self, launch: Launch) -> Started:
+        """Start the stage (and its `then`, if this executor chains); raises SubmitError."""
 
-    def cancel_chained(self, key: tuple) -> None:
-        pass
+    def poll(self) -> list[Exit]:
+        """Stages that ended since the last call; enforces timeouts. Never blocks for long."""
 
-    def start(self, key: tuple, stage: str, argv: list[str], cwd: str, log_path: str,
-              timeout_s: float, env: Optional[dict] = None, chain: Optional[tuple] = None) -> StageProcess:
-        env = dict(os.environ if env is None else env)
-        gpu = None
-        if stage == INFERENCE and self.lanes.gpus:
-            gpu = self._free_gpu()
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        elif stage == EVALUATION and self.lanes.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU lane must not grab the inference GPU
-        os.makedirs(cwd, exist_ok=True)
-        with open(log_path, "ab") as logf:
-            logf.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
-            logf.flush()
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        now = time.monotonic()
-        sp = StageProcess(key, stage, proc, now, now + timeout_s, gpu)
-        self.running[key] = sp
-        return sp
+    def recover(self, intents: list[Intent]) -> dict[tuple, Started]:
+        """Find the work a previous daemon started under these tokens.
 
-    def poll(self) -> list[StageProcess]:
-        """Finished stage processes (removed from `running`); also enforces timeouts."""
-        done = []
-        now = time.monotonic()
-        for key, sp in list(self.running.items()):
-            code = sp.proc.poll()
-            if code is None:
-                if sp.term_sent_at is None and now >= sp.deadline:
-                    log.warning("%s %s: timed out, sending SIGTERM to its process group", sp.stage, key)
-                    sp.timed_out = True
-                    sp.term_sent_at = now
-                    kill_group(sp.pid, signal.SIGTERM)
-                elif sp.term_sent_at is not None and now - sp.term_sent_at >= self.kill_grace:
-                    kill_group(sp.pid, signal.SIGKILL)
-                continue
-            # the leader is gone; take any straggler of its group with it
-            kill_group(sp.pid, signal.SIGKILL)
-            sp.returncode = code
-            del self.running[key]
-            done.append(sp)
-        return done
+        Returns {(key, stage): Started} for work that is now tracked again (poll reports its end);
+        anything not returned is not running any more (local: leftovers are killed, since a restarted
+        daemon cannot collect a child it did not start)."""
 
-    def stop_all(self) -> list[StageProcess]:
-        """SIGTERM every running group, wait up to kill_grace, then SIGKILL. Returns what was stopped."""
-        stopped = list(self.running.values())
-        for sp in stopped:
-            kill_group(sp.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.kill_grace
-        while time.monotonic() < deadline and any(sp.proc.poll() is None for sp in stopped):
-            time.sleep(0.05)
-        for sp in stopped:
-            kill_group(sp.pid, signal.SIGKILL)
-            sp.returncode = sp.proc.wait()
-        self.running.clear()
-        return stopped
+    def stop(self) -> list[tuple]:
+        """The daemon is stopping: returns the (key, stage) it stopped (local kills its stages;
+        Slurm leaves jobs running and returns none)."""
+
+    def cancel(self, key: tuple) -> None:
+        """Stop and forget any work of this key (e.g. a chained evaluation that can never run)."""
+
+
+def _local(ex, timeouts, kill_grace):
+    from evaluator.daemon.local import LocalExecutor
+
+    return LocalExecutor.from_config(ex)
+
+
+def _slurm(ex, timeouts, kill_grace):
+    from evaluator.daemon.slurm import SlurmExecutor
+
+    return SlurmExecutor(ex, timeouts)
+
+
+# executor.type -> factory(ExecutorConfig, {stage: timeout seconds}, kill grace seconds)
+EXECUTORS: dict[str, Callable] = {"local": _local, "slurm": _slurm}
