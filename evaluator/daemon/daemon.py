@@ -27,7 +27,7 @@ from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import LAYOUTS, Checkpoint, CheckpointLayout, Selection
 from evaluator.daemon.config import AutoEvalConfig
-from evaluator.daemon.executors import Lanes, LocalExecutor, StageProcess, detect_gpus, kill_group, process_start_time
+from evaluator.daemon.local import Lanes, LocalExecutor, StageProcess, detect_gpus, kill_group, process_start_time
 from evaluator.daemon.slurm import SlurmExecutor
 from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
 from evaluator.daemon.stages import BENCHMARK_TYPES
