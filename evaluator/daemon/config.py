@@ -104,6 +104,9 @@ class WatchConfig(Section):
     snapshot: Literal["auto", "none", "hardlink", "copy"] = "auto"
     snapshot_max_gb: Optional[float] = Field(None, gt=0)  # budget for pinned snapshots; None = no limit
     snapshot_exclude: Optional[list[str]] = None  # file-name patterns not pinned; default: the layout's
+    # a checkpoint is called vanished only after consecutive scans spanning this long missed it (an NFS
+    # mount that drops for a moment must not end every pending job); default: a few poll intervals
+    vanish_grace_seconds: Optional[float] = Field(None, ge=0)
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -134,6 +137,9 @@ class ExecutorConfig(Section):
     inference_timeout_minutes: float = Field(240.0, gt=0)
     evaluation_timeout_minutes: float = Field(120.0, gt=0)
     kill_grace_seconds: float = Field(5.0, ge=0, le=8)
+    # exit 75 (retry later: rate limits, a server restarting) is retried with backoff on its own time
+    # budget, not counted as an attempt; after this long of nothing but 75s the job fails for good
+    tempfail_minutes: float = Field(120.0, gt=0)
     # type: slurm (evaluator/daemon/slurm.py): one sbatch job per stage
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -196,6 +202,10 @@ class RecorderConfig(Section):
     sinks: list[str] = ["local"]
     mlflow: MlflowConfig = MlflowConfig()
     plots: bool = True  # local sink: curves.png and summary.md beside history.jsonl
+    # per (result, sink): a result a sink refused this many times in a row is set aside (quarantined,
+    # shown by `status`, offered again by `status --retry-recording`); the other results keep flowing
+    max_failures: int = Field(8, ge=1)
+    timeout_seconds: float = Field(120.0, gt=0)  # one sink call; past it the call counts as failed
 
 
 class AutoEvalConfig(Section):
