@@ -59,6 +59,8 @@ class Exit:
     seconds: float
     timed_out: bool = False
     reason: str = ""  # what the executor knows beyond the code (e.g. "Slurm job 45 CANCELLED")
+    # an inference that succeeded and whose evaluation the executor had chained: it runs already as this
+    then_started: Optional[Started] = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class Executor(Protocol):
         Returns {(key, stage): Started} for work that is now tracked again (poll reports its end);
         anything not returned is not running any more (local: leftovers are killed, since a restarted
         daemon cannot collect a child it did not start)."""
+
+    def running(self) -> list[tuple]:
+        """The (key, stage) of everything tracked (status, the heartbeat)."""
 
     def stop(self) -> list[tuple]:
         """The daemon is stopping: returns the (key, stage) it stopped (local kills its stages;
