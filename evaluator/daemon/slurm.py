@@ -1,10 +1,17 @@
-"""Slurm executor: each stage is one sbatch job; the evaluation job is submitted together with the
-inference job, with --dependency=afterok, so a checkpoint's pipeline proceeds without the daemon.
+"""Slurm executor: each stage is one sbatch job, and a checkpoint's evaluation job is submitted together
+with its inference job (`--dependency=afterok`), so a pipeline proceeds without the daemon.
 
-The daemon talks to it as to the local executor (free_slots / start / poll / stop_all); the
-differences: stopping the daemon leaves jobs running (they are re-attached by id on the next start),
-and states come from sacct (or `scontrol show job` where no accounting database answers), polled
-with backoff. A job's batch script is kept next to its log in the results tree.
+It implements the Executor protocol of executors.py. What differs from the local executor:
+- the intent token is in the job name, `eval-<run>-<iteration>-<benchmark>-<token>-<infer|evalu>`, so
+  `recover` finds a previous daemon's jobs with one `squeue` and one `sacct` call, even when the daemon
+  was killed before the ledger learned the job id;
+- stopping the daemon leaves jobs running (Slurm runs them without us);
+- `poll` asks one `squeue` for everything tracked and one `sacct` for what squeue no longer lists
+  (`scontrol -o show job` where no accounting database answers), backing off from 1 s to
+  `executor.slurm_poll_max_seconds` while nothing changes;
+- `max_in_flight` counts pipelines (checkpoint x benchmark with a job not finished), chained
+  evaluations and lone re-scores included.
+A job's batch script is kept next to its log in the results tree.
 """
 from __future__ import annotations
 
@@ -20,42 +27,107 @@ from typing import Optional
 from evaluator.common.atomic import write_text_atomic
 from evaluator.common.contracts import EVALUATION, INFERENCE
 from evaluator.common.errors import EvaluatorError
+from evaluator.daemon.executors import Exit, Intent, Launch, Started, SubmitError
 
 log = logging.getLogger("evaluator")
 
 FINISHED_OK = {"COMPLETED"}
 FINISHED_BAD = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "CANCELLED", "BOOT_FAIL",
                 "DEADLINE", "REVOKED"}
+# every state, so that `sacct -S` also lists jobs that never became eligible (an evaluation cancelled
+# while it waited on its inference); without `-s` sacct leaves those out of a time window
+ALL_STATES = "PD,R,S,CG,CD,CA,F,TO,OOM,NF,PR,BF,DL,RQ,RS,RV"
 SCRIPT_FILE = {INFERENCE: "infer.sbatch", EVALUATION: "eval.sbatch"}
-POLL_MIN, POLL_MAX = 1.0, 30.0
+POLL_MIN = 1.0
+PURGED_AFTER_S = 60.0  # unknown to squeue and sacct this long: the job is gone (not just accounting lag)
+RECOVER_WINDOW = "now-30days"  # how far back recover looks for jobs that finished while no daemon ran
+NAMES_PER_CALL = 500  # one argument holds at most 128 KiB (MAX_ARG_STRLEN)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What Slurm says of one job."""
+
+    state: str  # first word of the state ("CANCELLED by 0" -> CANCELLED)
+    exit_code: str = ""  # "code:signal"
+    reason: str = ""
+    elapsed_s: Optional[float] = None
 
 
 @dataclass
 class SlurmJob:
     key: tuple
     stage: str
+    token: str
     job_id: str
-    started: float
-    returncode: Optional[int] = None
-    timed_out: bool = False
-    reason: str = ""
-    gpu: Optional[str] = None
+    started: float  # monotonic; for Exit.seconds when Slurm does not say
+    unknown_since: Optional[float] = None  # monotonic; first poll that found it neither queued nor accounted
 
-    @property
-    def pid(self) -> int:  # the ledger's pid column is for local processes
-        return 0
 
-    def ledger_fields(self) -> dict:
-        return {"infer_job" if self.stage == INFERENCE else "eval_job": self.job_id}
+def job_name(key: tuple, stage: str, token: str) -> str:
+    """The job name: readable, and unique per intent token (what `recover` looks jobs up by).
+
+    Characters other than [A-Za-z0-9._-] become `_`, so the name survives sacct's comma-separated
+    `--name` list, `|`-separated output and shell quoting unchanged."""
+    run, iteration, bench = key
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"eval-{run}-{iteration}-{bench}-{token}-{stage[:5]}")
+
+
+def exit_of(job_id: str, st: JobState) -> Optional[tuple[int, bool, str]]:
+    """(returncode, timed_out, reason) of a finished job; None while it is not finished.
+
+    A failure keeps the job's own exit code (2 and 75 mean something to the daemon); killed by a signal
+    is minus that signal, as for a local process; a failed state with exit 0:0 is 1."""
+    if st.state in FINISHED_OK:
+        return 0, False, ""
+    if st.state not in FINISHED_BAD:
+        return None
+    m = re.match(r"(\d+):(\d+)", st.exit_code)
+    code, sig = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    returncode = code or (-sig if sig else 1)
+    detail = f" ({st.reason})" if st.reason and st.reason != "None" else ""
+    return returncode, st.state == "TIMEOUT", f"Slurm job {job_id} {st.state}{detail}"
+
+
+def parse_sacct(text: str) -> dict[str, JobState]:
+    """`sacct -n -X -P -o JobID,State,ExitCode,Reason,ElapsedRaw` -> {job id: JobState}; a later line wins."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 5 or not parts[0]:
+            continue
+        elapsed = float(parts[4]) if parts[4].isdigit() else None
+        out[parts[0]] = JobState((parts[1].split() or ["UNKNOWN"])[0], parts[2], parts[3], elapsed)
+    return out
+
+
+def parse_scontrol(text: str) -> dict[str, tuple[str, JobState]]:
+    """`scontrol -o show job` (one line per job the controller still holds) -> {job id: (name, JobState)}."""
+    out = {}
+    for line in text.splitlines():
+        fields = dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line))
+        if "JobId" in fields:
+            out[fields["JobId"]] = (fields.get("JobName", ""), JobState(
+                fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", ""), fields.get("Reason", "")))
+    return out
 
 
 def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run a Slurm client; a missing client or a hung controller is a failed call, never an exception."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
-        raise EvaluatorError(f"executor.type slurm: `{argv[0]}` not found; is this a Slurm submit host?") from None
+        return subprocess.CompletedProcess(argv, 127, "", f"`{argv[0]}` not found; is this a Slurm submit host?")
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(argv, 124, "", f"{argv[0]} timed out")
+        return subprocess.CompletedProcess(argv, 124, "", f"{argv[0]} timed out after {timeout:.0f} s")
+
+
+def _message(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
+
+
+def _chunks(items: list[str], n: int = NAMES_PER_CALL):
+    return [items[i:i + n] for i in range(0, len(items), n)]
 
 
 def _minutes(m: float) -> str:
@@ -63,172 +135,261 @@ def _minutes(m: float) -> str:
     return f"{total // 60}:{total % 60:02d}:00"
 
 
-class SlurmExecutor:
-    chains = True  # the evaluation job is submitted with its inference job
+def cancel(job_ids: list[str]) -> None:
+    """scancel these jobs (`status --cancel-jobs`; a finished one is ignored by Slurm)."""
+    if job_ids:
+        _run(["scancel", *job_ids])
 
+
+class SlurmExecutor:
     def __init__(self, ex, timeouts: dict[str, float]):
         self.ex = ex  # ExecutorConfig
-        self.timeouts = timeouts  # stage -> seconds
-        self.running: dict[tuple, SlurmJob] = {}
-        self.chained: dict[tuple, SlurmJob] = {}  # submitted evaluation jobs waiting on their inference
+        self.timeouts = timeouts  # stage -> seconds; the --time of a launch that gives none
+        self.jobs: dict[str, SlurmJob] = {}  # job id -> every job whose end poll has not reported yet
         self.next_poll = 0.0
         self.interval = POLL_MIN
 
-    # ---- slots: max_in_flight counts pipelines (a checkpoint x benchmark with a job not finished)
-    def _in_flight(self) -> int:
-        return len(set(self.running) | set(self.chained))
+    # ---- capacity --------------------------------------------------------------------------------
+    def _keys(self) -> set:
+        return {j.key for j in self.jobs.values()}
 
     def free_slots(self, stage: str) -> int:
-        if stage == EVALUATION:
-            return self.ex.max_in_flight  # chained ones are adopted; a lone re-score is one pipeline
-        return self.ex.max_in_flight - self._in_flight()
+        """max_in_flight bounds pipelines of both stages: a chained pair is one, a lone re-score is one."""
+        return self.ex.max_in_flight - len(self._keys())
 
-    # ---- submission ----------------------------------------------------------------------
-    def _script(self, key: tuple, stage: str, argv: list[str], cwd: str, log_path: str) -> str:
-        run, iteration, bench = key
+    def busy(self) -> bool:
+        return bool(self.jobs)
+
+    def running(self) -> list[tuple]:
+        """(key, stage) as the ledger sees it: a key whose inference is tracked is inferring, even
+        while its chained evaluation job already waits in the queue."""
+        infer = {j.key for j in self.jobs.values() if j.stage == INFERENCE}
+        return [(k, INFERENCE if k in infer else EVALUATION) for k in self._keys()]
+
+    # ---- submission ------------------------------------------------------------------------------
+    def _script(self, launch: Launch) -> str:
         ex = self.ex
+        seconds = launch.timeout_s or self.timeouts[launch.stage]
         lines = ["#!/bin/bash",
-                 f"#SBATCH --job-name={shlex.quote(f'eval-{run}-{iteration}-{bench}-{stage[:5]}')}",
-                 f"#SBATCH --output={log_path}", f"#SBATCH --error={log_path}", "#SBATCH --open-mode=append",
-                 f"#SBATCH --chdir={cwd}", f"#SBATCH --time={ex.time or _minutes(self.timeouts[stage] / 60)}"]
+                 f"#SBATCH --output={launch.log_path}", f"#SBATCH --error={launch.log_path}",
+                 "#SBATCH --open-mode=append", f"#SBATCH --chdir={launch.cwd}",
+                 f"#SBATCH --time={ex.time or _minutes(seconds / 60)}"]
         for flag, value in (("partition", ex.partition), ("account", ex.account), ("qos", ex.qos),
                             ("cpus-per-task", ex.cpus_per_task), ("mem", ex.mem)):
             if value:
                 lines.append(f"#SBATCH --{flag}={value}")
-        if stage == INFERENCE:
+        if launch.stage == INFERENCE:
             if ex.gres:
                 lines.append(f"#SBATCH --gres={ex.gres}")
             elif ex.gpus_per_job:
                 lines.append(f"#SBATCH --gpus={ex.gpus_per_job}")
         lines += [f"#SBATCH {a}" for a in ex.extra_sbatch_args]
-        lines += ["set -e", *ex.env_setup, "set +e", f"exec {' '.join(shlex.quote(a) for a in argv)}", ""]
-        path = os.path.join(cwd, SCRIPT_FILE[stage])
+        lines += ["set -e", *ex.env_setup, "set +e", f"exec {' '.join(shlex.quote(a) for a in launch.argv)}", ""]
+        os.makedirs(launch.cwd, exist_ok=True)
+        path = os.path.join(launch.cwd, SCRIPT_FILE[launch.stage])
         write_text_atomic(path, "\n".join(lines))
         return path
 
-    def _sbatch(self, script: str, after: Optional[str] = None) -> str:
-        argv = ["sbatch", "--parsable"]
+    def _sbatch(self, launch: Launch, token: str, script: str, after: Optional[str] = None) -> str:
+        # the name goes on the command line, not in the script: no #SBATCH quoting to get wrong
+        argv = ["sbatch", "--parsable", f"--job-name={job_name(launch.key, launch.stage, token)}"]
         if after:
             argv += [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"]
         proc = _run(argv + [script])
-        if proc.returncode != 0:
-            raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-        return proc.stdout.strip().split(";")[0]
+        if proc.returncode == 124:  # the controller may have queued it all the same: no job nobody follows
+            _run(["scancel", "--me", f"--name={job_name(launch.key, launch.stage, token)}"])
+        job_id = proc.stdout.strip().split(";")[0]
+        if proc.returncode != 0 or not job_id.isdigit():
+            raise SubmitError(f"sbatch of the {launch.stage} stage failed: {_message(proc)}")
+        return job_id
 
-    def start(self, key: tuple, stage: str, argv: list[str], cwd: str, log_path: str, timeout_s: float,
-              env: Optional[dict] = None, chain: Optional[tuple] = None) -> SlurmJob:
-        job = SlurmJob(key, stage, self._sbatch(self._script(key, stage, argv, cwd, log_path)), time.monotonic())
-        self.running[key] = job
-        if chain is not None:  # (argv, cwd, log_path) of the evaluation stage
-            e_argv, e_cwd, e_log = chain
-            eval_id = self._sbatch(self._script(key, EVALUATION, e_argv, e_cwd, e_log), after=job.job_id)
-            self.chained[key] = SlurmJob(key, EVALUATION, eval_id, time.monotonic())
+    def submit(self, launch: Launch) -> Started:
+        """sbatch the stage and its chained `then`; tracks nothing unless every sbatch succeeded.
+
+        Both jobs carry `launch.token` (the one the ledger row holds), so `recover` finds the pair."""
+        then = launch.then
+        try:
+            scripts = [self._script(launch)] + ([self._script(then)] if then else [])
+        except OSError as e:
+            raise SubmitError(f"cannot write the batch script: {e}") from None
+        first = self._sbatch(launch, launch.token, scripts[0])
+        second = None
+        if then is not None:
+            try:
+                second = self._sbatch(then, launch.token, scripts[1], after=first)
+            except SubmitError as e:
+                cancel([first])  # a lone inference would finish into a pipeline nobody follows
+                raise SubmitError(f"{e} (its inference, Slurm job {first}, was cancelled)") from None
+        now = time.monotonic()
+        self.jobs[first] = SlurmJob(launch.key, launch.stage, launch.token, first, now)
+        if second is not None:
+            self.jobs[second] = SlurmJob(launch.key, EVALUATION, launch.token, second, now)
+        self._poll_soon()
+        return Started(launch.key, launch.stage, first, f"Slurm job {first}", then_handle=second)
+
+    # ---- recovery --------------------------------------------------------------------------------
+    def _find(self, names: set[str]) -> dict[str, str]:
+        """{job name: newest job id} among `names`: one squeue (queued, running) and one sacct
+        (finished while no daemon ran); `scontrol -o show job` if sacct does not answer."""
+        found: dict[str, int] = {}
+
+        def keep(name: str, job_id: str) -> None:
+            if name in names and job_id.isdigit():
+                found[name] = max(found.get(name, 0), int(job_id))
+
+        q = _run(["squeue", "-h", "--me", "-o", "%i|%j"])
+        if q.returncode != 0:  # guessing "nothing runs" would submit every pipeline a second time
+            raise EvaluatorError(f"executor.type slurm: squeue failed ({_message(q)}); cannot tell which jobs "
+                                 f"of the previous daemon still run")
+        for line in q.stdout.splitlines():
+            job_id, _, name = line.partition("|")
+            keep(name, job_id)
+        for chunk in _chunks(sorted(names)):
+            a = _run(["sacct", "-n", "-X", "-P", "--name=" + ",".join(chunk), "-S", RECOVER_WINDOW, "-E", "now",
+                      "-s", ALL_STATES, "-o", "JobID,JobName"])
+            if a.returncode != 0:
+                log.warning("sacct failed (%s); looking in the controller's memory instead (recent jobs only)",
+                            _message(a))
+                for job_id, (name, _) in parse_scontrol(_run(["scontrol", "-o", "show", "job"]).stdout).items():
+                    keep(name, job_id)
+                break
+            for line in a.stdout.splitlines():
+                job_id, _, name = line.partition("|")
+                keep(name, job_id)
+        return {name: str(job_id) for name, job_id in found.items()}
+
+    def recover(self, intents: list[Intent]) -> dict[tuple, Started]:
+        """Track again the jobs a previous daemon submitted under these intents' tokens.
+
+        An inference whose chained evaluation was never submitted (killed between the two sbatch calls)
+        is cancelled and not returned: the daemon starts that pipeline again. Jobs that finished while
+        no daemon ran are tracked too; the next poll reports them with their real exit code."""
+        if not intents:
+            return {}
+        names = {job_name(i.key, s, i.token) for i in intents if i.token for s in (INFERENCE, EVALUATION)}
+        found = self._find(names)
+        out: dict[tuple, Started] = {}
+        now = time.monotonic()
+        for intent in intents:
+            if not intent.token:
+                continue
+            infer = found.get(job_name(intent.key, INFERENCE, intent.token))
+            evalu = found.get(job_name(intent.key, EVALUATION, intent.token))
+            if intent.stage == INFERENCE and infer and not evalu:
+                log.warning("%s: Slurm job %s has no chained evaluation job (the daemon stopped between the two "
+                            "sbatch calls); cancelled, the pipeline starts again", intent.key, infer)
+                cancel([infer])
+            elif intent.stage == INFERENCE and infer:
+                self.jobs[infer] = SlurmJob(intent.key, INFERENCE, intent.token, infer, now)
+                self.jobs[evalu] = SlurmJob(intent.key, EVALUATION, intent.token, evalu, now)
+                out[(intent.key, INFERENCE)] = Started(intent.key, INFERENCE, infer, f"Slurm job {infer}",
+                                                       then_handle=evalu)
+            elif intent.stage == EVALUATION and evalu:
+                self.jobs[evalu] = SlurmJob(intent.key, EVALUATION, intent.token, evalu, now)
+                out[(intent.key, EVALUATION)] = Started(intent.key, EVALUATION, evalu, f"Slurm job {evalu}")
+        self._poll_soon()
+        return out
+
+    # ---- state tracking --------------------------------------------------------------------------
+    def _poll_soon(self) -> None:
         self.next_poll = 0.0
         self.interval = POLL_MIN
-        return job
 
-    def chained_id(self, key: tuple) -> Optional[str]:
-        job = self.chained.get(key)
-        return job.job_id if job else None
+    def _queued(self) -> Optional[set[str]]:
+        """Ids of this user's jobs Slurm still holds as queued/running; None if squeue did not answer."""
+        proc = _run(["squeue", "-h", "--me", "-o", "%i"])
+        if proc.returncode != 0:
+            log.warning("squeue failed (%s); trying again later", _message(proc))
+            return None
+        return {line.strip() for line in proc.stdout.splitlines()}
 
-    def adopt(self, key: tuple) -> Optional[SlurmJob]:
-        """Track the already-submitted evaluation job of `key` as running."""
-        job = self.chained.pop(key, None)
-        if job is not None:
-            job.started = time.monotonic()
-            self.running[key] = job
-        return job
+    def _finished(self, job_ids: list[str]) -> dict[str, JobState]:
+        """States of jobs squeue no longer lists: one sacct call; the controller's memory for what
+        accounting does not know (no slurmdbd, or a record not written yet)."""
+        states: dict[str, JobState] = {}
+        for chunk in _chunks(job_ids):
+            proc = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(chunk),
+                         "-o", "JobID,State,ExitCode,Reason,ElapsedRaw"])
+            if proc.returncode == 0:
+                states.update(parse_sacct(proc.stdout))
+        missing = [i for i in job_ids if i not in states]
+        if missing:
+            # `scontrol show job` takes one id only (22.05 refuses "1,2"); without an id it prints every
+            # job the controller still holds, i.e. for MinJobAge (300 s by default) after its end
+            held = parse_scontrol(_run(["scontrol", "-o", "show", "job"]).stdout)
+            states.update({i: held[i][1] for i in missing if i in held})
+        return states
 
-    def attach(self, key: tuple, stage: str, job_id: str, chained: bool = False) -> None:
-        """Re-attach to a job submitted by a previous daemon."""
-        job = SlurmJob(key, stage, job_id, time.monotonic())
-        (self.chained if chained else self.running)[key] = job
-        self.next_poll = 0.0
-
-    def cancel_chained(self, key: tuple) -> None:
-        job = self.chained.pop(key, None)
-        if job is not None:
-            _run(["scancel", job.job_id])
-
-    # ---- state tracking -------------------------------------------------------------------
-    def poll(self) -> list[SlurmJob]:
+    def poll(self) -> list[Exit]:
+        """Jobs that ended since the last call. A failed inference takes its chained evaluation with it;
+        a succeeded one hands it over as `then_started`, and that evaluation's end comes in a later poll."""
         now = time.monotonic()
-        if not self.running or now < self.next_poll:
+        if not self.jobs or now < self.next_poll:
             return []
-        states = query_states([j.job_id for j in self.running.values()])
-        done = []
-        for key, job in list(self.running.items()):
-            state, exit_code, reason = states.get(job.job_id, ("UNKNOWN", None, ""))
-            if state in FINISHED_OK:
-                job.returncode = 0
-            elif state in FINISHED_BAD:
-                job.timed_out = state == "TIMEOUT"
-                job.returncode = exit_code if exit_code not in (None, 0) else 1
-                job.reason = f"Slurm job {job.job_id} {state}" + (f" ({reason})" if reason and reason != "None" else "")
-            elif state == "GONE":
-                job.returncode = 1
-                job.reason = f"Slurm job {job.job_id} is unknown to Slurm (purged before it was seen finishing)"
-            else:
+        queued = self._queued()
+        if queued is None:
+            self._back_off(now, changed=False)
+            return []
+        gone = [i for i in self.jobs if i not in queued]
+        states = self._finished(gone) if gone else {}
+        inferring = {j.key for j in self.jobs.values() if j.stage == INFERENCE}
+        exits = []
+        for job in sorted(self.jobs.values(), key=lambda j: j.stage != INFERENCE):
+            if job.job_id not in self.jobs:
+                continue  # cancelled with its inference above
+            if job.job_id in queued:
+                job.unknown_since = None
                 continue
-            del self.running[key]
-            done.append(job)
-            if job.returncode != 0 and job.stage == INFERENCE:
-                self.cancel_chained(key)  # its dependency can never be satisfied
-        # back off while nothing changes; look again soon after a change
-        self.interval = POLL_MIN if done else min(POLL_MAX, self.interval * 1.5)
-        self.next_poll = now + min(self.interval, self.ex.slurm_poll_max_seconds)
-        return done
+            if job.stage == EVALUATION and job.key in inferring:
+                continue  # reported after its inference's end, never before
+            st = states.get(job.job_id)
+            outcome = exit_of(job.job_id, st) if st else None
+            if st is None:
+                job.unknown_since = job.unknown_since or now
+                if now - job.unknown_since < PURGED_AFTER_S:
+                    continue
+                outcome = (1, False, f"Slurm job {job.job_id} is unknown to squeue and sacct (purged before its "
+                                     f"end was seen)")
+            if outcome is None:
+                continue  # accounting still says RUNNING for a moment after squeue dropped it
+            returncode, timed_out, reason = outcome
+            del self.jobs[job.job_id]
+            seconds = st.elapsed_s if st and st.elapsed_s is not None else now - job.started
+            exits.append(Exit(job.key, job.stage, job.token, returncode, seconds, timed_out, reason,
+                              then_started=self._hand_over(job, returncode, now)))
+        self._back_off(now, changed=bool(exits))
+        return exits
 
-    def stop_all(self) -> list:
-        """Jobs are independent of the daemon: leave them running, re-attach on the next start."""
-        n = len(set(self.running) | set(self.chained))
-        if n:
-            log.info("%d Slurm pipeline(s) left running; the next start re-attaches to them by job id", n)
+    def _hand_over(self, infer: SlurmJob, returncode: int, now: float) -> Optional[Started]:
+        """The chained evaluation of an inference that ended: Started if it succeeded, else cancelled."""
+        if infer.stage != INFERENCE:
+            return None
+        evalu = next((j for j in self.jobs.values() if j.key == infer.key and j.stage == EVALUATION), None)
+        if evalu is None:
+            return None
+        if returncode != 0:
+            cancel([evalu.job_id])  # its dependency can never be satisfied
+            del self.jobs[evalu.job_id]
+            return None
+        evalu.started = now
+        return Started(evalu.key, EVALUATION, evalu.job_id, f"Slurm job {evalu.job_id}")
+
+    def _back_off(self, now: float, changed: bool) -> None:
+        # look again soon after a change; slower and slower while nothing happens
+        self.interval = POLL_MIN if changed else min(self.ex.slurm_poll_max_seconds, self.interval * 1.5)
+        self.next_poll = now + min(self.interval, self.ex.slurm_poll_max_seconds)
+
+    # ---- stop / cancel ---------------------------------------------------------------------------
+    def stop(self) -> list[tuple]:
+        """Jobs are independent of the daemon: leave them running; the next start recovers them."""
+        if self.jobs:
+            log.info("%d Slurm pipeline(s) left running (%d job(s)); the next start finds them by token",
+                     len(self._keys()), len(self.jobs))
         return []
 
-
-_STATE = re.compile(r"JobState=(\S+)")
-_EXIT = re.compile(r"ExitCode=(\d+):(\d+)")
-_REASON = re.compile(r"Reason=(\S+)")
-
-
-def _parse_exit(text: str) -> Optional[int]:
-    m = re.match(r"(\d+):(\d+)", text or "")
-    if not m:
-        return None
-    code, sig = int(m.group(1)), int(m.group(2))
-    return code if code else (128 + sig if sig else 0)
-
-
-def query_states(job_ids: list[str]) -> dict[str, tuple[str, Optional[int], str]]:
-    """job id -> (state, exit code, reason): sacct first, `scontrol show job` for what it lacks."""
-    out: dict[str, tuple[str, Optional[int], str]] = {}
-    proc = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,ExitCode,Reason"])
-    if proc.returncode == 0:
-        for line in proc.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) >= 3 and parts[0] in job_ids:
-                state = parts[1].split()[0] if parts[1] else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
-                out[parts[0]] = (state, _parse_exit(parts[2]), parts[3] if len(parts) > 3 else "")
-    for job_id in job_ids:
-        if job_id in out and out[job_id][0] not in ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED"):
-            continue
-        proc = _run(["scontrol", "show", "job", job_id])
-        if proc.returncode != 0:
-            if job_id not in out and "Invalid job id" in (proc.stderr + proc.stdout):
-                out[job_id] = ("GONE", None, "")
-            continue
-        state = _STATE.search(proc.stdout)
-        exit_m = _EXIT.search(proc.stdout)
-        reason = _REASON.search(proc.stdout)
-        code = None
-        if exit_m:
-            code = int(exit_m.group(1)) or (128 + int(exit_m.group(2)) if int(exit_m.group(2)) else 0)
-        if state:
-            out[job_id] = (state.group(1), code, reason.group(1) if reason else "")
-    return out
-
-
-def cancel(job_ids: list[str]) -> None:
-    if job_ids:
-        _run(["scancel", *job_ids])
+    def cancel(self, key: tuple) -> None:
+        """scancel and forget every job of this key."""
+        ids = [i for i, j in self.jobs.items() if j.key == key]
+        cancel(ids)
+        for i in ids:
+            del self.jobs[i]
