@@ -160,7 +160,7 @@ def test_a_refused_second_sbatch_cancels_the_first_and_tracks_nothing(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_restarted_daemon_recovers_running_and_finished_pipelines_by_token(tmp_path, slurm_up):
+def test_a_restarted_daemon_recovers_running_and_finished_pipelines_by_token(tmp_path, slurm_up, caplog):
     before = executor()
     running = pipeline(tmp_path, "sleep 4")
     done = pipeline(tmp_path, "echo fast")
@@ -172,6 +172,7 @@ def test_a_restarted_daemon_recovers_running_and_finished_pipelines_by_token(tmp
     assert found[(running.key, INFERENCE)].handle == r1.handle
     assert found[(running.key, INFERENCE)].then_handle == r1.then_handle
     assert found[(done.key, INFERENCE)].then_handle == d1.then_handle
+    assert "sacct failed" not in caplog.text  # found through accounting, not the controller's short memory
     exits = exits_until(after, 4)
     assert [(e.key, e.stage, e.returncode) for e in exits if e.key == done.key] == [
         (done.key, INFERENCE, 0), (done.key, EVALUATION, 0)]  # the evaluation is reported after its inference

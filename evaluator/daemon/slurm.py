@@ -34,9 +34,9 @@ log = logging.getLogger("evaluator")
 FINISHED_OK = {"COMPLETED"}
 FINISHED_BAD = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "CANCELLED", "BOOT_FAIL",
                 "DEADLINE", "REVOKED"}
-# every state, so that `sacct -S` also lists jobs that never became eligible (an evaluation cancelled
-# while it waited on its inference); without `-s` sacct leaves those out of a time window
-ALL_STATES = "PD,R,S,CG,CD,CA,F,TO,OOM,NF,PR,BF,DL,RQ,RS,RV"
+# every state sacct accepts (not CG), so that `sacct -S` also lists jobs that never became eligible (an
+# evaluation cancelled while it waited on its inference); without `-s` sacct leaves those out of a window
+ALL_STATES = "PD,R,S,CD,CA,F,TO,OOM,NF,PR,BF,DL,RQ,RS,RV"
 SCRIPT_FILE = {INFERENCE: "infer.sbatch", EVALUATION: "eval.sbatch"}
 POLL_MIN = 1.0
 PURGED_AFTER_S = 60.0  # unknown to squeue and sacct this long: the job is gone (not just accounting lag)
@@ -282,10 +282,12 @@ class SlurmExecutor:
             elif intent.stage == INFERENCE and infer:
                 self.jobs[infer] = SlurmJob(intent.key, INFERENCE, intent.token, infer, now)
                 self.jobs[evalu] = SlurmJob(intent.key, EVALUATION, intent.token, evalu, now)
+                log.info("%s: re-attached to Slurm job %s (evaluation job %s chained)", intent.key, infer, evalu)
                 out[(intent.key, INFERENCE)] = Started(intent.key, INFERENCE, infer, f"Slurm job {infer}",
                                                        then_handle=evalu)
             elif intent.stage == EVALUATION and evalu:
                 self.jobs[evalu] = SlurmJob(intent.key, EVALUATION, intent.token, evalu, now)
+                log.info("%s: re-attached to Slurm job %s (evaluation)", intent.key, evalu)
                 out[(intent.key, EVALUATION)] = Started(intent.key, EVALUATION, evalu, f"Slurm job {evalu}")
         self._poll_soon()
         return out
