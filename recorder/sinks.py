@@ -10,19 +10,21 @@ from memory alone, so a restarted daemon knows too.
 Sinks: `local` (always on: history.jsonl, curves.png, summary.md), `wandb`, `mlflow`. The W&B and
 MLflow libraries are imported only when such a sink records its first result, so a daemon that
 does not use them starts without them.
+
+This package is a leaf: it knows ResultRecord and its own settings dataclasses, never the daemon.
+evaluator/daemon/sink_setup.py turns a daemon config into RecorderSettings; recorder/writer.py does the same
+for a wandb_writer config.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
-import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
-if TYPE_CHECKING:  # the daemon config imports this module's registry; no import cycle at runtime
-    from evaluator.daemon.config import AutoEvalConfig
+from evaluator.common.secrets import redact_obj
 
 FLUSH_RETRY_SECONDS = 60.0
 
@@ -46,7 +48,7 @@ class ResultRecord:
         return (self.run, self.iteration, self.benchmark)
 
 
-# ---- what the sinks are told (built from the daemon config or from a wandb_writer config) --------
+# ---- what the sinks are told (built by evaluator/daemon/sink_setup.py or by recorder/writer.py) ---
 @dataclass
 class WandbSettings:
     project: str
@@ -76,6 +78,10 @@ class RecorderSettings:
     run_config: dict = field(default_factory=dict)  # W&B config / MLflow params; never holds secrets
     plots: bool = True  # local sink: curves.png and summary.md
     summary_only: bool = False  # only the metrics: no W&B tables (wandb_writer --summary-only)
+
+    def __post_init__(self):
+        # masked here, where every builder's run_config passes, so no sink can publish a secret to a server
+        self.run_config = redact_obj(self.run_config)
 
 
 class Sink(Protocol):
@@ -196,40 +202,6 @@ SINKS: dict[str, Callable[[RecorderSettings], Sink]] = {
 }
 
 
-def sink_names(cfg: "AutoEvalConfig") -> list[str]:
-    """The sinks a daemon config asks for: `recorder.sinks` when given, else local (+ wandb when the
-    config has Data-Juicer's `wandb:` section). `local` is always on."""
-    if "sinks" in cfg.recorder.model_fields_set:
-        names = list(cfg.recorder.sinks)
-    else:
-        names = ["local"] + (["wandb"] if cfg.wandb is not None else [])
-    if "local" not in names:
-        names.insert(0, "local")
-    return list(dict.fromkeys(names))
-
-
-def settings_from_config(cfg: "AutoEvalConfig") -> RecorderSettings:
-    project = (cfg.wandb.project if cfg.wandb and cfg.wandb.project else None) or cfg.project_name
-    w = cfg.wandb
-    wandb_dir = (w.dir if w and w.dir else None) or os.path.join(cfg.cache_dir, "wandb")
-    wandb = WandbSettings(
-        project=project, dir=os.path.join(cfg.config_dir or os.getcwd(), os.path.expanduser(wandb_dir)),
-        mode=w.mode if w else "auto", base_url=w.base_url if w else None, entity=w.entity if w else None,
-        group=w.group if w else None, tags=list(w.tags) if w else [],
-        sample_predictions=w.sample_predictions if w else 5, init_timeout=w.init_timeout if w else 60.0)
-    m = cfg.recorder.mlflow
-    mlflow = mlflow_settings(cfg.cache_dir, m.tracking_uri, m.experiment or project, cfg.config_dir)
-    run_config = {
-        "project_name": cfg.project_name,
-        "model_name": cfg.model_name,
-        "token_per_iteration": cfg.token_per_iteration or None,
-        "benchmarks": [_benchmark_config(b.model_dump()) for b in cfg.benchmarks],
-        "versions": versions(),
-    }
-    return RecorderSettings(cache_dir=cfg.cache_dir, project=project, wandb=wandb, mlflow=mlflow,
-                            run_config=run_config, plots=cfg.recorder.plots)
-
-
 def mlflow_settings(cache_dir: str, tracking_uri: Optional[str], experiment: str,
                     base_dir: str = "") -> MlflowSettings:
     """Default store: SQLite in cache_dir (MLflow 3 keeps the plain-file store read-only), artifacts beside it."""
@@ -241,41 +213,6 @@ def mlflow_settings(cache_dir: str, tracking_uri: Optional[str], experiment: str
     return MlflowSettings(tracking_uri="sqlite:///" + os.path.join(os.path.abspath(cache_dir), "mlflow.db"),
                           experiment=experiment,
                           artifact_location="file://" + os.path.join(os.path.abspath(cache_dir), "mlflow-artifacts"))
-
-
-def make_sinks(cfg: "AutoEvalConfig") -> list:
-    settings = settings_from_config(cfg)
-    return [SINKS[name](settings) for name in sink_names(cfg)]
-
-
-# ---- run config without secrets --------------------------------------------------------------
-# `KEY=value`, `--api-key value`, `--token=value`, `Authorization: Bearer value` in command templates
-_SECRET_WORD = (r"(?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|key|token|secret|password|passwd)"
-                r"(?:[_-][A-Za-z0-9]+)*(?![A-Za-z0-9])")  # OPENAI_API_KEY, hf-token; not max_tokens
-_SECRET_PATTERNS = [
-    re.compile(rf"(?i)(\b{_SECRET_WORD}\s*=\s*)(\S+)"),
-    re.compile(rf"(?i)((?:^|\s)--?{_SECRET_WORD}(?:\s+|=))(\S+)"),
-    re.compile(r"(?i)(bearer\s+)(\S+)"),
-    re.compile(r"()\bsk-[A-Za-z0-9_-]{8,}"),
-]
-
-
-def redact(text: str) -> str:
-    """Replace what looks like a credential in a command line with ***."""
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: m.group(1) + "***", text)
-    return text
-
-
-def _benchmark_config(spec: dict) -> dict:
-    out = {}
-    for key, value in spec.items():
-        if value is None:
-            continue
-        if re.fullmatch(_SECRET_WORD, key, flags=re.IGNORECASE):
-            continue  # a field named like a credential is never copied
-        out[key] = redact(value) if isinstance(value, str) else value
-    return out
 
 
 def versions() -> dict:

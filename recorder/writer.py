@@ -16,14 +16,18 @@ import os
 import sys
 from typing import Literal, Optional
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
 from evaluator.common.errors import EvaluatorError
-# the daemon config's YAML loader and error wording, so both tools report problems the same way
-from evaluator.daemon.config import Section, _describe, _fail, read_yaml
+# the YAML loader and error wording the daemon config uses too, so both tools report problems the same way
+from evaluator.common.yamlconf import config_error, read_yaml, validate
 from recorder import leaderboard, plots, sources
 from recorder.sinks import SINKS, RecorderSettings, ResultRecord, WandbSettings, mlflow_settings, versions
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown key is an error ("did you mean"), never ignored
 
 
 class HelmBenchmarkSpec(Section):
@@ -76,10 +80,7 @@ def load_writer_config(path: str) -> WriterConfig:
     if "auto_eval" in data:
         raise EvaluatorError(f"invalid config: {path}: this is a daemon config (auto_eval:); wandb_writer takes a "
                              f"recorder config: project, evals: [...] (see config/recorder/)")
-    try:
-        cfg = WriterConfig.model_validate(data)
-    except ValidationError as e:
-        raise _fail(path, lines, [(tuple(err["loc"]), _describe(err, WriterConfig)) for err in e.errors()]) from None
+    cfg = validate(WriterConfig, data, path, lines)
     problems = []
     need = {"helm": ("helm_output_dir", "helm_suite_name"), "file": ("eval_result",), "results": ("results_dir",)}
     for i, ev in enumerate(cfg.evals):
@@ -92,7 +93,7 @@ def load_writer_config(path: str) -> WriterConfig:
     if not cfg.evals and not cfg.leaderboard:
         problems.append(((), "nothing to do: give `evals:` and/or `leaderboard: true`"))
     if problems:
-        raise _fail(path, lines, problems)
+        raise config_error(path, lines, problems)
     base = os.path.dirname(os.path.abspath(path))
 
     def absolute(p: Optional[str]) -> Optional[str]:

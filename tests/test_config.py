@@ -591,3 +591,51 @@ def test_loader_option_typos_fail_at_config_load(tmp_path):
                                    "options": {"spilt": "development"}}])
     r = run_cli("--config", cfg, "--dry-run")
     assert r.returncode == 2 and "benchmarks[0].options.spilt" in r.stderr and "did you mean 'split'" in r.stderr
+
+
+# ---- the free-form blocks of a benchmark: checked against what the stages read ---------------
+DATASET_BENCH = "  benchmarks:\n    - name: qa\n      type: dataset\n      dataset: d\n"
+
+
+@pytest.mark.parametrize("block, key_path, expected", [
+    ("      generation: {max_new_token: 4}\n", "generation.max_new_token",
+     "unknown generation parameter; did you mean 'max_new_tokens'?"),
+    ("      generation: {max_new_tokens: -3}\n", "generation.max_new_tokens", "expected >= 1, got -3"),
+    ("      generation: {temperature: -1}\n", "generation.temperature", "expected >= 0, got -1"),
+    ("      generation: {top_p: 2}\n", "generation.top_p", "expected <= 1, got 2"),
+    ("      generation: {stop: 5}\n", "generation.stop", "expected a string or a list of strings"),
+    ("      backend: openai\n      backend_options: {max_concurency: 4}\n", "backend_options.max_concurency",
+     "not an option of the openai backend; did you mean 'max_concurrency'?"),
+    ("      backend_options: {max_concurency: 4}\n", "backend_options.max_concurency", "not an option of the hf backend"),
+    ("      backend: vllm\n      backend_options: {tensor_parallel: 2}\n", "backend_options.tensor_parallel",
+     "did you mean 'tensor_parallel_size'?"),
+    ("      backend: vlm\n", "backend", "unknown backend 'vlm'; did you mean 'vllm'?"),
+    ("      metrics: [exact_match, token_f1]\n      metric_options: {exact_matc: {x: 1}}\n",
+     "metric_options.exact_matc", "did you mean 'exact_match'?"),
+    ("      metric_options: {sbert_simm: {sbert_model: m}}\n", "metric_options.sbert_simm",
+     "unknown metric 'sbert_simm'; did you mean 'sbert_sim'?"),
+    ("      metrics: [exact_match]\n      metric_options: {sbert_sim: {sbert_model: m}}\n", "metric_options.sbert_sim",
+     "'sbert_sim' is not one of this benchmark's metrics (exact_match)"),
+], ids=["generation-typo", "max-new-tokens-negative", "temperature-negative", "top-p-above-1", "stop-not-strings",
+        "openai-option-typo", "hf-option-unknown", "vllm-option-typo", "backend-typo", "metric-options-typo",
+        "metric-options-unknown-metric", "metric-options-not-a-benchmark-metric"])
+def test_free_form_block_mistakes_fail_at_config_load_with_file_line_and_key(tmp_path, block, key_path, expected):
+    (tmp_path / "d").mkdir()
+    path = write_config(tmp_path, HEADER + DATASET_BENCH + block)
+    needle = key_path.split(".")[0] + ":"
+    message = config_error(path)
+    assert message.startswith(f"invalid config: {path}:{line_of(path, needle)}: auto_eval.benchmarks[0].{key_path}: ")
+    assert expected in message
+    assert "\n" not in message  # one problem, one line
+
+
+def test_valid_generation_backend_and_metric_options_load(tmp_path):
+    (tmp_path / "d").mkdir()
+    path = write_config(tmp_path, HEADER + DATASET_BENCH + (
+        "      backend: openai\n"
+        "      generation: {max_new_tokens: 8, temperature: 0, top_p: 0.9, stop: ['\\n'], repetition_penalty: 1.1}\n"
+        "      backend_options: {base_url: 'http://127.0.0.1:9/v1', max_concurrency: 2, api_key_env: K}\n"
+        "      metrics: [bleu, exact_match]\n"
+        "      metric_options: {bleu_4: {}, exact_match: {}}\n"))
+    bench = load_config(str(path)).benchmarks[0]
+    assert bench.generation["max_new_tokens"] == 8 and bench.backend_options["max_concurrency"] == 2

@@ -143,14 +143,6 @@ def test_make_dataset_errors_name_the_column_and_line(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
-def test_run_metadata_masks_secrets_at_any_depth():
-    from evaluator.stages.inference.stage import mask_secrets
-    masked = mask_secrets({"api_key": "sk-1", "api_key_env": "MY_KEY", "batch_size": 4,
-                           "request_defaults": {"extra_headers": {"Authorization": "Bearer x"}, "top_k": 1}})
-    assert masked == {"api_key": "***", "api_key_env": "MY_KEY", "batch_size": 4,
-                      "request_defaults": {"extra_headers": {"Authorization": "***"}, "top_k": 1}}
-
-
 def test_make_dataset_refuses_short_and_long_csv_rows(tmp_path):
     src = tmp_path / "q.csv"
     src.write_text("question,answer\nWhat is 3+3?\n")
@@ -167,6 +159,10 @@ def test_make_dataset_refuses_short_and_long_csv_rows(tmp_path):
     ({"stop": ["ok", 1]}, "generation.stop: expected a string or a list of strings"),
     ({"num_return_sequences": 2}, "generation.num_return_sequences: one answer per sample"),
     ({"max_new_tokens": 0}, "generation.max_new_tokens: expected >= 1"),
+    ({"max_new_tokens": -3}, "generation.max_new_tokens: expected >= 1"),
+    ({"temperature": -0.5}, "generation.temperature: expected >= 0"),
+    ({"top_p": 1.5}, "generation.top_p: expected <= 1"),
+    ({"max_new_token": 4}, "generation.max_new_token: unknown generation parameter; did you mean 'max_new_tokens'"),
 ])
 def test_generation_parameters_that_cannot_work_are_refused(generation, message):
     from evaluator.common.errors import EvaluatorError
@@ -174,3 +170,52 @@ def test_generation_parameters_that_cannot_work_are_refused(generation, message)
     with pytest.raises(EvaluatorError, match=message):
         GenerationParams.from_dict(generation, "generation")
     assert GenerationParams.from_dict({"stop": "\n"}).stop == ["\n"]
+
+
+def run_inference_stage(tmp_path, benchmark: dict) -> subprocess.CompletedProcess:
+    """`python -m evaluator.stages.inference --job ...` as the daemon starts it (it stops before any model loads)."""
+    from evaluator.common.contracts import INFERENCE, StageJob
+    job = tmp_path / "infer.job.json"
+    StageJob(stage=INFERENCE, run="r", iteration=1, checkpoint=str(tmp_path / "no-model"),
+             benchmark={"name": "b", "type": "dataset", **benchmark}, output_dir=str(tmp_path / "out")).write(str(job))
+    return subprocess.run([sys.executable, "-m", "evaluator.stages.inference", "--job", str(job)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_non_utf8_byte_in_test_jsonl_is_named_by_file_and_line(tmp_path):
+    root = write_rows(tmp_path / "d", [{"id": "ok", "messages": [{"role": "user", "content": "x"}]}])
+    with open(os.path.join(root, "test.jsonl"), "ab") as f:
+        f.write(b'{"id": "bad", "messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(DatasetError, match=r"test\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_dataset(root)
+
+
+def test_the_inference_stage_exits_2_on_a_non_utf8_dataset(tmp_path):
+    root = write_rows(tmp_path / "d", [{"id": "ok", "messages": [{"role": "user", "content": "x"}]}])
+    with open(os.path.join(root, "test.jsonl"), "ab") as f:
+        f.write(b"\xff\xfe\n")
+    proc = run_inference_stage(tmp_path, {"dataset": root})
+    assert proc.returncode == 2, proc.stderr
+    assert f"{root}/test.jsonl:2: not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_inference_stage_exits_2_on_a_backend_option_the_backend_does_not_read(tmp_path):
+    """The hf backend used to ignore an unknown option; a typo then silently changed nothing."""
+    root = write_rows(tmp_path / "d", [{"id": "ok", "messages": [{"role": "user", "content": "x"}]}])
+    proc = run_inference_stage(tmp_path, {"dataset": root, "backend": "hf", "backend_options": {"dtyp": "float32"}})
+    assert proc.returncode == 2, proc.stderr
+    assert "backend_options.dtyp: not an option of the hf backend; did you mean 'dtype'?" in proc.stderr
+
+
+def test_the_inference_stage_exits_2_on_an_unknown_generation_parameter(tmp_path):
+    root = write_rows(tmp_path / "d", [{"id": "ok", "messages": [{"role": "user", "content": "x"}]}])
+    proc = run_inference_stage(tmp_path, {"dataset": root, "generation": {"max_new_token": 4}})
+    assert proc.returncode == 2, proc.stderr
+    assert "generation.max_new_token: unknown generation parameter; did you mean 'max_new_tokens'?" in proc.stderr
+
+
+def test_make_dataset_names_the_line_of_a_non_utf8_byte(tmp_path):
+    src = tmp_path / "q.csv"
+    src.write_bytes(b"question,answer\nhi,there\nna\xefve,x\n")
+    r = bench_cli("make-dataset", "--input", str(src), "--output-dir", str(tmp_path / "o"), "--dataset-id", "q")
+    assert r.returncode == 2 and f"{src}:3: not UTF-8 text" in r.stderr and "Traceback" not in r.stderr

@@ -73,7 +73,7 @@ def test_a_crash_between_sinks_accepting_and_the_ledger_noting_it_duplicates_not
 
 def test_sink_choice_follows_the_config(tmp_path):
     from evaluator.daemon.config import load_config
-    from recorder.sinks import sink_names
+    from evaluator.daemon.sink_setup import sink_names
 
     def names(**top):
         return sink_names(load_config(write_config(tmp_path, [bench("qa")], **top)))

@@ -143,7 +143,7 @@ def test_summary_only_logs_the_metrics_without_tables(tmp_path):
 
 def test_run_config_from_a_daemon_config_names_the_model_and_holds_no_secrets(tmp_path):
     from evaluator.daemon.config import AutoEvalConfig
-    from recorder.sinks import settings_from_config
+    from evaluator.daemon.sink_setup import settings_from_config
 
     cfg = AutoEvalConfig.model_validate({
         "project_name": "proj", "model_name": "tiny", "cache_dir": str(tmp_path),

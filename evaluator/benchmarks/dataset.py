@@ -11,6 +11,7 @@ tools/bench.py use it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -140,6 +141,19 @@ def parse_row(data: Any, where: str, root: str, check_files: bool = True) -> tup
                   category=data.get("category"), metadata=data.get("metadata") or {}), []
 
 
+def read_utf8(path: str) -> str:
+    """A data file's text; a byte that is not UTF-8 is a DatasetError naming file:line, not a traceback."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                           "re-save the file as UTF-8") from None
+
+
 def raise_problems(problems: list, what: str) -> None:
     shown = problems[:MAX_REPORTED]
     more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
@@ -152,8 +166,7 @@ def read_metadata(root: str) -> dict:
         raise DatasetError(f"{path}: missing; a dataset directory needs {TEST_FILE} and {METADATA_FILE} "
                            "({\"dataset_id\": ...}); build one with `tools/bench.py make-dataset`")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("dataset_id"), str) or not meta["dataset_id"]:
@@ -177,25 +190,24 @@ def load_dataset(root: str, sample_size: Optional[int] = None, check_files: bool
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: missing")
     samples, problems, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: not valid JSON ({e.msg})")
-                continue
-            sample, bad = parse_row(data, where, root, check_files)
-            problems += bad
-            if sample is None:
-                continue
-            if sample.id in seen:
-                problems.append(f"{where}: id {sample.id!r} already used on line {seen[sample.id]}")
-                continue
-            seen[sample.id] = lineno
-            samples.append(sample)
+    for lineno, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not valid JSON ({e.msg})")
+            continue
+        sample, bad = parse_row(data, where, root, check_files)
+        problems += bad
+        if sample is None:
+            continue
+        if sample.id in seen:
+            problems.append(f"{where}: id {sample.id!r} already used on line {seen[sample.id]}")
+            continue
+        seen[sample.id] = lineno
+        samples.append(sample)
     if problems:
         raise_problems(problems, path)
     if not samples:
@@ -238,18 +250,16 @@ class ColumnMap:
 def _read_rows(path: str) -> list[tuple[int, dict]]:
     if path.endswith(".jsonl"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((lineno, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, line in enumerate(read_utf8(path).split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         return rows
     if path.endswith((".csv", ".tsv")):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-            return [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
+        reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter="\t" if path.endswith(".tsv") else ",")
+        return [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
     raise DatasetError(f"{path}: expected a .csv, .tsv or .jsonl file")
 
 

@@ -1,4 +1,5 @@
 """The one exception type for problems a user can fix."""
+import difflib
 
 
 class EvaluatorError(Exception):
@@ -15,3 +16,10 @@ class UnavailableError(EvaluatorError):
     systemd service retries (Restart=on-failure) instead of staying down as it does for a bad config."""
 
     exit_code = 3
+
+
+def did_you_mean(name: object, known, cutoff: float = 0.6) -> str:
+    """The tail of a message about an unknown key or name: `; did you mean 'x'?` naming the closest known
+    name, or "" when none is close."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=cutoff)
+    return f"; did you mean '{close[0]}'?" if close else ""

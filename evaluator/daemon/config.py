@@ -1,7 +1,10 @@
 """YAML -> typed config. The top key is `auto_eval:`; Data-Juicer's keys are accepted as they are.
 
 Every error names the key path (and file:line where the YAML has one) and what was expected;
-unknown keys get a "did you mean". Relative paths are resolved against the config file's folder.
+unknown keys get a "did you mean" (reading and wording: evaluator/common/yamlconf.py). The free-form mappings of a
+benchmark (options, generation, backend_options, metric_options) are checked against the registries the stages
+read them with, and refuse secret-named keys at any depth (evaluator/common/secrets.py): a secret is given as
+`<key>_env: VARIABLE`. Relative paths are resolved against the config file's folder.
 """
 from __future__ import annotations
 
@@ -9,13 +12,19 @@ import difflib
 import os
 import re
 import string
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
+from evaluator.benchmarks import registry as benchmark_registry  # standard library only
 from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
-from evaluator.common.errors import EvaluatorError, UnavailableError
+from evaluator.common.errors import EvaluatorError, UnavailableError, did_you_mean
+from evaluator.common.secrets import secret_paths
+from evaluator.common.yamlconf import Problem, config_error, read_yaml, validate
+from evaluator.daemon.stages import BENCHMARK_TYPES
+from evaluator.stages.evaluation import metrics as metric_registry  # pure Python: no torch until a metric runs
+from evaluator.stages.inference import backends, params  # standard library only
+from recorder.sinks import SINKS
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUT_NAMES = ("megatron", "huggingface", "deepspeed", "glob")
@@ -164,9 +173,6 @@ class ExecutorConfig(Section):
         return v
 
 
-SECRET_OPTION_KEYS = ("api_key", "token", "password", "secret")
-
-
 class BenchmarkConfig(Section):
     """One benchmark run on every checkpoint. `type` picks the stages (evaluator/daemon/stages.py): `command`
     runs the two templates; the dataset types run evaluator.stages.inference / .evaluation (docs/benchmarks.md)."""
@@ -181,14 +187,14 @@ class BenchmarkConfig(Section):
     options: dict[str, Any] = {}  # loader options: split, prompt, ...
     sample_size: Optional[int] = Field(None, ge=1)
     # inference stage
-    backend: Literal["hf", "vllm", "openai"] = "hf"
-    generation: dict[str, Any] = {}  # max_new_tokens, temperature (0 = greedy), top_p, stop, ...
-    backend_options: dict[str, Any] = {}  # batch_size, device, dtype, base_url, max_concurrency, ...
+    backend: str = "hf"  # a name in evaluator/stages/inference/backends BACKENDS
+    generation: dict[str, Any] = {}  # evaluator/stages/inference/params.py GENERATION_PARAMS
+    backend_options: dict[str, Any] = {}  # the backend class's OPTIONS: batch_size, device, base_url, ...
     batch_size: Optional[int] = Field(None, ge=1)
     max_error_rate: float = Field(0.1, ge=0, le=1)  # fraction of samples that may fail in inference
     # evaluation stage
     metrics: Optional[list[str]] = None  # default: the dataset's metadata.json, else the benchmark type's
-    metric_options: dict[str, dict[str, Any]] = {}
+    metric_options: dict[str, dict[str, Any]] = {}  # {metric name: {option: value}}
     main_metric: Optional[str] = None  # the metric `make demo` and summaries lead with
 
 
@@ -198,7 +204,7 @@ class MlflowConfig(Section):
 
 
 class RecorderConfig(Section):
-    # local is always on; unset, a `wandb:` section adds wandb (see recorder.sinks.sink_names)
+    # local is always on; unset, a `wandb:` section adds wandb (see evaluator/daemon/sink_setup.py sink_names)
     sinks: list[str] = ["local"]
     mlflow: MlflowConfig = MlflowConfig()
     plots: bool = True  # local sink: curves.png and summary.md beside history.jsonl
@@ -237,117 +243,7 @@ class ConfigFile(Section):
     auto_eval: AutoEvalConfig
 
 
-# ---- loading and error reporting -----------------------------------------------------------
-def _line_index(text: str) -> dict[tuple, int]:
-    """Map each key path in the YAML document to its 1-based line number."""
-    index: dict[tuple, int] = {}
-
-    def walk(node, path):
-        index.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = k.value
-                index[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, path + (i,))
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return index
-    if root is not None:
-        walk(root, ())
-    return index
-
-
-def _model_at(model: type, loc: tuple) -> Optional[type]:
-    """The pydantic model class that holds the last key of `loc` (for "did you mean")."""
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return None
-        current = current.model_fields[part].annotation
-        while get_origin(current) in (Union, list, Optional) or (get_origin(current) is not None and get_args(current)):
-            args = [a for a in get_args(current) if a is not type(None)]
-            if not args:
-                break
-            current = args[0]
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _describe(err: dict, model: type) -> str:
-    loc = tuple(err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        owner = _model_at(model, loc)
-        known = list(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
-        return f"unknown key{hint}"
-    if kind == "missing":
-        return "required key is missing"
-    got = err.get("input")
-    return f"{err['msg'].lower()}, got {got!r}"
-
-
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _fail(path: str, lines: dict[tuple, int], problems: list[tuple[tuple, str]]) -> EvaluatorError:
-    msgs = []
-    for loc, text in problems:
-        line = None
-        probe = loc
-        while probe and line is None:
-            line = lines.get(probe)
-            probe = probe[:-1]
-        where = f"{path}:{line}" if line else path
-        msgs.append(f"{where}: {_dotted(loc)}: {text}")
-    return EvaluatorError("invalid config:\n  " + "\n  ".join(msgs) if len(msgs) > 1 else "invalid config: " + msgs[0])
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (first on line {seen[key]})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str) -> tuple[object, dict[tuple, int]]:
-    """A YAML config file's data and its key-path -> line index; EvaluatorError names file:line."""
-    if not os.path.isfile(path):
-        raise EvaluatorError(f"--config: no such file: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise EvaluatorError(f"invalid config: {path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise EvaluatorError(f"--config: cannot read {path}: {e.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise EvaluatorError(f"invalid config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return data, _line_index(text)
-
-
+# ---- loading and checking -------------------------------------------------------------------
 def load_config(path: str, require_datasets: bool = True) -> AutoEvalConfig:
     """Read, validate and resolve a config file; raises EvaluatorError on any problem. With
     require_datasets=False (--dry-run, status) a benchmark dataset path that does not exist yet is allowed."""
@@ -357,18 +253,15 @@ def load_config(path: str, require_datasets: bool = True) -> AutoEvalConfig:
         close = difflib.get_close_matches("auto_eval", [str(k) for k in keys], n=1)
         hint = f" (found '{close[0]}': did you mean 'auto_eval'?)" if close else ""
         raise EvaluatorError(f"invalid config: {path}: expected a mapping with the top key 'auto_eval:'{hint}")
-    try:
-        cfg = ConfigFile.model_validate(data).auto_eval
-    except ValidationError as e:
-        raise _fail(path, lines, [(tuple(err["loc"]), _describe(err, ConfigFile)) for err in e.errors()]) from None
+    cfg = validate(ConfigFile, data, path, lines).auto_eval
     problems = _semantic_checks(cfg)
     if problems:
-        raise _fail(path, lines, problems)
+        raise config_error(path, lines, problems)
     _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
     missing = [(("auto_eval", "benchmarks", i, "dataset"), f"no such file or directory: {b.dataset}")
                for i, b in enumerate(cfg.benchmarks) if b.dataset and not os.path.exists(b.dataset)]
     if missing and require_datasets:
-        raise UnavailableError(str(_fail(path, lines, missing)))
+        raise UnavailableError(str(config_error(path, lines, missing)))
     return cfg
 
 
@@ -376,13 +269,49 @@ def _template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
-def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
-    # imported here: the registries import this module's types
-    from evaluator.daemon.stages import BENCHMARK_TYPES
-    from recorder.sinks import SINKS
+SECRET_MESSAGE = ("a secret does not belong in the config (it would be copied into every job spec): "
+                  "set `{key}_env: VARIABLE_NAME` and export the variable")
 
+
+def _free_form_problems(bench: BenchmarkConfig, loc: tuple) -> list[Problem]:
+    """The mappings pydantic cannot type (options, generation, backend_options, metric_options), checked against
+    the registries that read them, plus secret-named keys at any depth of any of them."""
+    problems: list[Problem] = []
+    for block in ("options", "generation", "backend_options", "metric_options"):
+        for path in secret_paths(getattr(bench, block)):
+            problems.append((loc + (block,) + path, SECRET_MESSAGE.format(key=path[-1])))
+    if bench.type in benchmark_registry.BENCHMARKS:
+        for problem in benchmark_registry.option_problems(bench.type, bench.options):
+            key, _, text = problem.partition(": ")
+            problems.append((loc + tuple(key.split(".")), text))
+    for key, text in params.generation_problems(bench.generation):
+        problems.append((loc + ("generation", key), text))
+    if bench.backend not in backends.BACKENDS:
+        problems.append((loc + ("backend",), f"unknown backend {bench.backend!r}{did_you_mean(bench.backend, backends.BACKENDS)}"
+                                             f" (known: {', '.join(backends.BACKENDS)})"))
+    else:
+        for key, text in backends.option_problems(bench.backend, bench.backend_options):
+            problems.append((loc + ("backend_options", key), text))
+    known = list(metric_registry.METRICS) + list(metric_registry.ALIASES)
+    wanted = known
+    if bench.metrics:
+        try:
+            wanted = list(dict.fromkeys(bench.metrics + metric_registry.expand(list(bench.metrics))))
+        except EvaluatorError as e:
+            problems.append((loc + ("metrics",), str(e).removeprefix("metrics: ")))
+    for name in bench.metric_options:
+        if name not in known:
+            problems.append((loc + ("metric_options", name), f"unknown metric {name!r}{did_you_mean(name, known)} "
+                                                             f"(known: {', '.join(known)})"))
+        elif name not in wanted:
+            problems.append((loc + ("metric_options", name), f"{name!r} is not one of this benchmark's metrics "
+                                                             f"({', '.join(bench.metrics)}){did_you_mean(name, wanted)}"))
+    return problems
+
+
+def _semantic_checks(cfg: AutoEvalConfig) -> list[Problem]:
     base = ("auto_eval",)
-    problems: list[tuple[tuple, str]] = []
+    problems: list[Problem] = []
     seen: set[str] = set()
     for i, bench in enumerate(cfg.benchmarks):
         loc = base + ("benchmarks", i)
@@ -392,9 +321,8 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", bench.name):
             problems.append((loc + ("name",), f"expected letters, digits, '.', '_' or '-' (it names a folder), got {bench.name!r}"))
         if bench.type not in BENCHMARK_TYPES:
-            close = difflib.get_close_matches(bench.type, list(BENCHMARK_TYPES), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append((loc + ("type",), f"unknown benchmark type {bench.type!r} (known: {', '.join(BENCHMARK_TYPES)}){hint}"))
+            problems.append((loc + ("type",), f"unknown benchmark type {bench.type!r} (known: {', '.join(BENCHMARK_TYPES)})"
+                                              f"{did_you_mean(bench.type, BENCHMARK_TYPES)}"))
             continue
         if bench.type != "command":
             kind = BENCHMARK_TYPES[bench.type]
@@ -403,23 +331,7 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
             for stage in ("inference", "evaluation"):
                 if getattr(bench, stage):
                     problems.append((loc + (stage,), "command templates are only used with type: command"))
-        secrets = [(("backend_options",), k) for k in bench.backend_options if k.lower() in SECRET_OPTION_KEYS]
-        secrets += [(("metric_options", m), k) for m, opts in bench.metric_options.items() for k in opts
-                    if k.lower() in SECRET_OPTION_KEYS]
-        for where, key in secrets:
-            problems.append((loc + where + (key,), "a secret does not belong in the config (it would be copied into "
-                             f"every job spec): set `{key}_env: VARIABLE_NAME` and export the variable"))
-        from evaluator.benchmarks import registry as benchmark_registry  # standard library only
-        if bench.type in benchmark_registry.BENCHMARKS:
-            for problem in benchmark_registry.option_problems(bench.type, bench.options):
-                key, _, text = problem.partition(": ")
-                problems.append((loc + tuple(key.split(".")), text))
-        if bench.metrics:
-            from evaluator.stages.evaluation.metrics import expand  # the metric registry: pure Python, no torch
-            try:
-                expand(list(bench.metrics))
-            except EvaluatorError as e:
-                problems.append((loc + ("metrics",), str(e).removeprefix("metrics: ")))
+        problems += _free_form_problems(bench, loc)
         if bench.type == "command":
             for stage in ("inference", "evaluation"):
                 template = getattr(bench, stage)
@@ -452,9 +364,8 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
         problems.append((base + ("executor", "time"), f"expected a Slurm time like 120, 2:00:00 or 1-00:00:00, got {ex.time!r}"))
     for i, sink in enumerate(cfg.recorder.sinks):
         if sink not in SINKS:
-            close = difflib.get_close_matches(sink, list(SINKS), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append((base + ("recorder", "sinks", i), f"unknown sink {sink!r} (known: {', '.join(SINKS)}){hint}"))
+            problems.append((base + ("recorder", "sinks", i),
+                             f"unknown sink {sink!r} (known: {', '.join(SINKS)}){did_you_mean(sink, SINKS)}"))
     w = cfg.watch
     if w.end_iteration is not None and w.begin_iteration is not None and w.end_iteration < w.begin_iteration:
         problems.append((base + ("watch", "end_iteration"), f"expected >= begin_iteration ({w.begin_iteration}), got {w.end_iteration}"))
@@ -480,8 +391,7 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[tuple[tuple, str]]:
     for i, p in enumerate(w.paths):
         for j, name in enumerate(p.benchmarks or []):
             if name not in bench_names:
-                close = difflib.get_close_matches(name, bench_names, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
+                hint = did_you_mean(name, bench_names)
                 problems.append((base + ("watch", "paths", i, "benchmarks", j),
                                  f"no benchmark named {name!r} (configured: {', '.join(bench_names) or 'none'}){hint}"))
     names = [p.name for p in w.paths if p.name]

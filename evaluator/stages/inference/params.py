@@ -1,4 +1,6 @@
-"""Generation parameters and small helpers every backend shares (no torch here)."""
+"""Generation parameters (the one table of what a benchmark may set) and small helpers every backend shares.
+
+Standard library only: the daemon checks `generation:` against GENERATION_PARAMS at config load."""
 from __future__ import annotations
 
 import json
@@ -6,9 +8,9 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
-from evaluator.common.errors import EvaluatorError
+from evaluator.common.errors import EvaluatorError, did_you_mean
 
 # Public model ids behind the short names lalm_bench uses. Offline they fail with a clear message.
 MODEL_ALIASES = {
@@ -18,9 +20,81 @@ MODEL_ALIASES = {
 }
 
 
+def _number(low=None, high=None, integer=False, low_open=False):
+    """A check for a numeric generation parameter: the problem with a value, or None."""
+    def check(value) -> Optional[str]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or (integer and not float(value).is_integer()):
+            return f"expected {'an integer' if integer else 'a number'}, got {value!r}"
+        if low is not None and (value <= low if low_open else value < low):
+            return f"expected {'>' if low_open else '>='} {low}, got {value!r}"
+        if high is not None and value > high:
+            return f"expected <= {high}, got {value!r}"
+        return None
+    return check
+
+
+def _strings(value) -> Optional[str]:
+    ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+    return None if ok else f"expected a string or a list of strings, got {value!r}"
+
+
+def _token_ids(value) -> Optional[str]:
+    ok = isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    return None if ok else f"expected a list of token ids, got {value!r}"
+
+
+def _one(value) -> Optional[str]:
+    return None if value == 1 else f"one answer per sample is recorded; got {value!r}"
+
+
+def _of_type(kind: type, what: str):
+    return lambda value: None if isinstance(value, kind) else f"expected {what}, got {value!r}"
+
+
+# The generation parameters a benchmark may set (config `generation:`, bench.py --param), each with its check.
+# max_new_tokens, temperature, top_p and stop are read here; the others go to the backend by name (hf generate(),
+# vLLM SamplingParams, the OpenAI request body). One table, so a typo fails at config load, not in every stage.
+GENERATION_PARAMS: dict[str, Callable[[object], Optional[str]]] = {
+    "max_new_tokens": _number(1, integer=True),
+    "max_tokens": _number(1, integer=True),  # the OpenAI/vLLM spelling of max_new_tokens
+    "temperature": _number(0),  # 0 = greedy
+    "top_p": _number(0, 1, low_open=True),
+    "stop": _strings,
+    "top_k": _number(-1, integer=True),  # -1 / 0: no limit (vLLM / transformers)
+    "min_p": _number(0, 1),
+    "min_new_tokens": _number(0, integer=True),
+    "repetition_penalty": _number(0, low_open=True),
+    "presence_penalty": _number(-2, 2),
+    "frequency_penalty": _number(-2, 2),
+    "length_penalty": _number(),
+    "no_repeat_ngram_size": _number(0, integer=True),
+    "num_beams": _number(1, integer=True),
+    "stop_token_ids": _token_ids,
+    "ignore_eos": _of_type(bool, "true or false"),
+    "language": _of_type(str, "a language name or code"),  # Whisper-style audio models
+    "task": _of_type(str, "transcribe or translate"),  # Whisper-style audio models
+    "n": _one,
+    "num_return_sequences": _one,
+}
+
+
+def generation_problems(data: Optional[dict]) -> list[tuple[str, str]]:
+    """(parameter, what is wrong) for every unknown or out-of-range generation parameter."""
+    problems = []
+    for key, value in (data or {}).items():
+        check = GENERATION_PARAMS.get(key)
+        if check is None:
+            problems.append((key, f"unknown generation parameter{did_you_mean(key, GENERATION_PARAMS)} "
+                                  f"(known: {', '.join(GENERATION_PARAMS)})"))
+        elif (problem := check(value)) is not None:
+            problems.append((key, problem))
+    return problems
+
+
 @dataclass
 class GenerationParams:
-    """Greedy by default (temperature 0). Unknown keys go to `extra` and on to the backend as they are."""
+    """Greedy by default (temperature 0). Parameters beyond the first four go to `extra` and on to the backend."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -39,28 +113,19 @@ class GenerationParams:
 
     @classmethod
     def from_dict(cls, data: Optional[dict], where: str = "generation") -> "GenerationParams":
+        """Checked parameters; EvaluatorError names the first unknown or out-of-range one."""
+        problems = generation_problems(data)
+        if problems:
+            key, text = problems[0]
+            raise EvaluatorError(f"{where}.{key}: {text}")
         data = dict(data or {})
         out = cls()
-        try:
-            if "max_new_tokens" in data or "max_tokens" in data:
-                out.max_new_tokens = int(data.pop("max_new_tokens", data.pop("max_tokens", None)))
-            if "temperature" in data:
-                out.temperature = float(data.pop("temperature"))
-            if "top_p" in data:
-                out.top_p = float(data.pop("top_p"))
-        except (TypeError, ValueError) as e:
-            raise EvaluatorError(f"{where}: {e}") from None
-        if "stop" in data:
-            stop = data.pop("stop")
-            stop = [stop] if isinstance(stop, str) else stop
-            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-                raise EvaluatorError(f"{where}.stop: expected a string or a list of strings, got {stop!r}")
-            out.stop = stop
-        for key in ("num_return_sequences", "n"):
-            if key in data and data[key] != 1:
-                raise EvaluatorError(f"{where}.{key}: one answer per sample is recorded; got {data[key]!r}")
-        if out.max_new_tokens < 1:
-            raise EvaluatorError(f"{where}.max_new_tokens: expected >= 1, got {out.max_new_tokens}")
+        if "max_new_tokens" in data or "max_tokens" in data:
+            out.max_new_tokens = int(data.pop("max_new_tokens", data.pop("max_tokens", None)))
+        out.temperature = float(data.pop("temperature", out.temperature))
+        out.top_p = float(data.pop("top_p", out.top_p))
+        stop = data.pop("stop", [])
+        out.stop = [stop] if isinstance(stop, str) else stop
         out.extra = data
         return out
 

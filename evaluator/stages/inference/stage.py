@@ -13,9 +13,10 @@ The job's `benchmark` mapping (config `benchmarks:` entry) names the data and ho
     max_error_rate  fraction of samples allowed to fail before the stage fails (default 0.1)
 
 Exit codes: 0 done (run_metadata.json written last); 1 the model cannot load or more than max_error_rate of
-the samples failed; 2 bad benchmark spec or dataset (most backend option errors surface when the model loads:
-exit 1); 75 some samples failed with retryable errors (429, 5xx, timeouts, out of memory): run again later
-rather than score them as wrong. Non-retryable sample failures within the limit are status=error rows.
+the samples failed; 2 bad benchmark spec or dataset, an unknown generation parameter or backend option included
+(a bad option value surfaces when the model loads: exit 1); 75 some samples failed with retryable errors (429,
+5xx, timeouts, out of memory): run again later rather than score them as wrong. Non-retryable sample failures
+within the limit are status=error rows.
 """
 from __future__ import annotations
 
@@ -28,24 +29,14 @@ from evaluator.common.atomic import write_json_atomic
 from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import write_results
+from evaluator.common.secrets import redact_obj
 
 from ..common import library_versions, stage_log, stage_main
-from .backends import ModelLoadError, backend_class
+from .backends import ModelLoadError, backend_class, option_problems
 from .params import GenerationParams, Progress, resolve_model
 
 DEFAULT_MAX_ERROR_RATE = 0.1
-SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
 VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "vllm", "openai", "soundfile", "lm-eval")
-
-
-def mask_secrets(options: dict) -> dict:
-    """Options as run_metadata.json shows them: secret-looking values masked, nested mappings too
-    (`*_env` names a variable, not a secret, and is kept)."""
-    def secret(key: str) -> bool:
-        key = key.lower()
-        return not key.endswith("_env") and any(w in key for w in SECRET_WORDS)
-    return {k: mask_secrets(v) if isinstance(v, dict) else ("***" if secret(k) and v else v)
-            for k, v in options.items()}
 
 
 log = stage_log("inference")
@@ -64,6 +55,9 @@ def run(job: StageJob) -> int:
         backend_name = bench.get("backend") or "hf"
         max_error_rate = float(bench.get("max_error_rate", DEFAULT_MAX_ERROR_RATE))
         cls = backend_class(backend_name)
+        unknown = option_problems(backend_name, options)
+        if unknown:
+            raise EvaluatorError("; ".join(f"backend_options.{key}: {text}" for key, text in unknown))
     except EvaluatorError as e:
         log(f"error: {e}")
         return 2
@@ -113,7 +107,7 @@ def run(job: StageJob) -> int:
         "model": alias or model, "checkpoint": job.checkpoint, "run": job.run, "iteration": job.iteration,
         "tokens_b": job.tokens_b, "benchmark": bench.get("name"), "benchmark_type": kind,
         "dataset_id": dataset.dataset_id, "dataset_dir": dataset.root, "backend": backend_name,
-        "backend_info": info, "backend_options": mask_secrets(options), "generation": params.to_dict(),
+        "backend_info": info, "backend_options": redact_obj(options), "generation": params.to_dict(),
         "seed": job.seed, "attempt": job.attempt, "n": n, "n_ok": n - len(errors), "n_error": len(errors),
         "error_rate": error_rate, "versions": library_versions(VERSIONED),
         "timings": {"load_s": round(load_s, 3), "run_s": round(run_s, 3), "total_s": round(time.time() - started, 3)},

@@ -8,14 +8,17 @@ A backend turns canonical samples into RunResult rows:
     backend.close()
 
 `params` is the generation parameters (GenerationParams: max_new_tokens, temperature, top_p, stop, extra),
-`options` the backend's own options (config `backend_options:`, bench.py `--backend-opt k=v`).
+`options` the backend's own options (config `backend_options:`, bench.py `--backend-opt k=v`); each backend class
+lists the names it reads in `OPTIONS`, which the daemon's config check and the inference stage both use
+(option_problems), so a typo fails at config load instead of being ignored. Backend modules therefore import
+nothing heavy at module level (torch, vllm are imported in load()).
 A sample that fails is returned with status=error; run() raises only when nothing can go on.
 """
 from __future__ import annotations
 
 import importlib
 
-from evaluator.common.errors import EvaluatorError
+from evaluator.common.errors import EvaluatorError, did_you_mean
 
 BACKENDS = {
     "hf": "evaluator.stages.inference.backends.hf:HFBackend",
@@ -30,6 +33,14 @@ class ModelLoadError(EvaluatorError):
 
 def backend_class(name: str):
     if name not in BACKENDS:
-        raise EvaluatorError(f"backend: unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+        raise EvaluatorError(f"backend: unknown backend {name!r}{did_you_mean(name, BACKENDS)} "
+                             f"(known: {', '.join(BACKENDS)})")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def option_problems(name: str, options: dict) -> list[tuple[str, str]]:
+    """(option, what is wrong) for every option the backend `name` does not read."""
+    known = backend_class(name).OPTIONS
+    return [(key, f"not an option of the {name} backend{did_you_mean(key, known)} (known: {', '.join(known)})")
+            for key in options if key not in known]

@@ -88,6 +88,8 @@ def generate_isolated(batch: list, request, record, base, results: list) -> None
 
 class HFBackend:
     name = "hf"
+    # every backend_options key this backend (and audio.AudioRunner) reads; batch_size is also the benchmark's own key
+    OPTIONS = ("batch_size", "device", "dtype", "chat_template", "choice_scoring")
 
     def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
                  alias: Optional[str] = None):

@@ -175,6 +175,7 @@ def to_openai_messages(messages: list) -> list:
 
 class OpenAIBackend:
     name = "openai"
+    OPTIONS = tuple(ClientOptions.__dataclass_fields__) + ("batch_size",)  # batch_size: the stage's generic option
 
     def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
                  alias: Optional[str] = None):

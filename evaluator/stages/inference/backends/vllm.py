@@ -30,6 +30,8 @@ from .openai import to_openai_messages  # the OpenAI chat format vLLM's LLM.chat
 
 ENGINE_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "enforce_eager",
                   "trust_remote_code", "limit_mm_per_prompt")
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -40,6 +42,7 @@ def cuda_available() -> bool:
 
 class VLLMBackend:
     name = "vllm"
+    OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template", "choice_scoring", "batch_size")
 
     def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
                  alias: Optional[str] = None):
