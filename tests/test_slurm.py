@@ -1,9 +1,13 @@
-"""The Slurm executor on a real single-node Slurm (scripts/slurm_local.sh start; .ci/run starts it).
+"""The daemon with executor.type slurm, end to end through the CLI, on a real single-node Slurm
+(scripts/slurm_local.sh start; .ci/run starts it). The executor class itself: test_slurm_executor.py.
 
+Ledger columns these tests read: `infer_job` (the inference job id), `eval_job` (its chained evaluation's,
+or a lone re-score's), `token` (the intent, part of every job name: eval-<run>-<it>-<bench>-<token>-<infer|evalu>).
 A Slurm that is not there is a failure here, not a skip: CI must prove this path."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,6 +17,7 @@ import pytest
 
 from conftest import (bench, daemons, history, ledger_rows, megatron_checkpoint, run_cli, venvs,  # noqa: F401
                       wait_until, write_config)
+from evaluator.daemon.slurm import ALL_STATES
 
 pytestmark = pytest.mark.slow
 
@@ -38,23 +43,41 @@ def slurm_config(tmp_path, benches, **executor):
     return cfg, name
 
 
-def sacct_jobs(run: str, cache) -> list[dict]:
-    """Every job this test's daemon submitted, as Slurm's accounting saw them.
+def sacct_jobs(run: str) -> list[dict]:
+    """Every job this test's daemon submitted ({id, name, state, exit}), oldest first.
 
-    Asked by job id (a window of ids around the ones the ledger knows), not by time: sacct's time
-    window leaves out jobs cancelled while they waited on a dependency."""
-    known = [int(x) for r in ledger_rows(cache) for x in (r["infer_job"], r["eval_job"]) if x]
-    lo, hi = max(1, min(known) - 100), max(known) + 100
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(map(str, range(lo, hi))),
-                          "-o", "JobID,JobName,State,ExitCode,Submit,End"],
-                         capture_output=True, text=True, check=True).stdout
-    rows = []
-    for line in out.splitlines():
-        job_id, job_name, state, exit_code, submit, end = line.split("|")
+    Finished ones from accounting, asked by a time window with every state named (`-s`; without it the
+    window leaves out jobs cancelled while they waited on a dependency); queued ones from squeue (sacct's
+    window lists no job that was never eligible yet, e.g. one pending on its dependency). The run name is
+    unique to the test, and so is the job name prefix."""
+    jobs = {}
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-2hours", "-E", "now", "-s", ALL_STATES,
+                          "-o", "JobID,JobName,State,ExitCode"], capture_output=True, text=True, check=True).stdout
+    queued = subprocess.run(["squeue", "-h", "-o", "%i|%j|%T|"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines() + queued.splitlines():  # squeue's later line wins: it is current
+        job_id, job_name, state, exit_code = line.split("|")
         if job_name.startswith(f"eval-{run}-"):
-            rows.append({"id": job_id, "name": job_name, "state": state.split()[0], "exit": exit_code,
-                         "submit": submit, "end": end})
-    return rows
+            jobs[job_id] = {"id": job_id, "name": job_name, "state": state.split()[0], "exit": exit_code}
+    return sorted(jobs.values(), key=lambda r: int(r["id"]))
+
+
+def fake_sbatch(tmp_path, monkeypatch, second: str) -> None:
+    """Fault injection: an `sbatch` earlier on PATH that hands odd calls (the inference) to the real
+    sbatch and runs the shell line `second` instead of even ones (the chained evaluation)."""
+    real = shutil.which("sbatch")
+    count, fake_bin = tmp_path / "sbatch.count", tmp_path / "fake-bin"
+    fake_bin.mkdir()
+    (fake_bin / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f"n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}\n"
+        f"if [ $((n % 2)) = 0 ]; then {second}; fi\n"
+        f"exec {real} \"$@\"\n")
+    (fake_bin / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+
+
+def finished(jobs: list[dict], n: int):
+    return jobs if len(jobs) == n and not {"RUNNING", "PENDING"} & {j["state"] for j in jobs} else None
 
 
 def states(cache):
@@ -74,7 +97,7 @@ def test_a_checkpoint_is_evaluated_end_to_end_through_sbatch(tmp_path, venvs, sl
     assert "#SBATCH --output=" in script and "-m evaluator.stages.command --job" in script
     assert (out / "eval.sbatch").exists() and "fake stage" not in (out / "infer.stderr.log").read_text()
     jobs = wait_until(lambda: (lambda j: j if len(j) == 4 and all(x["state"] == "COMPLETED" for x in j) else None)(
-        sacct_jobs(run, cache)), timeout=60, interval=1, what="sacct to show 4 completed jobs")
+        sacct_jobs(run)), timeout=60, interval=1, what="sacct to show 4 completed jobs")
     rows = ledger_rows(cache)
     assert {r["infer_job"] for r in rows} | {r["eval_job"] for r in rows} == {j["id"] for j in jobs}
 
@@ -88,9 +111,7 @@ def test_a_failing_stage_is_retried_then_failed_and_its_evaluation_job_never_run
     assert row["state"] == "failed" and row["attempts"] == 2 and row["next_retry_at"] is None
     assert "Slurm job" in row["last_error"] and "FAILED" in row["last_error"]
     assert "crashing on purpose" in row["last_error"]  # the log tail from the job's output
-    jobs = wait_until(lambda: (lambda j: j if len(j) == 4 and "RUNNING" not in {x["state"] for x in j}
-                               and "PENDING" not in {x["state"] for x in j} else None)(sacct_jobs(run, cache)),
-                      timeout=60, interval=1, what="4 finished jobs in sacct")
+    jobs = wait_until(lambda: finished(sacct_jobs(run), 4), timeout=60, interval=1, what="4 finished jobs in sacct")
     infer = [j for j in jobs if j["name"].endswith("-infer")]
     evals = [j for j in jobs if j["name"].endswith("-evalu")]
     assert [j["state"] for j in infer] == ["FAILED", "FAILED"] and all(j["exit"] == "3:0" for j in infer)
@@ -123,7 +144,7 @@ def test_kill_9_with_jobs_in_flight_then_restart_reattaches_and_submits_nothing_
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
     # 2 pipelines x (inference + chained evaluation), still in Slurm's hands (accounting lags a little)
-    before = {j["id"] for j in wait_until(lambda: (lambda j: j if len(j) >= 4 else None)(sacct_jobs(run, cache)),
+    before = {j["id"] for j in wait_until(lambda: (lambda j: j if len(j) >= 4 else None)(sacct_jobs(run)),
                                           timeout=30, interval=0.5, what="4 jobs in sacct")}
     assert len(before) == 4
     proc = run_cli("--config", cfg, "--once", check=0, timeout=240)
@@ -132,7 +153,7 @@ def test_kill_9_with_jobs_in_flight_then_restart_reattaches_and_submits_nothing_
     keys = [(h["iteration"], h["benchmark"]) for h in history(cache, run=run)]
     assert sorted(keys) == [(1000, "qa"), (2000, "qa"), (3000, "qa")]  # each recorded exactly once
     time.sleep(2)  # let accounting catch up, so a duplicate would be visible
-    jobs = wait_until(lambda: (lambda j: j if len(j) >= 6 else None)(sacct_jobs(run, cache)), timeout=30,
+    jobs = wait_until(lambda: (lambda j: j if len(j) >= 6 else None)(sacct_jobs(run)), timeout=30,
                       interval=0.5, what="6 jobs in sacct")
     assert len(jobs) == 6 and before <= {j["id"] for j in jobs}, jobs  # no duplicate submission
     names = [j["name"] for j in jobs]
@@ -171,5 +192,38 @@ def test_status_cancel_jobs_cancels_what_a_stopped_daemon_left_running(tmp_path,
         "stopping the daemon must leave its Slurm jobs running"
     out = run_cli("status", "--config", cfg, "--cancel-jobs", check=0).stdout
     assert "cancelled 2 Slurm job(s)" in out
-    wait_until(lambda: all(j["state"] == "CANCELLED" for j in sacct_jobs(run, cache)) and len(sacct_jobs(run, cache)) == 2,
+    wait_until(lambda: all(j["state"] == "CANCELLED" for j in sacct_jobs(run)) and len(sacct_jobs(run)) == 2,
                timeout=60, interval=1, what="both jobs cancelled in sacct")
+
+
+def test_a_refused_evaluation_sbatch_fails_the_attempt_and_cancels_its_inference(tmp_path, venvs, slurm, monkeypatch):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=5)])
+    fake_sbatch(tmp_path, monkeypatch, "echo 'sbatch: error: Batch job submission failed: Invalid qos (injected)' >&2; "
+                                       "exit 1")
+    proc = run_cli("--config", cfg, "--once", check=0, timeout=240)
+    assert "Traceback" not in proc.stderr
+    row = ledger_rows(tmp_path / "cache")[0]
+    assert row["state"] == "failed" and row["attempts"] == 2 and "Invalid qos (injected)" in row["last_error"]
+    jobs = wait_until(lambda: finished(sacct_jobs(run), 2), timeout=60, interval=1, what="2 finished jobs in sacct")
+    assert [(j["name"][-6:], j["state"]) for j in jobs] == [("-infer", "CANCELLED")] * 2
+
+
+def test_kill_9_between_the_two_sbatch_calls_then_restart_runs_the_pipeline_once(tmp_path, venvs, slurm,
+                                                                                 monkeypatch):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=2)])
+    path = os.environ["PATH"]
+    fake_sbatch(tmp_path, monkeypatch, "kill -9 $PPID; exit 1")  # the daemon dies after the inference's sbatch
+    assert run_cli("--config", cfg, "--once", timeout=120).returncode == -signal.SIGKILL
+    cache = tmp_path / "cache"
+    row = ledger_rows(cache)[0]
+    assert row["state"] == "inferring" and row["token"] and not row["infer_job"]  # the intent, not the job id
+    monkeypatch.setenv("PATH", path)
+    run_cli("--config", cfg, "--once", check=0, timeout=240)
+    assert states(cache) == {(1000, "qa"): "recorded"}
+    assert len(history(cache, run=run)) == 1
+    jobs = wait_until(lambda: finished(sacct_jobs(run), 3), timeout=60, interval=1, what="3 finished jobs in sacct")
+    first, again = jobs[0], jobs[1:]
+    assert first["name"].endswith(f"-{row['token']}-infer") and first["state"] == "CANCELLED"  # found by token
+    assert [(j["name"][-6:], j["state"]) for j in again] == [("-infer", "COMPLETED"), ("-evalu", "COMPLETED")]
