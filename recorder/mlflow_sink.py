@@ -6,6 +6,13 @@ Default store: SQLite at <cache_dir>/mlflow.db with artifacts in <cache_dir>/mlf
 keeps its plain-file store read-only); `recorder.mlflow.tracking_uri` (or MLFLOW_TRACKING_URI) points
 it elsewhere, e.g. a tracking server.
 
+Metric names MLflow refuses (`pass@1`) are renamed by `metric_key` (docs/recording.md), so a result
+never fails for its names. After each record() the run is left FINISHED: a daemon killed at any
+moment leaves no run RUNNING forever (MLflow's client logs to a finished run as to a running one).
+
+A tracking server that does not answer costs at most about `request_timeout` seconds per record()
+(default 30), not the ~4 minutes of MLflow's own retries: see `bound_http_retries`.
+
 Exactly once: the run is found again by a tag holding a hash of its name, and a metric is logged only
 when the run's history of that metric has no point at this iteration yet (read once per process,
 then kept). A result offered again after a crash therefore adds nothing; the artifact is re-copied
@@ -17,12 +24,56 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 from recorder.sinks import RecorderSettings, ResultRecord
 
 log = logging.getLogger("evaluator")
 RUN_TAG = "ckpt_evaluator.run_key"
+REQUEST_TIMEOUT_SECONDS = 30.0
+MAX_KEY_LENGTH = 250  # MLflow's limit for a metric name
+_DISALLOWED = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def _hash(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:6]
+
+
+def _clean(name: str) -> str:
+    """ASCII letters, digits, `_ - . space /` kept, any other character -> `_`; an empty, `.` or `..`
+    path segment -> `_` (MLflow refuses names that a path normalisation would change)."""
+    name = _DISALLOWED.sub("_", name)
+    return "/".join(seg if seg not in ("", ".", "..") else "_" for seg in name.split("/"))
+
+
+def metric_key(names: list[str]) -> dict[str, str]:
+    """MLflow metric name for each of `names` (the `<benchmark>/<metric>` keys of one result).
+
+    Deterministic: a name MLflow accepts is kept; another is cleaned (`_clean`). A cleaned name that
+    equals another name of the set, or a name longer than 250 characters, gets `-` + the first 6 hex
+    digits of the sha256 of its original name (cut to fit 250), so two metrics never share a curve."""
+    cleaned = {n: _clean(n) for n in names}
+    count: dict[str, int] = {}
+    for c in cleaned.values():
+        count[c] = count.get(c, 0) + 1
+    out = {}
+    for name, c in cleaned.items():
+        if (c != name and count[c] > 1) or len(c) > MAX_KEY_LENGTH:
+            c = c[:MAX_KEY_LENGTH - 7] + "-" + _hash(name)
+        out[name] = c
+    return out
+
+
+def bound_http_retries(total_seconds: float) -> None:
+    """Make an MLflow HTTP call give up within about `total_seconds`: one attempt of a third of it, one
+    retry after a 1 s backoff. MLflow reads these variables on every request (its defaults: 120 s per
+    attempt, 7 retries with backoff, ~4 minutes against a dead server); they are process-wide."""
+    per_try = max(1, int(total_seconds // 3))
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(per_try)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0"
 
 
 def _flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -40,9 +91,11 @@ def _flat_params(config: dict, prefix: str = "") -> dict[str, str]:
 class MlflowSink:
     name = "mlflow"
 
-    def __init__(self, settings: RecorderSettings):
+    def __init__(self, settings: RecorderSettings, request_timeout: float = None):
         self.settings = settings
         self.ms = settings.mlflow
+        self.request_timeout = (request_timeout or getattr(self.ms, "request_timeout", None)
+                                or REQUEST_TIMEOUT_SECONDS)
         self._client = None
         self._experiment_id = None
         self._run_ids: dict[str, str] = {}
@@ -52,6 +105,8 @@ class MlflowSink:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            if self.ms.tracking_uri.startswith(("http://", "https://")):
+                bound_http_retries(self.request_timeout)
             if self.ms.tracking_uri.startswith("sqlite:///"):
                 os.makedirs(os.path.dirname(self.ms.tracking_uri[len("sqlite:///"):]) or ".", exist_ok=True)
             client = MlflowClient(tracking_uri=self.ms.tracking_uri)
@@ -101,9 +156,11 @@ class MlflowSink:
         client = self.client()
         rid = self.run_id(result.run)
         now = int(time.time() * 1000)
-        values = {f"{result.benchmark}/{name}": float(value) for name, value in result.metrics.items()}
+        raw = {f"{result.benchmark}/{name}": float(value) for name, value in result.metrics.items()}
         if result.tokens_b is not None:
-            values["tokens_b"] = float(result.tokens_b)
+            raw["tokens_b"] = float(result.tokens_b)
+        keys = metric_key(list(raw))
+        values = {keys[name]: value for name, value in raw.items()}
         missing = [Metric(key, value, now, result.iteration) for key, value in sorted(values.items())
                    if result.iteration not in self._logged_steps(rid, key)]
         if missing:
@@ -116,4 +173,6 @@ class MlflowSink:
             for m in missing:
                 self._steps[(rid, m.key)].add(result.iteration)
         if result.metrics_path and os.path.exists(result.metrics_path):
-            client.log_artifact(rid, result.metrics_path, artifact_path=f"iter_{result.iteration:07d}/{result.benchmark}")
+            client.log_artifact(rid, result.metrics_path,
+                                artifact_path=f"iter_{result.iteration:07d}/{_clean(result.benchmark)}")
+        client.set_terminated(rid, "FINISHED")

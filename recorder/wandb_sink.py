@@ -17,22 +17,34 @@ later with `wandb sync <dir>/wandb` (wandb syncs the segments of one run id in s
 Offline W&B cannot know the last step of earlier segments, so the sink passes an explicit step that
 continues after the largest `_step` found in the local logs of that run id; segments never overlap.
 
-Exactly once: before logging, the sink reads the local transaction logs of the run id (once per
-process, then keeps the set) and skips a (iteration, benchmark) that is already there -- so a result
-offered again after a crash is not logged twice, even by a new process.
+Exactly once, across processes: every write to a run id happens under a file lock
+(`<dir>/wandb/.locks/<run id>.lock`, RunLock) held while the sink re-reads the run's transaction logs
+(only those whose size or mtime changed) and writes the next session, so the daemon and a
+`wandb_writer` backfill never log one (iteration, benchmark) twice or reuse a step.
+
+Bounded: several ready results go into one session (`record_batch`), and once MAX_SESSIONS unsynced
+offline sessions exist the next session carries their rows over and replaces them. wandb's scratch
+files stay under `<dir>/wandb` and are removed. docs/recording.md says why, from wandb's sync code.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import struct
+import sys
+import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional
+
+from filelock import FileLock, Timeout
 
 from recorder.sinks import RecorderSettings, ResultRecord, WandbSettings
 
@@ -43,6 +55,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 TABLE_KEYS = ("summary_table", "samples")
 SAMPLE_TEXT_CHARS = 500
 LOG_WAIT_SECONDS = 30.0  # how long a finished session may take to reach its transaction log
+MAX_SESSIONS = 16  # unsynced offline sessions of one run before the next session merges them
+LOCK_TIMEOUT_SECONDS = 600.0  # a writer holds a run's lock for one session (seconds; a merge longer)
 
 
 def run_id(project: str, run: str) -> str:
@@ -98,6 +112,7 @@ class RunLog:
     run_id: str = ""
     name: str = ""
     rows: list = field(default_factory=list)
+    staged: list = field(default_factory=list)  # artifact files wandb staged for a later upload (table copies)
 
 
 def read_run_log(path: str) -> RunLog:
@@ -112,6 +127,8 @@ def read_run_log(path: str) -> RunLog:
             out.project, out.run_id, out.name = rec.run.project, rec.run.run_id, rec.run.display_name
         elif kind == "history":
             out.rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "artifact":
+            out.staged += [c.local_path for c in rec.artifact.manifest.contents if c.local_path]
     return out
 
 
@@ -150,6 +167,11 @@ def metrics_of(row: dict) -> dict[str, dict[str, float]]:
 
 
 # ---- the sink --------------------------------------------------------------------------------
+# wandb keeps process-wide state (wandb.run, one wandb-core service, tempfile and env lookups), so one
+# process runs one W&B session at a time; other processes are kept out by RunLock.
+_PROCESS_LOCK = threading.RLock()
+
+
 def _import_wandb(mode: str):
     os.environ.setdefault("WANDB_SILENT", "true")
     if mode == "offline":
@@ -166,32 +188,156 @@ def _settings(wandb, ws: WandbSettings):
                           init_timeout=ws.init_timeout, **extra)
 
 
-class _RunState:
-    def __init__(self, rows: list[dict]):
-        self.keys = logged_keys(rows)
-        self.next_step = 1 + max((int(r["_step"]) for r in rows if "_step" in r), default=-1)
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _staged_under(wandb_dir: str):
+    """Make wandb's scratch files land under `<wandb_dir>/wandb/.tmp/<pid>` and its artifact staging under
+    `<wandb_dir>/wandb/.data`, and remove the scratch files the session made.
+
+    wandb writes each logged Table to a `tempfile.TemporaryDirectory()` that lives until the process
+    exits (and forever after a kill -9), plus module-level `wandb-media`/`wandb-artifacts` folders made at
+    import; its artifact copies go to WANDB_DATA_DIR (default ~/.local/share/wandb), kept until a
+    `wandb sync` uploads them. Scratch folders of processes that no longer exist are removed here too."""
+    root = os.path.join(wandb_dir, "wandb")
+    scratch_root = os.path.join(root, ".tmp")
+    scratch = os.path.join(scratch_root, str(os.getpid()))
+    os.makedirs(scratch, exist_ok=True)
+    for name in os.listdir(scratch_root):
+        if name.isdigit() and int(name) != os.getpid() and not _pid_alive(int(name)):
+            shutil.rmtree(os.path.join(scratch_root, name), ignore_errors=True)
+    saved_tempdir, saved_data = tempfile.tempdir, os.environ.get("WANDB_DATA_DIR")
+    tempfile.tempdir = scratch
+    os.environ["WANDB_DATA_DIR"] = os.path.join(root, ".data")
+    import wandb  # noqa: F401  (first import makes its module-level scratch folders, which must stay)
+
+    before = set(os.listdir(scratch))
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_data is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = saved_data
+        for name in set(os.listdir(scratch)) - before:
+            path = os.path.join(scratch, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+class RunLock:
+    """Exclusive right to write one W&B run id, shared by every process using the same W&B folder (the
+    daemon and a `wandb_writer` backfill): `<dir>/wandb/.locks/<run id>.lock`. Held across reading the
+    transaction logs back and writing the next session, so two processes never log the same
+    (iteration, benchmark) twice or reuse a step."""
+
+    def __init__(self, wandb_dir: str, rid: str, timeout: float):
+        os.makedirs(os.path.join(wandb_dir, "wandb", ".locks"), exist_ok=True)
+        self.path = os.path.join(wandb_dir, "wandb", ".locks", f"{rid}.lock")
+        self.lock = FileLock(self.path, timeout=timeout, thread_local=False)
+
+    def __enter__(self):
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise TimeoutError(f"W&B run lock {self.path} is held by another writer for more than "
+                               f"{self.lock.timeout:g}s") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+@dataclass
+class _SeenLog:
+    """What one transaction log held when it was last read, keyed by its size and mtime."""
+
+    stamp: tuple
+    keys: set
+    max_step: int
+    n_rows: int
+    has_run: bool
+    staged: list
+
+
+class RunLogs:
+    """The transaction logs of one run id under a W&B folder, re-read only where they changed.
+
+    `refresh()` stats every log and reads again only those whose (size, mtime) differ from the last
+    read, so checking before each write stays cheap while another process may have added sessions."""
+
+    def __init__(self, wandb_dir: str, rid: str):
+        self.wandb_dir, self.rid = wandb_dir, rid
+        self.seen: dict[str, _SeenLog] = {}
+
+    def refresh(self) -> None:
+        present = {}
+        for path in run_logs(self.wandb_dir, self.rid):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # removed by a compaction between glob and stat
+                continue
+            stamp = (st.st_size, st.st_mtime_ns)
+            old = self.seen.get(path)
+            if old is None or old.stamp != stamp:
+                log = read_run_log(path)
+                steps = [int(r["_step"]) for r in log.rows if "_step" in r]
+                old = _SeenLog(stamp, logged_keys(log.rows), max(steps, default=-1), len(log.rows),
+                               bool(log.run_id), log.staged)
+            present[path] = old
+        self.seen = present
+
+    @property
+    def keys(self) -> set:
+        return set().union(*(s.keys for s in self.seen.values()))
+
+    @property
+    def next_step(self) -> int:
+        return 1 + max((s.max_step for s in self.seen.values()), default=-1)
+
+
+def is_synced(path: str) -> bool:
+    """`wandb sync` marks a transaction log it uploaded with a `<log>.synced` file beside it."""
+    return os.path.exists(path + ".synced")
+
+
+MERGE_MANIFEST = "ckpt_evaluator_replaces.json"
 
 
 class WandbSink:
+    """Offline sessions of a run are bounded: when `max_sessions` unsynced offline sessions of the run
+    exist, the next session carries their rows over (same `_step`s, tables re-made from their files)
+    and, once every row is read back from it, the sessions it replaces are deleted. See docs/recording.md."""
+
     name = "wandb"
 
-    def __init__(self, settings: RecorderSettings):
+    def __init__(self, settings: RecorderSettings, max_sessions: int = MAX_SESSIONS,
+                 lock_timeout: float = LOCK_TIMEOUT_SECONDS):
         self.settings = settings
         self.ws = settings.wandb
-        self._runs: dict[str, _RunState] = {}
+        self.max_sessions = max(2, max_sessions)
+        self.lock_timeout = lock_timeout
+        self._logs: dict[str, RunLogs] = {}
 
-    def _state(self, run: str, rid: str) -> _RunState:
-        if run not in self._runs:
-            rows = []
-            for path in run_logs(self.ws.dir, rid):
-                rows += read_run_log(path).rows
-            self._runs[run] = _RunState(rows)
-        return self._runs[run]
+    def _run_logs(self, rid: str) -> RunLogs:
+        if rid not in self._logs:
+            self._logs[rid] = RunLogs(self.ws.dir, rid)
+        return self._logs[rid]
 
-    def _init(self, wandb, mode: str, rid: str, name: str, config: dict, group=None, tags=None):
+    def _check_dir(self) -> None:
         os.makedirs(self.ws.dir, exist_ok=True)  # raises if the folder cannot be made: W&B would fall back to /tmp
         if not os.access(self.ws.dir, os.W_OK):
             raise PermissionError(f"W&B folder {self.ws.dir} is not writable")
+
+    def _init(self, wandb, mode: str, rid: str, name: str, config: dict, group=None, tags=None):
         run = wandb.init(project=self.ws.project, entity=self.ws.entity, id=rid, name=name, resume="allow",
                          group=group, tags=tags, job_type="eval", dir=self.ws.dir, mode=mode, config=config,
                          settings=_settings(wandb, self.ws))
@@ -202,12 +348,60 @@ class WandbSink:
         return run
 
     def record(self, result: ResultRecord) -> None:
+        """Log one result; returns once its row is read back from the run's transaction log."""
+        self.record_batch([result])
+
+    def record_batch(self, results: list[ResultRecord]) -> None:
+        """Log several results (of any runs) with one session per run; returns once every row is read
+        back. All or nothing as far as the caller knows: on an error none counts as accepted, and
+        those that did reach the log are skipped when offered again."""
+        by_run: dict[str, list[ResultRecord]] = {}
+        for r in results:
+            by_run.setdefault(r.run, []).append(r)
         mode = resolve_mode(self.ws.mode)
-        wandb = _import_wandb(mode)
-        rid = run_id(self.ws.project, result.run)
-        state = self._state(result.run, rid)
-        if (result.iteration, result.benchmark) in state.keys:
-            return  # already in this run's log: offered again after a crash, or a backfill
+        self._check_dir()
+        with _PROCESS_LOCK, _staged_under(self.ws.dir):
+            wandb = _import_wandb(mode)
+            for run, batch in by_run.items():
+                self._record_run(wandb, mode, run, batch)
+
+    def _record_run(self, wandb, mode: str, run: str, batch: list[ResultRecord]) -> None:
+        rid = run_id(self.ws.project, run)
+        with RunLock(self.ws.dir, rid, self.lock_timeout):
+            finish_merges(self.ws.dir, rid)
+            logs = self._run_logs(rid)
+            logs.refresh()
+            done, todo = logs.keys, []
+            for r in batch:
+                if (r.iteration, r.benchmark) not in done:  # already in the log: re-offered after a crash, or a backfill
+                    done.add((r.iteration, r.benchmark))
+                    todo.append(r)
+            if not todo:
+                return
+            merge = self._sessions_to_merge(logs) if mode == "offline" else []
+            carried = {path: read_run_log(path).rows for path in merge}
+            rows = [(int(row["_step"]), _relog_row(wandb, row, os.path.dirname(path)))
+                    for path, old in carried.items() for row in old if "_step" in row]
+            step = logs.next_step
+            for i, r in enumerate(todo):
+                rows.append((step + i, self._row(wandb, r)))
+            config = dict(self.settings.run_config, model_name=run)
+            config["versions"] = dict(config.get("versions") or {}, wandb=wandb.__version__)
+            benches = sorted({k.split("/", 1)[0] for _, row in rows for k in row if "/" in k})
+            self._session(wandb, mode, rid, run, config, rows, benches,
+                          expect={(r.iteration, r.benchmark) for r in todo} | logged_keys(
+                              [row for old in carried.values() for row in old]),
+                          replaces=merge)
+
+    def _sessions_to_merge(self, logs: RunLogs) -> list[str]:
+        """The unsynced offline sessions to carry into the next one, once there are `max_sessions` of them."""
+        unsynced = [p for p, s in logs.seen.items()
+                    if s.n_rows and not is_synced(p) and os.path.basename(os.path.dirname(p)).startswith("offline-")]
+        if len(unsynced) < self.max_sessions:
+            return []
+        return sorted(unsynced, key=lambda p: logs.seen[p].max_step)
+
+    def _row(self, wandb, result: ResultRecord) -> dict:
         row = {"iteration": result.iteration}
         if result.tokens_b is not None:
             row["tokens_b"] = result.tokens_b
@@ -219,69 +413,175 @@ class WandbSink:
             if samples:
                 row[f"{result.benchmark}/samples"] = wandb.Table(
                     columns=["iteration", "sample_id", "input", "prediction", "status"], data=samples)
-        config = dict(self.settings.run_config, model_name=result.run)
-        config["versions"] = dict(config.get("versions") or {}, wandb=wandb.__version__)
-        run = self._init(wandb, mode, rid, result.run, config, self.ws.group, self.ws.tags or None)
-        session_log = os.path.join(os.path.dirname(run.dir), f"run-{rid}.wandb")
+        return row
+
+    def _session(self, wandb, mode, rid, name, config, rows, benches, expect, replaces) -> None:
+        run = self._init(wandb, mode, rid, name, config, self.ws.group, self.ws.tags or None)
+        session = os.path.dirname(run.dir)
+        session_log = os.path.join(session, f"run-{rid}.wandb")
         try:
+            if replaces:  # written before any row, so a crash mid-merge is recognised (finish_merges)
+                _write_json(os.path.join(session, MERGE_MANIFEST),
+                            {"replaces": [os.path.dirname(p) for p in replaces], "rows": len(rows)})
             run.define_metric("iteration")
             run.define_metric("tokens_b")
-            run.define_metric(f"{result.benchmark}/*", step_metric="iteration")
-            if mode == "offline":
-                run.log(row, step=state.next_step)
-            else:
-                run.log(row)  # online resume knows the run's last step
+            for bench in benches:
+                run.define_metric(f"{bench}/*", step_metric="iteration")
+            for step, row in sorted(rows, key=lambda sr: sr[0]):
+                if mode == "offline":
+                    run.log(row, step=step)
+                else:
+                    run.log(row)  # online resume knows the run's last step
         except BaseException:
-            self._runs.pop(result.run, None)  # unsure what reached the log: read it again next time
             run.finish(exit_code=1)
             raise
         run.finish()
-        try:
-            await_row(session_log, result.iteration, result.benchmark)
-        except BaseException:
-            self._runs.pop(result.run, None)
-            raise
-        state.keys.add((result.iteration, result.benchmark))
-        state.next_step += 1
+        await_rows(session_log, expect, len(rows))
+        if replaces:
+            finish_merges(self.ws.dir, rid)
+            if not os.path.isdir(session):
+                raise RuntimeError(f"W&B run {rid}: `wandb sync` uploaded sessions while they were merged; "
+                                   f"the merge was undone, the results are offered again later")
 
     def log_leaderboard(self, columns: list[str], data: list[list], title: str) -> str:
         """A `leaderboard` run in the project: the table and a bar chart of the score. Returns the run id."""
         mode = resolve_mode(self.ws.mode)
-        wandb = _import_wandb(mode)
+        self._check_dir()
         rid = run_id(self.ws.project, "leaderboard")
-        state = self._state("\0leaderboard", rid)
-        run = self._init(wandb, mode, rid, "leaderboard", {"project": self.ws.project}, "leaderboard", ["leaderboard"])
-        try:
-            table = wandb.Table(columns=columns, data=data)
-            row = {"leaderboard/table": table,
-                   "leaderboard/score": wandb.plot.bar(table, "label", "score", title=title)}
-            if mode == "offline":
-                run.log(row, step=state.next_step)
-            else:
-                run.log(row)
-        except BaseException:
-            self._runs.pop("\0leaderboard", None)
-            run.finish(exit_code=1)
-            raise
-        run.finish()
-        state.next_step += 1
+        with _PROCESS_LOCK, _staged_under(self.ws.dir), RunLock(self.ws.dir, rid, self.lock_timeout):
+            wandb = _import_wandb(mode)
+            logs = self._run_logs(rid)
+            logs.refresh()
+            run = self._init(wandb, mode, rid, "leaderboard", {"project": self.ws.project}, "leaderboard",
+                             ["leaderboard"])
+            try:
+                table = wandb.Table(columns=columns, data=data)
+                row = {"leaderboard/table": table,
+                       "leaderboard/score": wandb.plot.bar(table, "label", "score", title=title)}
+                if mode == "offline":
+                    run.log(row, step=logs.next_step)
+                else:
+                    run.log(row)
+            except BaseException:
+                run.finish(exit_code=1)
+                raise
+            run.finish()
+            await_rows(os.path.join(os.path.dirname(run.dir), f"run-{rid}.wandb"), set(), 1)
         return rid
 
+    def close(self) -> None:
+        """Stop wandb's background service and remove this process's scratch folder (daemon stop)."""
+        with _PROCESS_LOCK:
+            if "wandb" in sys.modules:
+                sys.modules["wandb"].teardown()
+            shutil.rmtree(os.path.join(self.ws.dir, "wandb", ".tmp", str(os.getpid())), ignore_errors=True)
 
-def await_row(path: str, iteration: int, benchmark: str, timeout: float = LOG_WAIT_SECONDS) -> None:
-    """Return once the session's transaction log holds the row; raise if it does not within `timeout`.
+
+def _write_json(path: str, data) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _relog_row(wandb, row: dict, session: str) -> dict:
+    """A history row read from a session, ready to be logged again: tables re-made from their files
+    under `<session>/files`, wandb's own `_` keys left for wandb to set."""
+    out, tables = {}, {}
+    for key, value in row.items():
+        if key.startswith("_"):
+            continue
+        parts = key.rsplit("/", 1)
+        if len(parts) == 2 and parts[1] == "_type" and value == "table-file":
+            tables[parts[0]] = row.get(f"{parts[0]}/path")
+    for key, value in row.items():
+        if key.startswith("_") or any(key.startswith(t + "/") for t in tables):
+            continue
+        out[key] = value
+    for key, rel in tables.items():
+        with open(os.path.join(session, "files", rel), encoding="utf-8") as f:
+            data = json.load(f)
+        out[key] = wandb.Table(columns=data["columns"], data=data["data"])
+    return out
+
+
+def finish_merges(wandb_dir: str, rid: str) -> None:
+    """Complete or undo merges a crash interrupted, and drop sessions that hold no run record.
+
+    A merged session lists the sessions it replaces in MERGE_MANIFEST. Holding all its rows, it is
+    complete: the sessions it replaces are deleted (with the artifact copies they staged). Holding
+    fewer, or if `wandb sync` uploaded one of those sessions meanwhile, it is deleted itself (its rows are all still in the sessions it was to replace, and its new
+    rows were never reported accepted). A session whose log has no run record (killed before its first
+    block reached the disk) would stop `wandb sync` altogether and holds nothing: it is deleted. Call
+    with the run's RunLock held."""
+    for path in run_logs(wandb_dir, rid):
+        session = os.path.dirname(path)
+        manifest = os.path.join(session, MERGE_MANIFEST)
+        try:
+            log = read_run_log(path)
+        except (FileNotFoundError, ValueError):
+            log = RunLog(path)
+        if os.path.exists(manifest):
+            with open(manifest, encoding="utf-8") as f:
+                merge = json.load(f)
+            replaced_synced = any(is_synced(os.path.join(old, f"run-{rid}.wandb")) for old in merge["replaces"])
+            if len(log.rows) >= merge["rows"] and not replaced_synced:
+                for old in merge["replaces"]:
+                    _remove_session(old, rid)
+                os.remove(manifest)
+            else:
+                _remove_session(session, rid)
+        elif not log.run_id:
+            _remove_session(session, rid)
+
+
+def _remove_session(session: str, rid: str) -> None:
+    """Delete a session folder and the artifact copies its log staged for upload (renamed first, so
+    `wandb sync` never sees half of it)."""
+    path = os.path.join(session, f"run-{rid}.wandb")
+    if not os.path.isdir(session):
+        return
+    staged = []
+    if os.path.exists(path):
+        try:
+            staged = read_run_log(path).staged
+        except ValueError:
+            pass
+    trash = os.path.join(os.path.dirname(session), ".trash")
+    os.makedirs(trash, exist_ok=True)
+    gone = os.path.join(trash, os.path.basename(session))
+    shutil.rmtree(gone, ignore_errors=True)
+    os.rename(session, gone)
+    for f in staged:
+        if os.path.isfile(f):
+            os.remove(f)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def await_rows(path: str, keys: set, n_rows: int, timeout: float = LOG_WAIT_SECONDS) -> None:
+    """Return once the session's transaction log holds `n_rows` history rows covering `keys`; raise if
+    it does not within `timeout`.
 
     finish() can return a few milliseconds before wandb-core has written the last records, so
-    "accepted" is decided by reading the row back, not by finish() returning."""
+    "accepted" is decided by reading the rows back, not by finish() returning."""
     deadline = time.monotonic() + timeout
     pause = 0.005
     while True:
-        if os.path.exists(path) and (iteration, benchmark) in logged_keys(read_run_log(path).rows):
-            return
+        if os.path.exists(path):
+            rows = read_run_log(path).rows
+            if len(rows) >= n_rows and keys <= logged_keys(rows):
+                return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"W&B did not write iteration {iteration} of {benchmark} to {path} within {timeout:g}s")
+            raise TimeoutError(f"W&B did not write {n_rows} rows ({sorted(keys)[:3]}...) to {path} within {timeout:g}s")
         time.sleep(pause)
         pause = min(pause * 2, 0.2)
+
+
+def await_row(path: str, iteration: int, benchmark: str, timeout: float = LOG_WAIT_SECONDS) -> None:
+    """Return once the session's transaction log holds the (iteration, benchmark) row."""
+    await_rows(path, {(iteration, benchmark)}, 1, timeout)
 
 
 def summary_table(result: ResultRecord) -> tuple[list[str], list[list]]:

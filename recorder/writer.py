@@ -143,8 +143,15 @@ def collect(ev: EvalSpec, summary_only: bool) -> tuple[list[ResultRecord], list[
 
 def write_records(settings: RecorderSettings, names: list[str], records: list[ResultRecord]) -> None:
     sinks = [SINKS[name](settings) for name in names]
-    for rec in records:
-        for sink in sinks:
+    for sink in sinks:
+        if hasattr(sink, "record_batch") and records:  # W&B: one session for the whole backfill, under the run's lock
+            try:
+                sink.record_batch(records)
+            except Exception as e:
+                raise SinkFailed(f"{sink.name} sink failed on {len(records)} results of {records[0].run}: "
+                                 f"{type(e).__name__}: {e}") from e
+            continue
+        for rec in records:
             try:
                 sink.record(rec)
             except Exception as e:  # report which result and sink, then stop: nothing is marked done anyway

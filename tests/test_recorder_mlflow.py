@@ -96,3 +96,61 @@ def test_an_unreachable_store_fails_the_record_until_it_is_fixed(tmp_path):
     MlflowSink(s).record(result(tmp_path, 1000))
     run = the_run(client_for(s.mlflow.tracking_uri))
     assert [m.step for m in client_for(s.mlflow.tracking_uri).get_metric_history(run.info.run_id, "qa/acc")] == [1000]
+
+
+def test_metric_names_mlflow_refuses_are_renamed_by_the_documented_rule_and_recorded(tmp_path):
+    from recorder.mlflow_sink import metric_key
+
+    s = settings(tmp_path)
+    rec = result(tmp_path, 1000)
+    rec.metrics = {"pass@1": 0.25, "pass_1": 0.5, "pass#1": 0.75, "acc": 0.1, "x" * 300: 0.3}
+    MlflowSink(s).record(rec)
+    run = the_run(client_for(s.mlflow.tracking_uri))
+    keys = metric_key(["qa/" + k for k in rec.metrics])
+    assert keys["qa/pass_1"] == "qa/pass_1" and keys["qa/acc"] == "qa/acc", "accepted names are kept"
+    assert keys["qa/pass@1"].startswith("qa/pass_1-") and keys["qa/pass#1"].startswith("qa/pass_1-")
+    assert len({keys["qa/pass@1"], keys["qa/pass#1"], keys["qa/pass_1"]}) == 3, "no two metrics share a curve"
+    assert len(keys["qa/" + "x" * 300]) == 250
+    got = run.data.metrics
+    assert [got[keys["qa/" + k]] for k in rec.metrics] == [0.25, 0.5, 0.75, 0.1, 0.3]
+    assert metric_key(["qa/pass@1"]) == {"qa/pass@1": "qa/pass_1"}, "alone, a cleaned name needs no suffix"
+    assert metric_key(["a//b/./c"]) == {"a//b/./c": "a/_/b/_/c"}
+
+
+def test_the_run_is_left_finished_after_each_record_and_still_takes_results(tmp_path):
+    s = settings(tmp_path)
+    sink = MlflowSink(s)
+    sink.record(result(tmp_path, 1000))
+    client = client_for(s.mlflow.tracking_uri)
+    assert the_run(client).info.status == "FINISHED"
+    sink.record(result(tmp_path, 2000))
+    run = the_run(client)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "qa/acc")) == [1000, 2000]
+
+
+def test_a_tracking_server_nobody_answers_fails_the_record_within_the_bound(tmp_path):
+    """Fault injected for real: a port where nothing listens (MLflow's own retries would take ~4 minutes)."""
+    import socket
+    import threading
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    sink = MlflowSink(settings(tmp_path, tracking_uri=f"http://127.0.0.1:{port}"), request_timeout=9)
+    outcome = {}
+
+    def call():
+        started = time.monotonic()
+        try:
+            sink.record(result(tmp_path, 1000))
+        except Exception as e:  # the outcome under test
+            outcome["error"] = e
+        outcome["seconds"] = time.monotonic() - started
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "record() still inside MLflow's retries after 60 s"
+    assert "error" in outcome and outcome["seconds"] < 15, outcome

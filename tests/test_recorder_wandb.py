@@ -203,3 +203,200 @@ def test_a_torn_tail_of_the_log_is_ignored_and_the_rows_before_it_still_count(tm
     restarted.record(result(tmp_path, 2000))
     os.remove(torn)  # the test's strict reader refuses torn files; what is left is what the restart wrote
     assert [(r["iteration"], r["_step"]) for r in history(tmp_path / "wandb")] == [(2000, 1)]
+
+
+# ---- several writers, bounded sessions, no leftovers ------------------------------------------
+def sessions(wandb_dir):
+    """The session folders W&B left under <wandb_dir>/wandb (the latest-run link skipped)."""
+    return sorted(p for p in glob.glob(os.path.join(str(wandb_dir), "wandb", "*run-*")) if not os.path.islink(p))
+
+
+def unique_rows(wandb_dir):
+    """(iteration, benchmark, _step) of every history row, as `wandb sync` would upload them."""
+    return sorted((r["iteration"], next(k for k in r if "/" in k).split("/")[0], r["_step"]) for r in history(wandb_dir))
+
+
+RECORDER_SCRIPT = """
+import json, os, sys, signal, pathlib
+sys.path[:0] = [{root!r}, {tests!r}]
+from test_recorder_wandb import settings, result
+from recorder.wandb_sink import WandbSink
+tmp = pathlib.Path({tmp!r})
+sink = WandbSink(settings(tmp))
+for it, bench in json.loads(sys.argv[1]):
+    sink.record(result(tmp, it, bench))
+if sys.argv[2:] == ["kill"]:
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def recorder_process(tmp_path, pairs, *extra, env=None):
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = RECORDER_SCRIPT.format(root=os.path.dirname(here), tests=here, tmp=str(tmp_path))
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(pairs), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_writing_one_run_never_log_a_result_twice_or_reuse_a_step(tmp_path):
+    """The daemon and a `wandb_writer` backfill beside it, both offered the same results at once."""
+    pairs = [[it, bench] for it in (1000, 2000, 3000) for bench in ("qa", "mc")]
+    procs = [recorder_process(tmp_path, pairs), recorder_process(tmp_path, pairs[::-1])]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    rows = unique_rows(tmp_path / "wandb")
+    assert sorted((it, b) for it, b, _ in rows) == sorted(tuple(p) for p in pairs), "each result exactly once"
+    assert sorted(step for _, _, step in rows) == list(range(6)), "no step used twice"
+
+
+def test_offline_sessions_of_a_run_are_bounded_and_a_merge_keeps_every_row_step_and_table(tmp_path):
+    sink = WandbSink(settings(tmp_path), max_sessions=3)
+    for i, it in enumerate((5000, 1000, 4000, 2000, 3000, 6000, 7000)):
+        sink.record(result(tmp_path, it))
+        assert len(sessions(tmp_path / "wandb")) <= 3, f"after {i + 1} results: {sessions(tmp_path / 'wandb')}"
+    rows = unique_rows(tmp_path / "wandb")
+    assert rows == sorted([(5000, "qa", 0), (1000, "qa", 1), (4000, "qa", 2), (2000, "qa", 3), (3000, "qa", 4),
+                           (6000, "qa", 5), (7000, "qa", 6)]), "every row once, with the step it first got"
+    for run in wandb_runs(tmp_path / "wandb"):  # a carried-over table is a real table file in its new session
+        for row in run["rows"]:
+            table = json.load(open(os.path.join(os.path.dirname(run["path"]), "files", row["qa/summary_table/path"])))
+            assert [r[3:5] for r in table["data"]][0] == ["acc", row["iteration"] / 10000]
+    restarted = WandbSink(settings(tmp_path), max_sessions=3)
+    restarted.record(result(tmp_path, 1000))  # known after the merge too
+    assert len(unique_rows(tmp_path / "wandb")) == 7
+
+
+def test_a_session_wandb_sync_already_uploaded_is_never_merged(tmp_path):
+    sink = WandbSink(settings(tmp_path), max_sessions=2)
+    sink.record(result(tmp_path, 1000))
+    synced = wandb_runs(tmp_path / "wandb")[0]["path"]
+    open(synced + ".synced", "w").close()  # what `wandb sync` leaves beside a log it uploaded
+    for it in (2000, 3000, 4000):
+        sink.record(result(tmp_path, it))
+    assert os.path.exists(synced), "an uploaded session stays as it is"
+    assert [r["iteration"] for r in wandb_runs(tmp_path / "wandb")[0]["rows"]] == [1000]
+    assert 1000 not in [r["iteration"] for run in wandb_runs(tmp_path / "wandb")[1:] for r in run["rows"]], \
+        "an uploaded row is never carried into a new session (sync would upload it twice)"
+    assert [s for _, _, s in unique_rows(tmp_path / "wandb")] == [0, 1, 2, 3]
+
+
+def test_a_merge_cut_short_by_a_crash_is_finished_before_the_next_write(tmp_path):
+    """Crash injected for real: the sessions a merge replaced are put back, with the merge's manifest,
+    as a kill -9 between "merged session read back" and "old sessions deleted" leaves them."""
+    import shutil
+
+    from recorder.wandb_sink import MERGE_MANIFEST
+
+    sink = WandbSink(settings(tmp_path), max_sessions=2)
+    sink.record(result(tmp_path, 1000))
+    sink.record(result(tmp_path, 2000))
+    saved = {s: str(tmp_path / "saved" / os.path.basename(s)) for s in sessions(tmp_path / "wandb")}
+    for s, copy in saved.items():
+        shutil.copytree(s, copy)
+    sink.record(result(tmp_path, 3000))  # merges the two sessions into a third
+    (merged,) = sessions(tmp_path / "wandb")
+    manifest = {"replaces": list(saved), "rows": 3}
+    for s, copy in saved.items():
+        shutil.copytree(copy, s)
+    with open(os.path.join(merged, MERGE_MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    assert len(unique_rows(tmp_path / "wandb")) == 5, "the crash left rows twice on disk"
+    WandbSink(settings(tmp_path), max_sessions=2).record(result(tmp_path, 4000))
+    assert [(it, s) for it, _, s in unique_rows(tmp_path / "wandb")] == [(1000, 0), (2000, 1), (3000, 2), (4000, 3)]
+
+
+def test_a_header_only_log_left_by_a_kill_is_removed_so_wandb_sync_can_run(tmp_path):
+    """wandb-core writes the 7-byte header first; killed before its first block, a session holds only that,
+    and one such file stops `wandb sync` of every run."""
+    WandbSink(settings(tmp_path)).record(result(tmp_path, 1000))
+    rid = run_id("proj", "tiny")
+    dead = tmp_path / "wandb" / "wandb" / f"offline-run-20200101_000000-{rid}"
+    dead.mkdir()
+    (dead / f"run-{rid}.wandb").write_bytes(open(wandb_runs(tmp_path / "wandb")[0]["path"], "rb").read(7))
+    WandbSink(settings(tmp_path)).record(result(tmp_path, 2000))
+    assert not dead.exists()
+    assert [(it, s) for it, _, s in unique_rows(tmp_path / "wandb")] == [(1000, 0), (2000, 1)]
+
+
+def test_a_batch_of_ready_results_is_one_session(tmp_path):
+    sink = WandbSink(settings(tmp_path))
+    sink.record_batch([result(tmp_path, 1000), result(tmp_path, 1000, "mc"), result(tmp_path, 2000)])
+    sink.record_batch([result(tmp_path, 2000), result(tmp_path, 3000)])  # 2000 is there: only 3000 is new
+    assert len(sessions(tmp_path / "wandb")) == 2
+    assert unique_rows(tmp_path / "wandb") == [(1000, "mc", 1), (1000, "qa", 0), (2000, "qa", 2), (3000, "qa", 3)]
+
+
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_recording_leaves_nothing_in_tmpdir_or_the_users_wandb_folders(tmp_path, end):
+    """W&B stages every logged table in a temp folder (kept until exit, forever after kill -9) and copies it
+    to ~/.local/share/wandb: both belong under the sink's own W&B folder."""
+    tmpdir, home = tmp_path / "tmpdir", tmp_path / "home"
+    tmpdir.mkdir()
+    home.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmpdir), HOME=str(home), XDG_DATA_HOME=str(home / "data"))
+    env = {k: v for k, v in env.items() if k not in ("WANDB_DATA_DIR", "WANDB_DIR")}
+    proc = recorder_process(tmp_path, [[1000, "qa"], [2000, "qa"]], *([end] if end == "kill" else []), env=env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == (0 if end == "exit" else -9), err
+    import time
+
+    deadline = time.monotonic() + 10  # wandb-core notices its parent is gone and removes its socket folder
+    while os.listdir(tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.listdir(tmpdir) == []
+    assert not (home / "data" / "wandb").exists() and not (home / ".local" / "share" / "wandb").exists()
+    assert [r["iteration"] for r in history(tmp_path / "wandb")] == [1000, 2000]
+    WandbSink(settings(tmp_path)).record(result(tmp_path, 3000))  # a later process removes a killed one's scratch
+    assert os.listdir(tmp_path / "wandb" / "wandb" / ".tmp") == [str(os.getpid())]
+
+
+def test_a_sink_called_from_a_worker_thread_records_and_installs_no_signal_handlers(tmp_path):
+    import signal
+    import threading
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH)}
+    sink, errors = WandbSink(settings(tmp_path)), []
+
+    def work():
+        try:
+            sink.record(result(tmp_path, 1000))
+            sink.record(result(tmp_path, 2000))
+        except BaseException as e:  # reported to the test below
+            errors.append(e)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(timeout=120)
+    assert not errors and not worker.is_alive()
+    assert [r["iteration"] for r in history(tmp_path / "wandb")] == [1000, 2000]
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    sink.close()
+    assert not os.path.exists(tmp_path / "wandb" / "wandb" / ".tmp" / str(os.getpid()))
+
+
+def test_a_merge_that_raced_wandb_sync_is_undone_and_the_result_offered_again(tmp_path):
+    """`wandb sync` marked a replaced session synced while the merge ran (its marker put back as it leaves it)."""
+    import shutil
+
+    from recorder.wandb_sink import MERGE_MANIFEST, finish_merges
+
+    sink = WandbSink(settings(tmp_path), max_sessions=2)
+    sink.record(result(tmp_path, 1000))
+    sink.record(result(tmp_path, 2000))
+    saved = {s: str(tmp_path / "saved" / os.path.basename(s)) for s in sessions(tmp_path / "wandb")}
+    for s, copy in saved.items():
+        shutil.copytree(s, copy)
+    sink.record(result(tmp_path, 3000))
+    (merged,) = sessions(tmp_path / "wandb")
+    for s, copy in saved.items():
+        shutil.copytree(copy, s)
+    first = min(saved)
+    open(os.path.join(first, f"run-{run_id('proj', 'tiny')}.wandb.synced"), "w").close()
+    with open(os.path.join(merged, MERGE_MANIFEST), "w") as f:
+        json.dump({"replaces": list(saved), "rows": 3}, f)
+    finish_merges(str(tmp_path / "wandb"), run_id("proj", "tiny"))
+    assert sessions(tmp_path / "wandb") == sorted(saved), "the merged copy is gone, the synced session stays"
+    assert [it for it, _, _ in unique_rows(tmp_path / "wandb")] == [1000, 2000]

@@ -80,6 +80,15 @@ def test_backfill_adds_only_what_the_daemons_run_does_not_have(tmp_path):
     assert [r["iteration"] for r in history(tmp_path / "cache" / "wandb")] == [2000, 1000, 3000]
 
 
+def test_a_backfill_of_many_results_writes_one_offline_session_not_one_per_result(tmp_path):
+    root = results_tree(tmp_path)
+    cfg = config(tmp_path, project="proj", evals=[{"model_name": "tiny", "source": "results", "results_dir": str(root)}])
+    proc = writer(cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert len(wandb_runs(tmp_path / "cache" / "wandb")) == 1
+    assert [(r["iteration"], r["_step"]) for r in history(tmp_path / "cache" / "wandb")] == [(1000, 0), (2000, 1), (3000, 2)]
+
+
 def test_helm_summary_only_logs_the_headline_metric_only(tmp_path):
     write_helm(tmp_path / "helm")
     cfg = config(tmp_path, project="proj", base_url=None, evals=[{
