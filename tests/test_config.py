@@ -472,9 +472,9 @@ def test_cli_missing_config_file_exits_2_without_traceback(tmp_path):
 
 
 def test_cli_dry_run_never_prints_the_openai_api_key(tmp_path):
+    from conftest import megatron_checkpoint
     ckpts = tmp_path / "ckpts"
-    (ckpts / "iter_0001000").mkdir(parents=True)
-    (ckpts / "latest_checkpointed_iteration.txt").write_text("1000")
+    megatron_checkpoint(ckpts, 1000)  # the files a Megatron save writes, so the checkpoint is complete
     text = DATA_JUICER_CONFIG.replace("/mnt/shared/checkpoints/llama-1b", str(ckpts)).replace(
         "/tmp/dj-cache", str(tmp_path / "cache"))
     path = write_config(tmp_path, text)
