@@ -172,11 +172,29 @@ def test_a_restarted_daemon_recovers_running_and_finished_pipelines_by_token(tmp
     assert found[(running.key, INFERENCE)].handle == r1.handle
     assert found[(running.key, INFERENCE)].then_handle == r1.then_handle
     assert found[(done.key, INFERENCE)].then_handle == d1.then_handle
-    assert "sacct failed" not in caplog.text  # found through accounting, not the controller's short memory
+    assert "sacct failed" not in caplog.text
     exits = exits_until(after, 4)
     assert [(e.key, e.stage, e.returncode) for e in exits if e.key == done.key] == [
         (done.key, INFERENCE, 0), (done.key, EVALUATION, 0)]  # the evaluation is reported after its inference
     assert {(e.stage, e.returncode) for e in exits if e.key == running.key} == {(INFERENCE, 0), (EVALUATION, 0)}
+
+
+@pytest.mark.slow
+def test_recovery_finds_a_pipeline_the_controller_forgot_through_accounting(tmp_path, slurm_up, monkeypatch):
+    done = pipeline(tmp_path, "echo fast")
+    started = executor().submit(done)
+    slurm_state(started.then_handle)
+    name = job_name(done.key, EVALUATION, done.token)
+    wait_until(lambda: name in subprocess.run(  # sacct's time window shows a job a few seconds after its submission
+        ["sacct", "-n", "-X", "-P", f"--name={name}", "-S", "now-1hours", "-E", "now", "-s", slurm.ALL_STATES,
+         "-o", "JobName"], capture_output=True, text=True).stdout, timeout=30, interval=0.5, what="sacct's window")
+    # MinJobAge after its end the controller forgets a job: squeue lists nothing of it any more
+    real_run = slurm._run
+    monkeypatch.setattr(slurm, "_run", lambda argv, **kw: (
+        subprocess.CompletedProcess(argv, 0, "", "") if argv[0] == "squeue" else real_run(argv, **kw)))
+    found = executor().recover([Intent(done.key, INFERENCE, done.token)])
+    assert (found[(done.key, INFERENCE)].handle, found[(done.key, INFERENCE)].then_handle) == (
+        started.handle, started.then_handle)
 
 
 @pytest.mark.slow

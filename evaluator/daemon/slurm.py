@@ -229,33 +229,31 @@ class SlurmExecutor:
 
     # ---- recovery --------------------------------------------------------------------------------
     def _find(self, names: set[str]) -> dict[str, str]:
-        """{job name: newest job id} among `names`: one squeue (queued, running) and one sacct
-        (finished while no daemon ran); `scontrol -o show job` if sacct does not answer."""
+        """{job name: newest job id} among `names`: one squeue and one sacct call.
+
+        `squeue -t all` lists what the controller still holds: queued and running jobs, and finished ones
+        for MinJobAge (300 s by default), which covers the seconds before sacct's time window shows a new
+        job; sacct covers jobs that finished longer ago while no daemon ran."""
         found: dict[str, int] = {}
 
-        def keep(name: str, job_id: str) -> None:
-            if name in names and job_id.isdigit():
-                found[name] = max(found.get(name, 0), int(job_id))
+        def keep(lines: str) -> None:
+            for line in lines.splitlines():
+                job_id, _, name = line.partition("|")
+                if name in names and job_id.isdigit():
+                    found[name] = max(found.get(name, 0), int(job_id))
 
-        q = _run(["squeue", "-h", "--me", "-o", "%i|%j"])
+        q = _run(["squeue", "-h", "--me", "-t", "all", "-o", "%i|%j"])
         if q.returncode != 0:  # guessing "nothing runs" would submit every pipeline a second time
             raise EvaluatorError(f"executor.type slurm: squeue failed ({_message(q)}); cannot tell which jobs "
                                  f"of the previous daemon still run")
-        for line in q.stdout.splitlines():
-            job_id, _, name = line.partition("|")
-            keep(name, job_id)
+        keep(q.stdout)
         for chunk in _chunks(sorted(names)):
             a = _run(["sacct", "-n", "-X", "-P", "--name=" + ",".join(chunk), "-S", RECOVER_WINDOW, "-E", "now",
                       "-s", ALL_STATES, "-o", "JobID,JobName"])
             if a.returncode != 0:
-                log.warning("sacct failed (%s); looking in the controller's memory instead (recent jobs only)",
-                            _message(a))
-                for job_id, (name, _) in parse_scontrol(_run(["scontrol", "-o", "show", "job"]).stdout).items():
-                    keep(name, job_id)
+                log.warning("sacct failed (%s); only jobs the controller still holds are recovered", _message(a))
                 break
-            for line in a.stdout.splitlines():
-                job_id, _, name = line.partition("|")
-                keep(name, job_id)
+            keep(a.stdout)
         return {name: str(job_id) for name, job_id in found.items()}
 
     def recover(self, intents: list[Intent]) -> dict[tuple, Started]:
