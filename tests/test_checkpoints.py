@@ -7,6 +7,8 @@ safetensors file, files still growing) and say what a scan reports for each.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 import subprocess
 import time
@@ -34,6 +36,15 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def settled_scan(layout, known_complete=frozenset()):
+    """What a scan reports once the files stood still for settle_seconds: two scans on a fake clock."""
+    clock = FakeClock()
+    layout.settle = SettleTracker(layout.settle.settle_seconds, clock=clock)
+    layout.scan(known_complete)
+    clock.advance(layout.settle.settle_seconds)
+    return layout.scan(known_complete)
 
 
 def by_iteration(checkpoints) -> dict:
@@ -96,7 +107,7 @@ def make_hf_checkpoint(root: Path, step: int, *, shards: int = 1, trainer_state:
 # ---- Megatron -------------------------------------------------------------------------------------
 def test_megatron_iterations_up_to_the_tracker_are_complete(tmp_path):
     root = make_megatron(tmp_path / "ckpt", [1000, 2000, 3000], tracker="3000")
-    found = MegatronLayout("run", str(root)).scan()
+    found = settled_scan(MegatronLayout("run", str(root)))
     assert [(c.iteration, c.complete) for c in found] == [(1000, True), (2000, True), (3000, True)]
     assert found[0].path == str(root / "iter_0001000")
     assert all(c.run == "run" for c in found)
@@ -104,7 +115,7 @@ def test_megatron_iterations_up_to_the_tracker_are_complete(tmp_path):
 
 def test_megatron_iteration_beyond_tracker_is_not_complete(tmp_path):
     root = make_megatron(tmp_path / "ckpt", [1000, 2000, 3000], tracker="2000")
-    found = by_iteration(MegatronLayout("run", str(root)).scan())
+    found = by_iteration(settled_scan(MegatronLayout("run", str(root))))
     assert complete_iterations(found.values()) == [1000, 2000]
     assert not found[3000].complete
     assert "still being written" in found[3000].reason
@@ -112,7 +123,7 @@ def test_megatron_iteration_beyond_tracker_is_not_complete(tmp_path):
 
 def test_megatron_tracker_with_trailing_newline_is_read(tmp_path):
     root = make_megatron(tmp_path / "ckpt", [1000, 2000], tracker="1000\n")
-    assert complete_iterations(MegatronLayout("run", str(root)).scan()) == [1000]
+    assert complete_iterations(settled_scan(MegatronLayout("run", str(root)))) == [1000]
 
 
 def test_megatron_without_tracker_nothing_is_complete(tmp_path):
@@ -141,7 +152,8 @@ def test_megatron_unparseable_tracker_completes_nothing(tmp_path, garbage):
 def test_megatron_release_tracker_reports_release_dir_as_iteration_0(tmp_path):
     root = make_megatron(tmp_path / "ckpt", [1000, 2000], tracker="release")
     (root / "release" / "mp_rank_00").mkdir(parents=True)
-    found = MegatronLayout("run", str(root)).scan()
+    (root / "release" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"converted weights")
+    found = settled_scan(MegatronLayout("run", str(root)))
     assert [(c.iteration, c.complete) for c in found] == [(0, True), (1000, False), (2000, False)]
     assert found[0].path == str(root / "release")
     assert "release" in found[1].reason
@@ -156,7 +168,7 @@ def test_megatron_release_tracker_without_release_dir_completes_nothing(tmp_path
 def test_megatron_release_dir_is_ignored_while_tracker_names_an_iteration(tmp_path):
     root = make_megatron(tmp_path / "ckpt", [1000], tracker="1000")
     (root / "release").mkdir()
-    assert [(c.iteration, c.complete) for c in MegatronLayout("run", str(root)).scan()] == [(1000, True)]
+    assert [(c.iteration, c.complete) for c in settled_scan(MegatronLayout("run", str(root)))] == [(1000, True)]
 
 
 def test_megatron_entries_that_are_not_iteration_dirs_are_ignored(tmp_path):
@@ -164,7 +176,7 @@ def test_megatron_entries_that_are_not_iteration_dirs_are_ignored(tmp_path):
     for name in ("iter_abc", "iter_", "iter_0003000.tmp", "old_iter_0004000", "tensorboard", "logs"):
         (root / name).mkdir()
     (root / "iter_0002000").write_text("a file, not a checkpoint dir")
-    found = MegatronLayout("run", str(root)).scan()
+    found = settled_scan(MegatronLayout("run", str(root)))
     assert [(c.iteration, c.complete) for c in found] == [(1000, True)]
 
 
@@ -184,7 +196,7 @@ def make_deepspeed(root: Path, steps, latest=None) -> Path:
 
 def test_deepspeed_steps_up_to_the_latest_file_are_complete(tmp_path):
     root = make_deepspeed(tmp_path / "ds", [100, 200, 300], latest="global_step200")
-    found = by_iteration(DeepSpeedLayout("run", str(root)).scan())
+    found = by_iteration(settled_scan(DeepSpeedLayout("run", str(root))))
     assert complete_iterations(found.values()) == [100, 200]
     assert not found[300].complete
     assert found[200].path == str(root / "global_step200")
@@ -230,12 +242,25 @@ def test_missing_safetensors_file_is_not_complete(tmp_path):
 
 
 # ---- Hugging Face -------------------------------------------------------------------------------------
-def test_huggingface_checkpoint_with_trainer_state_is_complete_at_once(tmp_path):
+def test_huggingface_checkpoint_with_trainer_state_is_complete_once_its_files_settled(tmp_path):
     make_hf_checkpoint(tmp_path, 500)
     make_hf_checkpoint(tmp_path, 1000, shards=3)
-    found = HuggingFaceLayout("run", str(tmp_path), settle_seconds=3600).scan()
+    found = settled_scan(HuggingFaceLayout("run", str(tmp_path), settle_seconds=30))
     assert [(c.iteration, c.complete) for c in found] == [(500, True), (1000, True)]
     assert found[1].path == str(tmp_path / "checkpoint-1000")
+
+
+def test_huggingface_trainer_state_seen_before_the_files_settled_is_not_complete_yet(tmp_path):
+    make_hf_checkpoint(tmp_path, 500)
+    clock = FakeClock()
+    layout = HuggingFaceLayout("run", str(tmp_path), settle_seconds=30)
+    layout.settle = SettleTracker(30, clock=clock)
+    (first,) = layout.scan()
+    assert not first.complete and first.reason == "settling" and first.settle_deadline == clock.now + 30
+    clock.advance(29)
+    assert not layout.scan()[0].complete
+    clock.advance(1)
+    assert layout.scan()[0].complete
 
 
 def test_huggingface_checkpoint_without_config_json_is_not_complete(tmp_path):
@@ -273,7 +298,7 @@ def test_huggingface_bin_index_naming_a_shard_not_present_is_not_complete(tmp_pa
     assert not found.complete
     assert shards[1] in found.reason
     (path / shards[1]).write_bytes(b"pickled tensors")
-    assert layout.scan()[0].complete
+    assert settled_scan(layout)[0].complete
 
 
 def test_huggingface_half_written_index_is_not_complete(tmp_path):
@@ -460,7 +485,7 @@ def test_glob_entry_is_complete_only_once_its_done_marker_exists(tmp_path):
     for step in (100, 200):
         (tmp_path / f"step_{step}.ckpt").write_bytes(b"weights")
     (tmp_path / "step_100.ckpt.done").touch()
-    found = by_iteration(GlobLayout("run", str(tmp_path), pattern=STEP_FILES, done_marker="{name}.done").scan())
+    found = by_iteration(settled_scan(GlobLayout("run", str(tmp_path), pattern=STEP_FILES, done_marker="{name}.done")))
     assert sorted(found) == [100, 200]
     assert found[100].complete
     assert not found[200].complete
@@ -473,7 +498,7 @@ def test_glob_done_marker_inside_the_checkpoint_directory(tmp_path):
         (tmp_path / f"ckpt-{step}").mkdir()
     (tmp_path / "ckpt-200" / "DONE").touch()
     layout = GlobLayout("run", str(tmp_path), pattern=r"ckpt-(\d+)", done_marker="{name}/DONE")
-    assert complete_iterations(layout.scan()) == [200]
+    assert complete_iterations(settled_scan(layout)) == [200]
 
 
 def test_glob_done_marker_named_by_iteration(tmp_path):
@@ -481,7 +506,7 @@ def test_glob_done_marker_named_by_iteration(tmp_path):
     (tmp_path / "step_8.ckpt").write_bytes(b"w")
     (tmp_path / "saved-8").touch()
     layout = GlobLayout("run", str(tmp_path), pattern=STEP_FILES, done_marker="saved-{iteration}")
-    assert complete_iterations(layout.scan()) == [8]
+    assert complete_iterations(settled_scan(layout)) == [8]
 
 
 def test_glob_entries_must_match_the_whole_pattern(tmp_path):
@@ -601,7 +626,7 @@ def test_dry_run_plans_selected_complete_megatron_iterations_only(tmp_path):
 def test_glob_entries_whose_iteration_group_is_not_a_number_are_not_checkpoints(tmp_path):
     for name in ("ckpt_100", "ckpt_final", "ckpt_100.done", "ckpt_final.done"):
         (tmp_path / name).write_text("x")
-    found = GlobLayout("run", str(tmp_path), pattern=r"ckpt_(.+)", done_marker="{name}.done").scan()
+    found = settled_scan(GlobLayout("run", str(tmp_path), pattern=r"ckpt_(.+)", done_marker="{name}.done"))
     assert [(c.iteration, c.complete) for c in found] == [(100, True)]
 
 
@@ -629,3 +654,310 @@ def test_safetensors_header_of_the_wrong_shape_is_not_complete(tmp_path, header)
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
     assert safetensors_complete(str(path)) is False
+
+
+# ---- Megatron: at or below the tracker, the files a save writes must be there ---------------------------
+def megatron_layout(root: Path, settle_seconds: float = 10) -> tuple[MegatronLayout, FakeClock]:
+    clock = FakeClock()
+    layout = MegatronLayout("run", str(root), settle_seconds=settle_seconds)
+    layout.settle = SettleTracker(settle_seconds, clock=clock)
+    return layout, clock
+
+
+def test_megatron_iteration_at_the_tracker_is_complete_only_after_its_files_settled(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [1000], tracker="1000")
+    layout, clock = megatron_layout(root)
+    (first,) = layout.scan()
+    assert not first.complete and first.reason == "settling"
+    assert first.settle_deadline == clock.now + 10
+    clock.advance(10)
+    (settled,) = layout.scan()
+    assert settled.complete and settled.settle_deadline is None
+
+
+def test_megatron_rank_file_still_growing_after_the_tracker_restarts_the_settle_wait(tmp_path):
+    # NFS reordering: the tracker is visible while a rank's file is a 64 KiB prefix of its 1.5 MB
+    root = make_megatron(tmp_path / "ckpt", [1000], tracker="1000")
+    rank_file = root / "iter_0001000" / "mp_rank_00" / "model_optim_rng.pt"
+    rank_file.write_bytes(b"w" * 65536)
+    layout, clock = megatron_layout(root)
+    layout.scan()
+    clock.advance(6)
+    with open(rank_file, "ab") as f:
+        f.write(b"w" * (1_500_000 - 65536))
+    clock.advance(6)  # 12 s since the first look, 6 s since the file last grew
+    assert not layout.scan()[0].complete
+    clock.advance(10)
+    assert layout.scan()[0].complete
+
+
+def test_megatron_tracker_naming_an_iteration_whose_rank_file_is_missing_waits_for_it(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [1000], tracker="1000")
+    (root / "iter_0001000" / "mp_rank_01").mkdir()  # the other rank's file is not visible yet
+    layout, clock = megatron_layout(root)
+    layout.scan()
+    clock.advance(3600)
+    (waiting,) = layout.scan()
+    assert not waiting.complete and not waiting.invalid  # the tracker names it: its file may still show up
+    assert waiting.reason == "mp_rank_01/model_optim_rng.pt missing"
+    assert waiting.settle_deadline is None  # no rescan storm: only a change on disk can help
+    (root / "iter_0001000" / "mp_rank_01" / "model_optim_rng.pt").write_bytes(b"weights")
+    layout.scan()
+    clock.advance(10)
+    assert layout.scan()[0].complete
+
+
+def test_megatron_iteration_with_empty_rank_dir_below_tracker_is_invalid(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [2000], tracker="2000")
+    (root / "iter_0001000" / "mp_rank_00").mkdir(parents=True)  # a save that crashed; training went on
+    layout, clock = megatron_layout(root)
+    first = by_iteration(layout.scan())[1000]
+    assert not first.complete and not first.invalid  # not judged before it stood still for settle_seconds
+    assert first.settle_deadline == clock.now + 10
+    clock.advance(10)
+    crashed = by_iteration(layout.scan())[1000]
+    assert not crashed.complete
+    assert crashed.invalid == "mp_rank_00/model_optim_rng.pt missing" == crashed.reason
+    assert crashed.settle_deadline is None
+
+
+def test_megatron_empty_iteration_dir_below_tracker_is_invalid(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [2000], tracker="2000")
+    (root / "iter_0001000").mkdir()
+    crashed = by_iteration(settled_scan(MegatronLayout("run", str(root))))[1000]
+    assert not crashed.complete
+    assert "no mp_rank_*/model_optim_rng.pt and no .metadata" in crashed.invalid
+
+
+def test_megatron_empty_rank_file_below_tracker_is_invalid(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [1000, 2000], tracker="2000")
+    (root / "iter_0001000" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"")
+    crashed = by_iteration(settled_scan(MegatronLayout("run", str(root))))[1000]
+    assert crashed.invalid == "mp_rank_00/model_optim_rng.pt is empty"
+
+
+def make_ranks(iter_dir: Path, names, with_file=True) -> None:
+    for name in names:
+        (iter_dir / name).mkdir(parents=True)
+        if with_file:
+            (iter_dir / name / "model_optim_rng.pt").write_bytes(b"weights")
+
+
+def test_megatron_pipeline_parallel_checkpoint_with_every_rank_is_complete(tmp_path):
+    root = tmp_path / "ckpt"
+    make_ranks(root / "iter_0001000", ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"])
+    (root / "latest_checkpointed_iteration.txt").write_text("1000")
+    assert complete_iterations(settled_scan(MegatronLayout("run", str(root)))) == [1000]
+
+
+def test_megatron_pipeline_parallel_rank_dir_missing_from_the_grid_is_not_complete(tmp_path):
+    root = tmp_path / "ckpt"
+    make_ranks(root / "iter_0001000", ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000"])
+    make_ranks(root / "iter_0002000", ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"])
+    (root / "latest_checkpointed_iteration.txt").write_text("2000")
+    found = by_iteration(settled_scan(MegatronLayout("run", str(root))))
+    assert found[1000].invalid == "rank folder mp_rank_01_001 missing"
+    assert found[2000].complete
+
+
+def test_megatron_rank_dir_missing_in_the_middle_is_not_complete(tmp_path):
+    root = tmp_path / "ckpt"
+    make_ranks(root / "iter_0001000", ["mp_rank_00", "mp_rank_02"])
+    (root / "latest_checkpointed_iteration.txt").write_text("1000")
+    (found,) = settled_scan(MegatronLayout("run", str(root)))
+    assert not found.complete and found.reason == "rank folder mp_rank_01 missing"
+
+
+def test_megatron_torch_dist_checkpoint_with_metadata_is_complete(tmp_path):
+    root = tmp_path / "ckpt"
+    (root / "iter_0001000").mkdir(parents=True)
+    for name in ("__0_0.distcp", "__1_0.distcp", "common.pt", "metadata.json", ".metadata"):
+        (root / "iter_0001000" / name).write_bytes(b"x")
+    (root / "latest_checkpointed_iteration.txt").write_text("1000")
+    assert complete_iterations(settled_scan(MegatronLayout("run", str(root)))) == [1000]
+
+
+def test_megatron_torch_dist_checkpoint_without_metadata_below_tracker_is_invalid(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [2000], tracker="2000")
+    (root / "iter_0001000").mkdir()
+    (root / "iter_0001000" / "__0_0.distcp").write_bytes(b"half a save")
+    crashed = by_iteration(settled_scan(MegatronLayout("run", str(root))))[1000]
+    assert not crashed.complete and "no .metadata" in crashed.invalid
+
+
+def test_megatron_release_dir_without_rank_files_is_waited_on_not_invalid(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [], tracker="release")
+    (root / "release" / "mp_rank_00").mkdir(parents=True)
+    (found,) = settled_scan(MegatronLayout("run", str(root)))
+    assert (found.iteration, found.complete, found.invalid) == (0, False, "")
+    assert "model_optim_rng.pt missing" in found.reason
+
+
+def test_megatron_known_iteration_skips_every_deep_check(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [2000], tracker="2000")
+    (root / "iter_0001000").mkdir()  # e.g. weights cleaned up after it was evaluated
+    layout, _clock = megatron_layout(root)
+    found = layout.scan(known_complete=frozenset({1000, 2000}))  # first look: no settle wait either
+    assert [(c.iteration, c.complete) for c in found] == [(1000, True), (2000, True)]
+
+
+def test_megatron_crashed_save_turns_invalid_for_real_with_short_settle_seconds(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [2000], tracker="2000")
+    (root / "iter_0001000" / "mp_rank_00").mkdir(parents=True)
+    layout = MegatronLayout("run", str(root), settle_seconds=0.1)
+    first = by_iteration(layout.scan())[1000]
+    assert not first.invalid and first.settle_deadline is not None
+    time.sleep(max(first.settle_deadline - time.monotonic(), 0) + 0.01)
+    assert by_iteration(layout.scan())[1000].invalid
+
+
+# ---- DeepSpeed: the same rules -----------------------------------------------------------------------
+def test_deepspeed_step_below_latest_without_model_states_is_invalid(tmp_path):
+    root = make_deepspeed(tmp_path / "ds", [200], latest="global_step200")
+    (root / "global_step100").mkdir()
+    found = by_iteration(settled_scan(DeepSpeedLayout("run", str(root))))
+    assert "model_states.pt" in found[100].invalid
+    assert found[200].complete
+
+
+# ---- trackers are read tolerantly ----------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["\ufeff2000", "\ufeff2000\n", "  2000  ", "\n2000\r\n\n", "\ufeff 2000\t\n"],
+                         ids=["bom", "bom-newline", "spaces", "blank-lines-crlf", "bom-space-tab"])
+def test_megatron_tracker_with_bom_or_whitespace_is_read(tmp_path, text):
+    root = make_megatron(tmp_path / "ckpt", [1000, 2000, 3000])
+    (root / "latest_checkpointed_iteration.txt").write_text(text, encoding="utf-8")
+    assert complete_iterations(settled_scan(MegatronLayout("run", str(root)))) == [1000, 2000]
+
+
+def test_megatron_release_tracker_with_bom_is_read(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [], tracker=None)
+    make_ranks(root / "release", ["mp_rank_00"])
+    (root / "latest_checkpointed_iteration.txt").write_text("\ufeffrelease\n", encoding="utf-8")
+    assert complete_iterations(settled_scan(MegatronLayout("run", str(root)))) == [0]
+
+
+@pytest.mark.parametrize("text", ["\ufeffglobal_step200", "global_step200\n", " global_step200 \r\n"])
+def test_deepspeed_latest_with_bom_or_whitespace_is_read(tmp_path, text):
+    root = make_deepspeed(tmp_path / "ds", [100, 200, 300])
+    (root / "latest").write_text(text, encoding="utf-8")
+    assert complete_iterations(settled_scan(DeepSpeedLayout("run", str(root)))) == [100, 200]
+
+
+# ---- two folders naming one iteration --------------------------------------------------------------------
+def test_megatron_two_folders_naming_one_iteration_report_the_canonical_one(tmp_path):
+    root = make_megatron(tmp_path / "ckpt", [300], tracker="300")
+    make_ranks(root / "iter_0300", ["mp_rank_00"])
+    found = settled_scan(MegatronLayout("run", str(root)))
+    assert [(c.path, c.complete) for c in found] == [(str(root / "iter_0000300"), True),
+                                                     (str(root / "iter_0300"), False)]
+    assert found[1].reason == f"another folder names iteration 300: {root / 'iter_0000300'}; ignored"
+
+
+def test_megatron_duplicate_folders_without_the_canonical_name_choose_the_first_by_name(tmp_path):
+    root = tmp_path / "ckpt"
+    make_ranks(root / "iter_300", ["mp_rank_00"])
+    make_ranks(root / "iter_00300", ["mp_rank_00"])
+    (root / "latest_checkpointed_iteration.txt").write_text("300")
+    found = settled_scan(MegatronLayout("run", str(root)))
+    assert [(os.path.basename(c.path), c.complete) for c in found] == [("iter_00300", True), ("iter_300", False)]
+
+
+def test_huggingface_two_folders_naming_one_iteration_report_the_canonical_one(tmp_path):
+    make_hf_checkpoint(tmp_path, 300)
+    twin = tmp_path / "checkpoint-0300"
+    shutil.copytree(tmp_path / "checkpoint-300", twin)
+    found = settled_scan(HuggingFaceLayout("run", str(tmp_path), settle_seconds=1))
+    assert [(c.path, c.complete) for c in found] == [(str(tmp_path / "checkpoint-300"), True), (str(twin), False)]
+    assert "another folder names iteration 300" in found[1].reason and found[1].reason.endswith("; ignored")
+
+
+def test_glob_two_entries_naming_one_iteration_choose_the_first_by_name(tmp_path):
+    for name in ("step_300.ckpt", "step_0300.ckpt"):
+        (tmp_path / name).write_bytes(b"w")
+    found = settled_scan(GlobLayout("run", str(tmp_path), pattern=STEP_FILES, settle_seconds=1))
+    assert [(os.path.basename(c.path), c.complete) for c in found] == [("step_0300.ckpt", True),
+                                                                        ("step_300.ckpt", False)]
+
+
+@pytest.mark.parametrize("known", [frozenset(), frozenset({300})], ids=["new", "known"])
+def test_a_scan_never_yields_two_complete_checkpoints_of_one_iteration(tmp_path, known):
+    root = tmp_path / "ckpt"
+    for name in ("iter_300", "iter_0300", "iter_0000300", "iter_00000300"):
+        make_ranks(root / name, ["mp_rank_00"])
+    (root / "latest_checkpointed_iteration.txt").write_text("300")
+    found = settled_scan(MegatronLayout("run", str(root)), known)
+    assert [c.path for c in found if c.complete] == [str(root / "iter_0000300")]
+    assert len(found) == 4
+
+
+# ---- Hugging Face: a marker in front of bad content ----------------------------------------------------------
+def hf_layout(root: Path, settle_seconds: float = 10) -> tuple[HuggingFaceLayout, FakeClock]:
+    clock = FakeClock()
+    layout = HuggingFaceLayout("run", str(root), settle_seconds=settle_seconds)
+    layout.settle = SettleTracker(settle_seconds, clock=clock)
+    return layout, clock
+
+
+def test_huggingface_truncated_safetensors_behind_trainer_state_is_invalid_once_settled(tmp_path):
+    path = make_hf_checkpoint(tmp_path, 500)
+    (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:-10])
+    layout, clock = hf_layout(tmp_path)
+    (first,) = layout.scan()
+    assert not first.complete and not first.invalid and first.settle_deadline == clock.now + 10
+    assert "model.safetensors" in first.reason
+    clock.advance(10)
+    (bad,) = layout.scan()
+    assert not bad.complete and bad.settle_deadline is None
+    assert bad.invalid.startswith("model.safetensors is not whole")
+
+
+def test_huggingface_garbage_config_behind_trainer_state_is_invalid_once_settled(tmp_path):
+    path = make_hf_checkpoint(tmp_path, 500)
+    (path / "config.json").write_bytes(b"\x00\x13garbage{")
+    (bad,) = settled_scan(HuggingFaceLayout("run", str(tmp_path), settle_seconds=10))
+    assert not bad.complete and bad.invalid.startswith("config.json not parseable")
+
+
+def test_huggingface_truncated_safetensors_without_trainer_state_is_waited_on_not_invalid(tmp_path):
+    path = make_hf_checkpoint(tmp_path, 500, trainer_state=False)  # still being written: no marker yet
+    (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:-10])
+    (found,) = settled_scan(HuggingFaceLayout("run", str(tmp_path), settle_seconds=10))
+    assert not found.complete and not found.invalid and "model.safetensors" in found.reason
+
+
+def test_huggingface_bad_checkpoint_that_keeps_changing_is_not_judged_yet(tmp_path):
+    path = make_hf_checkpoint(tmp_path, 500)
+    (path / "model.safetensors").write_bytes(b"\0" * 8)
+    layout, clock = hf_layout(tmp_path)
+    layout.scan()
+    clock.advance(8)
+    (path / "model.safetensors").write_bytes(b"\0" * 16)  # the writer is still busy
+    clock.advance(8)
+    (found,) = layout.scan()
+    assert not found.invalid and found.settle_deadline == clock.now + 10
+
+
+def test_glob_done_marker_needs_the_entry_to_settle_too(tmp_path):
+    (tmp_path / "step_100.ckpt").write_bytes(b"weights")
+    (tmp_path / "step_100.ckpt.done").touch()
+    layout = GlobLayout("run", str(tmp_path), pattern=STEP_FILES, done_marker="{name}.done", settle_seconds=10)
+    clock = FakeClock()
+    layout.settle = SettleTracker(10, clock=clock)
+    assert not layout.scan()[0].complete
+    clock.advance(10)
+    assert layout.scan()[0].complete
+
+
+def test_settle_tracker_sweep_forgets_what_was_not_checked_since_the_last_sweep(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(b"x")
+    clock = FakeClock()
+    tracker = SettleTracker(5, clock=clock)
+    tracker.check(str(tmp_path / "a"))
+    tracker.check(str(tmp_path / "b"))
+    tracker.sweep()
+    clock.advance(5)
+    tracker.check(str(tmp_path / "a"))
+    tracker.sweep()  # 'b' was not looked at in this round (known now, or deleted): forgotten
+    assert tracker.check(str(tmp_path / "a"))[0] is True
+    assert tracker.check(str(tmp_path / "b"))[0] is False

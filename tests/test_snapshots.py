@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
+from concurrent.futures import wait
 
 import pytest
 
 from conftest import (ROOT, VENVS, daemons, history, ledger_events, ledger_rows, megatron_checkpoint,  # noqa: F401
                       run_cli, venvs, wait_until, write_config)
-from evaluator.daemon.snapshots import DEFAULT_EXCLUDES, SnapshotVanished, build_manifest, pin
+from evaluator.daemon import ledger as L
+from evaluator.daemon.checkpoints import Checkpoint, HuggingFaceLayout, MegatronLayout
+from evaluator.daemon.snapshots import (DEFAULT_EXCLUDES, FileStat, SnapshotKeeper, SnapshotVanished, build_manifest,
+                                        load_manifest, manifest_bytes, pin)
 
 LOADER = os.path.join(ROOT, "tests", "stage_scripts", "load_hf_checkpoint.py")
 TRAINER = os.path.join(ROOT, "tests", "stage_scripts", "hf_rotating_trainer.py")
@@ -27,7 +32,10 @@ def run_trainer_under_daemon(tmp_path, daemons, snapshot: str, stage_sleep: floa
     run.mkdir()
     cfg = write_config(tmp_path, [loader_bench(stage_sleep)],
                        watch={"layout": "huggingface", "iteration_interval": 5, "snapshot": snapshot,
-                              "mode": "inotify", "poll_seconds": 1})
+                              "mode": "inotify", "poll_seconds": 1,
+                              # files settle after trainer_state.json; this trainer saves every second and
+                              # keeps two, so the settle time must stay well below a save interval
+                              "settle_seconds": 0.2})
     d = daemons(cfg)
     wait_until(lambda: "watching" in d.log(), what="daemon watching")
     trainer = subprocess.run([os.path.join(VENVS, "inference", "bin", "python"), TRAINER, "--out", str(run),
@@ -88,10 +96,12 @@ def test_snapshot_budget_evaluates_the_overflow_in_place_and_says_so(tmp_path, v
     assert "snapshot budget" in proc.stderr
     cache = tmp_path / "cache"
     assert {r["state"] for r in ledger_rows(cache)} == {"recorded"}
+    # once recorded, nothing is held any more; the ledger keeps why 3000 was read in place
     status = run_cli("status", "--config", cfg, "--json", check=0)
-    snaps = json.loads(status.stdout)["snapshots"]
-    assert [s["iteration"] for s in snaps] == [3000] and snaps[0]["state"] == "unpinned"
-    assert "snapshot_max_gb" in snaps[0]["note"]
+    assert json.loads(status.stdout)["snapshots"] == []
+    with sqlite3.connect(cache / "ledger.sqlite3") as db:
+        rows = dict(db.execute("SELECT iteration, note FROM snapshots WHERE note LIKE '%snapshot_max_gb%'"))
+    assert list(rows) == [3000]
     pred = (cache / "results" / "tiny" / "iter_0003000" / "qa" / "predictions.jsonl").read_text()
     assert json.loads(pred)["checkpoint"] == str(tmp_path / "ckpt" / "iter_0003000")  # in place
 
@@ -172,7 +182,7 @@ def test_a_hardlinked_snapshot_survives_the_deletion_of_the_original(tmp_path):
     before = (ck / "model.safetensors").read_bytes()
     subprocess.run(["rm", "-rf", str(ck)], check=True)
     assert (tmp_path / "snap" / "checkpoint-10" / "model.safetensors").read_bytes() == before
-    assert size == sum(manifest.values()) and path.endswith("checkpoint-10")
+    assert size == manifest_bytes(manifest) and path.endswith("checkpoint-10")
 
 
 def test_an_empty_checkpoint_folder_pins_as_an_empty_folder_and_a_missing_one_is_vanished(tmp_path):
@@ -182,3 +192,180 @@ def test_an_empty_checkpoint_folder_pins_as_an_empty_folder_and_a_missing_one_is
     assert manifest == {} and size == 0 and os.path.isdir(path)
     with pytest.raises(SnapshotVanished, match="gone"):
         build_manifest(str(tmp_path / "iter_0002000"), [])
+
+
+def test_manifest_records_size_mtime_and_inode_of_each_file(tmp_path):
+    ck = make_hf(tmp_path)
+    manifest = build_manifest(str(ck), DEFAULT_EXCLUDES["huggingface"])
+    st = os.stat(ck / "model.safetensors")
+    assert manifest["model.safetensors"] == FileStat(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_a_manifest_written_by_an_older_version_with_sizes_only_is_still_read():
+    assert load_manifest('{"config.json": 2, "model.safetensors": 48}') == {
+        "config.json": FileStat(2), "model.safetensors": FileStat(48)}
+
+
+def test_a_file_rewritten_in_place_with_the_same_size_since_the_manifest_means_vanished(tmp_path):
+    ck = make_hf(tmp_path)
+    manifest = build_manifest(str(ck), DEFAULT_EXCLUDES["huggingface"])
+    (ck / "tokenizer.json").write_text("[]")  # same size, other bytes, same inode
+    later = manifest["tokenizer.json"].mtime_ns + 1_000_000_000
+    os.utime(ck / "tokenizer.json", ns=(later, later))  # as a re-save a while later would stamp it
+    with pytest.raises(SnapshotVanished, match="tokenizer.json was rewritten in place"):
+        pin(str(ck), str(tmp_path / "snap"), manifest, "hardlink")
+    assert not (tmp_path / "snap").exists()
+
+
+# ---- SnapshotKeeper on a real ledger -------------------------------------------------------------------------
+def make_keeper(tmp_path, layouts, mode="hardlink", max_gb=None) -> tuple[L.Ledger, SnapshotKeeper]:
+    cache = str(tmp_path / "cache")
+    ledger = L.Ledger(cache)
+    return ledger, SnapshotKeeper(ledger, cache, layouts, mode, max_gb, None, on_done=lambda: None)
+
+
+def finish_pins(keeper: SnapshotKeeper) -> list:
+    wait(list(keeper.futures.values()), timeout=30)
+    return keeper.collect()
+
+
+def megatron_run(tmp_path, iterations, payload=b"weights") -> tuple[MegatronLayout, list[Checkpoint]]:
+    root = tmp_path / "ckpt"
+    paths = [megatron_checkpoint(root, it, payload=payload) for it in iterations]
+    return MegatronLayout("run", str(root)), [Checkpoint("run", it, p, True) for it, p in zip(iterations, paths)]
+
+
+def test_a_run_no_longer_configured_is_simply_not_active(tmp_path):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    ledger.put_snapshot("renamed-away", 1000, L.PINNING, c.path, manifest="{}")  # a row of a run since removed
+    assert keeper.active("renamed-away") is False
+    assert keeper.checkpoint_for("renamed-away", 1000, c.path) == c.path
+    assert keeper.protects("renamed-away", 1000) is False
+    keeper.recover()  # skips it: nothing is pinned for a run the configuration does not name
+    assert not keeper.futures and ledger.snapshot("renamed-away", 1000)["state"] == L.PINNING
+    assert keeper.ensure([Checkpoint("renamed-away", 2000, c.path, True)]) == []
+    keeper.shutdown()
+
+
+def test_ensure_reads_the_pinned_total_once_per_call_not_once_per_checkpoint(tmp_path):
+    layout, checkpoints = megatron_run(tmp_path, range(1000, 21000, 1000))
+    ledger, keeper = make_keeper(tmp_path, {"run": layout}, max_gb=1.0)
+    statements = []
+    ledger.db.set_trace_callback(statements.append)
+    keeper.ensure(checkpoints)
+    ledger.db.set_trace_callback(None)
+    whole_table = [s for s in statements if "FROM snapshots WHERE state IN" in s]
+    assert len(whole_table) == 1 and "SUM(bytes)" in whole_table[0]
+    finish_pins(keeper)
+    assert {r["state"] for r in ledger.snapshots()} == {L.PINNED}
+    keeper.shutdown()
+
+
+def test_the_budget_counts_the_pins_started_earlier_in_the_same_call(tmp_path):
+    layout, checkpoints = megatron_run(tmp_path, [1000, 2000, 3000], payload=b"x" * 1_000_000)
+    ledger, keeper = make_keeper(tmp_path, {"run": layout}, max_gb=0.0025)
+    keeper.ensure(checkpoints)
+    finish_pins(keeper)
+    assert [r["state"] for r in ledger.snapshots()] == [L.PINNED, L.PINNED, L.UNPINNED]
+    assert "snapshot_max_gb" in ledger.snapshot("run", 3000)["note"]
+    keeper.shutdown()
+
+
+def test_verify_finds_nothing_changed_in_an_untouched_snapshot(tmp_path):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    keeper.ensure([c])
+    finish_pins(keeper)
+    assert ledger.snapshot("run", 1000)["state"] == L.PINNED
+    assert keeper.verify("run", 1000) is None
+
+
+@pytest.mark.parametrize("mode", ["hardlink", "copy"])
+def test_verify_catches_a_pinned_file_that_changed(tmp_path, mode):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout}, mode=mode)
+    keeper.ensure([c])
+    finish_pins(keeper)
+    snap = ledger.snapshot("run", 1000)["path"]
+    with open(os.path.join(snap, "mp_rank_00", "model_optim_rng.pt"), "r+b") as f:
+        f.truncate(3)
+    assert keeper.verify("run", 1000).startswith("mp_rank_00/model_optim_rng.pt is 3 bytes")
+    keeper.shutdown()
+
+
+def test_a_run_without_snapshots_gets_a_manifest_so_verify_checks_the_original(tmp_path):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout}, mode="none")
+    assert keeper.ensure([c]) == [] and not keeper.futures
+    row = ledger.snapshot("run", 1000)
+    assert row["state"] == L.UNPINNED and row["source"] == c.path
+    assert keeper.checkpoint_for("run", 1000, c.path) == c.path  # read in place
+    assert keeper.verify("run", 1000) is None
+    with open(os.path.join(c.path, "mp_rank_00", "model_optim_rng.pt"), "ab") as f:
+        f.write(b" and more")
+    assert "mp_rank_00/model_optim_rng.pt is 16 bytes, 7 when it was found complete" in keeper.verify("run", 1000)
+
+
+def test_a_checkpoint_over_the_budget_is_verified_in_place(tmp_path):
+    layout, (c,) = megatron_run(tmp_path, [1000], payload=b"x" * 1_000_000)
+    ledger, keeper = make_keeper(tmp_path, {"run": layout}, max_gb=0.0005)
+    keeper.ensure([c])
+    assert ledger.snapshot("run", 1000)["state"] == L.UNPINNED
+    os.remove(os.path.join(c.path, "mp_rank_00", "model_optim_rng.pt"))
+    assert keeper.verify("run", 1000).startswith("mp_rank_00/model_optim_rng.pt is gone")
+
+
+def test_discard_drops_files_and_row_so_the_next_ensure_pins_again(tmp_path):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    keeper.ensure([c])
+    finish_pins(keeper)
+    old = ledger.snapshot("run", 1000)["path"]
+    keeper.discard("run", 1000)
+    assert ledger.snapshot("run", 1000) is None and not os.path.exists(old)
+    assert keeper.checkpoint_for("run", 1000, c.path) is None  # stages wait for the new pin
+    keeper.ensure([c])
+    finish_pins(keeper)
+    assert ledger.snapshot("run", 1000)["state"] == L.PINNED and keeper.verify("run", 1000) is None
+    keeper.shutdown()
+
+
+def test_release_removes_one_iterations_snapshot_and_keeps_the_others(tmp_path):
+    layout, checkpoints = megatron_run(tmp_path, [1000, 2000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    keeper.ensure(checkpoints)
+    finish_pins(keeper)
+    paths = {it: ledger.snapshot("run", it)["path"] for it in (1000, 2000)}
+    keeper.release("run", 1000)
+    assert ledger.snapshot("run", 1000)["state"] == L.RELEASED and not os.path.exists(paths[1000])
+    assert ledger.snapshot("run", 2000)["state"] == L.PINNED and os.path.exists(paths[2000])
+    keeper.shutdown()
+
+
+def test_release_closes_a_row_read_in_place(tmp_path):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout}, mode="none")
+    keeper.ensure([c])
+    keeper.release("run", 1000)
+    assert ledger.snapshot("run", 1000)["state"] == L.RELEASED and os.path.exists(c.path)
+
+
+def test_recover_redoes_an_interrupted_pin_from_a_manifest_with_sizes_only(tmp_path):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    ledger.put_snapshot("run", 1000, L.PINNING, c.path, bytes=7, manifest='{"mp_rank_00/model_optim_rng.pt": 7}')
+    keeper.recover()
+    finish_pins(keeper)
+    assert ledger.snapshot("run", 1000)["state"] == L.PINNED
+    keeper.shutdown()
+
+
+def test_hf_checkpoint_pinned_and_verified_without_its_optimizer_state(tmp_path):
+    ck = make_hf(tmp_path)
+    ledger, keeper = make_keeper(tmp_path, {"run": HuggingFaceLayout("run", str(tmp_path))})
+    keeper.ensure([Checkpoint("run", 10, str(ck), True)])
+    finish_pins(keeper)
+    (ck / "optimizer.pt").write_text("the trainer may touch what is not pinned")
+    assert keeper.verify("run", 10) is None
+    keeper.shutdown()

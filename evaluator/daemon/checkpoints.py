@@ -1,32 +1,52 @@
 """Checkpoint layouts: what exists on disk, and which of it is *complete*.
 
 Discovery only -- which checkpoints to evaluate (begin/end/interval) is `Selection`, and what
-runs next is the daemon's business. Never report a half-written checkpoint as complete:
-- megatron:    iter_%07d/ is complete when its iteration <= latest_checkpointed_iteration.txt
-               (rank 0 writes the tracker after every rank saved); tracker 'release' -> release/.
+runs next is the daemon's business. Never report a half-written checkpoint as complete.
+
+Every layout has a *final marker* (Megatron's tracker, DeepSpeed's `latest`, the HF Trainer's
+trainer_state.json, a glob done-marker; HF save_pretrained and a glob without marker have none).
+Once it covers a checkpoint, its files must also stand still (names, sizes, mtimes) for
+`settle_seconds`: on NFS the marker can become visible before another rank's file is finished.
+Then the checkpoint is
+- complete, when it holds what that kind of save writes, or
+- invalid (`Checkpoint.invalid`), when it does not and nothing more will be written to it (a
+  crashed save below the tracker, a truncated safetensors behind trainer_state.json): reported
+  once, so the daemon can fail it with the reason instead of waiting for it forever.
+
+- megatron:    iter_%07d/ at or below latest_checkpointed_iteration.txt holding every
+               mp_rank_*/model_optim_rng.pt (legacy) or a .metadata (torch_dist); the one the
+               tracker names is waited on, not judged invalid (its files may still show up).
+               Tracker 'release' -> release/ as iteration 0.
 - huggingface: checkpoint-N/ with a parseable config.json, every weight shard the index names
-               (or a single weights file), each safetensors file as long as its own header says,
-               and then either trainer_state.json (the Trainer writes it last) or all file sizes
-               unchanged for settle_seconds (save_pretrained writes no final marker).
-- deepspeed:   global_stepN/ is complete when N <= the step named by the `latest` file.
+               (or a single weights file), each safetensors file as long as its own header says;
+               then trainer_state.json (the Trainer writes it last) or, without it, settled sizes.
+- deepspeed:   global_stepN/ at or below the step named by `latest`, holding a *model_states.pt.
 - glob:        entries matching a regex with an iteration group, complete when a done-marker
-               exists or, without one configured, when their sizes are unchanged for settle_seconds.
+               exists and they settled, or, without a marker configured, once they settled.
+
+Two folders naming one iteration (iter_0300 and iter_0000300): one is the checkpoint (the
+layout's canonical name, else the first by name), the other is reported as ignored, so a scan
+never yields two complete checkpoints of one iteration.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Iterable, Optional
 
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 DEEPSPEED_TRACKER = "latest"
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
+# Megatron: mp_rank_{tp:02d}, + _{pp:03d} with pipeline parallelism, + _{ep:03d} with expert parallelism
+MEGATRON_RANK_DIR = re.compile(r"^mp_rank_(\d+(?:_\d+)*)$")
+MEGATRON_RANK_FILE = "model_optim_rng.pt"
 
 
 @dataclass(frozen=True)
@@ -35,8 +55,13 @@ class Checkpoint:
     iteration: int
     path: str
     complete: bool
-    reason: str = ""  # why it is not complete yet
-    settle_deadline: Optional[float] = None  # when to look again if it is settling
+    reason: str = ""  # why it is not complete (yet), or why it is invalid
+    # when a rescan may change the verdict (files settling, on the layout's monotonic clock); None: only a
+    # change on disk (a watcher event, a periodic rescan) can
+    settle_deadline: Optional[float] = None
+    # non-empty: the final marker is there, the content is not valid and has not changed for settle_seconds;
+    # nothing will complete it, so it is reported for failing instead of waited on (complete is False)
+    invalid: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,11 +95,13 @@ class SettleTracker:
         self.settle_seconds = settle_seconds
         self.clock = clock
         self._seen: dict[str, tuple[tuple, float]] = {}
+        self._checked: set[str] = set()
 
     def check(self, path: str) -> tuple[bool, Optional[float]]:
-        """(settled, deadline to look again)."""
+        """(settled, deadline to look again). Raises OSError when part of it cannot be listed."""
         sig = _signature(path)
         now = self.clock()
+        self._checked.add(path)
         prev = self._seen.get(path)
         if prev is None or prev[0] != sig:
             self._seen[path] = (sig, now)
@@ -86,14 +113,28 @@ class SettleTracker:
     def forget(self, path: str) -> None:
         self._seen.pop(path, None)
 
+    def sweep(self) -> None:
+        """Forget what was not checked since the last sweep (known, deleted, or back to waiting for its
+        marker), so memory stays bounded by the checkpoints still being judged."""
+        self._seen = {p: v for p, v in self._seen.items() if p in self._checked}
+        self._checked = set()
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
 
 def _signature(path: str) -> tuple:
-    """Names, sizes and mtimes of a file or of every file below a directory."""
+    """Names, sizes and mtimes of a file or of every file below a directory.
+
+    A directory that cannot be listed raises OSError: os.walk would skip it silently, and a folder
+    whose files we cannot see must not settle as an empty one.
+    """
     if os.path.isfile(path):
         st = os.stat(path)
         return (("", st.st_size, st.st_mtime_ns),)
     entries = []
-    for dirpath, _dirs, files in os.walk(path):
+    for dirpath, _dirs, files in os.walk(path, onerror=_raise):
         for name in files:
             full = os.path.join(dirpath, name)
             try:
@@ -118,14 +159,18 @@ def _numbered_entries(root: str, rx: re.Pattern, want_dir: bool = True) -> list[
 
 
 def _read_tracker(path: str) -> Optional[str]:
-    """The tracker's text, None if there is none; damaged bytes come back as text that parses as nothing."""
+    """The tracker's text, None if there is none; damaged bytes come back as text that parses as nothing.
+
+    Tolerant of what editors and other tools add: a UTF-8 BOM, surrounding whitespace and newlines.
+    """
     try:
         with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace").strip()
+            raw = f.read()
     except (FileNotFoundError, IsADirectoryError):
         return None
     except OSError as e:  # unreadable (permissions, flaky storage): not complete, and say why
         return f"<unreadable: {e.strerror}>"
+    return raw.decode("utf-8", "replace").strip().lstrip("\ufeff").strip()
 
 
 class CheckpointLayout:
@@ -145,20 +190,73 @@ class CheckpointLayout:
         self.done_marker = done_marker
 
     def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
-        """Every checkpoint present now. Iterations in `known_complete` skip the deep checks."""
+        """Every checkpoint present now, by iteration. Iterations in `known_complete` (the caller has its
+        verdict already) skip every deep check, so a rescan costs O(new entries)."""
+        found = self._scan(known_complete)
+        self.settle.sweep()
+        return found
+
+    def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
         raise NotImplementedError
 
+    def canonical_name(self, iteration: int) -> Optional[str]:
+        """The folder name this layout's trainer writes for an iteration (preferred among duplicates)."""
+        return None
+
     def incomplete_reason(self, path: str) -> Optional[str]:
-        """What a layout can tell from the files alone (used on snapshots); None = nothing wrong."""
+        """What a layout can tell from the files alone (used on snapshots); None = nothing wrong.
+        Raises OSError when the files cannot be read (no verdict either way)."""
         return None
 
     def snapshot_markers(self, c: Checkpoint) -> dict[str, str]:
         """Files to write beside a snapshot so it loads like the original folder."""
         return {}
 
+    def _judge_each(self, entries: Iterable[tuple[int, str]], known_complete: frozenset,
+                    judge: Callable[[int, str], Checkpoint]) -> list[Checkpoint]:
+        """One checkpoint per iteration, judged by `judge` unless known; other folders naming the same
+        iteration are reported as ignored (evaluating both would record two results for one iteration)."""
+        by_iteration: dict[int, list[str]] = {}
+        for iteration, path in entries:
+            by_iteration.setdefault(iteration, []).append(path)
+        out = []
+        for iteration in sorted(by_iteration):
+            chosen, *others = by_iteration[iteration]
+            if others:
+                canonical = self.canonical_name(iteration)
+                chosen, *others = sorted(by_iteration[iteration],
+                                         key=lambda p: (os.path.basename(p) != canonical, os.path.basename(p)))
+            if iteration in known_complete:
+                out.append(Checkpoint(self.run, iteration, chosen, True))
+            else:
+                try:
+                    out.append(judge(iteration, chosen))
+                except OSError as e:  # permissions, flaky storage: no verdict; say why and look again later
+                    out.append(Checkpoint(self.run, iteration, chosen, False,
+                                          f"cannot read {e.filename or chosen}: {e.strerror or e}"))
+            for other in others:
+                out.append(Checkpoint(self.run, iteration, other, False,
+                                      f"another folder names iteration {iteration}: {chosen}; ignored"))
+        return out
+
+    def _settled_verdict(self, iteration: int, path: str, problem: Optional[str], final: bool) -> Checkpoint:
+        """The verdict once the final marker covers a checkpoint: wait until its files stood still for
+        settle_seconds (NFS may show the marker before a rank's file is finished); then complete when
+        nothing is wrong; when something is, invalid if `final` (nothing more will be written to it),
+        else still waited on, with no deadline (only a change on disk can help)."""
+        settled, deadline = self.settle.check(path)
+        if not settled:
+            return Checkpoint(self.run, iteration, path, False, problem or "settling", deadline)
+        if problem is None:
+            return Checkpoint(self.run, iteration, path, True)
+        if final:
+            return Checkpoint(self.run, iteration, path, False, problem, invalid=problem)
+        return Checkpoint(self.run, iteration, path, False, problem)
+
 
 class TrackerLayout(CheckpointLayout):
-    """A numbered directory is complete once a tracker file names an iteration >= its own."""
+    """A numbered directory is complete once a tracker file names an iteration >= its own, and it holds
+    the files its kind of save writes, settled."""
 
     dir_pattern: ClassVar[re.Pattern]
     tracker_name: ClassVar[str]
@@ -166,21 +264,65 @@ class TrackerLayout(CheckpointLayout):
     def parse_tracker(self, text: str) -> Optional[int]:
         raise NotImplementedError
 
-    def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
-        entries = _numbered_entries(self.root, self.dir_pattern)
+    def files_problem(self, path: str) -> Optional[str]:
+        """What a save of this kind would have written and is not there; None = all there."""
+        return None
+
+    def incomplete_reason(self, path: str) -> Optional[str]:
+        return self.files_problem(path)
+
+    def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
         text = _read_tracker(os.path.join(self.root, self.tracker_name))
         tracked = self.parse_tracker(text) if text else None
-        out = []
-        for iteration, path in sorted(entries):
-            if tracked is not None and iteration <= tracked:
-                out.append(Checkpoint(self.run, iteration, path, True))
-            elif text is None:
-                out.append(Checkpoint(self.run, iteration, path, False, f"no {self.tracker_name} yet"))
-            elif tracked is None:
-                out.append(Checkpoint(self.run, iteration, path, False, f"{self.tracker_name} says {text!r}"))
-            else:
-                out.append(Checkpoint(self.run, iteration, path, False, f"beyond {self.tracker_name} ({tracked}): still being written"))
-        return out
+
+        def judge(iteration: int, path: str) -> Checkpoint:
+            if text is None:
+                return Checkpoint(self.run, iteration, path, False, f"no {self.tracker_name} yet")
+            if tracked is None:
+                return Checkpoint(self.run, iteration, path, False, f"{self.tracker_name} says {text!r}")
+            if iteration > tracked:
+                return Checkpoint(self.run, iteration, path, False,
+                                  f"beyond {self.tracker_name} ({tracked}): still being written")
+            # below the tracker a later save finished, so a folder still lacking files is a crashed save
+            return self._settled_verdict(iteration, path, self.files_problem(path), final=iteration < tracked)
+
+        return self._judge_each(_numbered_entries(self.root, self.dir_pattern), known_complete, judge)
+
+
+def megatron_files_problem(path: str) -> Optional[str]:
+    """What a Megatron save would have written and is not in `path` (None = a whole save).
+
+    torch_dist: `.metadata` (torch.distributed.checkpoint writes it last). Legacy: every mp_rank_* folder
+    holds a non-empty model_optim_rng.pt, and the rank folders form a full grid (mp_rank_00, mp_rank_01, ...;
+    with pipeline parallelism mp_rank_00_000, mp_rank_00_001, ...), so a rank folder missing in the middle
+    shows. Raises OSError when the folder cannot be read.
+    """
+    names = os.listdir(path)
+    if ".metadata" in names:
+        return None if os.path.getsize(os.path.join(path, ".metadata")) > 0 else ".metadata is empty"
+    ranks = {}
+    for name in names:
+        m = MEGATRON_RANK_DIR.match(name)
+        if m and os.path.isdir(os.path.join(path, name)):
+            ranks[tuple(int(i) for i in m.group(1).split("_"))] = name
+    if not ranks:
+        return f"no mp_rank_*/{MEGATRON_RANK_FILE} and no .metadata (not a finished Megatron save)"
+    dims = {len(k) for k in ranks}
+    if len(dims) > 1:
+        return f"rank folders of different parallel layouts: {', '.join(sorted(ranks.values()))}"
+    grid = itertools.product(*(range(max(k[d] for k in ranks) + 1) for d in range(dims.pop())))
+    missing = [k for k in grid if k not in ranks]
+    if missing:
+        return "rank folder " + "_".join(["mp_rank", f"{missing[0][0]:02d}", *(f"{i:03d}" for i in missing[0][1:])]) \
+            + " missing"
+    for name in sorted(ranks.values()):
+        try:
+            size = os.path.getsize(os.path.join(path, name, MEGATRON_RANK_FILE))
+        except FileNotFoundError:
+            return f"{name}/{MEGATRON_RANK_FILE} missing"
+        if size == 0:
+            return f"{name}/{MEGATRON_RANK_FILE} is empty"
+    return None
 
 
 class MegatronLayout(TrackerLayout):
@@ -189,18 +331,30 @@ class MegatronLayout(TrackerLayout):
     tracker_name = MEGATRON_TRACKER
 
     def parse_tracker(self, text: str) -> Optional[int]:
-        return int(text) if text.isdigit() else None
+        return int(text) if re.fullmatch(r"[0-9]+", text) else None
+
+    def canonical_name(self, iteration: int) -> Optional[str]:
+        return f"iter_{iteration:07d}"
+
+    def files_problem(self, path: str) -> Optional[str]:
+        return megatron_files_problem(path)
 
     def snapshot_markers(self, c: Checkpoint) -> dict[str, str]:
         name = os.path.basename(c.path)
         return {MEGATRON_TRACKER: "release" if name == "release" else str(c.iteration)}
 
-    def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
-        out = super().scan(known_complete)
+    def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
+        out = super()._scan(known_complete)
         release = os.path.join(self.root, "release")
-        # 'release' marks a final/converted checkpoint with no iteration: reported as iteration 0
+        # 'release' marks a final/converted checkpoint with no iteration: reported as iteration 0, judged as
+        # the checkpoint the tracker names (waited on while files are missing, never invalid)
         if _read_tracker(os.path.join(self.root, self.tracker_name)) == "release" and os.path.isdir(release):
-            out.insert(0, Checkpoint(self.run, 0, release, True))
+            if 0 in known_complete:
+                found = Checkpoint(self.run, 0, release, True)
+            else:
+                found = self._judge_each([(0, release)], frozenset(),
+                                         lambda it, p: self._settled_verdict(it, p, self.files_problem(p), False))[0]
+            out.insert(0, found)
         return out
 
 
@@ -213,62 +367,93 @@ class DeepSpeedLayout(TrackerLayout):
         m = self.dir_pattern.match(text)
         return int(m.group(1)) if m else None
 
+    def canonical_name(self, iteration: int) -> Optional[str]:
+        return f"global_step{iteration}"
+
+    def files_problem(self, path: str) -> Optional[str]:
+        # every DeepSpeed save writes model states (mp_rank_00_model_states.pt, layer_*-model_states.pt, ...)
+        if any(n.endswith("model_states.pt") for n in os.listdir(path)):
+            return None
+        return "no *model_states.pt (not a finished DeepSpeed save)"
+
     def snapshot_markers(self, c: Checkpoint) -> dict[str, str]:
         return {DEEPSPEED_TRACKER: os.path.basename(c.path)}
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why a safetensors file is not whole (a torn or growing file is shorter than its header says);
+    None = it is. Raises OSError when it cannot be read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            return f"{size} bytes: shorter than its header length field"
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8 or header_len > 100_000_000:
+            return f"{size} bytes: shorter than its header"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "header not parseable"
+    if size != 8 + header_len + end:
+        return f"{size} bytes, its header says {8 + header_len + end}"
+    return None
 
 
 def safetensors_complete(path: str) -> bool:
     """True when the file is as long as its header says (a torn or growing file is shorter)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                return False
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > size - 8 or header_len > 100_000_000:
-                return False
-            header = json.loads(f.read(header_len))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return False  # unreadable or a header of the wrong shape: not (yet) a whole file
-    return size == 8 + header_len + end
+        return safetensors_problem(path) is None
+    except OSError:
+        return False
+
+
+def _load_json(path: str):
+    with open(path, "rb") as f:
+        return json.loads(f.read())
 
 
 def huggingface_incomplete_reason(path: str) -> Optional[str]:
-    """Why an HF checkpoint dir is not complete (ignoring settling), or None if its files are whole."""
+    """Why an HF checkpoint dir is not complete (ignoring settling), or None if its files are whole.
+
+    Raises OSError (other than a missing file) when something cannot be read: no verdict either way.
+    """
     try:
         names = set(os.listdir(path))
     except FileNotFoundError:
         return "deleted"
     if "config.json" not in names:
-        return "no config.json yet"
+        return "no config.json"
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return "config.json not parseable yet"
+        _load_json(os.path.join(path, "config.json"))
+    except FileNotFoundError:
+        return "no config.json"
+    except ValueError as e:
+        return f"config.json not parseable ({e})"
     index_name = next((n for n in WEIGHT_INDEXES if n in names), None)
     if index_name:
         try:
-            with open(os.path.join(path, index_name), encoding="utf-8") as f:
-                shards = set(json.load(f)["weight_map"].values())
-        except (OSError, ValueError, KeyError):
-            return f"{index_name} not parseable yet"
+            shards = set(_load_json(os.path.join(path, index_name))["weight_map"].values())
+        except FileNotFoundError:
+            return f"no {index_name}"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index_name} not parseable"
         missing = sorted(shards - names)
         if missing:
-            return f"shard {missing[0]} named by {index_name} not present yet"
+            return f"shard {missing[0]} named by {index_name} not present"
         weights = sorted(shards)
     else:
-        shard_names = [n for n in names if SHARD_NAME.match(n)]
-        if shard_names:
-            return "sharded weights without their index yet"
+        if any(SHARD_NAME.match(n) for n in names):
+            return "sharded weights without their index"
         weights = [n for n in SINGLE_WEIGHTS if n in names]
         if not weights:
-            return "no weights yet"
+            return "no weights"
     for w in weights:
-        if w.endswith(".safetensors") and not safetensors_complete(os.path.join(path, w)):
-            return f"{w} shorter than its header says (still being written)"
+        if w.endswith(".safetensors"):
+            problem = safetensors_problem(os.path.join(path, w))
+            if problem:
+                return f"{w} is not whole: {problem}"
     return None
 
 
@@ -277,32 +462,28 @@ class HuggingFaceLayout(CheckpointLayout):
     recheck_incomplete = True
     dir_pattern = re.compile(r"^checkpoint-(\d+)$")
 
+    def canonical_name(self, iteration: int) -> Optional[str]:
+        return f"checkpoint-{iteration}"
+
     def incomplete_reason(self, path: str) -> Optional[str]:
         return huggingface_incomplete_reason(path)
 
-    def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
-        out = []
-        for iteration, path in sorted(_numbered_entries(self.root, self.dir_pattern)):
-            if iteration in known_complete:
-                out.append(Checkpoint(self.run, iteration, path, True))
-                continue
-            reason = huggingface_incomplete_reason(path)
-            if reason:
-                self.settle.forget(path)
-                out.append(Checkpoint(self.run, iteration, path, False, reason))
-                continue
-            if _trainer_state_written(path):
-                out.append(Checkpoint(self.run, iteration, path, True))
-                continue
-            settled, deadline = self.settle.check(path)
-            out.append(Checkpoint(self.run, iteration, path, settled, "" if settled else "settling", deadline))
-        return out
+    def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
+        def judge(iteration: int, path: str) -> Checkpoint:
+            problem = huggingface_incomplete_reason(path)
+            marker = _trainer_state_written(path)
+            if problem and not marker:
+                return Checkpoint(self.run, iteration, path, False, problem)  # still being written
+            # trainer_state.json is written last, so a problem behind it stays; without it (save_pretrained)
+            # settled sizes are the only completion signal
+            return self._settled_verdict(iteration, path, problem, final=marker)
+
+        return self._judge_each(_numbered_entries(self.root, self.dir_pattern), known_complete, judge)
 
 
 def _trainer_state_written(path: str) -> bool:
     try:
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            json.load(f)
+        _load_json(os.path.join(path, "trainer_state.json"))
         return True
     except (OSError, ValueError):
         return False
@@ -312,29 +493,28 @@ class GlobLayout(CheckpointLayout):
     name = "glob"
     recheck_incomplete = True
 
-    def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
+    def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
         rx = re.compile(self.pattern or "")
         group = "iteration" if "iteration" in rx.groupindex else 1
-        out = []
+        entries = []
         try:
-            entries = list(os.scandir(self.root))
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    m = rx.fullmatch(entry.name)
+                    if m and (m.group(group) or "").isdigit():  # not 'ckpt_final' for a pattern 'ckpt_(.+)'
+                        entries.append((int(m.group(group)), entry.path))
         except FileNotFoundError:
-            return out
-        for entry in entries:
-            m = rx.fullmatch(entry.name)
-            if not m or not (m.group(group) or "").isdigit():
-                continue  # not a checkpoint name (e.g. 'ckpt_final' for a pattern 'ckpt_(.+)')
-            iteration = int(m.group(group))
-            if iteration in known_complete:
-                out.append(Checkpoint(self.run, iteration, entry.path, True))
-            elif self.done_marker:
-                marker = os.path.join(self.root, self.done_marker.format(name=entry.name, iteration=iteration))
-                done = os.path.exists(marker)
-                out.append(Checkpoint(self.run, iteration, entry.path, done, "" if done else f"waiting for {marker}"))
-            else:
-                settled, deadline = self.settle.check(entry.path)
-                out.append(Checkpoint(self.run, iteration, entry.path, settled, "" if settled else "settling", deadline))
-        return sorted(out, key=lambda c: c.iteration)
+            return []
+
+        def judge(iteration: int, path: str) -> Checkpoint:
+            if self.done_marker:
+                name = os.path.basename(path)
+                marker = os.path.join(self.root, self.done_marker.format(name=name, iteration=iteration))
+                if not os.path.exists(marker):
+                    return Checkpoint(self.run, iteration, path, False, f"waiting for {marker}")
+            return self._settled_verdict(iteration, path, None, final=True)
+
+        return self._judge_each(entries, known_complete, judge)
 
 
 LAYOUTS: dict[str, type[CheckpointLayout]] = {

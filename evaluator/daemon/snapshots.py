@@ -7,13 +7,19 @@ next-but-one is saved), so an evaluation slower than two save intervals loses th
 and the stages read that copy; it is released once every benchmark of the iteration is final.
 
 Only what inference needs is pinned: each layout excludes optimizer, scheduler and RNG state
-(`DEFAULT_EXCLUDES`, overridable with `watch.snapshot_exclude`). The file list and sizes are taken
-when the checkpoint is found complete (the manifest); a file that is gone or has another size
-while pinning means the trainer deleted the checkpoint under us: the snapshot is discarded and the
-checkpoint ends `vanished` -- never a half snapshot that gets evaluated.
+(`DEFAULT_EXCLUDES`, overridable with `watch.snapshot_exclude`). The file list with each file's
+size, mtime and inode is taken when the checkpoint is found complete (the manifest); a file that is
+gone or has changed while pinning means the trainer deleted or rewrote the checkpoint under us: the
+snapshot is discarded and the checkpoint ends `vanished` -- never a half snapshot that gets evaluated.
 
-Hardlinks assume checkpoint files are never rewritten in place (true for HF, Megatron, DeepSpeed:
-each save writes a new folder).
+A hardlink shares its inode with the original, so a trainer that rewrites a file in place (a resumed
+Megatron job re-saving an iteration: torch.save truncates the same inode) changes the snapshot too.
+`verify` catches that after a stage: the files it read are compared with the manifest (size, mtime,
+inode), and the daemon discards the result instead of recording it. Runs that are not pinned (mode
+`none`, or over the budget) get a manifest too (an `unpinned` row), so the same check covers them.
+
+A checkpoint that cannot be read (permissions) is not pinned as an empty folder: `ensure` leaves it
+without a row and lists it in `waiting` with the reason, and pins it once it can be read.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import os
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from evaluator.daemon import ledger as L
@@ -50,8 +57,51 @@ class SnapshotVanished(Exception):
     """The checkpoint changed or disappeared while it was being pinned."""
 
 
+class CheckpointUnreadable(Exception):
+    """Part of the checkpoint cannot be read (permissions, storage): no snapshot now, try again later."""
+
+
 class PinAborted(Exception):
     """The daemon is stopping; the pin is redone on the next start."""
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What the manifest remembers of a file; None where an old manifest recorded only the size."""
+
+    size: int
+    mtime_ns: Optional[int] = None
+    inode: Optional[int] = None
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileStat":
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def change(self, now: "FileStat") -> Optional[str]:
+        """How `now` differs from what was recorded, None when it does not."""
+        if now.size != self.size:
+            return f"is {now.size} bytes, {self.size} when it was found complete"
+        if self.inode is not None and now.inode != self.inode:
+            return "was replaced by another file"
+        if self.mtime_ns is not None and now.mtime_ns != self.mtime_ns:
+            return "was rewritten in place (its mtime changed)"
+        return None
+
+
+Manifest = dict[str, FileStat]  # relative path ('' for a checkpoint that is a single file) -> FileStat
+
+
+def manifest_bytes(manifest: Manifest) -> int:
+    return sum(f.size for f in manifest.values())
+
+
+def dump_manifest(manifest: Manifest) -> str:
+    return json.dumps({rel: asdict(f) for rel, f in manifest.items()}, sort_keys=True)
+
+
+def load_manifest(text: str) -> Manifest:
+    """Reads both forms: {rel: {size, mtime_ns, inode}} and the older {rel: size}."""
+    return {rel: FileStat(v) if isinstance(v, int) else FileStat(**v) for rel, v in json.loads(text).items()}
 
 
 def resolve_mode(mode: str, cache_dir: str, root: str) -> str:
@@ -72,37 +122,77 @@ def _excluded(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(part, pat) for part in rel.split(os.sep) for pat in patterns)
 
 
-def build_manifest(source: str, excludes: list[str]) -> dict[str, int]:
-    """Relative path -> size of every file to pin ('' for a checkpoint that is a single file)."""
-    if not os.path.exists(source):
-        raise SnapshotVanished("the checkpoint is gone")
-    if os.path.isfile(source):
-        return {"": os.path.getsize(source)}
+def _unreadable(e: OSError, source: str) -> CheckpointUnreadable:
+    where = e.filename or source
+    return CheckpointUnreadable(f"cannot read {where}: {(e.strerror or str(e)).lower()}")
+
+
+def build_manifest(source: str, excludes: list[str]) -> Manifest:
+    """Relative path -> FileStat of every file to pin ('' for a checkpoint that is a single file).
+
+    Raises SnapshotVanished when the checkpoint is gone, CheckpointUnreadable when a folder or file of
+    it cannot be read (os.walk alone would skip such a folder and pin the checkpoint as empty).
+    """
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        raise SnapshotVanished("the checkpoint is gone") from None
+    except OSError as e:
+        raise _unreadable(e, source) from None
+    if not os.path.isdir(source):
+        if not os.access(source, os.R_OK):
+            raise _unreadable(PermissionError(errno.EACCES, os.strerror(errno.EACCES), source), source)
+        return {"": FileStat.of(st)}
+
+    def walk_error(e: OSError) -> None:
+        if isinstance(e, FileNotFoundError):
+            raise SnapshotVanished(f"{os.path.relpath(e.filename, source)} disappeared while listing") from None
+        raise _unreadable(e, source) from None
+
     manifest = {}
-    for dirpath, dirs, files in os.walk(source):
+    for dirpath, dirs, files in os.walk(source, onerror=walk_error):
         dirs[:] = [d for d in dirs if not _excluded(os.path.relpath(os.path.join(dirpath, d), source), excludes)]
         for name in files:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, source)
-            if not _excluded(rel, excludes):
-                try:
-                    manifest[rel] = os.path.getsize(full)
-                except FileNotFoundError:
-                    raise SnapshotVanished(f"{rel} disappeared while listing the checkpoint") from None
+            if _excluded(rel, excludes):
+                continue
+            try:
+                manifest[rel] = FileStat.of(os.stat(full))
+            except FileNotFoundError:
+                raise SnapshotVanished(f"{rel} disappeared while listing the checkpoint") from None
+            except OSError as e:
+                raise _unreadable(e, source) from None
+            if not os.access(full, os.R_OK):
+                raise _unreadable(PermissionError(errno.EACCES, os.strerror(errno.EACCES), full), source)
     return manifest  # may be empty: an (odd) empty checkpoint folder pins as an empty folder
+
+
+def manifest_changes(base: str, manifest: Manifest) -> Optional[str]:
+    """What differs between the files under `base` and the manifest (the first difference), None if nothing."""
+    for rel, recorded in sorted(manifest.items()):
+        path = os.path.join(base, rel) if rel else base
+        try:
+            now = FileStat.of(os.stat(path))
+        except FileNotFoundError:
+            return f"{rel or os.path.basename(base)} is gone"
+        change = recorded.change(now)
+        if change:
+            return f"{rel or os.path.basename(base)} {change}"
+    return None
 
 
 def snapshot_root(cache_dir: str, run: str, iteration: int) -> str:
     return os.path.join(cache_dir, "snapshots", run, str(iteration))
 
 
-def pin(source: str, root: str, manifest: dict[str, int], mode: str, markers: Optional[dict[str, str]] = None,
+def pin(source: str, root: str, manifest: Manifest, mode: str, markers: Optional[dict[str, str]] = None,
         abort: Optional[threading.Event] = None) -> tuple[str, int]:
     """Hardlink or copy the manifest's files under root/<name>; returns (snapshot path, bytes).
 
-    Raises SnapshotVanished (and leaves nothing behind) when a file is missing or has changed size.
-    `markers` are small files written beside the snapshot (e.g. Megatron's tracker, so `--load root`
-    works on the snapshot as on the original folder).
+    Raises SnapshotVanished (and leaves nothing behind) when a file is missing or has changed since the
+    manifest was taken. `markers` are small files written beside the snapshot (e.g. Megatron's tracker,
+    so `--load root` works on the snapshot as on the original folder).
     """
     if os.path.exists(root):
         shutil.rmtree(root)  # a leftover of an interrupted pin
@@ -110,20 +200,24 @@ def pin(source: str, root: str, manifest: dict[str, int], mode: str, markers: Op
     try:
         if "" not in manifest:
             os.makedirs(dest)
-        for rel, size in sorted(manifest.items()):
+        for rel, recorded in sorted(manifest.items()):
             if abort is not None and abort.is_set():
                 raise PinAborted()
             src = os.path.join(source, rel) if rel else source
             dst = os.path.join(dest, rel) if rel else dest
+            name = rel or os.path.basename(source)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             try:
                 _link_or_copy(src, dst, mode, abort)
+                # the source after linking/copying: the file found complete, untouched meanwhile
+                change = recorded.change(FileStat.of(os.stat(src)))
             except FileNotFoundError:
-                raise SnapshotVanished(f"{rel or os.path.basename(source)} was deleted while pinning") from None
+                raise SnapshotVanished(f"{name} was deleted while pinning") from None
+            if change:
+                raise SnapshotVanished(f"{name} {change}")
             got = os.path.getsize(dst)
-            if got != size:
-                raise SnapshotVanished(f"{rel or os.path.basename(source)} is {got} bytes, "
-                                       f"{size} when the checkpoint was found complete")
+            if got != recorded.size:
+                raise SnapshotVanished(f"{name} is {got} bytes, {recorded.size} when the checkpoint was found complete")
             if dst.endswith(".safetensors") and not safetensors_complete(dst):
                 raise SnapshotVanished(f"{rel} is shorter than its safetensors header says")
         for name, text in (markers or {}).items():
@@ -132,7 +226,7 @@ def pin(source: str, root: str, manifest: dict[str, int], mode: str, markers: Op
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
-    return dest, sum(manifest.values())
+    return dest, manifest_bytes(manifest)
 
 
 def _link_or_copy(src: str, dst: str, mode: str, abort: Optional[threading.Event]) -> None:
@@ -155,9 +249,20 @@ def _link_or_copy(src: str, dst: str, mode: str, abort: Optional[threading.Event
     shutil.copymode(src, dst)
 
 
+def _pin_and_stat(source, root, manifest, mode, markers, abort) -> tuple[str, int, Manifest]:
+    """pin(), plus the manifest of the snapshot itself: what verify() compares the stage's input with
+    (a copy has its own inodes and mtimes; a hardlink shares the original's)."""
+    path, size = pin(source, root, manifest, mode, markers, abort)
+    return path, size, build_manifest(path, [])
+
+
 class SnapshotKeeper:
     """Pins checkpoints for the daemon. One worker thread does the file I/O (a copy can take
-    minutes); the daemon loop starts pins, collects their outcomes and releases finished ones."""
+    minutes); the daemon loop starts pins, collects their outcomes and releases finished ones.
+
+    Runs that are in the ledger but not configured any more (renamed, removed) are not active: their
+    rows are left as they are, never pinned, recovered or looked up in the configuration.
+    """
 
     def __init__(self, ledger: L.Ledger, cache_dir: str, layouts: dict[str, CheckpointLayout], mode: str,
                  max_gb: Optional[float], exclude: Optional[list[str]], on_done: Callable[[], None]):
@@ -171,9 +276,12 @@ class SnapshotKeeper:
         self.abort = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pin")
         self.futures: dict[tuple, Future] = {}
+        # (run, iteration) -> why it has no snapshot row yet (unreadable); retried by every ensure()
+        self.waiting: dict[tuple[str, int], str] = {}
 
     def active(self, run: str) -> bool:
-        return self.modes[run] != "none"
+        """Whether the run's checkpoints are pinned (False for mode none and for runs not configured)."""
+        return self.modes.get(run, "none") != "none"
 
     def busy(self) -> bool:
         return bool(self.futures)
@@ -192,11 +300,20 @@ class SnapshotKeeper:
         row = self.ledger.snapshot(run, iteration) if self.active(run) else None
         return row is not None and row["state"] in (L.PINNING, L.PINNED)
 
+    def pinned_bytes(self) -> int:
+        """Bytes held by pinning and pinned snapshots: one SQL SUM, not a Python loop over every row."""
+        (total,) = self.ledger.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM snapshots WHERE state IN (?, ?)",
+                                          (L.PINNING, L.PINNED)).fetchone()
+        return int(total)
+
     def ensure(self, checkpoints: list[Checkpoint]) -> list[tuple[str, int, str]]:
-        """Start pinning each checkpoint that has no snapshot row yet; returns those found vanished."""
+        """Give each checkpoint of a configured run without a snapshot row one: start pinning it, or record
+        its manifest in place (`unpinned`: mode none, over budget). Returns the (run, iteration, why) found
+        vanished; those that cannot be read get no row and are listed in `self.waiting` with the reason."""
         vanished = []
+        used = None  # the pinned total, summed once per call and kept up to date below
         for c in checkpoints:
-            if not self.active(c.run) or self.ledger.snapshot(c.run, c.iteration) is not None:
+            if c.run not in self.layouts or self.ledger.snapshot(c.run, c.iteration) is not None:
                 continue
             layout = self.layouts[c.run]
             excludes = self.exclude if self.exclude is not None else DEFAULT_EXCLUDES.get(layout.name, [])
@@ -206,24 +323,38 @@ class SnapshotKeeper:
                 if reason:  # complete at the scan, not any more: it is being deleted
                     raise SnapshotVanished(reason)
             except (SnapshotVanished, FileNotFoundError) as e:
+                self.waiting.pop((c.run, c.iteration), None)
                 vanished.append((c.run, c.iteration, f"checkpoint deleted before it could be pinned ({e})"))
                 continue
-            size = sum(manifest.values())
-            used = sum(r["bytes"] for r in self.ledger.snapshots([L.PINNING, L.PINNED]))
+            except (CheckpointUnreadable, OSError) as e:
+                why = str(e) if isinstance(e, CheckpointUnreadable) else str(_unreadable(e, c.path))
+                if self.waiting.get((c.run, c.iteration)) != why:
+                    log.warning("%s iteration %d: %s; not pinned, tried again later", c.run, c.iteration, why)
+                self.waiting[(c.run, c.iteration)] = why
+                continue
+            self.waiting.pop((c.run, c.iteration), None)
+            size = manifest_bytes(manifest)
+            if not self.active(c.run):
+                self.ledger.put_snapshot(c.run, c.iteration, L.UNPINNED, c.path, bytes=size,
+                                         manifest=dump_manifest(manifest), note="snapshot: none (read in place)")
+                continue
+            used = self.pinned_bytes() if used is None else used
             if self.budget is not None and used + size > self.budget:
                 note = (f"snapshot budget: {used / 1e9:.3f} GB pinned + {size / 1e9:.3f} GB > snapshot_max_gb "
                         f"{self.budget / 1e9:g}: evaluated in place (it may be rotated away first)")
-                self.ledger.put_snapshot(c.run, c.iteration, L.UNPINNED, c.path, bytes=size, note=note)
+                self.ledger.put_snapshot(c.run, c.iteration, L.UNPINNED, c.path, bytes=size,
+                                         manifest=dump_manifest(manifest), note=note)
                 log.warning("%s iteration %d: %s", c.run, c.iteration, note)
                 continue
             self.ledger.put_snapshot(c.run, c.iteration, L.PINNING, c.path, bytes=size,
-                                     manifest=json.dumps(manifest, sort_keys=True))
+                                     manifest=dump_manifest(manifest))
+            used += size
             self._submit(c.run, c.iteration, c.path, manifest, layout.snapshot_markers(c))
         return vanished
 
     def _submit(self, run, iteration, source, manifest, markers) -> None:
         root = snapshot_root(self.cache_dir, run, iteration)
-        future = self.pool.submit(pin, source, root, manifest, self.modes[run], markers, self.abort)
+        future = self.pool.submit(_pin_and_stat, source, root, manifest, self.modes[run], markers, self.abort)
         future.add_done_callback(lambda _f: self.on_done())
         self.futures[(run, iteration)] = future
 
@@ -236,40 +367,71 @@ class SnapshotKeeper:
             del self.futures[key]
             run, iteration = key
             try:
-                path, size = future.result()
+                path, size, pinned = future.result()
             except PinAborted:
                 continue  # stays 'pinning': redone on the next start
             except SnapshotVanished as e:
                 self.ledger.set_snapshot(run, iteration, L.VANISHED, note=str(e))
                 vanished.append((run, iteration, f"checkpoint deleted while pinning ({e})"))
                 continue
-            except OSError as e:  # disk full, permissions: evaluate in place, loudly
+            except (OSError, CheckpointUnreadable) as e:  # disk full, permissions: evaluate in place, loudly
                 note = f"pinning failed ({e}): evaluated in place"
                 self.ledger.set_snapshot(run, iteration, L.UNPINNED, note=note)
                 log.error("%s iteration %d: %s", run, iteration, note)
                 continue
-            self.ledger.set_snapshot(run, iteration, L.PINNED, path=path, bytes=size)
+            # from now on the manifest describes the snapshot, the files the stages read
+            self.ledger.set_snapshot(run, iteration, L.PINNED, path=path, bytes=size, manifest=dump_manifest(pinned))
             log.info("%s iteration %d: pinned %.1f MB (%s) at %s", run, iteration, size / 1e6,
                      self.modes[run], path)
         return vanished
+
+    def verify(self, run: str, iteration: int) -> Optional[str]:
+        """What changed in the files the stage read (the snapshot when pinned, else the original in place)
+        since their manifest was taken; None when nothing did. Call it when a stage ends: a change means
+        its result describes other bytes than the checkpoint found complete. A row without a manifest
+        (made by an older version) cannot be checked and reads as unchanged."""
+        row = self.ledger.snapshot(run, iteration)
+        if row is None or not row["manifest"] or row["state"] not in (L.PINNED, L.UNPINNED):
+            return None
+        base = row["path"] if row["state"] == L.PINNED else row["source"]
+        change = manifest_changes(base, load_manifest(row["manifest"]))
+        return None if change is None else f"{change} (while it was being evaluated)"
+
+    def discard(self, run: str, iteration: int) -> None:
+        """Drop the snapshot of an iteration, files and row, so the next ensure() pins it again (e.g. after
+        verify() found it rewritten). A pin still in flight for it is forgotten; the next pin starts clean."""
+        self.futures.pop((run, iteration), None)
+        self.waiting.pop((run, iteration), None)
+        release(snapshot_root(self.cache_dir, run, iteration))
+        # one statement in the ledger's autocommit connection: atomic without a transaction of its own
+        self.ledger.db.execute("DELETE FROM snapshots WHERE run=? AND iteration=?", (run, iteration))
+
+    def release(self, run: str, iteration: int) -> None:
+        """Release one iteration's snapshot once its last job is final: the pinned files are removed; a row
+        read in place (unpinned) is closed too, so status lists only what is still held."""
+        row = self.ledger.snapshot(run, iteration)
+        if row is None or row["state"] not in (L.PINNED, L.UNPINNED):
+            return
+        if row["state"] == L.PINNED:
+            release(snapshot_root(self.cache_dir, run, iteration))
+            log.info("%s iteration %d: snapshot released", run, iteration)
+        self.ledger.set_snapshot(run, iteration, L.RELEASED)
 
     def release_finished(self, is_final: Callable[[L.Job], bool]) -> None:
         """Drop snapshots whose every benchmark is recorded or failed for good."""
         for row in self.ledger.snapshots([L.PINNED]):
             jobs = self.ledger.jobs(run=row["run"], iteration=row["iteration"])
             if jobs and all(is_final(j) for j in jobs):
-                release(snapshot_root(self.cache_dir, row["run"], row["iteration"]))
-                self.ledger.set_snapshot(row["run"], row["iteration"], L.RELEASED)
-                log.info("%s iteration %d: snapshot released", row["run"], row["iteration"])
+                self.release(row["run"], row["iteration"])
 
     def recover(self) -> None:
-        """Pins interrupted by a stop or a crash are redone from their manifest."""
+        """Pins interrupted by a stop or a crash are redone from their manifest (runs still configured)."""
         for row in self.ledger.snapshots([L.PINNING]):
             run, iteration = row["run"], row["iteration"]
             if run not in self.layouts or not self.active(run):
                 continue
             c = Checkpoint(run, iteration, row["source"], True)
-            self._submit(run, iteration, row["source"], json.loads(row["manifest"]),
+            self._submit(run, iteration, row["source"], load_manifest(row["manifest"]),
                          self.layouts[run].snapshot_markers(c))
 
     def shutdown(self) -> None:
