@@ -42,7 +42,7 @@ def bench(name: str, infer_mode="ok", eval_mode="ok", infer_sleep=0.0, eval_slee
 def write_config(tmp, benchmarks, watch=None, executor=None, **top) -> str:
     cfg = {"project_name": "test", "model_name": "tiny", "cache_dir": str(tmp / "cache"),
            "watch": {"paths": [str(tmp / "ckpt")], "layout": "megatron", "iteration_interval": 1000,
-                     "poll_seconds": 0.5, **(watch or {})},
+                     "poll_seconds": 0.5, "settle_seconds": 0.3, **(watch or {})},
            "executor": {"backoff_seconds": 0.2, "max_attempts": 2, "kill_grace_seconds": 1, "gpus": [],
                         **(executor or {})},
            "benchmarks": benchmarks, **top}

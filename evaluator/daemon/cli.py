@@ -16,11 +16,13 @@ from typing import Optional
 
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
+from evaluator.daemon import policy as P
 from evaluator.daemon.checkpoints import Selection
 from evaluator.daemon.config import EVAL_TYPES, LAYOUT_NAMES, AutoEvalConfig, load_config
 
 EPILOG = """subcommands:
-  status --config CFG [--json] [--cancel-jobs]   jobs (state, attempts, last error), pinned snapshots
+  status --config CFG [--json] [--run R] [--retry-recording] [--cancel-jobs]
+                                 jobs (state, attempts, last error), snapshots, results a sink refused
 
 examples:
   python tools/evaluator.py --config config/megatron.yaml --begin-iteration 2000
@@ -60,6 +62,9 @@ def build_status_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true", help="print the rows as a JSON array")
     p.add_argument("--run", default=None, help="only this run")
+    p.add_argument("--retry-recording", action="store_true",
+                   help="offer results a sink refused (set aside after recorder.max_failures) to it again; "
+                        "a running daemon picks them up at its next pass")
     p.add_argument("--cancel-jobs", action="store_true",
                    help="executor.type slurm: scancel the jobs in flight (a stopped daemon leaves them running); "
                         "the next start retries them")
@@ -101,27 +106,34 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
         print(f"dry-run: waiting {max(wait, 0):.1f}s for {len(settling)} checkpoint(s) to settle", file=sys.stderr)
         time.sleep(max(wait, 0))
         found = {name: layout.scan() for name, layout in layouts.items()}
-    ledger_state = {}
+    have: dict[str, dict[int, dict[str, L.Job]]] = {}
     if os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
         led = L.Ledger(cfg.cache_dir, readonly=True)
-        ledger_state = {j.key: j for j in led.jobs()}
+        for j in led.jobs():
+            have.setdefault(j.run, {}).setdefault(j.iteration, {})[j.benchmark] = j
         led.close()
-    benchmarks = [b.name for b in cfg.benchmarks] or [None]
+    benchmarks = [b.name for b in cfg.benchmarks]
     tpi = cfg.token_per_iteration
     jobs, not_planned = [], []
     for run in runs:
         for c in found[run.name]:
-            if not c.complete:
+            if not (c.complete or c.invalid):
                 not_planned.append((c, c.reason or "incomplete"))
                 continue
             if not selection.selects(c.iteration):
                 not_planned.append((c, f"outside begin={selection.begin} end={selection.end} interval={selection.interval}"))
                 continue
-            for bench in benchmarks:
-                if bench is not None and not run.runs_benchmark(bench):
+            rows = have.get(run.name, {}).get(c.iteration, {})
+            # the daemon's own admission decision for what the ledger does not have yet
+            new = {r.key.benchmark: r for r in P.admit(c, set(rows), run, benchmarks, selection)}
+            failed = [r for r in new.values() if r.state == L.FAILED]
+            if failed:
+                not_planned.append((c, failed[0].error))
+            for bench in benchmarks or [None]:
+                job = rows.get(bench)
+                if bench is not None and (job is None and (bench not in new or new[bench].state != L.PENDING)):
                     continue
-                job = ledger_state.get((run.name, c.iteration, bench))
-                if job and (job.state in L.TERMINAL or (job.state == L.FAILED and job.next_retry_at is None)):
+                if job is not None and P.job_final(job):
                     continue
                 jobs.append({"run": run.name, "iteration": c.iteration, "path": c.path, "benchmark": bench,
                              "layout": run.layout, "state": job.state if job else "new",
@@ -155,7 +167,16 @@ def status(argv: list[str]) -> int:
         led = L.Ledger(cfg.cache_dir, readonly=True)
         jobs = led.jobs(run=args.run)
         snaps = [s for s in led.snapshots([L.PINNING, L.PINNED, L.UNPINNED]) if args.run in (None, s["run"])]
+        set_aside = [d for d in led.quarantined() if args.run in (None, d["run"])]
         led.close()
+        if args.retry_recording:
+            writable = L.Ledger(cfg.cache_dir)
+            n = writable.retry_deliveries(args.run)
+            writable.close()
+            print(f"{n} result(s) offered to their sinks again")
+            set_aside = []
+    except L.LedgerUnavailable as e:
+        raise EvaluatorError(str(e)) from None
     except sqlite3.Error as e:
         raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
     if args.cancel_jobs:
@@ -178,6 +199,23 @@ def status(argv: list[str]) -> int:
         print(f"{j.run:<20} {j.iteration:>10}  {j.benchmark:<20} {j.state:<10} {j.attempts:>8}  {retry:<19} {first}")
     counts = {s: sum(1 for j in jobs if j.state == s) for s in L.STATES}
     print("total: " + (", ".join(f"{s}={n}" for s, n in counts.items() if n) or "no jobs"))
+    try:
+        from evaluator.daemon.daemon import resolve_runs
+
+        configured = {r.name for r in resolve_runs(cfg)}
+    except EvaluatorError:
+        configured = None
+    if configured is not None:
+        stale = sorted({j.run for j in jobs} - configured)
+        for run in stale:
+            n = sum(1 for j in jobs if j.run == run)
+            print(f"run {run}: not configured now ({n} job(s) left as they are; a renamed run is evaluated again "
+                  f"under its new name)")
+    if set_aside:
+        print(f"\nrecording set aside: {len(set_aside)} result(s) a sink refused {set_aside[0]['failures']}+ times "
+              f"(`status --retry-recording` offers them again)")
+        for d in set_aside:
+            print(f"  {d['run']:<20} {d['iteration']:>10}  {d['benchmark']:<20} {d['sink']:<8} {d['last_error']}")
     if snaps:
         pinned = sum(s["bytes"] for s in snaps if s["state"] in (L.PINNING, L.PINNED))
         print(f"\nsnapshots: {len(snaps)} held, {pinned / 1e6:.1f} MB pinned")
@@ -216,9 +254,9 @@ def run(argv: list[str]) -> int:
         else:
             print_plan(jobs, not_planned, selection)
         return 0
-    from evaluator.daemon.daemon import Daemon
+    from evaluator.daemon.daemon import build
 
-    return Daemon(cfg, selection, args.model_type, once=args.once).run()
+    return build(cfg, selection, args.model_type, once=args.once).run()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -232,3 +270,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `status | head`: the reader went away; not an error of ours
+        sys.stderr.close()
+        return 0

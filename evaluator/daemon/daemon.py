@@ -1,8 +1,15 @@
-"""The loop that ties discovery, the ledger, the executor and the recorder together.
+"""The daemon: observe -> decide (policy.py) -> apply.
 
-One pass of the loop (`step`): rescan what changed -> reap finished stages -> release due retries
--> start stages on free lanes -> hand scored results to the sinks. Between passes the loop sleeps
-until a watcher event, a child exit, a retry or settle deadline, or a signal wakes it.
+`build(cfg, ...)` is the composition root: it checks the stage venvs, takes the cache_dir lock and makes
+the ledger, executor, sinks (outbox), snapshot keeper and watcher, and hands them to `Daemon`. One pass
+of the loop (`Daemon.step`) reads top to bottom:
+
+    apply stage exits -> rescan runs that changed -> pin the next checkpoints -> release due retries
+    -> start stages on free slots -> carry scored results to the sinks -> heartbeat
+
+Between passes the loop sleeps until a watcher event, a child exit, a signal, or the next deadline
+(rescan, settle, retry, delivery), all on the monotonic clock except ledger times, which must survive
+restarts. Everything that could fail for one job fails that job; nothing one job does ends the daemon.
 """
 from __future__ import annotations
 
@@ -11,45 +18,39 @@ import os
 import select
 import signal
 import subprocess
-import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Optional
 
 from filelock import FileLock, Timeout
 
 from evaluator.common.atomic import read_json
 from evaluator.common.contracts import (
-    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob,
-    read_metrics, result_dir)
+    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob, read_metrics, result_dir)
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
+from evaluator.daemon import policy as P
 from evaluator.daemon.checkpoints import LAYOUTS, Checkpoint, CheckpointLayout, Selection
 from evaluator.daemon.config import AutoEvalConfig
-from evaluator.daemon.local import Lanes, LocalExecutor, StageProcess, detect_gpus, kill_group, process_start_time
-from evaluator.daemon.slurm import SlurmExecutor
+from evaluator.daemon.executors import EXECUTORS, Exit, Intent, Launch, Started, SubmitError
+from evaluator.daemon.outbox import Outbox
+from evaluator.daemon.policy import RunSpec
+from evaluator.daemon.sink_setup import make_sinks
 from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
 from evaluator.daemon.stages import BENCHMARK_TYPES
-from evaluator.daemon.watch import CheckpointWatcher, Rescanner, choose_mode
-from recorder.sinks import ResultRecord, make_sinks
+from evaluator.daemon.watch import CheckpointWatcher, choose_mode
+from recorder.sinks import ResultRecord
 
 log = logging.getLogger("evaluator")
-STAGE_STATE = {INFERENCE: (L.PENDING, L.INFERRING, L.INFERRED), EVALUATION: (L.INFERRED, L.SCORING, L.SCORED)}
 HEARTBEAT_SECONDS = 60.0
-RECHECK_SECONDS = 1.0  # how often an incomplete checkpoint of a marker-less layout is looked at again
+RECHECK_SECONDS = 1.0  # first re-look at an incomplete checkpoint of a marker-less layout; doubles up to poll_seconds
 MIN_SCAN_GAP = 0.005  # a burst of file events costs one rescan, not one per event
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    name: str
-    root: str
-    layout: str
-    benchmarks: Optional[tuple] = None  # benchmark names run on this run's checkpoints; None = all
-
-    def runs_benchmark(self, name: str) -> bool:
-        return self.benchmarks is None or name in self.benchmarks
+MAX_IDLE_SLEEP = 5.0
+ADMIT_CHUNK = 2000  # rows per admission transaction (the stop flag is checked between chunks)
+PIN_WINDOW = 32  # checkpoints pinned ahead of dispatch, in dispatch order
+LEDGER_RETRY_SECONDS = 10.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: a closed terminal stops cleanly too
 
 
 def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[RunSpec]:
@@ -85,9 +86,28 @@ def make_layouts(cfg: AutoEvalConfig, runs: list[RunSpec]) -> dict[str, Checkpoi
     return {r.name: LAYOUTS[r.layout](r.name, r.root, w.settle_seconds, w.pattern, w.done_marker) for r in runs}
 
 
+def retry_policy(cfg: AutoEvalConfig) -> P.RetryPolicy:
+    ex = cfg.executor
+    return P.RetryPolicy(ex.max_attempts, ex.backoff_seconds, ex.backoff_max_seconds, ex.tempfail_minutes * 60)
+
+
 def venv_python(path: str) -> str:
     """A venv folder or a python executable -> the python executable."""
     return os.path.join(path, "bin", "python") if os.path.isdir(path) else path
+
+
+def check_envs(cfg: AutoEvalConfig) -> dict[str, str]:
+    pythons = {}
+    for stage, key in ((INFERENCE, "inference"), (EVALUATION, "evaluation")):
+        py = venv_python(getattr(cfg.envs, key))
+        if not os.access(py, os.X_OK):
+            raise EvaluatorError(f"auto_eval.envs.{key}: no python at {py} (run `make setup`, or point it at a venv)")
+        probe = subprocess.run([py, "-c", "import evaluator.stages"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise EvaluatorError(f"auto_eval.envs.{key}: {py} cannot import the evaluator package "
+                                 f"(run `make setup`): {probe.stderr.strip().splitlines()[-1:]}")
+        pythons[stage] = py
+    return pythons
 
 
 def stage_done(stage: str, output_dir: str) -> Optional[str]:
@@ -100,14 +120,9 @@ def stage_done(stage: str, output_dir: str) -> Optional[str]:
             read_metrics(path)
         else:
             read_json(path)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         return str(e)
     return None
-
-
-def is_final(job: L.Job) -> bool:
-    """Nothing more will happen to this job."""
-    return job.state in (L.RECORDED, L.VANISHED, L.SKIPPED) or (job.state == L.FAILED and job.next_retry_at is None)
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -121,351 +136,498 @@ def log_tail(path: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass
+class RunWatch:
+    """What the loop remembers of one run between scans (all on the monotonic clock)."""
+
+    known: dict = field(default_factory=dict)  # iteration -> benchmarks with a ledger row
+    reconciled: bool = False  # every row checked against disk and selection once (at the first scan)
+    device: Optional[int] = None  # st_dev of the run folder at the last good scan
+    unavailable: Optional[str] = None  # why the folder cannot be trusted now
+    missing_since: dict = field(default_factory=dict)  # iteration -> when scans stopped seeing it
+    settle_at: Optional[float] = None  # when a settling checkpoint needs another look
+    recheck_at: Optional[float] = None
+    recheck_gap: float = RECHECK_SECONDS
+    last_scan: float = float("-inf")
+
+
+def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] = None, once: bool = False) -> "Daemon":
+    """The composition root: check what the daemon needs, take the cache_dir lock, make the parts."""
+    runs = resolve_runs(cfg, model_type)
+    if not cfg.benchmarks:
+        raise EvaluatorError("auto_eval.benchmarks: no benchmarks configured; nothing to run "
+                             "(--dry-run shows which checkpoints would be evaluated)")
+    pythons = check_envs(cfg)
+    try:
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+    except OSError as e:
+        raise EvaluatorError(f"auto_eval.cache_dir: cannot create {cfg.cache_dir}: {e.strerror}") from None
+    if cfg.watch.snapshot == "hardlink":
+        for r in runs:
+            if resolve_mode("auto", cfg.cache_dir, r.root) != "hardlink":
+                raise EvaluatorError(f"auto_eval.watch.snapshot: hardlink needs cache_dir ({cfg.cache_dir}) on the "
+                                     f"same filesystem as {r.root}; use 'copy' (or 'auto')")
+    lock = FileLock(os.path.join(cfg.cache_dir, "daemon.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise EvaluatorError(f"another daemon is already running on cache_dir {cfg.cache_dir} "
+                             f"(it holds {lock.lock_file}); stop it first") from None
+    try:
+        ledger = L.Ledger(cfg.cache_dir)
+    except L.LedgerUnavailable as e:
+        lock.release()
+        raise EvaluatorError(f"auto_eval.cache_dir: {e}") from None
+    ex = cfg.executor
+    timeouts = {INFERENCE: 60 * ex.inference_timeout_minutes, EVALUATION: 60 * ex.evaluation_timeout_minutes}
+    executor = EXECUTORS[ex.type](ex, timeouts, ex.kill_grace_seconds)
+    layouts = make_layouts(cfg, runs)
+    w = cfg.watch
+    keeper = SnapshotKeeper(ledger, cfg.cache_dir, layouts, w.snapshot, w.snapshot_max_gb, w.snapshot_exclude,
+                            lambda: None)
+    mode = choose_mode(w.mode, [r.root for r in runs])
+    watcher = CheckpointWatcher({r.name: r.root for r in runs}, lambda run: None) if mode == "inotify" else None
+    daemon = Daemon(cfg, selection, runs, layouts, ledger, executor, make_sinks(cfg), keeper, watcher, pythons,
+                    timeouts, once=once)
+    daemon.lock = lock
+    return daemon
+
+
 class Daemon:
-    def __init__(self, cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] = None,
-                 once: bool = False):
+    def __init__(self, cfg: AutoEvalConfig, selection: Selection, runs: list[RunSpec],
+                 layouts: dict[str, CheckpointLayout], ledger: L.Ledger, executor, sinks: list,
+                 keeper: SnapshotKeeper, watcher: Optional[CheckpointWatcher], pythons: dict[str, str],
+                 timeouts: dict[str, float], once: bool = False):
         self.cfg = cfg
         self.selection = selection
         self.once = once
-        self.runs = resolve_runs(cfg, model_type)
-        self.run_specs = {r.name: r for r in self.runs}
-        self.layouts = make_layouts(cfg, self.runs)
+        self.runs = {r.name: r for r in runs}
+        self.layouts = layouts
+        self.ledger = ledger
+        self.executor = executor
+        self.keeper = keeper
+        self.watcher = watcher
+        self.pythons = pythons
+        self.timeouts = timeouts
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
-        self._lock = threading.Lock()
-        self._dirty: set[str] = {r.name for r in self.runs}
-        self.unavailable: set[str] = set()
+        self.policy = retry_policy(cfg)
+        self.grace = P.vanish_grace(cfg.watch.vanish_grace_seconds, cfg.watch.poll_seconds)
+        self.state = {r.name: RunWatch() for r in runs}
+        self.dirty: set[str] = set(self.runs)  # runs to rescan (watcher events, rechecks, the periodic rescan)
+        self.unapplied: list[Exit] = []  # stage exits observed but not yet in the ledger (it was unwritable)
         self.stopping = False
-        self.settling: dict[str, float] = {}  # run -> when its settling checkpoints need another look
-        self.recheck: dict[str, float] = {}  # run -> when to look again at its incomplete checkpoints
-        self.last_scan = 0.0
-        # a sink that fails backs off as a whole, so results still reach it oldest first once it is back
-        self.sink_retry_at: dict[str, float] = {}
-        self.sink_failures: dict[str, int] = {}  # consecutive failures per sink in this process
-        self.last_heartbeat = 0.0
-        self.ledger: Optional[L.Ledger] = None
+        self.changed = True  # a transition happened since range_finished was last asked
+        self.last_heartbeat = float("-inf")
+        self.last_rescan = time.monotonic()
+        self.ledger_error_logged = float("-inf")
+        self.lock = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.keeper.on_done = self._poke
+        if self.watcher is not None:
+            self.watcher.on_change = self.notify
+        self.outbox = Outbox(sinks, cfg.recorder.timeout_seconds, self._poke)
 
-    # ---- wiring --------------------------------------------------------------------------
+    # ---- wiring --------------------------------------------------------------------------------
     def notify(self, run: Optional[str] = None) -> None:
-        """Called from watcher/scheduler threads: mark runs for rescanning and wake the loop."""
-        with self._lock:
-            self._dirty.update([run] if run else [r.name for r in self.runs])
+        """Called from watcher threads: mark runs for rescanning and wake the loop (set.add is atomic)."""
+        for name in ([run] if run else list(self.runs)):
+            self.dirty.add(name)
         self._poke()
 
     def _poke(self) -> None:
         try:
             os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is due to wake anyway
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the loop is due to wake anyway) or closed (stopping)
 
     def _sleep(self, timeout: float) -> None:
-        select.select([self._wake_r], [], [], timeout)
+        select.select([self._wake_r], [], [], max(0.0, timeout))
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
 
-    def _check_envs(self) -> dict[str, str]:
-        pythons = {}
-        for stage, key in ((INFERENCE, "inference"), (EVALUATION, "evaluation")):
-            py = venv_python(getattr(self.cfg.envs, key))
-            if not os.access(py, os.X_OK):
-                raise EvaluatorError(f"auto_eval.envs.{key}: no python at {py} (run `make setup`, or point it at a venv)")
-            probe = subprocess.run([py, "-c", "import evaluator.stages"], capture_output=True, text=True)
-            if probe.returncode != 0:
-                raise EvaluatorError(f"auto_eval.envs.{key}: {py} cannot import the evaluator package "
-                                     f"(run `make setup`): {probe.stderr.strip().splitlines()[-1:]}")
-            pythons[stage] = py
-        return pythons
+    def _on_stop_signal(self, signum, _frame):
+        self.stopping = True  # only a flag: the wakeup fd has already woken the loop
 
+    # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        if not self.benchmarks:
-            raise EvaluatorError("auto_eval.benchmarks: no benchmarks configured; nothing to run "
-                                 "(--dry-run shows which checkpoints would be evaluated)")
-        self.pythons = self._check_envs()
-        try:
-            os.makedirs(self.cfg.cache_dir, exist_ok=True)
-        except OSError as e:
-            raise EvaluatorError(f"auto_eval.cache_dir: cannot create {self.cfg.cache_dir}: {e.strerror}") from None
-        if self.cfg.watch.snapshot == "hardlink":
-            for r in self.runs:
-                if resolve_mode("auto", self.cfg.cache_dir, r.root) != "hardlink":
-                    raise EvaluatorError(f"auto_eval.watch.snapshot: hardlink needs cache_dir ({self.cfg.cache_dir}) on the "
-                                         f"same filesystem as {r.root}; use 'copy' (or 'auto')")
-        lock = FileLock(os.path.join(self.cfg.cache_dir, "daemon.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise EvaluatorError(f"another daemon is already running on cache_dir {self.cfg.cache_dir} "
-                                 f"(it holds {lock.lock_file}); stop it first") from None
-        try:
-            return self._run_locked()
-        finally:
-            lock.release()
-
-    def _run_locked(self) -> int:
-        # Wake-ups come through a pipe: watcher threads write a byte, and signal.set_wakeup_fd makes
-        # the C-level signal handler write one too, so no Python-level handler ever takes a lock.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        ex = self.cfg.executor
-        if ex.type == "slurm":
-            self.executor = SlurmExecutor(ex, {s: self._timeout_s(s) for s in (INFERENCE, EVALUATION)})
-            where = f"slurm executor (max_in_flight={ex.max_in_flight})"
-        else:
-            gpus = ex.gpus if ex.gpus is not None else detect_gpus()
-            lanes = Lanes(ex.inference_concurrency or max(1, len(gpus)), ex.evaluation_concurrency, gpus,
-                          overlap=ex.overlap_lanes)
-            self.executor = LocalExecutor(lanes, ex.kill_grace_seconds)
-            where = f"lanes inference={lanes.inference} evaluation={lanes.evaluation} gpus={gpus or 'none'}"
-        self.sinks = make_sinks(self.cfg)
-        self.ledger = L.Ledger(self.cfg.cache_dir)
-        stale = sorted({j.run for j in self.ledger.jobs()} - {r.name for r in self.runs})
-        if stale:
-            log.warning("the ledger holds jobs of run(s) %s that are not configured now; if a run was renamed, "
-                        "its checkpoints are evaluated again under the new name", ", ".join(stale))
-        w = self.cfg.watch
-        self.keeper = SnapshotKeeper(self.ledger, self.cfg.cache_dir, self.layouts, w.snapshot, w.snapshot_max_gb,
-                                     w.snapshot_exclude, self._poke)
-        mode = choose_mode(self.cfg.watch.mode, [r.root for r in self.runs])
-        log.info("daemon started: %d run(s), %d benchmark(s), %s, %s + rescan every %ss",
-                 len(self.runs), len(self.benchmarks), where, mode, self.cfg.watch.poll_seconds)
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+        """Run until stopped (signal, --once idle, --end-iteration done); returns the exit code."""
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS + (signal.SIGCHLD,)}
         previous_fd = signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler must exist for the wakeup byte
-        watcher = None
-        if mode == "inotify":
-            watcher = CheckpointWatcher({r.name: r.root for r in self.runs}, self.notify)
-            watcher.start()
-        rescanner = Rescanner(self.cfg.watch.poll_seconds, self.notify)
-        rescanner.start()
         exit_code = 0
+        log.info("daemon started: %d run(s), %d benchmark(s), %s, %s + rescan every %ss",
+                 len(self.runs), len(self.benchmarks), _describe(self.executor),
+                 "inotify" if self.watcher else "polling", self.cfg.watch.poll_seconds)
         try:
-            self.recover()
+            if self.watcher:
+                self.watcher.start()
+            self.guarded(self.recover)
             while not self.stopping:
-                self.step()
-                if watcher:
-                    watcher.ensure_watches()
+                if not self.guarded(self.step):
+                    self._sleep(LEDGER_RETRY_SECONDS)
+                    continue
                 if self.once and self.idle():
-                    unrecorded = len(self.ledger.jobs([L.SCORED]))
-                    if unrecorded:
-                        log.warning("--once: %d scored result(s) could not be recorded (sink down, see status); "
-                                    "they stay queued and are recorded by the next run", unrecorded)
+                    if self.undelivered_given_up():
+                        log.warning("--once: scored result(s) could not be recorded (a sink is down, see status); "
+                                    "they stay queued and are recorded by the next run")
                         exit_code = 1
                     log.info("--once: every job that exists is done")
                     break
                 if self.range_finished():
                     log.info("every iteration up to --end-iteration %s is done", self.selection.end)
                     break
-                self._sleep(self._sleep_seconds())
+                self._sleep(self.sleep_seconds())
             if self.stopping:
-                log.info("stop signal received: stopping (running stages are killed and go back to the queue)")
+                log.info("stop signal received: stopping (running stages are stopped and go back to the queue)")
         finally:
-            self._shutdown(watcher, rescanner)
+            self.shutdown()
             for s, h in previous.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(previous_fd)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-        self.print_summary()
         return exit_code
 
-    def _on_stop_signal(self, signum, _frame):
-        self.stopping = True  # only a flag: the wakeup fd has already woken the loop
+    def guarded(self, work) -> bool:
+        """Run one pass; an unwritable ledger (disk full, read-only) pauses the daemon instead of
+        ending it: the ledger stays intact, running stages go on, and the pass is retried."""
+        try:
+            work()
+            return True
+        except L.LedgerUnavailable as e:
+            now = time.monotonic()
+            if now - self.ledger_error_logged >= 60:
+                log.error("%s; paused (nothing is lost; retrying every %gs until it can be written)",
+                          e, LEDGER_RETRY_SECONDS)
+                self.ledger_error_logged = now
+            return False
 
-    def _shutdown(self, watcher, rescanner) -> None:
-        for sp in self.executor.stop_all():
-            back = L.PENDING if sp.stage == INFERENCE else L.INFERRED
-            self.ledger.transition(sp.key, back, "daemon stopped mid-stage", pid=None, pid_start=None)
-            log.info("%s %s: stopped, back to %s", sp.stage, _fmt(sp.key), back)
-        self.keeper.shutdown()
-        self.keeper.collect()
-        self.keeper.release_finished(is_final)
-        if watcher:
-            watcher.stop()
-        rescanner.stop()
-
-    # ---- one pass -----------------------------------------------------------------------
     def step(self) -> None:
-        now = time.monotonic()
-        if now - self.last_scan >= MIN_SCAN_GAP:
-            with self._lock:
-                dirty, self._dirty = self._dirty, set()
-            dirty |= {run for run, t in list(self.settling.items()) + list(self.recheck.items()) if now >= t}
-            if dirty:
-                self.last_scan = now
-                self.scan(dirty)
-        self.pin_snapshots()
-        for sp in self.executor.poll():
-            self.finish_stage(sp)
+        self.apply_exits(self.unapplied + self.executor.poll())
+        self.scan_changed_runs()
+        self.pin_ahead()
         self.release_retries()
         self.dispatch()
-        self.record()
+        self.deliver()
         self.heartbeat()
 
-    def scan(self, runs: set[str]) -> None:
-        for run in runs:
-            self.settling.pop(run, None)
-            self.recheck.pop(run, None)
-            layout = self.layouts[run]
-            if not os.path.isdir(layout.root):
-                # not there (yet, or a storage hiccup): no news, and no reason to call anything vanished
-                if run not in self.unavailable:
-                    log.warning("run %s: %s is not available; waiting for it", run, layout.root)
-                self.unavailable.add(run)
-                continue
-            rows = self.ledger.jobs(run=run)
-            have = {(j.iteration, j.benchmark) for j in rows}
+    # ---- observe: stage exits ------------------------------------------------------------------------
+    def apply_exits(self, exits: list[Exit]) -> None:
+        self.unapplied = list(exits)
+        while self.unapplied:
+            ex = self.unapplied[0]
             try:
-                checkpoints = layout.scan(frozenset(it for it, _ in have))
-            except OSError as e:  # flaky storage (EIO, ESTALE, EACCES): try again at the next rescan
-                log.warning("run %s: scanning %s failed (%s); will rescan", run, layout.root, e)
-                continue
-            if run in self.unavailable:
-                log.info("run %s: %s is available again", run, layout.root)
-                self.unavailable.discard(run)
-            by_iter = {c.iteration: c for c in checkpoints}
-            for c in checkpoints:
-                if c.settle_deadline is not None:
-                    self.settling[run] = min(self.settling.get(run, c.settle_deadline), c.settle_deadline)
-                if c.complete:
-                    self._admit(c, have)
-                elif layout.recheck_incomplete:
-                    # its completion shows inside the checkpoint dir, which is not watched: look again soon
-                    self.recheck[run] = time.monotonic() + RECHECK_SECONDS
-            for job in rows:
-                self._reconcile(job, by_iter.get(job.iteration))
+                self.finish_stage(ex)
+            except L.LedgerUnavailable:
+                raise  # kept in self.unapplied: applied when the ledger can be written again
+            except Exception:  # a bug finishing one job must not end the daemon
+                log.exception("%s %s: finishing the stage failed", ex.stage, L.JobKey(*ex.key))
+            self.unapplied.pop(0)
 
-    def _admit(self, c: Checkpoint, have: set) -> None:
-        state = L.PENDING if self.selection.selects(c.iteration) else L.SKIPPED
-        spec = self.run_specs[c.run]
-        for name in self.benchmarks:
-            if (c.iteration, name) in have or not spec.runs_benchmark(name):
-                continue
-            if self.ledger.add(c.run, c.iteration, name, c.path, state) and state == L.PENDING:
-                log.info("checkpoint %s iteration %d complete: queued %s", c.run, c.iteration, name)
+    def finish_stage(self, ex: Exit) -> None:
+        key = L.JobKey(*ex.key)
+        job = self.ledger.get(key)
+        running = P.STAGE_STATES[ex.stage][1]
+        if job is None or job.state != running or (job.token and job.token != ex.token):
+            log.warning("%s %s: ended (exit %s) but the ledger has it %s; ignored", ex.stage, key, ex.returncode,
+                        job.state if job else "missing")
+            if ex.then_started is not None:
+                self.executor.cancel(key)
+            return
+        out = self.outdir(job)
+        ok = ex.returncode == 0 and not ex.timed_out
+        done_problem = stage_done(ex.stage, out) if ok else None
+        changed = None
+        if ok and done_problem is None and ex.stage == INFERENCE:
+            changed = self.keeper.verify(job.run, job.iteration)
+        gone = (ex.stage == INFERENCE and not ok and not self.keeper.protects(job.run, job.iteration)
+                and not os.path.exists(job.path))
+        end = P.StageEnd(stage=ex.stage, returncode=ex.returncode, seconds=ex.seconds, timed_out=ex.timed_out,
+                         reason=ex.reason, done_problem=done_problem, changed=changed, checkpoint_gone=gone,
+                         timeout_minutes=self.timeouts[ex.stage] / 60,
+                         log_tail="" if ok and done_problem is None else log_tail(os.path.join(out, LOG_FILE[ex.stage])))
+        move = P.stage_outcome(job, end, self.policy, time.time())
+        self.apply(move)
+        if ex.then_started is not None:
+            if move.to == L.INFERRED:  # the executor chained the evaluation: it runs already
+                self.apply(P.Move(key, L.SCORING, f"evaluation already submitted ({ex.then_started.where})",
+                                  {"eval_job": ex.then_started.handle, "started_at": time.time()}))
+            else:
+                self.executor.cancel(key)
 
-    def pin_snapshots(self) -> None:
-        """Pin queued checkpoints (rotation safety), collect finished pins, release finished snapshots."""
-        waiting = {(j.run, j.iteration): j.path for j in self.ledger.jobs([L.PENDING])}
-        queued = [Checkpoint(run, it, path, True) for (run, it), path in sorted(waiting.items())]
-        for run, iteration, why in self.keeper.ensure(queued) + self.keeper.collect():
+    # ---- observe: the run folders -------------------------------------------------------------------------
+    def scan_changed_runs(self) -> None:
+        now = time.monotonic()
+        if P.rescan_due(self.last_rescan, self.cfg.watch.poll_seconds, now):
+            self.last_rescan = now
+            self.dirty.update(self.runs)
+        for name, st in self.state.items():
+            if (st.settle_at is not None and now >= st.settle_at) or (st.recheck_at is not None and now >= st.recheck_at):
+                self.dirty.add(name)
+        for name in sorted(self.dirty):
+            if self.stopping:
+                return
+            st = self.state[name]
+            if now - st.last_scan < MIN_SCAN_GAP:
+                continue  # a burst of events: scanned a moment ago; sleep_seconds wakes us for it
+            self.dirty.discard(name)
+            st.last_scan = now
+            try:
+                self.scan(name)
+            except L.LedgerUnavailable:
+                raise
+            except Exception:  # one run's scan must not end the daemon (or starve the other runs)
+                log.exception("run %s: scanning failed; will rescan", name)
+        if self.watcher:
+            self.watcher.ensure_watches()
+
+    def folder_problem(self, run: str) -> Optional[str]:
+        """Why a run folder cannot be trusted now: missing, unreadable, empty, or another filesystem than
+        at the last good scan (an NFS mount that dropped leaves an empty mount point behind)."""
+        root = self.layouts[run].root
+        st = self.state[run]
+        try:
+            dev = os.stat(root).st_dev
+            with os.scandir(root) as it:
+                empty = next(it, None) is None
+        except FileNotFoundError:
+            return "does not exist"
+        except NotADirectoryError:
+            return "is not a folder"
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e})"
+        if st.device is not None and dev != st.device:
+            return "is on another filesystem than before (a mount that dropped?)"
+        if empty:
+            return "is empty"
+        st.device = dev
+        return None
+
+    def scan(self, run: str) -> None:
+        st = self.state[run]
+        st.settle_at = st.recheck_at = None
+        layout = self.layouts[run]
+        problem = self.folder_problem(run)
+        if problem:
+            if st.unavailable != problem:
+                log.warning("run %s: %s is not available (it %s); nothing there counts as deleted until it is back",
+                            run, layout.root, problem)
+            st.unavailable = problem
+            st.missing_since.clear()  # absences only count across scans of a folder we can trust
+            return
+        if st.unavailable:
+            log.info("run %s: %s is available again", run, layout.root)
+            st.unavailable = None
+        if not st.reconciled:
+            st.known = self.ledger.known(run)
+        full = frozenset(it for it, names in st.known.items() if self.wanted_names(run) <= names)
+        try:
+            checkpoints = layout.scan(full)
+        except OSError as e:  # flaky storage (EIO, ESTALE, EACCES): try again at the next rescan
+            log.warning("run %s: scanning %s failed (%s); will rescan", run, layout.root, e)
+            return
+        present: dict[int, Checkpoint] = {}
+        for c in checkpoints:  # one per iteration: the layout reports a second folder naming it as ignored
+            if c.iteration not in present or (c.complete and not present[c.iteration].complete):
+                present[c.iteration] = c
+        self.admit(run, present.values())
+        incomplete = [c for c in checkpoints if not c.complete and not c.invalid
+                      and c.iteration not in full]
+        now = time.monotonic()
+        deadlines = [c.settle_deadline for c in checkpoints if c.settle_deadline is not None]
+        if deadlines:
+            st.settle_at = min(deadlines)
+        if incomplete and layout.recheck_incomplete:
+            # its completion shows inside the checkpoint dir, which is not watched: look again, less and
+            # less often while nothing changes (a checkpoint that never completes must not cost a scan a second)
+            st.recheck_at = now + st.recheck_gap
+            st.recheck_gap = min(st.recheck_gap * 2, self.cfg.watch.poll_seconds)
+        else:
+            st.recheck_gap = RECHECK_SECONDS
+        self.reconcile(run, present, now)
+
+    def wanted_names(self, run: str) -> set[str]:
+        spec = self.runs[run]
+        return {b for b in self.benchmarks if spec.runs_benchmark(b)}
+
+    def admit(self, run: str, checkpoints) -> None:
+        st = self.state[run]
+        spec = self.runs[run]
+        rows = []
+        for c in checkpoints:
+            rows += P.admit(c, st.known.get(c.iteration, set()), spec, list(self.benchmarks), self.selection)
+        for i in range(0, len(rows), ADMIT_CHUNK):
+            if self.stopping:
+                return  # the rest is admitted by the next start's first scan
+            chunk = rows[i:i + ADMIT_CHUNK]
+            added = self.ledger.add_many(r.as_tuple() for r in chunk)
+            for r in chunk:
+                st.known.setdefault(r.key.iteration, set()).add(r.key.benchmark)
+            if added:
+                self.changed = True
+            new = set(added)
+            for r in chunk:
+                if r.key in new and r.state == L.PENDING and len(chunk) <= 50:
+                    log.info("checkpoint %s iteration %d complete: queued %s", run, r.key.iteration, r.key.benchmark)
+                elif r.key in new and r.state == L.FAILED:
+                    log.error("%s: %s", r.key, r.error)
+            if len(chunk) > 50:
+                log.info("run %s: admitted %d job(s) (%d new)", run, len(chunk), len(added))
+
+    def reconcile(self, run: str, present: dict[int, Checkpoint], now: float) -> None:
+        """Rows against disk: at the first scan every row (selection and paths may have changed since
+        the last start), later only rows whose checkpoint is no longer listed."""
+        st = self.state[run]
+        gone = [it for it in st.known if it not in present]
+        for it in list(st.missing_since):
+            if it in present:
+                del st.missing_since[it]
+        for it in gone:
+            st.missing_since.setdefault(it, now)
+        if st.reconciled:
+            iterations = gone
+        else:
+            iterations = list(st.known)
+            st.reconciled = True
+        for it in iterations:
+            if self.stopping:
+                return
+            since = st.missing_since.get(it)
+            protected = self.keeper.protects(run, it)
+            for job in self.ledger.jobs(run=run, iteration=it):
+                move = P.reconcile(job, present.get(it), protected, None if since is None else now - since,
+                                   self.grace, self.selection.selects(it))
+                if move is not None:
+                    self.apply(move)
+
+    # ---- decide + apply: snapshots, retries, starts ---------------------------------------------------------
+    def pin_ahead(self) -> None:
+        """Pin the next PIN_WINDOW checkpoints in dispatch order; collect finished pins."""
+        queued: dict[tuple, str] = {}
+        for run in self.runs:
+            for job in self.ledger.jobs([L.PENDING], run=run, newest_first=self.newest_first,
+                                        limit=PIN_WINDOW * max(1, len(self.wanted_names(run)))):
+                if self.is_wanted(job) and len(queued) < PIN_WINDOW * len(self.runs):
+                    queued.setdefault((job.run, job.iteration), job.path)
+        ready = [Checkpoint(run, it, path, True) for (run, it), path in queued.items()]
+        for run, iteration, why in self.keeper.ensure(ready) + self.keeper.collect():
             for job in self.ledger.jobs(run=run, iteration=iteration):
-                if job.state in (L.PENDING, L.SKIPPED, L.FAILED) and not is_final(job):
-                    self.ledger.transition(job.key, L.VANISHED, why, next_retry_at=None, last_error=why)
-            log.warning("%s iteration %d: %s: vanished", run, iteration, why)
-        self.keeper.release_finished(is_final)
-
-    def _reconcile(self, job: L.Job, present: Optional[Checkpoint]) -> None:
-        """Follow the selection (it may change between restarts) and notice deleted checkpoints."""
-        if present is None and self.keeper.protects(job.run, job.iteration):
-            return  # pinned: the original may go, the snapshot stays
-        if present is None:
-            needs_checkpoint = job.state in (L.PENDING, L.SKIPPED) or (
-                job.state == L.FAILED and job.resume_state == L.PENDING and job.next_retry_at is not None)
-            if needs_checkpoint:
-                self.ledger.transition(job.key, L.VANISHED, "checkpoint deleted before evaluation", next_retry_at=None,
-                                       last_error="checkpoint deleted before its inference finished")
-                log.warning("%s: checkpoint %s vanished", _fmt(job.key), job.path)
-            return
-        if present.path != job.path and job.state in (L.PENDING, L.SKIPPED, L.FAILED):
-            self.ledger.update(job.key, path=present.path)  # the run folder moved (config updated)
-        selected = self.selection.selects(job.iteration)
-        if job.state == L.SKIPPED and selected:
-            self.ledger.transition(job.key, L.PENDING, "now selected")
-        elif job.state == L.PENDING and not selected:
-            self.ledger.transition(job.key, L.SKIPPED, "outside begin/end/interval")
-
-    def finish_stage(self, sp: StageProcess) -> None:
-        job = self.ledger.get(sp.key)
-        _, _, done_state = STAGE_STATE[sp.stage]
-        out = self._outdir(job)
-        problem = None
-        if sp.timed_out:
-            minutes = self._timeout_s(sp.stage) / 60
-            problem = f"timed out after {minutes:g} min ({sp.reason or 'process group killed'})"
-        elif sp.returncode == 75:
-            problem = "exit 75: the stage asked to be retried later"
-        elif sp.returncode != 0:
-            problem = f"exit {sp.returncode}" if sp.returncode > 0 else f"killed by {_signal_name(-sp.returncode)}"
-        else:
-            problem = stage_done(sp.stage, out)
-            if problem:
-                problem = f"exit 0 but {problem}"
-        if problem and sp.reason and not sp.timed_out:
-            problem += f" ({sp.reason})"
-        seconds = time.monotonic() - sp.started
-        if problem is None:
-            self.ledger.transition(sp.key, done_state, f"{sp.stage} done in {seconds:.1f}s", attempts=0,
-                                   last_error=None, pid=None, pid_start=None, next_retry_at=None)
-            log.info("%s %s: done in %.1fs", sp.stage, _fmt(sp.key), seconds)
-            return
-        self.fail(job, sp.stage, problem)
-
-    def fail(self, job: L.Job, stage: str, problem: str) -> None:
-        if stage == INFERENCE:
-            self.executor.cancel_chained(job.key)  # its evaluation job would wait for nothing
-        tail = log_tail(os.path.join(self._outdir(job), LOG_FILE[stage]))
-        if stage == INFERENCE and not self.keeper.protects(job.run, job.iteration) and not os.path.exists(job.path):
-            # deleted under us: retrying cannot help, so no retry storm
-            self.ledger.transition(job.key, L.VANISHED, f"inference: {problem}; checkpoint gone", next_retry_at=None,
-                                   last_error=f"checkpoint deleted before its inference finished ({problem})",
-                                   pid=None, pid_start=None)
-            log.warning("inference %s: checkpoint %s was deleted mid-stage: vanished, not retried", _fmt(job.key), job.path)
-            return
-        ex = self.cfg.executor
-        attempts = job.attempts + 1
-        resume = L.PENDING if stage == INFERENCE else L.INFERRED
-        if attempts >= ex.max_attempts:
-            retry_at, what = None, f"failed for good after {attempts} attempt(s)"
-        else:
-            delay = min(ex.backoff_max_seconds, ex.backoff_seconds * 2 ** (attempts - 1))
-            retry_at, what = time.time() + delay, f"retry {attempts + 1}/{ex.max_attempts} in {delay:g}s"
-        self.ledger.transition(job.key, L.FAILED, f"{stage}: {problem}", attempts=attempts, resume_state=resume,
-                               next_retry_at=retry_at, last_error=f"{stage}: {problem}\n{tail}".rstrip(),
-                               pid=None, pid_start=None, eval_job=None)
-        log.warning("%s %s: %s; %s (log: %s)", stage, _fmt(job.key), problem, what,
-                    os.path.join(self._outdir(job), LOG_FILE[stage]))
+                if job.state in (L.PENDING, L.SKIPPED, L.FAILED) and not P.job_final(job):
+                    self.apply(P.Move(job.key, L.VANISHED, why, {"next_retry_at": None, "last_error": why},
+                                      level="warning"))
 
     def release_retries(self) -> None:
         now = time.time()
+        due = self.ledger.next_retry()
+        if due is None or due > now:
+            return
         for job in self.ledger.jobs([L.FAILED]):
-            if job.next_retry_at is not None and job.next_retry_at <= now:
-                self.ledger.transition(job.key, job.resume_state or L.PENDING, f"retry {job.attempts + 1}",
-                                       next_retry_at=None)
+            move = P.due_retry(job, now)
+            if move is not None:
+                self.apply(move)
 
-    def _ordered(self, state: str) -> list[L.Job]:
-        jobs = self.ledger.jobs([state])
-        newest = self.cfg.watch.order == "newest-first"
-        return sorted(jobs, key=lambda j: (-j.iteration if newest else j.iteration, j.run, j.benchmark))
+    @property
+    def newest_first(self) -> bool:
+        return self.cfg.watch.order == "newest-first"
+
+    def is_wanted(self, job: L.Job) -> bool:
+        return P.wanted(self.runs, self.benchmarks, job.run, job.benchmark)
 
     def dispatch(self) -> None:
         for stage in (INFERENCE, EVALUATION):
-            ready, _, _ = STAGE_STATE[stage]
             free = self.executor.free_slots(stage)
-            for job in self._ordered(ready):
-                if free <= 0 or self.stopping:
+            if free <= 0 or self.stopping:
+                continue
+            ready_state = P.STAGE_STATES[stage][0]
+            ready: list[L.Job] = []
+            for run in self.runs:  # per run, so one run's backlog cannot fill the window (policy.choose is fair)
+                ready += [j for j in self.ledger.jobs([ready_state], run=run, newest_first=self.newest_first,
+                                                      limit=free + 64) if self.is_wanted(j)]
+            ready.sort(key=lambda j: (-j.iteration if self.newest_first else j.iteration, j.run, j.benchmark))
+            started = 0
+            for job in P.choose(ready, free, self.is_wanted):
+                if self.stopping or started >= free:
                     break
-                spec = self.run_specs.get(job.run)
-                if job.benchmark not in self.benchmarks or (spec and not spec.runs_benchmark(job.benchmark)):
-                    continue  # removed from the config (or this run's list) since it was queued; kept as it is
-                if stage == EVALUATION and stage_done(INFERENCE, self._outdir(job)):
-                    self.ledger.transition(job.key, L.PENDING, "inference outputs missing: infer again")
-                    continue
-                checkpoint = self.keeper.checkpoint_for(job.run, job.iteration, job.path)
-                if checkpoint is None:
-                    continue  # its snapshot is still being pinned
-                self.start_stage(job, stage, checkpoint)
-                free -= 1
+                try:
+                    started += self.start_stage(job, stage)
+                except L.LedgerUnavailable:
+                    raise
+                except Exception as e:  # a bug starting one job fails that job, never the daemon
+                    log.exception("%s %s: could not be started", stage, job.key)
+                    self.fail_start(job.key, stage, f"{type(e).__name__}: {e}")
 
-    def _prepare(self, job: L.Job, stage: str, checkpoint: str) -> list[str]:
-        """Clear the stage's old outputs, write its job spec; returns the command that runs it."""
-        bench = self.benchmarks[job.benchmark]
-        out = self._outdir(job)
+    def start_stage(self, job: L.Job, stage: str) -> int:
+        """Two-phase: the intent (a token) is durable in the ledger before the executor starts anything."""
+        if stage == EVALUATION and stage_done(INFERENCE, self.outdir(job)):
+            self.apply(P.Move(job.key, L.PENDING, "inference outputs missing: infer again"))
+            return 0
+        checkpoint = self.keeper.checkpoint_for(job.run, job.iteration, job.path)
+        if checkpoint is None:
+            return 0  # its snapshot is still being pinned
+        if stage == INFERENCE and checkpoint == job.path and not os.path.exists(checkpoint):
+            return 0  # absent now (deleted, or a mount hiccup): reconcile decides after the grace period
+        token = uuid.uuid4().hex[:12]  # fresh per start: an old job of this key can never be mistaken for it
+        try:
+            launch = self.launch(job, stage, checkpoint, token)
+        except OSError as e:  # ENOSPC/EACCES writing the job spec: this job fails, the daemon goes on
+            self.fail_start(job.key, stage, f"preparing the stage: {e}")
+            return 0
+        running = P.STAGE_STATES[stage][1]
+        handle = "infer_job" if stage == INFERENCE else "eval_job"
+        self.ledger.transition(job.key, running, f"attempt {job.attempts + 1}", token=token, started_at=time.time(),
+                               pid=None, pid_start=None, **{handle: None})
+        try:
+            started = self.executor.submit(launch)
+        except SubmitError as e:
+            self.fail_start(job.key, stage, str(e))
+            return 0
+        self.record_started(started)
+        log.info("%s %s: started (%s)", stage, job.key, started.where)
+        return 1
+
+    def record_started(self, started: Started) -> None:
+        fields = {"infer_job" if started.stage == INFERENCE else "eval_job": started.handle,
+                  "pid_start": started.pid_start}
+        if started.then_handle:
+            fields["eval_job"] = started.then_handle
+        if started.handle.isdigit() and started.pid_start:
+            fields["pid"] = int(started.handle)
+        self.ledger.update(started.key, **fields)
+
+    def fail_start(self, key: tuple, stage: str, problem: str) -> None:
+        job = self.ledger.get(key)
+        if job is None or job.state not in (P.STAGE_STATES[stage][0], P.STAGE_STATES[stage][1]):
+            return
+        if job.state == L.INFERRED:  # evaluation could not start: it still counts, from scoring's view
+            self.apply(P.Move(job.key, L.SCORING, "starting"))
+            job = self.ledger.get(key)
+        self.apply(P.start_failed(job, stage, problem, self.policy, time.time()))
+
+    def launch(self, job: L.Job, stage: str, checkpoint: str, token: str) -> Launch:
+        """Write the stage's job spec (and, for inference, the evaluation's: executors that chain
+        submit both at once); clear outputs an earlier attempt left."""
+        out = self.outdir(job)
         os.makedirs(out, exist_ok=True)
+        stages = (INFERENCE, EVALUATION) if stage == INFERENCE else (EVALUATION,)
+        launches = []
+        for s in stages:
+            self.write_job(job, s, checkpoint, out)
+            btype = BENCHMARK_TYPES[self.benchmarks[job.benchmark].type]
+            module = btype.inference_module if s == INFERENCE else btype.evaluation_module
+            launches.append(Launch(job.key, s, token, (self.pythons[s], "-m", module, "--job", os.path.join(out, JOB_FILE[s])),
+                                   out, os.path.join(out, LOG_FILE[s]), self.timeouts[s]))
+        if len(launches) == 2:
+            first, then = launches
+            return Launch(first.key, first.stage, token, first.argv, first.cwd, first.log_path, first.timeout_s, then)
+        return launches[0]
+
+    def write_job(self, job: L.Job, stage: str, checkpoint: str, out: str) -> None:
+        bench = self.benchmarks[job.benchmark]
         for name in OUTPUT_FILES[stage]:  # a fresh attempt must not inherit an earlier one's outputs
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
@@ -474,179 +636,200 @@ class Daemon:
                         seed=bench.seed if bench.seed is not None else self.cfg.seed,
                         attempt=job.attempts + 1, tokens_b=self.tokens_b(job.iteration),
                         extra={"config_dir": self.cfg.config_dir})
-        job_file = os.path.join(out, JOB_FILE[stage])
-        spec.write(job_file)
-        btype = BENCHMARK_TYPES[bench.type]
-        module = btype.inference_module if stage == INFERENCE else btype.evaluation_module
-        return [self.pythons[stage], "-m", module, "--job", job_file]
+        spec.write(os.path.join(out, JOB_FILE[stage]))
 
-    def start_stage(self, job: L.Job, stage: str, checkpoint: str) -> None:
-        out = self._outdir(job)
-        _, running_state, _ = STAGE_STATE[stage]
-        if stage == EVALUATION:
-            adopted = self.executor.adopt(job.key)
-            if adopted is not None:  # submitted together with its inference job (--dependency=afterok)
-                self.ledger.transition(job.key, running_state, "evaluation job already submitted",
-                                       started_at=time.time(), **adopted.ledger_fields())
-                return
-        argv = self._prepare(job, stage, checkpoint)
-        chain = None
-        if stage == INFERENCE and self.executor.chains:
-            chain = (self._prepare(job, EVALUATION, checkpoint), out, os.path.join(out, LOG_FILE[EVALUATION]))
-        self.ledger.transition(job.key, running_state, f"attempt {job.attempts + 1}", started_at=time.time())
+    def apply(self, move: P.Move) -> None:
+        """Write one decision to the ledger (and log it); a conflict is a bug, logged, never fatal."""
         try:
-            sp = self.executor.start(job.key, stage, argv, out, os.path.join(out, LOG_FILE[stage]),
-                                     self._timeout_s(stage), chain=chain)
-        except RuntimeError as e:  # e.g. sbatch refused the job: a failed attempt, with sbatch's reason
-            self.fail(self.ledger.get(job.key), stage, str(e))
-            return
-        fields = sp.ledger_fields()
-        if chain is not None:
-            fields["eval_job"] = self.executor.chained_id(job.key)
-        self.ledger.update(job.key, **fields)
-        where = f"Slurm job {fields.get('infer_job') or fields.get('eval_job')}" if self.executor.chains else f"pid {sp.pid}"
-        log.info("%s %s: started (%s%s)", stage, _fmt(job.key), where, f", GPU {sp.gpu}" if sp.gpu else "")
-
-    def record(self) -> None:
-        """Offer scored results to the sinks; `scored` rows + `recordings` are the durable outbox."""
-        now = time.monotonic()
-        ex = self.cfg.executor
-        for job in self.ledger.jobs([L.SCORED]):
-            done = self.ledger.recorded_sinks(job.key)
-            todo = [s for s in self.sinks if s.name not in done and self.sink_retry_at.get(s.name, 0) <= now]
-            if not todo and not all(s.name in done for s in self.sinks):
-                continue  # every sink it still needs is backing off
-            path = os.path.join(self._outdir(job), DONE_FILE[EVALUATION])
-            try:
-                m = read_metrics(path)
-            except (OSError, ValueError) as e:
-                self.ledger.transition(job.key, L.INFERRED, f"metrics unreadable ({e}): score again")
-                continue
-            result = ResultRecord(run=job.run, iteration=job.iteration, benchmark=job.benchmark,
-                                  metrics=m["metrics"], tokens_b=self.tokens_b(job.iteration), n=m.get("n"),
-                                  stderr=m.get("stderr") or {}, per_category=m.get("per_category") or {},
-                                  checkpoint=job.path, metrics_path=path, versions=m.get("versions") or {})
-            for sink in self.sinks:
-                if sink.name in done:
-                    continue
-                if self.sink_retry_at.get(sink.name, 0) > now:
-                    continue  # backing off (maybe since earlier in this pass); the others still get it
-                try:
-                    sink.record(result)
-                except Exception as e:  # a sink that is down must not stop evaluation: retried later
-                    n = self.sink_failures[sink.name] = self.sink_failures.get(sink.name, 0) + 1
-                    delay = max(MIN_SCAN_GAP, min(ex.backoff_max_seconds, ex.backoff_seconds * 2 ** (n - 1)))
-                    self.sink_retry_at[sink.name] = now + delay
-                    error = f"recorder {sink.name}: {type(e).__name__}: {e}"
-                    self.ledger.update(job.key, last_error=error)  # the result stays queued; status shows why
-                    log.warning("%s for %s (failure %d); retrying in %gs", error, _fmt(job.key), n, delay)
-                    continue
-                self.sink_failures.pop(sink.name, None)
-                self.ledger.mark_recorded(job.key, sink.name)
-                done.add(sink.name)
-            if all(s.name in done for s in self.sinks):
-                self.ledger.transition(job.key, L.RECORDED, "recorded", last_error=None)
-                log.info("recorded %s: %s", _fmt(job.key),
-                         ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
-        for sink in self.sinks:
-            flush = getattr(sink, "flush", None)
-            if flush is None:
-                continue
-            try:
-                flush()  # derived views (plots): a failure here loses no result and is tried next pass
-            except Exception as e:
-                log.warning("recorder %s: refreshing its views failed: %s: %s", sink.name, type(e).__name__, e)
-
-    # ---- restart recovery ---------------------------------------------------------------
-    def recover(self) -> None:
-        """Rows left running by a previous daemon: stop leftovers, check outputs, resume."""
-        for job in self.ledger.jobs(L.RUNNING):
-            stage = INFERENCE if job.state == L.INFERRING else EVALUATION
-            job_id = job.infer_job if stage == INFERENCE else job.eval_job
-            if self.executor.chains and job_id:  # Slurm jobs run on without us: follow them again
-                self.executor.attach(job.key, stage, job_id)
-                if stage == INFERENCE and job.eval_job:
-                    self.executor.attach(job.key, EVALUATION, job.eval_job, chained=True)
-                log.info("%s %s: re-attached to Slurm job %s", stage, _fmt(job.key), job_id)
-                continue
-            if job.pid and job.pid_start and process_start_time(job.pid) == job.pid_start:
-                log.warning("%s %s: stage pid %d of the previous daemon still runs: killing its group",
-                            stage, _fmt(job.key), job.pid)
-                kill_group(job.pid, signal.SIGTERM)
-                deadline = time.monotonic() + self.cfg.executor.kill_grace_seconds
-                while time.monotonic() < deadline and process_start_time(job.pid) == job.pid_start:
-                    time.sleep(0.05)
-                kill_group(job.pid, signal.SIGKILL)
-            ready, _, done_state = STAGE_STATE[stage]
-            if stage_done(stage, self._outdir(job)) is None:
-                self.ledger.transition(job.key, done_state, "recovered after restart: outputs complete",
-                                       pid=None, pid_start=None)
+            if move.to is None:
+                self.ledger.update(move.key, **move.fields)
             else:
-                self.ledger.transition(job.key, ready, "recovered after restart: run again", pid=None, pid_start=None)
-            log.info("%s %s: resumed after restart as %s", stage, _fmt(job.key), self.ledger.get(job.key).state)
-        for job in self.ledger.jobs([L.SCORED]):
-            if stage_done(EVALUATION, self._outdir(job)):
-                self.ledger.transition(job.key, L.INFERRED, "recovered: metrics missing, score again")
-        for job in self.ledger.jobs([L.INFERRED]):
-            if stage_done(INFERENCE, self._outdir(job)):
-                self.ledger.transition(job.key, L.PENDING, "recovered: predictions missing, infer again")
-            elif self.executor.chains and job.eval_job:  # its evaluation job was submitted already
-                self.executor.attach(job.key, EVALUATION, job.eval_job, chained=True)
+                self.ledger.transition(move.key, move.to, move.note, **move.fields)
+        except L.LedgerConflict as e:
+            log.error("%s: %s (ignored: %s)", move.key, move.note, e)
+            return
+        self.changed = True
+        if move.to is not None:
+            getattr(log, move.level)("%s: %s", L.JobKey(*move.key), move.note)
+        if move.discard_snapshot:
+            self.keeper.discard(move.key[0], move.key[1])
+        if move.to is not None and P.is_final(move.to, move.fields.get("next_retry_at")):
+            self.release_if_finished(move.key[0], move.key[1])
+
+    def release_if_finished(self, run: str, iteration: int) -> None:
+        """A snapshot goes on the transition that finalises the last wanted job of its iteration."""
+        jobs = self.ledger.jobs(run=run, iteration=iteration)
+        if all(P.job_final(j) or not self.is_wanted(j) for j in jobs):
+            self.keeper.release(run, iteration)
+
+    # ---- recording ------------------------------------------------------------------------------------
+    def deliver(self) -> None:
+        for reply in self.outbox.collect():
+            self.delivered(reply)
+        idle = [s for s in self.outbox.names if self.outbox.idle(s)]
+        if not idle:
+            return
+        offered: set[str] = set()
+        for job, sink in self.ledger.deliveries_due(idle, time.time(), limit=len(idle) * 4):
+            if sink in offered:
+                continue
+            result = self.result_of(job)
+            if result is None:
+                continue
+            if self.outbox.offer(job.key, sink, result):
+                offered.add(sink)
+
+    def result_of(self, job: L.Job) -> Optional[ResultRecord]:
+        path = os.path.join(self.outdir(job), DONE_FILE[EVALUATION])
+        try:
+            m = read_metrics(path)
+        except (OSError, ValueError) as e:
+            self.apply(P.Move(job.key, L.INFERRED, f"metrics unreadable ({e}): score again"))
+            return None
+        return ResultRecord(run=job.run, iteration=job.iteration, benchmark=job.benchmark, metrics=m["metrics"],
+                            tokens_b=self.tokens_b(job.iteration), n=m.get("n"), stderr=m.get("stderr") or {},
+                            per_category=m.get("per_category") or {}, checkpoint=job.path, metrics_path=path,
+                            versions=m.get("versions") or {})
+
+    def delivered(self, reply) -> None:
+        key = L.JobKey(*reply.key)
+        if reply.error is None:
+            self.ledger.mark_recorded(key, reply.sink)
+            self.finish_recording(key)
+            return
+        if reply.late:
+            return  # this call was already counted as failed when it ran past the timeout
+        failures = self.ledger.delivery_failures(key, reply.sink) + 1
+        retry_at = P.delivery_failed(failures, self.cfg.recorder.max_failures, self.policy, time.time())
+        error = f"recorder {reply.sink}: {reply.error}"
+        self.ledger.delivery_failed(key, reply.sink, failures, retry_at, error)
+        self.ledger.update(key, last_error=error)  # the result stays queued; status shows why
+        if retry_at is None:
+            log.error("%s: %s; set aside after %d failures (status lists it; `status --retry-recording` offers it "
+                      "again); other results keep flowing", key, error, failures)
+        else:
+            log.warning("%s: %s (failure %d); offered again in %gs", key, error, failures, retry_at - time.time())
+
+    def finish_recording(self, key: L.JobKey) -> None:
+        job = self.ledger.get(key)
+        if job is None or job.state != L.SCORED:
+            return
+        if set(self.outbox.names) <= self.ledger.recorded_sinks(key):
+            self.apply(P.Move(key, L.RECORDED, "recorded", {"last_error": None}))
+            try:
+                m = read_metrics(os.path.join(self.outdir(job), DONE_FILE[EVALUATION]))["metrics"]
+                log.info("recorded %s: %s", key, ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())
+                                                          if isinstance(v, (int, float))))
+            except (OSError, ValueError):
+                pass
+
+    # ---- restart recovery ------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """One routine for work a previous daemon left: find it by its token (re-attach or stop it), then
+        check outputs instead of trusting states."""
+        stale = sorted(set(self.ledger.runs()) - set(self.runs))
+        if stale:
+            log.warning("the ledger holds jobs of run(s) %s that are not configured now: left as they are "
+                        "(status lists them); if a run was renamed, its checkpoints are evaluated again under "
+                        "the new name", ", ".join(stale))
+        running = self.ledger.jobs(L.RUNNING)
+        chained = [j for j in self.ledger.jobs([L.INFERRED]) if j.token and j.eval_job]
+        intents = []
+        for j in running + chained:
+            stage = INFERENCE if j.state == L.INFERRING else EVALUATION
+            intents.append(Intent(j.key, stage, j.token or "", j.infer_job if stage == INFERENCE else j.eval_job,
+                                  j.pid_start))
+        found = self.executor.recover([i for i in intents if i.token])
+        for j in running:
+            stage = INFERENCE if j.state == L.INFERRING else EVALUATION
+            if (j.key, stage) in found:
+                started = found[(j.key, stage)]
+                self.record_started(started)
+                log.info("%s %s: re-attached to %s", stage, j.key, started.where)
+                continue
+            ready, _, done_state = P.STAGE_STATES[stage]
+            if stage_done(stage, self.outdir(j)) is None:
+                self.apply(P.Move(j.key, done_state, "recovered after restart: outputs complete",
+                                  {"pid": None, "pid_start": None}))
+            else:
+                self.apply(P.Move(j.key, ready, "recovered after restart: run again",
+                                  {"pid": None, "pid_start": None, "token": None if stage == INFERENCE else j.token}))
+        for j in chained:
+            if (j.key, EVALUATION) in found:
+                started = found[(j.key, EVALUATION)]
+                self.apply(P.Move(j.key, L.SCORING, f"re-attached to {started.where}",
+                                  {"eval_job": started.handle, "started_at": time.time()}))
+        for j in self.ledger.jobs([L.SCORED]):
+            if stage_done(EVALUATION, self.outdir(j)):
+                self.apply(P.Move(j.key, L.INFERRED, "recovered: metrics missing, score again"))
+            else:
+                self.finish_recording(j.key)  # every sink may have accepted it just before a crash
+        for j in self.ledger.jobs([L.INFERRED]):
+            if stage_done(INFERENCE, self.outdir(j)):
+                self.apply(P.Move(j.key, L.PENDING, "recovered: predictions missing, infer again"))
         self.keeper.recover()
+        for row in self.ledger.snapshots([L.PINNED]):  # snapshots of rows no longer runnable are not kept
+            self.release_if_finished(row["run"], row["iteration"])
+        self.ledger.prune_events()
 
-    # ---- helpers ------------------------------------------------------------------------
-    def tokens_b(self, iteration: int) -> Optional[float]:
-        tpi = self.cfg.token_per_iteration
-        return iteration * tpi if tpi else None
-
-    def _outdir(self, job: L.Job) -> str:
-        return result_dir(self.cfg.cache_dir, job.run, job.iteration, job.benchmark)
-
-    def _timeout_s(self, stage: str) -> float:
-        ex = self.cfg.executor
-        return 60 * (ex.inference_timeout_minutes if stage == INFERENCE else ex.evaluation_timeout_minutes)
+    # ---- when to stop ----------------------------------------------------------------------------------
+    def busy(self) -> bool:
+        return (self.executor.busy() or self.outbox.busy() or self.keeper.busy() or bool(self.dirty)
+                or any(st.settle_at is not None for st in self.state.values()))
 
     def idle(self) -> bool:
-        """Nothing running, nothing runnable, no retry or settling checkpoint still to come."""
-        if self.executor.running or self.settling or self._dirty or self.keeper.busy():
+        """--once: nothing running, nothing runnable, no retry, no settling checkpoint, no result to deliver."""
+        if self.busy():
             return False
-        for job in self.ledger.jobs([L.PENDING, L.INFERRED, L.SCORED, L.FAILED]):
-            if job.benchmark not in self.benchmarks:
-                continue
-            if job.state == L.SCORED and any(self.sink_failures.get(s.name, 0) >= self.cfg.executor.max_attempts
-                                             for s in self.sinks if s.name not in self.ledger.recorded_sinks(job.key)):
-                continue  # a sink that stays down: the result waits, durably, for the next run
-            if job.state != L.FAILED or job.next_retry_at is not None:
-                return False
-        return True
+        runnable = 0
+        for run, bench, n in self.ledger.db.execute(
+                "SELECT run, benchmark, COUNT(*) FROM jobs WHERE state IN (?, ?, ?, ?) OR "
+                "(state = ? AND next_retry_at IS NOT NULL) GROUP BY run, benchmark",
+                (L.PENDING, L.INFERRED, L.INFERRING, L.SCORING, L.FAILED)):
+            if P.wanted(self.runs, self.benchmarks, run, bench):
+                runnable += n
+        undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
+        return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered, busy=False))
+
+    def undelivered_given_up(self, limit: int = 1000) -> list:
+        """--once: (row, sink) pairs that failed max_attempts times in a row: not waited for."""
+        return self.ledger.db.execute(
+            "SELECT d.run FROM deliveries d JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration AND "
+            "j.benchmark=d.benchmark WHERE j.state=? AND (d.quarantined=1 OR d.failures >= ?) LIMIT ?",
+            (L.SCORED, self.cfg.executor.max_attempts, limit)).fetchall()
 
     def range_finished(self) -> bool:
         expected = self.selection.expected()
-        if expected is None or self.executor.running:
+        if expected is None or not self.changed:
             return False
-        for run in self.runs:
-            jobs = {(j.iteration, j.benchmark): j for j in self.ledger.jobs(run=run.name)}
-            newest = max((it for it, _ in jobs), default=None)
-            for it in expected:
-                for name in filter(run.runs_benchmark, self.benchmarks):
-                    job = jobs.get((it, name))
-                    if job is None and newest is not None and newest > it:
-                        continue  # never saved (or rotated away unseen) while a later one exists: not waited for
-                    if job is None or not is_final(job):
-                        return False
-        return True
+        self.changed = False
+        if self.executor.busy():
+            return False
+        rows: dict[str, dict[tuple, bool]] = {}
+        newest: dict[str, int] = {}
+        for run, it, bench, state, retry in self.ledger.db.execute(
+                "SELECT run, iteration, benchmark, state, next_retry_at FROM jobs WHERE iteration BETWEEN ? AND ?",
+                (self.selection.begin, self.selection.end)):
+            rows.setdefault(run, {})[(it, bench)] = P.is_final(state, retry)
+        for run, top in self.ledger.db.execute("SELECT run, MAX(iteration) FROM jobs GROUP BY run"):
+            newest[run] = top
+        return P.range_finished(expected, list(self.runs.values()), list(self.benchmarks), rows, newest)
 
-    def _sleep_seconds(self) -> float:
+    def sleep_seconds(self) -> float:
         now = time.monotonic()
-        if self._dirty:  # an event came within MIN_SCAN_GAP of the last scan: scan as soon as the gap ends
-            return max(0.001, self.last_scan + MIN_SCAN_GAP - now)
-        if self.executor.running:
-            return 0.5  # SIGCHLD wakes us sooner; this bounds timeout enforcement
-        waits = [5.0] + [t - now for t in list(self.settling.values()) + list(self.recheck.values())]
-        retries = [j.next_retry_at for j in self.ledger.jobs([L.FAILED]) if j.next_retry_at is not None]
-        if retries:
-            waits.append(min(retries) - time.time())
-        waits += [t - now for t in self.sink_retry_at.values() if t > now]
+        if self.dirty:  # an event came within MIN_SCAN_GAP of the last scan: scan as soon as the gap ends
+            return MIN_SCAN_GAP
+        waits = [MAX_IDLE_SLEEP, self.last_rescan + self.cfg.watch.poll_seconds - now]
+        if self.executor.busy():
+            waits.append(0.5)  # SIGCHLD wakes us sooner; this bounds timeout enforcement and Slurm polling
+        for st in self.state.values():
+            waits += [t - now for t in (st.settle_at, st.recheck_at) if t is not None]
+        deadline = self.outbox.next_deadline()
+        if deadline is not None:
+            waits.append(deadline - now)
+        for t in (self.ledger.next_retry(), self.ledger.next_delivery()):
+            if t is not None:
+                waits.append(t - time.time())
         return max(MIN_SCAN_GAP, min(waits))
 
     def heartbeat(self) -> None:
@@ -654,24 +837,52 @@ class Daemon:
         if now - self.last_heartbeat < HEARTBEAT_SECONDS:
             return
         self.last_heartbeat = now
-        counts = Counter(j.state for j in self.ledger.jobs())
-        running = ", ".join(f"{sp.stage} {_fmt(k)}" for k, sp in self.executor.running.items()) or "nothing"
-        log.info("status: %s; running: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts[s]) or "no jobs yet",
-                 running)
+        counts = self.ledger.counts()
+        running = ", ".join(f"{stage} {L.JobKey(*key)}" for key, stage in self.executor.running()) or "nothing"
+        log.info("status: %s; running: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts.get(s))
+                 or "no jobs yet", running)
 
-    def print_summary(self) -> None:
-        counts = Counter(j.state for j in self.ledger.jobs())
-        log.info("stopped; jobs: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts[s]) or "none")
-        self.ledger.close()
+    def shutdown(self) -> None:
+        """Stop stages (their rows go back to the queue), pins, watchers and sinks; release the lock."""
+        try:
+            for key, stage in self.executor.stop():
+                back = P.STAGE_STATES[stage][0]
+                try:
+                    self.ledger.transition(key, back, "daemon stopped mid-stage", pid=None, pid_start=None)
+                    log.info("%s %s: stopped, back to %s", stage, L.JobKey(*key), back)
+                except (L.LedgerConflict, L.LedgerUnavailable) as e:
+                    log.warning("%s %s: stopped; the ledger keeps it running (recovered at the next start): %s",
+                                stage, L.JobKey(*key), e)
+            self.keeper.shutdown()
+            try:
+                self.keeper.collect()
+            except L.LedgerUnavailable:
+                pass  # interrupted pins are redone at the next start
+            if self.watcher:
+                self.watcher.stop()
+            self.outbox.close()
+            try:
+                counts = self.ledger.counts()
+                log.info("stopped; jobs: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts.get(s))
+                         or "none")
+            except Exception:
+                pass
+        finally:
+            self.ledger.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            if self.lock is not None:
+                self.lock.release()
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def tokens_b(self, iteration: int) -> Optional[float]:
+        tpi = self.cfg.token_per_iteration
+        return iteration * tpi if tpi else None
+
+    def outdir(self, job: L.Job) -> str:
+        return result_dir(self.cfg.cache_dir, job.run, job.iteration, job.benchmark)
 
 
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:  # real-time signals have no name
-        return f"signal {num}"
-
-
-def _fmt(key: tuple) -> str:
-    run, iteration, bench = key
-    return f"{run}@{iteration}/{bench}"
+def _describe(executor) -> str:
+    describe = getattr(executor, "describe", None)
+    return describe() if describe else type(executor).__name__

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED = "pending", "inferring", "inferred", "scoring", "scored", "recorded"
 FAILED, VANISHED, SKIPPED = "failed", "vanished", "skipped"
@@ -22,17 +22,16 @@ FAILED, VANISHED, SKIPPED = "failed", "vanished", "skipped"
 PINNING, PINNED, UNPINNED, RELEASED = "pinning", "pinned", "unpinned", "released"  # + VANISHED
 STATES = (PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED, FAILED, VANISHED, SKIPPED)
 RUNNING = (INFERRING, SCORING)
-TERMINAL = (RECORDED, VANISHED)
 
 # to-state -> the states it may be entered from
 ALLOWED: dict[str, tuple[str, ...]] = {
-    PENDING: (SKIPPED, INFERRING, FAILED, INFERRED),
+    PENDING: (SKIPPED, INFERRING, FAILED, INFERRED, SCORING),  # SCORING: the checkpoint changed under the stage
     INFERRING: (PENDING,),
     INFERRED: (INFERRING, SCORING, FAILED, SCORED),
     SCORING: (INFERRED,),
     SCORED: (SCORING,),
     RECORDED: (SCORED,),
-    FAILED: (INFERRING, SCORING),
+    FAILED: (INFERRING, SCORING, PENDING),  # PENDING: a checkpoint found invalid, or a stage that could not start
     VANISHED: (PENDING, INFERRING, FAILED, SKIPPED),
     SKIPPED: (PENDING,),
 }
@@ -45,7 +44,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER, pid_start TEXT, started_at REAL, infer_job TEXT, eval_job TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (run, iteration, benchmark));
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL,
@@ -57,11 +55,37 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE TABLE IF NOT EXISTS recordings (
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL, sink TEXT NOT NULL,
     recorded_at REAL NOT NULL, PRIMARY KEY (run, iteration, benchmark, sink));
+CREATE TABLE IF NOT EXISTS deliveries (
+    run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL, sink TEXT NOT NULL,
+    failures INTEGER NOT NULL, next_try_at REAL, quarantined INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    updated_at REAL NOT NULL, PRIMARY KEY (run, iteration, benchmark, sink));
 """
+# created after the columns they name exist (older ledgers gain columns first)
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_state_iteration ON jobs (state, iteration);
+CREATE INDEX IF NOT EXISTS jobs_run_iteration ON jobs (run, iteration);
+CREATE INDEX IF NOT EXISTS events_key ON events (run, iteration, benchmark);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+DROP INDEX IF EXISTS jobs_state;
+"""
+EVENTS_KEEP_SECONDS = 30 * 86400  # transitions older than this are pruned (status shows the newest)
 
 
 class LedgerConflict(RuntimeError):
     """A transition found the row in a state it may not leave that way (a bug, not user error)."""
+
+
+class LedgerUnavailable(RuntimeError):
+    """The ledger cannot be written (disk full, read-only, I/O error); the ledger itself stays intact."""
+
+
+class JobKey(NamedTuple):
+    run: str
+    iteration: int
+    benchmark: str
+
+    def __str__(self) -> str:
+        return f"{self.run}@{self.iteration}/{self.benchmark}"
 
 
 @dataclass
@@ -78,19 +102,22 @@ class Job:
     pid: Optional[int] = None
     pid_start: Optional[str] = None
     started_at: Optional[float] = None
-    infer_job: Optional[str] = None  # Slurm job ids (executor.type slurm)
-    eval_job: Optional[str] = None
+    infer_job: Optional[str] = None  # handle of the inference stage: a pid (local) or a Slurm job id
+    eval_job: Optional[str] = None  # handle of the evaluation stage
     created_at: float = 0.0
     updated_at: float = 0.0
+    token: Optional[str] = None  # intent of the stage start, durable before the side effect (executors.py)
+    tempfail_since: Optional[float] = None  # first of an unbroken run of exit-75s (their own time budget)
 
     @property
-    def key(self) -> tuple:
-        return (self.run, self.iteration, self.benchmark)
+    def key(self) -> JobKey:
+        return JobKey(self.run, self.iteration, self.benchmark)
 
 
 FIELDS = tuple(Job.__dataclass_fields__)
 MUTABLE = ("path", "attempts", "resume_state", "next_retry_at", "last_error", "pid", "pid_start", "started_at",
-           "infer_job", "eval_job")
+           "infer_job", "eval_job", "token", "tempfail_since")
+ADDED_COLUMNS = {"infer_job": "TEXT", "eval_job": "TEXT", "token": "TEXT", "tempfail_since": "REAL"}
 
 
 class Ledger:
@@ -107,25 +134,33 @@ class Ledger:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, timeout=30)
         else:
             os.makedirs(cache_dir, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
-            columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
-            for name in ("infer_job", "eval_job"):  # ledgers made before Slurm support
-                if name not in columns:
-                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} TEXT")
+            try:
+                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.executescript(SCHEMA)
+                columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+                for name, kind in ADDED_COLUMNS.items():  # ledgers made by older versions
+                    if name not in columns:
+                        self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                self.db.executescript(INDEXES)
+            except sqlite3.OperationalError as e:
+                raise LedgerUnavailable(f"cannot open the ledger {self.path}: {e}") from None
         self.db.row_factory = sqlite3.Row
         # a read-only look at a ledger written by an older version lacks newer columns: read what exists
         have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
         self.fields = [f for f in FIELDS if f in have]
+        self._select = f"SELECT {', '.join(self.fields)} FROM jobs"
 
     def close(self) -> None:
         self.db.close()
 
     # ---- reads ---------------------------------------------------------------------------
-    def jobs(self, states: Iterable[str] = (), run: Optional[str] = None, iteration: Optional[int] = None) -> list[Job]:
-        sql, args = f"SELECT {', '.join(self.fields)} FROM jobs", []
+    def jobs(self, states: Iterable[str] = (), run: Optional[str] = None, iteration: Optional[int] = None,
+             newest_first: Optional[bool] = None, limit: Optional[int] = None) -> list[Job]:
+        """Rows filtered in SQL; ordered by (run, iteration, benchmark), or by iteration when
+        `newest_first` is given (the dispatch order), at most `limit` of them."""
+        sql, args = self._select, []
         where = []
         states = tuple(states)
         if states:
@@ -139,43 +174,80 @@ class Ledger:
             args.append(iteration)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY run, iteration, benchmark"
+        if newest_first is None:
+            sql += " ORDER BY run, iteration, benchmark"
+        else:
+            sql += f" ORDER BY iteration {'DESC' if newest_first else 'ASC'}, run, benchmark"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
         return [Job(**dict(r)) for r in self.db.execute(sql, args)]
 
     def get(self, key: tuple) -> Optional[Job]:
-        row = self.db.execute(
-            f"SELECT {', '.join(self.fields)} FROM jobs WHERE run=? AND iteration=? AND benchmark=?", key).fetchone()
+        row = self.db.execute(f"{self._select} WHERE run=? AND iteration=? AND benchmark=?", tuple(key)).fetchone()
         return Job(**dict(row)) if row else None
+
+    def counts(self, run: Optional[str] = None) -> dict[str, int]:
+        """state -> number of rows (GROUP BY, not a Python loop over every row)."""
+        if run is None:
+            rows = self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        else:
+            rows = self.db.execute("SELECT state, COUNT(*) FROM jobs WHERE run=? GROUP BY state", (run,))
+        return {state: n for state, n in rows}
+
+    def runs(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT run FROM jobs ORDER BY run")]
+
+    def known(self, run: str) -> dict[int, set[str]]:
+        """iteration -> benchmarks with a row, for one run (what a scan need not look at again)."""
+        out: dict[int, set[str]] = {}
+        for iteration, bench in self.db.execute("SELECT iteration, benchmark FROM jobs WHERE run=?", (run,)):
+            out.setdefault(iteration, set()).add(bench)
+        return out
+
+    def next_retry(self) -> Optional[float]:
+        row = self.db.execute("SELECT MIN(next_retry_at) FROM jobs WHERE state=?", (FAILED,)).fetchone()
+        return row[0] if row else None
 
     def events(self, key: Optional[tuple] = None) -> list[dict]:
         if key is None:
             rows = self.db.execute("SELECT * FROM events ORDER BY id")
         else:
             rows = self.db.execute(
-                "SELECT * FROM events WHERE run=? AND iteration=? AND benchmark=? ORDER BY id", key)
+                "SELECT * FROM events WHERE run=? AND iteration=? AND benchmark=? ORDER BY id", tuple(key))
         return [dict(r) for r in rows]
 
     def recorded_sinks(self, key: tuple) -> set[str]:
-        rows = self.db.execute("SELECT sink FROM recordings WHERE run=? AND iteration=? AND benchmark=?", key)
+        rows = self.db.execute("SELECT sink FROM recordings WHERE run=? AND iteration=? AND benchmark=?", tuple(key))
         return {r[0] for r in rows}
 
     # ---- writes (each one transaction) -----------------------------------------------------
     def add(self, run: str, iteration: int, benchmark: str, path: str, state: str = PENDING) -> bool:
         """Insert a row if it is new; returns whether it was inserted."""
+        return bool(self.add_many([(run, iteration, benchmark, path, state, None)]))
+
+    def add_many(self, rows: Iterable[tuple]) -> list[JobKey]:
+        """Insert (run, iteration, benchmark, path, state, last_error) rows that are new, in ONE
+        transaction (one fsync for a whole checkpoint backlog); returns the keys inserted."""
         now = time.time()
+        added = []
         with self._tx():
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO jobs (run, iteration, benchmark, path, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)", (run, iteration, benchmark, path, state, now, now))
-            if cur.rowcount:
-                self._event((run, iteration, benchmark), None, state, "discovered")
-            return bool(cur.rowcount)
+            for run, iteration, benchmark, path, state, error in rows:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO jobs (run, iteration, benchmark, path, state, last_error, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run, iteration, benchmark, path, state, error, now, now))
+                if cur.rowcount:
+                    key = JobKey(run, iteration, benchmark)
+                    self._event(key, None, state, "discovered" if error is None else error.splitlines()[0])
+                    added.append(key)
+        return added
 
     def transition(self, key: tuple, to_state: str, note: str = "", **fields) -> Job:
         """Move a row to `to_state` from any state ALLOWED lists; set `fields` in the same transaction."""
         bad = set(fields) - set(MUTABLE)
         if bad:
             raise ValueError(f"not mutable: {sorted(bad)}")
+        key = tuple(key)
         sources = ALLOWED[to_state]
         with self._tx():
             row = self.db.execute(
@@ -198,6 +270,12 @@ class Ledger:
         with self._tx():
             self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)}, updated_at = ?"
                             " WHERE run=? AND iteration=? AND benchmark=?", (*fields.values(), time.time(), *key))
+
+    def prune_events(self, now: Optional[float] = None, keep_seconds: float = EVENTS_KEEP_SECONDS) -> int:
+        """Drop transitions older than keep_seconds (the events table must not grow without bound)."""
+        with self._tx():
+            cur = self.db.execute("DELETE FROM events WHERE ts < ?", ((now or time.time()) - keep_seconds,))
+        return cur.rowcount
 
     # ---- snapshots ------------------------------------------------------------------------
     def snapshot(self, run: str, iteration: int) -> Optional[dict]:
@@ -228,9 +306,75 @@ class Ledger:
             self.db.execute(f"UPDATE snapshots SET state = ?, updated_at = ?{sets} WHERE run=? AND iteration=?",
                             (state, time.time(), *fields.values(), run, iteration))
 
+    # ---- the recording outbox: scored rows x sinks -------------------------------------------
+    def deliveries_due(self, sinks: list[str], now: float, limit: int = 100) -> list[tuple[Job, str]]:
+        """(scored row, sink) pairs not yet recorded there, not quarantined, not backing off; oldest first."""
+        out = []
+        for sink in sinks:
+            rows = self.db.execute(
+                f"{self._select.replace('FROM jobs', 'FROM jobs AS j')} WHERE j.state = ?"
+                " AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.run=j.run AND r.iteration=j.iteration"
+                "  AND r.benchmark=j.benchmark AND r.sink=?)"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run=j.run AND d.iteration=j.iteration"
+                "  AND d.benchmark=j.benchmark AND d.sink=? AND (d.quarantined=1 OR d.next_try_at > ?))"
+                " ORDER BY j.iteration, j.run, j.benchmark LIMIT ?", (SCORED, sink, sink, now, limit))
+            out += [(Job(**dict(r)), sink) for r in rows]
+        return out
+
+    def next_delivery(self) -> Optional[float]:
+        row = self.db.execute(
+            "SELECT MIN(d.next_try_at) FROM deliveries d JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration"
+            " AND j.benchmark=d.benchmark WHERE d.quarantined=0 AND j.state=?", (SCORED,)).fetchone()
+        return row[0] if row else None
+
+    def undelivered(self, sinks: list[str], give_up_after: Optional[int] = None) -> int:
+        """(scored row, sink) pairs still to be accepted, leaving out quarantined ones (and, with
+        give_up_after, those that failed that many times in a row: --once does not wait for them)."""
+        total = 0
+        for sink in sinks:
+            row = self.db.execute(
+                "SELECT COUNT(*) FROM jobs AS j WHERE j.state = ?"
+                " AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.run=j.run AND r.iteration=j.iteration"
+                "  AND r.benchmark=j.benchmark AND r.sink=?)"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run=j.run AND d.iteration=j.iteration"
+                "  AND d.benchmark=j.benchmark AND d.sink=? AND (d.quarantined=1 OR d.failures >= ?))",
+                (SCORED, sink, sink, give_up_after if give_up_after is not None else 1 << 30)).fetchone()
+            total += row[0]
+        return total
+
     def mark_recorded(self, key: tuple, sink: str) -> None:
         with self._tx():
             self.db.execute("INSERT OR IGNORE INTO recordings VALUES (?, ?, ?, ?, ?)", (*key, sink, time.time()))
+            self.db.execute("DELETE FROM deliveries WHERE run=? AND iteration=? AND benchmark=? AND sink=?",
+                            (*key, sink))
+
+    def delivery_failures(self, key: tuple, sink: str) -> int:
+        row = self.db.execute("SELECT failures FROM deliveries WHERE run=? AND iteration=? AND benchmark=? AND sink=?",
+                              (*key, sink)).fetchone()
+        return row[0] if row else 0
+
+    def delivery_failed(self, key: tuple, sink: str, failures: int, next_try_at: Optional[float], error: str) -> None:
+        """Count a failed delivery; next_try_at None = quarantined (set aside until retried by hand)."""
+        with self._tx():
+            self.db.execute(
+                "INSERT OR REPLACE INTO deliveries (run, iteration, benchmark, sink, failures, next_try_at, quarantined,"
+                " last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, sink, failures, next_try_at, int(next_try_at is None), error, time.time()))
+
+    def quarantined(self) -> list[dict]:
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='deliveries'").fetchone():
+            return []
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM deliveries WHERE quarantined=1 ORDER BY run, iteration, benchmark, sink")]
+
+    def retry_deliveries(self, run: Optional[str] = None) -> int:
+        """Offer quarantined (and backing-off) results to their sinks again (status --retry-recording)."""
+        with self._tx():
+            if run is None:
+                cur = self.db.execute("DELETE FROM deliveries")
+            else:
+                cur = self.db.execute("DELETE FROM deliveries WHERE run=?", (run,))
+        return cur.rowcount
 
     def _event(self, key: tuple, src: Optional[str], dst: str, note: str) -> None:
         self.db.execute(
@@ -238,17 +382,39 @@ class Ledger:
             (time.time(), *key, src, dst, note))
 
     def _tx(self):
-        return _Transaction(self.db)
+        return _Transaction(self.db, self.path)
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT; a write the disk refuses becomes LedgerUnavailable (rolled back)."""
+
+    def __init__(self, db: sqlite3.Connection, path: str):
         self.db = db
+        self.path = path
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise LedgerUnavailable(f"cannot write the ledger {self.path}: {e}") from None
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return False
+            except sqlite3.OperationalError as e:
+                self._rollback()
+                raise LedgerUnavailable(f"cannot write the ledger {self.path}: {e}") from None
+        self._rollback()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise LedgerUnavailable(f"cannot write the ledger {self.path}: {exc}") from None
         return False
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass  # SQLite rolled back already (e.g. SQLITE_FULL)

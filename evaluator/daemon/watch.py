@@ -1,8 +1,9 @@
-"""Where change notices come from: watchdog's inotify Observer on local disks, and an APScheduler
-interval job that asks for a full rescan every poll_seconds anyway (events get lost; on NFS/Lustre
-inotify never fires for writes made on another machine, so there the rescan is the only source).
+"""Where change notices come from: watchdog's inotify Observer on local disks. The daemon loop also
+rescans every poll_seconds on the monotonic clock (policy.rescan_due): events get lost, and on
+NFS/Lustre inotify never fires for writes made on another machine, so there the rescan is the only
+source. A wall-clock scheduler would stop rescanning after a clock step back; the loop's deadline cannot.
 
-Both only *notify* (`on_change(run)`); what to do about it is the daemon's business.
+The watcher only *notifies* (`on_change(run)`); what to do about it is the daemon's business.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import logging
 import os
 from typing import Callable
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
                              FileDeletedEvent, FileMovedEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
@@ -68,46 +68,58 @@ class _Notify(FileSystemEventHandler):
 
 
 class CheckpointWatcher:
-    """A non-recursive inotify watch on each run's folder (scheduled lazily: it may not exist yet)."""
+    """A non-recursive inotify watch on each run's folder (scheduled lazily: it may not exist yet).
+
+    A run folder deleted and created again is another directory: its old watch sees nothing. Each call
+    of `ensure_watches` compares the folder's (device, inode) with the watched one and watches anew."""
 
     def __init__(self, roots: dict[str, str], on_change: Callable[[str], None]):
         self.roots = roots  # run -> folder
         self.on_change = on_change
         self.observer = Observer()
-        self.scheduled: set[str] = set()
+        self.watches: dict[str, tuple] = {}  # run -> ((st_dev, st_ino), watch or None when the limit was hit)
+
+    @property
+    def scheduled(self) -> set[str]:
+        return set(self.watches)
 
     def start(self) -> None:
         self.observer.start()
         self.ensure_watches()
 
     def ensure_watches(self) -> None:
-        """Watch folders that exist now; called again on every rescan for folders created later."""
+        """Watch folders that exist now (and again when one was replaced); called after every rescan."""
         for run, root in self.roots.items():
-            if run in self.scheduled or not os.path.isdir(root):
+            try:
+                st = os.stat(root)
+                ident = (st.st_dev, st.st_ino)
+            except OSError:
+                ident = None
+            current = self.watches.get(run)
+            if current is not None and current[0] == ident:
+                continue
+            if current is not None:
+                self._unwatch(run, current[1])
+            if ident is None or not os.path.isdir(root):
                 continue
             try:
-                self.observer.schedule(_Notify(run, self.on_change), root, recursive=False, event_filter=EVENTS)
-                self.scheduled.add(run)
+                watch = self.observer.schedule(_Notify(run, self.on_change), root, recursive=False, event_filter=EVENTS)
+                self.watches[run] = (ident, watch)
                 log.info("watching %s (inotify)", root)
+                self.on_change(run)  # what appeared before the watch existed
             except OSError as e:  # e.g. inotify watch limit reached: rescans still find everything
                 log.warning("cannot watch %s (%s); relying on rescans", root, e)
-                self.scheduled.add(run)
+                self.watches[run] = (ident, None)
+
+    def _unwatch(self, run: str, watch) -> None:
+        del self.watches[run]
+        if watch is None:
+            return
+        try:
+            self.observer.unschedule(watch)
+        except (KeyError, ValueError, OSError):
+            pass  # the emitter already stopped with its deleted folder
 
     def stop(self) -> None:
         self.observer.stop()
         self.observer.join(timeout=5)
-
-
-class Rescanner:
-    """Asks for a full rescan every `seconds`."""
-
-    def __init__(self, seconds: float, on_tick: Callable[[], None]):
-        self.scheduler = BackgroundScheduler(daemon=True)
-        self.scheduler.add_job(on_tick, "interval", seconds=seconds, id="rescan", max_instances=1,
-                               coalesce=True)
-
-    def start(self) -> None:
-        self.scheduler.start()
-
-    def stop(self) -> None:
-        self.scheduler.shutdown(wait=False)

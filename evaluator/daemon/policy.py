@@ -1,0 +1,318 @@
+"""The daemon's decisions, as pure functions: no I/O, no clock reads (callers pass `now`).
+
+The loop (daemon.py) observes -- scans, stage exits, sink replies, the clock -- asks these functions
+what that means, and applies the answer to the ledger and the executor. Everything here is tested
+table-driven in milliseconds (tests/test_policy.py).
+
+One definition each of: finality (`is_final`), "this run takes this benchmark" (`RunSpec.runs_benchmark`
++ `wanted`), the backoff formula (`RetryPolicy.delay`), what an exit means (`stage_outcome`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from evaluator.common.contracts import EVALUATION, EXIT_TEMPFAIL, INFERENCE
+from evaluator.daemon import ledger as L
+from evaluator.daemon.checkpoints import Checkpoint, Selection
+
+EXIT_BAD_SPEC = 2  # the stage's own verdict: its job spec or data is wrong; retrying cannot help
+# per stage: the state a job waits in, runs in, and reaches when the stage is done
+STAGE_STATES = {INFERENCE: (L.PENDING, L.INFERRING, L.INFERRED), EVALUATION: (L.INFERRED, L.SCORING, L.SCORED)}
+READY_STAGE = {L.PENDING: INFERENCE, L.INFERRED: EVALUATION}
+
+
+# ---- what is configured ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    root: str
+    layout: str
+    benchmarks: Optional[tuple] = None  # benchmark names run on this run's checkpoints; None = all
+
+    def runs_benchmark(self, name: str) -> bool:
+        return self.benchmarks is None or name in self.benchmarks
+
+
+def wanted(runs: dict[str, RunSpec], benchmarks: Iterable[str], run: str, benchmark: str) -> bool:
+    """Whether a row's (run, benchmark) is still configured: the one test used by admission, dispatch,
+    pinning, idleness and range-finished. Rows that are not wanted are left as they are (status lists them)."""
+    spec = runs.get(run)
+    return spec is not None and benchmark in benchmarks and spec.runs_benchmark(benchmark)
+
+
+# ---- retries -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    backoff_seconds: float = 30.0
+    backoff_max_seconds: float = 3600.0
+    tempfail_seconds: float = 7200.0  # exit 75 has its own budget: this long of nothing but "retry later"
+
+    def delay(self, failures: int) -> float:
+        """Exponential backoff after the n-th failure in a row (n >= 1)."""
+        return min(self.backoff_max_seconds, self.backoff_seconds * 2 ** max(0, failures - 1))
+
+    def tempfail_delay(self, since: float, now: float) -> float:
+        """Wait after an exit 75: as long as the stage has been asking to wait already (so the waits
+        double), at least backoff_seconds, at most backoff_max_seconds."""
+        return min(self.backoff_max_seconds, max(self.backoff_seconds, now - since))
+
+
+def is_final(state: str, next_retry_at: Optional[float] = None) -> bool:
+    """Nothing more will happen to a row in this state (a failed row is final once it has no retry)."""
+    return state in (L.RECORDED, L.VANISHED, L.SKIPPED) or (state == L.FAILED and next_retry_at is None)
+
+
+def job_final(job: L.Job) -> bool:
+    return is_final(job.state, job.next_retry_at)
+
+
+# ---- small action values ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Move:
+    """Move one row to `to` (None: only set fields), with a note for the events table and the log."""
+
+    key: L.JobKey
+    to: Optional[str]
+    note: str
+    fields: dict = field(default_factory=dict)
+    level: str = "info"  # how loudly the loop logs it
+    discard_snapshot: bool = False  # the checkpoint changed under the stage: pin it again
+
+
+@dataclass(frozen=True)
+class NewRow:
+    key: L.JobKey
+    path: str
+    state: str
+    error: Optional[str] = None
+
+    def as_tuple(self) -> tuple:
+        return (*self.key, self.path, self.state, self.error)
+
+
+# ---- admission ----------------------------------------------------------------------------------
+def admit(c: Checkpoint, have: set, spec: RunSpec, benchmarks: Iterable[str], selection: Selection) -> list[NewRow]:
+    """Rows for a checkpoint the scan reported: new (iteration, benchmark) pairs only.
+
+    A complete checkpoint gives pending rows (skipped outside begin/end/interval); one whose final marker
+    is there but whose content is invalid gives failed rows with the reason, so status shows it and
+    nobody rechecks it every second."""
+    if not (c.complete or c.invalid):
+        return []
+    if not selection.selects(c.iteration):
+        state, error = L.SKIPPED, None
+    elif c.invalid:
+        state, error = L.FAILED, f"checkpoint invalid: {c.invalid}"
+    else:
+        state, error = L.PENDING, None
+    return [NewRow(L.JobKey(c.run, c.iteration, name), c.path, state, error)
+            for name in benchmarks if name not in have and spec.runs_benchmark(name)]
+
+
+# ---- reconciliation with what is on disk ------------------------------------------------------------
+def needs_checkpoint(job: L.Job) -> bool:
+    """Rows whose next step reads the checkpoint (so its deletion makes them vanish)."""
+    return job.state in (L.PENDING, L.SKIPPED) or (
+        job.state == L.FAILED and job.resume_state == L.PENDING and job.next_retry_at is not None)
+
+
+def reconcile(job: L.Job, present: Optional[Checkpoint], protected: bool, missing_for: Optional[float],
+              grace: float, selected: bool) -> Optional[Move]:
+    """Follow the selection (it may change between restarts) and notice deleted checkpoints.
+
+    `missing_for`: for how long consecutive scans of an available run folder have not seen the
+    checkpoint (None = seen in this scan). A checkpoint is vanished only after `grace` of that."""
+    if present is None:
+        if protected or not needs_checkpoint(job):
+            return None
+        if missing_for is None or missing_for < grace:
+            return None
+        why = f"checkpoint deleted before evaluation (absent from every scan for {missing_for:.0f}s)"
+        return Move(job.key, L.VANISHED, why, {"next_retry_at": None, "last_error": why}, level="warning")
+    if present.path != job.path and job.state in (L.PENDING, L.SKIPPED, L.FAILED):
+        return Move(job.key, None, "the checkpoint's folder moved", {"path": present.path})
+    if job.state == L.SKIPPED and selected:
+        return Move(job.key, L.PENDING, "now selected")
+    if job.state == L.PENDING and not selected:
+        return Move(job.key, L.SKIPPED, "outside begin/end/interval")
+    return None
+
+
+# ---- what a stage's end means ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageEnd:
+    """What the loop observed about a stage that ended."""
+
+    stage: str
+    returncode: int
+    seconds: float
+    timed_out: bool = False
+    reason: str = ""  # the executor's words
+    done_problem: Optional[str] = None  # what is wrong with the done-file (None = valid)
+    changed: Optional[str] = None  # what changed in the checkpoint while the stage read it (None = nothing)
+    checkpoint_gone: bool = False  # the original is deleted and no snapshot protects it
+    timeout_minutes: float = 0.0
+    log_tail: str = ""
+
+
+def _describe_exit(end: StageEnd) -> str:
+    if end.timed_out:
+        text = f"timed out after {end.timeout_minutes:g} min ({end.reason or 'process group killed'})"
+    elif end.returncode == EXIT_TEMPFAIL:
+        text = "exit 75: the stage asked to be retried later"
+    elif end.returncode == EXIT_BAD_SPEC:
+        text = "exit 2: bad job spec or data (not retried)"
+    elif end.returncode > 0:
+        text = f"exit {end.returncode}"
+    elif end.returncode < 0:
+        text = f"killed by {_signal_name(-end.returncode)}"
+    else:
+        text = f"exit 0 but {end.done_problem}"
+    if end.reason and not end.timed_out:
+        text += f" ({end.reason})"
+    return text
+
+
+def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) -> Move:
+    """Done / retry at T / failed for good / vanished / discarded, for a stage that ended.
+
+    - 0 with a valid done-file: done (attempts reset).
+    - the checkpoint changed under the stage: the result is discarded and inference runs again (not an attempt).
+    - 2: the stage says its spec or data is wrong: failed for good at once, with its message.
+    - 75: retried with backoff on its own time budget (policy.tempfail_seconds), not counted as an attempt.
+    - anything else (crash, timeout, exit 0 without a valid done-file): an attempt; up to max_attempts.
+    - an inference that failed because its checkpoint was deleted: vanished (retrying cannot help)."""
+    ready, _, done = STAGE_STATES[end.stage]
+    clear = {"pid": None, "pid_start": None}
+    ok = end.returncode == 0 and not end.timed_out and end.done_problem is None
+    if end.changed:
+        why = f"{end.stage}: the checkpoint changed while the stage read it ({end.changed}): result discarded"
+        return Move(job.key, L.PENDING, why, {**clear, "last_error": why, "token": None}, level="warning",
+                    discard_snapshot=True)
+    if ok:
+        return Move(job.key, done, f"{end.stage} done in {end.seconds:.1f}s",
+                    {**clear, "attempts": 0, "last_error": None, "next_retry_at": None, "tempfail_since": None})
+    problem = _describe_exit(end)
+    error = f"{end.stage}: {problem}\n{end.log_tail}".rstrip()
+    failed = {**clear, "resume_state": ready, "last_error": error, "token": None}
+    if end.stage == INFERENCE and end.checkpoint_gone:
+        why = f"checkpoint deleted before its inference finished ({problem})"
+        return Move(job.key, L.VANISHED, f"inference: {problem}; checkpoint gone",
+                    {**clear, "next_retry_at": None, "last_error": why}, level="warning")
+    if end.returncode == EXIT_BAD_SPEC and not end.timed_out:
+        return Move(job.key, L.FAILED, f"{end.stage}: {problem}; failed for good",
+                    {**failed, "attempts": job.attempts + 1, "next_retry_at": None}, level="error")
+    if end.returncode == EXIT_TEMPFAIL and not end.timed_out:
+        since = job.tempfail_since if job.tempfail_since is not None else now
+        if now - since >= policy.tempfail_seconds:
+            return Move(job.key, L.FAILED, f"{end.stage}: {problem} for {(now - since) / 60:.0f} min "
+                        f"(executor.tempfail_minutes); failed for good",
+                        {**failed, "next_retry_at": None, "tempfail_since": since}, level="error")
+        delay = policy.tempfail_delay(since, now)
+        return Move(job.key, L.FAILED, f"{end.stage}: {problem}; retry in {delay:g}s (not counted as an attempt)",
+                    {**failed, "next_retry_at": now + delay, "tempfail_since": since}, level="warning")
+    attempts = job.attempts + 1
+    if attempts >= policy.max_attempts:
+        return Move(job.key, L.FAILED, f"{end.stage}: {problem}; failed for good after {attempts} attempt(s)",
+                    {**failed, "attempts": attempts, "next_retry_at": None, "tempfail_since": None}, level="error")
+    delay = policy.delay(attempts)
+    return Move(job.key, L.FAILED, f"{end.stage}: {problem}; retry {attempts + 1}/{policy.max_attempts} in {delay:g}s",
+                {**failed, "attempts": attempts, "next_retry_at": now + delay, "tempfail_since": None},
+                level="warning")
+
+
+def start_failed(job: L.Job, stage: str, problem: str, policy: RetryPolicy, now: float) -> Move:
+    """A stage that could not even be started (sbatch refused it, ENOSPC/EMFILE while preparing):
+    an attempt like a crash, so a deterministic failure ends after max_attempts instead of looping."""
+    end = StageEnd(stage=stage, returncode=1, seconds=0.0, reason=f"could not start: {problem}")
+    return stage_outcome(job, end, policy, now)
+
+
+def due_retry(job: L.Job, now: float) -> Optional[Move]:
+    if job.state == L.FAILED and job.next_retry_at is not None and job.next_retry_at <= now:
+        return Move(job.key, job.resume_state or L.PENDING, f"retry {job.attempts + 1}", {"next_retry_at": None})
+    return None
+
+
+# ---- what runs next ------------------------------------------------------------------------------
+def choose(ready: list[L.Job], free: int, is_wanted) -> list[L.Job]:
+    """Up to `free` jobs from `ready` (already in dispatch order), served fairly across runs: one job of
+    each run in turn, so no run waits behind another's backlog."""
+    if free <= 0:
+        return []
+    queues: dict[str, list[L.Job]] = {}
+    for job in ready:
+        if is_wanted(job):
+            queues.setdefault(job.run, []).append(job)
+    chosen: list[L.Job] = []
+    while len(chosen) < free and any(queues.values()):
+        for run in list(queues):
+            if queues[run] and len(chosen) < free:
+                chosen.append(queues[run].pop(0))
+    return chosen
+
+
+# ---- recording ----------------------------------------------------------------------------------
+def delivery_failed(failures: int, max_failures: int, policy: RetryPolicy, now: float) -> Optional[float]:
+    """When to offer a result to a sink again after its n-th failure there; None = quarantine it (a
+    poison result must not hold the results behind it)."""
+    if failures >= max_failures:
+        return None
+    return now + policy.delay(failures)
+
+
+# ---- when is the daemon done ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backlog:
+    """Counts the loop needs to decide whether --once may end."""
+
+    runnable: int = 0  # wanted rows pending/inferred/running, or failed with a retry to come
+    undelivered: int = 0  # scored rows with a sink still to accept them (not quarantined, not given up)
+    busy: bool = False  # stages running, pins in flight, checkpoints settling, rescans asked for
+
+
+def idle(b: Backlog) -> bool:
+    return not b.busy and b.runnable == 0 and b.undelivered == 0
+
+
+def range_finished(expected: Optional[list[int]], runs: list[RunSpec], benchmarks: list[str],
+                   rows: dict[str, dict[tuple, bool]], newest: dict[str, int]) -> bool:
+    """Every iteration up to --end-iteration done, for every run and wanted benchmark.
+
+    rows: run -> {(iteration, benchmark): final?} for iterations in the selection's range; newest: run ->
+    its newest iteration with a row. An expected iteration with no row while the run has a later one
+    was never saved (or rotated away unseen): not waited for."""
+    if expected is None:
+        return False
+    for run in runs:
+        have = rows.get(run.name, {})
+        top = newest.get(run.name)
+        for it in expected:
+            for name in filter(run.runs_benchmark, benchmarks):
+                final = have.get((it, name))
+                if final is None and top is not None and top > it:
+                    continue
+                if not final:
+                    return False
+    return True
+
+
+def rescan_due(last_scan: float, poll_seconds: float, now_monotonic: float) -> bool:
+    """Full rescans run on the monotonic clock: a wall-clock step (NTP, a VM resumed) never stops them."""
+    return now_monotonic - last_scan >= poll_seconds
+
+
+def vanish_grace(configured: Optional[float], poll_seconds: float) -> float:
+    """Default: three poll intervals (at least 30 s), so a mount that drops for a moment loses nothing."""
+    return configured if configured is not None else max(30.0, 3 * poll_seconds)
+
+
+def _signal_name(num: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(num).name
+    except ValueError:  # real-time signals have no name
+        return f"signal {num}"
