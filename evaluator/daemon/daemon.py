@@ -523,10 +523,7 @@ class Daemon:
 
     def release_retries(self) -> None:
         now = time.time()
-        due = self.ledger.next_retry()
-        if due is None or due > now:
-            return
-        for job in self.ledger.jobs([L.FAILED]):
+        for job in self.ledger.due_retries(now):
             move = P.due_retry(job, now)
             if move is not None:
                 self.apply(move)

@@ -204,6 +204,11 @@ class Ledger:
             out.setdefault(iteration, set()).add(bench)
         return out
 
+    def due_retries(self, now: float) -> list[Job]:
+        return [Job(**dict(r)) for r in self.db.execute(
+            f"{self._select} WHERE state=? AND next_retry_at IS NOT NULL AND next_retry_at <= ?"
+            " ORDER BY next_retry_at", (FAILED, now))]
+
     def next_retry(self) -> Optional[float]:
         row = self.db.execute("SELECT MIN(next_retry_at) FROM jobs WHERE state=?", (FAILED,)).fetchone()
         return row[0] if row else None
