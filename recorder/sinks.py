@@ -67,6 +67,7 @@ class MlflowSettings:
     tracking_uri: str
     experiment: str
     artifact_location: Optional[str] = None  # only used when the sink creates the experiment
+    request_timeout: float = 30.0  # seconds one call to a tracking server may take, its retries included
 
 
 @dataclass

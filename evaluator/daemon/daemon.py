@@ -515,7 +515,16 @@ class Daemon:
                 if self.is_wanted(job) and len(queued) < PIN_WINDOW * len(self.runs):
                     queued.setdefault((job.run, job.iteration), job.path)
         ready = [Checkpoint(run, it, path, True) for (run, it), path in queued.items()]
-        for run, iteration, why in self.keeper.ensure(ready) + self.keeper.collect():
+        before = dict(self.keeper.waiting)
+        vanished = self.keeper.ensure(ready) + self.keeper.collect()
+        for (run, iteration), why in self.keeper.waiting.items():
+            if before.get((run, iteration)) != why:  # e.g. unreadable: say so where status shows it
+                for job in self.ledger.jobs([L.PENDING], run=run, iteration=iteration):
+                    self.ledger.update(job.key, last_error=f"waiting to pin the checkpoint: {why}")
+        for (run, iteration) in set(before) - set(self.keeper.waiting):
+            for job in self.ledger.jobs([L.PENDING], run=run, iteration=iteration):
+                self.ledger.update(job.key, last_error=None)
+        for run, iteration, why in vanished:
             for job in self.ledger.jobs(run=run, iteration=iteration):
                 if job.state in (L.PENDING, L.SKIPPED, L.FAILED) and not P.job_final(job):
                     self.apply(P.Move(job.key, L.VANISHED, why, {"next_retry_at": None, "last_error": why},
@@ -734,9 +743,11 @@ class Daemon:
         intents = []
         for j in running + chained:
             stage = INFERENCE if j.state == L.INFERRING else EVALUATION
-            intents.append(Intent(j.key, stage, j.token or "", j.infer_job if stage == INFERENCE else j.eval_job,
-                                  j.pid_start))
-        found = self.executor.recover([i for i in intents if i.token])
+            handle = j.infer_job if stage == INFERENCE else j.eval_job
+            if handle is None and j.pid:  # a row written before handles were kept per stage
+                handle = str(j.pid)
+            intents.append(Intent(j.key, stage, j.token or "", handle, j.pid_start))
+        found = self.executor.recover(intents)
         for j in running:
             stage = INFERENCE if j.state == L.INFERRING else EVALUATION
             if (j.key, stage) in found:

@@ -191,9 +191,10 @@ class LocalExecutor:
         collect a child it did not start, so the stage's outputs are checked and it runs again if needed."""
         if not intents:
             return {}
-        found = processes_with_token({f"{i.token}:{i.stage}" for i in intents})
+        found = processes_with_token({f"{i.token}:{i.stage}" for i in intents if i.token})
         for intent in intents:
-            pids = set(found.get(f"{intent.token}:{intent.stage}", []))
+            # by token; and by the recorded pid + start time (rows written before tokens existed)
+            pids = set(found.get(f"{intent.token}:{intent.stage}", [])) if intent.token else set()
             if intent.handle and intent.handle.isdigit() and intent.pid_start and \
                     process_start_time(int(intent.handle)) == intent.pid_start:
                 pids.add(int(intent.handle))
