@@ -425,7 +425,8 @@ class Daemon:
             st.unavailable = None
         if not st.reconciled:
             st.known = self.ledger.known(run)
-        full = frozenset(it for it, names in st.known.items() if self.wanted_names(run) <= names)
+        wanted = self.wanted_names(run)
+        full = frozenset(it for it, names in st.known.items() if wanted <= names)
         try:
             checkpoints = layout.scan(full)
         except OSError as e:  # flaky storage (EIO, ESTALE, EACCES): try again at the next rescan
