@@ -790,22 +790,13 @@ class Daemon:
         """--once: nothing running, nothing runnable, no retry, no settling checkpoint, no result to deliver."""
         if self.busy():
             return False
-        runnable = 0
-        for run, bench, n in self.ledger.db.execute(
-                "SELECT run, benchmark, COUNT(*) FROM jobs WHERE state IN (?, ?, ?, ?) OR "
-                "(state = ? AND next_retry_at IS NOT NULL) GROUP BY run, benchmark",
-                (L.PENDING, L.INFERRED, L.INFERRING, L.SCORING, L.FAILED)):
-            if P.wanted(self.runs, self.benchmarks, run, bench):
-                runnable += n
+        runnable = sum(n for run, bench, n in self.ledger.runnable() if P.wanted(self.runs, self.benchmarks, run, bench))
         undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
         return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered, busy=False))
 
-    def undelivered_given_up(self, limit: int = 1000) -> list:
-        """--once: (row, sink) pairs that failed max_attempts times in a row: not waited for."""
-        return self.ledger.db.execute(
-            "SELECT d.run FROM deliveries d JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration AND "
-            "j.benchmark=d.benchmark WHERE j.state=? AND (d.quarantined=1 OR d.failures >= ?) LIMIT ?",
-            (L.SCORED, self.cfg.executor.max_attempts, limit)).fetchall()
+    def undelivered_given_up(self) -> int:
+        """--once: results a sink refused executor.max_attempts times in a row: not waited for."""
+        return self.ledger.given_up_deliveries(self.cfg.executor.max_attempts)
 
     def range_finished(self) -> bool:
         expected = self.selection.expected()
@@ -814,15 +805,10 @@ class Daemon:
         self.changed = False
         if self.executor.busy():
             return False
-        rows: dict[str, dict[tuple, bool]] = {}
-        newest: dict[str, int] = {}
-        for run, it, bench, state, retry in self.ledger.db.execute(
-                "SELECT run, iteration, benchmark, state, next_retry_at FROM jobs WHERE iteration BETWEEN ? AND ?",
-                (self.selection.begin, self.selection.end)):
-            rows.setdefault(run, {})[(it, bench)] = P.is_final(state, retry)
-        for run, top in self.ledger.db.execute("SELECT run, MAX(iteration) FROM jobs GROUP BY run"):
-            newest[run] = top
-        return P.range_finished(expected, list(self.runs.values()), list(self.benchmarks), rows, newest)
+        rows = {run: {k: P.is_final(*v) for k, v in found.items()}
+                for run, found in self.ledger.finality_between(self.selection.begin, self.selection.end).items()}
+        return P.range_finished(expected, list(self.runs.values()), list(self.benchmarks), rows,
+                                self.ledger.newest_iterations())
 
     def sleep_seconds(self) -> float:
         now = time.monotonic()

@@ -209,6 +209,25 @@ class Ledger:
             f"{self._select} WHERE state=? AND next_retry_at IS NOT NULL AND next_retry_at <= ?"
             " ORDER BY next_retry_at", (FAILED, now))]
 
+    def runnable(self) -> list[tuple[str, str, int]]:
+        """(run, benchmark, rows) still to run or running, or failed with a retry to come (GROUP BY)."""
+        return self.db.execute(
+            "SELECT run, benchmark, COUNT(*) FROM jobs WHERE state IN (?, ?, ?, ?) OR "
+            "(state = ? AND next_retry_at IS NOT NULL) GROUP BY run, benchmark",
+            (PENDING, INFERRED, INFERRING, SCORING, FAILED)).fetchall()
+
+    def finality_between(self, begin: int, end: int) -> dict[str, dict[tuple, tuple]]:
+        """run -> {(iteration, benchmark): (state, next_retry_at)} for iterations in [begin, end]."""
+        out: dict[str, dict[tuple, tuple]] = {}
+        for run, it, bench, state, retry in self.db.execute(
+                "SELECT run, iteration, benchmark, state, next_retry_at FROM jobs WHERE iteration BETWEEN ? AND ?",
+                (begin, end)):
+            out.setdefault(run, {})[(it, bench)] = (state, retry)
+        return out
+
+    def newest_iterations(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT run, MAX(iteration) FROM jobs GROUP BY run").fetchall())
+
     def next_retry(self) -> Optional[float]:
         row = self.db.execute("SELECT MIN(next_retry_at) FROM jobs WHERE state=?", (FAILED,)).fetchone()
         return row[0] if row else None
@@ -305,6 +324,16 @@ class Ledger:
                 f"INSERT OR REPLACE INTO snapshots (run, iteration, {', '.join(cols)}, created_at, updated_at)"
                 f" VALUES (?, ?, {', '.join('?' * len(cols))}, ?, ?)", (run, iteration, *cols.values(), now, now))
 
+    def pinned_bytes(self) -> int:
+        """Bytes held by pinning and pinned snapshots: one SQL SUM, not a Python loop over every row."""
+        (total,) = self.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM snapshots WHERE state IN (?, ?)",
+                                   (PINNING, PINNED)).fetchone()
+        return int(total)
+
+    def drop_snapshot(self, run: str, iteration: int) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM snapshots WHERE run=? AND iteration=?", (run, iteration))
+
     def set_snapshot(self, run: str, iteration: int, state: str, **fields) -> None:
         sets = "".join(f", {k} = ?" for k in fields)
         with self._tx():
@@ -346,6 +375,13 @@ class Ledger:
                 (SCORED, sink, sink, give_up_after if give_up_after is not None else 1 << 30)).fetchone()
             total += row[0]
         return total
+
+    def given_up_deliveries(self, after: int) -> int:
+        """Scored results a sink refused `after` times in a row (or set aside): --once does not wait for them."""
+        (n,) = self.db.execute(
+            "SELECT COUNT(*) FROM deliveries d JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration AND "
+            "j.benchmark=d.benchmark WHERE j.state=? AND (d.quarantined=1 OR d.failures >= ?)", (SCORED, after)).fetchone()
+        return n
 
     def mark_recorded(self, key: tuple, sink: str) -> None:
         with self._tx():

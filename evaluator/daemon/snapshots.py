@@ -302,9 +302,7 @@ class SnapshotKeeper:
 
     def pinned_bytes(self) -> int:
         """Bytes held by pinning and pinned snapshots: one SQL SUM, not a Python loop over every row."""
-        (total,) = self.ledger.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM snapshots WHERE state IN (?, ?)",
-                                          (L.PINNING, L.PINNED)).fetchone()
-        return int(total)
+        return self.ledger.pinned_bytes()
 
     def ensure(self, checkpoints: list[Checkpoint]) -> list[tuple[str, int, str]]:
         """Give each checkpoint of a configured run without a snapshot row one: start pinning it, or record
@@ -403,8 +401,7 @@ class SnapshotKeeper:
         self.futures.pop((run, iteration), None)
         self.waiting.pop((run, iteration), None)
         release(snapshot_root(self.cache_dir, run, iteration))
-        # one statement in the ledger's autocommit connection: atomic without a transaction of its own
-        self.ledger.db.execute("DELETE FROM snapshots WHERE run=? AND iteration=?", (run, iteration))
+        self.ledger.drop_snapshot(run, iteration)
 
     def release(self, run: str, iteration: int) -> None:
         """Release one iteration's snapshot once its last job is final: the pinned files are removed; a row
@@ -416,13 +413,6 @@ class SnapshotKeeper:
             release(snapshot_root(self.cache_dir, run, iteration))
             log.info("%s iteration %d: snapshot released", run, iteration)
         self.ledger.set_snapshot(run, iteration, L.RELEASED)
-
-    def release_finished(self, is_final: Callable[[L.Job], bool]) -> None:
-        """Drop snapshots whose every benchmark is recorded or failed for good."""
-        for row in self.ledger.snapshots([L.PINNED]):
-            jobs = self.ledger.jobs(run=row["run"], iteration=row["iteration"])
-            if jobs and all(is_final(j) for j in jobs):
-                self.release(row["run"], row["iteration"])
 
     def recover(self) -> None:
         """Pins interrupted by a stop or a crash are redone from their manifest (runs still configured)."""
