@@ -1,0 +1,448 @@
+"""Faults an operator of a long training run meets, through the real CLI (tools/evaluator.py): real daemon
+processes, real stage subprocesses in the real venvs, real signals, real mounts (the tests run as root).
+
+The only injected fault is a kill -9 at a chosen line of the daemon (tests/stage_scripts/crashing_daemon.py
+wraps one method of the real daemon so that the process SIGKILLs itself there): a test cannot time that
+from outside. Everything else is produced for real.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import (DAEMON_PY, ROOT, bench, daemons, history, invocations, ledger_events, ledger_rows,  # noqa: F401
+                      megatron_checkpoint, pid_alive, run_cli, venvs, wait_until, write_config)
+
+pytestmark = pytest.mark.slow
+
+CRASHING_DAEMON = os.path.join(ROOT, "tests", "stage_scripts", "crashing_daemon.py")
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def states(cache, run=None):
+    return {(r["iteration"], r["benchmark"]): r["state"] for r in ledger_rows(cache) if run in (None, r["run"])}
+
+
+def rows_by_key(cache):
+    return {(r["run"], r["iteration"], r["benchmark"]): r for r in ledger_rows(cache)}
+
+
+def history_keys(cache, run="tiny"):
+    return [(h["iteration"], h["benchmark"]) for h in history(cache, run)]
+
+
+def crash_daemon(tmp_path, cfg: str, crash_at: str, *args: str, on_call: int = 1, timeout: float = 90) -> str:
+    """Run the real daemon with one injected kill -9 (crashing_daemon.py) and wait until it has died there;
+    returns its log."""
+    log_path = tmp_path / f"crash-{crash_at.rsplit(':', 2)[1]}.log"
+    env = dict(os.environ, CRASH_AT=crash_at, CRASH_ON_CALL=str(on_call))
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([DAEMON_PY, CRASHING_DAEMON, "--config", cfg, *args], stdout=logf,
+                                stderr=subprocess.STDOUT, env=env)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert code == -signal.SIGKILL and "injected crash point reached" in log, f"exit {code}\n{log}"
+    return log
+
+
+def token_processes(token: str) -> list[int]:
+    """Live pids whose environment carries this stage token (CKPT_EVAL_TOKEN=<token>:<stage>)."""
+    needle = f"CKPT_EVAL_TOKEN={token}:".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(needle) for v in env) and pid_alive(int(name)):
+            pids.append(int(name))
+    return pids
+
+
+def mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
+
+
+def umount(path) -> None:
+    subprocess.run(["umount", str(path)], check=False, capture_output=True, text=True)
+
+
+def fill(path) -> None:
+    """Write zeros to `path` until the disk has no byte left."""
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (1 << 16, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
+def status(cfg, *args) -> str:
+    return run_cli("status", "--config", cfg, *args, check=0).stdout
+
+
+# ---- 1-3: kill -9 at the lines between an intent and its effect ------------------------------------------
+def test_kill_9_after_the_intent_before_submit_starts_each_stage_once_after_restart(tmp_path, venvs):
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa"), bench("mc")])
+    cache = tmp_path / "cache"
+    crash_daemon(tmp_path, cfg, "evaluator.daemon.local:LocalExecutor.submit:before")
+    intent = [r for r in ledger_rows(cache) if r["state"] == "inferring"]
+    assert len(intent) == 1 and intent[0]["token"] and intent[0]["pid"] is None, intent  # the hard case
+
+    run_cli("--config", cfg, "--once", check=0)
+
+    assert set(states(cache).values()) == {"recorded"} and len(states(cache)) == 4
+    assert sorted(history_keys(cache)) == [(1000, "mc"), (1000, "qa"), (2000, "mc"), (2000, "qa")]
+    for it in (1000, 2000):
+        for name in ("qa", "mc"):
+            assert [i["stage"] for i in invocations(cache, it, name)] == ["infer", "eval"], (it, name)
+
+
+def test_kill_9_after_submit_before_the_pid_is_recorded_stops_the_orphan_by_its_token(tmp_path, venvs):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=3.0)])
+    cache = tmp_path / "cache"
+    crash_daemon(tmp_path, cfg, "evaluator.daemon.daemon:Daemon.record_started:before")
+    row = ledger_rows(cache)[0]
+    assert row["state"] == "inferring" and row["pid"] is None and row["token"], row
+    orphans = token_processes(row["token"])
+    assert orphans, "the stage started before the kill -9 should still run (that is the hard case)"
+
+    died_at: dict[int, float] = {}
+    done = threading.Event()
+
+    def watch_orphans():
+        while not done.is_set() and len(died_at) < len(orphans):
+            for pid in orphans:
+                if pid not in died_at and not pid_alive(pid):
+                    died_at[pid] = time.time()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_orphans)
+    watcher.start()
+    try:
+        run_cli("--config", cfg, "--once", check=0)
+    finally:
+        done.set()
+        watcher.join()
+
+    assert not [p for p in orphans if pid_alive(p)], "the restarted daemon must stop the orphaned stage"
+    assert states(cache) == {(1000, "qa"): "recorded"} and history_keys(cache) == [(1000, "qa")]
+    runs = [i for i in invocations(cache, 1000, "qa") if i["stage"] == "infer"]
+    assert len(runs) == 1, runs  # the orphan was stopped before it could finish: one inference ran to its end
+    # no two inference processes of the job at once: every orphan was gone before the new one started
+    assert set(died_at) == set(orphans) and max(died_at.values()) <= runs[0]["start"], (died_at, runs)
+
+
+def test_kill_9_between_a_sink_accepting_and_the_ledger_noting_it_duplicates_nothing(tmp_path, venvs):
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa")])
+    cache = tmp_path / "cache"
+    crash_daemon(tmp_path, cfg, "evaluator.daemon.ledger:Ledger.mark_recorded:before")
+    accepted = history_keys(cache)
+    assert len(accepted) == 1 and states(cache)[accepted[0]] == "scored", (accepted, states(cache))
+
+    run_cli("--config", cfg, "--once", check=0)
+
+    assert states(cache) == {(1000, "qa"): "recorded", (2000, "qa"): "recorded"}
+    assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa")]  # each exactly once
+
+
+# ---- 4-5: what the config says changed -----------------------------------------------------------------
+def test_a_run_renamed_with_pending_jobs_is_evaluated_under_its_new_name_and_the_old_one_listed(
+        tmp_path, venvs, daemons):
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cache = tmp_path / "cache"
+    old = write_config(tmp_path, [bench("qa", infer_sleep=60)], watch={"paths": [{"path": str(tmp_path / "ckpt"),
+                                                                                  "name": "old"}]})
+    d = daemons(old)
+    wait_until(lambda: states(cache, "old") == {(1000, "qa"): "inferring", (2000, "qa"): "pending"},
+               what="old@1000 running, old@2000 queued")
+    assert d.stop() == 0
+    assert set(states(cache, "old").values()) == {"pending"}
+
+    new = write_config(tmp_path, [bench("qa")], watch={"paths": [{"path": str(tmp_path / "ckpt"), "name": "new"}]})
+    proc = run_cli("--config", new, "--once", timeout=120)
+
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert states(cache, "new") == {(1000, "qa"): "recorded", (2000, "qa"): "recorded"}
+    assert states(cache, "old") == {(1000, "qa"): "pending", (2000, "qa"): "pending"}  # left as they are
+    assert history_keys(cache, "new") == [(1000, "qa"), (2000, "qa")]
+    assert "run old: not configured now" in status(new)
+
+
+def test_a_per_run_benchmark_list_is_honoured_and_once_still_ends(tmp_path, venvs):
+    for run in ("a", "b"):
+        megatron_checkpoint(tmp_path / run, 1000)
+    cfg = write_config(tmp_path, [bench("qa"), bench("mc")],
+                       watch={"paths": [{"path": str(tmp_path / "a"), "name": "a", "benchmarks": ["qa"]},
+                                        {"path": str(tmp_path / "b"), "name": "b"}]})
+    cache = tmp_path / "cache"
+
+    proc = run_cli("--config", cfg, "--once", timeout=90)
+
+    assert proc.returncode == 0, proc.stderr
+    assert states(cache, "a") == {(1000, "qa"): "recorded"}  # no mc job was ever created for run a
+    assert states(cache, "b") == {(1000, "qa"): "recorded", (1000, "mc"): "recorded"}
+    assert invocations(cache, 1000, "mc", run="a") == []
+
+
+# ---- 6: storage that drops, and storage that really deletes ---------------------------------------------
+@pytest.mark.parametrize("outage", ["tmpfs", "bind-mount"])
+def test_a_run_folder_that_comes_back_empty_for_a_while_vanishes_nothing(tmp_path, venvs, daemons, outage):
+    """What an NFS mount that drops leaves behind: the mount point, an empty folder (on another device, or
+    on the same one for a bind mount). Pending jobs wait; nothing is vanished; all are evaluated after."""
+    ckpt = tmp_path / "ckpt"
+    for it in (1000, 2000, 3000):
+        megatron_checkpoint(ckpt, it)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=1.0)],
+                       watch={"snapshot": "none", "poll_seconds": 0.2, "vanish_grace_seconds": 1})
+    cache = tmp_path / "cache"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    d = daemons(cfg)
+    wait_until(lambda: states(cache).get((1000, "qa")) == "inferring" and len(states(cache)) == 3,
+               what="1000 in flight, 2000 and 3000 queued")
+    try:
+        if outage == "tmpfs":  # an empty folder on another device
+            mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ckpt))
+        else:  # an empty folder on the same device
+            mount("--bind", str(empty), str(ckpt))
+        assert os.listdir(ckpt) == []
+        wait_until(lambda: "is not available" in d.log(), what="the outage to be noticed")
+        time.sleep(3.0)  # three times the vanish grace, fifteen rescans
+        assert "vanished" not in states(cache).values(), states(cache)
+    finally:
+        umount(ckpt)
+    assert os.path.exists(ckpt / "iter_0002000")
+    wait_until(lambda: set(states(cache).values()) == {"recorded"}, what="every job recorded after the outage")
+    assert d.stop() == 0
+    assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa"), (3000, "qa")]
+
+
+@pytest.mark.parametrize("deleted", [2000, 34000], ids=["queued-in-pin-window", "queued-beyond-pin-window"])
+def test_a_deleted_checkpoint_is_vanished_only_after_the_vanish_grace(tmp_path, venvs, daemons, deleted):
+    """36 checkpoints: the daemon takes the manifest of the next 32 in dispatch order (PIN_WINDOW); 34000 is
+    queued without one when it is deleted."""
+    for k in range(1, 37):
+        megatron_checkpoint(tmp_path / "ckpt", k * 1000)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=0.3)],
+                       watch={"snapshot": "none", "poll_seconds": 0.2, "vanish_grace_seconds": 3})
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    wait_until(lambda: len(states(cache)) == 36 and "inferring" in states(cache).values(), what="36 jobs queued")
+    deleted_at = time.time()
+    shutil.rmtree(tmp_path / "ckpt" / f"iter_{deleted:07d}")
+    time.sleep(2.0)
+    assert states(cache)[(deleted, "qa")] == "pending", "vanished before the grace period was over"
+    wait_until(lambda: states(cache).get((deleted, "qa")) == "vanished", what=f"{deleted} vanished", timeout=20)
+    assert d.stop() == 0
+    vanished = [e for e in ledger_events(cache) if e["iteration"] == deleted and e["to_state"] == "vanished"]
+    assert len(vanished) == 1 and vanished[0]["ts"] - deleted_at >= 3.0, vanished
+    assert invocations(cache, deleted, "qa") == []
+
+
+# ---- 7: the exit-code protocol ------------------------------------------------------------------------
+def test_a_stage_exiting_2_fails_for_good_at_once_with_its_message_in_status(tmp_path, venvs):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    bad = {"name": "badspec", "type": "command", "evaluation": "echo '{{\"score\": 1}}' > metrics.json",
+           "inference": "echo 'bad spec: options.split must be one of test, dev' >&2; exit 2"}
+    cfg = write_config(tmp_path, [bad], executor={"max_attempts": 3, "backoff_seconds": 0.1})
+    cache = tmp_path / "cache"
+
+    run_cli("--config", cfg, "--once", check=0, timeout=90)
+
+    row = ledger_rows(cache)[0]
+    assert row["state"] == "failed" and row["attempts"] == 1 and row["next_retry_at"] is None, row
+    assert [e["to_state"] for e in ledger_events(cache)] == ["pending", "inferring", "failed"]  # no retry
+    assert "bad spec: options.split must be one of test, dev" in status(cfg)
+
+
+def test_a_stage_exiting_75_is_retried_without_spending_attempts(tmp_path, venvs):
+    """max_attempts 1: had a 75 counted as an attempt, the job would fail for good at the first one."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    busy_twice = {"name": "busy", "type": "command", "evaluation": "echo '{{\"score\": 1}}' > metrics.json",
+                  "inference": "n=$(cat tries 2>/dev/null || echo 0); echo $((n + 1)) > tries; "
+                               "if [ $n -lt 2 ]; then echo 'rate limited, retry later' >&2; exit 75; fi"}
+    cfg = write_config(tmp_path, [busy_twice], executor={"max_attempts": 1, "backoff_seconds": 0.1})
+    cache = tmp_path / "cache"
+
+    run_cli("--config", cfg, "--once", check=0, timeout=90)
+
+    row = ledger_rows(cache)[0]
+    assert row["state"] == "recorded" and row["attempts"] == 0, row
+    starts = [e for e in ledger_events(cache) if e["to_state"] == "inferring"]
+    assert len(starts) == 3
+    assert (cache / "results" / "tiny" / "iter_0001000" / "busy" / "tries").read_text().strip() == "3"
+
+
+# ---- 8: a result one sink refuses every time --------------------------------------------------------------
+def test_a_result_one_sink_refuses_is_set_aside_while_later_results_reach_it(tmp_path, venvs):
+    """Real poison: at iteration 1000 the stage reports an integer too large for a float; the local sink
+    stores it (JSON has no limit), MLflow refuses it every time (OverflowError converting it)."""
+    for it in (1000, 2000, 3000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    huge = "1" + "0" * 400
+    scored = {"name": "qa", "type": "command", "inference": "true",
+              "evaluation": f"if [ {{iteration}} = 1000 ]; then v={huge}; else v={{iteration}}; fi; "
+                            f"echo \"{{{{\\\"score\\\": $v}}}}\" > metrics.json"}
+    cfg = write_config(tmp_path, [scored], executor={"max_attempts": 2, "backoff_seconds": 0.1},
+                       recorder={"sinks": ["local", "mlflow"], "max_failures": 2})
+    cache = tmp_path / "cache"
+
+    first = run_cli("--config", cfg, "--once", timeout=240)
+
+    assert first.returncode == 1, first.stderr  # the set-aside result stays queued
+    assert states(cache) == {(1000, "qa"): "scored", (2000, "qa"): "recorded", (3000, "qa"): "recorded"}
+    assert mlflow_steps(cache, "qa/score") == [2000, 3000]  # later results kept reaching MLflow
+    assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa"), (3000, "qa")]  # local took all of them
+    shown = status(cfg)
+    assert "recording set aside: 1 result(s)" in shown and "mlflow" in shown and "OverflowError" in shown, shown
+
+    metrics = cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace(huge, "1000"))  # the operator fixes the result by hand
+    assert "1 result(s) offered to their sinks again" in status(cfg, "--retry-recording")
+    run_cli("--config", cfg, "--once", check=0, timeout=240)
+
+    assert set(states(cache).values()) == {"recorded"}
+    assert mlflow_steps(cache, "qa/score") == [1000, 2000, 3000]
+    assert len(history(cache)) == 3
+
+
+def mlflow_steps(cache, key: str) -> list[int]:
+    db = sqlite3.connect(f"file:{cache / 'mlflow.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return sorted(r[0] for r in db.execute("SELECT step FROM metrics WHERE key = ?", (key,)))
+    finally:
+        db.close()
+
+
+# ---- 9: an error while preparing one job ----------------------------------------------------------------
+def test_an_oserror_preparing_one_job_fails_that_job_and_the_others_are_evaluated(tmp_path, venvs):
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa"), bench("mc")], executor={"max_attempts": 2, "backoff_seconds": 0.1})
+    cache = tmp_path / "cache"
+    blocked = cache / "results" / "tiny" / "iter_0001000" / "qa"  # its result folder's path is a file
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+
+    proc = run_cli("--config", cfg, "--once", timeout=90)
+
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = rows_by_key(cache)
+    bad = rows[("tiny", 1000, "qa")]
+    assert bad["state"] == "failed" and bad["attempts"] == 2 and bad["next_retry_at"] is None, bad
+    assert "preparing the stage" in bad["last_error"]
+    assert {k: r["state"] for k, r in rows.items() if k != ("tiny", 1000, "qa")} == {
+        ("tiny", 1000, "mc"): "recorded", ("tiny", 2000, "qa"): "recorded", ("tiny", 2000, "mc"): "recorded"}
+
+
+# ---- 10: SIGHUP (a closed terminal) --------------------------------------------------------------------
+def test_sighup_stops_the_daemon_cleanly_and_its_stage_goes_back_to_the_queue(tmp_path, venvs, daemons):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=60)], executor={"kill_grace_seconds": 2})
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    row = wait_until(lambda: [r for r in ledger_rows(cache) if r["state"] == "inferring" and r["pid"]],
+                     what="inference in flight")[0]
+
+    d.proc.send_signal(signal.SIGHUP)
+
+    assert d.proc.wait(timeout=10) == 0
+    assert not pid_alive(row["pid"]) and token_processes(row["token"]) == []  # nothing of the stage is left
+    after = ledger_rows(cache)[0]
+    assert after["state"] == "pending" and after["attempts"] == 0, after
+    run_cli("--config", write_config(tmp_path, [bench("qa")]), "--once", check=0)
+    assert states(cache) == {(1000, "qa"): "recorded"}
+
+
+# ---- 11: cache_dir on a disk that fills up ----------------------------------------------------------------
+def test_a_full_cache_disk_pauses_the_daemon_and_it_resumes_when_space_returns(tmp_path, venvs, daemons):
+    ckpt = tmp_path / "ckpt"
+    megatron_checkpoint(ckpt, 1000)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    d = None
+    try:
+        cfg = write_config(tmp_path, [bench("qa")], cache_dir=str(disk / "cache"),
+                           watch={"snapshot": "none"}, recorder={"plots": False})
+        cache = disk / "cache"
+        d = daemons(cfg)
+        wait_until(lambda: states(cache) == {(1000, "qa"): "recorded"}, what="1000 recorded")
+        filler = disk / "filler"
+        fill(filler)
+        megatron_checkpoint(ckpt, 2000)
+        wait_until(lambda: "cannot write the ledger" in d.log() and "paused" in d.log(), timeout=30,
+                   what="the daemon to say it cannot write the ledger")
+        assert d.proc.poll() is None, "the daemon must pause, not die"
+        assert "1000" in status(cfg)  # the ledger still opens and reads
+        filler.unlink()
+        wait_until(lambda: states(cache).get((2000, "qa")) == "recorded", timeout=60,
+                   what="2000 recorded once space returned")
+        assert d.stop() == 0
+        assert "Traceback" not in d.log(), d.log()
+        assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa")]
+    finally:
+        if d is not None:
+            d.kill()  # a failed assertion must not leave the mount busy
+        umount(disk)
+
+
+# ---- 12: inotify after the run folder was replaced --------------------------------------------------------
+def test_inotify_watches_a_run_folder_that_was_deleted_and_created_again(tmp_path, venvs, daemons):
+    ckpt = tmp_path / "ckpt"
+    megatron_checkpoint(ckpt, 1000)
+    cfg = write_config(tmp_path, [bench("qa")], watch={"mode": "inotify", "poll_seconds": 60,
+                                                        "vanish_grace_seconds": 600})
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    wait_until(lambda: states(cache).get((1000, "qa")) == "recorded", what="1000 recorded")
+    shutil.rmtree(ckpt)
+    time.sleep(1.0)
+    ckpt.mkdir()
+    time.sleep(1.0)
+    written_at = time.monotonic()
+    megatron_checkpoint(ckpt, 2000)
+    wait_until(lambda: states(cache).get((2000, "qa")) is not None, timeout=20,
+               what="2000 queued without waiting for the 60 s rescan")
+    assert time.monotonic() - written_at < 20
+    wait_until(lambda: states(cache).get((2000, "qa")) == "recorded", what="2000 recorded")
+    assert d.stop() == 0
+
+
+# ---- 13: an interrupted Megatron save ----------------------------------------------------------------------
+def test_an_interrupted_megatron_save_is_never_evaluated_and_status_calls_it_invalid(tmp_path, venvs):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0001000" / "mp_rank_00").mkdir(parents=True)  # the save was killed before writing its file
+    megatron_checkpoint(ckpt, 2000)  # training resumed and saved again: the tracker is past 1000
+    cfg = write_config(tmp_path, [bench("qa")])
+    cache = tmp_path / "cache"
+
+    run_cli("--config", cfg, "--once", check=0, timeout=90)
+
+    assert states(cache) == {(1000, "qa"): "failed", (2000, "qa"): "recorded"}
+    assert invocations(cache, 1000, "qa") == []
+    line = [ln for ln in status(cfg).splitlines() if " 1000 " in ln][0]
+    assert "failed" in line and "checkpoint invalid" in line, line
