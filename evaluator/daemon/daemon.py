@@ -525,7 +525,18 @@ class Daemon:
         for (run, iteration) in set(before) - set(self.keeper.waiting):
             for job in self.ledger.jobs([L.PENDING], run=run, iteration=iteration):
                 self.ledger.update(job.key, last_error=None)
+        now = time.monotonic()
         for run, iteration, why in vanished:
+            # gone while pinning is what a scan missing it would say: the same grace, and nothing while the
+            # run folder cannot be trusted (a mount that dropped looks exactly like this)
+            st = self.state.get(run)
+            if st is None:
+                continue
+            since = None if st.unavailable else st.missing_since.setdefault(iteration, now)
+            if since is None or now - since < self.grace:
+                self.keeper.discard(run, iteration)  # pinned again at a later pass if it is back
+                self.dirty.add(run)  # a rescan tells a dropped mount from a deletion
+                continue
             for job in self.ledger.jobs(run=run, iteration=iteration):
                 if job.state in (L.PENDING, L.SKIPPED, L.FAILED) and not P.job_final(job):
                     self.apply(P.Move(job.key, L.VANISHED, why, {"next_retry_at": None, "last_error": why},
