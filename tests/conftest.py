@@ -215,3 +215,16 @@ def bench_py(*args, timeout=300) -> subprocess.CompletedProcess:
     """tools/bench.py under the daemon venv's python (it starts each stage in its own venv)."""
     return subprocess.run([DAEMON_PY, os.path.join(ROOT, "tools", "bench.py"), *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real Slurm with accounting (scripts/slurm_local.sh start; .ci/run starts it): a failure, not a skip."""
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        proc = None
+    assert proc is not None and proc.returncode == 0 and proc.stdout.strip(), (
+        "no Slurm answers here: start one with `bash scripts/slurm_local.sh start` (CI does)")
+    acct = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True, text=True)
+    assert acct.returncode == 0, f"sacct does not work (slurmdbd?): {acct.stderr}"

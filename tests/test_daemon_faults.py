@@ -358,23 +358,7 @@ def test_an_oserror_preparing_one_job_fails_that_job_and_the_others_are_evaluate
         ("tiny", 1000, "mc"): "recorded", ("tiny", 2000, "qa"): "recorded", ("tiny", 2000, "mc"): "recorded"}
 
 
-# ---- 10: SIGHUP (a closed terminal) --------------------------------------------------------------------
-def test_sighup_stops_the_daemon_cleanly_and_its_stage_goes_back_to_the_queue(tmp_path, venvs, daemons):
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cfg = write_config(tmp_path, [bench("qa", infer_sleep=60)], executor={"kill_grace_seconds": 2})
-    cache = tmp_path / "cache"
-    d = daemons(cfg)
-    row = wait_until(lambda: [r for r in ledger_rows(cache) if r["state"] == "inferring" and r["pid"]],
-                     what="inference in flight")[0]
-
-    d.proc.send_signal(signal.SIGHUP)
-
-    assert d.proc.wait(timeout=10) == 0
-    assert not pid_alive(row["pid"]) and token_processes(row["token"]) == []  # nothing of the stage is left
-    after = ledger_rows(cache)[0]
-    assert after["state"] == "pending" and after["attempts"] == 0, after
-    run_cli("--config", write_config(tmp_path, [bench("qa")]), "--once", check=0)
-    assert states(cache) == {(1000, "qa"): "recorded"}
+# ---- 10: SIGHUP: tests/test_daemon_integration.py::test_sigterm_mid_stage_stops_cleanly... (parametrized)
 
 
 # ---- 11: cache_dir on a disk that fills up ----------------------------------------------------------------

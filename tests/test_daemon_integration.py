@@ -318,14 +318,15 @@ def test_second_daemon_on_the_same_cache_dir_is_refused(tmp_path, venvs, daemons
     assert first.stop() == 0
 
 
-def test_sigterm_mid_stage_stops_cleanly_and_returns_the_job_to_pending(tmp_path, venvs, daemons):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: a closed terminal, a `kill -HUP`
+def test_sigterm_mid_stage_stops_cleanly_and_returns_the_job_to_pending(tmp_path, venvs, daemons, sig):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg = write_config(tmp_path, [bench("qa", infer_sleep=60)], executor={"kill_grace_seconds": 5})
     cache = tmp_path / "cache"
     d = daemons(cfg)
     row = wait_until(lambda: [r for r in ledger_rows(cache) if r["state"] == "inferring" and r["pid"]],
                      what="inference in flight")[0]
-    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(sig)
     assert d.proc.wait(timeout=10) == 0  # the service contract: stop within 10 s
     assert not pid_alive(row["pid"])
     after = ledger_rows(cache)[0]

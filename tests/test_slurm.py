@@ -22,18 +22,6 @@ from evaluator.daemon.slurm import ALL_STATES
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    try:
-        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except FileNotFoundError:
-        proc = None
-    assert proc is not None and proc.returncode == 0 and proc.stdout.strip(), (
-        "no Slurm answers here: start one with `bash scripts/slurm_local.sh start` (CI does)")
-    acct = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True, text=True)
-    assert acct.returncode == 0, f"sacct does not work (slurmdbd?): {acct.stderr}"
-
-
 def slurm_config(tmp_path, benches, **executor):
     # unique across concurrent test sessions: sacct is filtered by the job names derived from it
     name = f"s{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -84,7 +72,7 @@ def states(cache):
     return {(r["iteration"], r["benchmark"]): r["state"] for r in ledger_rows(cache)}
 
 
-def test_a_checkpoint_is_evaluated_end_to_end_through_sbatch(tmp_path, venvs, slurm):
+def test_a_checkpoint_is_evaluated_end_to_end_through_sbatch(tmp_path, venvs, slurm_cluster):
     for it in (1000, 2000):
         megatron_checkpoint(tmp_path / "ckpt", it)
     cfg, run = slurm_config(tmp_path, [bench("qa")])
@@ -102,7 +90,7 @@ def test_a_checkpoint_is_evaluated_end_to_end_through_sbatch(tmp_path, venvs, sl
     assert {r["infer_job"] for r in rows} | {r["eval_job"] for r in rows} == {j["id"] for j in jobs}
 
 
-def test_a_failing_stage_is_retried_then_failed_and_its_evaluation_job_never_runs(tmp_path, venvs, slurm):
+def test_a_failing_stage_is_retried_then_failed_and_its_evaluation_job_never_runs(tmp_path, venvs, slurm_cluster):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_mode="crash")])
     run_cli("--config", cfg, "--once", check=0, timeout=240)
@@ -118,7 +106,7 @@ def test_a_failing_stage_is_retried_then_failed_and_its_evaluation_job_never_run
     assert len(evals) == 2 and all(j["state"] == "CANCELLED" for j in evals)
 
 
-def test_a_cancelled_job_is_retried(tmp_path, venvs, slurm, daemons):
+def test_a_cancelled_job_is_retried(tmp_path, venvs, slurm_cluster, daemons):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=4)], max_attempts=3)
     cache = tmp_path / "cache"
@@ -133,7 +121,7 @@ def test_a_cancelled_job_is_retried(tmp_path, venvs, slurm, daemons):
     assert len(events) == 1 and "CANCELLED" in events[0]["note"]
 
 
-def test_kill_9_with_jobs_in_flight_then_restart_reattaches_and_submits_nothing_twice(tmp_path, venvs, slurm, daemons):
+def test_kill_9_with_jobs_in_flight_then_restart_reattaches_and_submits_nothing_twice(tmp_path, venvs, slurm_cluster, daemons):
     for it in (1000, 2000, 3000):
         megatron_checkpoint(tmp_path / "ckpt", it)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=3)], max_in_flight=2)
@@ -160,7 +148,7 @@ def test_kill_9_with_jobs_in_flight_then_restart_reattaches_and_submits_nothing_
     assert len(set(names)) == 6
 
 
-def test_max_in_flight_is_respected(tmp_path, venvs, slurm):
+def test_max_in_flight_is_respected(tmp_path, venvs, slurm_cluster):
     for it in (1000, 2000, 3000, 4000):
         megatron_checkpoint(tmp_path / "ckpt", it)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=1)], max_in_flight=1)
@@ -180,7 +168,7 @@ def test_max_in_flight_is_respected(tmp_path, venvs, slurm):
             assert a == b or a1 <= b0 or b1 <= a0, f"pipelines {a} and {b} overlapped with max_in_flight=1"
 
 
-def test_status_cancel_jobs_cancels_what_a_stopped_daemon_left_running(tmp_path, venvs, slurm, daemons):
+def test_status_cancel_jobs_cancels_what_a_stopped_daemon_left_running(tmp_path, venvs, slurm_cluster, daemons):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=60)])
     cache = tmp_path / "cache"
@@ -196,7 +184,7 @@ def test_status_cancel_jobs_cancels_what_a_stopped_daemon_left_running(tmp_path,
                timeout=60, interval=1, what="both jobs cancelled in sacct")
 
 
-def test_a_refused_evaluation_sbatch_fails_the_attempt_and_cancels_its_inference(tmp_path, venvs, slurm, monkeypatch):
+def test_a_refused_evaluation_sbatch_fails_the_attempt_and_cancels_its_inference(tmp_path, venvs, slurm_cluster, monkeypatch):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=5)])
     fake_sbatch(tmp_path, monkeypatch, "echo 'sbatch: error: Batch job submission failed: Invalid qos (injected)' >&2; "
@@ -209,7 +197,7 @@ def test_a_refused_evaluation_sbatch_fails_the_attempt_and_cancels_its_inference
     assert [(j["name"][-6:], j["state"]) for j in jobs] == [("-infer", "CANCELLED")] * 2
 
 
-def test_kill_9_between_the_two_sbatch_calls_then_restart_runs_the_pipeline_once(tmp_path, venvs, slurm,
+def test_kill_9_between_the_two_sbatch_calls_then_restart_runs_the_pipeline_once(tmp_path, venvs, slurm_cluster,
                                                                                  monkeypatch):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=2)])

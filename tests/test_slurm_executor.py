@@ -63,16 +63,6 @@ def test_scontrol_one_liners_give_name_and_state_of_every_job_in_memory():
 # ---- real Slurm -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def slurm_up():
-    try:
-        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except FileNotFoundError:
-        proc = None
-    assert proc is not None and proc.returncode == 0 and proc.stdout.strip(), (
-        "no Slurm answers here: start one with `bash scripts/slurm_local.sh start` (CI does)")
-
-
 def executor(**kw) -> SlurmExecutor:
     ex = ExecutorConfig(type="slurm", slurm_poll_max_seconds=0.3, **{"max_in_flight": 4, **kw})
     return SlurmExecutor(ex, {INFERENCE: 600, EVALUATION: 600})
@@ -109,7 +99,7 @@ def slurm_state(job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_pipeline_reports_inference_with_its_running_evaluation_then_the_evaluation(tmp_path, slurm_up):
+def test_a_pipeline_reports_inference_with_its_running_evaluation_then_the_evaluation(tmp_path, slurm_cluster):
     ex = executor()
     lch = pipeline(tmp_path, "echo generated")
     started = ex.submit(lch)
@@ -125,7 +115,7 @@ def test_a_pipeline_reports_inference_with_its_running_evaluation_then_the_evalu
 
 
 @pytest.mark.slow
-def test_a_failed_inference_keeps_its_exit_code_and_cancels_its_evaluation(tmp_path, slurm_up):
+def test_a_failed_inference_keeps_its_exit_code_and_cancels_its_evaluation(tmp_path, slurm_cluster):
     ex = executor()
     started = ex.submit(pipeline(tmp_path, "sleep 1; exit 3"))
     (infer,) = exits_until(ex, 1)
@@ -136,7 +126,7 @@ def test_a_failed_inference_keeps_its_exit_code_and_cancels_its_evaluation(tmp_p
 
 
 @pytest.mark.slow
-def test_a_refused_second_sbatch_cancels_the_first_and_tracks_nothing(tmp_path, slurm_up, monkeypatch):
+def test_a_refused_second_sbatch_cancels_the_first_and_tracks_nothing(tmp_path, slurm_cluster, monkeypatch):
     # fault injection: an `sbatch` earlier on PATH that passes the first submission to the real sbatch
     # and refuses the second, as a cluster does for a bad account or a full queue
     real = shutil.which("sbatch")
@@ -160,7 +150,7 @@ def test_a_refused_second_sbatch_cancels_the_first_and_tracks_nothing(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_restarted_daemon_recovers_running_and_finished_pipelines_by_token(tmp_path, slurm_up, caplog):
+def test_a_restarted_daemon_recovers_running_and_finished_pipelines_by_token(tmp_path, slurm_cluster, caplog):
     before = executor()
     running = pipeline(tmp_path, "sleep 4")
     done = pipeline(tmp_path, "echo fast")
@@ -180,7 +170,7 @@ def test_a_restarted_daemon_recovers_running_and_finished_pipelines_by_token(tmp
 
 
 @pytest.mark.slow
-def test_recovery_finds_a_pipeline_the_controller_forgot_through_accounting(tmp_path, slurm_up, monkeypatch):
+def test_recovery_finds_a_pipeline_the_controller_forgot_through_accounting(tmp_path, slurm_cluster, monkeypatch):
     done = pipeline(tmp_path, "echo fast")
     started = executor().submit(done)
     slurm_state(started.then_handle)
@@ -198,7 +188,7 @@ def test_recovery_finds_a_pipeline_the_controller_forgot_through_accounting(tmp_
 
 
 @pytest.mark.slow
-def test_recovering_a_scoring_row_tracks_its_evaluation_job(tmp_path, slurm_up):
+def test_recovering_a_scoring_row_tracks_its_evaluation_job(tmp_path, slurm_cluster):
     lch = pipeline(tmp_path, "echo generated", "sleep 2")
     started = executor().submit(lch)
     after = executor()
@@ -209,7 +199,7 @@ def test_recovering_a_scoring_row_tracks_its_evaluation_job(tmp_path, slurm_up):
 
 
 @pytest.mark.slow
-def test_an_inference_without_its_chained_evaluation_is_cancelled_on_recovery(tmp_path, slurm_up):
+def test_an_inference_without_its_chained_evaluation_is_cancelled_on_recovery(tmp_path, slurm_cluster):
     # what a daemon killed between the two sbatch calls leaves: the inference job alone
     lone = launch(tmp_path, INFERENCE, "sleep 30")
     started = executor().submit(lone)
@@ -220,7 +210,7 @@ def test_an_inference_without_its_chained_evaluation_is_cancelled_on_recovery(tm
 
 
 @pytest.mark.slow
-def test_max_in_flight_counts_pipelines_and_lone_evaluations_and_cancel_frees_them(tmp_path, slurm_up):
+def test_max_in_flight_counts_pipelines_and_lone_evaluations_and_cancel_frees_them(tmp_path, slurm_cluster):
     ex = executor(max_in_flight=2)
     lch = pipeline(tmp_path, "sleep 30")
     started = ex.submit(lch)
@@ -236,7 +226,7 @@ def test_max_in_flight_counts_pipelines_and_lone_evaluations_and_cancel_frees_th
 
 
 @pytest.mark.slow
-def test_stop_leaves_jobs_running(tmp_path, slurm_up):
+def test_stop_leaves_jobs_running(tmp_path, slurm_cluster):
     ex = executor()
     lch = pipeline(tmp_path, "sleep 30")
     started = ex.submit(lch)
@@ -247,7 +237,7 @@ def test_stop_leaves_jobs_running(tmp_path, slurm_up):
 
 
 @pytest.mark.slow
-def test_one_poll_is_one_squeue_and_one_sacct_call_whatever_the_number_of_jobs(tmp_path, slurm_up, monkeypatch):
+def test_one_poll_is_one_squeue_and_one_sacct_call_whatever_the_number_of_jobs(tmp_path, slurm_cluster, monkeypatch):
     ex = executor()
     launches = [pipeline(tmp_path, "echo generated") for _ in range(3)]
     handles = [ex.submit(lch).handle for lch in launches]
@@ -262,7 +252,7 @@ def test_one_poll_is_one_squeue_and_one_sacct_call_whatever_the_number_of_jobs(t
 
 
 @pytest.mark.slow
-def test_a_job_slurm_no_longer_knows_fails_with_a_clear_reason(tmp_path, slurm_up, monkeypatch):
+def test_a_job_slurm_no_longer_knows_fails_with_a_clear_reason(tmp_path, slurm_cluster, monkeypatch):
     monkeypatch.setattr(slurm, "PURGED_AFTER_S", 0.0)
     ex = executor()
     ex.jobs["999999999"] = slurm.SlurmJob(("r", 1, "b"), EVALUATION, "tok", "999999999", time.monotonic())
