@@ -9,6 +9,8 @@ Runs, each in the python it needs (each script re-executes itself in its venv wh
   scripts/bench_pipeline.py   a backlog of 20 checkpoints, overlapping lanes vs strictly serial
   scripts/bench_inference.py  hf backend batched vs a per-sample loop (samples/s, ratio)
   scripts/bench_metrics.py    CIDEr-D / METEOR through our evaluation stage vs aac-metrics directly
+  scripts/bench_scale.py      10,000 checkpoints x 20 benchmarks: first admission, rescan, pass time, SIGTERM -> exit,
+                              idle CPU, RSS, each beside its goal (issue 12)
 Every figure is measured here, in this run; a section that fails is reported as failed, not filled in.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ SECTIONS = [  # name, script, extra args (normal), extra args (--quick)
     ("pipeline", "bench_pipeline.py", ["--checkpoints", "20"], ["--checkpoints", "8"]),
     ("inference", "bench_inference.py", [], []),
     ("metrics", "bench_metrics.py", [], []),
+    ("scale", "bench_scale.py", [], ["--quick"]),
 ]
 
 

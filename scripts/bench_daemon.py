@@ -5,6 +5,9 @@
 
 Every measurement runs the real daemon (tools/evaluator.py) or the real layout classes on a
 temporary checkpoint folder; timings come from the ledger's wall-clock timestamps, not its logs.
+Checkpoints are whole Megatron saves (iter_%07d/mp_rank_00/model_optim_rng.pt, non-empty), and a daemon
+starts nothing before their files stood still for watch.settle_seconds after the tracker (SETTLE_SECONDS
+here), so detection latencies include that wait.
 Prints progress to stderr, one table to stdout, and writes every number to --output.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ TRIVIAL_BENCHMARK = {
     "evaluation": "echo '{{\"acc\": 0.5}}' > metrics.json",
 }
 STARTED = time.monotonic()
+SETTLE_SECONDS = 0.5  # watch.settle_seconds of every daemon started here (the default is 2)
 
 
 def progress(msg: str) -> None:
@@ -65,7 +69,8 @@ def write_config(workdir: str, watch: dict, benchmarks: list[dict]) -> str:
     """A config file in `workdir` watching `workdir/ckpt`; JSON is valid YAML, so no quoting games."""
     cfg = {"auto_eval": {
         "project_name": "bench", "model_name": "bench", "cache_dir": os.path.join(workdir, "cache"),
-        "watch": {"paths": [os.path.join(workdir, "ckpt")], "layout": "megatron", "iteration_interval": 1000, **watch},
+        "watch": {"paths": [os.path.join(workdir, "ckpt")], "layout": "megatron", "iteration_interval": 1000,
+                  "settle_seconds": SETTLE_SECONDS, **watch},
         "executor": {"backoff_seconds": 0.5, "gpus": []},
         "benchmarks": benchmarks,
     }}
@@ -83,10 +88,18 @@ def write_tracker(root: str, iteration: int) -> float:
     return t
 
 
+def write_megatron_save(root: str, iteration: int) -> None:
+    """The file a (legacy, one-rank) Megatron save writes; an iter dir without it is never complete."""
+    rank = os.path.join(root, f"iter_{iteration:07d}", "mp_rank_00")
+    os.makedirs(rank)
+    with open(os.path.join(rank, "model_optim_rng.pt"), "wb") as f:
+        f.write(b"\0" * 1024)
+
+
 def make_megatron(root: str, iterations: list[int]) -> None:
     os.makedirs(root, exist_ok=True)
     for it in iterations:
-        os.mkdir(os.path.join(root, f"iter_{it:07d}"))
+        write_megatron_save(root, it)
     if iterations:
         write_tracker(root, max(iterations))
 
@@ -165,9 +178,7 @@ def detection_latency(mode: str, poll_seconds: float, n: int, max_gap: float) ->
             db = open_ledger(tmp)
             for i in range(1, n + 1):
                 iteration = 1000 * i
-                os.mkdir(os.path.join(ckpt, f"iter_{iteration:07d}"))
-                with open(os.path.join(ckpt, f"iter_{iteration:07d}", "model_optim_rng.pt"), "wb") as f:
-                    f.write(b"\0" * 1024)
+                write_megatron_save(ckpt, iteration)
                 written = write_tracker(ckpt, iteration)
                 deadline = time.monotonic() + poll_seconds + 10 if mode == "polling" else time.monotonic() + 10
                 while True:
@@ -186,7 +197,8 @@ def detection_latency(mode: str, poll_seconds: float, n: int, max_gap: float) ->
         finally:
             stop_daemon(proc)
     ms = [x * 1000 for x in latencies]
-    note = f"poll_seconds={poll_seconds:g}" + (" (events only)" if mode == "inotify" else "")
+    note = f"poll_seconds={poll_seconds:g}" + (" (events only)" if mode == "inotify" else "") + \
+        f", incl. settle_seconds={SETTLE_SECONDS:g}"
     samples = [round(x, 2) for x in ms]
     return {
         f"detect_{mode}_p50": row(percentile(ms, 50), "ms", f"{note}, n={n}", samples=samples),
@@ -211,10 +223,13 @@ def scan_time(count: int, repeats: int) -> dict:
         progress(f"scan: building a megatron layout with {count} iter dirs")
         root = os.path.join(tmp, "megatron")
         make_megatron(root, [100 * i for i in range(1, count + 1)])
-        layout = MegatronLayout("bench", root)
+        # files must stand still for settle_seconds after the tracker: the first scan only notes them
+        layout = MegatronLayout("bench", root, settle_seconds=0.0)
+        layout.scan()
         seconds, found = timed(layout.scan, repeats)
         assert len(found) == count and all(c.complete for c in found), "megatron scan missed checkpoints"
-        out["scan_megatron_10k"] = row(seconds * 1000, "ms", f"{count} iter dirs, median of {repeats}")
+        out["scan_megatron_10k"] = row(seconds * 1000, "ms", f"{count} iter dirs, deep checks (rank files, settle "
+                                                              f"signature), median of {repeats}")
 
         progress(f"scan: building a huggingface layout with {count} checkpoint dirs")
         root = os.path.join(tmp, "hf")
@@ -367,7 +382,8 @@ def executor_overhead(k: int) -> dict:
     per_ckpt = wall / k
     serial = statistics.mean(infer) + statistics.mean(score)
     return {
-        "exec_wall_per_ckpt": row(per_ckpt * 1000, "ms", f"--once wall {wall:.2f}s / K={k} (incl. daemon startup)"),
+        "exec_wall_per_ckpt": row(per_ckpt * 1000, "ms", f"--once wall {wall:.2f}s / K={k} "
+                                                          f"(incl. daemon startup, settle_seconds={SETTLE_SECONDS:g})"),
         "exec_steady_per_ckpt": row((last_ts - first_ts) / k * 1000, "ms", "first to last ledger event / K (no startup)"),
         "exec_daemon_startup": row((first_ts - began) * 1000, "ms", "process start to first ledger event"),
         "exec_infer_stage_mean": row(statistics.mean(infer) * 1000, "ms", "ledger inferring->inferred"),

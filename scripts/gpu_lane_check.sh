@@ -9,7 +9,12 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${1:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-for it in 1000 2000 3000; do mkdir -p "$WORK/ckpt/iter_000${it}"; done
+# whole Megatron saves: an iter dir counts only with a non-empty mp_rank_*/model_optim_rng.pt (the daemon then
+# waits watch.settle_seconds after the tracker before starting anything)
+for it in 1000 2000 3000; do
+  mkdir -p "$WORK/ckpt/iter_000${it}/mp_rank_00"
+  printf 'weights' > "$WORK/ckpt/iter_000${it}/mp_rank_00/model_optim_rng.pt"
+done
 echo 3000 > "$WORK/ckpt/latest_checkpointed_iteration.txt"
 cat > "$WORK/stage.py" <<'PY'
 import json, os, sys, time
