@@ -218,6 +218,8 @@ class Daemon:
         self.stopping = False
         self.changed = True  # a transition happened since range_finished was last asked
         self.last_heartbeat = float("-inf")
+        self.last_range_check = float("-inf")
+        self.watching = False  # the watcher thread runs (stopped at shutdown only then)
         self.last_rescan = time.monotonic()
         self.ledger_error_logged = float("-inf")
         self.lock = None
@@ -268,6 +270,7 @@ class Daemon:
         try:
             if self.watcher:
                 self.watcher.start()
+                self.watching = True
             self.guarded(self.recover)
             while not self.stopping:
                 if not self.guarded(self.step):
@@ -436,7 +439,7 @@ class Daemon:
         for c in checkpoints:  # one per iteration: the layout reports a second folder naming it as ignored
             if c.iteration not in present or (c.complete and not present[c.iteration].complete):
                 present[c.iteration] = c
-        self.admit(run, present.values())
+        self.admit(run, [c for it, c in present.items() if it not in full])
         incomplete = [c for c in checkpoints if not c.complete and not c.invalid
                       and c.iteration not in full]
         now = time.monotonic()
@@ -811,9 +814,12 @@ class Daemon:
 
     def range_finished(self) -> bool:
         expected = self.selection.expected()
-        if expected is None or not self.changed:
+        now = time.monotonic()
+        # asked after a change, at most once a second: at 200k rows the look costs a few hundred ms
+        if expected is None or not self.changed or now - self.last_range_check < 1.0:
             return False
         self.changed = False
+        self.last_range_check = now
         if self.executor.busy():
             return False
         rows = {run: {k: P.is_final(*v) for k, v in found.items()}
@@ -864,7 +870,7 @@ class Daemon:
                 self.keeper.collect()
             except L.LedgerUnavailable:
                 pass  # interrupted pins are redone at the next start
-            if self.watcher:
+            if self.watcher and self.watching:
                 self.watcher.stop()
             self.outbox.close()
             try:

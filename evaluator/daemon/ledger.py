@@ -167,7 +167,9 @@ class Ledger:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             args += states
         if run is not None:
-            where.append("run = ?")
+            # with a state filter, "+run" keeps SQLite on the (state, iteration) index: the primary key's
+            # run prefix would read every row of the run (200k) to find the few in that state
+            where.append("+run = ?" if states else "run = ?")
             args.append(run)
         if iteration is not None:
             where.append("iteration = ?")
