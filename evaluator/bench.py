@@ -24,6 +24,7 @@ from evaluator.common.atomic import read_json, write_text_atomic
 from evaluator.common.contracts import (EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS,
                                         StageJob)
 from evaluator.common.errors import EvaluatorError
+from evaluator.common.secrets import is_secret
 from evaluator.daemon.stages import BENCHMARK_TYPES  # a plain table: no daemon machinery is imported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,13 @@ def run_stage(stage: str, job: StageJob, quiet: bool = False) -> int:
     options = job.benchmark.get("backend_options") or {}
     if "api_key" in options:
         env["OPENAI_API_KEY"] = str(options["api_key"])
-        job.benchmark = {**job.benchmark, "backend_options": {k: v for k, v in options.items() if k != "api_key"}}
+        options = {k: v for k, v in options.items() if k != "api_key"}
+        job.benchmark = {**job.benchmark, "backend_options": options}
+    secrets = [k for k in options if is_secret(k)]
+    if secrets:  # the one secret policy: nothing named like a credential is written into a job spec
+        raise EvaluatorError(f"--backend-opt {secrets[0]}=...: a secret does not go into the job spec; export it "
+                             f"and pass --backend-opt {secrets[0]}_env=VARIABLE_NAME (or api_key=... for the "
+                             f"OpenAI key, which travels in the stage's environment)")
     job.write(job_path)
     cmd = [venv_python(stage), "-m", stage_module(stage, job.benchmark["type"]), "--job", job_path]
     log_path = os.path.join(job.output_dir, LOG_FILE[stage])

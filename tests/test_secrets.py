@@ -101,3 +101,15 @@ def test_recorder_settings_mask_whatever_run_config_a_caller_builds(tmp_path):
                                 mlflow=MlflowSettings(tracking_uri="sqlite:///x", experiment="p"),
                                 run_config={"source": "helm", "extra": {"api_key": "sk-abcdefgh12345678"}})
     assert settings.run_config == {"source": "helm", "extra": {"api_key": "***"}}
+
+
+def test_bench_py_refuses_a_secret_backend_option_and_writes_it_nowhere(tmp_path):
+    from conftest import bench_py, canonical_dataset
+
+    data = canonical_dataset(tmp_path / "ds", [{"id": "1", "messages": [{"role": "user", "content": "hi"}],
+                                                "target": "x"}], metrics=["exact_match"])
+    proc = bench_py("inference", data, "--model", str(tmp_path / "model"), "--backend-opt", "hf_token=sekrit-123",
+                    "--output-root", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "hf_token_env=VARIABLE_NAME" in proc.stderr and "Traceback" not in proc.stderr
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and "sekrit-123" in p.read_text(errors="replace")]
+    assert written == []
