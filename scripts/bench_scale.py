@@ -135,7 +135,10 @@ class Worker:
         here = os.path.dirname(os.path.abspath(evaluator.__file__))
         assert here == os.path.join(os.path.abspath(args.code), "evaluator"), f"imported {here}, not {args.code}"
         self.D, self.L = D, L
-        self.old = not hasattr(D, "build")
+        self.old = not os.path.exists(os.path.join(args.code, "evaluator", "daemon", "build.py"))
+        if not self.old:
+            import evaluator.daemon.build as B  # the composition root (a module of its own since the rewrite)
+            self.B = B
         self.cfg = load_config(args.config)
         w = self.cfg.watch
         self.Selection = Selection
@@ -158,9 +161,10 @@ class Worker:
     # -- the two code shapes ------------------------------------------------------------------
     def make_daemon(self):
         if not self.old:
-            self.daemon = self.D.build(self.cfg, self.selection)
+            self.daemon = self.B.build(self.cfg, self.selection)
             if self.daemon.watcher is not None:
                 self.daemon.watcher.start()  # as run() does (shutdown() joins its thread)
+                self.daemon.watching = True
             return self.daemon
         # BEFORE-SHIM: the old Daemon(cfg, selection) made its parts in _run_locked, right before its loop;
         # this is that code, minus the lock, signals, watcher and rescanner threads

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 from evaluator.daemon import ledger as L  # noqa: E402
 from evaluator.daemon.config import load_config  # noqa: E402
-from evaluator.daemon.daemon import resolve_runs  # noqa: E402
+from evaluator.daemon.build import resolve_runs  # noqa: E402
 
 
 def checkpoints_on_disk(root: str) -> set:

@@ -529,7 +529,7 @@ def test_a_config_that_is_not_utf8_is_a_clear_error(tmp_path):
 ])
 def test_run_names_must_be_distinct_and_stay_inside_the_results_tree(tmp_path, watch, expected):
     import yaml as _yaml
-    from evaluator.daemon.daemon import resolve_runs
+    from evaluator.daemon.build import resolve_runs
     path = tmp_path / "cfg.yaml"
     path.write_text(_yaml.safe_dump({"auto_eval": {"project_name": "a", "model_name": "b", "watch": watch}}))
     with pytest.raises(EvaluatorError, match=expected):

@@ -184,11 +184,10 @@ def test_a_result_a_sink_keeps_refusing_is_quarantined_not_retried_forever():
 
 
 # ---- when to stop -------------------------------------------------------------------------------------------
-def test_idle_needs_nothing_running_runnable_or_undelivered():
+def test_idle_needs_nothing_runnable_or_undelivered():
     assert P.idle(P.Backlog())
     assert not P.idle(P.Backlog(runnable=1))
     assert not P.idle(P.Backlog(undelivered=1))
-    assert not P.idle(P.Backlog(busy=True))
 
 
 def test_range_finished_waits_for_every_expected_iteration_but_not_for_one_never_saved():

@@ -95,7 +95,7 @@ def apply_flags(cfg: AutoEvalConfig, args) -> Selection:
 
 def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -> tuple[list[dict], list]:
     """The jobs a daemon would run now, and the checkpoints it would not (with why)."""
-    from evaluator.daemon.daemon import make_layouts, resolve_runs
+    from evaluator.daemon.build import make_layouts, resolve_runs
 
     runs = resolve_runs(cfg, model_type)
     layouts = make_layouts(cfg, runs)
@@ -200,7 +200,7 @@ def status(argv: list[str]) -> int:
     counts = {s: sum(1 for j in jobs if j.state == s) for s in L.STATES}
     print("total: " + (", ".join(f"{s}={n}" for s, n in counts.items() if n) or "no jobs"))
     try:
-        from evaluator.daemon.daemon import resolve_runs
+        from evaluator.daemon.build import resolve_runs
 
         configured = {r.name for r in resolve_runs(cfg)}
     except EvaluatorError:
@@ -254,7 +254,7 @@ def run(argv: list[str]) -> int:
         else:
             print_plan(jobs, not_planned, selection)
         return 0
-    from evaluator.daemon.daemon import build
+    from evaluator.daemon.build import build
 
     return build(cfg, selection, args.model_type, once=args.once).run()
 

@@ -1,8 +1,8 @@
 """The daemon: observe -> decide (policy.py) -> apply.
 
-`build(cfg, ...)` is the composition root: it checks the stage venvs, takes the cache_dir lock and makes
-the ledger, executor, sinks (outbox), snapshot keeper and watcher, and hands them to `Daemon`. One pass
-of the loop (`Daemon.step`) reads top to bottom:
+`build.build(cfg, ...)` is the composition root: it checks the stage venvs, takes the cache_dir lock and
+makes the ledger, executor, sinks (outbox), snapshot keeper and watcher, and hands them to `Daemon`. One
+pass of the loop (`Daemon.step`) reads top to bottom:
 
     apply stage exits -> rescan runs that changed -> pin the next checkpoints -> release due retries
     -> start stages on free slots -> carry scored results to the sinks -> heartbeat
@@ -17,29 +17,24 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-from filelock import FileLock, Timeout
-
 from evaluator.common.atomic import read_json
 from evaluator.common.contracts import (
     DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob, read_metrics, result_dir)
-from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
 from evaluator.daemon import policy as P
-from evaluator.daemon.checkpoints import LAYOUTS, Checkpoint, CheckpointLayout, Selection
+from evaluator.daemon.checkpoints import Checkpoint, CheckpointLayout, Selection
 from evaluator.daemon.config import AutoEvalConfig
-from evaluator.daemon.executors import EXECUTORS, Exit, Intent, Launch, Started, SubmitError
+from evaluator.daemon.executors import Exit, Intent, Launch, Started, SubmitError
 from evaluator.daemon.outbox import Outbox
 from evaluator.daemon.policy import RunSpec
-from evaluator.daemon.sink_setup import make_sinks
-from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
+from evaluator.daemon.snapshots import SnapshotKeeper
 from evaluator.daemon.stages import BENCHMARK_TYPES
-from evaluator.daemon.watch import CheckpointWatcher, choose_mode
+from evaluator.daemon.watch import CheckpointWatcher
 from recorder.sinks import ResultRecord
 
 log = logging.getLogger("evaluator")
@@ -51,63 +46,6 @@ ADMIT_CHUNK = 2000  # rows per admission transaction (the stop flag is checked b
 PIN_WINDOW = 32  # checkpoints pinned ahead of dispatch, in dispatch order
 LEDGER_RETRY_SECONDS = 10.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: a closed terminal stops cleanly too
-
-
-def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[RunSpec]:
-    """The training runs to watch: watch.paths, or Data-Juicer's megatron.checkpoint_path."""
-    paths = list(cfg.watch.paths)
-    default_layout = model_type or cfg.watch.layout or "megatron"
-    if not paths:
-        if cfg.megatron and cfg.megatron.checkpoint_path:
-            return [RunSpec(cfg.model_name, cfg.megatron.checkpoint_path, default_layout)]
-        raise EvaluatorError("invalid config: auto_eval.watch.paths: no checkpoint folder to watch; "
-                             "set watch.paths or megatron.checkpoint_path")
-    runs = []
-    for p in paths:
-        name = p.name or (cfg.model_name if len(paths) == 1 else os.path.basename(p.path.rstrip("/")))
-        runs.append(RunSpec(name, p.path, p.layout or default_layout,
-                            tuple(p.benchmarks) if p.benchmarks is not None else None))
-    names = [r.name for r in runs]
-    for r in runs:
-        if names.count(r.name) > 1:
-            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: two runs are named {r.name!r}; give each "
-                                 f"path a distinct `name:` (it names the folder of its results)")
-    for r in runs:
-        if os.path.isabs(r.name) or ".." in r.name.split("/") or not r.name.strip("/"):
-            raise EvaluatorError(f"invalid config: run name {r.name!r} (model_name or watch.paths[].name) must be a "
-                                 f"relative folder name without '..'")
-        if os.path.exists(r.root) and not os.path.isdir(r.root):
-            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: {r.root} is not a folder")
-    return runs
-
-
-def make_layouts(cfg: AutoEvalConfig, runs: list[RunSpec]) -> dict[str, CheckpointLayout]:
-    w = cfg.watch
-    return {r.name: LAYOUTS[r.layout](r.name, r.root, w.settle_seconds, w.pattern, w.done_marker) for r in runs}
-
-
-def retry_policy(cfg: AutoEvalConfig) -> P.RetryPolicy:
-    ex = cfg.executor
-    return P.RetryPolicy(ex.max_attempts, ex.backoff_seconds, ex.backoff_max_seconds, ex.tempfail_minutes * 60)
-
-
-def venv_python(path: str) -> str:
-    """A venv folder or a python executable -> the python executable."""
-    return os.path.join(path, "bin", "python") if os.path.isdir(path) else path
-
-
-def check_envs(cfg: AutoEvalConfig) -> dict[str, str]:
-    pythons = {}
-    for stage, key in ((INFERENCE, "inference"), (EVALUATION, "evaluation")):
-        py = venv_python(getattr(cfg.envs, key))
-        if not os.access(py, os.X_OK):
-            raise EvaluatorError(f"auto_eval.envs.{key}: no python at {py} (run `make setup`, or point it at a venv)")
-        probe = subprocess.run([py, "-c", "import evaluator.stages"], capture_output=True, text=True)
-        if probe.returncode != 0:
-            raise EvaluatorError(f"auto_eval.envs.{key}: {py} cannot import the evaluator package "
-                                 f"(run `make setup`): {probe.stderr.strip().splitlines()[-1:]}")
-        pythons[stage] = py
-    return pythons
 
 
 def stage_done(stage: str, output_dir: str) -> Optional[str]:
@@ -151,48 +89,6 @@ class RunWatch:
     last_scan: float = float("-inf")
 
 
-def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] = None, once: bool = False) -> "Daemon":
-    """The composition root: check what the daemon needs, take the cache_dir lock, make the parts."""
-    runs = resolve_runs(cfg, model_type)
-    if not cfg.benchmarks:
-        raise EvaluatorError("auto_eval.benchmarks: no benchmarks configured; nothing to run "
-                             "(--dry-run shows which checkpoints would be evaluated)")
-    pythons = check_envs(cfg)
-    try:
-        os.makedirs(cfg.cache_dir, exist_ok=True)
-    except OSError as e:
-        raise EvaluatorError(f"auto_eval.cache_dir: cannot create {cfg.cache_dir}: {e.strerror}") from None
-    if cfg.watch.snapshot == "hardlink":
-        for r in runs:
-            if resolve_mode("auto", cfg.cache_dir, r.root) != "hardlink":
-                raise EvaluatorError(f"auto_eval.watch.snapshot: hardlink needs cache_dir ({cfg.cache_dir}) on the "
-                                     f"same filesystem as {r.root}; use 'copy' (or 'auto')")
-    lock = FileLock(os.path.join(cfg.cache_dir, "daemon.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise EvaluatorError(f"another daemon is already running on cache_dir {cfg.cache_dir} "
-                             f"(it holds {lock.lock_file}); stop it first") from None
-    try:
-        ledger = L.Ledger(cfg.cache_dir)
-    except L.LedgerUnavailable as e:
-        lock.release()
-        raise EvaluatorError(f"auto_eval.cache_dir: {e}") from None
-    ex = cfg.executor
-    timeouts = {INFERENCE: 60 * ex.inference_timeout_minutes, EVALUATION: 60 * ex.evaluation_timeout_minutes}
-    executor = EXECUTORS[ex.type](ex, timeouts, ex.kill_grace_seconds)
-    layouts = make_layouts(cfg, runs)
-    w = cfg.watch
-    keeper = SnapshotKeeper(ledger, cfg.cache_dir, layouts, w.snapshot, w.snapshot_max_gb, w.snapshot_exclude,
-                            lambda: None)
-    mode = choose_mode(w.mode, [r.root for r in runs])
-    watcher = CheckpointWatcher({r.name: r.root for r in runs}, lambda run: None) if mode == "inotify" else None
-    daemon = Daemon(cfg, selection, runs, layouts, ledger, executor, make_sinks(cfg), keeper, watcher, pythons,
-                    timeouts, once=once)
-    daemon.lock = lock
-    return daemon
-
-
 class Daemon:
     def __init__(self, cfg: AutoEvalConfig, selection: Selection, runs: list[RunSpec],
                  layouts: dict[str, CheckpointLayout], ledger: L.Ledger, executor, sinks: list,
@@ -210,7 +106,7 @@ class Daemon:
         self.pythons = pythons
         self.timeouts = timeouts
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
-        self.policy = retry_policy(cfg)
+        self.policy = P.RetryPolicy.from_executor(cfg.executor)
         self.grace = P.vanish_grace(cfg.watch.vanish_grace_seconds, cfg.watch.poll_seconds)
         self.state = {r.name: RunWatch() for r in runs}
         self.dirty: set[str] = set(self.runs)  # runs to rescan (watcher events, rechecks, the periodic rescan)
@@ -567,11 +463,11 @@ class Daemon:
             ready_state = P.STAGE_STATES[stage][0]
             ready: list[L.Job] = []
             for run in self.runs:  # per run, so one run's backlog cannot fill the window (policy.choose is fair)
-                ready += [j for j in self.ledger.jobs([ready_state], run=run, newest_first=self.newest_first,
-                                                      limit=free + 64) if self.is_wanted(j)]
+                ready += self.ledger.jobs([ready_state], run=run, newest_first=self.newest_first, limit=free + 64)
             ready.sort(key=lambda j: (-j.iteration if self.newest_first else j.iteration, j.run, j.benchmark))
             started = 0
-            for job in P.choose(ready, free, self.is_wanted):
+            # all of them in fair order: one whose snapshot is still pinning does not hold a slot
+            for job in P.choose(ready, len(ready), self.is_wanted):
                 if self.stopping or started >= free:
                     break
                 try:
@@ -803,10 +699,10 @@ class Daemon:
     def idle(self) -> bool:
         """--once: nothing running, nothing runnable, no retry, no settling checkpoint, no result to deliver."""
         if self.busy():
-            return False
+            return False  # the counts below are SQL: not asked while work is in flight
         runnable = sum(n for run, bench, n in self.ledger.runnable() if P.wanted(self.runs, self.benchmarks, run, bench))
         undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
-        return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered, busy=False))
+        return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered))
 
     def undelivered_given_up(self) -> int:
         """--once: results a sink refused executor.max_attempts times in a row: not waited for."""

@@ -69,6 +69,15 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 DROP INDEX IF EXISTS jobs_state;
 """
 EVENTS_KEEP_SECONDS = 30 * 86400  # transitions older than this are pruned (status shows the newest)
+_OF_SCORED_ROW = "JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration AND j.benchmark=d.benchmark"
+
+
+def _owed(held_back: str) -> str:
+    """WHERE clause: row `j` is scored (1st parameter), a sink (2nd, 3rd) has not accepted it, and its
+    `deliveries` row `d` for that sink does not hold it back by `held_back`."""
+    return ("j.state = ? AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.run=j.run AND r.iteration=j.iteration"
+            " AND r.benchmark=j.benchmark AND r.sink=?) AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run=j.run"
+            f" AND d.iteration=j.iteration AND d.benchmark=j.benchmark AND d.sink=? AND ({held_back}))")
 
 
 class LedgerConflict(RuntimeError):
@@ -348,41 +357,29 @@ class Ledger:
         out = []
         for sink in sinks:
             rows = self.db.execute(
-                f"{self._select.replace('FROM jobs', 'FROM jobs AS j')} WHERE j.state = ?"
-                " AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.run=j.run AND r.iteration=j.iteration"
-                "  AND r.benchmark=j.benchmark AND r.sink=?)"
-                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run=j.run AND d.iteration=j.iteration"
-                "  AND d.benchmark=j.benchmark AND d.sink=? AND (d.quarantined=1 OR d.next_try_at > ?))"
-                " ORDER BY j.iteration, j.run, j.benchmark LIMIT ?", (SCORED, sink, sink, now, limit))
+                f"{self._select.replace('FROM jobs', 'FROM jobs AS j')} WHERE "
+                f"{_owed('d.quarantined=1 OR d.next_try_at > ?')} ORDER BY j.iteration, j.run, j.benchmark LIMIT ?",
+                (SCORED, sink, sink, now, limit))
             out += [(Job(**dict(r)), sink) for r in rows]
         return out
 
     def next_delivery(self) -> Optional[float]:
         row = self.db.execute(
-            "SELECT MIN(d.next_try_at) FROM deliveries d JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration"
-            " AND j.benchmark=d.benchmark WHERE d.quarantined=0 AND j.state=?", (SCORED,)).fetchone()
+            f"SELECT MIN(d.next_try_at) FROM deliveries d {_OF_SCORED_ROW} WHERE d.quarantined=0 AND j.state=?",
+            (SCORED,)).fetchone()
         return row[0] if row else None
 
     def undelivered(self, sinks: list[str], give_up_after: Optional[int] = None) -> int:
         """(scored row, sink) pairs still to be accepted, leaving out quarantined ones (and, with
         give_up_after, those that failed that many times in a row: --once does not wait for them)."""
-        total = 0
-        for sink in sinks:
-            row = self.db.execute(
-                "SELECT COUNT(*) FROM jobs AS j WHERE j.state = ?"
-                " AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.run=j.run AND r.iteration=j.iteration"
-                "  AND r.benchmark=j.benchmark AND r.sink=?)"
-                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run=j.run AND d.iteration=j.iteration"
-                "  AND d.benchmark=j.benchmark AND d.sink=? AND (d.quarantined=1 OR d.failures >= ?))",
-                (SCORED, sink, sink, give_up_after if give_up_after is not None else 1 << 30)).fetchone()
-            total += row[0]
-        return total
+        after = give_up_after if give_up_after is not None else 1 << 30
+        query = f"SELECT COUNT(*) FROM jobs AS j WHERE {_owed('d.quarantined=1 OR d.failures >= ?')}"
+        return sum(self.db.execute(query, (SCORED, sink, sink, after)).fetchone()[0] for sink in sinks)
 
     def given_up_deliveries(self, after: int) -> int:
         """Scored results a sink refused `after` times in a row (or set aside): --once does not wait for them."""
-        (n,) = self.db.execute(
-            "SELECT COUNT(*) FROM deliveries d JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration AND "
-            "j.benchmark=d.benchmark WHERE j.state=? AND (d.quarantined=1 OR d.failures >= ?)", (SCORED, after)).fetchone()
+        (n,) = self.db.execute(f"SELECT COUNT(*) FROM deliveries d {_OF_SCORED_ROW} WHERE j.state=? AND "
+                               "(d.quarantined=1 OR d.failures >= ?)", (SCORED, after)).fetchone()
         return n
 
     def mark_recorded(self, key: tuple, sink: str) -> None:

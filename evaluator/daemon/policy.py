@@ -19,7 +19,6 @@ from evaluator.daemon.checkpoints import Checkpoint, Selection
 EXIT_BAD_SPEC = 2  # the stage's own verdict: its job spec or data is wrong; retrying cannot help
 # per stage: the state a job waits in, runs in, and reaches when the stage is done
 STAGE_STATES = {INFERENCE: (L.PENDING, L.INFERRING, L.INFERRED), EVALUATION: (L.INFERRED, L.SCORING, L.SCORED)}
-READY_STAGE = {L.PENDING: INFERENCE, L.INFERRED: EVALUATION}
 
 
 # ---- what is configured ------------------------------------------------------------------------
@@ -48,6 +47,11 @@ class RetryPolicy:
     backoff_seconds: float = 30.0
     backoff_max_seconds: float = 3600.0
     tempfail_seconds: float = 7200.0  # exit 75 has its own budget: this long of nothing but "retry later"
+
+    @classmethod
+    def from_executor(cls, ex) -> "RetryPolicy":
+        """From the config's `executor:` section (ExecutorConfig)."""
+        return cls(ex.max_attempts, ex.backoff_seconds, ex.backoff_max_seconds, ex.tempfail_minutes * 60)
 
     def delay(self, failures: int) -> float:
         """Exponential backoff after the n-th failure in a row (n >= 1)."""
@@ -270,11 +274,11 @@ class Backlog:
 
     runnable: int = 0  # wanted rows pending/inferred/running, or failed with a retry to come
     undelivered: int = 0  # scored rows with a sink still to accept them (not quarantined, not given up)
-    busy: bool = False  # stages running, pins in flight, checkpoints settling, rescans asked for
 
 
 def idle(b: Backlog) -> bool:
-    return not b.busy and b.runnable == 0 and b.undelivered == 0
+    """The loop asks only once nothing is in flight (stages, pins, settling checkpoints, sink calls)."""
+    return b.runnable == 0 and b.undelivered == 0
 
 
 def range_finished(expected: Optional[list[int]], runs: list[RunSpec], benchmarks: list[str],

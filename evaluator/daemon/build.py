@@ -1,0 +1,120 @@
+"""The composition root: what the daemon needs is checked and made here, then handed to `Daemon`.
+
+`build(cfg, selection)` resolves the runs and layouts, checks the stage venvs, takes the filelock on
+cache_dir, and makes the ledger, the executor (`executors.EXECUTORS[executor.type]`), the sinks, the
+snapshot keeper and the inotify watcher (the torchtitan `Trainer` shape: parts built in one place, a loop
+that only calls them).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Optional
+
+from filelock import FileLock, Timeout
+
+from evaluator.common.contracts import EVALUATION, INFERENCE
+from evaluator.common.errors import EvaluatorError
+from evaluator.daemon import ledger as L
+from evaluator.daemon.checkpoints import LAYOUTS, CheckpointLayout, Selection
+from evaluator.daemon.config import AutoEvalConfig
+from evaluator.daemon.daemon import Daemon
+from evaluator.daemon.executors import EXECUTORS
+from evaluator.daemon.policy import RunSpec
+from evaluator.daemon.sink_setup import make_sinks
+from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
+from evaluator.daemon.watch import CheckpointWatcher, choose_mode
+
+
+def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[RunSpec]:
+    """The training runs to watch: watch.paths, or Data-Juicer's megatron.checkpoint_path."""
+    paths = list(cfg.watch.paths)
+    default_layout = model_type or cfg.watch.layout or "megatron"
+    if not paths:
+        if cfg.megatron and cfg.megatron.checkpoint_path:
+            return [RunSpec(cfg.model_name, cfg.megatron.checkpoint_path, default_layout)]
+        raise EvaluatorError("invalid config: auto_eval.watch.paths: no checkpoint folder to watch; "
+                             "set watch.paths or megatron.checkpoint_path")
+    runs = []
+    for p in paths:
+        name = p.name or (cfg.model_name if len(paths) == 1 else os.path.basename(p.path.rstrip("/")))
+        runs.append(RunSpec(name, p.path, p.layout or default_layout,
+                            tuple(p.benchmarks) if p.benchmarks is not None else None))
+    names = [r.name for r in runs]
+    for r in runs:
+        if names.count(r.name) > 1:
+            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: two runs are named {r.name!r}; give each "
+                                 f"path a distinct `name:` (it names the folder of its results)")
+    for r in runs:
+        if os.path.isabs(r.name) or ".." in r.name.split("/") or not r.name.strip("/"):
+            raise EvaluatorError(f"invalid config: run name {r.name!r} (model_name or watch.paths[].name) must be a "
+                                 f"relative folder name without '..'")
+        if os.path.exists(r.root) and not os.path.isdir(r.root):
+            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: {r.root} is not a folder")
+    return runs
+
+
+def make_layouts(cfg: AutoEvalConfig, runs: list[RunSpec]) -> dict[str, CheckpointLayout]:
+    w = cfg.watch
+    return {r.name: LAYOUTS[r.layout](r.name, r.root, w.settle_seconds, w.pattern, w.done_marker) for r in runs}
+
+
+def venv_python(path: str) -> str:
+    """A venv folder or a python executable -> the python executable."""
+    return os.path.join(path, "bin", "python") if os.path.isdir(path) else path
+
+
+def check_envs(cfg: AutoEvalConfig) -> dict[str, str]:
+    pythons = {}
+    for stage, key in ((INFERENCE, "inference"), (EVALUATION, "evaluation")):
+        py = venv_python(getattr(cfg.envs, key))
+        if not os.access(py, os.X_OK):
+            raise EvaluatorError(f"auto_eval.envs.{key}: no python at {py} (run `make setup`, or point it at a venv)")
+        probe = subprocess.run([py, "-c", "import evaluator.stages"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise EvaluatorError(f"auto_eval.envs.{key}: {py} cannot import the evaluator package "
+                                 f"(run `make setup`): {probe.stderr.strip().splitlines()[-1:]}")
+        pythons[stage] = py
+    return pythons
+
+
+def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] = None, once: bool = False) -> "Daemon":
+    """The composition root: check what the daemon needs, take the cache_dir lock, make the parts."""
+    runs = resolve_runs(cfg, model_type)
+    if not cfg.benchmarks:
+        raise EvaluatorError("auto_eval.benchmarks: no benchmarks configured; nothing to run "
+                             "(--dry-run shows which checkpoints would be evaluated)")
+    pythons = check_envs(cfg)
+    try:
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+    except OSError as e:
+        raise EvaluatorError(f"auto_eval.cache_dir: cannot create {cfg.cache_dir}: {e.strerror}") from None
+    if cfg.watch.snapshot == "hardlink":
+        for r in runs:
+            if resolve_mode("auto", cfg.cache_dir, r.root) != "hardlink":
+                raise EvaluatorError(f"auto_eval.watch.snapshot: hardlink needs cache_dir ({cfg.cache_dir}) on the "
+                                     f"same filesystem as {r.root}; use 'copy' (or 'auto')")
+    lock = FileLock(os.path.join(cfg.cache_dir, "daemon.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise EvaluatorError(f"another daemon is already running on cache_dir {cfg.cache_dir} "
+                             f"(it holds {lock.lock_file}); stop it first") from None
+    try:
+        ledger = L.Ledger(cfg.cache_dir)
+    except L.LedgerUnavailable as e:
+        lock.release()
+        raise EvaluatorError(f"auto_eval.cache_dir: {e}") from None
+    ex = cfg.executor
+    timeouts = {INFERENCE: 60 * ex.inference_timeout_minutes, EVALUATION: 60 * ex.evaluation_timeout_minutes}
+    executor = EXECUTORS[ex.type](ex, timeouts, ex.kill_grace_seconds)
+    layouts = make_layouts(cfg, runs)
+    w = cfg.watch
+    keeper = SnapshotKeeper(ledger, cfg.cache_dir, layouts, w.snapshot, w.snapshot_max_gb, w.snapshot_exclude,
+                            lambda: None)
+    mode = choose_mode(w.mode, [r.root for r in runs])
+    watcher = CheckpointWatcher({r.name: r.root for r in runs}, lambda run: None) if mode == "inotify" else None
+    daemon = Daemon(cfg, selection, runs, layouts, ledger, executor, make_sinks(cfg), keeper, watcher, pythons,
+                    timeouts, once=once)
+    daemon.lock = lock
+    return daemon
