@@ -657,11 +657,16 @@ def test_safetensors_header_of_the_wrong_shape_is_not_complete(tmp_path, header)
 
 
 # ---- Megatron: at or below the tracker, the files a save writes must be there ---------------------------
-def megatron_layout(root: Path, settle_seconds: float = 10) -> tuple[MegatronLayout, FakeClock]:
+def layout_on_a_fake_clock(cls, root: Path, settle_seconds: float = 10):
+    """A layout whose settle checks read `clock` (advance it instead of sleeping)."""
     clock = FakeClock()
-    layout = MegatronLayout("run", str(root), settle_seconds=settle_seconds)
+    layout = cls("run", str(root), settle_seconds=settle_seconds)
     layout.settle = SettleTracker(settle_seconds, clock=clock)
     return layout, clock
+
+
+def megatron_layout(root: Path, settle_seconds: float = 10) -> tuple[MegatronLayout, FakeClock]:
+    return layout_on_a_fake_clock(MegatronLayout, root, settle_seconds)
 
 
 def test_megatron_iteration_at_the_tracker_is_complete_only_after_its_files_settled(tmp_path):
@@ -892,10 +897,7 @@ def test_a_scan_never_yields_two_complete_checkpoints_of_one_iteration(tmp_path,
 
 # ---- Hugging Face: a marker in front of bad content ----------------------------------------------------------
 def hf_layout(root: Path, settle_seconds: float = 10) -> tuple[HuggingFaceLayout, FakeClock]:
-    clock = FakeClock()
-    layout = HuggingFaceLayout("run", str(root), settle_seconds=settle_seconds)
-    layout.settle = SettleTracker(settle_seconds, clock=clock)
-    return layout, clock
+    return layout_on_a_fake_clock(HuggingFaceLayout, root, settle_seconds)
 
 
 def test_huggingface_truncated_safetensors_behind_trainer_state_is_invalid_once_settled(tmp_path):

@@ -193,14 +193,20 @@ def test_an_unreadable_checkpoint_waits_without_a_snapshot_and_is_pinned_once_re
     assert out["pinned"] == ["model_optim_rng.pt"]
 
 
-# ---- a resumed job re-saving an iteration in place -----------------------------------------------------------------------
-def test_an_in_place_resave_under_a_hardlink_snapshot_is_caught_by_verify(tmp_path):
-    root = tmp_path / "ckpt"
-    ck = megatron_checkpoint(root, 1000, payload=b"w" * 1_500_000)
+def pinned(tmp_path, root, ck):
+    """A keeper that has pinned iteration 1000 of a Megatron run (the pin thread finished)."""
     ledger, keeper = make_keeper(tmp_path / "cache", MegatronLayout("run", str(root)))
     keeper.ensure([Checkpoint("run", 1000, ck, True)])
     wait(list(keeper.futures.values()), timeout=30)
     keeper.collect()
+    return ledger, keeper
+
+
+# ---- a resumed job re-saving an iteration in place -----------------------------------------------------------------------
+def test_an_in_place_resave_under_a_hardlink_snapshot_is_caught_by_verify(tmp_path):
+    root = tmp_path / "ckpt"
+    ck = megatron_checkpoint(root, 1000, payload=b"w" * 1_500_000)
+    ledger, keeper = pinned(tmp_path, root, ck)
     assert ledger.snapshot("run", 1000)["state"] == L.PINNED and keeper.verify("run", 1000) is None
     # torch.save opens the same path with "wb": the same inode, truncated, then written again
     with open(os.path.join(ck, "mp_rank_00", "model_optim_rng.pt"), "wb") as f:
@@ -215,10 +221,7 @@ def test_an_in_place_resave_under_a_hardlink_snapshot_is_caught_by_verify(tmp_pa
 def test_an_in_place_resave_of_the_same_size_is_caught_by_its_mtime(tmp_path):
     root = tmp_path / "ckpt"
     ck = megatron_checkpoint(root, 1000, payload=b"a" * 4096)
-    ledger, keeper = make_keeper(tmp_path / "cache", MegatronLayout("run", str(root)))
-    keeper.ensure([Checkpoint("run", 1000, ck, True)])
-    wait(list(keeper.futures.values()), timeout=30)
-    keeper.collect()
+    ledger, keeper = pinned(tmp_path, root, ck)
     rank_file = os.path.join(ck, "mp_rank_00", "model_optim_rng.pt")
     before = os.stat(rank_file).st_mtime_ns
     with open(rank_file, "wb") as f:

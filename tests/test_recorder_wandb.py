@@ -283,12 +283,9 @@ def test_a_session_wandb_sync_already_uploaded_is_never_merged(tmp_path):
     assert [s for _, _, s in unique_rows(tmp_path / "wandb")] == [0, 1, 2, 3]
 
 
-def test_a_merge_cut_short_by_a_crash_is_finished_before_the_next_write(tmp_path):
-    """Crash injected for real: the sessions a merge replaced are put back, with the merge's manifest,
-    as a kill -9 between "merged session read back" and "old sessions deleted" leaves them."""
+def merge_two_sessions_keeping_copies(tmp_path) -> tuple[dict, str]:
+    """Two sessions, copied aside ({session: copy}), then merged into a third by the next record."""
     import shutil
-
-    from recorder.wandb_sink import MERGE_MANIFEST
 
     sink = WandbSink(settings(tmp_path), max_sessions=2)
     sink.record(result(tmp_path, 1000))
@@ -298,6 +295,17 @@ def test_a_merge_cut_short_by_a_crash_is_finished_before_the_next_write(tmp_path
         shutil.copytree(s, copy)
     sink.record(result(tmp_path, 3000))  # merges the two sessions into a third
     (merged,) = sessions(tmp_path / "wandb")
+    return saved, merged
+
+
+def test_a_merge_cut_short_by_a_crash_is_finished_before_the_next_write(tmp_path):
+    """Crash injected for real: the sessions a merge replaced are put back, with the merge's manifest,
+    as a kill -9 between "merged session read back" and "old sessions deleted" leaves them."""
+    import shutil
+
+    from recorder.wandb_sink import MERGE_MANIFEST
+
+    saved, merged = merge_two_sessions_keeping_copies(tmp_path)
     manifest = {"replaces": list(saved), "rows": 3}
     for s, copy in saved.items():
         shutil.copytree(copy, s)
@@ -383,14 +391,7 @@ def test_a_merge_that_raced_wandb_sync_is_undone_and_the_result_offered_again(tm
 
     from recorder.wandb_sink import MERGE_MANIFEST, finish_merges
 
-    sink = WandbSink(settings(tmp_path), max_sessions=2)
-    sink.record(result(tmp_path, 1000))
-    sink.record(result(tmp_path, 2000))
-    saved = {s: str(tmp_path / "saved" / os.path.basename(s)) for s in sessions(tmp_path / "wandb")}
-    for s, copy in saved.items():
-        shutil.copytree(s, copy)
-    sink.record(result(tmp_path, 3000))
-    (merged,) = sessions(tmp_path / "wandb")
+    saved, merged = merge_two_sessions_keeping_copies(tmp_path)
     for s, copy in saved.items():
         shutil.copytree(copy, s)
     first = min(saved)
