@@ -131,10 +131,11 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
                 not_planned.append((c, failed[0].error))
             for bench in benchmarks or [None]:
                 job = rows.get(bench)
-                if bench is not None and (job is None and (bench not in new or new[bench].state != L.PENDING)):
-                    continue
-                if job is not None and P.job_final(job):
-                    continue
+                if job is not None:
+                    if P.job_final(job) or not run.runs_benchmark(bench):
+                        continue
+                elif bench is not None and (bench not in new or new[bench].state != L.PENDING):
+                    continue  # not this run's benchmark, or admitted as failed (listed above)
                 jobs.append({"run": run.name, "iteration": c.iteration, "path": c.path, "benchmark": bench,
                              "layout": run.layout, "state": job.state if job else "new",
                              "tokens_b": c.iteration * tpi if tpi else None})
