@@ -1,8 +1,10 @@
 """Local views of a run's history: curves.png (matplotlib) and summary.md (iteration x metric).
 
-Rows are history.jsonl rows: {"iteration", "tokens_b", "benchmark", "metrics": {name: value}}.
-A metric is named `<benchmark>/<metric>`, as in W&B and MLflow. Points are drawn sorted by x, so
-checkpoints recorded out of order still draw a correct line. Both files are written atomically.
+Rows are history.jsonl rows: {"iteration", "tokens_b", "benchmark", "metrics": {name: value}}, and
+`revision` / `fingerprint` when known. A metric is named `<benchmark>/<metric>`, as in W&B and MLflow.
+Points are drawn sorted by x, so checkpoints recorded out of order still draw a correct line. Both files
+are written atomically. summary.md ends with a note on re-run results and on benchmarks whose rows were
+made with more than one settings fingerprint (one curve, several settings).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections import defaultdict
 from typing import Iterable, Optional
 
 from evaluator.common.atomic import write_text_atomic
+from recorder.sinks import row_revision
 
 PANEL_W, PANEL_H, DPI = 4.2, 2.8, 80
 
@@ -49,7 +52,32 @@ def summary_markdown(run: str, rows: list[dict]) -> str:
         cells = [str(it)] + ([_fmt(tokens[it])] if with_tokens else [])
         cells += [_fmt(values.get(it)) for values in series.values()]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = settings_notes(rows)
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _iterations(its: list[int], limit: int = 8) -> str:
+    its = sorted(its)
+    shown = ", ".join(str(i) for i in its[:limit])
+    return shown + (f", ... ({len(its)} in all)" if len(its) > limit else "")
+
+
+def settings_notes(rows: Iterable[dict]) -> list[str]:
+    """Markdown lines: the re-run results (revision > 0) and the benchmarks that mix settings fingerprints."""
+    reruns: dict[str, list[int]] = defaultdict(list)
+    prints: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row_revision(row) > 0:
+            reruns[row["benchmark"]].append(int(row["iteration"]))
+        if row.get("fingerprint"):  # rows from before fingerprints existed say nothing either way
+            prints[row["benchmark"]][row["fingerprint"]].append(int(row["iteration"]))
+    lines = [f"- re-run: {bench} at iteration {_iterations(its)}" for bench, its in sorted(reruns.items())]
+    for bench, by_print in sorted(prints.items()):
+        if len(by_print) > 1:
+            parts = "; ".join(f"`{fp}` at {_iterations(its)}" for fp, its in sorted(by_print.items(),
+                                                                                    key=lambda kv: min(kv[1])))
+            lines.append(f"- settings differ within {bench}: {parts}")
+    return lines
 
 
 def write_summary_md(run: str, rows: list[dict], path: str) -> None:

@@ -2,10 +2,13 @@
 
 The daemon hands each scored result to every configured sink and marks it recorded for a sink
 only after that sink accepted it (ledger table `recordings`). A sink must therefore be
-idempotent per (run, iteration, benchmark): after a crash between "sink accepted" and "ledger
-updated" the same result is offered again and must not be written twice. Each sink decides that
-from its own durable storage (history.jsonl, the W&B transaction logs, the MLflow store), never
-from memory alone, so a restarted daemon knows too.
+idempotent per `ResultRecord.record_key` (run, iteration, benchmark, revision): after a crash between
+"sink accepted" and "ledger updated" the same result is offered again and must not be written twice.
+A `rerun` makes a new revision of the same (run, iteration, benchmark); a sink stores a record only when
+its revision is higher than every revision it already holds for that key (`supersedes`), so a re-offer,
+or an older revision offered late, adds nothing. Each sink decides that from its own durable storage
+(history.jsonl, the W&B transaction logs, the MLflow store), never from memory alone, so a restarted
+daemon knows too. What each sink shows after a rerun: docs/recording.md, "Re-runs and settings fingerprints".
 
 Sinks: `local` (always on: history.jsonl, curves.png, summary.md), `wandb`, `mlflow`. The W&B and
 MLflow libraries are imported only when such a sink records its first result, so a daemon that
@@ -22,11 +25,24 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
+from evaluator.common.atomic import write_text_atomic
 from evaluator.common.secrets import redact_obj
 
 FLUSH_RETRY_SECONDS = 60.0
+# names the W&B and MLflow sinks log beside a benchmark's metrics (`<benchmark>/revision`, ...); a metric
+# of that name would share their series, so such a result is refused with a message saying why
+RESERVED_METRIC_NAMES = ("revision", "fingerprint")
+
+
+class RecordKey(NamedTuple):
+    """What a sink stores at most once: one revision of one (run, iteration, benchmark) result."""
+
+    run: str
+    iteration: int
+    benchmark: str
+    revision: int
 
 
 @dataclass
@@ -42,10 +58,33 @@ class ResultRecord:
     checkpoint: str = ""
     metrics_path: str = ""
     versions: dict = field(default_factory=dict)
+    revision: int = 0  # 0: the first evaluation of (run, iteration, benchmark); each `rerun` adds 1
+    fingerprint: str = ""  # the benchmark's settings fingerprint (short hex); "" when unknown
 
     @property
     def key(self) -> tuple:
+        """(run, iteration, benchmark): the result, whatever its revision."""
         return (self.run, self.iteration, self.benchmark)
+
+    @property
+    def record_key(self) -> RecordKey:
+        """The sinks' idempotence key: the result and its revision."""
+        return RecordKey(self.run, self.iteration, self.benchmark, self.revision)
+
+
+def supersedes(revision: int, held: Optional[int]) -> bool:
+    """Whether a sink holding revision `held` of a result (None: none) stores `revision` of it: only a
+    higher one. The same revision again is a re-offer after a crash; a lower one is stale."""
+    return held is None or revision > held
+
+
+def check_metric_names(result: ResultRecord) -> None:
+    """Raise ValueError if a metric of `result` is named like a series the sinks log beside it."""
+    clash = sorted(set(result.metrics) & set(RESERVED_METRIC_NAMES))
+    if clash:
+        raise ValueError(f"{result.run}@{result.iteration}/{result.benchmark}: metric name(s) {clash} are reserved "
+                         f"for the sinks' `<benchmark>/revision` and `<benchmark>/fingerprint` series; rename the "
+                         f"metric in the benchmark")
 
 
 # ---- what the sinks are told (built by evaluator/daemon/sink_setup.py or by recorder/writer.py) ---
@@ -96,16 +135,25 @@ class Sink(Protocol):
 
 
 # ---- local -----------------------------------------------------------------------------------
+def row_revision(row: dict) -> int:
+    """The revision of a history.jsonl row; rows written before revisions existed are revision 0."""
+    return int(row.get("revision") or 0)
+
+
 class LocalHistorySink:
-    """<cache_dir>/results/<run>/history.jsonl (one line per result), curves.png and summary.md."""
+    """<cache_dir>/results/<run>/history.jsonl (one line per result), curves.png and summary.md.
+
+    One line per (run, iteration, benchmark): a higher revision replaces the line of the lower one (the
+    file is rewritten atomically), so the views show one point per iteration, the latest evaluation."""
 
     name = "local"
 
     def __init__(self, cache_dir: str, plots: bool = True):
         self.cache_dir = cache_dir
         self.plots = plots
-        self._rows: dict[str, list[dict]] = {}  # run -> rows of its history.jsonl (read once, then kept)
-        self._keys: dict[str, set] = {}
+        self._rows: dict[str, list[dict]] = {}  # run -> rows of its history.jsonl (re-read when the file changed)
+        self._stamps: dict[str, tuple] = {}  # run -> (size, mtime) of history.jsonl when last read or written
+        self._index: dict[str, dict[tuple, int]] = {}  # run -> result key -> its position in the rows
         self._dirty: set[str] = set()  # runs whose plots are older than their history
         self._retry_flush_at = 0.0
 
@@ -113,39 +161,41 @@ class LocalHistorySink:
         return os.path.join(self.cache_dir, "results", run, name)
 
     def rows(self, run: str) -> list[dict]:
-        if run not in self._rows:
+        path = self._path(run)
+        if run not in self._rows or self._stamps.get(run) != _stamp(path):  # first use, or another writer's
             rows = []
-            path = self._path(run)
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     for line in f:
                         if line.endswith("\n"):  # an unterminated last line is a torn write
                             rows.append(json.loads(line))
             self._rows[run] = rows
-            self._keys[run] = {(r["run"], r["iteration"], r["benchmark"]) for r in rows}
+            self._stamps[run] = _stamp(path)
+            self._index[run] = {(r["run"], r["iteration"], r["benchmark"]): i for i, r in enumerate(rows)}
             if rows and self.plots and _older(self._path(run, "curves.png"), path):
                 self._dirty.add(run)  # e.g. the last daemon died between an append and the redraw
         return self._rows[run]
 
-    def recorded_keys(self, run: str) -> set:
-        self.rows(run)
-        return self._keys[run]
-
     def record(self, result: ResultRecord) -> None:
         rows = self.rows(result.run)
-        keys = self._keys[result.run]
-        if result.key in keys:
-            return  # offered again after a crash: already written once
+        at = self._index[result.run].get(result.key)
+        if not supersedes(result.revision, None if at is None else row_revision(rows[at])):
+            return  # offered again after a crash (or an older revision): the file already has it or a newer one
         path = self._path(result.run)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _drop_torn_tail(path)
         row = asdict(result)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        rows.append(row)
-        keys.add(result.key)
+        if at is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _drop_torn_tail(path)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._index[result.run][result.key] = len(rows)
+            rows.append(row)
+        else:  # a rerun: its line replaces the earlier revision's; a crash leaves the old file or the new, whole
+            rows[at] = row
+            write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        self._stamps[result.run] = _stamp(path)
         if self.plots:
             self._dirty.add(result.run)
 
@@ -164,6 +214,14 @@ class LocalHistorySink:
                 self._retry_flush_at = time.monotonic() + FLUSH_RETRY_SECONDS  # e.g. disk full: not every pass
                 raise
             self._dirty.discard(run)
+
+
+def _stamp(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _older(path: str, than: str) -> bool:

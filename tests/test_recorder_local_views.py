@@ -98,3 +98,19 @@ def test_a_redraw_that_fails_keeps_the_result_and_is_tried_again(tmp_path):
     sink._retry_flush_at = 0  # skip the one-minute pause the daemon would wait
     sink.flush()
     assert png_size(run_dir(tmp_path) / "curves.png") == (672, 224)
+
+
+def test_summary_md_shows_the_rerun_value_once_and_names_reruns_and_mixed_settings(tmp_path):
+    sink = LocalHistorySink(str(tmp_path))
+    for it in (1000, 2000, 3000):
+        r = result(it, acc=it / 10000)
+        r.fingerprint = "ab12" if it < 3000 else "cd34"  # the settings changed before 3000 was evaluated
+        sink.record(r)
+    again = result(1000, acc=0.15)
+    again.revision, again.fingerprint = 1, "cd34"
+    sink.record(again)
+    sink.flush()
+    text = (run_dir(tmp_path) / "summary.md").read_text().splitlines()
+    assert text[4:7] == ["| 1000 | 2 | 0.15 |", "| 2000 | 4 | 0.2 |", "| 3000 | 6 | 0.3 |"]
+    assert text[8:] == ["- re-run: qa at iteration 1000",
+                        "- settings differ within qa: `cd34` at 1000, 3000; `ab12` at 2000"]
