@@ -1,0 +1,117 @@
+"""The daemon's heartbeat: `<cache_dir>/daemon.json`, so `status` can tell a running daemon from a stopped
+or a killed one (after a kill -9 the ledger still says "inferring"; only a beat that stopped says why).
+
+The daemon writes it atomically every `beat_every_s` seconds and whenever what it reports changes:
+
+    {"schema_version": 1, "pid": int, "host": str,
+     "started_at": wall, "beat_at": wall, "beat_every_s": float,
+     "stopped_at": wall | null,                       # set on a clean shutdown only
+     "unavailable": [{"benchmark": str | null, "run": str | null, "reason": str}],
+     "settings_changed": [{"benchmark": str, "results": int, "changes": [str]}],
+     "hints": {run: [str]}}
+
+`liveness()` is the one decision "is the daemon alive", pure over that document, the clock and whether
+its pid exists (`pid_exists`, asked only on the daemon's own host).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Optional
+
+from evaluator.common.atomic import read_json, write_json_atomic
+
+STATE_FILE = "daemon.json"
+SCHEMA_VERSION = 1
+BEAT_EVERY_S = 30.0  # the default the daemon beats at; a document's own beat_every_s wins
+STALE_BEATS = 3  # a beat older than this many intervals is a dead daemon even if its pid exists (pid reuse)
+
+ALIVE, STOPPED, DEAD, NEVER = "alive", "stopped", "dead", "never"
+
+
+def state_path(cache_dir: str) -> str:
+    return os.path.join(cache_dir, STATE_FILE)
+
+
+def write_state(cache_dir: str, state: dict) -> None:
+    """Write daemon.json atomically (a reader sees the old document or the new one, never a torn one)."""
+    write_json_atomic(state_path(cache_dir), {**state, "schema_version": SCHEMA_VERSION})
+
+
+def read_state(cache_dir: str) -> Optional[dict]:
+    """The last document the daemon wrote; None if it never wrote one. Raises ValueError naming the file
+    when it is not a JSON object (status says so instead of guessing)."""
+    path = state_path(cache_dir)
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def pid_exists(state: Optional[dict]) -> bool:
+    """Whether the daemon's pid exists. On another host the pid says nothing: True, and the beat's age decides."""
+    if not state or state.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(state.get("pid")), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user (the service account)
+        return True
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 3m12s, 2h05m, 3d04h."""
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def clock(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+
+
+def _number(value) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def liveness(state: Optional[dict], now: float, pid_alive: bool) -> tuple[str, str]:
+    """("alive" | "stopped" | "dead" | "never", what to tell the operator) for a daemon.json document.
+
+    `pid_alive`: whether the document's pid exists (pass True when it cannot be checked, e.g. another host).
+    A beat older than STALE_BEATS x beat_every_s is dead even if the pid exists: the pid may have been reused,
+    or the daemon hangs."""
+    if state is None:
+        return NEVER, "no heartbeat: never started on this cache_dir, or by a version that writes no daemon.json"
+    pid, host = state.get("pid"), state.get("host") or "?"
+    stopped_at = _number(state.get("stopped_at"))
+    if stopped_at is not None:
+        return STOPPED, f"stopped cleanly at {clock(stopped_at)} ({duration(now - stopped_at)} ago, pid {pid} on {host})"
+    beat_at = _number(state.get("beat_at"))
+    every = _number(state.get("beat_every_s")) or BEAT_EVERY_S
+    resumed = "jobs shown as running are resumed at the next start"
+    if beat_at is None:
+        return DEAD, f"NOT RUNNING? daemon.json has no heartbeat time (pid {pid} on {host}); {resumed}"
+    age = max(now - beat_at, 0.0)  # a beat "in the future" is another host's clock; it is fresh
+    if not pid_alive:
+        return DEAD, f"NOT RUNNING — last heartbeat {duration(age)} ago, pid {pid} gone (killed?); {resumed}"
+    if age > STALE_BEATS * every:
+        return DEAD, (f"NOT RUNNING — last heartbeat {duration(age)} ago, expected every {duration(every)} "
+                      f"(pid {pid} on {host}: hung, killed, or its host is down); {resumed}")
+    return ALIVE, f"alive (pid {pid} on {host}, heartbeat {duration(age)} ago)"
