@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import string
@@ -20,12 +21,12 @@ EVALUATION = "evaluation"
 STAGES = (INFERENCE, EVALUATION)
 
 EXIT_OK = 0
+EXIT_BAD_SPEC = 2  # the stage's verdict: its job spec or data is wrong; running it again cannot help
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the stage asks to be retried later
 
-# placeholders a `command` benchmark template may use (rendered by evaluator.stages.command)
+# placeholders a `command` benchmark template may use (rendered by evaluator.stages.command; docs/benchmarks.md)
 COMMAND_PLACEHOLDERS = ("checkpoint", "iteration", "output_dir", "run", "benchmark", "tokens_b", "seed", "python",
-                        "config_dir")
-
+                        "config_dir", "scratch_dir")
 
 
 def render_template(template: str, values: dict) -> str:
@@ -60,6 +61,12 @@ def result_dir(cache_dir: str, model_name: str, iteration: int, benchmark: str) 
     return os.path.join(cache_dir, "results", model_name, f"iter_{iteration:07d}", benchmark)
 
 
+def scratch_dir(cache_dir: str, run: str, iteration: int, benchmark: str) -> str:
+    """A command benchmark's {scratch_dir}: large intermediates (a converted model) that are no result, kept
+    out of the results tree and deleted by the daemon once the job is final."""
+    return os.path.join(cache_dir, "scratch", run, f"iter_{iteration:07d}", benchmark)
+
+
 @dataclass
 class StageJob:
     """The job spec: everything one stage run needs, written as JSON next to its outputs."""
@@ -85,17 +92,47 @@ class StageJob:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# metrics.json's top-level keys besides `metrics` that mean something to the daemon, the sinks or `status`. In a
+# flat {"name": number} file (command benchmarks) these are never metrics: `n` is the sample count.
+METRICS_FIELDS = ("n", "n_error", "stderr", "per_category", "unavailable", "versions",
+                  "benchmark", "benchmark_type", "run", "iteration", "tokens_b", "checkpoint",
+                  "fingerprint", "revision")
+
+
+def is_number(value: Any) -> bool:
+    # bool is an int subclass; a True accuracy is a bug, not a number
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate_metrics(data: Any, where: str) -> dict:
-    """Check a metrics.json document; returns it or raises ValueError naming what is wrong."""
+    """Check a metrics.json document; returns it or raises ValueError naming the key and what was expected.
+
+    A metric is a finite number: NaN or Infinity is refused, never plotted as if it were a result (a stage that
+    cannot compute a metric leaves it out and says why in `unavailable`)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     metrics = data.get("metrics")
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"{where}: expected a non-empty 'metrics' object of name -> number")
     for name, value in metrics.items():
-        # bool is an int subclass; a True accuracy is a bug, not a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ValueError(f"{where}: metrics.{name}: expected a number, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # an int is finite, however large
+            raise ValueError(f"{where}: metrics.{name}: expected a finite number, got {value!r}")
+    for key in ("n", "n_error"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{where}: {key}: expected a count (a whole number >= 0), got {value!r}")
+    for key in ("stderr", "per_category", "unavailable", "versions"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"{where}: {key}: expected an object, got {type(data[key]).__name__}")
+    for name, value in (data.get("stderr") or {}).items():
+        if value is not None and (not is_number(value) or isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError(f"{where}: stderr.{name}: expected a finite number or null, got {value!r}")
+    for category, values in (data.get("per_category") or {}).items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: per_category.{category}: expected an object of name -> number, "
+                             f"got {type(values).__name__}")
     return data
 
 
