@@ -8,7 +8,7 @@
 Outputs go to <output-root>/<model-name>/<benchmark>/ (predictions.jsonl, run_metadata.json, metrics.json,
 result_<benchmark>.txt, infer|eval.stderr.log). Each stage runs in its own venv (.venvs/inference,
 .venvs/evaluation) whichever python started this, through the same job-spec files the daemon writes.
-Relative paths resolve against the repository root. Standard library only.
+Relative paths (and the default outputs/) resolve against the current directory. Standard library only.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 from typing import Optional
 
 from evaluator.benchmarks import registry
-from evaluator.benchmarks.dataset import ColumnMap, make_dataset
+from evaluator.benchmarks.dataset import ColumnMap, make_dataset, rows_to_samples
 from evaluator.common.atomic import read_json, write_text_atomic
 from evaluator.common.contracts import (EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS,
                                         StageJob)
@@ -36,11 +36,11 @@ def stage_module(stage: str, kind: str) -> str:
     return btype.inference_module if stage == INFERENCE else btype.evaluation_module
 
 
-def repo_path(path: Optional[str]) -> Optional[str]:
+def user_path(path: Optional[str]) -> Optional[str]:
+    """A path the user typed, absolute: relative to the current directory, as any command-line tool reads it."""
     if path is None:
         return None
-    path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.join(ROOT, path)
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def venv_python(stage: str) -> str:
@@ -70,10 +70,10 @@ def benchmark_spec(args) -> dict:
         kind, source = target, None  # an external harness (lm-eval, helm): --dataset names its tasks/spec
     else:
         if target not in registry.BENCHMARKS:
-            target = repo_path(target)
+            target = user_path(target)
         kind, source = registry.kind_for(target)
     if args.dataset:
-        source = repo_path(args.dataset)
+        source = user_path(args.dataset)
     name = args.name or (os.path.basename(os.path.abspath(source)) if kind == "dataset" else kind)
     from evaluator.stages.inference.params import parse_kv  # stdlib-only module
     spec = {"name": name, "type": kind, "dataset": source, "options": parse_kv(args.option, "--option")}
@@ -81,8 +81,8 @@ def benchmark_spec(args) -> dict:
         spec.update(backend=args.backend, generation=parse_kv(args.param, "--param"),
                     backend_options=parse_kv(args.backend_opt, "--backend-opt"), sample_size=args.sample_size,
                     batch_size=args.batch_size, max_error_rate=args.max_error_rate)
-    if getattr(args, "metrics", None):
-        spec["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if getattr(args, "metrics", None) is not None:
+        spec["metrics"] = metric_names(args.metrics, "--metrics")
     if getattr(args, "sample_size", None) is not None:
         spec["sample_size"] = args.sample_size
     return spec
@@ -142,23 +142,78 @@ def write_summary(out_dir: str, spec: dict) -> str:
     return path
 
 
+# make-dataset's default metrics: the first entry whose metrics every row can feed. Multiple choice is scored
+# as text-mc is, a question with an answer as text-qa is (references count as more accepted answers), and
+# references alone as captions, with the caption metrics that need no files beyond the pycocoevalcap wheel.
+SUGGESTED_METRICS = (("choices", registry.get("text-mc").metrics), ("target", registry.get("text-qa").metrics),
+                     ("references", ("bleu_4", "meteor", "rouge_l", "cider_d")))
+
+
+def metric_names(text: str, flag: str) -> list:
+    """`a,b` -> ["a", "b"], each a name of the metric registry (aliases such as bleu included)."""
+    from evaluator.stages.evaluation.metrics import expand  # stdlib-only module
+    names = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not names:
+        raise EvaluatorError(f"{flag}: expected metric names, e.g. {flag} exact_match,token_f1")
+    try:
+        expand(names)
+    except EvaluatorError as e:  # "metrics: unknown metric 'x'; did you mean ...": name the flag instead
+        raise EvaluatorError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+    return names
+
+
+def metrics_problem(names, samples: list) -> Optional[str]:
+    """Why the rows cannot feed these metrics (the evaluation stage's own check), or None."""
+    from evaluator.stages.evaluation.metrics import MetricInput, check_inputs, expand
+    n = len(samples)
+    try:
+        check_inputs(expand(list(names)), MetricInput(predictions=[""] * n, samples=samples, ok=[True] * n,
+                                                      options={}, cache_dir=""))
+    except EvaluatorError as e:
+        return str(e)
+    return None
+
+
+def suggested_metrics(samples: list) -> tuple[Optional[str], list]:
+    """(the field they score, metric names) for the first SUGGESTED_METRICS entry these rows fit; (None, [])."""
+    for field_name, names in SUGGESTED_METRICS:
+        if metrics_problem(names, samples) is None:
+            return field_name, list(names)
+    return None, []
+
+
 def cmd_make_dataset(args) -> int:
     columns = ColumnMap(id=args.id_column, prompt=args.prompt_column, target=args.target_column,
                         references=args.references_columns, choices=args.choices_columns,
                         category=args.category_column, audio=args.audio_column, system=args.system_prompt,
                         template=args.template)
-    extra = {"metrics": [m.strip() for m in args.metrics.split(",")]} if args.metrics else {}
+    metrics = metric_names(args.metrics, "--metrics") if args.metrics is not None else None
+    samples = rows_to_samples(user_path(args.input), columns)
+    scored_field = None
+    if metrics is None:
+        scored_field, metrics = suggested_metrics(samples)
+    else:
+        problem = metrics_problem(metrics, samples)
+        if problem:
+            raise EvaluatorError(f"--metrics: {problem}")
+    extra = {"metrics": metrics} if metrics else {}
     if args.task_type:
         extra["task_type"] = args.task_type
-    ds = make_dataset(repo_path(args.input), repo_path(args.output_dir), args.dataset_id, columns, extra)
+    ds = make_dataset(user_path(args.input), user_path(args.output_dir), args.dataset_id, samples, extra)
     print(f"wrote {len(ds.samples)} samples to {ds.root} (dataset_id {ds.dataset_id})")
+    if scored_field:
+        print(f"metrics: {', '.join(metrics)} (every row has {scored_field}; --metrics chooses others)")
+    elif not metrics:
+        print("bench: note: metadata.json names no metrics (not every row has a target, references or choices); "
+              "a benchmark on this dataset needs `metrics:` in its config, or run again with --metrics "
+              "(e.g. llm_judge)", file=sys.stderr)
     return 0
 
 
 def cmd_inference(args, then_eval: bool = False) -> int:
     spec = benchmark_spec(args)
-    model = repo_path(args.model) if os.path.exists(repo_path(args.model)) else args.model
-    out_dir = os.path.join(repo_path(args.output_root), args.model_name or model_name_of(model), spec["name"])
+    model = user_path(args.model) if os.path.exists(user_path(args.model)) else args.model  # else hub id/alias
+    out_dir = os.path.join(user_path(args.output_root), args.model_name or model_name_of(model), spec["name"])
     print(f"bench: {spec['name']} ({spec['type']}) x {model} -> {out_dir}", file=sys.stderr)
     code = run_stage(INFERENCE, make_job(INFERENCE, spec, model, out_dir, args.seed))
     if code != 0 or not then_eval:
@@ -180,11 +235,11 @@ def evaluate(spec: dict, model: str, out_dir: str, seed: int, predictions: str) 
 
 def cmd_eval(args) -> int:
     spec = benchmark_spec(args)
-    predictions = repo_path(args.predictions)
+    predictions = user_path(args.predictions)
     if not os.path.isfile(predictions):
         raise EvaluatorError(f"--predictions {predictions}: no such file")
     model = args.model_name or _model_from_predictions(predictions)
-    out_dir = os.path.join(repo_path(args.output_root), model, spec["name"]) if args.output_root \
+    out_dir = os.path.join(user_path(args.output_root), model, spec["name"]) if args.output_root \
         else os.path.dirname(predictions)
     os.makedirs(out_dir, exist_ok=True)
     return evaluate(spec, model, out_dir, args.seed, predictions)
@@ -217,7 +272,7 @@ def _common(p, with_model: bool) -> None:
     p.add_argument("--dataset", help="the benchmark's data file/directory (for named benchmarks)")
     p.add_argument("--name", help="benchmark name used for the output folder (default: the dataset/benchmark name)")
     p.add_argument("--option", action="append", default=[], metavar="K=V", help="loader option (split=..., prompt=...)")
-    p.add_argument("--output-root", default="outputs", help="default: outputs/ in the repository")
+    p.add_argument("--output-root", default="outputs", help="default: outputs/ in the current directory")
     p.add_argument("--model-name", help="output folder name for the model (default: from the checkpoint path)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-size", type=int, help="first N samples only")
@@ -239,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--dataset-id", required=True)
-    p.add_argument("--id-column")
+    p.add_argument("--id-column", help="column holding each row's id (default: `id` where a row has one, "
+                   "else <file stem>-<row index>)")
     p.add_argument("--prompt-column", default="question")
     p.add_argument("--template", help="prompt template over the columns, e.g. '{question}\\n{choices_block}'")
     p.add_argument("--target-column")
@@ -248,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category-column")
     p.add_argument("--audio-column", help="column with an audio path (relative to the input file)")
     p.add_argument("--system-prompt")
-    p.add_argument("--metrics", help="default metrics stored in metadata.json")
+    p.add_argument("--metrics", help="comma-separated metric names stored in metadata.json (default: from the "
+                   "rows: choices -> accuracy, target -> exact_match,token_f1, references -> bleu_4,meteor,rouge_l,"
+                   "cider_d)")
     p.add_argument("--task-type")
     p = sub.add_parser("inference", help="run the inference stage once")
     _common(p, True)

@@ -236,7 +236,7 @@ class ColumnMap:
     """Which input column feeds which field. List-valued fields take several columns (a,b,c) or one column
     holding a JSON list."""
 
-    id: Optional[str] = None  # default: row number
+    id: Optional[str] = None  # None: the `id` column where a row has one, else <file stem>-<row index>
     prompt: str = "question"
     target: Optional[str] = None
     references: Optional[str] = None
@@ -286,12 +286,26 @@ def choices_block(choices: list) -> str:
     return "\n".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices))
 
 
-def make_dataset(input_path: str, output_dir: str, dataset_id: str, columns: ColumnMap,
-                 extra_metadata: Optional[dict] = None) -> Dataset:
-    """Convert a CSV/TSV/JSONL file into a canonical dataset directory and load it back (validated)."""
+DEFAULT_ID_COLUMN = "id"
+
+
+def _sample_id(row: dict, columns: ColumnMap, stem: str, index: int, where: str) -> str:
+    """--id-column must exist in every row; by default the `id` column is used where a row has a value, the
+    rule text-mc/text-qa follow (docs/benchmarks.md), so an id-less file gets <file stem>-<row index>."""
+    if columns.id:
+        if columns.id not in row:
+            raise DatasetError(f"{where}: no id column {columns.id!r} (columns: {', '.join(row)})")
+        return str(row[columns.id])
+    value = row.get(DEFAULT_ID_COLUMN)
+    return str(value) if value not in (None, "") else f"{stem}-{index}"
+
+
+def rows_to_samples(input_path: str, columns: ColumnMap) -> list:
+    """Convert a CSV/TSV/JSONL file's rows into canonical samples (DatasetError names file:line)."""
     if not os.path.isfile(input_path):
         raise DatasetError(f"{input_path}: no such file")
     base = os.path.dirname(os.path.abspath(input_path))
+    stem = os.path.splitext(os.path.basename(input_path))[0]
     samples = []
     for lineno, row in _read_rows(input_path):
         where = f"{input_path}:{lineno}"
@@ -300,8 +314,7 @@ def make_dataset(input_path: str, output_dir: str, dataset_id: str, columns: Col
         if None in row or None in row.values():  # csv.DictReader pads a short row with None, keys a long one None
             fields = len([v for k, v in row.items() if k is not None and v is not None]) + len(row.get(None) or [])
             raise DatasetError(f"{where}: {fields} field(s), the header has {len([k for k in row if k is not None])}")
-        if columns.id and columns.id not in row:
-            raise DatasetError(f"{where}: no id column {columns.id!r} (columns: {', '.join(row)})")
+        sample_id = _sample_id(row, columns, stem, len(samples), where)
         choices = _list_field(row, columns.choices, where) if columns.choices else None
         if columns.template:
             try:
@@ -330,12 +343,18 @@ def make_dataset(input_path: str, output_dir: str, dataset_id: str, columns: Col
                 raise DatasetError(f"{where}: no target column {columns.target!r} (columns: {', '.join(row)})")
             target = str(row[columns.target])
         samples.append(Sample(
-            id=str(row[columns.id]) if columns.id else str(len(samples)), messages=messages, target=target,
+            id=sample_id, messages=messages, target=target,
             references=_list_field(row, columns.references, where) if columns.references else None,
             choices=choices, category=str(row[columns.category]) if columns.category and row.get(columns.category) else None,
             metadata={"source_line": lineno}))
     if not samples:
         raise DatasetError(f"{input_path}: no rows")
+    return samples
+
+
+def make_dataset(input_path: str, output_dir: str, dataset_id: str, samples: list,
+                 extra_metadata: Optional[dict] = None) -> Dataset:
+    """Write samples converted from `input_path` as a canonical dataset directory and load it back (validated)."""
     meta = {"dataset_id": dataset_id, "source": os.path.abspath(input_path), **(extra_metadata or {})}
     write_dataset(output_dir, meta, samples)
     return load_dataset(output_dir)
