@@ -132,3 +132,15 @@ def test_doubled_braces_reach_the_command_as_literal_braces(tmp_path, venvs):
     assert proc.returncode == 0, proc.stderr
     assert (out / "braces.txt").read_text() == "{x}{1000}"
 
+
+def test_the_exit_code_of_the_command_is_the_stage_exit_code(tmp_path, venvs):
+    proc, out = run_stage(venvs["inference"], tmp_path, "inference", "exit 75")
+    assert proc.returncode == 75
+    assert not (out / "run_metadata.json").exists()  # no "done" marker for a stage that did not finish
+
+
+def test_format_specs_in_templates_work_and_values_stay_quoted():
+    from evaluator.common.contracts import render_template
+    out = render_template("--load {checkpoint} --it iter_{iteration:07d} --tok {tokens_b:.1f}",
+                          {"checkpoint": "/a b/c", "iteration": 2000, "tokens_b": 2.25})
+    assert out == "--load '/a b/c' --it iter_0002000 --tok 2.2"
