@@ -52,7 +52,7 @@ class VLLMBackend:
     def load(self) -> dict:
         missing = []
         if importlib.util.find_spec("vllm") is None:
-            missing.append("vLLM is not installed in this venv (`pip install vllm` in .venvs/inference)")
+            missing.append("vLLM is not installed in .venvs/inference (build it with `WITH_VLLM=1 make setup`)")
         if not cuda_available():
             missing.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
         if missing:
