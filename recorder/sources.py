@@ -193,8 +193,9 @@ def records_from_results(model_name: str, results_dir: str, token_per_iteration:
 
 # ---- local W&B logs (for a leaderboard without evals in the config) ----------------------------
 def records_from_wandb_dir(wandb_dir: str, project: str) -> list[ResultRecord]:
-    """Every (run, iteration, benchmark) logged in the local W&B transaction logs of `project`."""
-    from recorder.wandb_sink import metrics_of, read_run_log, run_logs
+    """Every (run, iteration, benchmark) logged in the local W&B transaction logs of `project`, at its highest
+    revision (a rerun's row is logged beside the first one; the first one's values are not the result's)."""
+    from recorder.wandb_sink import metrics_of, read_run_log, row_revision, run_logs
 
     merged: dict[tuple, ResultRecord] = {}
     for path in run_logs(wandb_dir):
@@ -206,7 +207,14 @@ def records_from_wandb_dir(wandb_dir: str, project: str) -> list[ResultRecord]:
                 continue
             for bench, metrics in metrics_of(row).items():
                 key = (run_log.name, int(row["iteration"]), bench)
-                rec = merged.setdefault(key, ResultRecord(run=run_log.name, iteration=key[1], benchmark=bench,
-                                                          metrics={}, tokens_b=row.get("tokens_b")))
+                revision = row_revision(row, bench)
+                fingerprint = row.get(f"{bench}/fingerprint")
+                rec = merged.get(key)
+                if rec is None or revision > rec.revision:
+                    rec = merged[key] = ResultRecord(
+                        run=run_log.name, iteration=key[1], benchmark=bench, metrics={}, tokens_b=row.get("tokens_b"),
+                        revision=revision, fingerprint=fingerprint if isinstance(fingerprint, str) else "")
+                elif revision < rec.revision:
+                    continue
                 rec.metrics.update(metrics)
     return sorted(merged.values(), key=lambda r: (r.run, r.iteration, r.benchmark))

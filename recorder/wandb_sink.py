@@ -6,11 +6,16 @@ finish(). finish() returns only once the row is in the run's local transaction l
 stays open across results would hold rows in wandb-core's buffer, and a crash would lose rows the
 ledger already calls recorded.
 
-Row: `iteration`, `tokens_b` (when known) and `<benchmark>/<metric>` for every metric, plus (unless
-summary-only) the tables `<benchmark>/summary_table` (metric, value, stderr, n, per category) and
-`<benchmark>/samples` (the first rows of predictions.jsonl). `define_metric("<benchmark>/*",
-step_metric="iteration")` makes the curves use iteration as x, so checkpoints that finish out of
-order still draw correct curves.
+Row: `iteration`, `tokens_b` (when known) and `<benchmark>/<metric>` for every metric,
+`<benchmark>/fingerprint` (the settings fingerprint, a string, when known), `<benchmark>/revision` (only on
+a rerun: 1, 2, ...), plus (unless summary-only) the tables `<benchmark>/summary_table` (metric, value,
+stderr, n, per category, revision, fingerprint) and `<benchmark>/samples` (the first rows of
+predictions.jsonl). `define_metric("<benchmark>/*", step_metric="iteration")` makes the curves use
+iteration as x, so checkpoints that finish out of order still draw correct curves.
+
+Re-runs: W&B history cannot be edited, so a rerun's row is logged like any other, at the same
+`iteration`: the chart gains a second point at that x and `<benchmark>/revision` marks it.
+docs/recording.md ("Re-runs and settings fingerprints") says why this and not a separate series.
 
 Mode: `auto` is online when WANDB_API_KEY is set and offline otherwise; offline runs are uploaded
 later with `wandb sync <dir>/wandb` (wandb syncs the segments of one run id in start-time order).
@@ -20,7 +25,8 @@ continues after the largest `_step` found in the local logs of that run id; segm
 Exactly once, across processes: every write to a run id happens under a file lock
 (`<dir>/wandb/.locks/<run id>.lock`, RunLock) held while the sink re-reads the run's transaction logs
 (only those whose size or mtime changed) and writes the next session, so the daemon and a
-`wandb_writer` backfill never log one (iteration, benchmark) twice or reuse a step.
+`wandb_writer` backfill never log one (iteration, benchmark, revision) twice or reuse a step; a revision
+at or below one already in the logs is skipped (a re-offer after a crash, or stale).
 
 Bounded: several ready results go into one session (`record_batch`), and once MAX_SESSIONS unsynced
 offline sessions exist the next session carries their rows over and replaces them. wandb's scratch
@@ -46,7 +52,7 @@ from typing import Iterator, Mapping, Optional
 
 from filelock import FileLock, Timeout
 
-from recorder.sinks import RecorderSettings, ResultRecord, WandbSettings
+from recorder.sinks import RecorderSettings, ResultRecord, WandbSettings, check_metric_names, supersedes
 
 LOG_MAGIC = b":W&B"
 BLOCK_SIZE = 32 * 1024
@@ -141,26 +147,30 @@ def run_logs(wandb_dir: str, rid: str = "*") -> list[str]:
     return sorted(found, key=lambda p: (os.path.getmtime(p), p))
 
 
-def logged_keys(rows: list[dict]) -> set[tuple[int, str]]:
-    """(iteration, benchmark) pairs found in history rows (a benchmark is the prefix of `<bench>/...`)."""
+def row_revision(row: dict, benchmark: str) -> int:
+    """The revision a history row holds for `benchmark`: `<benchmark>/revision`, logged only on reruns (0 without)."""
+    return int(row.get(f"{benchmark}/revision") or 0)
+
+
+def logged_keys(rows: list[dict]) -> set[tuple[int, str, int]]:
+    """(iteration, benchmark, revision) found in history rows (a benchmark is the prefix of `<bench>/...`)."""
     keys = set()
     for row in rows:
         if "iteration" not in row:
             continue
-        for key in row:
-            if "/" in key and not key.startswith("_"):
-                keys.add((int(row["iteration"]), key.split("/", 1)[0]))
+        for bench in {key.split("/", 1)[0] for key in row if "/" in key and not key.startswith("_")}:
+            keys.add((int(row["iteration"]), bench, row_revision(row, bench)))
     return keys
 
 
 def metrics_of(row: dict) -> dict[str, dict[str, float]]:
-    """benchmark -> {metric: value} from one history row (tables and their fields left out)."""
+    """benchmark -> {metric: value} from one history row (tables, their fields and the revision left out)."""
     out: dict[str, dict[str, float]] = {}
     for key, value in row.items():
         if "/" not in key or key.startswith("_") or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         bench, metric = key.split("/", 1)
-        if metric.split("/", 1)[0] in TABLE_KEYS:
+        if metric.split("/", 1)[0] in TABLE_KEYS or metric == "revision":
             continue
         out.setdefault(bench, {})[metric] = value
     return out
@@ -261,7 +271,7 @@ class _SeenLog:
     """What one transaction log held when it was last read, keyed by its size and mtime."""
 
     stamp: tuple
-    keys: set
+    keys: set  # (iteration, benchmark, revision)
     max_step: int
     n_rows: int
     has_run: bool
@@ -295,9 +305,13 @@ class RunLogs:
             present[path] = old
         self.seen = present
 
-    @property
-    def keys(self) -> set:
-        return set().union(*(s.keys for s in self.seen.values()))
+    def revisions(self) -> dict[tuple[int, str], int]:
+        """(iteration, benchmark) -> the highest revision logged for it."""
+        out: dict[tuple[int, str], int] = {}
+        for seen in self.seen.values():
+            for iteration, bench, revision in seen.keys:
+                out[(iteration, bench)] = max(revision, out.get((iteration, bench), revision))
+        return out
 
     @property
     def next_step(self) -> int:
@@ -371,10 +385,12 @@ class WandbSink:
             finish_merges(self.ws.dir, rid)
             logs = self._run_logs(rid)
             logs.refresh()
-            done, todo = logs.keys, []
+            held, todo = logs.revisions(), []
             for r in batch:
-                if (r.iteration, r.benchmark) not in done:  # already in the log: re-offered after a crash, or a backfill
-                    done.add((r.iteration, r.benchmark))
+                # this revision or a newer one already in the log: re-offered after a crash, stale, or a backfill
+                if supersedes(r.revision, held.get((r.iteration, r.benchmark))):
+                    check_metric_names(r)
+                    held[(r.iteration, r.benchmark)] = r.revision
                     todo.append(r)
             if not todo:
                 return
@@ -389,7 +405,7 @@ class WandbSink:
             config["versions"] = dict(config.get("versions") or {}, wandb=wandb.__version__)
             benches = sorted({k.split("/", 1)[0] for _, row in rows for k in row if "/" in k})
             self._session(wandb, mode, rid, run, config, rows, benches,
-                          expect={(r.iteration, r.benchmark) for r in todo} | logged_keys(
+                          expect={(r.iteration, r.benchmark, r.revision) for r in todo} | logged_keys(
                               [row for old in carried.values() for row in old]),
                           replaces=merge)
 
@@ -407,6 +423,10 @@ class WandbSink:
             row["tokens_b"] = result.tokens_b
         for name, value in result.metrics.items():
             row[f"{result.benchmark}/{name}"] = value
+        if result.fingerprint:
+            row[f"{result.benchmark}/fingerprint"] = result.fingerprint
+        if result.revision:  # only on reruns, so the revision panel marks exactly the iterations re-run
+            row[f"{result.benchmark}/revision"] = result.revision
         if not self.settings.summary_only:
             row[f"{result.benchmark}/summary_table"] = wandb.Table(*summary_table(result))
             samples = sample_rows(result, self.ws.sample_predictions)
@@ -561,8 +581,8 @@ def _remove_session(session: str, rid: str) -> None:
 
 
 def await_rows(path: str, keys: set, n_rows: int, timeout: float = LOG_WAIT_SECONDS) -> None:
-    """Return once the session's transaction log holds `n_rows` history rows covering `keys`; raise if
-    it does not within `timeout`.
+    """Return once the session's transaction log holds `n_rows` history rows covering `keys` ((iteration,
+    benchmark, revision)); raise if it does not within `timeout`.
 
     finish() can return a few milliseconds before wandb-core has written the last records, so
     "accepted" is decided by reading the rows back, not by finish() returning."""
@@ -579,23 +599,19 @@ def await_rows(path: str, keys: set, n_rows: int, timeout: float = LOG_WAIT_SECO
         pause = min(pause * 2, 0.2)
 
 
-def await_row(path: str, iteration: int, benchmark: str, timeout: float = LOG_WAIT_SECONDS) -> None:
-    """Return once the session's transaction log holds the (iteration, benchmark) row."""
-    await_rows(path, {(iteration, benchmark)}, 1, timeout)
-
-
 def summary_table(result: ResultRecord) -> tuple[list[str], list[list]]:
     """Columns and rows: one row per metric overall, then one per (category, metric)."""
-    columns = ["iteration", "tokens_b", "category", "metric", "value", "stderr", "n", "versions"]
+    columns = ["iteration", "tokens_b", "category", "metric", "value", "stderr", "n", "versions", "revision",
+               "fingerprint"]
     versions = json.dumps(result.versions, sort_keys=True) if result.versions else ""
     rows = [[result.iteration, result.tokens_b, "all", name, float(value), _number(result.stderr.get(name)),
-             result.n, versions] for name, value in sorted(result.metrics.items())]
+             result.n, versions, result.revision, result.fingerprint] for name, value in sorted(result.metrics.items())]
     for category, values in sorted((result.per_category or {}).items()):
         if isinstance(values, dict):
             for name, value in sorted(values.items()):
                 if _number(value) is not None:
                     rows.append([result.iteration, result.tokens_b, str(category), name, float(value), None, None,
-                                 versions])
+                                 versions, result.revision, result.fingerprint])
     return columns, rows
 
 

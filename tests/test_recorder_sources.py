@@ -207,3 +207,19 @@ def test_leaderboard_can_read_the_runs_logged_locally_to_wandb(tmp_path):
     entries, _ = leaderboard.build(found, ["mmlu.EM"])
     assert [(e.label, round(e.score, 9)) for e in entries] == [("llama@2000", 1.0), ("other", 0.5), ("llama@1000", 0.0)]
     assert os.path.isdir(tmp_path / "wb" / "wandb")
+
+
+def test_a_leaderboard_read_from_wandb_logs_takes_a_reruns_values_not_the_first_ones(tmp_path):
+    from recorder.sinks import MlflowSettings, RecorderSettings, WandbSettings
+    from recorder.wandb_sink import WandbSink
+
+    s = RecorderSettings(cache_dir=str(tmp_path), project="proj",
+                         wandb=WandbSettings(project="proj", mode="offline", dir=str(tmp_path / "wb")),
+                         mlflow=MlflowSettings("unused", "unused"), summary_only=True)
+    sink = WandbSink(s)
+    sink.record(rec("llama", 1000, "mmlu", 0.3))
+    again = rec("llama", 1000, "mmlu", 0.35)
+    again.revision, again.fingerprint = 1, "cd34"
+    sink.record(again)
+    found = records_from_wandb_dir(str(tmp_path / "wb"), "proj")
+    assert [(r.iteration, r.metrics, r.revision, r.fingerprint) for r in found] == [(1000, {"EM": 0.35}, 1, "cd34")]

@@ -223,8 +223,11 @@ from test_recorder_wandb import settings, result
 from recorder.wandb_sink import WandbSink
 tmp = pathlib.Path({tmp!r})
 sink = WandbSink(settings(tmp))
-for it, bench in json.loads(sys.argv[1]):
-    sink.record(result(tmp, it, bench))
+for it, bench, *revision in json.loads(sys.argv[1]):
+    r = result(tmp, it, bench)
+    if revision:  # a rerun: new values, a new revision
+        r.metrics, r.revision, r.fingerprint = {{"acc": 0.25, "f1": 0.5}}, revision[0], "cd34"
+    sink.record(r)
 if sys.argv[2:] == ["kill"]:
     os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -401,3 +404,64 @@ def test_a_merge_that_raced_wandb_sync_is_undone_and_the_result_offered_again(tm
     finish_merges(str(tmp_path / "wandb"), run_id("proj", "tiny"))
     assert sessions(tmp_path / "wandb") == sorted(saved), "the merged copy is gone, the synced session stays"
     assert [it for it, _, _ in unique_rows(tmp_path / "wandb")] == [1000, 2000]
+
+
+# ---- re-runs: a new revision of a logged (iteration, benchmark) ---------------------------------------
+def rerun_of(tmp_path, it, value=0.25, revision=1, fingerprint="cd34") -> ResultRecord:
+    r = result(tmp_path, it, value=value)
+    r.revision, r.fingerprint = revision, fingerprint
+    return r
+
+
+def first_of(tmp_path, it, fingerprint="ab12") -> ResultRecord:
+    r = result(tmp_path, it)
+    r.fingerprint = fingerprint
+    return r
+
+
+def test_a_rerun_is_logged_once_at_its_iteration_with_its_revision_and_fingerprint(tmp_path):
+    sink = WandbSink(settings(tmp_path))
+    sink.record(first_of(tmp_path, 1000))
+    sink.record(first_of(tmp_path, 2000))
+    sink.record(rerun_of(tmp_path, 2000))
+    rows = history(tmp_path / "wandb")
+    assert [(r["iteration"], r["qa/acc"], r.get("qa/revision"), r["qa/fingerprint"], r["_step"]) for r in rows] == [
+        (1000, 0.1, None, "ab12", 0), (2000, 0.2, None, "ab12", 1), (2000, 0.25, 1, "cd34", 2)]
+    run_dir = os.path.dirname(wandb_runs(tmp_path / "wandb")[-1]["path"])
+    table = json.load(open(os.path.join(run_dir, "files", rows[-1]["qa/summary_table/path"])))
+    assert table["columns"][-2:] == ["revision", "fingerprint"]
+    assert [r[3:5] + r[-2:] for r in table["data"]] == [["acc", 0.25, 1, "cd34"], ["f1", 0.5, 1, "cd34"]]
+
+
+def test_a_rerun_offered_again_after_a_kill_or_an_older_revision_offered_late_logs_nothing(tmp_path):
+    """Crash injected for real: a process records the first evaluation and its rerun, then is killed with
+    SIGKILL before anything else (the ledger never noted the rerun as recorded)."""
+    proc = recorder_process(tmp_path, [[2000, "qa"], [2000, "qa", 1]], "kill")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -9, err
+    restarted = WandbSink(settings(tmp_path))
+    restarted.record(rerun_of(tmp_path, 2000))  # the same revision again
+    restarted.record(result(tmp_path, 2000))  # revision 0, offered late
+    assert [(r["iteration"], r["qa/acc"], r.get("qa/revision")) for r in history(tmp_path / "wandb")] == [
+        (2000, 0.2, None), (2000, 0.25, 1)]
+    restarted.record(rerun_of(tmp_path, 2000, value=0.3, revision=2))  # a second rerun is a new result again
+    assert [r.get("qa/revision") for r in history(tmp_path / "wandb")] == [None, 1, 2]
+
+
+def test_a_merge_carries_the_revision_so_a_rerun_is_still_known_afterwards(tmp_path):
+    sink = WandbSink(settings(tmp_path), max_sessions=2)
+    sink.record(result(tmp_path, 1000))
+    sink.record(rerun_of(tmp_path, 1000))
+    sink.record(result(tmp_path, 2000))  # merges the first two sessions into this one
+    assert len(sessions(tmp_path / "wandb")) == 1
+    WandbSink(settings(tmp_path), max_sessions=2).record(rerun_of(tmp_path, 1000))
+    assert [(r["iteration"], r.get("qa/revision"), r["_step"]) for r in history(tmp_path / "wandb")] == [
+        (1000, None, 0), (1000, 1, 1), (2000, None, 2)]
+
+
+def test_a_metric_named_like_the_revision_series_is_refused_with_a_reason(tmp_path):
+    r = result(tmp_path, 1000)
+    r.metrics = {"acc": 0.1, "revision": 3.0}
+    with pytest.raises(ValueError, match=r"metric name\(s\) \['revision'\] are reserved"):
+        WandbSink(settings(tmp_path)).record(r)
+    assert history(tmp_path / "wandb") == []
