@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from evaluator.common.contracts import StageJob, scratch_dir
-from conftest import venvs  # noqa: F401
+from evaluator.common.contracts import COMMAND_PLACEHOLDERS, StageJob, scratch_dir
+from conftest import ROOT, venvs  # noqa: F401
 
 
 def run_stage(python, tmp_path, stage, template, checkpoint="/ckpt/iter 1", name="qa", extra=None):
@@ -131,6 +131,13 @@ def test_doubled_braces_reach_the_command_as_literal_braces(tmp_path, venvs):
     proc, out = run_stage(venvs["inference"], tmp_path, "inference", "printf %s {{x}}{{{iteration}}} > braces.txt")
     assert proc.returncode == 0, proc.stderr
     assert (out / "braces.txt").read_text() == "{x}{1000}"
+
+
+def test_every_placeholder_is_documented_in_the_command_contract():
+    with open(os.path.join(ROOT, "docs", "benchmarks.md"), encoding="utf-8") as f:
+        section = f.read().split("## The `command` benchmark contract", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `\{(\w+)\}`", section, flags=re.M))
+    assert documented == set(COMMAND_PLACEHOLDERS)
 
 
 def test_the_exit_code_of_the_command_is_the_stage_exit_code(tmp_path, venvs):
