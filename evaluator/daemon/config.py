@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from evaluator.benchmarks import registry as benchmark_registry  # standard library only
+from evaluator.common.atomic import read_json
 from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
 from evaluator.common.errors import EvaluatorError, UnavailableError, did_you_mean
 from evaluator.common.secrets import secret_paths
@@ -31,7 +32,8 @@ LAYOUT_NAMES = ("megatron", "huggingface", "deepspeed", "glob")
 EVAL_TYPES = ("native", "gpt", "helm")
 # values of the types a stage gets, to try command templates' format specs at load time
 SAMPLE_VALUES = {"checkpoint": "/ckpt/iter_0001000", "iteration": 1000, "output_dir": "/out", "run": "run",
-                 "benchmark": "bench", "tokens_b": 1.0, "seed": 0, "python": "/venv/bin/python", "config_dir": "/cfg"}
+                 "benchmark": "bench", "tokens_b": 1.0, "seed": 0, "python": "/venv/bin/python", "config_dir": "/cfg",
+                 "scratch_dir": "/cache/scratch/run/iter_0001000/bench"}
 
 
 class Section(BaseModel):
@@ -244,9 +246,11 @@ class ConfigFile(Section):
 
 
 # ---- loading and checking -------------------------------------------------------------------
-def load_config(path: str, require_datasets: bool = True) -> AutoEvalConfig:
+def load_config(path: str, require_datasets: bool = True, check_data: bool = True) -> AutoEvalConfig:
     """Read, validate and resolve a config file; raises EvaluatorError on any problem. With
-    require_datasets=False (--dry-run, status) a benchmark dataset path that does not exist yet is allowed."""
+    require_datasets=False (the daemon, --dry-run, status) a benchmark dataset path that does not exist yet is
+    allowed (the daemon runs the others and that one once it appears); with check_data (all but status) a present
+    dataset must be scorable as configured (`dataset_problem`)."""
     data, lines = read_yaml(path)
     if not isinstance(data, dict) or "auto_eval" not in data:
         keys = list(data) if isinstance(data, dict) else []
@@ -262,7 +266,40 @@ def load_config(path: str, require_datasets: bool = True) -> AutoEvalConfig:
                for i, b in enumerate(cfg.benchmarks) if b.dataset and not os.path.exists(b.dataset)]
     if missing and require_datasets:
         raise UnavailableError(str(config_error(path, lines, missing)))
+    bad_data = [(("auto_eval", "benchmarks", i, "dataset"), problem) for i, b in enumerate(cfg.benchmarks)
+                if check_data and (problem := dataset_problem(b)) is not None]
+    if bad_data:
+        raise config_error(path, lines, bad_data)
     return cfg
+
+
+def dataset_problem(bench: BenchmarkConfig) -> Optional[str]:
+    """What keeps a present dataset from being scored as configured (None: fine, or not there yet): the metrics
+    must resolve -- from `metrics:`, else the dataset's metadata.json, else the type's defaults -- to known names."""
+    if bench.type not in benchmark_registry.BENCHMARKS or bench.metrics or not bench.dataset \
+            or not os.path.isdir(bench.dataset):
+        return None
+    meta_path = os.path.join(bench.dataset, "metadata.json")
+    names = list(benchmark_registry.get(bench.type).metrics)
+    if os.path.exists(meta_path):
+        try:
+            meta = read_json(meta_path)
+        except (OSError, ValueError) as e:
+            return f"{meta_path}: cannot be read ({e})"
+        if not isinstance(meta, dict):
+            return f"{meta_path}: expected a JSON object"
+        listed = meta.get("metrics")
+        if listed is not None and (not isinstance(listed, list) or not all(isinstance(m, str) for m in listed)):
+            return f"{meta_path}: metrics: expected a list of metric names, got {listed!r}"
+        names = listed or names
+    if not names:
+        return (f"no metrics to compute: the benchmark sets no `metrics:` and {meta_path} names none "
+                f"(set `metrics: [exact_match, ...]` in the benchmark, or `metrics` in metadata.json)")
+    try:
+        metric_registry.expand(list(names))
+    except EvaluatorError as e:
+        return f"{meta_path}: {e}"
+    return None
 
 
 def _template_fields(template: str) -> list[str]:

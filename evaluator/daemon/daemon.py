@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,11 +26,16 @@ from typing import Optional
 
 from evaluator.common.atomic import read_json
 from evaluator.common.contracts import (
-    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob, read_metrics, result_dir)
+    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob, read_metrics, result_dir,
+    scratch_dir)
+from evaluator.common.errors import EvaluatorError, UnavailableError
+from evaluator.daemon import fingerprint as F
+from evaluator.daemon import heartbeat
+from evaluator.daemon.hints import diagnose
 from evaluator.daemon import ledger as L
 from evaluator.daemon import policy as P
 from evaluator.daemon.checkpoints import Checkpoint, CheckpointLayout, Selection
-from evaluator.daemon.config import AutoEvalConfig
+from evaluator.daemon.config import AutoEvalConfig, dataset_problem
 from evaluator.daemon.executors import Exit, Intent, Launch, Started, SubmitError
 from evaluator.daemon.outbox import Outbox
 from evaluator.daemon.policy import RunSpec
@@ -38,7 +45,8 @@ from evaluator.daemon.watch import CheckpointWatcher
 from recorder.sinks import ResultRecord
 
 log = logging.getLogger("evaluator")
-HEARTBEAT_SECONDS = 60.0
+HEARTBEAT_SECONDS = 60.0  # the status line in the log
+STATE_SECONDS = heartbeat.BEAT_EVERY_S  # <cache_dir>/daemon.json: liveness, held benchmarks, hints (for `status`)
 RECHECK_SECONDS = 1.0  # first re-look at an incomplete checkpoint of a marker-less layout; doubles up to poll_seconds
 MIN_SCAN_GAP = 0.005  # a burst of file events costs one rescan, not one per event
 MAX_IDLE_SLEEP = 5.0
@@ -87,6 +95,7 @@ class RunWatch:
     recheck_at: Optional[float] = None
     recheck_gap: float = RECHECK_SECONDS
     last_scan: float = float("-inf")
+    hinted: bool = False  # set-up hints looked for once (a run whose checkpoints are all known needs no more)
 
 
 class Daemon:
@@ -106,6 +115,11 @@ class Daemon:
         self.pythons = pythons
         self.timeouts = timeouts
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
+        self.fingerprints: dict[str, str] = {}  # benchmark -> its settings fingerprint (once its data is there)
+        self.held: dict[str, str] = {}  # benchmark -> why nothing of it may start now (policy.hold_reason)
+        self.hints: dict[str, list] = {}  # run -> hints.Hint: why its folder gives nothing (or less than expected)
+        self.started_wall = time.time()
+        self.last_state_write = float("-inf")
         self.policy = P.RetryPolicy.from_executor(cfg.executor)
         self.grace = P.vanish_grace(cfg.watch.vanish_grace_seconds, cfg.watch.poll_seconds)
         self.state = {r.name: RunWatch() for r in runs}
@@ -168,16 +182,18 @@ class Daemon:
                 self.watcher.start()
                 self.watching = True
             self.guarded(self.recover)
+            self.check_benchmarks()
+            self.write_state()
+            if self.held and len(self.held) == len(self.benchmarks):
+                missing = any(self.benchmark_missing(b) for b in self.held)
+                raise (UnavailableError if missing else EvaluatorError)(
+                    "no benchmark can run: " + "; ".join(f"{b}: {why}" for b, why in self.held.items()))
             while not self.stopping:
                 if not self.guarded(self.step):
                     self._sleep(LEDGER_RETRY_SECONDS)
                     continue
                 if self.once and self.idle():
-                    if self.undelivered_given_up():
-                        log.warning("--once: scored result(s) could not be recorded (a sink is down, see status); "
-                                    "they stay queued and are recorded by the next run")
-                        exit_code = 1
-                    log.info("--once: every job that exists is done")
+                    exit_code = self.once_outcome()
                     break
                 if self.range_finished():
                     log.info("every iteration up to --end-iteration %s is done", self.selection.end)
@@ -265,6 +281,8 @@ class Daemon:
         if P.rescan_due(self.last_rescan, self.cfg.watch.poll_seconds, now):
             self.last_rescan = now
             self.dirty.update(self.runs)
+            if self.held:
+                self.check_benchmarks(list(self.held))
         for name, st in self.state.items():
             if (st.settle_at is not None and now >= st.settle_at) or (st.recheck_at is not None and now >= st.recheck_at):
                 self.dirty.add(name)
@@ -313,6 +331,7 @@ class Daemon:
         layout = self.layouts[run]
         problem = self.folder_problem(run)
         if problem:
+            self.set_hints(run, diagnose(layout.root, layout.name, [], self.selection, self.cfg.watch.pattern))
             if st.unavailable != problem:
                 log.warning("run %s: %s is not available (it %s); nothing there counts as deleted until it is back",
                             run, layout.root, problem)
@@ -336,6 +355,8 @@ class Daemon:
             if c.iteration not in present or (c.complete and not present[c.iteration].complete):
                 present[c.iteration] = c
         self.admit(run, [c for it, c in present.items() if it not in full])
+        if not full or not st.hinted:  # a run with every checkpoint known and admitted needs no hint
+            self.set_hints(run, diagnose(layout.root, layout.name, checkpoints, self.selection, self.cfg.watch.pattern))
         incomplete = [c for c in checkpoints if not c.complete and not c.invalid
                       and c.iteration not in full]
         now = time.monotonic()
@@ -350,6 +371,18 @@ class Daemon:
         else:
             st.recheck_gap = RECHECK_SECONDS
         self.reconcile(run, present, now)
+
+    def set_hints(self, run: str, hints: list) -> None:
+        """Keep a run's hints for status and log each one once, when it first appears."""
+        st = self.state[run]
+        st.hinted = True
+        old = {h.text for h in self.hints.get(run, [])}
+        for h in hints:
+            if h.text not in old:
+                (log.warning if h.level == "warning" else log.info)("run %s: %s", run, h.text)
+        if [h.text for h in hints] != [h.text for h in self.hints.get(run, [])]:
+            self.hints[run] = hints
+            self.last_state_write = float("-inf")  # status should see it now
 
     def wanted_names(self, run: str) -> set[str]:
         spec = self.runs[run]
@@ -455,6 +488,55 @@ class Daemon:
     def is_wanted(self, job: L.Job) -> bool:
         return P.wanted(self.runs, self.benchmarks, job.run, job.benchmark)
 
+    def may_start(self, job: L.Job) -> bool:
+        """Wanted, and its benchmark not held (dataset missing, data unscorable, settings changed)."""
+        return job.benchmark not in self.held and self.is_wanted(job)
+
+    # ---- which benchmarks can run ------------------------------------------------------------------------
+    def benchmark_missing(self, name: str) -> Optional[str]:
+        dataset = self.benchmarks[name].dataset
+        return dataset if dataset and not os.path.exists(dataset) else None
+
+    def check_benchmarks(self, names: Optional[list[str]] = None) -> None:
+        """Fingerprint each benchmark whose data is there (once) and decide whether it is held: at the start
+        for all, then at every rescan for the held ones (a dataset that appeared, a rerun or invalidate that
+        resolved changed settings)."""
+        for name in names if names is not None else list(self.benchmarks):
+            bench = self.benchmarks[name]
+            missing = self.benchmark_missing(name)
+            problem, stale, changes = None, {}, {}
+            if not missing:
+                problem = dataset_problem(bench)
+                fp = self.fingerprints.get(name) or self.fingerprint(name)
+                stale = self.ledger.stale_outputs(name, fp)
+                now_settings = self.ledger.settings_of(fp, name) or {}
+                changes = {old: F.changes(self.ledger.settings_of(old, name) or {}, now_settings) for old in stale}
+            why = P.hold_reason(name, missing, problem, stale, changes)
+            if why != self.held.get(name):
+                if why:
+                    log.warning("benchmark %s: held, nothing of it starts: %s", name, why)
+                else:
+                    log.info("benchmark %s: can run (fingerprint %s)", name, self.fingerprints.get(name))
+                self.changed = True
+                self.last_state_write = float("-inf")
+            if why:
+                self.held[name] = why
+            else:
+                self.held.pop(name, None)
+
+    def fingerprint(self, name: str) -> str:
+        bench = self.benchmarks[name]
+        seed = bench.seed if bench.seed is not None else self.cfg.seed
+        settings = F.settings(bench, seed, F.dataset_digest(bench.dataset))
+        fp = F.fingerprint(settings)
+        self.ledger.put_settings(fp, name, settings)
+        adopted = self.ledger.adopt_fingerprint(name, fp)
+        if adopted:
+            log.info("benchmark %s: %d result(s) made before settings fingerprints existed are taken to match the "
+                     "current settings (%s)", name, adopted, fp)
+        self.fingerprints[name] = fp
+        return fp
+
     def dispatch(self) -> None:
         for stage in (INFERENCE, EVALUATION):
             free = self.executor.free_slots(stage)
@@ -467,7 +549,7 @@ class Daemon:
             ready.sort(key=lambda j: (-j.iteration if self.newest_first else j.iteration, j.run, j.benchmark))
             started = 0
             # all of them in fair order: one whose snapshot is still pinning does not hold a slot
-            for job in P.choose(ready, len(ready), self.is_wanted):
+            for job in P.choose(ready, len(ready), self.may_start):
                 if self.stopping or started >= free:
                     break
                 try:
@@ -496,8 +578,10 @@ class Daemon:
             return 0
         running = P.STAGE_STATES[stage][1]
         handle = "infer_job" if stage == INFERENCE else "eval_job"
+        # the outputs an inference makes are made with today's settings: the row says which
+        settings = {"fingerprint": self.fingerprints.get(job.benchmark)} if stage == INFERENCE else {}
         self.ledger.transition(job.key, running, f"attempt {job.attempts + 1}", token=token, started_at=time.time(),
-                               pid=None, pid_start=None, **{handle: None})
+                               pid=None, pid_start=None, **{handle: None}, **settings)
         try:
             started = self.executor.submit(launch)
         except SubmitError as e:
@@ -552,7 +636,8 @@ class Daemon:
                         benchmark=bench.model_dump(), output_dir=out,
                         seed=bench.seed if bench.seed is not None else self.cfg.seed,
                         attempt=job.attempts + 1, tokens_b=self.tokens_b(job.iteration),
-                        extra={"config_dir": self.cfg.config_dir})
+                        extra={"config_dir": self.cfg.config_dir, "fingerprint": self.fingerprints.get(job.benchmark),
+                               "revision": job.revision, "scratch_dir": self.scratch(job.key)})
         spec.write(os.path.join(out, JOB_FILE[stage]))
 
     def apply(self, move: P.Move) -> None:
@@ -572,6 +657,18 @@ class Daemon:
             self.keeper.discard(move.key[0], move.key[1])
         if move.to is not None and P.is_final(move.to, move.fields.get("next_retry_at")):
             self.release_if_finished(move.key[0], move.key[1])
+            self.drop_scratch(move.key)
+
+    def scratch(self, key: tuple) -> str:
+        return scratch_dir(self.cfg.cache_dir, *key)
+
+    def drop_scratch(self, key: tuple) -> None:
+        """A final job's {scratch_dir} (a converted model, say) is deleted: it is the stages' space, not a result."""
+        path = self.scratch(key)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.isdir(path):
+                log.warning("%s: could not delete its scratch folder %s", L.JobKey(*key), path)
 
     def release_if_finished(self, run: str, iteration: int) -> None:
         """A snapshot goes on the transition that finalises the last wanted job of its iteration."""
@@ -606,7 +703,8 @@ class Daemon:
         return ResultRecord(run=job.run, iteration=job.iteration, benchmark=job.benchmark, metrics=m["metrics"],
                             tokens_b=self.tokens_b(job.iteration), n=m.get("n"), stderr=m.get("stderr") or {},
                             per_category=m.get("per_category") or {}, checkpoint=job.path, metrics_path=path,
-                            versions=m.get("versions") or {})
+                            versions=m.get("versions") or {}, revision=job.revision,
+                            fingerprint=job.fingerprint or "")
 
     def delivered(self, reply) -> None:
         key = L.JobKey(*reply.key)
@@ -700,9 +798,32 @@ class Daemon:
         """--once: nothing running, nothing runnable, no retry, no settling checkpoint, no result to deliver."""
         if self.busy():
             return False  # the counts below are SQL: not asked while work is in flight
-        runnable = sum(n for run, bench, n in self.ledger.runnable() if P.wanted(self.runs, self.benchmarks, run, bench))
+        runnable = sum(n for run, bench, n in self.ledger.runnable()
+                       if bench not in self.held and P.wanted(self.runs, self.benchmarks, run, bench))
         undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
         return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered))
+
+    def once_outcome(self) -> int:
+        """--once is done: 0 when every wanted job ended well, else 1 with what did not (failed jobs, held
+        benchmarks with work waiting, results a sink would not take)."""
+        failed = [j for j in self.ledger.jobs([L.FAILED]) if P.job_final(j) and self.is_wanted(j)]
+        waiting = {bench: n for run, bench, n in self.ledger.runnable()
+                   if bench in self.held and P.wanted(self.runs, self.benchmarks, run, bench)}
+        problems = []
+        if failed:
+            problems.append(f"{len(failed)} job(s) failed ({', '.join(str(j.key) for j in failed[:5])}"
+                            f"{', ...' if len(failed) > 5 else ''}; `status` shows why)")
+        for bench, n in sorted(waiting.items()):
+            problems.append(f"benchmark {bench} held with {n} job(s) waiting: {self.held[bench]}")
+        for run, hints in sorted(self.hints.items()):  # a set-up mistake: nothing of that run could be evaluated
+            problems += [f"run {run}: {h.text}" for h in hints if h.level == "warning"]
+        if self.undelivered_given_up():
+            problems.append("scored result(s) could not be recorded (a sink is down, see status); they stay queued "
+                            "and are recorded by the next run")
+        for p in problems:
+            log.warning("--once: %s", p)
+        log.info("--once: every job that can run now is done%s", "" if not problems else " (exit 1: see above)")
+        return 1 if problems else 0
 
     def undelivered_given_up(self) -> int:
         """--once: results a sink refused executor.max_attempts times in a row: not waited for."""
@@ -740,7 +861,26 @@ class Daemon:
                 waits.append(t - time.time())
         return max(MIN_SCAN_GAP, min(waits))
 
+    def write_state(self, stopped: bool = False) -> None:
+        """<cache_dir>/daemon.json for `status`: alive (a recent beat from a live pid), what is held, hints."""
+        self.last_state_write = time.monotonic()
+        now = time.time()
+        try:
+            heartbeat.write_state(self.cfg.cache_dir, {
+                "schema_version": heartbeat.SCHEMA_VERSION, "pid": os.getpid(), "host": socket.gethostname(),
+                "started_at": self.started_wall, "beat_at": now, "beat_every_s": STATE_SECONDS,
+                "stopped_at": now if stopped else None,
+                "unavailable": [{"benchmark": b, "run": None, "reason": why} for b, why in sorted(self.held.items())]
+                + [{"benchmark": None, "run": r, "reason": f"{self.runs[r].root} {st.unavailable}"}
+                   for r, st in sorted(self.state.items()) if st.unavailable],
+                "settings_changed": [], "hints": {run: [h.text for h in hs] for run, hs in self.hints.items() if hs},
+                "fingerprints": dict(self.fingerprints)})
+        except OSError as e:  # a full disk must not end the daemon; status then says the beat is old
+            log.warning("could not write %s: %s", heartbeat.state_path(self.cfg.cache_dir), e)
+
     def heartbeat(self) -> None:
+        if time.monotonic() - self.last_state_write >= STATE_SECONDS:
+            self.write_state()
         now = time.monotonic()
         if now - self.last_heartbeat < HEARTBEAT_SECONDS:
             return
@@ -761,6 +901,7 @@ class Daemon:
                 except (L.LedgerConflict, L.LedgerUnavailable) as e:
                     log.warning("%s %s: stopped; the ledger keeps it running (recovered at the next start): %s",
                                 stage, L.JobKey(*key), e)
+            self.write_state(stopped=True)
             self.keeper.shutdown()
             try:
                 self.keeper.collect()

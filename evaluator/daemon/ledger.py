@@ -5,11 +5,15 @@ States (docs/architecture.md):
     failed   (attempts, next_retry_at; next_retry_at NULL = failed for good; resume_state says where a retry restarts)
     vanished (checkpoint deleted before its inference finished)
     skipped  (outside begin/end/interval)
+    invalidated (withdrawn by `tools/evaluator.py invalidate`; `rerun` brings it back)
+Each row carries the settings `fingerprint` its result was made with (fingerprint.py) and a `revision`: 0 for
+the first evaluation, +1 for each `rerun`, so the sinks tell a re-run apart from a result offered twice.
 Every transition is one transaction that names the states it may come from, so two code paths can
 never both move the same row. The `events` table keeps every transition (status, tests, audits).
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -17,10 +21,15 @@ from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Optional
 
 PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED = "pending", "inferring", "inferred", "scoring", "scored", "recorded"
-FAILED, VANISHED, SKIPPED = "failed", "vanished", "skipped"
+FAILED, VANISHED, SKIPPED, INVALIDATED = "failed", "vanished", "skipped", "invalidated"
 # snapshot states (table `snapshots`, one row per pinned (run, iteration)); see snapshots.py
 PINNING, PINNED, UNPINNED, RELEASED = "pinning", "pinned", "unpinned", "released"  # + VANISHED
-STATES = (PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED, FAILED, VANISHED, SKIPPED)
+STATES = (PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED, FAILED, VANISHED, SKIPPED, INVALIDATED)
+# the states whose outputs were made with the row's fingerprint (what changed settings would mix into a curve)
+HAS_OUTPUTS = (INFERRED, SCORING, SCORED, RECORDED)
+# what `rerun` may start again (Ledger.restart, its own guarded write) and `invalidate` may withdraw: nothing running, nothing mid-recording
+RERUNNABLE = (RECORDED, FAILED, VANISHED, SKIPPED, INVALIDATED, INFERRED, PENDING)
+INVALIDATABLE = (RECORDED, SCORED, INFERRED, FAILED, PENDING)
 RUNNING = (INFERRING, SCORING)
 
 # to-state -> the states it may be entered from
@@ -34,6 +43,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     FAILED: (INFERRING, SCORING, PENDING),  # PENDING: a checkpoint found invalid, or a stage that could not start
     VANISHED: (PENDING, INFERRING, FAILED, SKIPPED),
     SKIPPED: (PENDING,),
+    INVALIDATED: INVALIDATABLE,
 }
 
 SCHEMA = """
@@ -59,6 +69,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL, sink TEXT NOT NULL,
     failures INTEGER NOT NULL, next_try_at REAL, quarantined INTEGER NOT NULL DEFAULT 0, last_error TEXT,
     updated_at REAL NOT NULL, PRIMARY KEY (run, iteration, benchmark, sink));
+CREATE TABLE IF NOT EXISTS fingerprints (
+    fingerprint TEXT NOT NULL, benchmark TEXT NOT NULL, settings TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (fingerprint, benchmark));
 """
 # created after the columns they name exist (older ledgers gain columns first)
 INDEXES = """
@@ -117,6 +130,8 @@ class Job:
     updated_at: float = 0.0
     token: Optional[str] = None  # intent of the stage start, durable before the side effect (executors.py)
     tempfail_since: Optional[float] = None  # first of an unbroken run of exit-75s (their own time budget)
+    fingerprint: Optional[str] = None  # the settings its outputs were made with (None: made before fingerprints)
+    revision: int = 0  # 0: first evaluation; +1 per `rerun`
 
     @property
     def key(self) -> JobKey:
@@ -125,8 +140,9 @@ class Job:
 
 FIELDS = tuple(Job.__dataclass_fields__)
 MUTABLE = ("path", "attempts", "resume_state", "next_retry_at", "last_error", "pid", "pid_start", "started_at",
-           "infer_job", "eval_job", "token", "tempfail_since")
-ADDED_COLUMNS = {"infer_job": "TEXT", "eval_job": "TEXT", "token": "TEXT", "tempfail_since": "REAL"}
+           "infer_job", "eval_job", "token", "tempfail_since", "fingerprint", "revision")
+ADDED_COLUMNS = {"infer_job": "TEXT", "eval_job": "TEXT", "token": "TEXT", "tempfail_since": "REAL",
+                 "fingerprint": "TEXT", "revision": "INTEGER NOT NULL DEFAULT 0"}
 
 
 class Ledger:
@@ -251,6 +267,31 @@ class Ledger:
                 "SELECT * FROM events WHERE run=? AND iteration=? AND benchmark=? ORDER BY id", tuple(key))
         return [dict(r) for r in rows]
 
+    def stale_outputs(self, benchmark: str, fingerprint: str) -> dict[str, int]:
+        """Older fingerprint -> rows of `benchmark` whose outputs were made with it (not `fingerprint`)."""
+        marks = ", ".join("?" * len(HAS_OUTPUTS))
+        return dict(self.db.execute(
+            f"SELECT fingerprint, COUNT(*) FROM jobs WHERE benchmark=? AND state IN ({marks}) AND fingerprint IS NOT "
+            "NULL AND fingerprint != ? GROUP BY fingerprint", (benchmark, *HAS_OUTPUTS, fingerprint)).fetchall())
+
+    def adopt_fingerprint(self, benchmark: str, fingerprint: str) -> int:
+        """Rows with outputs made before fingerprints existed are taken to have today's settings."""
+        marks = ", ".join("?" * len(HAS_OUTPUTS))
+        with self._tx():
+            cur = self.db.execute(f"UPDATE jobs SET fingerprint=? WHERE benchmark=? AND fingerprint IS NULL AND state "
+                                  f"IN ({marks})", (fingerprint, benchmark, *HAS_OUTPUTS))
+        return cur.rowcount
+
+    def settings_of(self, fingerprint: str, benchmark: str) -> Optional[dict]:
+        row = self.db.execute("SELECT settings FROM fingerprints WHERE fingerprint=? AND benchmark=?",
+                              (fingerprint, benchmark)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_settings(self, fingerprint: str, benchmark: str, settings: dict) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?, ?, ?)",
+                            (fingerprint, benchmark, json.dumps(settings, sort_keys=True, default=str), time.time()))
+
     def recorded_sinks(self, key: tuple) -> set[str]:
         rows = self.db.execute("SELECT sink FROM recordings WHERE run=? AND iteration=? AND benchmark=?", tuple(key))
         return {r[0] for r in rows}
@@ -305,6 +346,25 @@ class Ledger:
         with self._tx():
             self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)}, updated_at = ?"
                             " WHERE run=? AND iteration=? AND benchmark=?", (*fields.values(), time.time(), *key))
+
+    def restart(self, key: tuple, note: str, **fields) -> Job:
+        """`rerun`: back to pending as a new revision, with no attempts, and owed to every sink again."""
+        key = tuple(key)
+        with self._tx():
+            row = self.db.execute("SELECT state, revision FROM jobs WHERE run=? AND iteration=? AND benchmark=?",
+                                  key).fetchone()
+            if row is None or row[0] not in RERUNNABLE:
+                raise LedgerConflict(f"{key}: cannot re-run a row that is {row[0] if row else 'missing'}")
+            values = {"attempts": 0, "resume_state": None, "next_retry_at": None, "last_error": None, "token": None,
+                      "tempfail_since": None, "pid": None, "pid_start": None, "infer_job": None, "eval_job": None,
+                      "revision": row[1] + (row[0] != PENDING), **fields}
+            self.db.execute(
+                f"UPDATE jobs SET state = ?, updated_at = ?, {', '.join(f'{k} = ?' for k in values)}"
+                " WHERE run=? AND iteration=? AND benchmark=?", (PENDING, time.time(), *values.values(), *key))
+            for table in ("recordings", "deliveries"):
+                self.db.execute(f"DELETE FROM {table} WHERE run=? AND iteration=? AND benchmark=?", key)
+            self._event(key, row[0], PENDING, note)
+        return self.get(key)
 
     def prune_events(self, now: Optional[float] = None, keep_seconds: float = EVENTS_KEEP_SECONDS) -> int:
         """Drop transitions older than keep_seconds (the events table must not grow without bound)."""

@@ -65,11 +65,31 @@ class RetryPolicy:
 
 def is_final(state: str, next_retry_at: Optional[float] = None) -> bool:
     """Nothing more will happen to a row in this state (a failed row is final once it has no retry)."""
-    return state in (L.RECORDED, L.VANISHED, L.SKIPPED) or (state == L.FAILED and next_retry_at is None)
+    return state in (L.RECORDED, L.VANISHED, L.SKIPPED, L.INVALIDATED) or (state == L.FAILED and next_retry_at is None)
 
 
 def job_final(job: L.Job) -> bool:
     return is_final(job.state, job.next_retry_at)
+
+
+# ---- which benchmarks can run now -----------------------------------------------------------------
+def hold_reason(name: str, missing: Optional[str], problem: Optional[str], stale: dict[str, int],
+                changes: dict[str, list[str]]) -> Optional[str]:
+    """Why benchmark `name` must not start anything now, or None. `missing`: its dataset is not there (it runs
+    once it appears); `problem`: its data cannot be scored as configured; `stale`: older fingerprint -> rows whose
+    outputs were made with other settings, `changes` what differs for each (running it now would put two
+    settings on one curve, so the operator chooses)."""
+    if missing:
+        return f"dataset {missing} does not exist (looked for again at every rescan)"
+    if problem:
+        return problem
+    if stale:
+        n = sum(stale.values())
+        what = "; ".join(dict.fromkeys(c for fp in stale for c in changes.get(fp, ["settings unknown"])))
+        return (f"settings changed since {n} result(s) were made ({what}): `tools/evaluator.py rerun --config <cfg> "
+                f"--benchmark {name}` re-evaluates them with the new settings, `invalidate --benchmark {name}` withdraws them, "
+                f"or give the benchmark a new name for a new curve")
+    return None
 
 
 # ---- small action values ------------------------------------------------------------------------

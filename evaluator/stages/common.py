@@ -38,8 +38,10 @@ def library_versions(names: tuple) -> dict:
 
 def metrics_header(job: StageJob, kind: str) -> dict:
     """The metrics.json fields that say which job a result belongs to."""
+    # fingerprint/revision: the settings the numbers were made with, and which re-run this is (the daemon's)
     return {"benchmark": job.benchmark.get("name"), "benchmark_type": kind, "run": job.run,
-            "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint}
+            "iteration": job.iteration, "tokens_b": job.tokens_b, "checkpoint": job.checkpoint,
+            "fingerprint": job.extra.get("fingerprint"), "revision": job.extra.get("revision", 0)}
 
 
 def write_metrics(job: StageJob, doc: dict, log: Callable[[str], None]) -> int:

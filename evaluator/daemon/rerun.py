@@ -1,0 +1,194 @@
+"""`tools/evaluator.py rerun | invalidate`: re-evaluate results with today's settings, or withdraw them.
+
+    rerun      --config CFG [--run R] [--iterations 1000-3000,5000] [--benchmark B ...] [--dry-run]
+    invalidate --config CFG [--run R] [--iterations ...] [--benchmark B ...] [--dry-run]
+
+`rerun` puts each selected ledger row back to pending as a new *revision* (its outputs move to
+`<result dir>/superseded/rev<N>/`, nothing is deleted), so the daemon -- running now, or at its next start --
+evaluates it again with the current settings and records it to every sink once more; the sinks tell a re-run
+from a result offered twice by the revision (docs/recording.md says what each sink shows). A row whose
+checkpoint is no longer on disk (and no snapshot holds it) is not touched, and the command says so.
+`invalidate` moves each selected result to `invalidated`: the local history and plots drop it, the daemon never
+runs it again, and a later `rerun` brings it back. W&B and MLflow keep what they were sent (their history
+cannot be edited); see docs/recording.md.
+
+Rows that are running or being recorded right now are left alone (try again when they are done). Both commands
+need a selection (at least one of --run, --iterations, --benchmark) and exit 1 when a selected row could not be
+handled, 2 on a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Optional
+
+from evaluator.common.contracts import OUTPUT_FILES, result_dir
+from evaluator.common.errors import EvaluatorError, did_you_mean
+from evaluator.daemon import ledger as L
+from evaluator.daemon.config import load_config
+
+SUPERSEDED = "superseded"
+# what a result folder holds that a new revision must not inherit (kept under superseded/rev<N>/)
+RESULT_FILES = tuple(dict.fromkeys(f for files in OUTPUT_FILES.values() for f in files)) + ("scores.jsonl",
+                                                                                              "compare.json")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    what = {"rerun": "Re-evaluate recorded results with the current settings (a new revision per result).",
+            "invalidate": "Withdraw results: the local history and plots drop them and the daemon never re-runs "
+                          "them (`rerun` brings them back)."}[command]
+    p = argparse.ArgumentParser(prog=f"evaluator.py {command}", description=what)
+    p.add_argument("--config", required=True)
+    p.add_argument("--run", action="append", default=None, help="a run name (repeatable); default: every run")
+    p.add_argument("--iterations", default=None,
+                   help="iterations and ranges, e.g. 1000-3000,5000 (inclusive); default: every iteration")
+    p.add_argument("--benchmark", action="append", default=None,
+                   help="a benchmark name (repeatable); default: every benchmark")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    return p
+
+
+def parse_iterations(spec: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    """'1000-3000,5000' -> [(1000, 3000), (5000, 5000)]; None for no filter."""
+    if spec is None:
+        return None
+    ranges = []
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise EvaluatorError(f"--iterations: expected iterations and ranges like 1000-3000,5000, got {part!r}") \
+                from None
+        if a < 0 or b < a:
+            raise EvaluatorError(f"--iterations: expected a range low-high with 0 <= low <= high, got {part!r}")
+        ranges.append((a, b))
+    return ranges
+
+
+def _check_names(flag: str, given: Optional[list[str]], known: set[str]) -> None:
+    for name in given or []:
+        if name not in known:
+            raise EvaluatorError(f"{flag} {name!r}: not in the config or the ledger (known: "
+                                 f"{', '.join(sorted(known)) or 'none'}){did_you_mean(name, known)}")
+
+
+def select(jobs: list[L.Job], runs: Optional[list[str]], iterations: Optional[list[tuple[int, int]]],
+           benchmarks: Optional[list[str]]) -> list[L.Job]:
+    return [j for j in jobs if (runs is None or j.run in runs) and (benchmarks is None or j.benchmark in benchmarks)
+            and (iterations is None or any(a <= j.iteration <= b for a, b in iterations))]
+
+
+def checkpoint_gone(led: L.Ledger, job: L.Job) -> Optional[str]:
+    """Why a rerun cannot read the checkpoint any more, or None (the original or a pinned snapshot is there)."""
+    snap = led.snapshot(job.run, job.iteration)
+    if snap is not None and snap["state"] == L.PINNED and snap["path"] and os.path.exists(snap["path"]):
+        return None
+    if os.path.exists(job.path):
+        return None
+    return f"checkpoint no longer on disk ({job.path}) and no snapshot holds it"
+
+
+def set_aside(out: str, revision: int) -> list[str]:
+    """Move a result folder's outputs to superseded/rev<revision>/ (a rerun or an invalidation keeps them)."""
+    moved = []
+    dest = os.path.join(out, SUPERSEDED, f"rev{revision}")
+    for name in RESULT_FILES:
+        src = os.path.join(out, name)
+        if os.path.exists(src):
+            os.makedirs(dest, exist_ok=True)
+            os.replace(src, os.path.join(dest, name))
+            moved.append(name)
+    return moved
+
+
+def main(command: str, argv: list[str]) -> int:
+    args = build_parser(command).parse_args(argv)
+    if not (args.run or args.iterations or args.benchmark):
+        raise EvaluatorError(f"{command}: say what to {command}: --run, --iterations and/or --benchmark "
+                             f"(all three may be combined)")
+    cfg = load_config(args.config, require_datasets=False, check_data=False)
+    iterations = parse_iterations(args.iterations)
+    if not os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
+        raise EvaluatorError(f"no ledger in cache_dir {cfg.cache_dir}: nothing has been evaluated with this config")
+    try:
+        led = L.Ledger(cfg.cache_dir, readonly=args.dry_run)
+    except L.LedgerUnavailable as e:
+        raise EvaluatorError(str(e)) from None
+    try:
+        jobs = led.jobs()
+        from evaluator.daemon.build import resolve_runs
+
+        try:
+            configured = {r.name for r in resolve_runs(cfg)}
+        except EvaluatorError:
+            configured = set()
+        _check_names("--run", args.run, configured | {j.run for j in jobs})
+        _check_names("--benchmark", args.benchmark, {b.name for b in cfg.benchmarks} | {j.benchmark for j in jobs})
+        chosen = select(jobs, args.run, iterations, args.benchmark)
+        if not chosen:
+            print(f"{command}: no ledger rows match (nothing evaluated there yet)")
+            return 1
+        done, problems = 0, 0
+        for job in chosen:
+            why = refusal(command, led, job)
+            if why is not None:
+                problems += why[1]
+                print(f"  {str(job.key):<40} {job.state:<11} {why[0]}")
+                continue
+            if args.dry_run:
+                print(f"  {str(job.key):<40} {job.state:<11} would be {'re-run' if command == 'rerun' else 'invalidated'}")
+                done += 1
+                continue
+            apply_one(command, cfg.cache_dir, led, job)
+            done += 1
+            print(f"  {str(job.key):<40} {job.state:<11} -> "
+                  f"{'pending (revision ' + str(job.revision + (job.state != L.PENDING)) + ')' if command == 'rerun' else 'invalidated'}")
+    finally:
+        led.close()
+    verb = {"rerun": "queued for re-evaluation", "invalidate": "invalidated"}[command]
+    print(f"{command}: {done} of {len(chosen)} row(s) {'would be ' if args.dry_run else ''}{verb}"
+          + (f"; {problems} could not be (see above)" if problems else "")
+          + ("; a running daemon picks them up at its next rescan, else the next start does"
+             if command == "rerun" and done and not args.dry_run else ""))
+    return 1 if problems else 0
+
+
+def refusal(command: str, led: L.Ledger, job: L.Job) -> Optional[tuple[str, bool]]:
+    """(why this row is left alone, whether that is a problem) or None to go ahead."""
+    allowed = L.RERUNNABLE if command == "rerun" else L.INVALIDATABLE
+    if job.state == L.INVALIDATED and command == "invalidate":
+        return ("already invalidated", False)
+    if job.state == L.PENDING and command == "rerun":
+        return ("not evaluated yet (pending): runs anyway", False)
+    if job.state not in allowed:
+        return (f"{job.state} right now: try again when it is done", True)
+    if command == "rerun":
+        gone = checkpoint_gone(led, job)
+        if gone:
+            return (gone, True)
+    return None
+
+
+def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job) -> None:
+    out = result_dir(cache_dir, job.run, job.iteration, job.benchmark)
+    if command == "rerun":
+        set_aside(out, job.revision)
+        snap = led.snapshot(job.run, job.iteration)
+        if snap is not None and snap["state"] in (L.RELEASED, L.VANISHED):
+            led.drop_snapshot(job.run, job.iteration)  # pinned afresh, like a new checkpoint
+        # fingerprint None: the daemon stamps today's settings when the inference starts
+        led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None)
+    else:
+        led.transition(job.key, L.INVALIDATED, "invalidated by the operator", next_retry_at=None)
+        set_aside(out, job.revision)
+        withdraw_local(cache_dir, job)
+
+
+def withdraw_local(cache_dir: str, job: L.Job) -> None:
+    """Drop an invalidated result from the local sink's history.jsonl (and so from curves.png / summary.md)."""
+    from recorder.sinks import LocalSink
+
+    LocalSink(cache_dir).withdraw(job.run, job.iteration, job.benchmark)
