@@ -117,6 +117,7 @@ class Daemon:
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
         self.fingerprints: dict[str, str] = {}  # benchmark -> its settings fingerprint (once its data is there)
         self.held: dict[str, str] = {}  # benchmark -> why nothing of it may start now (policy.hold_reason)
+        self.settings_changed: dict[str, dict] = {}  # benchmark -> {results, changes} while it is held for it
         self.hints: dict[str, list] = {}  # run -> hints.Hint: why its folder gives nothing (or less than expected)
         self.started_wall = time.time()
         self.last_state_write = float("-inf")
@@ -512,6 +513,11 @@ class Daemon:
                 now_settings = self.ledger.settings_of(fp, name) or {}
                 changes = {old: F.changes(self.ledger.settings_of(old, name) or {}, now_settings) for old in stale}
             why = P.hold_reason(name, missing, problem, stale, changes)
+            if stale:
+                self.settings_changed[name] = {"benchmark": name, "results": sum(stale.values()),
+                                               "changes": list(dict.fromkeys(c for cs in changes.values() for c in cs))}
+            else:
+                self.settings_changed.pop(name, None)
             if why != self.held.get(name):
                 if why:
                     log.warning("benchmark %s: held, nothing of it starts: %s", name, why)
@@ -873,7 +879,7 @@ class Daemon:
                 "unavailable": [{"benchmark": b, "run": None, "reason": why} for b, why in sorted(self.held.items())]
                 + [{"benchmark": None, "run": r, "reason": f"{self.runs[r].root} {st.unavailable}"}
                    for r, st in sorted(self.state.items()) if st.unavailable],
-                "settings_changed": [], "hints": {run: [h.text for h in hs] for run, hs in self.hints.items() if hs},
+                "settings_changed": [v for _, v in sorted(self.settings_changed.items())], "hints": {run: [h.text for h in hs] for run, hs in self.hints.items() if hs},
                 "fingerprints": dict(self.fingerprints)})
         except OSError as e:  # a full disk must not end the daemon; status then says the beat is old
             log.warning("could not write %s: %s", heartbeat.state_path(self.cfg.cache_dir), e)

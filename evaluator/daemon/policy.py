@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from evaluator.common.contracts import EVALUATION, EXIT_TEMPFAIL, INFERENCE
+from evaluator.common.contracts import EVALUATION, EXIT_BAD_SPEC, EXIT_TEMPFAIL, INFERENCE
 from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import Checkpoint, Selection
 
-EXIT_BAD_SPEC = 2  # the stage's own verdict: its job spec or data is wrong; retrying cannot help
 # per stage: the state a job waits in, runs in, and reaches when the stage is done
 STAGE_STATES = {INFERENCE: (L.PENDING, L.INFERRING, L.INFERRED), EVALUATION: (L.INFERRED, L.SCORING, L.SCORED)}
 
