@@ -324,16 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"make-dataset": cmd_make_dataset, "inference": cmd_inference, "eval": cmd_eval, "list": cmd_list,
+                "run": lambda a: cmd_inference(a, then_eval=True)}
     try:
-        if args.command == "make-dataset":
-            return cmd_make_dataset(args)
-        if args.command == "inference":
-            return cmd_inference(args)
-        if args.command == "run":
-            return cmd_inference(args, then_eval=True)
-        if args.command == "eval":
-            return cmd_eval(args)
-        return cmd_list(args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe (`list | head`) surfaces here, inside the handler below
+        return code
     except EvaluatorError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away; what is still buffered would fail again at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0

@@ -1,5 +1,5 @@
-"""`tools/bench.py make-dataset` as a user runs it: from their own directory, with relative paths, and the
-dataset it writes scored by `tools/bench.py eval` without further flags."""
+"""`tools/bench.py` as a user runs it: make-dataset from their own directory, with relative paths, the dataset
+it writes scored by `tools/bench.py eval` without further flags, and output piped into `head`."""
 from __future__ import annotations
 
 import json
@@ -119,3 +119,12 @@ def test_id_column_flag_overrides_the_id_column_and_must_exist(tmp_path):
     assert [s.id for s in load_dataset(str(tmp_path / "ds")).samples] == ["k1"]
     r = make(tmp_path, "--target-column", "answer", "--id-column", "qid")
     assert r.returncode == 2 and "qa.csv:2: no id column 'qid'" in r.stderr
+
+
+def test_a_reader_that_goes_away_early_gets_no_traceback(tmp_path):
+    """`tools/bench.py list | head -1`: the read end is closed before bench.py writes."""
+    proc = subprocess.Popen([sys.executable, BENCH, "list"], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in stderr, stderr
