@@ -13,10 +13,17 @@ moment leaves no run RUNNING forever (MLflow's client logs to a finished run as 
 A tracking server that does not answer costs at most about `request_timeout` seconds per record()
 (default 30), not the ~4 minutes of MLflow's own retries: see `bound_http_retries`.
 
-Exactly once: the run is found again by a tag holding a hash of its name, and a metric is logged only
-when the run's history of that metric has no point at this iteration yet (read once per process,
-then kept). A result offered again after a crash therefore adds nothing; the artifact is re-copied
-to the same path, which replaces it with the same file.
+Exactly once: the run is found again by a tag holding a hash of its name, and a first evaluation's
+metric is logged only when the run's history of that metric has no point at this iteration yet (read
+once per process, then kept). A result offered again after a crash therefore adds nothing; the
+artifact is re-copied to the same path, which replaces it with the same file.
+
+Re-runs: MLflow keeps every value logged at a step, so a rerun (revision r >= 1) logs its values at the
+same step, beside the first ones, together with `<benchmark>/revision` = r at that step, all in one
+`log_batch` (one transaction in MLflow's SQL store). That marker is the idempotence check: a revision at
+or below the highest marker at the step (0 where the step has values but no marker) is not logged again.
+The run tag `fingerprints/<benchmark>` lists the settings fingerprints the benchmark was recorded with
+(several: one curve mixes settings); metrics.json, the artifact, holds the result's own.
 """
 from __future__ import annotations
 
@@ -27,12 +34,16 @@ import os
 import re
 import time
 
-from recorder.sinks import RecorderSettings, ResultRecord
+from typing import Optional
+
+from recorder.sinks import RecorderSettings, ResultRecord, check_metric_names, supersedes
 
 log = logging.getLogger("evaluator")
 RUN_TAG = "ckpt_evaluator.run_key"
 REQUEST_TIMEOUT_SECONDS = 30.0
 MAX_KEY_LENGTH = 250  # MLflow's limit for a metric name
+MAX_TAG_VALUE = 8000  # MLflow's limit for a tag value
+FINGERPRINTS_TAG = "fingerprints/"  # + benchmark: the settings fingerprints it was recorded with, first seen first
 _DISALLOWED = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -99,7 +110,8 @@ class MlflowSink:
         self._client = None
         self._experiment_id = None
         self._run_ids: dict[str, str] = {}
-        self._steps: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps logged
+        self._steps: dict[tuple[str, str], dict[int, float]] = {}  # (run id, metric) -> step -> largest value there
+        self._tags: dict[str, dict[str, str]] = {}  # run id -> its tags
 
     def client(self):
         if self._client is None:
@@ -130,9 +142,11 @@ class MlflowSink:
         if found:
             rid = found[0].info.run_id
             have = found[0].data.params
+            self._tags[rid] = dict(found[0].data.tags)
         else:
             rid = client.create_run(self._experiment_id, run_name=run, tags={RUN_TAG: key}).info.run_id
             have = {}
+            self._tags[rid] = {RUN_TAG: key}
         params = _flat_params(dict(self.settings.run_config, model_name=run))
         new = {k: v for k, v in params.items() if k not in have}
         changed = sorted(k for k, v in params.items() if k in have and have[k] != v)
@@ -145,34 +159,77 @@ class MlflowSink:
         self._run_ids[run] = rid
         return rid
 
-    def _logged_steps(self, rid: str, key: str) -> set[int]:
+    def _logged(self, rid: str, key: str) -> dict[int, float]:
+        """step -> the largest value of metric `key` logged at that step (read once per process, then kept)."""
         if (rid, key) not in self._steps:
-            self._steps[(rid, key)] = {m.step for m in self.client().get_metric_history(rid, key)}
+            logged: dict[int, float] = {}
+            for m in self.client().get_metric_history(rid, key):
+                logged[m.step] = max(m.value, logged.get(m.step, m.value))
+            self._steps[(rid, key)] = logged
         return self._steps[(rid, key)]
 
-    def record(self, result: ResultRecord) -> None:
-        from mlflow.entities import Metric
+    def _held_revision(self, rid: str, result: ResultRecord, keys: list[str]) -> Optional[int]:
+        """The highest revision of this result the run holds: its `<benchmark>/revision` marker at the step, 0 if
+        the step has values of the benchmark but no marker, None if it has none."""
+        marker = self._logged(rid, self._revision_key(result)).get(result.iteration)
+        if marker is not None:
+            return int(marker)
+        return 0 if any(result.iteration in self._logged(rid, key) for key in keys) else None
 
+    @staticmethod
+    def _revision_key(result: ResultRecord) -> str:
+        return _clean(f"{result.benchmark}/revision")
+
+    def record(self, result: ResultRecord) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        check_metric_names(result)
         client = self.client()
         rid = self.run_id(result.run)
         now = int(time.time() * 1000)
         raw = {f"{result.benchmark}/{name}": float(value) for name, value in result.metrics.items()}
-        if result.tokens_b is not None:
-            raw["tokens_b"] = float(result.tokens_b)
-        keys = metric_key(list(raw))
+        keys = metric_key(list(raw) + (["tokens_b"] if result.tokens_b is not None else []))
         values = {keys[name]: value for name, value in raw.items()}
-        missing = [Metric(key, value, now, result.iteration) for key, value in sorted(values.items())
-                   if result.iteration not in self._logged_steps(rid, key)]
-        if missing:
+        held = self._held_revision(rid, result, sorted(values))
+        if held is not None and held > result.revision:
+            client.set_terminated(rid, "FINISHED")
+            return  # an older revision offered late: the run holds a newer one
+        if supersedes(result.revision, held):
+            todo = dict(values)
+            if result.revision:
+                todo[self._revision_key(result)] = float(result.revision)
+        else:  # this revision is there; a first evaluation may still lack a metric (logged before a crash)
+            todo = {key: value for key, value in values.items() if result.iteration not in self._logged(rid, key)}
+        if result.tokens_b is not None and result.iteration not in self._logged(rid, keys["tokens_b"]):
+            todo[keys["tokens_b"]] = float(result.tokens_b)  # once per iteration: a rerun does not change it
+        tags = self._fingerprint_tag(rid, result)
+        if todo or tags:
+            batch = [Metric(key, value, now, result.iteration) for key, value in sorted(todo.items())]
             try:
-                client.log_batch(rid, metrics=missing)
+                client.log_batch(rid, metrics=batch, tags=[RunTag(k, v) for k, v in tags.items()])
             except BaseException:
-                for m in missing:  # unsure what was stored: read the history again next time
+                for m in batch:  # unsure what was stored: read the history again next time
                     self._steps.pop((rid, m.key), None)
+                self._run_ids.pop(result.run, None)  # and the run with its tags
                 raise
-            for m in missing:
-                self._steps[(rid, m.key)].add(result.iteration)
+            for m in batch:
+                logged = self._logged(rid, m.key)
+                logged[m.step] = max(m.value, logged.get(m.step, m.value))
+            self._tags[rid].update(tags)
         if result.metrics_path and os.path.exists(result.metrics_path):
             client.log_artifact(rid, result.metrics_path,
                                 artifact_path=f"iter_{result.iteration:07d}/{_clean(result.benchmark)}")
         client.set_terminated(rid, "FINISHED")
+
+    def _fingerprint_tag(self, rid: str, result: ResultRecord) -> dict[str, str]:
+        """{tag: value} to set so `fingerprints/<benchmark>` lists this result's fingerprint ({} if it does)."""
+        if not result.fingerprint:
+            return {}
+        tag = _clean(FINGERPRINTS_TAG + result.benchmark)[:MAX_KEY_LENGTH]
+        seen = self._tags[rid].get(tag, "").split()
+        if result.fingerprint in seen:
+            return {}
+        value = " ".join(seen + [result.fingerprint])
+        while len(value) > MAX_TAG_VALUE:  # hundreds of settings changes: keep the newest that fit
+            value = value.split(" ", 1)[1]
+        return {tag: value}

@@ -154,3 +154,50 @@ def test_a_tracking_server_nobody_answers_fails_the_record_within_the_bound(tmp_
     worker.join(timeout=60)
     assert not worker.is_alive(), "record() still inside MLflow's retries after 60 s"
     assert "error" in outcome and outcome["seconds"] < 15, outcome
+
+
+# ---- re-runs: a new revision of a logged (iteration, benchmark) ---------------------------------------
+def rerun_of(tmp_path, it, value=0.25, revision=1, fingerprint="cd34") -> ResultRecord:
+    r = result(tmp_path, it)
+    r.metrics = {"acc": value, "f1": 0.5}
+    r.revision, r.fingerprint = revision, fingerprint
+    return r
+
+
+def points(client, run, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+
+def test_a_rerun_is_logged_once_at_the_same_step_with_its_revision_and_fingerprint(tmp_path):
+    s = settings(tmp_path)
+    sink = MlflowSink(s)
+    for it in (1000, 2000):
+        first = result(tmp_path, it)
+        first.fingerprint = "ab12"
+        sink.record(first)
+    sink.record(rerun_of(tmp_path, 2000))
+    client = client_for(s.mlflow.tracking_uri)
+    run = the_run(client)
+    assert points(client, run, "qa/acc") == [(1000, 0.1), (2000, 0.2), (2000, 0.25)]
+    assert points(client, run, "qa/f1") == [(1000, 0.5), (2000, 0.5), (2000, 0.5)]
+    assert points(client, run, "qa/revision") == [(2000, 1.0)], "the marker names the re-run iteration"
+    assert points(client, run, "tokens_b") == [(1000, 2.0), (2000, 4.0)], "tokens seen did not change"
+    assert run.data.tags["fingerprints/qa"] == "ab12 cd34"
+    assert run.info.status == "FINISHED"
+
+
+def test_a_rerun_offered_again_by_a_restarted_process_or_an_older_revision_offered_late_adds_nothing(tmp_path):
+    s = settings(tmp_path)
+    MlflowSink(s).record(result(tmp_path, 2000))
+    MlflowSink(s).record(rerun_of(tmp_path, 2000))
+    # the daemon died after the sink accepted the rerun, before the ledger noted it: a fresh sink gets it again
+    restarted = MlflowSink(s)
+    restarted.record(rerun_of(tmp_path, 2000))
+    restarted.record(result(tmp_path, 2000))  # revision 0, offered late
+    client = client_for(s.mlflow.tracking_uri)
+    run = the_run(client)
+    assert points(client, run, "qa/acc") == [(2000, 0.2), (2000, 0.25)]
+    assert points(client, run, "qa/revision") == [(2000, 1.0)]
+    MlflowSink(s).record(rerun_of(tmp_path, 2000, value=0.3, revision=2))  # a second rerun: new again
+    assert points(client, run, "qa/acc") == [(2000, 0.2), (2000, 0.25), (2000, 0.3)]
+    assert points(client, run, "qa/revision") == [(2000, 1.0), (2000, 2.0)]
