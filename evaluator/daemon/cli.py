@@ -1,4 +1,4 @@
-"""`python tools/evaluator.py`: run the daemon, plan (--dry-run), or show `status`.
+"""`python tools/evaluator.py`: run the daemon, plan (--dry-run), or dispatch a subcommand (status.py, rerun.py).
 
 Flags follow Data-Juicer's tools/evaluator.py (begin/end/interval/check-interval/model-type/eval-type).
 A user error (config, paths) prints one line per problem and exits 2, never a traceback.
@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from typing import Optional
@@ -21,8 +20,13 @@ from evaluator.daemon.checkpoints import Selection
 from evaluator.daemon.config import EVAL_TYPES, LAYOUT_NAMES, AutoEvalConfig, load_config
 
 EPILOG = """subcommands:
-  status --config CFG [--json] [--run R] [--retry-recording] [--cancel-jobs]
-                                 jobs (state, attempts, last error), snapshots, results a sink refused
+  status --config CFG [--run R] [--last N] [--watch [SECONDS]] [--json] [--retry-recording] [--cancel-jobs]
+                                 whether the daemon runs, the iteration x benchmark table (headline metric or
+                                 state), jobs in flight with progress, failures with the stage's own message
+  rerun --config CFG [--run R] [--iterations 1000-3000,5000] [--benchmark B ...]
+                                 re-evaluate recorded results (current settings)
+  invalidate --config CFG [--run R] [--iterations 1000-3000,5000] [--benchmark B ...]
+                                 withdraw results from the curves
 
 examples:
   python tools/evaluator.py --config config/megatron.yaml --begin-iteration 2000
@@ -57,20 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_status_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluator.py status", description="Show the ledger: one row per job.")
-    p.add_argument("--config", required=True)
-    p.add_argument("--json", action="store_true", help="print the rows as a JSON array")
-    p.add_argument("--run", default=None, help="only this run")
-    p.add_argument("--retry-recording", action="store_true",
-                   help="offer results a sink refused (set aside after recorder.max_failures) to it again; "
-                        "a running daemon picks them up at its next pass")
-    p.add_argument("--cancel-jobs", action="store_true",
-                   help="executor.type slurm: scancel the jobs in flight (a stopped daemon leaves them running); "
-                        "the next start retries them")
-    return p
-
-
 def apply_flags(cfg: AutoEvalConfig, args) -> Selection:
     w = cfg.watch
     if args.iteration_interval is not None:
@@ -93,8 +83,11 @@ def apply_flags(cfg: AutoEvalConfig, args) -> Selection:
     return sel
 
 
-def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -> tuple[list[dict], list]:
-    """The jobs a daemon would run now, and the checkpoints it would not (with why)."""
+def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -> tuple[list[dict], list, dict]:
+    """The jobs a daemon would run now, the checkpoints it would not (with why), and per run the set-up hints
+    (hints.diagnose: a wrong layout, a path that is a checkpoint itself, nothing selected...)."""
+    from evaluator.daemon.hints import diagnose
+
     from evaluator.daemon.build import make_layouts, resolve_runs
 
     runs = resolve_runs(cfg, model_type)
@@ -141,10 +134,11 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
                              "tokens_b": c.iteration * tpi if tpi else None})
     newest = cfg.watch.order == "newest-first"
     jobs.sort(key=lambda j: (-j["iteration"] if newest else j["iteration"], j["run"], j["benchmark"] or ""))
-    return jobs, not_planned
+    hints = {run.name: diagnose(run.root, run.layout, found[run.name], selection, cfg.watch.pattern) for run in runs}
+    return jobs, not_planned, hints
 
 
-def print_plan(jobs: list[dict], not_planned: list, selection: Selection) -> None:
+def print_plan(jobs: list[dict], not_planned: list, selection: Selection, hints: dict) -> None:
     print(f"selection: begin={selection.begin} end={selection.end or 'none (watch forever)'} interval={selection.interval}")
     if not jobs:
         print("planned: nothing to run now")
@@ -157,77 +151,9 @@ def print_plan(jobs: list[dict], not_planned: list, selection: Selection) -> Non
         print(f"not planned: {len(not_planned)} checkpoint(s)")
         for c, why in not_planned:
             print(f"  {c.run:<20} {c.iteration:>10}  {why}")
-
-
-def status(argv: list[str]) -> int:
-    args = build_status_parser().parse_args(argv)
-    cfg = load_config(args.config, require_datasets=False)
-    if not os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
-        raise EvaluatorError(f"no ledger in cache_dir {cfg.cache_dir}: the daemon has not run with this config yet")
-    try:
-        led = L.Ledger(cfg.cache_dir, readonly=True)
-        jobs = led.jobs(run=args.run)
-        snaps = [s for s in led.snapshots([L.PINNING, L.PINNED, L.UNPINNED]) if args.run in (None, s["run"])]
-        set_aside = [d for d in led.quarantined() if args.run in (None, d["run"])]
-        led.close()
-        if args.retry_recording:
-            writable = L.Ledger(cfg.cache_dir)
-            n = writable.retry_deliveries(args.run)
-            writable.close()
-            print(f"{n} result(s) offered to their sinks again")
-            set_aside = []
-    except L.LedgerUnavailable as e:
-        raise EvaluatorError(str(e)) from None
-    except sqlite3.Error as e:
-        raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
-    if args.cancel_jobs:
-        from evaluator.daemon.slurm import cancel
-
-        ids = [j.infer_job for j in jobs if j.state == L.INFERRING and j.infer_job]
-        ids += [j.eval_job for j in jobs if j.state in (L.INFERRING, L.INFERRED, L.SCORING) and j.eval_job]
-        cancel(ids)
-        print(f"cancelled {len(ids)} Slurm job(s): {' '.join(ids) or '-'}")
-    if args.json:
-        print(json.dumps({"jobs": [j.__dict__ for j in jobs],
-                          "snapshots": [{k: v for k, v in s.items() if k != "manifest"} for s in snaps]}, indent=2))
-        return 0
-    print(f"{'run':<20} {'iteration':>10}  {'benchmark':<20} {'state':<10} {'attempts':>8}  {'next retry':<19} last error")
-    for j in jobs:
-        retry = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.next_retry_at)) if j.next_retry_at else "-"
-        first = (j.last_error or "").splitlines()[0] if j.last_error else ""
-        if j.state in L.RUNNING + (L.INFERRED,) and (j.infer_job or j.eval_job):
-            first = f"slurm jobs {j.infer_job or '-'}/{j.eval_job or '-'} {first}".rstrip()
-        print(f"{j.run:<20} {j.iteration:>10}  {j.benchmark:<20} {j.state:<10} {j.attempts:>8}  {retry:<19} {first}")
-    counts = {s: sum(1 for j in jobs if j.state == s) for s in L.STATES}
-    print("total: " + (", ".join(f"{s}={n}" for s, n in counts.items() if n) or "no jobs"))
-    try:
-        from evaluator.daemon.build import resolve_runs
-
-        configured = {r.name for r in resolve_runs(cfg)}
-    except EvaluatorError:
-        configured = None
-    if configured is not None:
-        stale = sorted({j.run for j in jobs} - configured)
-        for run in stale:
-            n = sum(1 for j in jobs if j.run == run)
-            print(f"run {run}: not configured now ({n} job(s) left as they are; a renamed run is evaluated again "
-                  f"under its new name)")
-    if set_aside:
-        print(f"\nrecording set aside: {len(set_aside)} result(s) a sink refused {set_aside[0]['failures']}+ times "
-              f"(`status --retry-recording` offers them again)")
-        for d in set_aside:
-            print(f"  {d['run']:<20} {d['iteration']:>10}  {d['benchmark']:<20} {d['sink']:<8} {d['last_error']}")
-    if snaps:
-        pinned = sum(s["bytes"] for s in snaps if s["state"] in (L.PINNING, L.PINNED))
-        print(f"\nsnapshots: {len(snaps)} held, {pinned / 1e6:.1f} MB pinned")
-        for s in snaps:
-            print(f"  {s['run']:<20} {s['iteration']:>10}  {s['state']:<9} {s['bytes'] / 1e6:>9.1f} MB  "
-                  f"{s['path'] or s['source']}{'  (' + s['note'] + ')' if s['note'] else ''}")
-    for j in jobs:
-        if j.state == L.FAILED and j.last_error and "\n" in j.last_error:
-            print(f"\n--- {j.run}@{j.iteration}/{j.benchmark}: {j.last_error.splitlines()[0]}; log tail:")
-            print("\n".join("    " + line for line in j.last_error.splitlines()[1:]))
-    return 0
+    for run, found in hints.items():
+        for h in found:
+            print(f"{h.level}: run {run}: {h.text}")
 
 
 def run(argv: list[str]) -> int:
@@ -236,24 +162,28 @@ def run(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)-7s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
-    cfg = load_config(args.config, require_datasets=not args.dry_run)
+    # a dataset that is not there yet holds its benchmark only (the daemon runs the others, and it once it appears)
+    cfg = load_config(args.config, require_datasets=False)
     selection = apply_flags(cfg, args)
     if args.dry_run:
         for b in cfg.benchmarks:
             if b.dataset and not os.path.exists(b.dataset):
-                print(f"warning: benchmark {b.name!r}: dataset {b.dataset} does not exist (a real run refuses to start)",
-                      file=sys.stderr)
+                print(f"warning: benchmark {b.name!r}: dataset {b.dataset} does not exist (the daemon holds this "
+                      f"benchmark until it appears and runs the others)", file=sys.stderr)
     if args.json and not args.dry_run:
         raise EvaluatorError("--json goes with --dry-run (or with the status subcommand)")
     if args.eval_type != "native":  # Data-Juicer's gpt / helm evaluation replaces the configured benchmarks
         from evaluator.daemon.eval_types import apply_eval_type
         apply_eval_type(cfg, args.eval_type)
     if args.dry_run:
-        jobs, not_planned = plan(cfg, selection, args.model_type)
+        jobs, not_planned, hints = plan(cfg, selection, args.model_type)
         if args.json:
             print(json.dumps(jobs, indent=2))
+            for run, found in hints.items():  # the plan stays a JSON array on stdout; hints go to stderr
+                for h in found:
+                    print(f"{h.level}: run {run}: {h.text}", file=sys.stderr)
         else:
-            print_plan(jobs, not_planned, selection)
+            print_plan(jobs, not_planned, selection, hints)
         return 0
     from evaluator.daemon.build import build
 
@@ -264,7 +194,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "status":
-            return status(argv[1:])
+            from evaluator.daemon import status
+
+            return status.main(argv[1:])
+        if argv and argv[0] in ("rerun", "invalidate"):
+            from evaluator.daemon import rerun
+
+            return rerun.main(argv[0], argv[1:])
         return run(argv)
     except EvaluatorError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -272,5 +208,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `status | head`: the reader went away; not an error of ours
-        sys.stderr.close()
+        # what is still buffered for stdout would fail again at exit ("Exception ignored ... BrokenPipeError")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 0

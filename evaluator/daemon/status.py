@@ -1,0 +1,677 @@
+"""`tools/evaluator.py status`: what the daemon is doing, on one screen.
+
+    status --config CFG [--run R] [--last N] [--watch [SECONDS]] [--json] [--retry-recording] [--cancel-jobs]
+
+Text, top to bottom:
+  daemon: alive (pid, host, heartbeat age) | NOT RUNNING (...) | stopped cleanly at ... | never started
+  what the daemon reported in daemon.json: benchmarks unavailable, settings changed under recorded results
+      (with the operator's two choices), hints per run (why nothing runs)
+  per run: the iteration x benchmark table. A cell is the headline metric of a scored / recorded result (the
+      benchmark's `main_metric`, else the first metric of its metrics.json) or a state symbol (SYMBOLS)
+  in flight: elapsed time, progress where the stage reports it (progress.json), Slurm job ids or pids
+  failed: attempts, next retry, the first line of the error and the stage's own message from its log tail
+  notes: other rows with a last_error (waiting to pin, a sink that refused, vanished)
+  recording set aside, snapshots held, runs in the ledger that are not configured now
+
+--json prints one object; these keys are stable (schema_version 1):
+  schema_version  1
+  now             wall time of the report
+  daemon          {state: alive|stopped|dead|never|unknown, text, pid, host, started_at, beat_at, stopped_at}
+  runs            [{run, configured, root, layout, benchmarks: [name], metrics: {benchmark: headline metric | null},
+                    counts: {state: n}, iterations: n (all), shown: n,
+                    rows: [{iteration, cells: {benchmark: cell | null}}]}]   (null: no job)
+                  cell = {state, symbol, value (number | null), metric (str | null), note (str | null),
+                          progress ({done, total, updated_at} | null)}
+  jobs            [every ledger row of the shown runs: its fields (Job, incl. fingerprint and revision where the
+                    ledger has them) + elapsed_s, progress, error (the summary lines shown as text)]
+  unavailable     [{benchmark, run, reason}]            as the daemon last reported them ([] when none)
+  settings_changed [{benchmark, results, changes}]      idem
+  hints           {run: [str]}                          idem ({} when none)
+  snapshots       held snapshots (pinning, pinned, unpinned), without their manifest
+  set_aside       results a sink refused recorder.max_failures times: {run, iteration, benchmark, sink, failures,
+                    last_error, ...}
+  not_configured  [{run, jobs}]: runs in the ledger that the config does not name now
+  actions         [str]: what --retry-recording / --cancel-jobs did
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from evaluator.common.contracts import LOG_FILE, METRICS, STAGES, read_metrics, result_dir
+from evaluator.common.errors import EvaluatorError, did_you_mean
+from evaluator.daemon import heartbeat as H
+from evaluator.daemon import ledger as L
+from evaluator.daemon.config import AutoEvalConfig, load_config
+
+# The inference stage writes <output_dir>/progress.json {"done", "total", "updated_at"} while it generates.
+# TODO(contracts): moves to evaluator/common/contracts.py as PROGRESS (the stage cannot import the daemon).
+PROGRESS = "progress.json"
+SCHEMA_VERSION = 1
+INVALIDATED = getattr(L, "INVALIDATED", "invalidated")  # the ledger's withdrawn results (rerun / invalidate)
+DEFAULT_LAST = 30  # iterations per run in the text table (the newest); --json shows all unless --last is given
+DETAIL_LIMIT = 20  # lines per details section; --json lists every row
+DEFAULT_WATCH_SECONDS = 5.0
+
+# state -> table symbol; a scored / recorded cell shows its value instead
+SYMBOLS = {L.PENDING: ".", L.INFERRING: ">", L.INFERRED: "~", L.SCORING: "~", L.SKIPPED: "-", L.VANISHED: "v",
+           INVALIDATED: "i"}
+FAILED_FINAL, FAILED_RETRY, NO_VALUE, STALE = "x", "!", "?", "?"
+LEGEND = ("legend: 0.512 headline metric (main_metric, else the first in metrics.json)  . pending  >24% inferring  "
+          "~ inferred/scoring\n"
+          "        x failed for good  ! failed, will retry  - skipped  v vanished  i invalidated  "
+          "? no readable metric  >? ~? daemon not running")
+ERROR_LINE = re.compile(r"^(?:\S+: )?error:|^ERROR\b", re.IGNORECASE)
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault)\b(?::.*)?$")
+STAGE_PREFIX = re.compile(r"^\[[\w-]+\]\s*")  # "[inference] " (evaluator/stages/common.py stage_log)
+PROGRESS_BAR = re.compile(r"\[[#.]+\]\s*\d+/\d+")
+ATTEMPT_SEPARATOR = "==== "  # local.py starts each attempt's part of the appended log with it
+# lines that say nothing the first line does not: the separator, the command stage's echo of its command and
+# its "command exited N" (evaluator/stages/command.py), progress lines
+NOISE = re.compile(r"^(?:==== |command stage \([\w-]+, iteration -?\d+\): |command stage: command exited -?\d+$)")
+
+
+# ---- values -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """What a stage reports in progress.json."""
+
+    done: int
+    total: int
+    updated_at: float
+
+    def text(self) -> str:
+        return f"{self.done}/{self.total} ({self.percent}%)"
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.done / self.total) if self.total else 0
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The number a cell shows for a result, or why it has none."""
+
+    metric: Optional[str]
+    value: Optional[float]
+    note: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    state: str
+    symbol: str  # what the table prints
+    value: Optional[float] = None
+    metric: Optional[str] = None
+    note: Optional[str] = None
+    progress: Optional[Progress] = None
+
+
+@dataclass
+class RunTable:
+    run: str
+    configured: bool
+    root: Optional[str]
+    layout: Optional[str]
+    benchmarks: list[str]
+    metrics: dict[str, Optional[str]]  # benchmark -> the headline metric's name (None: not known yet)
+    counts: dict[str, int]
+    iterations: int  # all the run's iterations in the ledger
+    rows: list[tuple[int, dict[str, Optional[Cell]]]]  # the shown ones, oldest first
+
+
+@dataclass
+class Report:
+    now: float
+    config_path: str
+    cache_dir: str
+    daemon_state: str
+    daemon_text: str
+    daemon_doc: Optional[dict]
+    runs: list[RunTable]
+    jobs: list[L.Job]
+    progress: dict[L.JobKey, Progress]
+    set_aside: list[dict]
+    snapshots: list[dict]
+    not_configured: list[tuple[str, int]]
+    max_attempts: int
+    executor: str
+    only_run: Optional[str] = None
+    messages: list[str] = field(default_factory=list)  # what --retry-recording / --cancel-jobs did
+
+
+# ---- pure decisions -----------------------------------------------------------------------------------------
+def headline(doc: dict, main_metric: Optional[str]) -> Headline:
+    """The metric a cell shows: `main_metric` when configured, else the first metric of metrics.json."""
+    metrics = doc.get("metrics") or {}
+    if main_metric is not None and main_metric not in metrics:
+        return Headline(main_metric, None, f"metrics.json has no {main_metric!r} (main_metric); it has "
+                                           f"{', '.join(metrics) or 'no metrics'}")
+    if not metrics:
+        return Headline(None, None, "metrics.json has no metrics")
+    name = main_metric if main_metric is not None else next(iter(metrics))
+    try:
+        return Headline(name, float(metrics[name]))
+    except OverflowError:  # JSON integers have no limit; a float does
+        return Headline(name, None, f"{name}: {str(metrics[name])[:20]}... is too large for a number")
+
+
+def is_running(state: str) -> bool:
+    return state in L.RUNNING
+
+
+def cell(job: L.Job, result: Optional[Headline], progress: Optional[Progress], daemon_up: bool) -> Cell:
+    """One table cell for a ledger row."""
+    state = job.state
+    if state in (L.SCORED, L.RECORDED):
+        if result is None or result.value is None:
+            return Cell(state, NO_VALUE, None, result.metric if result else None,
+                        result.note if result else "no metrics.json")
+        return Cell(state, format_value(result.value), result.value, result.metric)
+    if state == L.FAILED:
+        return Cell(state, FAILED_FINAL if job.next_retry_at is None else FAILED_RETRY)
+    symbol = SYMBOLS.get(state, "?")
+    if is_running(state) and not daemon_up:
+        return Cell(state, symbol + STALE, progress=progress)
+    if state == L.INFERRING and progress is not None:
+        return Cell(state, f"{symbol}{progress.percent}%", progress=progress)
+    return Cell(state, symbol, progress=progress)
+
+
+def format_value(value: float) -> str:
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def read_progress_doc(doc, started_at: Optional[float]) -> Optional[Progress]:
+    """A progress.json document -> Progress; None when malformed or left over from an earlier attempt."""
+    if not isinstance(doc, dict):
+        return None
+    done, total, at = doc.get("done"), doc.get("total"), doc.get("updated_at")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (done, total, at)):
+        return None
+    if total <= 0 or done < 0:
+        return None
+    if started_at is not None and at < started_at - 5:  # written before this attempt began (5 s: clock slack)
+        return None
+    return Progress(int(min(done, total)), int(total), float(at))
+
+
+def error_summary(last_error: Optional[str]) -> list[str]:
+    """The first line of a row's last_error and the stage's own message from the log tail under it:
+    the last `error:` line and the last exception line of a traceback in the last attempt's part of the log, else
+    its last line that is not NOISE (else its last progress line)."""
+    if not last_error:
+        return []
+    lines = last_error.splitlines()
+    head, tail = lines[0].strip(), [ln.strip() for ln in lines[1:] if ln.strip()]
+    starts = [i for i, ln in enumerate(tail) if ln.startswith(ATTEMPT_SEPARATOR)]
+    tail = tail[starts[-1] + 1:] if starts else tail  # the last attempt's part of the log
+    plain = [STAGE_PREFIX.sub("", ln) for ln in tail]
+    picked: list[int] = []
+    for pattern in (ERROR_LINE, EXCEPTION_LINE):
+        hits = [i for i, text in enumerate(plain) if pattern.search(text)]
+        if hits:
+            picked.append(hits[-1])
+    if not picked:
+        rest = [i for i, text in enumerate(plain) if not (NOISE.search(text) or PROGRESS_BAR.search(text))]
+        progress = [i for i, text in enumerate(plain) if PROGRESS_BAR.search(text)]
+        picked = rest[-1:] or progress[-1:]  # only progress lines: the last says how far it got
+    out = [head]
+    for i in sorted(set(picked)):
+        text = tail[i].strip()
+        if text and text != head and text not in head:
+            out.append(text[:400])
+    return out
+
+
+def stage_of(last_error: str) -> Optional[str]:
+    first = last_error.split(":", 1)[0] if last_error else ""
+    return first if first in STAGES else None
+
+
+# ---- reading what is on disk ---------------------------------------------------------------------------------
+def read_headline(cache_dir: str, job: L.Job, main_metric: Optional[str]) -> Headline:
+    path = os.path.join(result_dir(cache_dir, job.run, job.iteration, job.benchmark), METRICS)
+    try:
+        return headline(read_metrics(path), main_metric)
+    except FileNotFoundError:
+        return Headline(main_metric, None, f"{path} is missing")
+    except (OSError, ValueError) as e:
+        return Headline(main_metric, None, str(e))
+
+
+def read_progress(cache_dir: str, job: L.Job) -> Optional[Progress]:
+    path = os.path.join(result_dir(cache_dir, job.run, job.iteration, job.benchmark), PROGRESS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None  # no report (yet): the stage does not write one, or has not started generating
+    return read_progress_doc(doc, job.started_at)
+
+
+def configured_runs(cfg: AutoEvalConfig) -> Optional[list]:
+    from evaluator.daemon.build import resolve_runs
+
+    try:
+        return resolve_runs(cfg)
+    except EvaluatorError:
+        return None  # a config that names no runs still shows its ledger
+
+
+def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last: Optional[int],
+           now: float) -> Report:
+    """Read the ledger, daemon.json, and the metrics / progress files of the rows shown."""
+    if not os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
+        raise EvaluatorError(f"no ledger in cache_dir {cfg.cache_dir}: the daemon has not run with this config yet")
+    specs = configured_runs(cfg)
+    try:
+        led = L.Ledger(cfg.cache_dir, readonly=True)
+        try:
+            ledger_runs = led.runs()
+            check_run(only_run, specs, ledger_runs)
+            jobs = led.jobs(run=only_run)
+            snaps = [s for s in led.snapshots([L.PINNING, L.PINNED, L.UNPINNED]) if only_run in (None, s["run"])]
+            set_aside = [d for d in led.quarantined() if only_run in (None, d["run"])]
+        finally:
+            led.close()
+    except L.LedgerUnavailable as e:
+        raise EvaluatorError(str(e)) from None
+    except sqlite3.Error as e:
+        raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
+
+    try:
+        doc = H.read_state(cfg.cache_dir)
+        state, text = H.liveness(doc, now, H.pid_exists(doc))
+    except (OSError, ValueError) as e:
+        doc, state, text = None, "unknown", f"unknown: {e}"
+    daemon_up = state == H.ALIVE
+
+    main_metric = {b.name: b.main_metric for b in cfg.benchmarks}
+    by_run: dict[str, list[L.Job]] = {}
+    for j in jobs:
+        by_run.setdefault(j.run, []).append(j)
+    progress = {j.key: p for j in jobs if j.state == L.INFERRING
+                for p in [read_progress(cfg.cache_dir, j)] if p is not None}
+
+    order = [(s.name, s) for s in specs or []] + [(r, None) for r in sorted(by_run)
+                                                  if specs is None or r not in {s.name for s in specs}]
+    tables = []
+    for name, spec in order:
+        if only_run is not None and name != only_run:
+            continue
+        rows = by_run.get(name, [])
+        in_ledger = {j.benchmark for j in rows}
+        # a configured run: its benchmarks now (+ dropped ones it still has rows of); otherwise what the ledger has
+        benches = [b.name for b in cfg.benchmarks
+                   if (spec.runs_benchmark(b.name) if spec is not None else b.name in in_ledger)]
+        benches += sorted(in_ledger - set(benches))
+        grid: dict[int, dict[str, L.Job]] = {}
+        for j in rows:
+            grid.setdefault(j.iteration, {})[j.benchmark] = j
+        iterations = sorted(grid)
+        shown = iterations if not last else iterations[-last:]
+        labels: dict[str, Optional[str]] = {b: main_metric.get(b) for b in benches}
+        table_rows = []
+        for it in shown:
+            cells: dict[str, Optional[Cell]] = {}
+            for b in benches:
+                j = grid[it].get(b)
+                if j is None:
+                    cells[b] = None
+                    continue
+                result = read_headline(cfg.cache_dir, j, main_metric.get(b)) \
+                    if j.state in (L.SCORED, L.RECORDED) else None
+                cells[b] = cell(j, result, progress.get(j.key), daemon_up)
+                if labels[b] is None and result is not None and result.metric:
+                    labels[b] = result.metric
+            table_rows.append((it, cells))
+        counts: dict[str, int] = {}
+        for j in rows:
+            counts[j.state] = counts.get(j.state, 0) + 1
+        tables.append(RunTable(name, spec is not None, spec.root if spec else None, spec.layout if spec else None,
+                               benches, labels, counts, len(iterations), table_rows))
+    stale = []
+    if specs is not None:
+        names = {s.name for s in specs}
+        stale = [(r, len(js)) for r, js in sorted(by_run.items()) if r not in names]
+    return Report(now, config_path, cfg.cache_dir, state, text, doc, tables, jobs, progress, set_aside, snaps, stale,
+                  cfg.executor.max_attempts, cfg.executor.type, only_run)
+
+
+def check_run(only_run: Optional[str], specs: Optional[list], ledger_runs: list[str]) -> None:
+    """--run R names a configured run or one the ledger has; anything else is a typo, not "no jobs"."""
+    if only_run is None:
+        return
+    known = sorted({s.name for s in specs or []} | set(ledger_runs))
+    if only_run not in known:
+        raise EvaluatorError(f"--run {only_run!r}: no such run in the config or the ledger; known runs: "
+                             f"{', '.join(known) or 'none'}{did_you_mean(only_run, known)}")
+
+
+# ---- text ---------------------------------------------------------------------------------------------------
+def render_text(r: Report) -> str:
+    out: list[str] = [f"daemon: {r.daemon_text}"]
+    out += r.messages
+    out += daemon_reports(r)
+    for t in r.runs:
+        out.append("")
+        out += run_table(t)
+    if any(t.rows for t in r.runs):
+        out.append(LEGEND)
+    out += in_flight(r)
+    out += failed(r)
+    out += notes(r)
+    out += tail_sections(r)
+    return "\n".join(out) + "\n"
+
+
+def daemon_reports(r: Report) -> list[str]:
+    doc = r.daemon_doc or {}
+    out: list[str] = []
+    beat_at = doc.get("beat_at")
+    when = "" if r.daemon_state == H.ALIVE or not isinstance(beat_at, (int, float)) else \
+        f" (as of its last heartbeat, {H.clock(beat_at)})"
+    changed = [c for c in doc.get("settings_changed") or [] if isinstance(c, dict)]
+    changed_names = {c.get("benchmark") for c in changed}
+    # a benchmark held for changed settings has its own section below, with the choices
+    unavailable = [u for u in doc.get("unavailable") or [] if isinstance(u, dict) and r.only_run in (None, u.get("run"))
+                   and not (u.get("benchmark") in changed_names and u.get("run") is None)]
+    if unavailable:
+        out.append(f"held{when}: nothing of these starts, the others run (looked at again at every rescan)")
+        for u in unavailable:
+            what = " ".join(x for x in (f"benchmark {u['benchmark']}" if u.get("benchmark") else "",
+                                        f"run {u['run']}" if u.get("run") else "") if x) or "-"
+            out.append(f"  {what}: {u.get('reason', '')}")
+    for c in changed:
+        b = c.get("benchmark")
+        out.append(f"settings changed{when}: benchmark {b} is held: {c.get('results', '?')} result(s) were made with "
+                   f"other settings ({'; '.join(c.get('changes') or []) or 'what changed is not known'})")
+        out.append(f"  choose: `tools/evaluator.py rerun --config {r.config_path} --benchmark {b}` re-evaluates them "
+                   f"with the current settings; `tools/evaluator.py invalidate --config {r.config_path} --benchmark "
+                   f"{b}` withdraws them; or give the new settings a new benchmark name (a new curve)")
+    hints = doc.get("hints") or {}
+    for run in sorted(hints):
+        if r.only_run not in (None, run) or not hints[run]:
+            continue
+        out.append(f"hints for run {run}{when}:")
+        out += [f"  {h}" for h in hints[run]]
+    return out
+
+
+def run_table(t: RunTable) -> list[str]:
+    where = f" — {t.root} ({t.layout})" if t.configured else " — not configured now"
+    summary = ", ".join(f"{s} {t.counts[s]}" for s in (*L.STATES, INVALIDATED) if t.counts.get(s))
+    summary += "".join(f", {s} {n}" for s, n in t.counts.items() if s not in (*L.STATES, INVALIDATED))
+    head = f"run {t.run}{where}: {t.iterations} iteration(s)" + (f"; {summary}" if summary else "")
+    if not t.iterations:
+        return [f"run {t.run}{where}: no jobs yet"]
+    out = [head]
+    if t.iterations > len(t.rows):
+        out.append(f"  ({t.iterations - len(t.rows)} older iteration(s) not shown; --last 0 shows all)")
+    width = {b: max(len(b), len(t.metrics.get(b) or ""), *(len(c.symbol) for _, cs in t.rows
+                                                           for c in [cs.get(b)] if c is not None)) for b in t.benchmarks}
+    it_width = max(len("iteration"), *(len(str(it)) for it, _ in t.rows))
+    out.append("  " + f"{'iteration':>{it_width}}  " + "  ".join(f"{b:<{width[b]}}" for b in t.benchmarks).rstrip())
+    if any(t.metrics.values()):
+        out.append("  " + " " * it_width + "  " +
+                   "  ".join(f"{t.metrics.get(b) or '':<{width[b]}}" for b in t.benchmarks).rstrip())
+    for it, cells in t.rows:
+        out.append("  " + f"{it:>{it_width}}  " +
+                   "  ".join(f"{(cells[b].symbol if cells[b] else ''):<{width[b]}}" for b in t.benchmarks).rstrip())
+    return out
+
+
+def handles(j: L.Job, executor: str) -> str:
+    if not (j.infer_job or j.eval_job):
+        return ""
+    if executor == "slurm":
+        return f"slurm jobs {j.infer_job or '-'}/{j.eval_job or '-'}"
+    return f"pid {j.pid}" if j.pid else ""
+
+
+def revision(j: L.Job) -> str:
+    rev = getattr(j, "revision", None) or 0
+    return f"rev {rev}" if rev > 0 else ""
+
+
+def limited(title: str, rows: list[L.Job]) -> tuple[list[str], list[L.Job]]:
+    """A section title and its newest DETAIL_LIMIT rows (by last change), shown in key order."""
+    if not rows:
+        return [], []
+    shown = sorted(sorted(rows, key=lambda j: j.updated_at)[-DETAIL_LIMIT:], key=lambda j: j.key)
+    more = f"; the {DETAIL_LIMIT} newest shown, --json lists all" if len(rows) > len(shown) else ""
+    return ["", f"{title} ({len(rows)}{more}):"], shown
+
+
+def stale_note(r: Report) -> str:
+    """Why a row the ledger shows running may not be."""
+    if r.daemon_state in (H.NEVER, "unknown"):
+        return "(no heartbeat: is the daemon running?)"
+    if r.executor == "slurm":
+        return "(daemon not running: the Slurm job keeps running; the next start re-attaches to it)"
+    return "(daemon not running: resumed at its next start)"
+
+
+def in_flight(r: Report) -> list[str]:
+    rows = [j for j in r.jobs if j.state in (*L.RUNNING, L.INFERRED)]
+    out, shown = limited("in flight", rows)
+    dead = r.daemon_state != H.ALIVE
+    for j in shown:
+        if is_running(j.state):
+            p = r.progress.get(j.key)
+            what = j.state + (f" {p.text()}" if p else "")
+            since = j.started_at or j.updated_at
+            what += f", {H.duration(r.now - since)}" if since else ""
+            if p and r.now - p.updated_at > 30:
+                what += f" (progress reported {H.duration(r.now - p.updated_at)} ago)"
+        else:
+            what = f"inferred, waiting for an evaluation slot {H.duration(r.now - j.updated_at)}"
+        parts = [what, f"attempt {j.attempts + 1}" if j.attempts else "", handles(j, r.executor), revision(j)]
+        if dead and is_running(j.state):
+            parts.append(stale_note(r))
+        out.append(f"  {j.key}  " + "  ".join(p for p in parts if p))
+    return out
+
+
+def failed(r: Report) -> list[str]:
+    rows = [j for j in r.jobs if j.state == L.FAILED]
+    out, shown = limited("failed", rows)
+    for j in shown:
+        if j.next_retry_at is None:
+            what = f"failed for good after {j.attempts} attempt(s)" if j.attempts else "failed for good"
+        else:
+            wait = j.next_retry_at - r.now
+            what = (f"attempt {j.attempts} of {r.max_attempts} failed, retry at {H.clock(j.next_retry_at)} "
+                    f"({'in ' + H.duration(wait) if wait > 0 else 'due now'})")
+            if getattr(j, "tempfail_since", None) is not None and not j.attempts:
+                what = (f"asked to retry later (exit 75) for {H.duration(r.now - j.tempfail_since)}, retry at "
+                        f"{H.clock(j.next_retry_at)}")
+        summary = error_summary(j.last_error)
+        rev = revision(j)
+        out.append(f"  {j.key}  {what}{'  ' + rev if rev else ''}" + (f": {summary[0]}" if summary else ""))
+        out += [f"      {line}" for line in summary[1:]]
+        stage = stage_of(j.last_error or "")
+        if stage and "\n" in (j.last_error or ""):
+            log = os.path.join(result_dir(r.cache_dir, j.run, j.iteration, j.benchmark), LOG_FILE[stage])
+            out.append(f"      log: {log}")
+    return out
+
+
+def notes(r: Report) -> list[str]:
+    rows = [j for j in r.jobs if j.last_error and j.state not in (L.FAILED, *L.RUNNING, L.INFERRED)]
+    out, shown = limited("notes", rows)
+    for j in shown:
+        summary = error_summary(j.last_error)
+        rev = revision(j)
+        out.append(f"  {j.key}  {j.state}{'  ' + rev if rev else ''}: {summary[0]}")
+        out += [f"      {line}" for line in summary[1:]]
+    return out
+
+
+def tail_sections(r: Report) -> list[str]:
+    out: list[str] = []
+    if r.set_aside:
+        out.append(f"\nrecording set aside: {len(r.set_aside)} result(s) a sink refused {r.set_aside[0]['failures']}+ "
+                   f"times (`status --retry-recording` offers them again)")
+        for d in r.set_aside:
+            out.append(f"  {d['run']:<20} {d['iteration']:>10}  {d['benchmark']:<20} {d['sink']:<8} {d['last_error']}")
+    if r.snapshots:
+        pinned = sum(s["bytes"] for s in r.snapshots if s["state"] in (L.PINNING, L.PINNED))
+        out.append(f"\nsnapshots: {len(r.snapshots)} held, {pinned / 1e6:.1f} MB pinned")
+        for s in r.snapshots:
+            out.append(f"  {s['run']:<20} {s['iteration']:>10}  {s['state']:<9} {s['bytes'] / 1e6:>9.1f} MB  "
+                       f"{s['path'] or s['source']}{'  (' + s['note'] + ')' if s['note'] else ''}")
+    for run, n in r.not_configured:
+        out.append(f"\nrun {run}: not configured now ({n} job(s) left as they are; a renamed run is evaluated "
+                   f"again under its new name)")
+    return out
+
+
+# ---- JSON ---------------------------------------------------------------------------------------------------
+def cell_json(c: Optional[Cell]) -> Optional[dict]:
+    if c is None:
+        return None
+    p = c.progress
+    return {"state": c.state, "symbol": c.symbol, "value": c.value, "metric": c.metric, "note": c.note,
+            "progress": progress_json(p)}
+
+
+def progress_json(p: Optional[Progress]) -> Optional[dict]:
+    return None if p is None else {"done": p.done, "total": p.total, "updated_at": p.updated_at}
+
+
+def report_json(r: Report) -> dict:
+    doc = r.daemon_doc or {}
+    jobs = []
+    for j in r.jobs:
+        row = dict(j.__dict__)
+        row.setdefault("fingerprint", None)
+        row.setdefault("revision", 0)
+        row["elapsed_s"] = (r.now - j.started_at) if is_running(j.state) and j.started_at else None
+        row["progress"] = progress_json(r.progress.get(j.key))
+        row["error"] = error_summary(j.last_error)
+        jobs.append(row)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "now": r.now,
+        "daemon": {"state": r.daemon_state, "text": r.daemon_text,
+                   **{k: doc.get(k) for k in ("pid", "host", "started_at", "beat_at", "stopped_at")}},
+        "runs": [{"run": t.run, "configured": t.configured, "root": t.root, "layout": t.layout,
+                  "benchmarks": t.benchmarks, "metrics": t.metrics, "counts": t.counts, "iterations": t.iterations,
+                  "shown": len(t.rows),
+                  "rows": [{"iteration": it, "cells": {b: cell_json(c) for b, c in cells.items()}}
+                           for it, cells in t.rows]} for t in r.runs],
+        "jobs": jobs,
+        "unavailable": [u for u in doc.get("unavailable") or [] if r.only_run in (None, u.get("run"))],
+        "settings_changed": doc.get("settings_changed") or [],
+        "hints": {k: v for k, v in (doc.get("hints") or {}).items() if r.only_run in (None, k)},
+        "snapshots": [{k: v for k, v in s.items() if k != "manifest"} for s in r.snapshots],
+        "set_aside": r.set_aside,
+        "not_configured": [{"run": run, "jobs": n} for run, n in r.not_configured],
+        "actions": r.messages,
+    }
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluator.py status",
+        description="Whether the daemon runs, the iteration x benchmark table of each run (headline metric or "
+                    "state), jobs in flight with progress, failures with the stage's own message.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object (keys: evaluator/daemon/status.py)")
+    p.add_argument("--run", default=None, help="only this run (a configured run, or one the ledger has)")
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help=f"the newest N iterations per run in the table (default {DEFAULT_LAST}; --json: all; 0: all)")
+    p.add_argument("--watch", type=float, nargs="?", const=DEFAULT_WATCH_SECONDS, default=None, metavar="SECONDS",
+                   help=f"redraw every SECONDS (default {DEFAULT_WATCH_SECONDS:g}) until Ctrl-C")
+    p.add_argument("--retry-recording", action="store_true",
+                   help="offer results a sink refused (set aside after recorder.max_failures) to it again; "
+                        "a running daemon picks them up at its next pass")
+    p.add_argument("--cancel-jobs", action="store_true",
+                   help="executor.type slurm: scancel the jobs in flight (a stopped daemon leaves them running); "
+                        "the next start retries them")
+    return p
+
+
+def retry_recording(cfg: AutoEvalConfig, run: Optional[str]) -> str:
+    try:
+        writable = L.Ledger(cfg.cache_dir)
+        try:
+            n = writable.retry_deliveries(run)
+        finally:
+            writable.close()
+    except L.LedgerUnavailable as e:
+        raise EvaluatorError(str(e)) from None
+    return f"{n} result(s) offered to their sinks again"
+
+
+def cancel_jobs(jobs: list[L.Job]) -> str:
+    from evaluator.daemon.slurm import cancel
+
+    ids = [j.infer_job for j in jobs if j.state == L.INFERRING and j.infer_job]
+    ids += [j.eval_job for j in jobs if j.state in (L.INFERRING, L.INFERRED, L.SCORING) and j.eval_job]
+    cancel(ids)
+    return f"cancelled {len(ids)} Slurm job(s): {' '.join(ids) or '-'}"
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.last is not None and args.last < 0:
+        raise EvaluatorError(f"--last: expected an integer >= 0, got {args.last}")
+    if args.watch is not None and args.watch <= 0:
+        raise EvaluatorError(f"--watch: expected seconds > 0, got {args.watch:g}")
+    if args.watch is not None and (args.retry_recording or args.cancel_jobs):
+        raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs once, without it")
+    cfg = load_config(args.config, require_datasets=False)
+    last = args.last if args.last is not None else (None if args.json else DEFAULT_LAST)
+    report = gather(cfg, args.config, args.run, last, time.time())  # checks --run before changing anything
+    messages = []
+    if args.retry_recording:
+        messages.append(retry_recording(cfg, args.run))
+    if args.cancel_jobs:
+        messages.append(cancel_jobs(report.jobs))
+    if messages:
+        report = gather(cfg, args.config, args.run, last, time.time())
+        report.messages = messages
+    if args.watch is None:
+        show(report, args.json)
+        return 0
+    return watch(cfg, args, last, report)
+
+
+def show(report: Report, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report_json(report), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_text(report))
+    sys.stdout.flush()  # a closed pipe surfaces here, inside main's BrokenPipeError handler
+
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def watch(cfg: AutoEvalConfig, args, last: Optional[int], report: Report) -> int:
+    """Redraw every args.watch seconds until Ctrl-C; the screen is cleared only on a terminal."""
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            if tty and not args.json:
+                sys.stdout.write(CLEAR + f"every {args.watch:g}s, {H.clock(report.now)}  (Ctrl-C ends)\n")
+            show(report, args.json)
+            if not tty and not args.json:
+                sys.stdout.write("\n")
+            time.sleep(args.watch)
+            report = gather(cfg, args.config, args.run, last, time.time())
+    except KeyboardInterrupt:
+        return 0
