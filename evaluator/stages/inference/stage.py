@@ -37,9 +37,39 @@ from .params import GenerationParams, Progress, resolve_model
 
 DEFAULT_MAX_ERROR_RATE = 0.1
 VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "vllm", "openai", "soundfile", "lm-eval")
+# <output_dir>/progress.json {"done", "total", "updated_at"}: what `status` shows while this stage generates.
+# A literal until evaluator/common/contracts.py names it (PROGRESS); the daemon's status.py reads the same name.
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 5.0
 
 
 log = stage_log("inference")
+
+
+class ReportedProgress(Progress):
+    """The stderr progress line, plus progress.json for `status`, rewritten at most every `file_every` seconds.
+    A report that cannot be written is logged once and otherwise ignored: progress is never worth a failed job."""
+
+    def __init__(self, total: int, path: str, file_every: float = PROGRESS_EVERY_S):
+        super().__init__(total)
+        self.path, self.file_every = path, file_every
+        self.file_last = float("-inf")
+        self.broken = False
+
+    def update(self, n: int = 1) -> None:
+        super().update(n)
+        if time.monotonic() - self.file_last >= self.file_every:
+            self.report()
+
+    def report(self) -> None:
+        self.file_last = time.monotonic()
+        if self.broken:
+            return
+        try:
+            write_json_atomic(self.path, {"done": self.done, "total": self.total, "updated_at": time.time()})
+        except OSError as e:
+            self.broken = True
+            log(f"warning: cannot write {self.path} ({e}); status shows no progress for this job")
 
 
 def run(job: StageJob) -> int:
@@ -61,6 +91,11 @@ def run(job: StageJob) -> int:
     except EvaluatorError as e:
         log(f"error: {e}")
         return 2
+    progress_path = os.path.join(job.output_dir, PROGRESS_FILE)
+    try:
+        os.remove(progress_path)  # an earlier attempt's report is not this one's
+    except FileNotFoundError:
+        pass
     model, alias = resolve_model(job.checkpoint)
     log(f"benchmark {bench.get('name')!r} ({kind}, {len(dataset.samples)} samples from {dataset.root}), "
         f"backend {backend_name}, model {alias or model}")
@@ -74,8 +109,10 @@ def run(job: StageJob) -> int:
     load_s = time.perf_counter() - t0
     log(f"model loaded in {load_s:.1f}s: {info}")
     t1 = time.perf_counter()
+    progress = ReportedProgress(len(dataset.samples), progress_path)
+    progress.report()  # 0/N: the model is loaded and generation begins
     try:
-        results = backend.run(dataset.samples, dataset.dataset_id, Progress(len(dataset.samples)))
+        results = backend.run(dataset.samples, dataset.dataset_id, progress)
     except EvaluatorError as e:
         log(f"error: {e}")
         return 1
