@@ -8,7 +8,9 @@
   iteration is read from the model cell as Data-Juicer does: the number after the last `_` or `/`
   (`mymodel/proj-llama/2000` -> 2000), else `default_iteration`.
 - `file`: `eval_result: {benchmark: {metric: value}}` given inline, at `default_iteration`.
-- `results`: a results tree `<results_dir>/<model_name>/iter_%07d/<benchmark>/metrics.json`.
+- `results`: a results tree `<results_dir>/<model_name>/iter_%07d/<benchmark>/metrics.json`. Its top-level
+  `fingerprint` (settings, a string) and `revision` (0 first evaluation, +1 per rerun) go into the record,
+  never into its metrics; a file without them is revision 0 with no fingerprint.
 """
 from __future__ import annotations
 
@@ -159,6 +161,21 @@ def records_from_file(model_name: str, eval_result: dict, default_iteration: int
 
 
 # ---- results tree ----------------------------------------------------------------------------
+def revision_fields(data: dict, where: str) -> tuple[int, str]:
+    """(revision, fingerprint) of a metrics.json document: absent or null -> (0, ""); raises ValueError naming
+    the key when one has the wrong type."""
+    revision, fingerprint = data.get("revision"), data.get("fingerprint")
+    if revision is None:
+        revision = 0
+    elif isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        raise ValueError(f"{where}: revision: expected a whole number >= 0 (0: first evaluation), got {revision!r}")
+    if fingerprint is None:
+        fingerprint = ""
+    elif not isinstance(fingerprint, str):
+        raise ValueError(f"{where}: fingerprint: expected a string (the settings hash), got {fingerprint!r}")
+    return revision, fingerprint
+
+
 def records_from_results(model_name: str, results_dir: str, token_per_iteration: Optional[float] = None,
                          token_num: Optional[float] = None) -> tuple[list[ResultRecord], list[str]]:
     """Every metrics.json of the model, in iteration order, and a note for each one that is unreadable."""
@@ -169,7 +186,7 @@ def records_from_results(model_name: str, results_dir: str, token_per_iteration:
             hint = f" (did you mean results_dir: {os.path.join(results_dir, 'results')}?)"
         raise EvaluatorError(f"results_dir: no folder {root} for model {model_name!r}{hint}")
     records, problems = [], []
-    for path in glob.glob(os.path.join(root, "iter_*", "*", "metrics.json")):
+    for path in sorted(glob.glob(os.path.join(root, "iter_*", "*", "metrics.json"))):
         bench_dir = os.path.dirname(path)
         match = re.fullmatch(r"iter_(\d+)", os.path.basename(os.path.dirname(bench_dir)))
         if not match:
@@ -177,6 +194,7 @@ def records_from_results(model_name: str, results_dir: str, token_per_iteration:
         iteration = int(match.group(1))
         try:
             data = read_metrics(path)
+            revision, fingerprint = revision_fields(data, path)
         except (OSError, ValueError) as e:
             problems.append(f"skipped {path}: {e}")
             continue
@@ -186,7 +204,8 @@ def records_from_results(model_name: str, results_dir: str, token_per_iteration:
         records.append(ResultRecord(
             run=model_name, iteration=iteration, benchmark=os.path.basename(bench_dir), metrics=data["metrics"],
             tokens_b=tokens_b, n=data.get("n"), stderr=data.get("stderr") or {},
-            per_category=data.get("per_category") or {}, metrics_path=path, versions=data.get("versions") or {}))
+            per_category=data.get("per_category") or {}, metrics_path=path, versions=data.get("versions") or {},
+            revision=revision, fingerprint=fingerprint))
     records.sort(key=lambda r: (r.iteration, r.benchmark))
     return records, problems
 

@@ -223,3 +223,18 @@ def test_a_leaderboard_read_from_wandb_logs_takes_a_reruns_values_not_the_first_
     sink.record(again)
     found = records_from_wandb_dir(str(tmp_path / "wb"), "proj")
     assert [(r.iteration, r.metrics, r.revision, r.fingerprint) for r in found] == [(1000, {"EM": 0.35}, 1, "cd34")]
+
+
+def test_results_tree_carries_fingerprint_and_revision_into_the_record_not_its_metrics(tmp_path):
+    root = tmp_path / "results"
+    write_result(root, "tiny", 1000, "qa", {"acc": 0.1})  # written before fingerprints: revision 0, none
+    write_result(root, "tiny", 2000, "qa", {"acc": 0.25}, fingerprint="cd34", revision=1)
+    write_result(root, "tiny", 3000, "qa", {"acc": 0.3}, fingerprint=None, revision=None)
+    write_result(root, "tiny", 4000, "qa", {"acc": 0.4}, revision="1")
+    write_result(root, "tiny", 5000, "qa", {"acc": 0.5}, fingerprint=12)
+    records, problems = records_from_results("tiny", str(root))
+    assert [(r.iteration, r.metrics, r.revision, r.fingerprint) for r in records] == [
+        (1000, {"acc": 0.1}, 0, ""), (2000, {"acc": 0.25}, 1, "cd34"), (3000, {"acc": 0.3}, 0, "")]
+    assert [p.rsplit("metrics.json: ", 1)[1] for p in problems] == [
+        "revision: expected a whole number >= 0 (0: first evaluation), got '1'",
+        "fingerprint: expected a string (the settings hash), got 12"]

@@ -150,3 +150,22 @@ def test_example_recorder_configs_load(path):
 
     cfg = load_writer_config(path)
     assert cfg.project and (cfg.evals or cfg.leaderboard)
+
+
+def test_a_backfill_after_a_rerun_logs_the_new_revision_once_and_keeps_fingerprint_out_of_the_metrics(tmp_path):
+    root = tmp_path / "cache" / "results"
+    write_result(root, "tiny", 1000, "qa", {"acc": 0.1}, fingerprint="ab12", revision=0)
+    write_result(root, "tiny", 2000, "qa", {"acc": 0.2}, fingerprint="ab12", revision=0)
+    cfg = config(tmp_path, project="proj", sinks=["wandb", "local"], output_dir=str(tmp_path / "cache"),
+                 evals=[{"model_name": "tiny", "source": "results", "results_dir": str(root)}])
+    assert writer(cfg).returncode == 0
+    write_result(root, "tiny", 2000, "qa", {"acc": 0.25}, fingerprint="cd34", revision=1)  # what a rerun leaves
+    for _ in range(2):  # the second time: nothing new
+        proc = writer(cfg)
+        assert proc.returncode == 0, proc.stderr
+    rows = history(tmp_path / "cache" / "wandb")
+    assert [(r["iteration"], r["qa/acc"], r.get("qa/revision"), r["qa/fingerprint"]) for r in rows] == [
+        (1000, 0.1, None, "ab12"), (2000, 0.2, None, "ab12"), (2000, 0.25, 1, "cd34")]
+    local = [json.loads(x) for x in (tmp_path / "cache" / "results" / "tiny" / "history.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["metrics"], r["revision"]) for r in local] == [
+        (1000, {"acc": 0.1}, 0), (2000, {"acc": 0.25}, 1)]
