@@ -58,6 +58,7 @@ def test_the_same_or_an_older_revision_offered_again_changes_nothing(tmp_path):
     LocalHistorySink(str(tmp_path)).record(result(2000, 0.7))
     LocalHistorySink(str(tmp_path)).record(rerun(2000, 0.6))
     before = (tmp_path / "results" / "tiny" / "history.jsonl").read_bytes()
+    assert [(r["metrics"]["acc"], r["revision"]) for r in map(json.loads, lines(tmp_path))] == [(0.6, 1)]
     restarted = LocalHistorySink(str(tmp_path))  # a crash before the ledger noted either: both offered again
     restarted.record(rerun(2000, 0.6))
     restarted.record(result(2000, 0.7))
