@@ -270,7 +270,7 @@ def test_a_stage_exiting_2_fails_for_good_at_once_with_its_message_in_status(tmp
     cfg = write_config(tmp_path, [bad], executor={"max_attempts": 3, "backoff_seconds": 0.1})
     cache = tmp_path / "cache"
 
-    run_cli("--config", cfg, "--once", check=0, timeout=90)
+    run_cli("--config", cfg, "--once", check=1, timeout=90)  # --once exits 1 when jobs failed
 
     row = ledger_rows(cache)[0]
     assert row["state"] == "failed" and row["attempts"] == 1 and row["next_retry_at"] is None, row
@@ -424,9 +424,9 @@ def test_an_interrupted_megatron_save_is_never_evaluated_and_status_calls_it_inv
     cfg = write_config(tmp_path, [bench("qa")])
     cache = tmp_path / "cache"
 
-    run_cli("--config", cfg, "--once", check=0, timeout=90)
+    run_cli("--config", cfg, "--once", check=1, timeout=90)  # --once exits 1 when jobs failed
 
     assert states(cache) == {(1000, "qa"): "failed", (2000, "qa"): "recorded"}
     assert invocations(cache, 1000, "qa") == []
-    line = [ln for ln in status(cfg).splitlines() if " 1000 " in ln][0]
+    line = [ln for ln in status(cfg).splitlines() if "tiny@1000/qa" in ln][0]  # its line in the details
     assert "failed" in line and "checkpoint invalid" in line, line
