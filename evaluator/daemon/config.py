@@ -321,7 +321,7 @@ def _free_form_problems(bench: BenchmarkConfig, loc: tuple) -> list[Problem]:
         for problem in benchmark_registry.option_problems(bench.type, bench.options):
             key, _, text = problem.partition(": ")
             problems.append((loc + tuple(key.split(".")), text))
-    for key, text in params.generation_problems(bench.generation):
+    for key, text in params.generation_problems(bench.generation, bench.backend):
         problems.append((loc + ("generation", key), text))
     if bench.backend not in backends.BACKENDS:
         problems.append((loc + ("backend",), f"unknown backend {bench.backend!r}{did_you_mean(bench.backend, backends.BACKENDS)}"

@@ -1,6 +1,7 @@
 """Generation parameters (the one table of what a benchmark may set) and small helpers every backend shares.
 
-Standard library only: the daemon checks `generation:` against GENERATION_PARAMS at config load."""
+Standard library only: the daemon checks `generation:` at config load with generation_problems(), against
+GENERATION_PARAMS (the values) and the chosen backend class's GENERATION (the names it takes)."""
 from __future__ import annotations
 
 import json
@@ -54,7 +55,8 @@ def _of_type(kind: type, what: str):
 
 # The generation parameters a benchmark may set (config `generation:`, bench.py --param), each with its check.
 # max_new_tokens, temperature, top_p and stop are read here; the others go to the backend by name (hf generate(),
-# vLLM SamplingParams, the OpenAI request body). One table, so a typo fails at config load, not in every stage.
+# vLLM SamplingParams, the OpenAI request body), and only to a backend whose class lists them in GENERATION.
+# One table, so a typo fails at config load, not in every stage.
 GENERATION_PARAMS: dict[str, Callable[[object], Optional[str]]] = {
     "max_new_tokens": _number(1, integer=True),
     "max_tokens": _number(1, integer=True),  # the OpenAI/vLLM spelling of max_new_tokens
@@ -77,18 +79,38 @@ GENERATION_PARAMS: dict[str, Callable[[object], Optional[str]]] = {
     "n": _one,
     "num_return_sequences": _one,
 }
+# What GenerationParams reads itself and hands every backend in its own terms: each backend's GENERATION starts so.
+COMMON_GENERATION = ("max_new_tokens", "max_tokens", "temperature", "top_p", "stop")
 
 
-def generation_problems(data: Optional[dict]) -> list[tuple[str, str]]:
-    """(parameter, what is wrong) for every unknown or out-of-range generation parameter."""
+def _backend(name: str):
+    from .backends import backend_class  # backend modules import nothing heavy at module level
+    return backend_class(name)
+
+
+def generation_problems(data: Optional[dict], backend: Optional[str] = None) -> list[tuple[str, str]]:
+    """(parameter, what is wrong) for every unknown or out-of-range generation parameter and, given a backend
+    name, every one that backend would refuse or ignore (its class's GENERATION). An unknown backend name is not
+    reported here: backends.backend_class says what is wrong with it."""
+    from .backends import BACKENDS
+    data = data or {}
+    cls = _backend(backend) if backend in BACKENDS else None
     problems = []
-    for key, value in (data or {}).items():
+    for key, value in data.items():
         check = GENERATION_PARAMS.get(key)
         if check is None:
             problems.append((key, f"unknown generation parameter{did_you_mean(key, GENERATION_PARAMS)} "
                                   f"(known: {', '.join(GENERATION_PARAMS)})"))
+        elif cls is not None and key not in cls.GENERATION:
+            others = [name for name in BACKENDS if key in _backend(name).GENERATION]
+            hint = getattr(cls, "GENERATION_HINT", "")
+            problems.append((key, f"the {backend} backend does not take {key} (the {' and '.join(others)} "
+                                  f"backend{'s' if len(others) > 1 else ''} do{'' if len(others) > 1 else 'es'})"
+                                  f"{'; ' + hint if hint else ''}; it takes {', '.join(cls.GENERATION)}"))
         elif (problem := check(value)) is not None:
             problems.append((key, problem))
+    if "max_new_tokens" in data and "max_tokens" in data:
+        problems.append(("max_tokens", "another name of max_new_tokens, which is given too; give one of them"))
     return problems
 
 
@@ -112,9 +134,11 @@ class GenerationParams:
         return d
 
     @classmethod
-    def from_dict(cls, data: Optional[dict], where: str = "generation") -> "GenerationParams":
-        """Checked parameters; EvaluatorError names the first unknown or out-of-range one."""
-        problems = generation_problems(data)
+    def from_dict(cls, data: Optional[dict], where: str = "generation",
+                  backend: Optional[str] = None) -> "GenerationParams":
+        """Checked parameters; EvaluatorError names the first unknown or out-of-range one, or, given a backend
+        name, the first one that backend does not take."""
+        problems = generation_problems(data, backend)
         if problems:
             key, text = problems[0]
             raise EvaluatorError(f"{where}.{key}: {text}")

@@ -22,7 +22,7 @@ from typing import Optional
 
 from evaluator.common.records import ERROR, RunError, RunResult
 
-from ..params import GenerationParams, MODEL_ALIASES, Progress, apply_stop
+from ..params import COMMON_GENERATION, GenerationParams, MODEL_ALIASES, Progress, apply_stop
 from . import ModelLoadError
 
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}
@@ -90,6 +90,10 @@ class HFBackend:
     name = "hf"
     # every backend_options key this backend (and audio.AudioRunner) reads; batch_size is also the benchmark's own key
     OPTIONS = ("batch_size", "device", "dtype", "chat_template", "choice_scoring")
+    # generation: keys generate() takes (GenerationConfig fields); it raises on any other ("model_kwargs are not
+    # used"), e.g. presence_penalty, stop_token_ids, ignore_eos, n. language/task: Whisper-style checkpoints only.
+    GENERATION = COMMON_GENERATION + ("top_k", "min_p", "min_new_tokens", "repetition_penalty", "length_penalty",
+                                      "no_repeat_ngram_size", "num_beams", "num_return_sequences", "language", "task")
 
     def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
                  alias: Optional[str] = None):

@@ -36,7 +36,7 @@ from typing import Optional
 
 from evaluator.common.records import ERROR, RunError, RunResult
 
-from ..params import GenerationParams, Progress, apply_stop
+from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
 from . import ModelLoadError
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
@@ -176,6 +176,11 @@ def to_openai_messages(messages: list) -> list:
 class OpenAIBackend:
     name = "openai"
     OPTIONS = tuple(ClientOptions.__dataclass_fields__) + ("batch_size",)  # batch_size: the stage's generic option
+    # generation: the Chat Completions body fields of the OpenAI API. Others are a server's own: OpenAI answers 400,
+    # `transformers serve` 422, only `vllm serve` takes top_k, stop_token_ids, ... (transformers serve also ignores
+    # presence_penalty and maps frequency_penalty onto repetition_penalty: docs/backends.md)
+    GENERATION = COMMON_GENERATION + ("presence_penalty", "frequency_penalty", "n")
+    GENERATION_HINT = "a field only your server knows goes in backend_options.request_defaults, sent as it is"
 
     def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
                  alias: Optional[str] = None):

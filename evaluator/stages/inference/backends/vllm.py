@@ -23,7 +23,7 @@ from typing import Optional
 
 from evaluator.common.records import RunResult
 
-from ..params import GenerationParams, Progress, apply_stop
+from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
 from . import ModelLoadError
 from .hf import generate_isolated, sample_bases, text_of
 from .openai import to_openai_messages  # the OpenAI chat format vLLM's LLM.chat takes, audio as input_audio
@@ -43,6 +43,10 @@ def cuda_available() -> bool:
 class VLLMBackend:
     name = "vllm"
     OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template", "choice_scoring", "batch_size")
+    # generation: keys SamplingParams takes; it raises TypeError on any other (min_new_tokens is its min_tokens;
+    # no beam search, no language/task)
+    GENERATION = COMMON_GENERATION + ("top_k", "min_p", "repetition_penalty", "presence_penalty",
+                                      "frequency_penalty", "stop_token_ids", "ignore_eos", "n")
 
     def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
                  alias: Optional[str] = None):
