@@ -329,20 +329,13 @@ def _free_form_problems(bench: BenchmarkConfig, loc: tuple) -> list[Problem]:
     else:
         for key, text in backends.option_problems(bench.backend, bench.backend_options):
             problems.append((loc + ("backend_options", key), text))
-    known = list(metric_registry.METRICS) + list(metric_registry.ALIASES)
-    wanted = known
     if bench.metrics:
         try:
-            wanted = list(dict.fromkeys(bench.metrics + metric_registry.expand(list(bench.metrics))))
+            metric_registry.expand(list(bench.metrics))
         except EvaluatorError as e:
             problems.append((loc + ("metrics",), str(e).removeprefix("metrics: ")))
-    for name in bench.metric_options:
-        if name not in known:
-            problems.append((loc + ("metric_options", name), f"unknown metric {name!r}{did_you_mean(name, known)} "
-                                                             f"(known: {', '.join(known)})"))
-        elif name not in wanted:
-            problems.append((loc + ("metric_options", name), f"{name!r} is not one of this benchmark's metrics "
-                                                             f"({', '.join(bench.metrics)}){did_you_mean(name, wanted)}"))
+    for path, text in metric_registry.option_problems(bench.metric_options, bench.metrics):
+        problems.append((loc + ("metric_options",) + path, text))
     return problems
 
 

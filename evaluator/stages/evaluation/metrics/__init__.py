@@ -19,10 +19,10 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from evaluator.benchmarks.dataset import Sample
-from evaluator.common.errors import EvaluatorError
+from evaluator.common.errors import EvaluatorError, did_you_mean
 
 
 @dataclass
@@ -58,14 +58,24 @@ class MetricSpec:
     func: str  # "module:function", imported lazily
     needs: Optional[str]  # the Sample field every sample must carry: "target" | "references" | "choices" | None
     description: str
+    options: tuple[str, ...] = ()  # the metric_options keys its function reads for it (option_problems)
 
 
 _TEXT = "evaluator.stages.evaluation.metrics.text"
 _CAPTION = "evaluator.stages.evaluation.metrics.caption:caption_metrics"
+# what caption.py reads: every caption metric runs Java (PTB tokenisation); SPICE has a timeout; the model-based
+# ones (FENSE's fluency checker and SBERT) a torch device and batch size
+_JAVA = ("java_path",)
+_SPICE = _JAVA + ("spice_timeout",)
+_MODEL = ("device", "batch_size")
+# what judge.py's JudgeSettings.from_options reads
+JUDGE_OPTIONS = ("base_url", "api_key", "api_key_env", "organization", "model", "max_concurrency", "timeout",
+                 "max_retries", "retry_backoff", "temperature", "max_tokens", "swap", "reviews_file",
+                 "max_failure_rate")
 
 
-def _spec(name: str, func: str, needs: Optional[str], description: str) -> MetricSpec:
-    return MetricSpec(name, func, needs, description)
+def _spec(name: str, func: str, needs: Optional[str], description: str, options: tuple = ()) -> MetricSpec:
+    return MetricSpec(name, func, needs, description, options)
 
 
 METRICS: dict[str, MetricSpec] = {s.name: s for s in [
@@ -76,20 +86,23 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
     _spec("accuracy", f"{_TEXT}:accuracy", "choices",
           "multiple choice: the answer extracted from free text equals the target choice; also reports unparsed_rate"),
     _spec("bleu", _CAPTION, "references", "alias: bleu_1, bleu_2, bleu_3, bleu_4"),
-    *[_spec(f"bleu_{k}", _CAPTION, "references", f"corpus BLEU-{k} (coco-caption, 'closest' ref length) on PTB tokens")
-      for k in (1, 2, 3, 4)],
-    _spec("rouge_l", _CAPTION, "references", "ROUGE-L (beta 1.2, max over references) on PTB tokens; mean over samples"),
-    _spec("meteor", _CAPTION, "references", "METEOR 1.5 (-l en -norm), corpus score from the jar, on PTB tokens"),
-    _spec("cider_d", _CAPTION, "references", "CIDEr-D (n=4, sigma=6, x10) on PTB tokens; mean over samples"),
-    _spec("spice", _CAPTION, "references", "SPICE 1.0 (needs stanford-corenlp-3.6.0 jars in the cache)"),
-    _spec("spider", _CAPTION, "references", "(cider_d + spice) / 2 per sample; needs SPICE"),
-    _spec("spider_fl", _CAPTION, "references", "spider x (1 - 0.9 * fluency error); needs SPICE + the FENSE echecker"),
+    *[_spec(f"bleu_{k}", _CAPTION, "references", f"corpus BLEU-{k} (coco-caption, 'closest' ref length) on PTB tokens",
+            _JAVA) for k in (1, 2, 3, 4)],
+    _spec("rouge_l", _CAPTION, "references", "ROUGE-L (beta 1.2, max over references) on PTB tokens; mean over samples",
+          _JAVA),
+    _spec("meteor", _CAPTION, "references", "METEOR 1.5 (-l en -norm), corpus score from the jar, on PTB tokens", _JAVA),
+    _spec("cider_d", _CAPTION, "references", "CIDEr-D (n=4, sigma=6, x10) on PTB tokens; mean over samples", _JAVA),
+    _spec("spice", _CAPTION, "references", "SPICE 1.0 (needs stanford-corenlp-3.6.0 jars in the cache)", _SPICE),
+    _spec("spider", _CAPTION, "references", "(cider_d + spice) / 2 per sample; needs SPICE", _SPICE),
+    _spec("spider_fl", _CAPTION, "references", "spider x (1 - 0.9 * fluency error); needs SPICE + the FENSE echecker",
+          _SPICE + _MODEL),
     _spec("fense", _CAPTION, "references",
-          "FENSE: paraphrase-TinyBERT-L6-v2 similarity x fluency penalty; needs its checkpoints"),
+          "FENSE: paraphrase-TinyBERT-L6-v2 similarity x fluency penalty; needs its checkpoints", _JAVA + _MODEL),
     _spec("sbert_sim", _CAPTION, "references",
-          "cosine similarity of SBERT embeddings (option sbert_model); reported under a name saying the model"),
+          "cosine similarity of SBERT embeddings (option sbert_model); reported under a name saying the model",
+          _JAVA + ("sbert_model",) + _MODEL),
     _spec("llm_judge", "evaluator.stages.evaluation.metrics.judge:llm_judge", None,
-          "an LLM grades each answer (see judge.py)"),
+          "an LLM grades each answer (see judge.py)", JUDGE_OPTIONS),
 ]}
 
 # Names that stand for several metrics.
@@ -108,6 +121,96 @@ def expand(names: list[str]) -> list[str]:
             if item not in out:
                 out.append(item)
     return out
+
+
+def _option_number(low: Optional[float] = None, high: Optional[float] = None, integer: bool = False,
+                   low_open: bool = False, null: bool = False, many: bool = False) -> Callable[[object], Optional[str]]:
+    """A check for a numeric metric option, as lenient as the int()/float() the metric calls on it (so "30"
+    passes) but refusing what that call would refuse, truncate (2.5 as an integer) or misread (a bool):
+    the problem with a value, or None. `many`: a list of such numbers is taken too (SPICE's timeouts)."""
+    what = "an integer" if integer else "a number"
+
+    def one(value) -> Optional[str]:
+        if isinstance(value, bool):
+            return f"expected {what}, got {value!r}"
+        try:
+            number = float(int(value) if integer and isinstance(value, str) else value)  # int("2.0") fails
+        except (TypeError, ValueError):
+            return f"expected {what}, got {value!r}"
+        if number != number or (integer and not number.is_integer()):
+            return f"expected {what}, got {value!r}"
+        if low is not None and (number <= low if low_open else number < low):
+            return f"expected {what} {'>' if low_open else '>='} {low}, got {value!r}"
+        if high is not None and number > high:
+            return f"expected {what} <= {high}, got {value!r}"
+        return None
+
+    def check(value) -> Optional[str]:
+        if value is None:
+            return None if null else f"expected {what}, got null"
+        if many and isinstance(value, list) and value:
+            return next((p for p in map(one, value) if p), None)
+        return one(value)
+    return check
+
+
+# The values the metrics convert (int()/float()) or hand to a library that needs a number; other options are
+# taken as they come. Keyed by option name: no two metrics read one name differently.
+OPTION_VALUES: dict[str, Callable[[object], Optional[str]]] = {
+    "batch_size": _option_number(1, integer=True),
+    "spice_timeout": _option_number(0, low_open=True, null=True, many=True),
+    "max_concurrency": _option_number(1, integer=True),
+    "timeout": _option_number(0, low_open=True),
+    "max_retries": _option_number(0, integer=True),
+    "retry_backoff": _option_number(0),
+    "temperature": _option_number(0, null=True),
+    "max_tokens": _option_number(1, integer=True, null=True),
+    "max_failure_rate": _option_number(0, 1),
+}
+
+
+def option_problems(metric_options: dict, metrics: Optional[list] = None) -> list[tuple[tuple, str]]:
+    """((metric, option), what is wrong) for config `metric_options:` ({metric: {option: value}}): a metric name
+    that is unknown or not among `metrics` (the benchmark's; None: any may be), an option no computed metric
+    reads, a value the metric cannot take. One function renders a group (the caption metrics share one run),
+    and every option given under any of its metrics reaches all of them, so an option counts as read when a
+    computed metric of the same function reads it."""
+    known = list(METRICS) + list(ALIASES)
+    wanted = known
+    if metrics:
+        try:
+            wanted = list(dict.fromkeys(list(metrics) + expand(list(metrics))))
+        except EvaluatorError:
+            pass  # the unknown name in `metrics` is the caller's problem to report
+    problems: list[tuple[tuple, str]] = []
+    for name, options in metric_options.items():
+        if name not in known:
+            problems.append(((name,), f"unknown metric {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})"))
+            continue
+        if name not in wanted:
+            problems.append(((name,), f"{name!r} is not one of this benchmark's metrics ({', '.join(metrics)})"
+                                      f"{did_you_mean(name, wanted)}"))
+            continue
+        if not isinstance(options, dict):
+            problems.append(((name,), f"expected a mapping of option: value, got {options!r:.80}"))
+            continue
+        members = ALIASES.get(name, [name])
+        funcs = {METRICS[m].func for m in members}
+        computed = [m for m in METRICS if m in wanted and METRICS[m].func in funcs]
+        accepted = list(dict.fromkeys(o for m in members + computed for o in METRICS[m].options))
+        for key, value in options.items():
+            if key not in accepted:
+                elsewhere = [m for m in METRICS if METRICS[m].func in funcs and key in METRICS[m].options]
+                if elsewhere:
+                    text = f"{key} is read by {', '.join(elsewhere)} only, which this benchmark does not compute"
+                elif accepted:
+                    text = f"not an option of {name}{did_you_mean(key, accepted)} (known: {', '.join(accepted)})"
+                else:
+                    text = f"{name} takes no options"
+                problems.append(((name, key), text))
+            elif key in OPTION_VALUES and (problem := OPTION_VALUES[key](value)) is not None:
+                problems.append(((name, key), problem))
+    return problems
 
 
 def _has(sample: Sample, needs: str) -> bool:

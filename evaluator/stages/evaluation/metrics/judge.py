@@ -48,7 +48,7 @@ from typing import Optional
 from evaluator.common.atomic import write_text_atomic
 from evaluator.common.errors import EvaluatorError
 
-from . import MetricInput, MetricResult
+from . import JUDGE_OPTIONS as OPTIONS, MetricInput, MetricResult
 from .stats import category_groups, mean_metric
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -67,10 +67,6 @@ DEFAULT_INSTRUCTION = (
     "Then explain your rating.")
 DEFAULT_JUDGE = {"system_prompt": DEFAULT_SYSTEM_PROMPT, "prompt_template": DEFAULT_TEMPLATE,
                  "defaults": {"prompt": DEFAULT_INSTRUCTION}, "temperature": 0.2, "max_tokens": 1024}
-
-OPTIONS = ("base_url", "api_key", "api_key_env", "organization", "model", "max_concurrency", "timeout",
-           "max_retries", "retry_backoff", "temperature", "max_tokens", "swap", "reviews_file", "max_failure_rate")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # parsing the judge's reply
