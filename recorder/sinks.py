@@ -162,7 +162,8 @@ class LocalHistorySink:
 
     def rows(self, run: str) -> list[dict]:
         path = self._path(run)
-        if run not in self._rows or self._stamps.get(run) != _stamp(path):  # first use, or another writer's
+        stamp = _stamp(path)  # taken before reading: a line appended meanwhile changes it, so it is read next time
+        if run not in self._rows or self._stamps.get(run) != stamp:  # first use, or another writer's change
             rows = []
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
@@ -170,7 +171,7 @@ class LocalHistorySink:
                         if line.endswith("\n"):  # an unterminated last line is a torn write
                             rows.append(json.loads(line))
             self._rows[run] = rows
-            self._stamps[run] = _stamp(path)
+            self._stamps[run] = stamp
             self._index[run] = {(r["run"], r["iteration"], r["benchmark"]): i for i, r in enumerate(rows)}
             if rows and self.plots and _older(self._path(run, "curves.png"), path):
                 self._dirty.add(run)  # e.g. the last daemon died between an append and the redraw
