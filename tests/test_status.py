@@ -173,6 +173,8 @@ def test_the_table_shows_the_newest_iterations_and_says_how_many_are_hidden(setu
     assert "10 older iteration(s) not shown" in out
     _, everything, _ = status(capsys, cfg, "--last", "0")
     assert table_row(everything, 1000) == ["."]
+    run = json.loads(status(capsys, cfg, "--json")[1])["runs"][0]
+    assert (run["iterations"], run["shown"], run["rows"][0]["iteration"]) == (40, 30, 11000)
 
 
 # ---- daemon liveness --------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 
 Text, top to bottom:
   daemon: alive (pid, host, heartbeat age) | NOT RUNNING (...) | stopped cleanly at ... | never started
-  what the daemon reported in daemon.json: benchmarks unavailable, settings changed under recorded results
-      (with the operator's two choices), hints per run (why nothing runs)
+  what the daemon reported in daemon.json: what it holds (a missing dataset, an unreadable run folder), benchmarks
+      whose settings changed under results (with the operator's choices: rerun, invalidate, a new name), hints
+      per run (why nothing runs)
   per run: the iteration x benchmark table. A cell is the headline metric of a scored / recorded result (the
       benchmark's `main_metric`, else the first metric of its metrics.json) or a state symbol (SYMBOLS)
   in flight: elapsed time, progress where the stage reports it (progress.json), Slurm job ids or pids
@@ -18,7 +19,7 @@ Text, top to bottom:
   now             wall time of the report
   daemon          {state: alive|stopped|dead|never|unknown, text, pid, host, started_at, beat_at, stopped_at}
   runs            [{run, configured, root, layout, benchmarks: [name], metrics: {benchmark: headline metric | null},
-                    counts: {state: n}, iterations: n (all), shown: n,
+                    counts: {state: n}, iterations: n (all), shown: n (the newest, --last),
                     rows: [{iteration, cells: {benchmark: cell | null}}]}]   (null: no job)
                   cell = {state, symbol, value (number | null), metric (str | null), note (str | null),
                           progress ({done, total, updated_at} | null)}
@@ -56,7 +57,7 @@ from evaluator.daemon.config import AutoEvalConfig, load_config
 PROGRESS = "progress.json"
 SCHEMA_VERSION = 1
 INVALIDATED = getattr(L, "INVALIDATED", "invalidated")  # the ledger's withdrawn results (rerun / invalidate)
-DEFAULT_LAST = 30  # iterations per run in the text table (the newest); --json shows all unless --last is given
+DEFAULT_LAST = 30  # iterations per run in the table (the newest); --last 0 shows all
 DETAIL_LIMIT = 20  # lines per details section; --json lists every row
 DEFAULT_WATCH_SECONDS = 5.0
 
@@ -592,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (keys: evaluator/daemon/status.py)")
     p.add_argument("--run", default=None, help="only this run (a configured run, or one the ledger has)")
     p.add_argument("--last", type=int, default=None, metavar="N",
-                   help=f"the newest N iterations per run in the table (default {DEFAULT_LAST}; --json: all; 0: all)")
+                   help=f"the newest N iterations per run in the table (default {DEFAULT_LAST}; 0: all)")
     p.add_argument("--watch", type=float, nargs="?", const=DEFAULT_WATCH_SECONDS, default=None, metavar="SECONDS",
                    help=f"redraw every SECONDS (default {DEFAULT_WATCH_SECONDS:g}) until Ctrl-C")
     p.add_argument("--retry-recording", action="store_true",
@@ -634,7 +635,7 @@ def main(argv: list[str]) -> int:
     if args.watch is not None and (args.retry_recording or args.cancel_jobs):
         raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs once, without it")
     cfg = load_config(args.config, require_datasets=False)
-    last = args.last if args.last is not None else (None if args.json else DEFAULT_LAST)
+    last = args.last if args.last is not None else DEFAULT_LAST
     report = gather(cfg, args.config, args.run, last, time.time())  # checks --run before changing anything
     messages = []
     if args.retry_recording:
