@@ -81,6 +81,15 @@ def benchmark_spec(args) -> dict:
         spec.update(backend=args.backend, generation=parse_kv(args.param, "--param"),
                     backend_options=parse_kv(args.backend_opt, "--backend-opt"), sample_size=args.sample_size,
                     batch_size=args.batch_size, max_error_rate=args.max_error_rate)
+        # the daemon's config checks, before any stage starts (a typo fails here, not in every sample)
+        from evaluator.stages.inference import backends, params
+
+        problems = [f"--param {k}: {m}" for k, m in params.generation_problems(spec["generation"], args.backend)]
+        if args.backend in backends.BACKENDS:  # credentials: the secret policy in run_stage says what to do
+            plain = {k: v for k, v in spec["backend_options"].items() if k != "api_key" and not is_secret(k)}
+            problems += [f"--backend-opt {k}: {m}" for k, m in backends.option_problems(args.backend, plain)]
+        if problems:
+            raise EvaluatorError("; ".join(problems))
     if getattr(args, "metrics", None) is not None:
         spec["metrics"] = metric_names(args.metrics, "--metrics")
     if getattr(args, "sample_size", None) is not None:

@@ -32,7 +32,9 @@ TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
 ETC=/etc/slurm
 CLUSTER=ci
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)   # start order; stop goes in reverse
-PACKAGES=(slurm-wlm munge slurmdbd mariadb-server)
+# + systemd: only for `systemd-analyze verify|security` on config/evaluator.service (tests/test_systemd_unit.py);
+# nothing here runs systemd as init
+PACKAGES=(slurm-wlm munge slurmdbd mariadb-server systemd)
 
 log() { echo "[slurm-local] $*"; }
 die() { echo "[slurm-local] ERROR: $*" >&2; exit 1; }
@@ -80,7 +82,8 @@ require_root() { [ "$(id -u)" = 0 ] || die "must run as root (daemons, apt-get, 
 # ---------------------------------------------------------------------------------------------------- install
 install_packages() {
   local missing=0 b
-  for b in slurmctld slurmd slurmdbd sbatch sacct sacctmgr munged mungekey mariadbd mariadb-install-db mariadb; do
+  for b in slurmctld slurmd slurmdbd sbatch sacct sacctmgr munged mungekey mariadbd mariadb-install-db mariadb \
+           systemd-analyze; do
     command -v "$b" >/dev/null 2>&1 || { missing=1; break; }
   done
   [ "$missing" = 0 ] && return 0

@@ -633,7 +633,7 @@ def test_valid_generation_backend_and_metric_options_load(tmp_path):
     (tmp_path / "d").mkdir()
     path = write_config(tmp_path, HEADER + DATASET_BENCH + (
         "      backend: openai\n"
-        "      generation: {max_new_tokens: 8, temperature: 0, top_p: 0.9, stop: ['\\n'], repetition_penalty: 1.1}\n"
+        "      generation: {max_new_tokens: 8, temperature: 0, top_p: 0.9, stop: ['\\n'], presence_penalty: 0.1}\n"
         "      backend_options: {base_url: 'http://127.0.0.1:9/v1', max_concurrency: 2, api_key_env: K}\n"
         "      metrics: [bleu, exact_match]\n"
         "      metric_options: {bleu_4: {}, exact_match: {}}\n"))

@@ -28,3 +28,18 @@ def test_vllm_missing_message_names_the_readmes_setup_command():
     with pytest.raises(ModelLoadError) as e:
         VLLMBackend("model", {}, GenerationParams()).load()
     assert "WITH_VLLM=1 make setup" in str(e.value) and "pip install" not in str(e.value)
+
+
+def test_bench_py_refuses_a_generation_typo_and_a_parameter_the_backend_does_not_take_before_any_stage(tmp_path):
+    from conftest import bench_py, canonical_dataset
+
+    data = canonical_dataset(tmp_path / "qa", [{"id": "1", "messages": [{"role": "user", "content": "hi"}],
+                                                "target": "x"}], metrics=["exact_match"])
+    out = tmp_path / "out"
+    proc = bench_py("inference", data, "--model", str(tmp_path / "no-model"), "--param", "max_new_token=8",
+                    "--output-root", str(out))
+    assert proc.returncode == 2 and "--param max_new_token" in proc.stderr and "max_new_tokens" in proc.stderr
+    proc = bench_py("inference", data, "--model", str(tmp_path / "no-model"), "--backend", "openai",
+                    "--param", "repetition_penalty=1.1", "--output-root", str(out))
+    assert proc.returncode == 2 and "the openai backend does not take repetition_penalty" in proc.stderr
+    assert not out.exists()  # nothing started

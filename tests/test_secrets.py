@@ -61,7 +61,7 @@ def test_the_config_refuses_secret_named_keys_at_any_depth(tmp_path, block, valu
     from evaluator.common.errors import EvaluatorError
     from evaluator.daemon.config import load_config
     (tmp_path / "d").mkdir()
-    bench = {"name": "qa", "type": "dataset", "dataset": str(tmp_path / "d"), "backend": "openai", block: value}
+    bench = {"name": "qa", "type": "dataset", "dataset": str(tmp_path / "d"), "backend": "openai", "metrics": ["exact_match"], block: value}
     if block == "metric_options":
         bench["metrics"] = ["llm_judge"]
     with pytest.raises(EvaluatorError) as err:
@@ -77,7 +77,7 @@ def test_the_config_accepts_a_secret_given_by_environment_variable_name(tmp_path
 
     from evaluator.daemon.config import load_config
     (tmp_path / "d").mkdir()
-    bench = {"name": "qa", "type": "dataset", "dataset": str(tmp_path / "d"), "backend": "openai",
+    bench = {"name": "qa", "type": "dataset", "dataset": str(tmp_path / "d"), "backend": "openai", "metrics": ["exact_match"],
              "backend_options": {"api_key_env": "MY_KEY", "base_url": "http://127.0.0.1:9/v1"}}
     assert load_config(write_config(tmp_path, [bench])).benchmarks[0].backend_options["api_key_env"] == "MY_KEY"
 
