@@ -28,12 +28,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple, Optional, Protocol
 
 from evaluator.common.atomic import write_text_atomic
+from evaluator.common.contracts import RESERVED_METRIC_NAMES
 from evaluator.common.secrets import redact_obj
 
 FLUSH_RETRY_SECONDS = 60.0
-# names the W&B and MLflow sinks log beside a benchmark's metrics (`<benchmark>/revision`, ...); a metric
-# of that name would share their series, so such a result is refused with a message saying why
-RESERVED_METRIC_NAMES = ("revision", "fingerprint")
 
 
 class RecordKey(NamedTuple):
@@ -199,6 +197,22 @@ class LocalHistorySink:
         self._stamps[result.run] = _stamp(path)
         if self.plots:
             self._dirty.add(result.run)
+
+    def withdraw(self, run: str, iteration: int, benchmark: str) -> bool:
+        """Drop one result's line (an invalidated result: `tools/evaluator.py invalidate`); returns whether it was
+        there. The file is rewritten atomically; a daemon's sink sees the change by the file's size and mtime."""
+        rows = self.rows(run)
+        at = self._index[run].get((run, iteration, benchmark))
+        if at is None:
+            return False
+        del rows[at]
+        path = self._path(run)
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        self._index[run] = {(r["run"], r["iteration"], r["benchmark"]): i for i, r in enumerate(rows)}
+        self._stamps[run] = _stamp(path)
+        if self.plots:
+            self._dirty.add(run)
+        return True
 
     def flush(self) -> None:
         """Redraw curves.png and rewrite summary.md of every run that got a result since the last flush."""

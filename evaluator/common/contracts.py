@@ -45,6 +45,7 @@ def render_template(template: str, values: dict) -> str:
 
 
 PREDICTIONS = "predictions.jsonl"
+PROGRESS = "progress.json"  # {done, total, updated_at}: written by a stage while it works, read by `status`
 RUN_METADATA = "run_metadata.json"
 METRICS = "metrics.json"
 
@@ -97,6 +98,9 @@ class StageJob:
 METRICS_FIELDS = ("n", "n_error", "stderr", "per_category", "unavailable", "versions",
                   "benchmark", "benchmark_type", "run", "iteration", "tokens_b", "checkpoint",
                   "fingerprint", "revision")
+# names the W&B and MLflow sinks log beside a benchmark's metrics (`<benchmark>/revision`, ...): no metric may
+# take them, or it would share their series
+RESERVED_METRIC_NAMES = ("revision", "fingerprint")
 
 
 def is_number(value: Any) -> bool:
@@ -115,6 +119,9 @@ def validate_metrics(data: Any, where: str) -> dict:
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"{where}: expected a non-empty 'metrics' object of name -> number")
     for name, value in metrics.items():
+        if name in RESERVED_METRIC_NAMES:
+            raise ValueError(f"{where}: metrics.{name}: a reserved name (the sinks log the result's {name} under "
+                             f"it); rename the metric")
         if not is_number(value):
             raise ValueError(f"{where}: metrics.{name}: expected a number, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):  # an int is finite, however large
@@ -123,6 +130,11 @@ def validate_metrics(data: Any, where: str) -> dict:
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{where}: {key}: expected a count (a whole number >= 0), got {value!r}")
+    revision = data.get("revision")
+    if revision is not None and (isinstance(revision, bool) or not isinstance(revision, int) or revision < 0):
+        raise ValueError(f"{where}: revision: expected a whole number >= 0 (0: first evaluation), got {revision!r}")
+    if data.get("fingerprint") is not None and not isinstance(data["fingerprint"], str):
+        raise ValueError(f"{where}: fingerprint: expected a string (the settings hash), got {data['fingerprint']!r}")
     for key in ("stderr", "per_category", "unavailable", "versions"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ValueError(f"{where}: {key}: expected an object, got {type(data[key]).__name__}")

@@ -714,6 +714,11 @@ class Daemon:
 
     def delivered(self, reply) -> None:
         key = L.JobKey(*reply.key)
+        job = self.ledger.get(key)
+        if job is None or job.revision != reply.revision:
+            log.info("%s: %s answered for revision %d, but the row is at revision %s now (re-run): ignored",
+                     key, reply.sink, reply.revision, job.revision if job else "-")
+            return
         if reply.error is None:
             self.ledger.mark_recorded(key, reply.sink)
             self.finish_recording(key)

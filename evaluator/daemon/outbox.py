@@ -27,6 +27,7 @@ class Reply:
     sink: str
     error: Optional[str]  # None = the sink accepted the result
     late: bool = False  # the call had already been reported as timed out
+    revision: int = 0  # of the result offered: a reply for an older revision than the row's (a rerun since) is stale
 
 
 class _Worker:
@@ -62,7 +63,7 @@ class _Worker:
                 error = f"{type(e).__name__}: {e}"
             late = self.timed_out
             self.current, self.timed_out = None, False
-            self.replies.put(Reply(key, self.sink.name, error, late))
+            self.replies.put(Reply(key, self.sink.name, error, late, getattr(result, "revision", 0)))
             self.wake()
             if self.dirty and time.monotonic() - self.last_flush >= self.flush_seconds:
                 self._flush()
@@ -102,7 +103,7 @@ class Outbox:
         w = self.workers[sink]
         if w.current is not None:
             return False
-        w.current = (tuple(key), time.monotonic())
+        w.current = (tuple(key), time.monotonic(), getattr(result, "revision", 0))
         w.inbox.put((tuple(key), result))
         return True
 
@@ -120,7 +121,7 @@ class Outbox:
             if current is not None and not w.timed_out and now - current[1] > self.timeout_s:
                 w.timed_out = True  # still running: no new call to this sink until it returns
                 out.append(Reply(current[0], name, f"TimeoutError: no answer within {self.timeout_s:g}s "
-                                                   f"(recorder.timeout_seconds)"))
+                                                   f"(recorder.timeout_seconds)", revision=current[2]))
         return out
 
     def next_deadline(self) -> Optional[float]:

@@ -142,7 +142,7 @@ def main(command: str, argv: list[str]) -> int:
                 print(f"  {str(job.key):<40} {job.state:<11} would be {'re-run' if command == 'rerun' else 'invalidated'}")
                 done += 1
                 continue
-            apply_one(command, cfg.cache_dir, led, job)
+            apply_one(command, cfg.cache_dir, led, job, cfg.recorder.plots)
             done += 1
             print(f"  {str(job.key):<40} {job.state:<11} -> "
                   f"{'pending (revision ' + str(job.revision + (job.state != L.PENDING)) + ')' if command == 'rerun' else 'invalidated'}")
@@ -172,7 +172,7 @@ def refusal(command: str, led: L.Ledger, job: L.Job) -> Optional[tuple[str, bool
     return None
 
 
-def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job) -> None:
+def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job, plots: bool = True) -> None:
     out = result_dir(cache_dir, job.run, job.iteration, job.benchmark)
     if command == "rerun":
         set_aside(out, job.revision)
@@ -184,11 +184,13 @@ def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job) -> None:
     else:
         led.transition(job.key, L.INVALIDATED, "invalidated by the operator", next_retry_at=None)
         set_aside(out, job.revision)
-        withdraw_local(cache_dir, job)
+        withdraw_local(cache_dir, job, plots)
 
 
-def withdraw_local(cache_dir: str, job: L.Job) -> None:
+def withdraw_local(cache_dir: str, job: L.Job, plots: bool = True) -> None:
     """Drop an invalidated result from the local sink's history.jsonl (and so from curves.png / summary.md)."""
-    from recorder.sinks import LocalSink
+    from recorder.sinks import LocalHistorySink
 
-    LocalSink(cache_dir).withdraw(job.run, job.iteration, job.benchmark)
+    sink = LocalHistorySink(cache_dir, plots=plots)
+    if sink.withdraw(job.run, job.iteration, job.benchmark):
+        sink.flush()  # curves.png and summary.md without it

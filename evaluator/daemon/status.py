@@ -46,15 +46,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from evaluator.common.contracts import LOG_FILE, METRICS, STAGES, read_metrics, result_dir
+from evaluator.common.contracts import LOG_FILE, METRICS, PROGRESS, STAGES, read_metrics, result_dir
 from evaluator.common.errors import EvaluatorError, did_you_mean
 from evaluator.daemon import heartbeat as H
 from evaluator.daemon import ledger as L
 from evaluator.daemon.config import AutoEvalConfig, load_config
 
 # The inference stage writes <output_dir>/progress.json {"done", "total", "updated_at"} while it generates.
-# TODO(contracts): moves to evaluator/common/contracts.py as PROGRESS (the stage cannot import the daemon).
-PROGRESS = "progress.json"
 SCHEMA_VERSION = 1
 INVALIDATED = getattr(L, "INVALIDATED", "invalidated")  # the ledger's withdrawn results (rerun / invalidate)
 DEFAULT_LAST = 30  # iterations per run in the table (the newest); --last 0 shows all

@@ -26,7 +26,7 @@ import time
 
 from evaluator.benchmarks.registry import load_benchmark
 from evaluator.common.atomic import write_json_atomic
-from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, RUN_METADATA, StageJob
+from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, PROGRESS, RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import write_results
 from evaluator.common.secrets import redact_obj
@@ -38,8 +38,6 @@ from .params import GenerationParams, Progress, resolve_model
 DEFAULT_MAX_ERROR_RATE = 0.1
 VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "vllm", "openai", "soundfile", "lm-eval")
 # <output_dir>/progress.json {"done", "total", "updated_at"}: what `status` shows while this stage generates.
-# A literal until evaluator/common/contracts.py names it (PROGRESS); the daemon's status.py reads the same name.
-PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 5.0
 
 
@@ -78,11 +76,11 @@ def run(job: StageJob) -> int:
     try:
         kind = bench.get("type") or "dataset"
         dataset = load_benchmark(kind, bench.get("dataset"), bench.get("options"), bench.get("sample_size"))
-        params = GenerationParams.from_dict(bench.get("generation"), "generation")
+        backend_name = bench.get("backend") or "hf"
+        params = GenerationParams.from_dict(bench.get("generation"), "generation", backend=backend_name)
         options = dict(bench.get("backend_options") or {})
         if bench.get("batch_size"):
             options["batch_size"] = bench["batch_size"]
-        backend_name = bench.get("backend") or "hf"
         max_error_rate = float(bench.get("max_error_rate", DEFAULT_MAX_ERROR_RATE))
         cls = backend_class(backend_name)
         unknown = option_problems(backend_name, options)
@@ -91,7 +89,7 @@ def run(job: StageJob) -> int:
     except EvaluatorError as e:
         log(f"error: {e}")
         return 2
-    progress_path = os.path.join(job.output_dir, PROGRESS_FILE)
+    progress_path = os.path.join(job.output_dir, PROGRESS)
     try:
         os.remove(progress_path)  # an earlier attempt's report is not this one's
     except FileNotFoundError:
