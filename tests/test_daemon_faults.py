@@ -349,7 +349,7 @@ def test_an_oserror_preparing_one_job_fails_that_job_and_the_others_are_evaluate
 
     proc = run_cli("--config", cfg, "--once", timeout=90)
 
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr  # --once: a job failed
     rows = rows_by_key(cache)
     bad = rows[("tiny", 1000, "qa")]
     assert bad["state"] == "failed" and bad["attempts"] == 2 and bad["next_retry_at"] is None, bad
