@@ -105,9 +105,9 @@ def test_config_errors_for_dataset_benchmarks(tmp_path):
     assert r.returncode == 2 and "benchmarks[0].dataset" in r.stderr and "needs `dataset:`" in r.stderr
     cfg = write_config(tmp_path, [{"name": "qa", "type": "dataset", "dataset": "nope/here"}])
     r = run_cli("--config", cfg, "--once")  # 3, not 2: a systemd service retries (the share may mount later)
-    assert r.returncode == 3 and "no such file or directory" in r.stderr and "nope/here" in r.stderr
-    r = run_cli("--config", cfg, "--dry-run")  # plans, and warns
-    assert r.returncode == 0 and "nope/here does not exist (a real run refuses to start)" in r.stderr
+    assert r.returncode == 3 and "no benchmark can run" in r.stderr and "nope/here does not exist" in r.stderr
+    r = run_cli("--config", cfg, "--dry-run")  # says the benchmark is held
+    assert r.returncode == 0 and "benchmark qa: held" in r.stdout and "nope/here does not exist" in r.stdout
     cfg = write_config(tmp_path, [{"name": "qa", "type": "dataset", "dataset": ".", "backend": "tgi"}])
     r = run_cli("--config", cfg, "--dry-run")
     assert r.returncode == 2 and "benchmarks[0].backend" in r.stderr

@@ -221,3 +221,15 @@ def test_checkpoints_all_outside_the_interval_are_explained_with_the_numbers(tmp
     run_cli("--config", cfg, "--once", check=1)
     state = json.loads((tmp_path / "cache" / "daemon.json").read_text())
     assert any("none selected" in h for h in state["hints"]["tiny"])  # what `status` shows
+
+
+def test_dry_run_says_which_benchmarks_are_held_and_plans_the_others(tmp_path, venvs):
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa"), with_dataset(bench("later"), tmp_path / "not-mounted")])
+    proc = run_cli("--config", cfg, "--dry-run", check=0)
+    assert "planned: 2 job(s)" in proc.stdout and "benchmark later: held (2 job(s) wait)" in proc.stdout
+    run_cli("--config", cfg, "--once", check=1)
+    edit_config(cfg, lambda c: c["benchmarks"][0].update(seed=3))
+    proc = run_cli("--config", cfg, "--dry-run", check=0)
+    assert "benchmark qa: held" in proc.stdout and "seed: 0 -> 3" in proc.stdout, proc.stdout

@@ -99,12 +99,19 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
         print(f"dry-run: waiting {max(wait, 0):.1f}s for {len(settling)} checkpoint(s) to settle", file=sys.stderr)
         time.sleep(max(wait, 0))
         found = {name: layout.scan() for name, layout in layouts.items()}
+    from evaluator.daemon.daemon import assess
+
     have: dict[str, dict[int, dict[str, L.Job]]] = {}
-    if os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
-        led = L.Ledger(cfg.cache_dir, readonly=True)
-        for j in led.jobs():
+    led = L.Ledger(cfg.cache_dir, readonly=True) if os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")) \
+        else None
+    try:
+        for j in led.jobs() if led else []:
             have.setdefault(j.run, {}).setdefault(j.iteration, {})[j.benchmark] = j
-        led.close()
+        # what the daemon would hold (a missing dataset, changed settings): nothing of those runs
+        held = {b.name: a.hold for b in cfg.benchmarks if (a := assess(b, cfg.seed, led)).hold}
+    finally:
+        if led:
+            led.close()
     benchmarks = [b.name for b in cfg.benchmarks]
     tpi = cfg.token_per_iteration
     jobs, not_planned = [], []
@@ -133,6 +140,10 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
                              "layout": run.layout, "state": job.state if job else "new",
                              "tokens_b": c.iteration * tpi if tpi else None})
     newest = cfg.watch.order == "newest-first"
+    for name, why in held.items():
+        n = sum(1 for j in jobs if j["benchmark"] == name)
+        not_planned.append((name, f"held ({n} job(s) wait): {why}"))
+    jobs = [j for j in jobs if j["benchmark"] not in held]
     jobs.sort(key=lambda j: (-j["iteration"] if newest else j["iteration"], j["run"], j["benchmark"] or ""))
     hints = {run.name: diagnose(run.root, run.layout, found[run.name], selection, cfg.watch.pattern) for run in runs}
     return jobs, not_planned, hints
@@ -148,9 +159,12 @@ def print_plan(jobs: list[dict], not_planned: list, selection: Selection, hints:
         for j in jobs:
             print(f"  {j['run']:<20} {j['iteration']:>10}  {str(j['benchmark'] or '-'):<20} {j['state']:<10} {j['path']}")
     if not_planned:
-        print(f"not planned: {len(not_planned)} checkpoint(s)")
+        print(f"not planned: {len(not_planned)} checkpoint(s) or benchmark(s)")
         for c, why in not_planned:
-            print(f"  {c.run:<20} {c.iteration:>10}  {why}")
+            if isinstance(c, str):  # a held benchmark
+                print(f"  benchmark {c}: {why}")
+            else:
+                print(f"  {c.run:<20} {c.iteration:>10}  {why}")
     for run, found in hints.items():
         for h in found:
             print(f"{h.level}: run {run}: {h.text}")
@@ -165,11 +179,6 @@ def run(argv: list[str]) -> int:
     # a dataset that is not there yet holds its benchmark only (the daemon runs the others, and it once it appears)
     cfg = load_config(args.config, require_datasets=False)
     selection = apply_flags(cfg, args)
-    if args.dry_run:
-        for b in cfg.benchmarks:
-            if b.dataset and not os.path.exists(b.dataset):
-                print(f"warning: benchmark {b.name!r}: dataset {b.dataset} does not exist (the daemon holds this "
-                      f"benchmark until it appears and runs the others)", file=sys.stderr)
     if args.json and not args.dry_run:
         raise EvaluatorError("--json goes with --dry-run (or with the status subcommand)")
     if args.eval_type != "native":  # Data-Juicer's gpt / helm evaluation replaces the configured benchmarks

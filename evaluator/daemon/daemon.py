@@ -82,6 +82,35 @@ def log_tail(path: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """Whether a benchmark may run now (`hold` None) and the settings it would run with."""
+
+    hold: Optional[str]
+    fingerprint: Optional[str] = None  # None while its dataset is missing
+    settings: Optional[dict] = None
+    stale_results: int = 0  # rows whose outputs were made with other settings
+    changed: list = field(default_factory=list)  # what differs from those settings, e.g. "seed: 0 -> 7"
+
+
+def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optional[dict] = None) -> Assessment:
+    """The one look at a benchmark's dataset, data and settings against the ledger, for the daemon and --dry-run
+    alike (policy.hold_reason decides). `settings`: already computed (the dataset digest is read once)."""
+    dataset = bench.dataset
+    if dataset and not os.path.exists(dataset):
+        return Assessment(P.hold_reason(bench.name, dataset, None, {}, {}))
+    problem = dataset_problem(bench)
+    if settings is None:
+        seed = bench.seed if bench.seed is not None else default_seed
+        settings = F.settings(bench, seed, F.dataset_digest(dataset))
+    fp = F.fingerprint(settings)
+    stale = ledger.stale_outputs(bench.name, fp) if ledger is not None else {}
+    changes = {old: F.changes(ledger.settings_of(old, bench.name) or {}, settings) for old in stale}
+    changed = list(dict.fromkeys(c for cs in changes.values() for c in cs))
+    return Assessment(P.hold_reason(bench.name, None, problem, stale, changes), fp, settings,
+                      sum(stale.values()), changed)
+
+
 @dataclass
 class RunWatch:
     """What the loop remembers of one run between scans (all on the monotonic clock)."""
@@ -116,6 +145,7 @@ class Daemon:
         self.timeouts = timeouts
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
         self.fingerprints: dict[str, str] = {}  # benchmark -> its settings fingerprint (once its data is there)
+        self.settings: dict[str, dict] = {}  # benchmark -> the settings behind its fingerprint
         self.held: dict[str, str] = {}  # benchmark -> why nothing of it may start now (policy.hold_reason)
         self.settings_changed: dict[str, dict] = {}  # benchmark -> {results, changes} while it is held for it
         self.hints: dict[str, list] = {}  # run -> hints.Hint: why its folder gives nothing (or less than expected)
@@ -503,45 +533,35 @@ class Daemon:
         for all, then at every rescan for the held ones (a dataset that appeared, a rerun or invalidate that
         resolved changed settings)."""
         for name in names if names is not None else list(self.benchmarks):
-            bench = self.benchmarks[name]
-            missing = self.benchmark_missing(name)
-            problem, stale, changes = None, {}, {}
-            if not missing:
-                problem = dataset_problem(bench)
-                fp = self.fingerprints.get(name) or self.fingerprint(name)
-                stale = self.ledger.stale_outputs(name, fp)
-                now_settings = self.ledger.settings_of(fp, name) or {}
-                changes = {old: F.changes(self.ledger.settings_of(old, name) or {}, now_settings) for old in stale}
-            why = P.hold_reason(name, missing, problem, stale, changes)
-            if stale:
-                self.settings_changed[name] = {"benchmark": name, "results": sum(stale.values()),
-                                               "changes": list(dict.fromkeys(c for cs in changes.values() for c in cs))}
+            a = assess(self.benchmarks[name], self.cfg.seed, self.ledger, self.settings.get(name))
+            if a.fingerprint and name not in self.fingerprints:
+                self.adopt(name, a)
+            if a.changed:
+                self.settings_changed[name] = {"benchmark": name, "results": a.stale_results, "changes": a.changed}
             else:
                 self.settings_changed.pop(name, None)
-            if why != self.held.get(name):
-                if why:
-                    log.warning("benchmark %s: held, nothing of it starts: %s", name, why)
+            if a.hold != self.held.get(name):
+                if a.hold:
+                    log.warning("benchmark %s: held, nothing of it starts: %s", name, a.hold)
                 else:
                     log.info("benchmark %s: can run (fingerprint %s)", name, self.fingerprints.get(name))
                 self.changed = True
                 self.last_state_write = float("-inf")
-            if why:
-                self.held[name] = why
+            if a.hold:
+                self.held[name] = a.hold
             else:
                 self.held.pop(name, None)
 
-    def fingerprint(self, name: str) -> str:
-        bench = self.benchmarks[name]
-        seed = bench.seed if bench.seed is not None else self.cfg.seed
-        settings = F.settings(bench, seed, F.dataset_digest(bench.dataset))
-        fp = F.fingerprint(settings)
-        self.ledger.put_settings(fp, name, settings)
-        adopted = self.ledger.adopt_fingerprint(name, fp)
+    def adopt(self, name: str, a: "Assessment") -> None:
+        """Today's settings of a benchmark: kept in the ledger (so a later change can say what changed), stamped
+        on the rows whose outputs predate fingerprints."""
+        self.ledger.put_settings(a.fingerprint, name, a.settings)
+        adopted = self.ledger.adopt_fingerprint(name, a.fingerprint)
         if adopted:
             log.info("benchmark %s: %d result(s) made before settings fingerprints existed are taken to match the "
-                     "current settings (%s)", name, adopted, fp)
-        self.fingerprints[name] = fp
-        return fp
+                     "current settings (%s)", name, adopted, a.fingerprint)
+        self.fingerprints[name] = a.fingerprint
+        self.settings[name] = a.settings
 
     def dispatch(self) -> None:
         for stage in (INFERENCE, EVALUATION):
