@@ -233,3 +233,29 @@ def test_dry_run_says_which_benchmarks_are_held_and_plans_the_others(tmp_path, v
     edit_config(cfg, lambda c: c["benchmarks"][0].update(seed=3))
     proc = run_cli("--config", cfg, "--dry-run", check=0)
     assert "benchmark qa: held" in proc.stdout and "seed: 0 -> 3" in proc.stdout, proc.stdout
+
+
+def test_rerun_while_the_daemon_runs_is_picked_up_and_recorded_once(tmp_path, venvs, daemons):
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa")])
+    cache = tmp_path / "cache"
+    daemons(cfg)
+    wait_until(lambda: set(states(cache).values()) == {"recorded"} and len(states(cache)) == 2, what="recorded")
+    run_cli("rerun", "--config", cfg, "--iterations", "2000", check=0)
+    wait_until(lambda: {r["iteration"]: (r["state"], r["revision"]) for r in ledger_rows(cache)}
+               == {1000: ("recorded", 0), 2000: ("recorded", 1)}, what="the rerun recorded")
+    hist = history(cache)
+    assert sorted((r["iteration"], r["revision"]) for r in hist) == [(1000, 0), (2000, 1)]
+    assert len(invocations(cache, 2000, "qa")) == 4  # two runs of two stages, no more
+
+
+def test_a_scratch_folder_left_by_a_crash_is_swept_at_the_next_start(tmp_path, venvs):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa")])
+    run_cli("--config", cfg, "--once", check=0)
+    left = tmp_path / "cache" / "scratch" / "tiny" / "iter_0001000" / "qa"
+    left.mkdir(parents=True)
+    (left / "model.bin").write_bytes(b"x" * 100)
+    run_cli("--config", cfg, "--once", check=0)
+    assert not left.exists()

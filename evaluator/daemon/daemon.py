@@ -688,6 +688,20 @@ class Daemon:
     def scratch(self, key: tuple) -> str:
         return scratch_dir(self.cfg.cache_dir, *key)
 
+    def sweep_scratch(self) -> None:
+        """At start: scratch folders of jobs that are final (a crash between the final move and the delete)."""
+        root = os.path.join(self.cfg.cache_dir, "scratch")
+        if not os.path.isdir(root):
+            return
+        for run in os.listdir(root):
+            for it_dir in os.listdir(os.path.join(root, run)) if os.path.isdir(os.path.join(root, run)) else []:
+                if not it_dir.startswith("iter_") or not it_dir[5:].isdigit():
+                    continue
+                for bench in os.listdir(os.path.join(root, run, it_dir)):
+                    job = self.ledger.get((run, int(it_dir[5:]), bench))
+                    if job is not None and P.job_final(job):
+                        self.drop_scratch(job.key)
+
     def drop_scratch(self, key: tuple) -> None:
         """A final job's {scratch_dir} (a converted model, say) is deleted: it is the stages' space, not a result."""
         path = self.scratch(key)
@@ -815,6 +829,7 @@ class Daemon:
         for j in self.ledger.jobs([L.INFERRED]):
             if stage_done(INFERENCE, self.outdir(j)):
                 self.apply(P.Move(j.key, L.PENDING, "recovered: predictions missing, infer again"))
+        self.sweep_scratch()
         self.keeper.recover()
         for row in self.ledger.snapshots([L.PINNED]):  # snapshots of rows no longer runnable are not kept
             self.release_if_finished(row["run"], row["iteration"])
