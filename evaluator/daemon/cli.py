@@ -108,7 +108,7 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
         for j in led.jobs() if led else []:
             have.setdefault(j.run, {}).setdefault(j.iteration, {})[j.benchmark] = j
         # what the daemon would hold (a missing dataset, changed settings): nothing of those runs
-        held = {b.name: a.hold for b in cfg.benchmarks if (a := assess(b, cfg.seed, led)).hold}
+        held = {b.name: a.hold for b in cfg.benchmarks if (a := assess(b, cfg.seed, led, None, cfg.config_path)).hold}
     finally:
         if led:
             led.close()

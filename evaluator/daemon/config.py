@@ -231,6 +231,11 @@ class AutoEvalConfig(Section):
     recorder: RecorderConfig = RecorderConfig()
     seed: int = 0
     _config_dir: str = PrivateAttr("")  # the config file's folder: base of relative paths, {config_dir}
+    _config_path: str = PrivateAttr("")  # the file itself, for messages that give a command to run
+
+    @property
+    def config_path(self) -> str:
+        return self._config_path
 
     @property
     def config_dir(self) -> str:
@@ -262,6 +267,7 @@ def load_config(path: str, require_datasets: bool = True, check_data: bool = Tru
     if problems:
         raise config_error(path, lines, problems)
     _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
+    cfg._config_path = path
     missing = [(("auto_eval", "benchmarks", i, "dataset"), f"no such file or directory: {b.dataset}")
                for i, b in enumerate(cfg.benchmarks) if b.dataset and not os.path.exists(b.dataset)]
     if missing and require_datasets:

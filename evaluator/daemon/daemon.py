@@ -93,7 +93,8 @@ class Assessment:
     changed: list = field(default_factory=list)  # what differs from those settings, e.g. "seed: 0 -> 7"
 
 
-def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optional[dict] = None) -> Assessment:
+def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optional[dict] = None,
+           config: str = "<cfg>") -> Assessment:
     """The one look at a benchmark's dataset, data and settings against the ledger, for the daemon and --dry-run
     alike (policy.hold_reason decides). `settings`: already computed (the dataset digest is read once)."""
     dataset = bench.dataset
@@ -107,7 +108,7 @@ def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optio
     stale = ledger.stale_outputs(bench.name, fp) if ledger is not None else {}
     changes = {old: F.changes(ledger.settings_of(old, bench.name) or {}, settings) for old in stale}
     changed = list(dict.fromkeys(c for cs in changes.values() for c in cs))
-    return Assessment(P.hold_reason(bench.name, None, problem, stale, changes), fp, settings,
+    return Assessment(P.hold_reason(bench.name, None, problem, stale, changes, config), fp, settings,
                       sum(stale.values()), changed)
 
 
@@ -533,7 +534,8 @@ class Daemon:
         for all, then at every rescan for the held ones (a dataset that appeared, a rerun or invalidate that
         resolved changed settings)."""
         for name in names if names is not None else list(self.benchmarks):
-            a = assess(self.benchmarks[name], self.cfg.seed, self.ledger, self.settings.get(name))
+            a = assess(self.benchmarks[name], self.cfg.seed, self.ledger, self.settings.get(name),
+                       self.cfg.config_path or "<cfg>")
             if a.fingerprint and name not in self.fingerprints:
                 self.adopt(name, a)
             if a.changed:
@@ -920,7 +922,8 @@ class Daemon:
                 + [{"benchmark": None, "run": r, "reason": f"{self.runs[r].root} {st.unavailable}"}
                    for r, st in sorted(self.state.items()) if st.unavailable],
                 "settings_changed": [v for _, v in sorted(self.settings_changed.items())], "hints": {run: [h.text for h in hs] for run, hs in self.hints.items() if hs},
-                "fingerprints": dict(self.fingerprints)})
+                "fingerprints": dict(self.fingerprints),
+                "runs": {r.name: {"root": r.root, "layout": r.layout} for r in self.runs.values()}})
         except OSError as e:  # a full disk must not end the daemon; status then says the beat is old
             log.warning("could not write %s: %s", heartbeat.state_path(self.cfg.cache_dir), e)
 

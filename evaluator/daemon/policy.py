@@ -73,7 +73,7 @@ def job_final(job: L.Job) -> bool:
 
 # ---- which benchmarks can run now -----------------------------------------------------------------
 def hold_reason(name: str, missing: Optional[str], problem: Optional[str], stale: dict[str, int],
-                changes: dict[str, list[str]]) -> Optional[str]:
+                changes: dict[str, list[str]], config: str = "<cfg>") -> Optional[str]:
     """Why benchmark `name` must not start anything now, or None. `missing`: its dataset is not there (it runs
     once it appears); `problem`: its data cannot be scored as configured; `stale`: older fingerprint -> rows whose
     outputs were made with other settings, `changes` what differs for each (running it now would put two
@@ -85,9 +85,9 @@ def hold_reason(name: str, missing: Optional[str], problem: Optional[str], stale
     if stale:
         n = sum(stale.values())
         what = "; ".join(dict.fromkeys(c for fp in stale for c in changes.get(fp, ["settings unknown"])))
-        return (f"settings changed since {n} result(s) were made ({what}): `tools/evaluator.py rerun --config <cfg> "
-                f"--benchmark {name}` re-evaluates them with the new settings, `invalidate --benchmark {name}` withdraws them, "
-                f"or give the benchmark a new name for a new curve")
+        return (f"settings changed since {n} result(s) were made ({what}): `tools/evaluator.py rerun --config {config} "
+                f"--benchmark {name}` re-evaluates them with the new settings, `tools/evaluator.py invalidate --config "
+                f"{config} --benchmark {name}` withdraws them, or give the benchmark a new name for a new curve")
     return None
 
 

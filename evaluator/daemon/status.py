@@ -54,7 +54,7 @@ from evaluator.daemon.config import AutoEvalConfig, load_config
 
 # The inference stage writes <output_dir>/progress.json {"done", "total", "updated_at"} while it generates.
 SCHEMA_VERSION = 1
-INVALIDATED = getattr(L, "INVALIDATED", "invalidated")  # the ledger's withdrawn results (rerun / invalidate)
+INVALIDATED = L.INVALIDATED  # the ledger's withdrawn results (rerun / invalidate)
 DEFAULT_LAST = 30  # iterations per run in the table (the newest); --last 0 shows all
 DETAIL_LIMIT = 20  # lines per details section; --json lists every row
 DEFAULT_WATCH_SECONDS = 5.0
@@ -337,7 +337,9 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
         counts: dict[str, int] = {}
         for j in rows:
             counts[j.state] = counts.get(j.state, 0) + 1
-        tables.append(RunTable(name, spec is not None, spec.root if spec else None, spec.layout if spec else None,
+        # the layout the daemon ran with (--model-type may differ from the config's), else the config's
+        layout = ((doc or {}).get("runs") or {}).get(name, {}).get("layout") or (spec.layout if spec else None)
+        tables.append(RunTable(name, spec is not None, spec.root if spec else None, layout,
                                benches, labels, counts, len(iterations), table_rows))
     stale = []
     if specs is not None:
@@ -409,8 +411,8 @@ def daemon_reports(r: Report) -> list[str]:
 
 def run_table(t: RunTable) -> list[str]:
     where = f" — {t.root} ({t.layout})" if t.configured else " — not configured now"
-    summary = ", ".join(f"{s} {t.counts[s]}" for s in (*L.STATES, INVALIDATED) if t.counts.get(s))
-    summary += "".join(f", {s} {n}" for s, n in t.counts.items() if s not in (*L.STATES, INVALIDATED))
+    summary = ", ".join(f"{s} {t.counts[s]}" for s in L.STATES if t.counts.get(s))
+    summary += "".join(f", {s} {n}" for s, n in t.counts.items() if s not in L.STATES)
     head = f"run {t.run}{where}: {t.iterations} iteration(s)" + (f"; {summary}" if summary else "")
     if not t.iterations:
         return [f"run {t.run}{where}: no jobs yet"]
