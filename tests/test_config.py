@@ -600,9 +600,9 @@ DATASET_BENCH = "  benchmarks:\n    - name: qa\n      type: dataset\n      datas
 @pytest.mark.parametrize("block, key_path, expected", [
     ("      generation: {max_new_token: 4}\n", "generation.max_new_token",
      "unknown generation parameter; did you mean 'max_new_tokens'?"),
-    ("      generation: {max_new_tokens: -3}\n", "generation.max_new_tokens", "expected >= 1, got -3"),
-    ("      generation: {temperature: -1}\n", "generation.temperature", "expected >= 0, got -1"),
-    ("      generation: {top_p: 2}\n", "generation.top_p", "expected <= 1, got 2"),
+    ("      generation: {max_new_tokens: -3}\n", "generation.max_new_tokens", "expected an integer >= 1, got -3"),
+    ("      generation: {temperature: -1}\n", "generation.temperature", "expected a number >= 0, got -1"),
+    ("      generation: {top_p: 2}\n", "generation.top_p", "expected a number <= 1, got 2"),
     ("      generation: {stop: 5}\n", "generation.stop", "expected a string or a list of strings"),
     ("      backend: openai\n      backend_options: {max_concurency: 4}\n", "backend_options.max_concurency",
      "not an option of the openai backend; did you mean 'max_concurrency'?"),

@@ -30,6 +30,15 @@ def edit_config(cfg: str, change) -> None:
         yaml.safe_dump(data, f)
 
 
+def evaluated(tmp_path, iterations=(1000, 2000), **watch):
+    """A run with these Megatron checkpoints, evaluated once by `--once` with one command benchmark `qa`."""
+    for it in iterations:
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa")], watch=watch or None)
+    run_cli("--config", cfg, "--once", check=0)
+    return cfg, tmp_path / "cache"
+
+
 def test_a_missing_dataset_holds_only_its_benchmark_while_the_others_run(tmp_path, venvs):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg = write_config(tmp_path, [bench("qa"), with_dataset(bench("later"), tmp_path / "not-mounted")])
@@ -88,11 +97,7 @@ def test_an_unknown_metric_in_metadata_json_is_refused_with_the_file(tmp_path):
 
 
 def test_changed_settings_hold_the_benchmark_until_the_operator_reruns(tmp_path, venvs):
-    for it in (1000, 2000):
-        megatron_checkpoint(tmp_path / "ckpt", it)
-    cfg = write_config(tmp_path, [bench("qa")])
-    run_cli("--config", cfg, "--once", check=0)
-    cache = tmp_path / "cache"
+    cfg, cache = evaluated(tmp_path)
     first = {r["iteration"]: r["fingerprint"] for r in ledger_rows(cache)}
     assert len(set(first.values())) == 1 and None not in first.values()
     metrics = json.loads((cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json").read_text())
@@ -121,10 +126,7 @@ def test_changed_settings_hold_the_benchmark_until_the_operator_reruns(tmp_path,
 
 
 def test_rerun_of_a_checkpoint_no_longer_on_disk_says_why_and_changes_nothing(tmp_path, venvs):
-    for it in (1000, 2000):
-        megatron_checkpoint(tmp_path / "ckpt", it)
-    cfg = write_config(tmp_path, [bench("qa")], watch={"snapshot": "none"})
-    run_cli("--config", cfg, "--once", check=0)
+    cfg, cache = evaluated(tmp_path, snapshot="none")
     shutil.rmtree(tmp_path / "ckpt" / "iter_0001000")
     proc = run_cli("rerun", "--config", cfg, "--iterations", "0-5000", check=1)
     assert "checkpoint no longer on disk" in proc.stdout and "1 of 2 row(s) queued" in proc.stdout
@@ -134,11 +136,7 @@ def test_rerun_of_a_checkpoint_no_longer_on_disk_says_why_and_changes_nothing(tm
 
 
 def test_invalidate_withdraws_a_result_from_the_curve_and_it_is_not_run_again(tmp_path, venvs):
-    for it in (1000, 2000):
-        megatron_checkpoint(tmp_path / "ckpt", it)
-    cfg = write_config(tmp_path, [bench("qa")])
-    run_cli("--config", cfg, "--once", check=0)
-    cache = tmp_path / "cache"
+    cfg, cache = evaluated(tmp_path)
     run_cli("invalidate", "--config", cfg, "--iterations", "2000", check=0)
     assert [r["iteration"] for r in history(cache)] == [1000]
     run_cli("--config", cfg, "--once", check=0)
@@ -151,9 +149,7 @@ def test_invalidate_withdraws_a_result_from_the_curve_and_it_is_not_run_again(tm
 
 
 def test_rerun_and_invalidate_refuse_unknown_names_and_an_empty_selection(tmp_path, venvs):
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cfg = write_config(tmp_path, [bench("qa")])
-    run_cli("--config", cfg, "--once", check=0)
+    cfg, cache = evaluated(tmp_path, (1000,))
     proc = run_cli("rerun", "--config", cfg, "--benchmark", "qaa", check=2)
     assert "did you mean 'qa'" in proc.stderr
     proc = run_cli("invalidate", "--config", cfg, check=2)
@@ -251,9 +247,7 @@ def test_rerun_while_the_daemon_runs_is_picked_up_and_recorded_once(tmp_path, ve
 
 
 def test_a_scratch_folder_left_by_a_crash_is_swept_at_the_next_start(tmp_path, venvs):
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cfg = write_config(tmp_path, [bench("qa")])
-    run_cli("--config", cfg, "--once", check=0)
+    cfg, cache = evaluated(tmp_path, (1000,))
     left = tmp_path / "cache" / "scratch" / "tiny" / "iter_0001000" / "qa"
     left.mkdir(parents=True)
     (left / "model.bin").write_bytes(b"x" * 100)

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+from evaluator.common.checks import number_problem
 from evaluator.common.errors import EvaluatorError, did_you_mean
 
 # Public model ids behind the short names lalm_bench uses. Offline they fail with a clear message.
@@ -23,16 +24,7 @@ MODEL_ALIASES = {
 
 def _number(low=None, high=None, integer=False, low_open=False):
     """A check for a numeric generation parameter: the problem with a value, or None."""
-    def check(value) -> Optional[str]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-                or (integer and not float(value).is_integer()):
-            return f"expected {'an integer' if integer else 'a number'}, got {value!r}"
-        if low is not None and (value <= low if low_open else value < low):
-            return f"expected {'>' if low_open else '>='} {low}, got {value!r}"
-        if high is not None and value > high:
-            return f"expected <= {high}, got {value!r}"
-        return None
-    return check
+    return lambda value: number_problem(value, low, high, integer, low_open)
 
 
 def _strings(value) -> Optional[str]:

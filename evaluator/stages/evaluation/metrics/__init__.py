@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from evaluator.benchmarks.dataset import Sample
+from evaluator.common.checks import number_problem
 from evaluator.common.errors import EvaluatorError, did_you_mean
 
 
@@ -131,19 +132,7 @@ def _option_number(low: Optional[float] = None, high: Optional[float] = None, in
     what = "an integer" if integer else "a number"
 
     def one(value) -> Optional[str]:
-        if isinstance(value, bool):
-            return f"expected {what}, got {value!r}"
-        try:
-            number = float(int(value) if integer and isinstance(value, str) else value)  # int("2.0") fails
-        except (TypeError, ValueError):
-            return f"expected {what}, got {value!r}"
-        if number != number or (integer and not number.is_integer()):
-            return f"expected {what}, got {value!r}"
-        if low is not None and (number <= low if low_open else number < low):
-            return f"expected {what} {'>' if low_open else '>='} {low}, got {value!r}"
-        if high is not None and number > high:
-            return f"expected {what} <= {high}, got {value!r}"
-        return None
+        return number_problem(value, low, high, integer, low_open, numeric_strings=True)
 
     def check(value) -> Optional[str]:
         if value is None:
