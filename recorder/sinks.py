@@ -20,6 +20,7 @@ for a wandb_writer config.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -176,6 +177,17 @@ class LocalHistorySink:
         return self._rows[run]
 
     def record(self, result: ResultRecord) -> None:
+        with self._locked(result.run):
+            self._record(result)
+
+    def _locked(self, run: str):
+        """An exclusive lock on the run's history: the daemon's sink and `invalidate` (another process) both
+        rewrite it, and a line one appends must not be lost to the other's rename."""
+        path = os.path.join(self.cache_dir, ".locks", f"history-{hashlib.sha1(run.encode()).hexdigest()[:16]}.lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return _FileLock(path)
+
+    def _record(self, result: ResultRecord) -> None:
         rows = self.rows(result.run)
         at = self._index[result.run].get(result.key)
         if not supersedes(result.revision, None if at is None else row_revision(rows[at])):
@@ -201,6 +213,10 @@ class LocalHistorySink:
     def withdraw(self, run: str, iteration: int, benchmark: str) -> bool:
         """Drop one result's line (an invalidated result: `tools/evaluator.py invalidate`); returns whether it was
         there. The file is rewritten atomically; a daemon's sink sees the change by the file's size and mtime."""
+        with self._locked(run):
+            return self._withdraw(run, iteration, benchmark)
+
+    def _withdraw(self, run: str, iteration: int, benchmark: str) -> bool:
         rows = self.rows(run)
         at = self._index[run].get((run, iteration, benchmark))
         if at is None:
@@ -229,6 +245,21 @@ class LocalHistorySink:
                 self._retry_flush_at = time.monotonic() + FLUSH_RETRY_SECONDS  # e.g. disk full: not every pass
                 raise
             self._dirty.discard(run)
+
+
+class _FileLock:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
 
 
 def _stamp(path: str) -> Optional[tuple]:

@@ -158,10 +158,10 @@ def test_make_dataset_refuses_short_and_long_csv_rows(tmp_path):
     ({"stop": 5}, "generation.stop: expected a string or a list of strings"),
     ({"stop": ["ok", 1]}, "generation.stop: expected a string or a list of strings"),
     ({"num_return_sequences": 2}, "generation.num_return_sequences: one answer per sample"),
-    ({"max_new_tokens": 0}, "generation.max_new_tokens: expected >= 1"),
-    ({"max_new_tokens": -3}, "generation.max_new_tokens: expected >= 1"),
-    ({"temperature": -0.5}, "generation.temperature: expected >= 0"),
-    ({"top_p": 1.5}, "generation.top_p: expected <= 1"),
+    ({"max_new_tokens": 0}, "generation.max_new_tokens: expected an integer >= 1"),
+    ({"max_new_tokens": -3}, "generation.max_new_tokens: expected an integer >= 1"),
+    ({"temperature": -0.5}, "generation.temperature: expected a number >= 0"),
+    ({"top_p": 1.5}, "generation.top_p: expected a number <= 1"),
     ({"max_new_token": 4}, "generation.max_new_token: unknown generation parameter; did you mean 'max_new_tokens'"),
 ])
 def test_generation_parameters_that_cannot_work_are_refused(generation, message):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import struct
 from pathlib import Path
 
@@ -227,8 +228,17 @@ def test_a_huge_folder_is_read_only_up_to_the_listing_cap(tmp_path, monkeypatch)
 
 
 # ---- found, but nothing complete ------------------------------------------------------------------------
+def aged(root, seconds: float = 3600):
+    """Backdate every checkpoint folder: saves that finished long ago (a fresh one may still be being written)."""
+    for entry in os.scandir(root):
+        if entry.is_dir():
+            t = time.time() - seconds
+            os.utime(entry.path, (t, t))
+    return root
+
+
 def test_megatron_iterations_without_tracker_say_nothing_counts_as_complete_and_how_to_write_it(tmp_path):
-    root = megatron(tmp_path / "run", [300, 600, 900], tracker=None)
+    root = aged(megatron(tmp_path / "run", [300, 600, 900], tracker=None))
     hint = only(hints_for(root, "megatron", Selection.make(300, None, 300)))
     assert hint.text == (f"{root}: 3 checkpoint folders (iterations 300..900) but no latest_checkpointed_iteration.txt: "
                          "the trainer writes it only once a save has finished, so none counts as complete. If these "
@@ -237,7 +247,7 @@ def test_megatron_iterations_without_tracker_say_nothing_counts_as_complete_and_
 
 
 def test_deepspeed_steps_without_latest_file_give_the_tag_to_write(tmp_path):
-    root = deepspeed(tmp_path / "run", [100, 200], latest=False)
+    root = aged(deepspeed(tmp_path / "run", [100, 200], latest=False))
     hint = only(hints_for(root, "deepspeed"))
     assert "but no latest:" in hint.text and hint.text.endswith(f"echo global_step200 > {root / 'latest'}")
 
@@ -294,9 +304,15 @@ def test_some_checkpoints_skipped_by_the_interval_is_info_not_a_warning(tmp_path
 
 
 def test_warnings_come_before_information(tmp_path):
-    root = megatron(tmp_path / "run", [100, 200, 300], tracker=None)
+    root = aged(megatron(tmp_path / "run", [100, 200, 300], tracker=None))
     found = hints_for(root, "megatron", Selection.make(None, None, 200))
     assert [h.level for h in found] == [WARNING, INFO]
+
+
+def test_a_first_save_still_being_written_is_information_not_advice_to_write_the_tracker(tmp_path):
+    root = megatron(tmp_path / "run", [100], tracker=None)  # just written
+    hint = only(hints_for(root, "megatron"))
+    assert hint.level == INFO and "echo" not in hint.text and "a save in progress" in hint.text
 
 
 @pytest.mark.parametrize("iterations, selection, summary", [

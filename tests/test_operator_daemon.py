@@ -253,3 +253,65 @@ def test_a_scratch_folder_left_by_a_crash_is_swept_at_the_next_start(tmp_path, v
     (left / "model.bin").write_bytes(b"x" * 100)
     run_cli("--config", cfg, "--once", check=0)
     assert not left.exists()
+
+
+def test_a_held_benchmark_does_not_hold_snapshots_so_the_others_finish_a_long_backlog(tmp_path, venvs):
+    for it in range(1000, 36000, 1000):  # 35 checkpoints: more than the daemon pins ahead (32)
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa"), with_dataset(bench("later"), tmp_path / "not-mounted")])
+    run_cli("--config", cfg, "--once", check=1, timeout=600)  # 1: `later` is held with work waiting
+    s = states(tmp_path / "cache")
+    assert sum(v == "recorded" for (it, b), v in s.items() if b == "qa") == 35
+    assert all(v == "pending" for (it, b), v in s.items() if b == "later")
+
+
+def test_a_pending_retry_of_scoring_counts_as_made_with_the_old_settings(tmp_path, venvs, daemons):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa", eval_mode="crash")], executor={"backoff_seconds": 600})
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    wait_until(lambda: states(cache).get((1000, "qa")) == "failed", what="the evaluation failed once")
+    d.stop()
+    edit_config(cfg, lambda c: c["benchmarks"][0].update(seed=5, evaluation=bench("qa")["evaluation"]))
+    proc = run_cli("--config", cfg, "--once", check=2)  # its predictions were made with seed 0: held
+    assert "settings changed since 1 result(s)" in proc.stderr
+    assert [i["stage"] for i in invocations(cache, 1000, "qa")] == ["infer", "eval"]
+
+
+def test_an_interrupted_invalidate_is_finished_by_running_it_again(tmp_path, venvs):
+    import sqlite3
+
+    cfg, cache = evaluated(tmp_path)
+    db = sqlite3.connect(cache / "ledger.sqlite3")  # what a kill -9 right after its ledger transaction leaves
+    db.execute("UPDATE jobs SET state='invalidated' WHERE iteration=2000")
+    db.commit()
+    db.close()
+    assert sorted(r["iteration"] for r in history(cache)) == [1000, 2000]
+    run_cli("invalidate", "--config", cfg, "--iterations", "2000", check=0)
+    assert [r["iteration"] for r in history(cache)] == [1000]
+    assert not (cache / "results" / "tiny" / "iter_0002000" / "qa" / "metrics.json").exists()
+
+
+def test_rerun_refuses_a_benchmark_the_config_no_longer_runs(tmp_path, venvs):
+    cfg, cache = evaluated(tmp_path, (1000,))
+    edit_config(cfg, lambda c: c["benchmarks"].append(bench("mc")) or c["benchmarks"].pop(0))
+    proc = run_cli("rerun", "--config", cfg, "--benchmark", "qa", check=1)
+    assert "not configured now" in proc.stdout
+    assert states(cache) == {(1000, "qa"): "recorded"}
+    assert (cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json").exists()
+
+
+def test_dry_run_reads_a_ledger_written_before_fingerprints(tmp_path, venvs):
+    import sqlite3
+
+    cfg, cache = evaluated(tmp_path, (1000,))
+    db = sqlite3.connect(cache / "ledger.sqlite3")
+    for sql in ("DROP INDEX IF EXISTS jobs_state_iteration", "ALTER TABLE jobs DROP COLUMN fingerprint",
+                "ALTER TABLE jobs DROP COLUMN revision", "DROP TABLE fingerprints"):
+        db.execute(sql)
+    db.commit()
+    db.close()
+    proc = run_cli("--config", cfg, "--dry-run", check=0)
+    assert "Traceback" not in proc.stderr
+    run_cli("--config", cfg, "--once", check=0)  # and the daemon upgrades it
+    assert {r["fingerprint"] is not None for r in ledger_rows(cache)} == {True}

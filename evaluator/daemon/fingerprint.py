@@ -24,7 +24,12 @@ CONTENT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".yaml", ".yml", 
 CONTENT_MAX_BYTES = 64 << 20
 MAX_FILES = 100_000  # a dataset folder bigger than this is described by its first files in sorted order
 # spec fields that never change a benchmark's numbers
-NEUTRAL_FIELDS = ("name", "main_metric", "max_error_rate")
+NEUTRAL_FIELDS = ("name", "main_metric", "max_error_rate", "batch_size")
+# backend and metric options that only change how fast or how patiently the same numbers are made (concurrency,
+# timeouts, retries, where a server logs): changing them must not hold a benchmark
+NEUTRAL_OPTIONS = ("batch_size", "max_concurrency", "timeout", "max_retries", "retry_backoff", "retry_backoff_max",
+                   "rate_limit", "serve_timeout", "serve_log", "serve_port", "trace_prefix", "gpu_memory_utilization",
+                   "api_key_env", "spice_timeout", "java_path", "reviews_file")
 
 
 def dataset_digest(path: Optional[str]) -> Optional[str]:
@@ -44,11 +49,27 @@ def dataset_digest(path: Optional[str]) -> Optional[str]:
     return h.hexdigest()[:16]
 
 
+def dataset_stamp(path: Optional[str]) -> Optional[str]:
+    """A cheap signature of a dataset's files (names, sizes, mtimes): a change means "digest it again"."""
+    if not path or not os.path.exists(path):
+        return None
+    files = [path] if os.path.isfile(path) else _files(path)
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def _files(root: str) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith(".")]
+        # regular files only: a FIFO or a device named like data would block or never end the read
+        out += [f for n in sorted(filenames) if not n.startswith(".") and os.path.isfile(f := os.path.join(dirpath, n))]
         if len(out) >= MAX_FILES:
             break
     return sorted(out)[:MAX_FILES]
@@ -58,10 +79,16 @@ def settings(bench, seed: int, digest: Optional[str]) -> dict:
     """What the fingerprint covers: a BenchmarkConfig's spec (minus NEUTRAL_FIELDS), the seed, the data."""
     # the dataset's path is left out: its content digest stands for it (a moved dataset is the same data)
     spec = {k: v for k, v in bench.model_dump().items() if k not in NEUTRAL_FIELDS and k != "dataset"}
+    spec["backend_options"] = _without_neutral(spec.get("backend_options") or {})
+    spec["metric_options"] = {m: _without_neutral(o or {}) for m, o in (spec.get("metric_options") or {}).items()}
     spec["seed"] = seed
     spec["dataset_content"] = digest
     spec["scoring_version"] = SCORING_VERSION
     return spec
+
+
+def _without_neutral(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS}
 
 
 def fingerprint(spec: dict) -> str:
@@ -79,12 +106,24 @@ def changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             if key == "dataset_content":
                 out.append("dataset content changed")
+            elif isinstance(a, str) and isinstance(b, str) and max(len(a), len(b)) > 60:
+                out.append(f"{name}: {_around_difference(a, b)}")
             else:
                 out.append(f"{name}: {_show(a)} -> {_show(b)}")
     return out
 
 
 _UNSET: Any = object()
+
+
+def _around_difference(a: str, b: str, context: int = 25) -> str:
+    """Two long strings (command templates): the part where they differ, not their common start."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, i - context)
+
+    def cut(s: str) -> str:
+        return ("..." if start else "") + s[start:i + context] + ("..." if len(s) > i + context else "")
+    return f"{cut(a)!r} -> {cut(b)!r}"
 
 
 def _show(v: Any) -> str:

@@ -102,7 +102,8 @@ def liveness(state: Optional[dict], now: float, pid_alive: bool) -> tuple[str, s
     pid, host = state.get("pid"), state.get("host") or "?"
     stopped_at = _number(state.get("stopped_at"))
     if stopped_at is not None:
-        return STOPPED, f"stopped cleanly at {clock(stopped_at)} ({duration(now - stopped_at)} ago, pid {pid} on {host})"
+        how = state.get("stop_reason") or "stopped cleanly"
+        return STOPPED, f"{how} at {clock(stopped_at)} ({duration(now - stopped_at)} ago, pid {pid} on {host})"
     beat_at = _number(state.get("beat_at"))
     every = _number(state.get("beat_every_s")) or BEAT_EVERY_S
     resumed = "jobs shown as running are resumed at the next start"

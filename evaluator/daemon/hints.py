@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -20,6 +21,7 @@ from typing import Literal, Optional
 from evaluator.daemon.checkpoints import LAYOUTS, Checkpoint, CheckpointLayout, Selection, TrackerLayout
 
 LISTING_CAP = 1000  # names read from the watched folder; enough to recognise a layout, cheap on NFS
+SAVE_IN_PROGRESS_SECONDS = 600.0  # a tracker-less folder younger than this is a save being written, not a mistake
 EXAMPLE_ITERATION = 1000  # the iteration used to show what a layout's folders are called
 
 WARNING = "warning"
@@ -216,6 +218,14 @@ def _tracker_missing(path: str, layout: str, found: list[Checkpoint]) -> Optiona
     newest = max(found, key=lambda c: c.iteration)
     content = cls("", path).snapshot_markers(newest).get(cls.tracker_name, str(newest.iteration))
     iterations = sorted({c.iteration for c in found})
+    try:
+        age = time.time() - max(os.stat(c.path).st_mtime for c in found)
+    except OSError:
+        age = 0.0
+    if age < SAVE_IN_PROGRESS_SECONDS:  # most likely the first save, still being written: no advice to touch it
+        return Hint(INFO, f"{path}: {_n(len(iterations), 'checkpoint folder')} ({_span(iterations)}), none with "
+                          f"{cls.tracker_name} yet (written {age:.0f}s ago: a save in progress counts once the "
+                          f"trainer writes it)")
     return Hint(WARNING, f"{path}: {_n(len(iterations), 'checkpoint folder')} ({_span(iterations)}) but no "
                          f"{cls.tracker_name}: the trainer writes it only once a save has finished, so none counts "
                          f"as complete. If these saves did finish (copied without it?), write it: "

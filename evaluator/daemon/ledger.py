@@ -81,6 +81,8 @@ CREATE INDEX IF NOT EXISTS events_key ON events (run, iteration, benchmark);
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 DROP INDEX IF EXISTS jobs_state;
 """
+# rows whose predictions exist and count: HAS_OUTPUTS, and failed ones with a retry that resumes at scoring
+_HAS_OUTPUTS_SQL = "(state IN ({marks}) OR (state = ? AND resume_state = ? AND next_retry_at IS NOT NULL))"
 EVENTS_KEEP_SECONDS = 30 * 86400  # transitions older than this are pruned (status shows the newest)
 _OF_SCORED_ROW = "JOIN jobs j ON j.run=d.run AND j.iteration=d.iteration AND j.benchmark=d.benchmark"
 
@@ -269,20 +271,26 @@ class Ledger:
 
     def stale_outputs(self, benchmark: str, fingerprint: str) -> dict[str, int]:
         """Older fingerprint -> rows of `benchmark` whose outputs were made with it (not `fingerprint`)."""
+        if "fingerprint" not in self.fields:
+            return {}  # a read-only look at a ledger from before fingerprints
         marks = ", ".join("?" * len(HAS_OUTPUTS))
         return dict(self.db.execute(
-            f"SELECT fingerprint, COUNT(*) FROM jobs WHERE benchmark=? AND state IN ({marks}) AND fingerprint IS NOT "
-            "NULL AND fingerprint != ? GROUP BY fingerprint", (benchmark, *HAS_OUTPUTS, fingerprint)).fetchall())
+            f"SELECT fingerprint, COUNT(*) FROM jobs WHERE benchmark=? AND {_HAS_OUTPUTS_SQL.format(marks=marks)} "
+            "AND fingerprint IS NOT NULL AND fingerprint != ? GROUP BY fingerprint",
+            (benchmark, *HAS_OUTPUTS, FAILED, INFERRED, fingerprint)).fetchall())
 
     def adopt_fingerprint(self, benchmark: str, fingerprint: str) -> int:
         """Rows with outputs made before fingerprints existed are taken to have today's settings."""
         marks = ", ".join("?" * len(HAS_OUTPUTS))
         with self._tx():
-            cur = self.db.execute(f"UPDATE jobs SET fingerprint=? WHERE benchmark=? AND fingerprint IS NULL AND state "
-                                  f"IN ({marks})", (fingerprint, benchmark, *HAS_OUTPUTS))
+            cur = self.db.execute(f"UPDATE jobs SET fingerprint=? WHERE benchmark=? AND fingerprint IS NULL AND "
+                                  f"{_HAS_OUTPUTS_SQL.format(marks=marks)}",
+                                  (fingerprint, benchmark, *HAS_OUTPUTS, FAILED, INFERRED))
         return cur.rowcount
 
     def settings_of(self, fingerprint: str, benchmark: str) -> Optional[dict]:
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='fingerprints'").fetchone():
+            return None  # a read-only look at a ledger from before fingerprints
         row = self.db.execute("SELECT settings FROM fingerprints WHERE fingerprint=? AND benchmark=?",
                               (fingerprint, benchmark)).fetchone()
         return json.loads(row[0]) if row else None

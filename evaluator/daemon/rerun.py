@@ -26,6 +26,7 @@ from typing import Optional
 from evaluator.common.contracts import OUTPUT_FILES, result_dir
 from evaluator.common.errors import EvaluatorError, did_you_mean
 from evaluator.daemon import ledger as L
+from evaluator.daemon import policy as P
 from evaluator.daemon.config import load_config
 
 SUPERSEDED = "superseded"
@@ -104,6 +105,28 @@ def set_aside(out: str, revision: int) -> list[str]:
     return moved
 
 
+def restore(out: str, revision: int, moved: list[str]) -> None:
+    src = os.path.join(out, SUPERSEDED, f"rev{revision}")
+    for name in moved:
+        os.replace(os.path.join(src, name), os.path.join(out, name))
+
+
+def warn_daemon_settings(cfg, jobs: list[L.Job]) -> None:
+    """A running daemon re-runs with the settings it started with: say so when the config has changed since."""
+    from evaluator.daemon import heartbeat as H
+    from evaluator.daemon.daemon import assess
+
+    state = H.read_state(cfg.cache_dir)
+    if H.liveness(state, time.time(), H.pid_exists(state))[0] != H.ALIVE:
+        return
+    running = state.get("fingerprints") or {}
+    for bench in {b.name: b for b in cfg.benchmarks if b.name in {j.benchmark for j in jobs}}.values():
+        now = assess(bench, cfg.seed, None).fingerprint
+        if running.get(bench.name) and now and running[bench.name] != now:
+            print(f"note: the running daemon (pid {state.get('pid')}) uses the settings of benchmark {bench.name} it "
+                  f"started with, not the config's current ones: restart it to re-run with those")
+
+
 def main(command: str, argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     if not (args.run or args.iterations or args.benchmark):
@@ -122,27 +145,37 @@ def main(command: str, argv: list[str]) -> int:
         from evaluator.daemon.build import resolve_runs
 
         try:
-            configured = {r.name for r in resolve_runs(cfg)}
+            specs = {r.name: r for r in resolve_runs(cfg)}
         except EvaluatorError:
-            configured = set()
+            specs = {}
+        configured = set(specs)
+        benchmarks = {b.name for b in cfg.benchmarks}
         _check_names("--run", args.run, configured | {j.run for j in jobs})
         _check_names("--benchmark", args.benchmark, {b.name for b in cfg.benchmarks} | {j.benchmark for j in jobs})
         chosen = select(jobs, args.run, iterations, args.benchmark)
         if not chosen:
             print(f"{command}: no ledger rows match (nothing evaluated there yet)")
             return 1
-        done, problems = 0, 0
+        done, problems, gone_rows = 0, 0, 0
         for job in chosen:
             why = refusal(command, led, job)
+            if why is None and command == "rerun" and not P.wanted(specs, benchmarks, job.run, job.benchmark):
+                why = ("not configured now (the run or benchmark left the config): the daemon would never run it", True)
             if why is not None:
                 problems += why[1]
+                gone_rows += why[0].startswith("checkpoint no longer on disk")
                 print(f"  {str(job.key):<40} {job.state:<11} {why[0]}")
                 continue
             if args.dry_run:
                 print(f"  {str(job.key):<40} {job.state:<11} would be {'re-run' if command == 'rerun' else 'invalidated'}")
                 done += 1
                 continue
-            apply_one(command, cfg.cache_dir, led, job, cfg.recorder.plots)
+            try:
+                apply_one(command, cfg.cache_dir, led, job, cfg.recorder.plots)
+            except L.LedgerConflict:  # a running daemon moved the row since we looked: nothing was changed
+                problems += 1
+                print(f"  {str(job.key):<40} {'?':<11} changed state meanwhile (a running daemon): try again")
+                continue
             done += 1
             print(f"  {str(job.key):<40} {job.state:<11} -> "
                   f"{'pending (revision ' + str(job.revision + (job.state != L.PENDING)) + ')' if command == 'rerun' else 'invalidated'}")
@@ -153,6 +186,12 @@ def main(command: str, argv: list[str]) -> int:
           + (f"; {problems} could not be (see above)" if problems else "")
           + ("; a running daemon picks them up at its next rescan, else the next start does"
              if command == "rerun" and done and not args.dry_run else ""))
+    if command == "rerun" and gone_rows:
+        print(f"{gone_rows} result(s) cannot be re-evaluated (their checkpoints are gone): keep them as they are by "
+              f"giving the changed benchmark a new name (a new curve), or withdraw them with `tools/evaluator.py "
+              f"invalidate --config {args.config} ...`")
+    if command == "rerun" and done and not args.dry_run:
+        warn_daemon_settings(cfg, [j for j in chosen])
     return 1 if problems else 0
 
 
@@ -160,7 +199,7 @@ def refusal(command: str, led: L.Ledger, job: L.Job) -> Optional[tuple[str, bool
     """(why this row is left alone, whether that is a problem) or None to go ahead."""
     allowed = L.RERUNNABLE if command == "rerun" else L.INVALIDATABLE
     if job.state == L.INVALIDATED and command == "invalidate":
-        return ("already invalidated", False)
+        return None  # again: finishes what an interrupted invalidate left (moving outputs, the history line)
     if job.state == L.PENDING and command == "rerun":
         return ("not evaluated yet (pending): runs anyway", False)
     if job.state not in allowed:
@@ -175,15 +214,20 @@ def refusal(command: str, led: L.Ledger, job: L.Job) -> Optional[tuple[str, bool
 def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job, plots: bool = True) -> None:
     out = result_dir(cache_dir, job.run, job.iteration, job.benchmark)
     if command == "rerun":
-        set_aside(out, job.revision)
+        moved = set_aside(out, job.revision)
+        try:
+            # fingerprint None: the daemon stamps today's settings when the inference starts
+            led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None)
+        except L.LedgerConflict:
+            restore(out, job.revision, moved)  # the row moved on meanwhile: its outputs go back where they were
+            raise
         snap = led.snapshot(job.run, job.iteration)
         if snap is not None and snap["state"] in (L.RELEASED, L.VANISHED):
             led.drop_snapshot(job.run, job.iteration)  # pinned afresh, like a new checkpoint
-        # fingerprint None: the daemon stamps today's settings when the inference starts
-        led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None)
     else:
-        led.transition(job.key, L.INVALIDATED, "invalidated by the operator", next_retry_at=None)
-        set_aside(out, job.revision)
+        if job.state != L.INVALIDATED:
+            led.transition(job.key, L.INVALIDATED, "invalidated by the operator", next_retry_at=None)
+        set_aside(out, job.revision)  # both repeat safely: an interrupted invalidate is finished by running it again
         withdraw_local(cache_dir, job, plots)
 
 
