@@ -20,6 +20,15 @@ INFERENCE = "inference"
 EVALUATION = "evaluation"
 STAGES = (INFERENCE, EVALUATION)
 
+# Every local stage's environment carries "<token>:<stage>" (evaluator/daemon/executors.py: the intent the ledger
+# made durable before the start), and a warm worker "<cache_dir>" (evaluator/stages/worker.py), so a daemon
+# restarted after a kill -9 finds what its predecessor left running.
+TOKEN_ENV = "CKPT_EVAL_TOKEN"
+WORKER_ENV = "CKPT_EVAL_WORKER"
+# stage modules a warm worker can run in-process (module -> the module whose main(argv) runs one job)
+WARM_STAGE_MODULES = {"evaluator.stages.inference": "evaluator.stages.inference.stage",
+                      "evaluator.stages.evaluation": "evaluator.stages.evaluation.stage"}
+
 EXIT_OK = 0
 EXIT_BAD_SPEC = 2  # the stage's verdict: its job spec or data is wrong; running it again cannot help
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the stage asks to be retried later

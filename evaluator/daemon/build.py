@@ -107,7 +107,7 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
         raise EvaluatorError(f"auto_eval.cache_dir: {e}") from None
     ex = cfg.executor
     timeouts = {INFERENCE: 60 * ex.inference_timeout_minutes, EVALUATION: 60 * ex.evaluation_timeout_minutes}
-    executor = EXECUTORS[ex.type](ex, timeouts, ex.kill_grace_seconds)
+    executor = EXECUTORS[ex.type](ex, timeouts, ex.kill_grace_seconds, cfg.cache_dir)
     layouts = make_layouts(cfg, runs)
     w = cfg.watch
     keeper = SnapshotKeeper(ledger, cfg.cache_dir, layouts, w.snapshot, w.snapshot_max_gb, w.snapshot_exclude,

@@ -151,6 +151,12 @@ class ExecutorConfig(Section):
     # exit 75 (retry later: rate limits, a server restarting) is retried with backoff on its own time
     # budget, not counted as an attempt; after this long of nothing but 75s the job fails for good
     tempfail_minutes: float = Field(120.0, gt=0)
+    # type: local. Native inference/evaluation stages run in warm worker processes (evaluator/stages/worker.py):
+    # `on` keeps a worker (imports, the loaded model, metric models) across jobs and checkpoints, swapping in the
+    # next checkpoint's weights when its architecture is unchanged; `checkpoint` keeps it for one checkpoint's
+    # benchmarks only (a session); `off` starts one process per (checkpoint x benchmark) stage, as before.
+    warm_workers: Literal["on", "checkpoint", "off"] = "on"
+    worker_max_jobs: int = Field(100, ge=1)  # a warm worker is replaced after this many jobs (and after any failure)
     # type: slurm (evaluator/daemon/slurm.py): one sbatch job per stage
     partition: Optional[str] = None
     account: Optional[str] = None

@@ -48,6 +48,7 @@ log = logging.getLogger("evaluator")
 HEARTBEAT_SECONDS = 60.0  # the status line in the log
 STATE_SECONDS = heartbeat.BEAT_EVERY_S  # <cache_dir>/daemon.json: liveness, held benchmarks, hints (for `status`)
 RECHECK_SECONDS = 1.0  # first re-look at an incomplete checkpoint of a marker-less layout; doubles up to poll_seconds
+DATA_CHECK_SECONDS = 60.0  # how often every dataset's files are stat'ed for changes (held ones: every rescan)
 MIN_SCAN_GAP = 0.005  # a burst of file events costs one rescan, not one per event
 MAX_IDLE_SLEEP = 5.0
 ADMIT_CHUNK = 2000  # rows per admission transaction (the stop flag is checked between chunks)
@@ -147,6 +148,11 @@ class Daemon:
         self.benchmarks = {b.name: b for b in cfg.benchmarks}
         self.fingerprints: dict[str, str] = {}  # benchmark -> its settings fingerprint (once its data is there)
         self.settings: dict[str, dict] = {}  # benchmark -> the settings behind its fingerprint
+        self.data_stamp: dict[str, Optional[str]] = {}  # benchmark -> its dataset's stamp when fingerprinted
+        self.seen_stamp: dict[str, Optional[str]] = {}  # benchmark -> its dataset's stamp at the last look
+        self.checked_once = False  # datasets there at the start are taken as they are; later ones must settle
+        self.last_data_check = float("-inf")
+        self.stop_reason = "crashed (the log says why)"  # what daemon.json says once it stops; set on clean ends
         self.held: dict[str, str] = {}  # benchmark -> why nothing of it may start now (policy.hold_reason)
         self.settings_changed: dict[str, dict] = {}  # benchmark -> {results, changes} while it is held for it
         self.hints: dict[str, list] = {}  # run -> hints.Hint: why its folder gives nothing (or less than expected)
@@ -187,7 +193,7 @@ class Daemon:
             pass  # the pipe is full (the loop is due to wake anyway) or closed (stopping)
 
     def _sleep(self, timeout: float) -> None:
-        select.select([self._wake_r], [], [], max(0.0, timeout))
+        select.select([self._wake_r, *self.executor.wake_fds()], [], [], max(0.0, timeout))
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -218,8 +224,10 @@ class Daemon:
             self.write_state()
             if self.held and len(self.held) == len(self.benchmarks):
                 missing = any(self.benchmark_missing(b) for b in self.held)
-                raise (UnavailableError if missing else EvaluatorError)(
+                error = (UnavailableError if missing else EvaluatorError)(
                     "no benchmark can run: " + "; ".join(f"{b}: {why}" for b, why in self.held.items()))
+                self.stop_reason = f"exited {error.exit_code}: {error}"
+                raise error
             while not self.stopping:
                 if not self.guarded(self.step):
                     self._sleep(LEDGER_RETRY_SECONDS)
@@ -233,6 +241,7 @@ class Daemon:
                 self._sleep(self.sleep_seconds())
             if self.stopping:
                 log.info("stop signal received: stopping (running stages are stopped and go back to the queue)")
+            self.stop_reason = "stopped cleanly"
         finally:
             self.shutdown()
             for s, h in previous.items():
@@ -313,7 +322,9 @@ class Daemon:
         if P.rescan_due(self.last_rescan, self.cfg.watch.poll_seconds, now):
             self.last_rescan = now
             self.dirty.update(self.runs)
-            if self.held:
+            if now - self.last_data_check >= DATA_CHECK_SECONDS:
+                self.check_benchmarks()  # every dataset's stamp: one edited under a running daemon is seen
+            elif self.held:
                 self.check_benchmarks(list(self.held))
         for name, st in self.state.items():
             if (st.settle_at is not None and now >= st.settle_at) or (st.recheck_at is not None and now >= st.recheck_at):
@@ -477,7 +488,7 @@ class Daemon:
         for run in self.runs:
             for job in self.ledger.jobs([L.PENDING], run=run, newest_first=self.newest_first,
                                         limit=PIN_WINDOW * max(1, len(self.wanted_names(run)))):
-                if self.is_wanted(job) and len(queued) < PIN_WINDOW * len(self.runs):
+                if self.may_start(job) and len(queued) < PIN_WINDOW * len(self.runs):
                     queued.setdefault((job.run, job.iteration), job.path)
         ready = [Checkpoint(run, it, path, True) for (run, it), path in queued.items()]
         before = dict(self.keeper.waiting)
@@ -534,25 +545,42 @@ class Daemon:
         for all, then at every rescan for the held ones (a dataset that appeared, a rerun or invalidate that
         resolved changed settings)."""
         for name in names if names is not None else list(self.benchmarks):
-            a = assess(self.benchmarks[name], self.cfg.seed, self.ledger, self.settings.get(name),
-                       self.cfg.config_path or "<cfg>")
+            bench = self.benchmarks[name]
+            stamp = F.dataset_stamp(bench.dataset)
+            if stamp != self.data_stamp.get(name):  # new, appeared, or edited: digest it again once it is still
+                self.settings.pop(name, None)
+                self.fingerprints.pop(name, None)
+                settled = stamp is None or not self.checked_once or stamp == self.seen_stamp.get(name)
+                self.seen_stamp[name] = stamp
+                if not settled:
+                    self.hold(name, f"dataset {bench.dataset} appeared or changed: waiting until it stays unchanged "
+                                    f"for a rescan (a copy may be in progress)")
+                    continue
+                self.data_stamp[name] = stamp
+            a = assess(bench, self.cfg.seed, self.ledger, self.settings.get(name), self.cfg.config_path or "<cfg>")
             if a.fingerprint and name not in self.fingerprints:
                 self.adopt(name, a)
             if a.changed:
                 self.settings_changed[name] = {"benchmark": name, "results": a.stale_results, "changes": a.changed}
             else:
                 self.settings_changed.pop(name, None)
-            if a.hold != self.held.get(name):
-                if a.hold:
-                    log.warning("benchmark %s: held, nothing of it starts: %s", name, a.hold)
-                else:
-                    log.info("benchmark %s: can run (fingerprint %s)", name, self.fingerprints.get(name))
-                self.changed = True
-                self.last_state_write = float("-inf")
-            if a.hold:
-                self.held[name] = a.hold
+            self.hold(name, a.hold)
+        self.checked_once = True
+        self.last_data_check = time.monotonic()
+
+    def hold(self, name: str, why: Optional[str]) -> None:
+        """Record (and log, once) whether a benchmark is held and why."""
+        if why != self.held.get(name):
+            if why:
+                log.warning("benchmark %s: held, nothing of it starts: %s", name, why)
             else:
-                self.held.pop(name, None)
+                log.info("benchmark %s: can run (fingerprint %s)", name, self.fingerprints.get(name))
+            self.changed = True
+            self.last_state_write = float("-inf")
+        if why:
+            self.held[name] = why
+        else:
+            self.held.pop(name, None)
 
     def adopt(self, name: str, a: "Assessment") -> None:
         """Today's settings of a benchmark: kept in the ledger (so a later change can say what changed), stamped
@@ -649,10 +677,11 @@ class Daemon:
             btype = BENCHMARK_TYPES[self.benchmarks[job.benchmark].type]
             module = btype.inference_module if s == INFERENCE else btype.evaluation_module
             launches.append(Launch(job.key, s, token, (self.pythons[s], "-m", module, "--job", os.path.join(out, JOB_FILE[s])),
-                                   out, os.path.join(out, LOG_FILE[s]), self.timeouts[s]))
+                                   out, os.path.join(out, LOG_FILE[s]), self.timeouts[s], session=checkpoint))
         if len(launches) == 2:
             first, then = launches
-            return Launch(first.key, first.stage, token, first.argv, first.cwd, first.log_path, first.timeout_s, then)
+            return Launch(first.key, first.stage, token, first.argv, first.cwd, first.log_path, first.timeout_s, then,
+                          session=checkpoint)
         return launches[0]
 
     def write_job(self, job: L.Job, stage: str, checkpoint: str, out: str) -> None:
@@ -713,9 +742,10 @@ class Daemon:
                 log.warning("%s: could not delete its scratch folder %s", L.JobKey(*key), path)
 
     def release_if_finished(self, run: str, iteration: int) -> None:
-        """A snapshot goes on the transition that finalises the last wanted job of its iteration."""
+        """A snapshot goes on the transition that finalises the last wanted job of its iteration (a held
+        benchmark's rows do not keep it: a hold may last for ever; they read the original when it lifts)."""
         jobs = self.ledger.jobs(run=run, iteration=iteration)
-        if all(P.job_final(j) or not self.is_wanted(j) for j in jobs):
+        if all(P.job_final(j) or not self.may_start(j) for j in jobs):
             self.keeper.release(run, iteration)
 
     # ---- recording ------------------------------------------------------------------------------------
@@ -917,7 +947,7 @@ class Daemon:
             heartbeat.write_state(self.cfg.cache_dir, {
                 "schema_version": heartbeat.SCHEMA_VERSION, "pid": os.getpid(), "host": socket.gethostname(),
                 "started_at": self.started_wall, "beat_at": now, "beat_every_s": STATE_SECONDS,
-                "stopped_at": now if stopped else None,
+                "stopped_at": now if stopped else None, "stop_reason": self.stop_reason if stopped else None,
                 "unavailable": [{"benchmark": b, "run": None, "reason": why} for b, why in sorted(self.held.items())]
                 + [{"benchmark": None, "run": r, "reason": f"{self.runs[r].root} {st.unavailable}"}
                    for r, st in sorted(self.state.items()) if st.unavailable],

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
-TOKEN_ENV = "CKPT_EVAL_TOKEN"  # set in every local stage's environment: "<token>:<stage>"
+from evaluator.common.contracts import TOKEN_ENV  # noqa: F401  (re-exported: local.py, slurm.py, tests)
 
 
 class SubmitError(RuntimeError):
@@ -34,6 +34,7 @@ class Launch:
     log_path: str
     timeout_s: float
     then: Optional["Launch"] = None  # the evaluation to chain after this inference (executors that chain)
+    session: str = ""  # the checkpoint it reads: a warm worker that has it loaded is preferred (local.py)
 
 
 @dataclass(frozen=True)
@@ -104,18 +105,22 @@ class Executor(Protocol):
     def cancel(self, key: tuple) -> None:
         """Stop and forget any work of this key (e.g. a chained evaluation that can never run)."""
 
+    def wake_fds(self) -> list[int]:
+        """File descriptors that become readable when work ends without a SIGCHLD (local warm workers)."""
 
-def _local(ex, timeouts, kill_grace):
+
+def _local(ex, timeouts, kill_grace, marker=""):
     from evaluator.daemon.local import LocalExecutor
 
-    return LocalExecutor.from_config(ex)
+    return LocalExecutor.from_config(ex, timeouts, marker)
 
 
-def _slurm(ex, timeouts, kill_grace):
+def _slurm(ex, timeouts, kill_grace, marker=""):
     from evaluator.daemon.slurm import SlurmExecutor
 
     return SlurmExecutor(ex, timeouts)
 
 
-# executor.type -> factory(ExecutorConfig, {stage: timeout seconds}, kill grace seconds)
+# executor.type -> factory(ExecutorConfig, {stage: timeout seconds}, kill grace seconds, marker: whose work it is
+# (the cache_dir: one daemon per cache_dir, so what carries it after a restart is a predecessor's))
 EXECUTORS: dict[str, Callable] = {"local": _local, "slurm": _slurm}

@@ -387,6 +387,9 @@ class SlurmExecutor:
                      len(self._keys()), len(self.jobs))
         return []
 
+    def wake_fds(self) -> list[int]:
+        return []  # a Slurm job's end is seen by polling squeue/sacct
+
     def cancel(self, key: tuple) -> None:
         """scancel and forget every job of this key."""
         ids = [i for i, j in self.jobs.items() if j.key == key]

@@ -16,6 +16,8 @@ from evaluator.common.atomic import write_json_atomic
 from evaluator.common.contracts import EVALUATION, INFERENCE, METRICS, StageJob, validate_metrics
 
 Runner = Callable[[StageJob], int]
+# True inside a warm worker (evaluator/stages/worker.py): a stage may keep what it loaded for the next job
+WARM = False
 
 
 def stage_log(prefix: str) -> Callable[[str], None]:

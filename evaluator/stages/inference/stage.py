@@ -31,6 +31,7 @@ from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import write_results
 from evaluator.common.secrets import redact_obj
 
+from .. import common
 from ..common import library_versions, stage_log, stage_main
 from .backends import ModelLoadError, backend_class, option_problems
 from .params import GenerationParams, Progress, resolve_model
@@ -70,6 +71,70 @@ class ReportedProgress(Progress):
             log(f"warning: cannot write {self.path} ({e}); status shows no progress for this job")
 
 
+def model_stamp(path: str) -> tuple:
+    """What says a checkpoint folder is still the one loaded: its top-level files' names, sizes and mtimes."""
+    try:
+        with os.scandir(path) as it:
+            return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in it if e.is_file()))
+    except OSError:
+        return ()
+
+
+class WarmBackend:
+    """The backend a warm worker keeps between jobs (evaluator/stages/worker.py); in a one-job process it is
+    loaded and closed per job, as always.
+
+    Reused as it is for the same checkpoint (unchanged files) and the same load settings (the backend's
+    LOAD_OPTIONS, seed, alias), with the next benchmark's generation parameters (`reconfigure`); for another
+    checkpoint with the same settings the backend may `swap` its weights in (hf: same config, strict state-dict
+    load), else it is closed and the next one loaded from scratch. A backend without these hooks (vllm, openai)
+    is loaded per job."""
+
+    def __init__(self):
+        self.backend = None
+        self.key = None  # (backend class, load settings)
+        self.model = None  # (path, stamp) loaded
+        self.info: dict = {}
+
+    def acquire(self, cls, model: str, options: dict, params, seed: int, alias):
+        load_options = getattr(cls, "LOAD_OPTIONS", None)
+        key = (cls, alias, seed, tuple(sorted((k, repr(options.get(k))) for k in load_options)) if load_options
+               is not None else None)
+        stamp = (model, model_stamp(model))
+        warm = common.WARM and load_options is not None and hasattr(cls, "reconfigure")
+        if warm and self.backend is not None and self.key == key:
+            if self.model == stamp:
+                self.backend.reconfigure(params, options)
+                return self.backend, self.info, "reused (warm worker, same checkpoint)"
+            swap = getattr(self.backend, "swap", None)
+            if swap is not None and swap(model):
+                self.backend.reconfigure(params, options)
+                self.model = stamp
+                self.info = {**self.info, "checkpoint": model}
+                return self.backend, self.info, "weights swapped in (warm worker, same architecture)"
+        self.drop()
+        backend = cls(model, options, params, seed, alias)
+        info = backend.load()
+        if warm:
+            self.backend, self.key, self.model, self.info = backend, key, stamp, info
+        else:
+            self.backend = backend
+        return backend, info, "loaded"
+
+    def release(self) -> None:
+        """After a job: a one-job process closes the backend; a warm worker keeps it."""
+        if not common.WARM or self.key is None:
+            self.drop()
+
+    def drop(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend, self.key, self.model, self.info = None, None, None, {}
+
+
+WARM_BACKEND = WarmBackend()
+
+
 def run(job: StageJob) -> int:
     bench = job.benchmark
     started = time.time()
@@ -97,15 +162,14 @@ def run(job: StageJob) -> int:
     model, alias = resolve_model(job.checkpoint)
     log(f"benchmark {bench.get('name')!r} ({kind}, {len(dataset.samples)} samples from {dataset.root}), "
         f"backend {backend_name}, model {alias or model}")
-    backend = cls(model, options, params, job.seed, alias)
     t0 = time.perf_counter()
     try:
-        info = backend.load()
+        backend, info, how = WARM_BACKEND.acquire(cls, model, options, params, job.seed, alias)
     except ModelLoadError as e:
         log(f"error: {e}")
         return 1
     load_s = time.perf_counter() - t0
-    log(f"model loaded in {load_s:.1f}s: {info}")
+    log(f"model {how} in {load_s:.1f}s: {info}")
     t1 = time.perf_counter()
     progress = ReportedProgress(len(dataset.samples), progress_path)
     progress.report()  # 0/N: the model is loaded and generation begins
@@ -115,7 +179,7 @@ def run(job: StageJob) -> int:
         log(f"error: {e}")
         return 1
     finally:
-        backend.close()
+        WARM_BACKEND.release()
     run_s = time.perf_counter() - t1
     write_results(os.path.join(job.output_dir, PREDICTIONS), results)
     n = len(results)
@@ -145,7 +209,8 @@ def run(job: StageJob) -> int:
         "backend_info": info, "backend_options": redact_obj(options), "generation": params.to_dict(),
         "seed": job.seed, "attempt": job.attempt, "n": n, "n_ok": n - len(errors), "n_error": len(errors),
         "error_rate": error_rate, "versions": library_versions(VERSIONED),
-        "timings": {"load_s": round(load_s, 3), "run_s": round(run_s, 3), "total_s": round(time.time() - started, 3)},
+        "timings": {"load_s": round(load_s, 3), "run_s": round(run_s, 3), "total_s": round(time.time() - started, 3),
+                    "model": how},
         "samples_per_s": round(n / run_s, 3) if run_s > 0 else None,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
         "completion_tokens_per_s": round(completion_tokens / run_s, 3) if run_s > 0 else None,
