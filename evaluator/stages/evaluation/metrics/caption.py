@@ -8,6 +8,10 @@ checkpoints ship with nothing installable here; without them those metrics are r
 "unavailable: missing ..." and never as a number.
 
 aac_metrics, torch and sentence-transformers are imported inside the functions that need them.
+
+Models (SBERT, FENSE's fluency checker) stay loaded for the rest of the process, so a warm evaluation worker that
+scores job after job loads each once: `_cached_model` keys them by everything that decides what is loaded (the
+resolved model files and the device). Java (PTB tokenizer, METEOR, SPICE) is a new process per call in aac-metrics.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Optional
+from collections import Counter, OrderedDict
+from typing import Callable, Optional
 
 from evaluator.common.errors import EvaluatorError
 
@@ -62,6 +67,26 @@ FLUENCY_PENALTY = 0.9  # aac-metrics / FENSE default, for fense and spider_fl
 # tests/test_metrics_caption.py), so we raise its cap instead of asking for `python -O` (which would also
 # drop aac-metrics' other input checks). 21 is the next LTS.
 MAX_JAVA_MAJOR_VERSION = 21
+
+
+# Loaded models, newest use last: (kind, resolved model location, device) -> the model. A worker rarely sees more
+# than two models; the bound keeps one that cycles through many configs from holding all of them.
+MODEL_CACHE_SIZE = 4
+_MODELS: "OrderedDict[tuple, object]" = OrderedDict()
+MODEL_LOADS: Counter = Counter()  # key -> loads in this process (1 in a warm worker that never evicted it)
+
+
+def _cached_model(key: tuple, load: Callable[[], object]) -> object:
+    """The model for `key`, loaded by `load()` on first use in this process. A load that raises caches nothing."""
+    if key in _MODELS:
+        _MODELS.move_to_end(key)
+        return _MODELS[key]
+    model = load()
+    MODEL_LOADS[key] += 1
+    _MODELS[key] = model
+    while len(_MODELS) > MODEL_CACHE_SIZE:
+        _MODELS.popitem(last=False)
+    return model
 
 
 def default_cache_dir() -> str:
@@ -142,6 +167,23 @@ def sbert_model_and_label(options: dict) -> tuple[str, str]:
     if base == "all-MiniLM-L6-v2":
         return model, "sbert_sim_minilm_l6"
     return model, "sbert_sim_" + re.sub(r"[^0-9a-z]+", "_", base.lower()).strip("_")
+
+
+def _sbert_location(model: str) -> str:
+    """What `model` loads from: the directory's real path (a relative path means the same thing whatever the
+    cwd of a later job), or for a hub id the snapshot folder the Hugging Face cache resolves it to now (so a
+    newer snapshot is a new key). Call after _sbert_missing found nothing missing."""
+    local = os.path.expanduser(model)
+    if os.path.isdir(local):
+        return os.path.realpath(local)
+    from huggingface_hub import try_to_load_from_cache
+    repo = model if "/" in model else f"sentence-transformers/{model}"
+    return os.path.dirname(try_to_load_from_cache(repo, "modules.json"))
+
+
+def _sbert(model: str, device: str):
+    from aac_metrics.functional.sbert_sim import _load_sbert
+    return _cached_model(("sbert", _sbert_location(model), str(device)), lambda: _load_sbert(model, device=device))
 
 
 def _sbert_missing(model: str) -> list[str]:
@@ -325,9 +367,11 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
     if any(m in wanted for m in ("fense", "spider_fl")):
         from aac_metrics.functional.fense import _fense_from_outputs
         from aac_metrics.functional.fer import _load_echecker_and_tokenizer, fer
-        from aac_metrics.functional.sbert_sim import _load_sbert, sbert_sim
+        from aac_metrics.functional.sbert_sim import sbert_sim
         try:
-            echecker, tokenizer = _load_echecker_and_tokenizer(FENSE_ECHECKER, device=device)
+            echecker, tokenizer = _cached_model(
+                ("fense_echecker", _echecker_path(), str(device)),
+                lambda: _load_echecker_and_tokenizer(FENSE_ECHECKER, device=device))
         except OSError as e:  # the checker's BERT encoder is looked up in the Hugging Face cache
             for m in ("fense", "spider_fl"):
                 if m in wanted:
@@ -337,7 +381,7 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
             fer_outs = fer(cands, echecker=echecker, echecker_tokenizer=tokenizer, device=device,
                            batch_size=batch_size)
             if "fense" in wanted:
-                sbert = _load_sbert(FENSE_SBERT, device=device)
+                sbert = _sbert(FENSE_SBERT, device)
                 sim_outs = sbert_sim(cands, mrefs, sbert_model=sbert, device=device, batch_size=batch_size)
                 fense_outs = _fense_from_outputs(sim_outs, fer_outs, FLUENCY_PENALTY)
                 mean_metric("fense", fense_outs[1]["fense"].tolist(), groups, result,
@@ -350,7 +394,8 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
 
     if "sbert_sim" in wanted:
         from aac_metrics.functional.sbert_sim import sbert_sim
-        corpus, sents = sbert_sim(cands, mrefs, sbert_model=sbert_model, device=device, batch_size=batch_size)
+        corpus, sents = sbert_sim(cands, mrefs, sbert_model=_sbert(sbert_model, device), device=device,
+                                  batch_size=batch_size)
         mean_metric(sbert_name, sents["sbert_sim"].tolist(), groups, result, value=corpus["sbert_sim"].item())
 
     return result
