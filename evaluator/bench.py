@@ -1,28 +1,35 @@
 """One-off runs: `tools/bench.py make-dataset | inference | eval | run | list` (lalm_bench style).
 
-    tools/bench.py inference <benchmark|dataset-dir> --model PATH|ALIAS [--backend hf|vllm|openai]
+    tools/bench.py inference <benchmark|dataset-dir>... --model PATH|ALIAS [--backend hf|vllm|openai]
         [--dataset PATH] [--output-root DIR] [--sample-size N] [--batch-size N] [--param k=v]... [--backend-opt k=v]...
     tools/bench.py eval <benchmark|dataset-dir> --predictions FILE [--metrics a,b] [--output-root DIR]
-    tools/bench.py run <benchmark|dataset-dir> --model PATH ...        (inference, then evaluation)
+    tools/bench.py run <benchmark|dataset-dir>... --model PATH ...     (inference, then evaluation)
 
 Outputs go to <output-root>/<model-name>/<benchmark>/ (predictions.jsonl, run_metadata.json, metrics.json,
 result_<benchmark>.txt, infer|eval.stderr.log). Each stage runs in its own venv (.venvs/inference,
-.venvs/evaluation) whichever python started this, through the same job-spec files the daemon writes.
-Relative paths (and the default outputs/) resolve against the current directory. Standard library only.
+.venvs/evaluation) whichever python started this, through the same job-spec files the daemon writes. Several
+benchmarks share one warm worker (evaluator/stages/worker.py) per stage: the model loads once for all of them,
+then the evaluation libraries once; each benchmark keeps its own folder, log and exit code, and one failing
+does not stop the others. Relative paths (and the default outputs/) resolve against the current directory.
+Standard library only.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
 import os
+import select
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 from evaluator.benchmarks import registry
 from evaluator.benchmarks.dataset import ColumnMap, make_dataset, rows_to_samples
 from evaluator.common.atomic import read_json, write_text_atomic
 from evaluator.common.contracts import (EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS,
-                                        StageJob)
+                                        WARM_STAGE_MODULES, StageJob)
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.secrets import is_secret
 from evaluator.daemon.stages import BENCHMARK_TYPES  # a plain table: no daemon machinery is imported
@@ -63,9 +70,9 @@ def model_name_of(model: str) -> str:
     return base
 
 
-def benchmark_spec(args) -> dict:
-    """The benchmark mapping the stages get, as a config `benchmarks:` entry would give it."""
-    target = args.benchmark
+def benchmark_spec(args, target: str) -> dict:
+    """The benchmark mapping the stages get for `target` (a name or dataset directory), as a config
+    `benchmarks:` entry would give it."""
     if target in BENCHMARK_TYPES and target not in registry.BENCHMARKS and target != "command":
         kind, source = target, None  # an external harness (lm-eval, helm): --dataset names its tasks/spec
     else:
@@ -85,7 +92,7 @@ def benchmark_spec(args) -> dict:
         from evaluator.stages.inference import backends, params
 
         problems = [f"--param {k}: {m}" for k, m in params.generation_problems(spec["generation"], args.backend)]
-        if args.backend in backends.BACKENDS:  # credentials: the secret policy in run_stage says what to do
+        if args.backend in backends.BACKENDS:  # credentials: the secret policy in stage_environment says what to do
             plain = {k: v for k, v in spec["backend_options"].items() if k != "api_key" and not is_secret(k)}
             problems += [f"--backend-opt {k}: {m}" for k, m in backends.option_problems(args.backend, plain)]
         if problems:
@@ -97,11 +104,10 @@ def benchmark_spec(args) -> dict:
     return spec
 
 
-def run_stage(stage: str, job: StageJob, quiet: bool = False) -> int:
-    """Write the job spec and run the stage in its venv; its stderr goes to the terminal and the stage log.
-    An `api_key` given with --backend-opt travels in the stage's environment, never in the job spec file."""
-    os.makedirs(job.output_dir, exist_ok=True)
-    job_path = os.path.join(job.output_dir, JOB_FILE[stage])
+def stage_environment(job: StageJob) -> dict:
+    """The environment a stage runs `job` in (its own process or a warm worker). An `api_key` given with
+    --backend-opt travels here and is taken out of the job's benchmark, never written into the job spec file;
+    any other option named like a secret is refused."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     options = job.benchmark.get("backend_options") or {}
     if "api_key" in options:
@@ -113,21 +119,147 @@ def run_stage(stage: str, job: StageJob, quiet: bool = False) -> int:
         raise EvaluatorError(f"--backend-opt {secrets[0]}=...: a secret does not go into the job spec; export it "
                              f"and pass --backend-opt {secrets[0]}_env=VARIABLE_NAME (or api_key=... for the "
                              f"OpenAI key, which travels in the stage's environment)")
-    job.write(job_path)
-    cmd = [venv_python(stage), "-m", stage_module(stage, job.benchmark["type"]), "--job", job_path]
-    log_path = os.path.join(job.output_dir, LOG_FILE[stage])
+    return env
+
+
+def exit_code(returncode: int) -> int:
+    """A child's returncode as a shell reports it: killed by signal N -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_process(cmd: list, log_path: str, env: dict) -> int:
+    """One stage process; its output goes to the terminal and to the stage log."""
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1)
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            if not quiet:
-                sys.stderr.write(line)
-        code = proc.wait()
-    if code != 0:
-        print(f"bench: the {stage} stage exited {code}; log: {log_path}", file=sys.stderr)
-    return code
+            sys.stderr.write(line)
+        return exit_code(proc.wait())
+
+
+class StageWorker:
+    """A warm stage worker (evaluator/stages/worker.py) in one stage venv, started on the first job: `run` hands
+    it a job, shows the job's log on the terminal as the worker writes it, and returns the job's exit code.
+
+    The worker exits after a failed job (and may die mid-job); the next `run` then starts a fresh one. A job
+    needing another environment also gets a fresh one. The worker is in this process's group (Ctrl-C reaches
+    it) and dies with it (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.proc: Optional[subprocess.Popen] = None
+        self.env: Optional[dict] = None
+
+    def __enter__(self) -> "StageWorker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(kill=exc_type is not None)
+
+    def run(self, module: str, job_path: str, log_path: str, env: dict) -> int:
+        if self.proc is not None and (env != self.env or self.proc.poll() is not None):
+            self.close()
+        if self.proc is None:
+            # stderr: the terminal (what the worker says between jobs: a crash before the first one)
+            self.proc = subprocess.Popen([venv_python(self.stage), "-m", "evaluator.stages.worker"], cwd=ROOT, env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+            self.env = env
+        open(log_path, "wb").close()  # the log holds this run's job only, as a stage process's log does
+        request = {"module": module, "job": job_path, "log": log_path, "cwd": ROOT,
+                   "token": f"bench-{os.getpid()}:{self.stage}"}
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        except OSError:  # it died between jobs: reported below as a death mid-job
+            pass
+        answer = self._wait_answer(log_path)
+        if answer is None:
+            code = exit_code(self.proc.wait()) or 1
+            print(f"bench: the {self.stage} worker (pid {self.proc.pid}) died mid-job (exit {code})", file=sys.stderr)
+            self.close()
+            return code
+        code = int(answer["rc"])
+        if code != 0:
+            self.close()  # it exits by itself after a failure; wait, so its memory (a GPU's) is free again
+        return code
+
+    def _wait_answer(self, log_path: str) -> Optional[dict]:
+        """Tail the job's log to stderr until the worker answers; None when it exits without an answer."""
+        fd = self.proc.stdout.fileno()
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        received = b""
+        with open(log_path, "rb") as log:
+            while b"\n" not in received:
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                sys.stderr.write(decoder.decode(log.read()))
+                sys.stderr.flush()
+                if ready:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        return None
+                    received += chunk
+            # the worker restores its fds before it answers: the log is complete
+            sys.stderr.write(decoder.decode(log.read(), final=True))
+            sys.stderr.flush()
+        return json.loads(received.split(b"\n", 1)[0])
+
+    def close(self, kill: bool = False) -> None:
+        """End the worker: EOF and wait (it finishes its job first), or kill it now."""
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc, self.env = None, None
+
+
+@dataclass
+class BenchmarkRun:
+    """One benchmark of a bench.py command: where it writes and how it ended."""
+    spec: dict
+    out_dir: str
+    predictions: str  # what its evaluation scores
+    code: Optional[int] = None  # None while its stages succeed; the exit code of the stage that failed
+    result: str = ""  # the file to open: its predictions or metrics, or the log of the stage that failed
+
+
+def run_benchmarks(stage: str, runs: list, model: str, seed: int) -> None:
+    """Run `stage` for each benchmark whose stages so far succeeded, in one warm worker per stage venv (a native
+    stage loads its model or libraries once for all of them); a benchmark that fails keeps its exit code in
+    `run.code`, and the benchmarks after it go on in a fresh worker. A stage no worker runs (an external
+    harness) runs as its own process."""
+    pending = [r for r in runs if r.code is None]
+    jobs = []
+    for run in pending:  # every job spec first: a refused secret stops the command before any stage starts
+        job = make_job(stage, run.spec, model, run.out_dir, seed,
+                       {"predictions": run.predictions} if stage == EVALUATION else None)
+        env = stage_environment(job)
+        os.makedirs(run.out_dir, exist_ok=True)
+        job_path = os.path.join(run.out_dir, JOB_FILE[stage])
+        job.write(job_path)
+        jobs.append((run, job_path, env))
+    with StageWorker(stage) as worker:
+        for run, job_path, env in jobs:
+            if stage == INFERENCE:
+                print(f"bench: {run.spec['name']} ({run.spec['type']}) x {model} -> {run.out_dir}", file=sys.stderr)
+            else:
+                print(f"bench: {run.spec['name']}: evaluation of {run.predictions}", file=sys.stderr)
+            module = stage_module(stage, run.spec["type"])
+            log_path = os.path.join(run.out_dir, LOG_FILE[stage])
+            if module in WARM_STAGE_MODULES:
+                code = worker.run(module, job_path, log_path, env)
+            else:
+                code = run_process([venv_python(stage), "-m", module, "--job", job_path], log_path, env)
+            if code != 0:
+                print(f"bench: {run.spec['name']}: the {stage} stage exited {code}; log: {log_path}",
+                      file=sys.stderr)
+                run.code, run.result = code, log_path
 
 
 def make_job(stage: str, spec: dict, model: str, out_dir: str, seed: int, extra: Optional[dict] = None) -> StageJob:
@@ -220,30 +352,57 @@ def cmd_make_dataset(args) -> int:
 
 
 def cmd_inference(args, then_eval: bool = False) -> int:
-    spec = benchmark_spec(args)
+    if len(args.benchmark) > 1:
+        for flag, value in (("--dataset", args.dataset), ("--name", args.name)):
+            if value is not None:
+                raise EvaluatorError(f"{flag} applies to one benchmark; got {len(args.benchmark)} "
+                                     f"({', '.join(args.benchmark)}): run the one it is for on its own")
     model = user_path(args.model) if os.path.exists(user_path(args.model)) else args.model  # else hub id/alias
-    out_dir = os.path.join(user_path(args.output_root), args.model_name or model_name_of(model), spec["name"])
-    print(f"bench: {spec['name']} ({spec['type']}) x {model} -> {out_dir}", file=sys.stderr)
-    code = run_stage(INFERENCE, make_job(INFERENCE, spec, model, out_dir, args.seed))
-    if code != 0 or not then_eval:
-        if code == 0:
-            print(os.path.join(out_dir, PREDICTIONS))
-        return code
-    return evaluate(spec, model, out_dir, args.seed, os.path.join(out_dir, PREDICTIONS))
+    model_dir = os.path.join(user_path(args.output_root), args.model_name or model_name_of(model))
+    runs: list = []
+    for target in args.benchmark:  # every benchmark checked before a stage starts: a typo costs no model load
+        spec = benchmark_spec(args, target)
+        out_dir = os.path.join(model_dir, spec["name"])
+        twin = next((r for r in runs if r.out_dir == out_dir), None)
+        if twin is not None:
+            raise EvaluatorError(f"{target}: benchmark {spec['name']!r} is given twice (both would write {out_dir});"
+                                 f" run one of them on its own with --name")
+        runs.append(BenchmarkRun(spec, out_dir, os.path.join(out_dir, PREDICTIONS)))
+    run_benchmarks(INFERENCE, runs, model, args.seed)
+    if then_eval:
+        return evaluate(runs, model, args.seed)
+    for run in runs:
+        if run.code is None:
+            run.code, run.result = 0, run.predictions
+            print(run.predictions)
+    return finish(runs)
 
 
-def evaluate(spec: dict, model: str, out_dir: str, seed: int, predictions: str) -> int:
-    code = run_stage(EVALUATION, make_job(EVALUATION, spec, model, out_dir, seed, {"predictions": predictions}))
-    if code != 0:
-        return code
-    summary = write_summary(out_dir, spec)
-    print(open(summary, encoding="utf-8").read(), end="")
-    print(os.path.join(out_dir, METRICS))
-    return 0
+def evaluate(runs: list, model: str, seed: int) -> int:
+    """The evaluation stage for each benchmark whose inference succeeded, then its result_<name>.txt."""
+    run_benchmarks(EVALUATION, runs, model, seed)
+    for run in runs:
+        if run.code is None:
+            summary = write_summary(run.out_dir, run.spec)
+            print(open(summary, encoding="utf-8").read(), end="")
+            run.code, run.result = 0, os.path.join(run.out_dir, METRICS)
+            print(run.result)
+    return finish(runs)
+
+
+def finish(runs: list) -> int:
+    """The command's exit code, the worst of the benchmarks' (0 only if all succeeded); with several, a table
+    of each one's exit code and the file to open."""
+    if len(runs) > 1:
+        width = max(len(r.spec["name"]) for r in runs)
+        print(f"\n{'benchmark':{width}s}  exit  file")
+        for run in runs:
+            print(f"{run.spec['name']:{width}s}  {run.code:4d}  {run.result}")
+    return max(r.code for r in runs)
 
 
 def cmd_eval(args) -> int:
-    spec = benchmark_spec(args)
+    spec = benchmark_spec(args, args.benchmark)
     predictions = user_path(args.predictions)
     if not os.path.isfile(predictions):
         raise EvaluatorError(f"--predictions {predictions}: no such file")
@@ -251,7 +410,7 @@ def cmd_eval(args) -> int:
     out_dir = os.path.join(user_path(args.output_root), model, spec["name"]) if args.output_root \
         else os.path.dirname(predictions)
     os.makedirs(out_dir, exist_ok=True)
-    return evaluate(spec, model, out_dir, args.seed, predictions)
+    return evaluate([BenchmarkRun(spec, out_dir, predictions)], model, args.seed)
 
 
 def _model_from_predictions(predictions: str) -> str:
@@ -277,9 +436,14 @@ def cmd_list(args) -> int:
 
 
 def _common(p, with_model: bool) -> None:
-    p.add_argument("benchmark", help="a benchmark name (see `list`) or a canonical dataset directory")
-    p.add_argument("--dataset", help="the benchmark's data file/directory (for named benchmarks)")
-    p.add_argument("--name", help="benchmark name used for the output folder (default: the dataset/benchmark name)")
+    if with_model:
+        p.add_argument("benchmark", nargs="+", help="benchmark names (see `list`) or canonical dataset directories; "
+                       "several run in one session: the model loads once")
+    else:
+        p.add_argument("benchmark", help="a benchmark name (see `list`) or a canonical dataset directory")
+    p.add_argument("--dataset", help="the benchmark's data file/directory (for a named benchmark; one benchmark only)")
+    p.add_argument("--name", help="benchmark name used for the output folder (default: the dataset/benchmark name; "
+                   "one benchmark only)")
     p.add_argument("--option", action="append", default=[], metavar="K=V", help="loader option (split=..., prompt=...)")
     p.add_argument("--output-root", default="outputs", help="default: outputs/ in the current directory")
     p.add_argument("--model-name", help="output folder name for the model (default: from the checkpoint path)")
@@ -342,6 +506,9 @@ def main(argv=None) -> int:
     except EvaluatorError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the stage or worker got the same Ctrl-C (one process group) and is ended
+        print("bench: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away; what is still buffered would fail again at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
