@@ -93,7 +93,7 @@ def test_a_checkpoint_is_evaluated_end_to_end_through_sbatch(tmp_path, venvs, sl
 def test_a_failing_stage_is_retried_then_failed_and_its_evaluation_job_never_runs(tmp_path, venvs, slurm_cluster):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_mode="crash")])
-    run_cli("--config", cfg, "--once", check=0, timeout=240)
+    run_cli("--config", cfg, "--once", check=1, timeout=240)
     cache = tmp_path / "cache"
     row = ledger_rows(cache)[0]
     assert row["state"] == "failed" and row["attempts"] == 2 and row["next_retry_at"] is None
@@ -189,7 +189,7 @@ def test_a_refused_evaluation_sbatch_fails_the_attempt_and_cancels_its_inference
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=5)])
     fake_sbatch(tmp_path, monkeypatch, "echo 'sbatch: error: Batch job submission failed: Invalid qos (injected)' >&2; "
                                        "exit 1")
-    proc = run_cli("--config", cfg, "--once", check=0, timeout=240)
+    proc = run_cli("--config", cfg, "--once", check=1, timeout=240)
     assert "Traceback" not in proc.stderr
     row = ledger_rows(tmp_path / "cache")[0]
     assert row["state"] == "failed" and row["attempts"] == 2 and "Invalid qos (injected)" in row["last_error"]

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -196,7 +197,15 @@ def run(argv: list[str]) -> int:
         return 0
     from evaluator.daemon.build import build
 
-    return build(cfg, selection, args.model_type, once=args.once).run()
+    code = build(cfg, selection, args.model_type, once=args.once).run()
+    if threading.active_count() > 1:
+        # a sink call still hung (the outbox waits a moment, then leaves it behind): end without waiting for it,
+        # and without the interpreter tearing down under a thread that may be writing (an abort, exit -6)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: Optional[list[str]] = None) -> int:

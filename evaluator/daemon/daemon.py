@@ -988,7 +988,8 @@ class Daemon:
                 pass  # interrupted pins are redone at the next start
             if self.watcher and self.watching:
                 self.watcher.stop()
-            self.outbox.close()
+            # a signal asks for a prompt stop (systemd waits 20 s); --once and --end-iteration may finish the views
+            self.outbox.close(wait_s=2.0 if self.stopping else 60.0)
             try:
                 counts = self.ledger.counts()
                 log.info("stopped; jobs: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts.get(s))

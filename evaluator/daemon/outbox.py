@@ -67,6 +67,8 @@ class _Worker:
             self.wake()
             if self.dirty and time.monotonic() - self.last_flush >= self.flush_seconds:
                 self._flush()
+        # the views' last redraw; a stop that cannot wait for it leaves it behind (redrawn at the next start:
+        # LocalHistorySink.rows sees a view older than its history)
         self._flush()
 
     def _flush(self) -> None:

@@ -634,7 +634,7 @@ def main(argv: list[str]) -> int:
         raise EvaluatorError(f"--watch: expected seconds > 0, got {args.watch:g}")
     if args.watch is not None and (args.retry_recording or args.cancel_jobs):
         raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs once, without it")
-    cfg = load_config(args.config, require_datasets=False)
+    cfg = load_config(args.config, require_datasets=False, check_data=False)  # status shows, whatever the data
     last = args.last if args.last is not None else DEFAULT_LAST
     report = gather(cfg, args.config, args.run, last, time.time())  # checks --run before changing anything
     messages = []
