@@ -183,3 +183,20 @@ def test_kill_9_of_the_daemon_mid_session_leaves_no_worker_and_a_restart_runs_on
 
 def test_daemon_process_helper_is_importable():
     assert DaemonProcess  # the fixture's class: killing it is a real SIGKILL (conftest.DaemonProcess.kill)
+
+
+def test_a_self_served_checkpoint_is_served_once_for_all_its_benchmarks(tmp_path, tiny_lm):
+    """backend openai on a local checkpoint starts `transformers serve`: once per checkpoint session, not per
+    benchmark (the second benchmark reuses the server with its own generation parameters)."""
+    model = tiny_lm("gpt2", chat=True)
+    data = canonical_dataset(tmp_path / "qa", ROWS)
+    hf_run(tmp_path / "ckpt", model, steps=(100,))
+    cfg = config(tmp_path, [qa("a", data, backend="openai"),
+                            qa("b", data, backend="openai", generation={"max_new_tokens": 2})])
+    run_cli("--config", cfg, "--once", check=0, timeout=600)
+    meta = {b: json.load(open(tmp_path / "cache" / "results" / "tiny" / "iter_0000100" / b / "run_metadata.json"))
+            for b in ("a", "b")}
+    assert meta["a"]["timings"]["model"] == "loaded"
+    assert meta["b"]["timings"]["model"].startswith("reused")
+    assert meta["a"]["backend_info"]["server_pid"] == meta["b"]["backend_info"]["server_pid"]
+    assert meta["b"]["generation"]["max_new_tokens"] == 2

@@ -182,11 +182,26 @@ class OpenAIBackend:
     GENERATION = COMMON_GENERATION + ("presence_penalty", "frequency_penalty", "n")
     GENERATION_HINT = "a field only your server knows goes in backend_options.request_defaults, sent as it is"
 
+    # what decides the endpoint (and the server we start): a warm worker reuses a loaded backend only when these
+    # are unchanged (inference/stage.py WarmBackend); everything else is per benchmark (`reconfigure`)
+    LOAD_OPTIONS = ("base_url", "api_key", "api_key_env", "model", "serve", "server", "serve_timeout", "serve_args",
+                    "serve_log", "serve_port", "device", "dtype")
+
     def __init__(self, model: str, options: dict, params: GenerationParams, seed: int = 0,
                  alias: Optional[str] = None):
         self.model, self.raw_options, self.params, self.seed, self.alias = model, dict(options), params, seed, alias
         self.server = None
         self.api_key: Optional[str] = None
+
+    def reconfigure(self, params: GenerationParams, options: dict) -> None:
+        """The next benchmark on the same endpoint (a self-served checkpoint stays up): its generation parameters
+        and client options (concurrency, timeouts, retries, request_defaults)."""
+        self.params, self.raw_options = params, dict(options)
+        endpoint = {k: getattr(self.opts, k) for k in self.LOAD_OPTIONS}
+        self.opts = ClientOptions.from_dict(self.raw_options)
+        for k, v in endpoint.items():  # unchanged by definition (LOAD_OPTIONS is the reuse key); keep what load saw
+            setattr(self.opts, k, v)
+        self.limiter = RateLimiter(self.opts.rate_limit)
 
     # ---- connecting --------------------------------------------------------------------------------------------
     def load(self) -> dict:
