@@ -18,6 +18,18 @@ from evaluator.common.contracts import EVALUATION, INFERENCE, METRICS, StageJob,
 Runner = Callable[[StageJob], int]
 # True inside a warm worker (evaluator/stages/worker.py): a stage may keep what it loaded for the next job
 WARM = False
+# what a stage keeps in a warm worker and must release when the worker ends (a served model's server)
+WORKER_EXIT: list[Callable[[], None]] = []
+
+
+def close_warm() -> None:
+    """The worker is ending: release what stages kept (each closer runs once; one failing does not stop the rest)."""
+    while WORKER_EXIT:
+        closer = WORKER_EXIT.pop()
+        try:
+            closer()
+        except Exception as e:  # the worker is going away; say what could not be released
+            print(f"warm worker: releasing {closer!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def stage_log(prefix: str) -> Callable[[str], None]:

@@ -91,7 +91,10 @@ def main() -> int:
     die_with_parent()
     answer_fd = os.dup(1)  # the daemon reads answers here; fd 1 itself becomes each job's log
     os.dup2(2, 1)  # between jobs, stray prints go to the worker's own stderr, never into the answer pipe
-    return serve(sys.stdin, answer_fd)
+    try:
+        return serve(sys.stdin, answer_fd)
+    finally:
+        common.close_warm()  # e.g. stop a served checkpoint's server, and wait for it
 
 
 if __name__ == "__main__":

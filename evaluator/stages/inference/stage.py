@@ -117,6 +117,8 @@ class WarmBackend:
         info = backend.load()
         if warm:
             self.backend, self.key, self.model, self.info = backend, key, stamp, info
+            if self.drop not in common.WORKER_EXIT:
+                common.WORKER_EXIT.append(self.drop)
         else:
             self.backend = backend
         return backend, info, "loaded"
