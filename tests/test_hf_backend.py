@@ -145,6 +145,92 @@ def test_loglikelihood_choice_scoring_picks_the_choice_with_the_highest_summed_l
         assert row["response"]["text"] == choices[max(range(len(scores)), key=scores.__getitem__)]
 
 
+# questions of different lengths with 2-5 choices of 1 to ~12 tokens; the third has an empty prompt, the fourth a
+# trailing space (moved to the continuation), the last no choices at all
+SCORED = [
+    ("Question: what colour is the sea? Answer:", ["red", "blue", "green", "a dog barks at night under the sky"]),
+    ("What is two plus two?", ["Four.", "five", "The cat sat on the mat."]),
+    ("", ["blue.", "green.", "a dog"]),
+    ("Grass is ", ["green.", "blue.", "one two three four five"]),
+    ("Tell me a story about a fox and a dog that bark at night under the blue sky. The cat",
+     ["sat", "sat on the mat", "B", "(A) red", "is fine, thank you."]),
+    ("Hi", ["(A)", "(B)"]),
+    ("The sky is", ["blue.", "green. Grass is blue. The cat sat on the mat.", "a dog"]),
+    ("Describe the sound.", []),
+]
+SCORING = r"""
+import json, sys
+sys.path.insert(0, "scripts")
+from bench_loglikelihood import unbatched_choice_logprobs   # the backend's rule before batching: the reference
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from evaluator.benchmarks.dataset import Sample
+from evaluator.stages.inference.backends.hf import HFBackend
+from evaluator.stages.inference.params import GenerationParams, Progress
+
+path, chat, questions = sys.argv[1], sys.argv[2] == "chat", json.loads(sys.argv[3])
+samples = [Sample(id=f"s{i}", messages=[{"role": "user", "content": q}], choices=c or None)
+           for i, (q, c) in enumerate(questions)]
+# batch_size 5: batches split questions unevenly, so each holds contexts and continuations of several lengths
+backend = HFBackend(path, {"choice_scoring": "loglikelihood", "batch_size": 5, "dtype": "float32",
+                           "chat_template": chat}, GenerationParams())
+backend.load()
+rows = backend.run(samples, "mc", Progress(len(samples)))
+scorable = [s for s in samples if s.choices]
+lm = HFLM(pretrained=backend.runner.model, tokenizer=backend.runner.tokenizer, batch_size=4, device="cpu")
+requests = [Instance(request_type="loglikelihood", doc={}, arguments=(backend.runner.prompt(s), " " + c), idx=0)
+            for s in scorable for c in s.choices]
+harness = iter(logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True))
+print(json.dumps({
+    "batched": [r.to_dict() for r in rows],
+    "unbatched": [unbatched_choice_logprobs(backend.runner, s) for s in scorable],
+    "lm_eval": [[next(harness) for _ in s.choices] for s in scorable],
+}))
+"""
+
+
+@pytest.fixture(scope="module", params=[("gpt2", "plain"), ("llama", "chat"), ("llama", "plain")],
+                ids=["gpt2", "llama-chat", "llama-plain"])
+def scored(request, venvs, tiny_lms) -> dict:
+    """Every question of SCORED scored by the batched backend, by the unbatched rule and by lm-evaluation-harness's
+    HFLM.loglikelihood, on the same model object (inference venv)."""
+    arch, prompts = request.param
+    proc = subprocess.run([venvs["inference"], "-c", SCORING, tiny_lms[arch], prompts, json.dumps(SCORED)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = out["batched"]
+    ok = [r for r, (_, choices) in zip(rows, SCORED) if choices]
+    return {"rows": rows, "batched": [r["response"]["choice_logprobs"] for r in ok],
+            "picked": [r["response"]["text"] for r in ok], "unbatched": out["unbatched"], "lm_eval": out["lm_eval"]}
+
+
+def best_choices(scores: list) -> list:
+    choices = [c for _, c in SCORED if c]
+    return [c[max(range(len(s)), key=s.__getitem__)] for c, s in zip(choices, scores)]
+
+
+@pytest.mark.slow
+def test_batched_loglikelihood_equals_one_forward_per_choice(scored):
+    for batched, reference in zip(scored["batched"], scored["unbatched"], strict=True):
+        assert batched == pytest.approx(reference, abs=1e-5)
+    assert scored["picked"] == best_choices(scored["unbatched"])
+
+
+@pytest.mark.slow
+def test_batched_loglikelihood_equals_lm_evaluation_harness_on_the_same_requests(scored):
+    for batched, harness in zip(scored["batched"], scored["lm_eval"], strict=True):
+        assert batched == pytest.approx(harness, abs=1e-5)
+    assert scored["picked"] == best_choices(scored["lm_eval"])
+
+
+@pytest.mark.slow
+def test_a_question_without_choices_fails_alone_in_a_batched_run(scored):
+    statuses = [r["status"] for r in scored["rows"]]
+    assert statuses == ["ok"] * (len(SCORED) - 1) + ["error"]
+    assert "has no choices to score" in scored["rows"][-1]["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def first_ten_with_an_audio_row(tiny_lms, tmp_path_factory):
     """12 rows, the third carrying an audio part, run with --sample-size 10 on the (text-only) Llama."""

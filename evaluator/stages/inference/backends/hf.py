@@ -12,12 +12,15 @@
 - A batch that raises is retried one sample at a time, so one bad sample costs only itself (status=error).
 - Option `choice_scoring: loglikelihood`: no generation (a sample without `choices` fails alone): each choice is scored
   by the summed log-probability of " <choice>" after the prompt (lm-evaluation-harness's `acc` rule) and the
-  best choice's text is the response.
+  best choice's text is the response. Scored in batches of up to batch_size choices: each question's context
+  is run once (left-padded with its neighbours), its key/value cache is copied to every choice, and all
+  continuations run in one right-padded forward; questions go longest first.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from evaluator.common.records import ERROR, RunError, RunResult
@@ -86,6 +89,36 @@ def generate_isolated(batch: list, request, record, base, results: list) -> None
     record(batch, outputs, (time.perf_counter() - t0) * 1000)
 
 
+def pack(order: list, size, limit: int) -> list:
+    """Consecutive batches of `order` whose size(i) sum to at most `limit` (one item alone may exceed it)."""
+    batches, batch, total = [], [], 0
+    for i in order:
+        if batch and total + size(i) > limit:
+            batches.append(batch)
+            batch, total = [], 0
+        batch.append(i)
+        total += size(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """One question's loglikelihood requests as tokens: the context (never empty) and each choice's continuation."""
+
+    context: tuple
+    continuations: tuple
+
+    @property
+    def rows(self) -> int:
+        return len(self.continuations)
+
+    def sort_key(self) -> tuple:
+        # longest context first (contexts share a left-padded forward), then longest continuation
+        return -len(self.context), -max((len(c) for c in self.continuations), default=0)
+
+
 class HFBackend:
     name = "hf"
     # every backend_options key this backend (and audio.AudioRunner) reads; batch_size is also the benchmark's own key
@@ -151,14 +184,14 @@ class HFBackend:
         scoring = self.options.get("choice_scoring")
         if scoring not in (None, "generate", "loglikelihood"):
             raise ModelLoadError(f"backend_options.choice_scoring: expected generate|loglikelihood, got {scoring!r}")
+        if scoring == "loglikelihood":
+            self._score_choices(samples, base, results, progress)
+            return results
         order = sorted(range(len(samples)), key=lambda i: -self.runner.length(samples[i]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            if scoring == "loglikelihood":
-                self._score_choices(samples, batch, base, results)
-            else:
-                generate_isolated(batch, lambda b: self.runner.generate([samples[i] for i in b]),
-                                  lambda b, outputs, ms: self._record(b, outputs, ms, base, results), base, results)
+            generate_isolated(batch, lambda b: self.runner.generate([samples[i] for i in b]),
+                              lambda b, outputs, ms: self._record(b, outputs, ms, base, results), base, results)
             progress.update(len(batch))
         return results
 
@@ -168,21 +201,32 @@ class HFBackend:
             results[i] = RunResult(**base(i), response={"text": apply_stop(text, self.params.stop).strip(),
                                                         "usage": usage}, latency_ms=round(latency_ms, 3))
 
-    def _score_choices(self, samples, batch, base, results) -> None:
-        for i in batch:
-            t0 = time.perf_counter()
-            sample = samples[i]
+    def _score_choices(self, samples, base, results, progress) -> None:
+        """Every sample's choices scored, batch_size choices per batch; a sample that cannot be scored fails alone."""
+        if not isinstance(self.runner, TextRunner):
+            raise ModelLoadError("backend_options.choice_scoring=loglikelihood: supported for text causal LMs only, "
+                                 f"not for this {type(self.runner).__name__} checkpoint")
+        requests = {}
+        for i, sample in enumerate(samples):
             try:
-                if not sample.choices:
-                    raise ValueError(f"sample {sample.id!r} has no choices to score")
-                scores = self.runner.choice_logprobs(sample)
+                requests[i] = self.runner.encode_choices(sample)
             except Exception as e:
-                results[i] = error_result(base(i), e, (time.perf_counter() - t0) * 1000)
-                continue
+                results[i] = error_result(base(i), e)
+                progress.update(1)
+        order = sorted(requests, key=lambda i: requests[i].sort_key())
+        for batch in pack(order, lambda i: requests[i].rows, self.batch_size):
+            generate_isolated(batch, lambda b: self.runner.score([requests[i] for i in b]),
+                              lambda b, outputs, ms: self._record_scores(samples, b, outputs, ms, base, results),
+                              base, results)
+            progress.update(len(batch))
+
+    @staticmethod
+    def _record_scores(samples, batch, outputs, latency_ms, base, results) -> None:
+        for i, scores in zip(batch, outputs):
             best = max(range(len(scores)), key=lambda k: scores[k])  # first best on ties, as numpy argmax
-            results[i] = RunResult(**base(i), response={"text": sample.choices[best], "usage": {},
+            results[i] = RunResult(**base(i), response={"text": samples[i].choices[best], "usage": {},
                                                         "choice_logprobs": scores},
-                                   latency_ms=round((time.perf_counter() - t0) * 1000, 3))
+                                   latency_ms=round(latency_ms, 3))
 
     def close(self) -> None:
         self.runner = None
@@ -256,28 +300,79 @@ class TextRunner:
                                    "total_tokens": int(sum(mask)) + n}))
         return results
 
-    def choice_logprobs(self, sample) -> list:
-        """lm-evaluation-harness's loglikelihood rule: encode context+continuation whole, the continuation's
-        tokens are what follows the context's encoding; sum their log-probabilities."""
-        import torch
+    # ---- loglikelihood scoring ------------------------------------------------------------------------------
+    def encode_choices(self, sample) -> ChoiceRequest:
+        """lm-evaluation-harness's tokenisation of (prompt, " <choice>"): the context's trailing whitespace moves to
+        the continuation, context+continuation is encoded whole and the continuation's tokens are what follows the
+        context's own encoding; an empty context is the eos token. The model reads the context's encoding followed
+        by those tokens, as lm-eval feeds it (the whole encoding itself unless a token spans the boundary)."""
         if self.seq2seq:
             raise ValueError("choice_scoring=loglikelihood supports causal LMs only")
+        if not sample.choices:
+            raise ValueError(f"sample {sample.id!r} has no choices to score")
         context = self.prompt(sample)
-        spaces = len(context) - len(context.rstrip())  # lm-eval moves the context's trailing spaces
+        spaces = len(context) - len(context.rstrip())
         context, moved = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
         ctx_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-        scores = []
-        for choice in sample.choices:
-            whole = self.tokenizer(context + moved + " " + choice, add_special_tokens=False)["input_ids"]
-            cont = whole[len(ctx_ids):]
-            if not ctx_ids:  # nothing to condition on: lm-eval prefixes the eos token
-                whole, ctx_len = [self.tokenizer.eos_token_id] + whole, 1
-            else:
-                ctx_len = len(ctx_ids)
-            ids = torch.tensor([whole], device=self.device)
-            with torch.inference_mode():
-                logits = self.model(ids).logits[0, :-1].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            target = ids[0, ctx_len:]
-            scores.append(float(logprobs[ctx_len - 1:ctx_len - 1 + len(cont)].gather(1, target[:, None]).sum()))
-        return scores
+        wholes = self.tokenizer([context + moved + " " + choice for choice in sample.choices],
+                                add_special_tokens=False)["input_ids"]
+        continuations = tuple(tuple(whole[len(ctx_ids):]) for whole in wholes)
+        if not ctx_ids:  # nothing to condition on: lm-eval prefixes the eos token
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError(f"sample {sample.id!r}: empty prompt and the tokenizer has no eos token to start from")
+            ctx_ids = [self.tokenizer.eos_token_id]
+        return ChoiceRequest(context=tuple(ctx_ids), continuations=continuations)
+
+    def score(self, requests: list) -> list:
+        """Per request, the summed log-probability of each continuation after its context.
+
+        Two forwards: the contexts, left-padded (attention mask and position ids make each row what it is alone),
+        whose last position scores every continuation's first token; then every continuation longer than one
+        token, right-padded after a copy of its own context's key/value cache."""
+        import torch
+        import torch.nn.functional as F
+        pad = self.tokenizer.pad_token_id
+        ctx_lens = [len(r.context) for r in requests]
+        width = max(ctx_lens)
+        ids = torch.full((len(requests), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for q, r in enumerate(requests):
+            ids[q, width - len(r.context):] = torch.tensor(r.context)
+            mask[q, width - len(r.context):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                             use_cache=True, logits_to_keep=1)
+            first = F.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+            # per choice, its tokens' float32 log-probabilities; summed at the end in float32 in token order, as
+            # the unbatched rule and lm-eval sum them, so only the forwards' rounding differs
+            tokens = [[first[q, c[:1]] for c in r.continuations] for q, r in enumerate(requests)]
+            rows = [(q, k) for q, r in enumerate(requests) for k, c in enumerate(r.continuations) if len(c) > 1]
+            if rows:
+                tails = [requests[q].continuations[k] for q, k in rows]
+                length = max(len(t) for t in tails) - 1
+                inputs = torch.full((len(rows), length), pad, dtype=torch.long)
+                targets = torch.zeros((len(rows), length), dtype=torch.long)
+                valid = torch.zeros((len(rows), length), dtype=torch.long)
+                for j, t in enumerate(tails):
+                    inputs[j, :len(t) - 1] = torch.tensor(t[:-1])
+                    targets[j, :len(t) - 1] = torch.tensor(t[1:])
+                    valid[j, :len(t) - 1] = 1
+                owner = torch.tensor([q for q, _ in rows])
+                cache = out.past_key_values
+                cache.reorder_cache(owner.to(dev))
+                del out
+                starts = torch.tensor(ctx_lens)[owner]
+                out = self.model(input_ids=inputs.to(dev), attention_mask=torch.cat([mask[owner], valid], 1).to(dev),
+                                 position_ids=(starts[:, None] + torch.arange(length)).to(dev),
+                                 past_key_values=cache, use_cache=True)
+                logprobs = F.log_softmax(out.logits.float(), dim=-1)
+                picked = logprobs.gather(2, targets.to(dev)[:, :, None])[:, :, 0].cpu()
+                for j, (q, k) in enumerate(rows):
+                    tokens[q][k] = torch.cat([tokens[q][k], picked[j, :len(tails[j]) - 1]])
+        return [[float(t.sum()) for t in per_choice] for per_choice in tokens]
+
+    def choice_logprobs(self, sample) -> list:
+        """One sample's choices scored alone (the loglikelihood rule of encode_choices and score)."""
+        return self.score([self.encode_choices(sample)])[0]
