@@ -118,17 +118,22 @@ class AudioRunner:
             self.model = transformers.AutoModelForMultimodalLM.from_pretrained(path, config=config, dtype=dtype)
         self.model.to(device).eval()
         self.generator = self.model.thinker if self.family.thinker else self.model
-        use_template = options.get("chat_template", True) not in (False, "false", "no", 0)
         # the processor's template first (it knows the audio parts); some checkpoints keep it with the tokenizer
         self.templater = next((o for o in (self.processor, self.tokenizer) if getattr(o, "chat_template", None)),
                               None)
-        self.chat = bool(use_template and self.templater is not None)
+        self.configure(params, options)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.eos_ids = self._eos_ids()
         if not self.family.seq2seq and self.pad_id is None:
             raise ModelLoadError(f"{path}: the tokenizer has neither a pad nor an eos token; cannot batch")
+
+    def configure(self, params: GenerationParams, options: dict) -> None:
+        """The generation parameters and prompt options (chat_template) of the next benchmark (reconfigure)."""
+        from .hf import use_chat_template
+        self.params = params
+        self.chat = bool(use_chat_template(options) and self.templater is not None)
         self.info = {"audio_family": self.family.name, "sampling_rate": self.sampling_rate,
                      "prompt": ("audio only (text ignored)" if self.family.seq2seq
                                 else "chat template" if self.chat else "plain (no chat template)")}

@@ -15,10 +15,17 @@
   best choice's text is the response. Scored in batches of up to batch_size choices: each question's context
   is run once (left-padded with its neighbours), its key/value cache is copied to every choice, and all
   continuations run in one right-padded forward; questions go longest first.
+- Warm workers (evaluator/stages/inference/stage.py WarmBackend): LOAD_OPTIONS are the options that change what
+  load() builds; reconfigure() takes the next benchmark's parameters and run-time options; swap() loads the next
+  checkpoint's weights into the built model when its config and tokenizer are unchanged (text models only).
 """
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -89,6 +96,11 @@ def generate_isolated(batch: list, request, record, base, results: list) -> None
     record(batch, outputs, (time.perf_counter() - t0) * 1000)
 
 
+def use_chat_template(options: dict) -> bool:
+    """Option `chat_template` (default on): false/"false"/"no"/0 turn the checkpoint's template off."""
+    return options.get("chat_template", True) not in (False, "false", "no", 0)
+
+
 def pack(order: list, size, limit: int) -> list:
     """Consecutive batches of `order` whose size(i) sum to at most `limit` (one item alone may exceed it)."""
     batches, batch, total = [], [], 0
@@ -119,10 +131,96 @@ class ChoiceRequest:
         return -len(self.context), -max((len(c) for c in self.continuations), default=0)
 
 
+# files that decide how text becomes tokens; a checkpoint whose set differs in name or content is not swapped
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+def config_fields(path: str) -> Optional[dict]:
+    """config.json's fields, without transformers_version (it records who saved the file, not the model)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict):
+        data.pop("transformers_version", None)
+    return data
+
+
+def tokenizer_digest(path: str) -> dict:
+    """{file name: (size, sha256)} of the tokenizer files present in the checkpoint folder."""
+    digest = {}
+    for name in TOKENIZER_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            h = hashlib.sha256()
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest[name] = (os.path.getsize(file), h.hexdigest())
+    return digest
+
+
+def weight_files(path: str) -> list:
+    """The checkpoint's weight files (safetensors preferred, shards from the index), [] when there are none."""
+    for name in WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        if name.endswith(".index.json"):
+            with open(file) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, shard) for shard in shards]
+        return [file]
+    return []
+
+
+class CheckpointTensors:
+    """Name -> (shape, dtype) of a checkpoint's tensors without reading them; tensors() reads them one by one."""
+
+    def __init__(self, files: list):
+        import torch
+        self.files, self.index, self._bins = files, {}, {}
+        for file in files:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        self.index[key] = (tuple(sl.get_shape()), sl.get_dtype(), file)
+            else:  # a pickled state dict: mmap, so nothing is read until a tensor is copied
+                sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                self._bins[file] = sd
+                for key, t in sd.items():
+                    self.index[key] = (tuple(t.shape), str(t.dtype), file)
+
+    def read(self, keys: list):
+        """(key, tensor) for `keys`, file by file, each tensor read only when asked for."""
+        by_file: dict = {}
+        for key in keys:
+            by_file.setdefault(self.index[key][2], []).append(key)
+        for file, names in by_file.items():
+            if file in self._bins:
+                for key in names:
+                    yield key, self._bins[file][key]
+                continue
+            from safetensors import safe_open
+            with safe_open(file, framework="pt") as f:
+                for key in names:
+                    yield key, f.get_tensor(key)
+
+
 class HFBackend:
     name = "hf"
     # every backend_options key this backend (and audio.AudioRunner) reads; batch_size is also the benchmark's own key
     OPTIONS = ("batch_size", "device", "dtype", "chat_template", "choice_scoring")
+    # the options that change what load() builds; the others (batch_size, chat_template, choice_scoring) only change
+    # how prompts are made and batched, and reconfigure() takes them without a reload
+    LOAD_OPTIONS = ("device", "dtype")
     # generation: keys generate() takes (GenerationConfig fields); it raises on any other ("model_kwargs are not
     # used"), e.g. presence_penalty, stop_token_ids, ignore_eos, n. language/task: Whisper-style checkpoints only.
     GENERATION = COMMON_GENERATION + ("top_k", "min_p", "min_new_tokens", "repetition_penalty", "length_penalty",
@@ -158,14 +256,20 @@ class HFBackend:
             raise
         except Exception as e:
             raise ModelLoadError(self._load_hint(e)) from None
-        self.batch_size = int(self.options.get("batch_size")
-                              or DEFAULT_BATCH_SIZE["cuda" if self.device.startswith("cuda") else "cpu"])
+        self.batch_size = self._batch_size()
+        # what swap() compares the next checkpoint against (a local folder only; a hub model is never swapped)
+        self.loaded_config = config_fields(self.model_path) if os.path.isdir(self.model_path) else None
+        self.loaded_tokenizer = tokenizer_digest(self.model_path) if self.loaded_config is not None else None
         info = {"model_type": config.model_type, "architectures": getattr(config, "architectures", None),
                 "device": self.device, "dtype": str(self.dtype).replace("torch.", ""), "batch_size": self.batch_size,
                 "runner": type(self.runner).__name__, **getattr(self.runner, "info", {})}
         if self.device.startswith("cuda"):
             info["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
         return info
+
+    def _batch_size(self) -> int:
+        return int(self.options.get("batch_size")
+                   or DEFAULT_BATCH_SIZE["cuda" if self.device.startswith("cuda") else "cpu"])
 
     def _load_hint(self, e: BaseException) -> str:
         msg = f"cannot load model {self.model_path!r}: {type(e).__name__}: {str(e).strip()[:800]}"
@@ -174,6 +278,56 @@ class HFBackend:
                     "fetch it. Download it where the hub is reachable (`huggingface-cli download "
                     f"{self.model_path}`) and pass --model <that directory>.")
         return msg
+
+    # ---- warm-worker hooks -----------------------------------------------------------------------------------
+    def reconfigure(self, params: GenerationParams, options: dict) -> None:
+        """Take the next benchmark's generation parameters and run-time options without reloading.
+
+        The LOAD_OPTIONS must be those of load() (the worker reloads otherwise); the seed is set again, so each
+        benchmark starts from the random state a fresh load would give it."""
+        changed = [k for k in self.LOAD_OPTIONS if options.get(k) != self.options.get(k)]
+        if changed:
+            raise ValueError(f"reconfigure cannot change {', '.join(changed)} (they decide what load() built); "
+                             "close this backend and load a new one")
+        import transformers
+        self.params, self.options = params, dict(options)
+        self.batch_size = self._batch_size()
+        self.runner.configure(params, self.options)
+        transformers.set_seed(self.seed)
+
+    def swap(self, model_path: str) -> bool:
+        """Load `model_path`'s weights into the loaded model when its config.json and tokenizer files equal the
+        loaded checkpoint's and its tensors are exactly the model's (names, shapes); True when swapped.
+
+        False, with the loaded model untouched, when anything differs (the caller then loads from scratch).
+        ModelLoadError when copying fails midway: the model is then closed, never used half-swapped."""
+        if not isinstance(self.runner, TextRunner) or self.loaded_config is None or not os.path.isdir(model_path):
+            return False
+        if config_fields(model_path) != self.loaded_config or tokenizer_digest(model_path) != self.loaded_tokenizer:
+            return False
+        files = weight_files(model_path)
+        if not files:
+            return False
+        try:
+            tensors = CheckpointTensors(files)
+        except Exception:  # an unreadable header: let a full load report it properly
+            return False
+        plan = self.runner.copy_plan(tensors.index)
+        if plan is None:
+            return False
+        import torch
+        targets = dict(plan)
+        try:
+            with torch.no_grad():
+                for key, tensor in tensors.read(list(targets)):
+                    targets[key].copy_(tensor)
+            self.runner.read_generation_config(model_path)
+        except Exception as e:
+            self.close()
+            raise ModelLoadError(f"swapping in the weights of {model_path!r} failed midway ({type(e).__name__}: "
+                                 f"{str(e).strip()[:600]}); the model was closed, load it again") from None
+        self.model_path = model_path
+        return True
 
     # ---- running ---------------------------------------------------------------------------------------------
     def run(self, samples: list, dataset_id: str, progress: Progress) -> list:
@@ -229,7 +383,19 @@ class HFBackend:
                                    latency_ms=round(latency_ms, 3))
 
     def close(self) -> None:
-        self.runner = None
+        """Free the model (and, on CUDA, the allocator's cached blocks)."""
+        runner, self.runner = self.runner, None
+        if runner is None:
+            return
+        device = getattr(runner, "device", "cpu")
+        for attr in ("model", "generator"):
+            if hasattr(runner, attr):
+                delattr(runner, attr)
+        del runner
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class TextRunner:
@@ -237,7 +403,7 @@ class TextRunner:
 
     def __init__(self, path, config, device, dtype, params: GenerationParams, options: dict):
         import transformers
-        self.params, self.device = params, device
+        self.device = device
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -247,9 +413,13 @@ class TextRunner:
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = transformers.AutoModelForSeq2SeqLM if self.seq2seq else transformers.AutoModelForCausalLM
         self.model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
-        use_template = options.get("chat_template", True) not in (False, "false", "no", 0)
-        self.chat = bool(use_template and getattr(self.tokenizer, "chat_template", None))
+        self.configure(params, options)
         self.eos_ids = self._eos_ids()
+
+    def configure(self, params: GenerationParams, options: dict) -> None:
+        """The generation parameters and prompt options (chat_template) of the next benchmark."""
+        self.params = params
+        self.chat = bool(use_chat_template(options) and getattr(self.tokenizer, "chat_template", None))
 
     def _eos_ids(self) -> set:
         ids = self.model.generation_config.eos_token_id
@@ -257,6 +427,40 @@ class TextRunner:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    def read_generation_config(self, path: str) -> None:
+        """The checkpoint's generation_config.json (or the one its config implies), as from_pretrained reads it."""
+        import transformers
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            self.model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        else:
+            self.model.generation_config = transformers.GenerationConfig.from_model_config(self.model.config)
+        self.eos_ids = self._eos_ids()
+
+    def copy_plan(self, checkpoint: dict) -> Optional[list]:
+        """[(checkpoint key, model tensor)] that loads `checkpoint` ({key: (shape, dtype, file)}) strictly: every
+        model tensor from exactly one key of the same shape, nothing left over; None when it does not fit.
+        Tied tensors (lm_head sharing the embedding) are one tensor: the checkpoint holds it under one of their names
+        (save_pretrained keeps one); when it holds several, the first in the model's order is copied."""
+        groups: dict = {}  # storage -> the model's names for that tensor, in model order
+        tensors = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            groups.setdefault(key, []).append(name)
+            tensors[name] = tensor
+        plan, used = [], set()
+        for names in groups.values():
+            present = [n for n in names if n in checkpoint]
+            if not present:
+                return None
+            used.update(present)
+            name = present[0]
+            if tuple(checkpoint[name][0]) != tuple(tensors[name].shape):
+                return None
+            plan.append((name, tensors[name]))
+        if set(checkpoint) - used:
+            return None
+        return plan
 
     def prompt(self, sample) -> str:
         if has_audio(sample.messages):
