@@ -11,6 +11,9 @@ Runs, each in the python it needs (each script re-executes itself in its venv wh
   scripts/bench_metrics.py    CIDEr-D / METEOR through our evaluation stage vs aac-metrics directly
   scripts/bench_scale.py      10,000 checkpoints x 20 benchmarks: first admission, rescan, pass time, SIGTERM -> exit,
                               idle CPU, RSS, each beside its goal (issue 12)
+  scripts/bench_loglikelihood.py   loglikelihood multiple choice: unbatched vs batched vs lm-evaluation-harness (real model)
+  scripts/bench_checkpoint_cost.py per-checkpoint cost: one process per stage vs sessions vs warm workers vs the limit,
+                              K = 1, 3, 5 benchmarks on the real model (issue 13)
 Every figure is measured here, in this run; a section that fails is reported as failed, not filled in.
 """
 from __future__ import annotations
@@ -33,6 +36,10 @@ SECTIONS = [  # name, script, extra args (normal), extra args (--quick)
     ("inference", "bench_inference.py", [], []),
     ("metrics", "bench_metrics.py", [], []),
     ("scale", "bench_scale.py", [], ["--quick"]),
+    # issue 13, on the real model (`make real-model`, a dependency of `make bench`)
+    ("loglikelihood", "bench_loglikelihood.py", ["--model", os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct")],
+     ["--model", os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct"), "--repeats", "1"]),
+    ("checkpoint_cost", "bench_checkpoint_cost.py", [], ["--ks", "1,5", "--samples", "20"]),
 ]
 
 
