@@ -4,7 +4,8 @@
   `audio.AudioRunner`; everything else is a causal LM (AutoModelForCausalLM) or, for encoder-decoders,
   AutoModelForSeq2SeqLM, with AutoTokenizer.
 - Batches are sorted by prompt length (longest first, so padding is small and an out-of-memory shows early)
-  and left-padded; results come back in sample order. Greedy unless temperature > 0; the seed is set once.
+  and left-padded; results come back in sample order. Greedy unless temperature > 0; the seed is set at load
+  and again by reconfigure().
 - Prompt: the tokenizer's chat template when it has one (option `chat_template: false` turns it off);
   otherwise the turns' texts joined by newlines, fed as they are.
 - dtype/device: `device` option or CUDA when present; `dtype: auto` is bfloat16 on CUDA (float16 where bf16
