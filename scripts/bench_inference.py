@@ -17,7 +17,6 @@ Prints a table and writes every number to --output as JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -26,23 +25,15 @@ import sys
 import tempfile
 import time
 
+from bench_venv import ensure_torch  # scripts/ is on sys.path (run as a script, or imported by tests)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INFERENCE_PYTHON = os.path.join(ROOT, ".venvs", "inference", "bin", "python")
 PROMPTS = [
     "Hi", "What is two plus two?", "Tell me a story about a fox and a dog that bark at night under the blue sky.",
     "The cat sat on the mat.", "one two three four five six seven eight nine ten eleven twelve",
     "Describe the sound.", "Question: what colour is the sea? Answer:", "(A) red (B) blue (C) green",
     "A dog barks at night. The cat sat on the mat. The sky is blue. Grass is green. Hello, how are you today?",
 ]
-
-
-def ensure_torch() -> None:
-    if importlib.util.find_spec("torch") is None:
-        if os.environ.get("BENCH_INFERENCE_REEXEC") or not os.path.exists(INFERENCE_PYTHON):
-            raise SystemExit(f"torch is not importable here nor in {INFERENCE_PYTHON}; run `make setup`")
-        env = dict(os.environ, BENCH_INFERENCE_REEXEC="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        os.execve(INFERENCE_PYTHON, [INFERENCE_PYTHON, os.path.abspath(__file__), *sys.argv[1:]], env)
 
 
 def progress(msg: str) -> None:
@@ -127,7 +118,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best counts")
     ap.add_argument("--audio", action="store_true", help="also a tiny Qwen2-Audio checkpoint on synthetic clips")
     args = ap.parse_args()
-    ensure_torch()
+    ensure_torch(__file__)
     sys.path.insert(0, ROOT)
     import torch
     import transformers

@@ -23,7 +23,6 @@ ratio_vs_lm_eval = batched_s / lm_eval_s: below 1 is faster than lm-eval).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -34,21 +33,13 @@ import sys
 import tempfile
 import time
 
+from bench_venv import ensure_torch  # scripts/ is on sys.path (run as a script, or imported by tests)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INFERENCE_PYTHON = os.path.join(ROOT, ".venvs", "inference", "bin", "python")
 WORDS = ("the a of water light energy plant animal cell earth sun moon rock heat cold force motion sound air "
          "which what why how when scientist student measured observed changed grows falls moves because most "
          "likely best explains result experiment temperature surface layer system mass speed small large "
          "increase decrease cause effect energy food chain river ocean weather cloud rain soil mineral").split()
-
-
-def ensure_torch() -> None:
-    if importlib.util.find_spec("torch") is None:
-        if os.environ.get("BENCH_LOGLIKELIHOOD_REEXEC") or not os.path.exists(INFERENCE_PYTHON):
-            raise SystemExit(f"torch is not importable here nor in {INFERENCE_PYTHON}; run `make setup`")
-        env = dict(os.environ, BENCH_LOGLIKELIHOOD_REEXEC="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        os.execve(INFERENCE_PYTHON, [INFERENCE_PYTHON, os.path.abspath(__file__), *sys.argv[1:]], env)
 
 
 def progress(msg: str) -> None:
@@ -157,7 +148,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output", default="bench_loglikelihood.json")
     args = ap.parse_args()
-    ensure_torch()
+    ensure_torch(__file__)
     sys.path.insert(0, ROOT)
     import torch
     import transformers
