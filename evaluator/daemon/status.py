@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import re
 import sqlite3
 import sys
@@ -665,6 +666,9 @@ CLEAR = "\x1b[H\x1b[2J"
 def watch(cfg: AutoEvalConfig, args, last: Optional[int], report: Report) -> int:
     """Redraw every args.watch seconds until Ctrl-C; the screen is cleared only on a terminal."""
     tty = sys.stdout.isatty()
+    # Ctrl-C ends it even when started with SIGINT ignored (a background job of a non-interactive shell inherits
+    # that, and Python then raises no KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             if tty and not args.json:
