@@ -13,7 +13,7 @@ slurm:  ## a real single-node Slurm for the Slurm executor tests (root; idempote
 slurm-stop:
 	bash scripts/slurm_local.sh stop
 
-test: setup slurm  ## the whole suite, slow and Slurm tests included (what CI runs)
+test: setup slurm real-model  ## the whole suite, slow, Slurm and real-model tests included (what CI runs)
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 test-fast: setup  ## skip tests marked slow (Slurm tests are slow)

@@ -37,8 +37,9 @@ print(json.dumps({"continuation": tok.decode(out[0, ids["input_ids"].shape[1]:],
 @pytest.fixture(scope="module")
 def probe(venvs):
     """Greedy continuation of PROMPT and log P(" Paris") from the converted model, in the inference venv."""
-    if not os.path.isfile(os.path.join(REAL_MODEL, ".complete.json")):
-        pytest.skip(f"no converted real model at {REAL_MODEL}; run `make real-model`")
+    # `make test` makes it (make real-model); missing is a failure, not a skip, like the venvs
+    assert os.path.isfile(os.path.join(REAL_MODEL, ".complete.json")), \
+        f"no converted real model at {REAL_MODEL}; run `make real-model`"
     proc = subprocess.run([venvs["inference"], "-c", PROBE, REAL_MODEL, PROMPT],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
