@@ -94,13 +94,19 @@ class Assessment:
     changed: list = field(default_factory=list)  # what differs from those settings, e.g. "seed: 0 -> 7"
 
 
+def missing_dataset(bench) -> Optional[str]:
+    """The dataset path a benchmark names that is not there (a share not mounted yet), or None."""
+    return bench.dataset if bench.dataset and not os.path.exists(bench.dataset) else None
+
+
 def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optional[dict] = None,
            config: str = "<cfg>") -> Assessment:
     """The one look at a benchmark's dataset, data and settings against the ledger, for the daemon and --dry-run
     alike (policy.hold_reason decides). `settings`: already computed (the dataset digest is read once)."""
+    missing = missing_dataset(bench)
+    if missing:
+        return Assessment(P.hold_reason(bench.name, missing, None, {}, {}))
     dataset = bench.dataset
-    if dataset and not os.path.exists(dataset):
-        return Assessment(P.hold_reason(bench.name, dataset, None, {}, {}))
     problem = dataset_problem(bench)
     if settings is None:
         seed = bench.seed if bench.seed is not None else default_seed
@@ -223,7 +229,7 @@ class Daemon:
             self.check_benchmarks()
             self.write_state()
             if self.held and len(self.held) == len(self.benchmarks):
-                missing = any(self.benchmark_missing(b) for b in self.held)
+                missing = any(missing_dataset(self.benchmarks[b]) for b in self.held)
                 error = (UnavailableError if missing else EvaluatorError)(
                     "no benchmark can run: " + "; ".join(f"{b}: {why}" for b, why in self.held.items()))
                 self.stop_reason = f"exited {error.exit_code}: {error}"
@@ -536,10 +542,6 @@ class Daemon:
         return job.benchmark not in self.held and self.is_wanted(job)
 
     # ---- which benchmarks can run ------------------------------------------------------------------------
-    def benchmark_missing(self, name: str) -> Optional[str]:
-        dataset = self.benchmarks[name].dataset
-        return dataset if dataset and not os.path.exists(dataset) else None
-
     def check_benchmarks(self, names: Optional[list[str]] = None) -> None:
         """Fingerprint each benchmark whose data is there (once) and decide whether it is held: at the start
         for all, then at every rescan for the held ones (a dataset that appeared, a rerun or invalidate that
