@@ -59,6 +59,9 @@ class ResultRecord:
     versions: dict = field(default_factory=dict)
     revision: int = 0  # 0: the first evaluation of (run, iteration, benchmark); each `rerun` adds 1
     fingerprint: str = ""  # the benchmark's settings fingerprint (short hex); "" when unknown
+    # the compare.json document (evaluator.common.contracts.COMPARE): this result against the run's previous and
+    # best checkpoints; None when no comparison was made (first checkpoint, no per-sample scores)
+    comparison: Optional[dict] = None
 
     @property
     def key(self) -> tuple:

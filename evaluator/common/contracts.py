@@ -57,6 +57,13 @@ PREDICTIONS = "predictions.jsonl"
 PROGRESS = "progress.json"  # {done, total, updated_at}: written by a stage while it works, read by `status`
 RUN_METADATA = "run_metadata.json"
 METRICS = "metrics.json"
+# per-sample scores (evaluation -> comparison), written by the evaluation stage before metrics.json:
+# one row per sample, see docs/insight.md
+SCORES = "scores.jsonl"
+SCORES_SCHEMA_VERSION = 1
+# the daemon's paired comparison of a result with the run's previous and best checkpoints (docs/insight.md)
+COMPARE = "compare.json"
+COMPARE_SCHEMA_VERSION = 1
 
 # Per stage: the job spec the daemon writes, the log it captures, and the file whose presence
 # means the stage finished (written last, atomically, by the stage).
@@ -64,7 +71,7 @@ JOB_FILE = {INFERENCE: "infer.job.json", EVALUATION: "eval.job.json"}
 LOG_FILE = {INFERENCE: "infer.stderr.log", EVALUATION: "eval.stderr.log"}
 DONE_FILE = {INFERENCE: RUN_METADATA, EVALUATION: METRICS}
 # Files a fresh attempt of the stage must not inherit from an earlier one.
-OUTPUT_FILES = {INFERENCE: (PREDICTIONS, RUN_METADATA), EVALUATION: (METRICS,)}
+OUTPUT_FILES = {INFERENCE: (PREDICTIONS, RUN_METADATA), EVALUATION: (SCORES, METRICS, COMPARE)}
 
 
 def result_dir(cache_dir: str, model_name: str, iteration: int, benchmark: str) -> str:

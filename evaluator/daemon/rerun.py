@@ -31,8 +31,7 @@ from evaluator.daemon.config import load_config
 
 SUPERSEDED = "superseded"
 # what a result folder holds that a new revision must not inherit (kept under superseded/rev<N>/)
-RESULT_FILES = tuple(dict.fromkeys(f for files in OUTPUT_FILES.values() for f in files)) + ("scores.jsonl",
-                                                                                              "compare.json")
+RESULT_FILES = tuple(dict.fromkeys(f for files in OUTPUT_FILES.values() for f in files))
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
