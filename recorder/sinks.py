@@ -62,6 +62,9 @@ class ResultRecord:
     # the compare.json document (evaluator.common.contracts.COMPARE): this result against the run's previous and
     # best checkpoints; None when no comparison was made (first checkpoint, no per-sample scores)
     comparison: Optional[dict] = None
+    # the run's best checkpoint once this result is counted, by the run's `best:` rule:
+    # {"iteration": int, "score": float, "rule": str}; None when the run has no rule or no scored checkpoint yet
+    best: Optional[dict] = None
 
     @property
     def key(self) -> tuple:
