@@ -115,8 +115,9 @@ METRICS_FIELDS = ("n", "n_error", "stderr", "per_category", "unavailable", "vers
                   "benchmark", "benchmark_type", "run", "iteration", "tokens_b", "checkpoint",
                   "fingerprint", "revision")
 # names the W&B and MLflow sinks log beside a benchmark's metrics (`<benchmark>/revision`, ...): no metric may
-# take them, or it would share their series
-RESERVED_METRIC_NAMES = ("revision", "fingerprint")
+# take them, or it would share their series (delta_vs_prev, p_vs_prev: the comparison with the previous checkpoint;
+# flips, comparison: W&B tables)
+RESERVED_METRIC_NAMES = ("revision", "fingerprint", "delta_vs_prev", "p_vs_prev", "flips", "comparison")
 
 
 def is_number(value: Any) -> bool:
