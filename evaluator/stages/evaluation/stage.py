@@ -1,6 +1,7 @@
-"""The evaluation stage: predictions.jsonl + the benchmark's references -> metrics.json.
+"""The evaluation stage: predictions.jsonl + the benchmark's references -> scores.jsonl, then metrics.json.
 
-    python -m evaluator.stages.evaluation --job <job.json>      (in .venvs/evaluation)
+    python -m evaluator.stages.evaluation --job <job.json>      (in .venvs/evaluation; also inside a warm worker,
+                                                                evaluator/stages/worker.py, which calls main())
 
 The job's `benchmark` mapping is the same one the inference stage got (type, dataset, options, sample_size)
 plus `metrics` (names from the metric registry; default: metadata.json's, else the benchmark's) and
@@ -9,17 +10,25 @@ plus `metrics` (names from the metric registry; default: metadata.json's, else t
 inference failed (status=error) is scored as an empty answer, so it counts as wrong, and the count is
 reported as `n_error`.
 
+scores.jsonl: one row per scored sample, in prediction order (`score_rows`): {schema_version, sample_id, status,
+category, prediction, target?, references?, choices?, scores: {metric: value | null}, compared: {metric:
+{prediction, reference}}}; failed samples are rows with status "error" and their (wrong) scores; with no
+per-sample metric every row has `scores: {}`. Written atomically before metrics.json.
 metrics.json: {benchmark, iteration, tokens_b, n, n_error, metrics, stderr, per_category, unavailable,
-versions, ...}, written atomically and last. Exit codes: 0 done; 1 no metric could be computed;
-2 bad predictions, benchmark spec or dataset (the message names file:line or the key).
+per_sample: {metric: "mean" | "sentence"}, methods: {metric: label}, versions, ...}, written atomically and
+last (the done file). Exit codes: 0 done; 1 no metric could be computed; 2 bad predictions, benchmark spec or
+dataset (the message names file:line or the key).
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 
 from evaluator.benchmarks.registry import default_metrics, load_benchmark
-from evaluator.common.contracts import PREDICTIONS, StageJob
+from evaluator.common.atomic import write_text_atomic
+from evaluator.common.contracts import PREDICTIONS, SCORES, SCORES_SCHEMA_VERSION, StageJob
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import read_results
 
@@ -35,8 +44,8 @@ class NoMetricError(EvaluatorError):
 log = stage_log("evaluation")
 
 
-def score(job: StageJob) -> dict:
-    """Compute the metrics.json document for a job (raises EvaluatorError on bad input)."""
+def score(job: StageJob) -> tuple[dict, list[dict]]:
+    """The metrics.json document and the scores.jsonl rows for a job (raises EvaluatorError on bad input)."""
     from .metrics import MetricInput, compute  # torch-heavy metrics import lazily inside
     bench = job.benchmark
     kind = bench.get("type") or "dataset"
@@ -78,22 +87,54 @@ def score(job: StageJob) -> dict:
     if not result.values:
         raise NoMetricError("no metric could be computed: " +
                              "; ".join(f"{k}: {v}" for k, v in sorted(result.unavailable.items())))
-    return {
+    doc = {
         **metrics_header(job, kind), "dataset_id": dataset.dataset_id, "n": len(results), "n_error": ok.count(False), "metrics": result.values, "stderr": result.stderr,
         "per_category": result.per_category, "unavailable": result.unavailable, "versions": library_versions(VERSIONED),
+        "per_sample": result.per_sample_kind, "methods": result.methods,
         "timings": {"score_s": round(time.perf_counter() - t0, 3)}, "predictions": predictions_path,
     }
+    return doc, score_rows(results, samples, result)
+
+
+def score_rows(results: list, samples: list, result) -> list[dict]:
+    """scores.jsonl's rows: one per prediction (a RunResult), in order, with `samples[i]` its Sample and `result`
+    the MetricResult over them (see the module docstring)."""
+    rows = []
+    for i, (r, s) in enumerate(zip(results, samples)):
+        row = {"schema_version": SCORES_SCHEMA_VERSION, "sample_id": r.sample_id, "status": r.status,
+               "category": s.category, "prediction": r.text if r.ok else ""}
+        for key in ("target", "references", "choices"):
+            value = getattr(s, key)
+            if value is not None and value != []:
+                row[key] = value
+        row["scores"] = {}
+        for name, series in result.per_sample.items():
+            value = series[i]
+            if value is not None and not math.isfinite(value):
+                raise EvaluatorError(f"metric {name!r}: sample {r.sample_id!r} has the per-sample value {value!r}; "
+                                     "expected a finite number")
+            row["scores"][name] = value
+        row["compared"] = {name: series[i] for name, series in result.compared.items() if series[i] is not None}
+        rows.append(row)
+    return rows
+
+
+def write_scores(job: StageJob, rows: list[dict]) -> None:
+    """scores.jsonl, atomically; before metrics.json, so a result that is done always has its per-sample file."""
+    text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    write_text_atomic(os.path.join(job.output_dir, SCORES), text)
 
 
 def run(job: StageJob) -> int:
     try:
-        doc = score(job)
+        doc, rows = score(job)
     except NoMetricError as e:
         log(f"error: {e}")
         return 1
     except EvaluatorError as e:
         log(f"error: {e}")
         return 2
+    write_scores(job, rows)
     return write_metrics(job, doc, log)
 
 

@@ -8,8 +8,17 @@ once with every requested name that points at it (the caption metrics share one 
 
 Result conventions (docs/metrics.md has the full rules):
 - `values[m]` is the metric on the whole set, raw scale (accuracy in [0, 1], CIDEr-D in [0, 10]).
-- `per_sample[m]` exists only for mean metrics, where values[m] == mean(per_sample[m]); those also get
-  `stderr[m]` = sample std (ddof=1) / sqrt(n). Corpus metrics (bleu_*, meteor) have neither.
+- How `values[m]` aggregates is declared in the registry (`MetricSpec.aggregate`), not left to each function:
+  "mean" metrics have `per_sample[m]` with values[m] == mean(per_sample[m]) (over the non-null entries) and
+  `stderr[m]` = sample std (ddof=1) / sqrt(n); "corpus" metrics (bleu_*, meteor) pool statistics over the set
+  and have no stderr; they may still have `per_sample[m]` (sentence-level values, not averaging to values[m]).
+- `per_sample[m][i]` is sample i's value in sample order, or None where the metric has none for that sample
+  (e.g. a question the judge could not judge).
+- `compared[m][i]` = {"prediction", "reference"}: what metric m compared for sample i (the normalised prediction
+  and the reference it matched best; the extracted choice and the target), or None.
+- compute() fills `methods[m]` (the method label, e.g. "aac-metrics CIDEr-D ...") for every reported metric and
+  `per_sample_kind[m]` ("mean" | "sentence") for every metric with per-sample values; an output name a function
+  invents (unparsed_rate, win_rate, sbert_sim_minilm_l6) is labelled by the registered metric it came from.
 - `per_category[c]` = {metric: value, "n": count} when any sample has a category; mean metrics average
   their per-sample scores over the category, corpus metrics are recomputed on the category's samples.
 - `unavailable[m]` = "unavailable: missing ..." when files a metric needs are absent; never a substitute number.
@@ -42,15 +51,26 @@ class MetricResult:
     stderr: dict[str, float] = field(default_factory=dict)
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
-    per_sample: dict[str, list[float]] = field(default_factory=dict)
+    per_sample: dict[str, list[Optional[float]]] = field(default_factory=dict)
+    # per metric, per sample: {"prediction", "reference"} as the metric compared them, or None
+    compared: dict[str, list[Optional[dict]]] = field(default_factory=dict)
+    # filled by compute() from the registry (a function may set its own, e.g. naming the judge model)
+    methods: dict[str, str] = field(default_factory=dict)
+    per_sample_kind: dict[str, str] = field(default_factory=dict)  # "mean" | "sentence"
 
     def merge(self, other: "MetricResult") -> None:
         self.values.update(other.values)
         self.stderr.update(other.stderr)
         self.unavailable.update(other.unavailable)
         self.per_sample.update(other.per_sample)
+        self.compared.update(other.compared)
+        self.methods.update(other.methods)
+        self.per_sample_kind.update(other.per_sample_kind)
         for category, metrics in other.per_category.items():
             self.per_category.setdefault(category, {}).update(metrics)
+
+
+AGGREGATES = ("mean", "corpus")
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,14 @@ class MetricSpec:
     needs: Optional[str]  # the Sample field every sample must carry: "target" | "references" | "choices" | None
     description: str
     options: tuple[str, ...] = ()  # the metric_options keys its function reads for it (option_problems)
+    # "mean": the value is the mean of per-sample values (stderr = sd / sqrt(n)); "corpus": pooled over the set
+    # (no stderr; per-sample values, if any, are sentence-level and do not average to the value)
+    aggregate: str = "mean"
+    method: str = ""  # what computes it, shown beside the number (metrics.json `methods`, docs/metrics.md)
+
+    def __post_init__(self):
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"metric {self.name!r}: aggregate {self.aggregate!r}, expected one of {AGGREGATES}")
 
 
 _TEXT = "evaluator.stages.evaluation.metrics.text"
@@ -75,35 +103,50 @@ JUDGE_OPTIONS = ("base_url", "api_key", "api_key_env", "organization", "model", 
                  "max_failure_rate")
 
 
-def _spec(name: str, func: str, needs: Optional[str], description: str, options: tuple = ()) -> MetricSpec:
-    return MetricSpec(name, func, needs, description, options)
+def _spec(name: str, func: str, needs: Optional[str], description: str, options: tuple = (), *,
+          aggregate: str = "mean", method: str = "") -> MetricSpec:
+    return MetricSpec(name, func, needs, description, options, aggregate, method)
+
+
+_AAC = "aac-metrics"
 
 
 METRICS: dict[str, MetricSpec] = {s.name: s for s in [
     _spec("exact_match", f"{_TEXT}:exact_match", "target",
-          "SQuAD exact match (lowercase, drop punctuation and a/an/the, collapse spaces); max over target + references"),
+          "SQuAD exact match (lowercase, drop punctuation and a/an/the, collapse spaces); max over target + references",
+          method="SQuAD exact match (ours, SQuAD v1.1 normalisation; best of target + references)"),
     _spec("token_f1", f"{_TEXT}:token_f1", "target",
-          "SQuAD token F1 over the same normalisation; max over target + references"),
+          "SQuAD token F1 over the same normalisation; max over target + references",
+          method="SQuAD token F1 (ours, SQuAD v1.1 normalisation, v2.0 empty-answer rule; best of target + references)"),
     _spec("accuracy", f"{_TEXT}:accuracy", "choices",
-          "multiple choice: the answer extracted from free text equals the target choice; also reports unparsed_rate"),
-    _spec("bleu", _CAPTION, "references", "alias: bleu_1, bleu_2, bleu_3, bleu_4"),
+          "multiple choice: the answer extracted from free text equals the target choice; also reports unparsed_rate",
+          method="multiple-choice accuracy, choice extracted from free text by our rules (docs/metrics.md)"),
+    _spec("bleu", _CAPTION, "references", "alias: bleu_1, bleu_2, bleu_3, bleu_4", aggregate="corpus",
+          method="alias of bleu_1..bleu_4"),
     *[_spec(f"bleu_{k}", _CAPTION, "references", f"corpus BLEU-{k} (coco-caption, 'closest' ref length) on PTB tokens",
-            _JAVA) for k in (1, 2, 3, 4)],
+            _JAVA, aggregate="corpus", method=f"{_AAC} BLEU-{k} (coco-caption port, corpus), PTB tokens")
+      for k in (1, 2, 3, 4)],
     _spec("rouge_l", _CAPTION, "references", "ROUGE-L (beta 1.2, max over references) on PTB tokens; mean over samples",
-          _JAVA),
-    _spec("meteor", _CAPTION, "references", "METEOR 1.5 (-l en -norm), corpus score from the jar, on PTB tokens", _JAVA),
-    _spec("cider_d", _CAPTION, "references", "CIDEr-D (n=4, sigma=6, x10) on PTB tokens; mean over samples", _JAVA),
-    _spec("spice", _CAPTION, "references", "SPICE 1.0 (needs stanford-corenlp-3.6.0 jars in the cache)", _SPICE),
-    _spec("spider", _CAPTION, "references", "(cider_d + spice) / 2 per sample; needs SPICE", _SPICE),
+          _JAVA, method=f"{_AAC} ROUGE-L (coco-caption port), PTB tokens"),
+    _spec("meteor", _CAPTION, "references", "METEOR 1.5 (-l en -norm), corpus score from the jar, on PTB tokens", _JAVA,
+          aggregate="corpus", method=f"{_AAC} METEOR 1.5 jar (corpus), PTB tokens"),
+    _spec("cider_d", _CAPTION, "references", "CIDEr-D (n=4, sigma=6, x10) on PTB tokens; mean over samples", _JAVA,
+          method=f"{_AAC} CIDEr-D (coco-caption port), PTB tokens"),
+    _spec("spice", _CAPTION, "references", "SPICE 1.0 (needs stanford-corenlp-3.6.0 jars in the cache)", _SPICE,
+          method=f"{_AAC} SPICE 1.0 jar"),
+    _spec("spider", _CAPTION, "references", "(cider_d + spice) / 2 per sample; needs SPICE", _SPICE,
+          method=f"{_AAC} SPIDEr ((CIDEr-D + SPICE) / 2)"),
     _spec("spider_fl", _CAPTION, "references", "spider x (1 - 0.9 * fluency error); needs SPICE + the FENSE echecker",
-          _SPICE + _MODEL),
+          _SPICE + _MODEL, method=f"{_AAC} SPIDEr-FL (FENSE fluency penalty)"),
     _spec("fense", _CAPTION, "references",
-          "FENSE: paraphrase-TinyBERT-L6-v2 similarity x fluency penalty; needs its checkpoints", _JAVA + _MODEL),
+          "FENSE: paraphrase-TinyBERT-L6-v2 similarity x fluency penalty; needs its checkpoints", _JAVA + _MODEL,
+          method=f"{_AAC} FENSE (paraphrase-TinyBERT-L6-v2 x fluency penalty)"),
     _spec("sbert_sim", _CAPTION, "references",
           "cosine similarity of SBERT embeddings (option sbert_model); reported under a name saying the model",
-          _JAVA + ("sbert_model",) + _MODEL),
+          _JAVA + ("sbert_model",) + _MODEL, method=f"{_AAC} SBERT cosine similarity (the model is in the name)"),
     _spec("llm_judge", "evaluator.stages.evaluation.metrics.judge:llm_judge", None,
-          "an LLM grades each answer (see judge.py)", JUDGE_OPTIONS),
+          "an LLM grades each answer (see judge.py)", JUDGE_OPTIONS,
+          method="pairwise LLM judge against a baseline answer (Data-Juicer/FastChat review), both orders"),
 ]}
 
 # Names that stand for several metrics.
@@ -238,5 +281,41 @@ def compute(names: list[str], inp: MetricInput) -> MetricResult:
         groups.setdefault(METRICS[name].func, []).append(name)
     result = MetricResult()
     for func, members in groups.items():
-        result.merge(_load(func)(inp, members))
+        part = _load(func)(inp, members)
+        _check_lengths(func, part, len(inp.samples))
+        label(part, members, func)
+        result.merge(part)
     return result
+
+
+def source_metric(output: str, members: list[str], func: str = "") -> str:
+    """The registered metric an output name of a metric function belongs to: the member it is, else the member
+    it extends (`sbert_sim_minilm_l6` -> sbert_sim), else the function's only member (`unparsed_rate` ->
+    accuracy, `win_rate` -> llm_judge). A name none of these explains is a bug in the function."""
+    if output in members:
+        return output
+    extended = [m for m in members if output.startswith(m + "_")]
+    if extended:
+        return max(extended, key=len)
+    if len(members) == 1:
+        return members[0]
+    raise ValueError(f"metric function {func or '?'} reported {output!r}, which is none of the metrics it was "
+                     f"called for ({', '.join(members)}) nor a name extending one")
+
+
+def label(part: MetricResult, members: list[str], func: str = "") -> None:
+    """Fill `methods` (for every reported value) and `per_sample_kind` (for every per-sample series) from the
+    registry entries the outputs come from; a method the function set itself (naming a model) is kept."""
+    for name in list(part.values) + list(part.per_sample):
+        spec = METRICS[source_metric(name, members, func)]
+        if name in part.values:
+            part.methods.setdefault(name, spec.method)
+        if name in part.per_sample:
+            part.per_sample_kind[name] = "mean" if spec.aggregate == "mean" else "sentence"
+
+
+def _check_lengths(func: str, part: MetricResult, n: int) -> None:
+    for kind, table in (("per_sample", part.per_sample), ("compared", part.compared)):
+        for name, series in table.items():
+            if len(series) != n:
+                raise ValueError(f"metric function {func}: {kind}[{name!r}] has {len(series)} entries for {n} samples")

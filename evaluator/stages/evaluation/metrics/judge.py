@@ -18,7 +18,9 @@ the orders, likewise the baseline's. Then:
     win_rate / tie_rate / loss_rate   share of judged questions where score >, =, < baseline_score
     score, baseline_score             mean scores over judged questions (stderr: sample std / sqrt(n))
     judged, judge_unparsed, judge_errors   counts: judged questions, unparsed replies, requests that failed
-per category as well. Requests that still fail after `max_retries` (HTTP 408/409/429/5xx and connection errors
+per category as well. Per sample (scores.jsonl) the five have a value for each judged question and None for
+the others, compared as {"prediction": the answer, "reference": the baseline answer}; their method label names the
+judge model. Requests that still fail after `max_retries` (HTTP 408/409/429/5xx and connection errors
 are retried with exponential backoff; other 4xx are not) count in `judge_errors`; when every request failed there
 is no metric at all (the stage then fails with the first error) rather than a made-up number.
 
@@ -48,10 +50,12 @@ from typing import Optional
 from evaluator.common.atomic import write_text_atomic
 from evaluator.common.errors import EvaluatorError
 
-from . import JUDGE_OPTIONS as OPTIONS, MetricInput, MetricResult
-from .stats import category_groups, mean_metric
+from . import JUDGE_OPTIONS as OPTIONS, METRICS, MetricInput, MetricResult
+from .stats import category_groups, mean_metric, spread
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# the outputs with a value per judged question (scores.jsonl); judged/judge_unparsed/judge_errors are counts
+PER_SAMPLE = ("win_rate", "tie_rate", "loss_rate", "score", "baseline_score")
 RETRY_STATUS = (408, 409, 429)
 MAX_BACKOFF = 60.0
 
@@ -349,6 +353,14 @@ def llm_judge(inp: MetricInput, names: list[str]) -> MetricResult:
         mean_metric("loss_rate", [float(a < b) for a, b in zip(answer, baseline)], groups, result)
         mean_metric("score", answer, groups, result)
         mean_metric("baseline_score", baseline, groups, result)
+        # per sample over all samples: None for a question left unjudged (the rates are over the judged ones)
+        compared = [{"prediction": answer_text, "reference": baseline_text(sample)}
+                    for sample, answer_text in zip(inp.samples, inp.predictions)]
+        models = sorted({r.model for r in requests})
+        for name in PER_SAMPLE:
+            result.per_sample[name] = spread(result.per_sample[name], judged, len(inp.samples))
+            result.compared[name] = compared
+            result.methods[name] = f"{METRICS['llm_judge'].method}; judge model {', '.join(models)}"
     result.values["judged"] = float(len(judged))
     result.values["judge_unparsed"] = float(len(unparsed))
     result.values["judge_errors"] = float(len(errors))

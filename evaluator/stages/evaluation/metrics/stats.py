@@ -52,3 +52,18 @@ def mean_metric(name: str, scores: Sequence[float], groups: dict[str, list[int]]
     for category, idx in groups.items():
         entry = result.per_category.setdefault(category, {"n": len(idx)})
         entry[name] = mean([scores[i] for i in idx])
+
+
+def sentence_scores(name: str, scores: Sequence[float], result) -> None:
+    """Record a corpus metric's sentence-level values (per_sample only: they do not average to the corpus value,
+    so no stderr and no per-category mean comes from them)."""
+    result.per_sample[name] = [float(x) for x in scores]
+
+
+def spread(values: Sequence[float], indices: Sequence[int], n: int) -> list[Optional[float]]:
+    """Values computed on a subset (sample `indices[k]` has `values[k]`) as a series over all n samples, None
+    where the subset has no entry."""
+    out: list[Optional[float]] = [None] * n
+    for i, v in zip(indices, values):
+        out[i] = v
+    return out

@@ -50,16 +50,30 @@ def _golds(sample) -> list[str]:
     return [sample.target] + [r for r in (sample.references or []) if r != sample.target]
 
 
+def _best_gold(prediction: str, sample, score) -> tuple[float, str]:
+    """(score, gold answer) for the gold that scores best (the first of equals)."""
+    golds = _golds(sample)
+    scored = [score(prediction, g) for g in golds]
+    best = max(range(len(golds)), key=scored.__getitem__)
+    return scored[best], golds[best]
+
+
 def _squad_metric(inp: MetricInput, name: str, score) -> MetricResult:
-    scores = [max(score(pred, g) for g in _golds(s)) if ok else 0.0
-              for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok)]
+    scores, compared = [], []
+    for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok):
+        # failed inference: 0, shown against the target (the gold an empty answer is measured by)
+        value, gold = _best_gold(pred, s, score) if ok else (0.0, s.target)
+        scores.append(value)
+        compared.append({"prediction": normalize_answer(pred if ok else ""), "reference": normalize_answer(gold)})
     result = MetricResult()
     mean_metric(name, scores, category_groups(inp.samples), result)
+    result.compared[name] = compared
     return result
 
 
 def exact_match(inp: MetricInput, names: list[str]) -> MetricResult:
-    """1 if the normalised prediction equals a normalised gold answer; failed inference scores 0."""
+    """1 if the normalised prediction equals a normalised gold answer; failed inference scores 0.
+    compared: the normalised prediction and the normalised gold it scored best against."""
     return _squad_metric(inp, "exact_match", exact_match_score)
 
 
@@ -188,16 +202,25 @@ def resolve_target(sample) -> int:
 
 def accuracy(inp: MetricInput, names: list[str]) -> MetricResult:
     """Multiple-choice accuracy, plus unparsed_rate: the share of samples (of all n) that answered but whose
-    answer picks no choice. Unparsed and failed samples count as wrong; failed ones are not 'unparsed'."""
-    correct, unparsed = [], []
+    answer picks no choice. Unparsed and failed samples count as wrong; failed ones are not 'unparsed'.
+    compared: the picked choice (None when none was picked) and the target, as choice_label shows them."""
+    correct, unparsed, compared = [], [], []
     for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok):
         gold = resolve_target(s)
         picked = extract_choice(pred, s.choices) if ok else None
         # compared by text: with duplicate choices ('True', 'False', 'True') either copy is the right answer
         correct.append(float(picked is not None and _mc_norm(s.choices[picked]) == _mc_norm(s.choices[gold])))
         unparsed.append(float(ok and picked is None))
+        compared.append({"prediction": None if picked is None else choice_label(s.choices, picked),
+                         "reference": choice_label(s.choices, gold)})
     result = MetricResult()
     groups = category_groups(inp.samples)
     mean_metric("accuracy", correct, groups, result)
     mean_metric("unparsed_rate", unparsed, groups, result)
+    result.compared["accuracy"] = compared
     return result
+
+
+def choice_label(choices: list[str], index: int) -> str:
+    """How a picked or gold choice is shown: its letter and text, '(B) cat meowing'."""
+    return f"({LETTERS[index]}) {choices[index]}"
