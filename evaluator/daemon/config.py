@@ -22,6 +22,7 @@ from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
 from evaluator.common.errors import EvaluatorError, UnavailableError, did_you_mean
 from evaluator.common.secrets import secret_paths
 from evaluator.common.yamlconf import Problem, config_error, read_yaml, validate
+from evaluator.daemon import best as best_rule
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.stages.evaluation import metrics as metric_registry  # pure Python: no torch until a metric runs
 from evaluator.stages.inference import backends, params  # standard library only
@@ -92,11 +93,31 @@ class WandbConfig(Section):
 
 
 # ---- ours ----------------------------------------------------------------------------------
+class BestTerm(Section):
+    """One benchmark/metric pair of a weighted `best:` rule."""
+
+    benchmark: str
+    metric: Optional[str] = None  # default: the benchmark's main_metric
+    weight: float = 1.0
+
+
+class BestConfig(Section):
+    """How a run's best checkpoint is chosen (evaluator/daemon/best.py; docs/insight.md "The best checkpoint"):
+    one benchmark's metric, or a weighted sum of several (`weights:`), maximised or minimised."""
+
+    benchmark: Optional[str] = None
+    metric: Optional[str] = None  # default: the benchmark's main_metric
+    weights: Optional[list[BestTerm]] = None  # a weighted sum instead of benchmark/metric
+    mode: Literal["max", "min"] = "max"
+    keep_best: int = Field(1, ge=1)  # the snapshots of this many best checkpoints are kept (exempt from release)
+
+
 class WatchPath(Section):
     path: str
     name: Optional[str] = None  # run name in the results tree; default model_name (or folder name)
     layout: Optional[Literal["megatron", "huggingface", "deepspeed", "glob"]] = None
     benchmarks: Optional[list[str]] = None  # names of the benchmarks to run on this run's checkpoints; default all
+    best: Optional[BestConfig] = None  # this run's best-checkpoint rule; default: auto_eval.best
 
 
 class WatchConfig(Section):
@@ -235,6 +256,8 @@ class AutoEvalConfig(Section):
     executor: ExecutorConfig = ExecutorConfig()
     benchmarks: list[BenchmarkConfig] = []
     recorder: RecorderConfig = RecorderConfig()
+    # the best checkpoint of every run (a watch.paths entry's own `best:` replaces it); none: no best tracking
+    best: Optional[BestConfig] = None
     seed: int = 0
     _config_dir: str = PrivateAttr("")  # the config file's folder: base of relative paths, {config_dir}
     _config_path: str = PrivateAttr("")  # the file itself, for messages that give a command to run
@@ -282,6 +305,9 @@ def load_config(path: str, require_datasets: bool = True, check_data: bool = Tru
                 if check_data and (problem := dataset_problem(b)) is not None]
     if bad_data:
         raise config_error(path, lines, bad_data)
+    bad_best = _best_problems(cfg)  # after the paths are resolved: a dataset's metadata.json may name its metrics
+    if bad_best:
+        raise config_error(path, lines, bad_best)
     return cfg
 
 
@@ -312,6 +338,55 @@ def dataset_problem(bench: BenchmarkConfig) -> Optional[str]:
     except EvaluatorError as e:
         return f"{meta_path}: {e}"
     return None
+
+
+def reported_metrics(bench: BenchmarkConfig) -> Optional[list[str]]:
+    """The metric names a benchmark's metrics.json will carry, as far as the config tells before it runs: its
+    `metrics:` (expanded), else its dataset's metadata.json, else its type's defaults; None when that cannot be
+    known (a `command` or harness benchmark, a dataset not there yet or unreadable)."""
+    if bench.type not in benchmark_registry.BENCHMARKS:
+        return None
+    names = list(bench.metrics or [])
+    if not names:
+        if bench.dataset and not os.path.isdir(bench.dataset):
+            return None
+        names = list(benchmark_registry.get(bench.type).metrics)
+        meta_path = os.path.join(bench.dataset, "metadata.json") if bench.dataset else ""
+        if meta_path and os.path.exists(meta_path):
+            try:
+                listed = read_json(meta_path).get("metrics")
+            except (OSError, ValueError, AttributeError):
+                return None  # dataset_problem says what is wrong with it
+            if listed is not None and not (isinstance(listed, list) and all(isinstance(m, str) for m in listed)):
+                return None
+            names = listed or names
+    try:
+        return metric_registry.expand(names)
+    except EvaluatorError:
+        return None
+
+
+def best_sections(cfg: AutoEvalConfig) -> list[tuple[tuple, BestConfig, list]]:
+    """Each `best:` section in use: (its key path, the section, the watch.paths entries it applies to; [] for
+    the run of megatron.checkpoint_path)."""
+    base = ("auto_eval",)
+    out = []
+    own = [(i, p) for i, p in enumerate(cfg.watch.paths) if p.best is not None]
+    for i, p in own:
+        out.append((base + ("watch", "paths", i, "best"), p.best, [p]))
+    if cfg.best is not None:
+        out.append((base + ("best",), cfg.best, [p for p in cfg.watch.paths if p.best is None]))
+    return out
+
+
+def _best_problems(cfg: AutoEvalConfig) -> list[Problem]:
+    benchmarks = {b.name: reported_metrics(b) for b in cfg.benchmarks}
+    main = {b.name: b.main_metric for b in cfg.benchmarks}
+    problems: list[Problem] = []
+    for loc, section, paths in best_sections(cfg):
+        runs = {p.name or os.path.basename(p.path.rstrip("/")): p.benchmarks for p in paths}
+        problems += best_rule.problems(section, loc, benchmarks, main, runs)
+    return problems
 
 
 def _template_fields(template: str) -> list[str]:
