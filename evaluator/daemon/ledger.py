@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL, sink TEXT NOT NULL,
     failures INTEGER NOT NULL, next_try_at REAL, quarantined INTEGER NOT NULL DEFAULT 0, last_error TEXT,
     updated_at REAL NOT NULL, PRIMARY KEY (run, iteration, benchmark, sink));
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL,
+    run TEXT NOT NULL, iteration INTEGER NOT NULL, benchmark TEXT NOT NULL, message TEXT NOT NULL,
+    created_at REAL NOT NULL, closed_at REAL, closed_by TEXT, UNIQUE (rule, run, iteration, benchmark));
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    alert INTEGER NOT NULL, channel TEXT NOT NULL, delivered_at REAL, failures INTEGER NOT NULL DEFAULT 0,
+    next_try_at REAL, last_error TEXT, PRIMARY KEY (alert, channel));
 CREATE TABLE IF NOT EXISTS fingerprints (
     fingerprint TEXT NOT NULL, benchmark TEXT NOT NULL, settings TEXT NOT NULL, created_at REAL NOT NULL,
     PRIMARY KEY (fingerprint, benchmark));
@@ -483,6 +490,121 @@ class Ledger:
             else:
                 cur = self.db.execute("DELETE FROM deliveries WHERE run=?", (run,))
         return cur.rowcount
+
+    # ---- regression alerts (alerts.py): fired once per (rule, checkpoint); delivered per channel -------------
+    def _has_table(self, name: str) -> bool:
+        return bool(self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone())
+
+    def add_alert(self, rule: str, key: tuple, message: str, channels: list[str]) -> Optional[int]:
+        """Store a fired alert with one pending delivery per channel; None when (rule, key) fired before."""
+        with self._tx():
+            cur = self.db.execute("INSERT OR IGNORE INTO alerts (rule, run, iteration, benchmark, message, created_at)"
+                                  " VALUES (?, ?, ?, ?, ?, ?)", (rule, *key, message, time.time()))
+            if not cur.rowcount:
+                return None
+            alert = cur.lastrowid
+            self.db.executemany("INSERT INTO alert_deliveries (alert, channel) VALUES (?, ?)",
+                                [(alert, c) for c in channels])
+        return alert
+
+    def close_alerts(self, rule: str, run: str, benchmark: str, iteration: int, why: str) -> list[int]:
+        """Close the open alerts of `rule` for (run, benchmark) at `iteration` or before; returns their ids."""
+        with self._tx():
+            ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM alerts WHERE rule=? AND run=? AND benchmark=? AND iteration<=? AND closed_at IS NULL",
+                (rule, run, benchmark, iteration))]
+            self.db.executemany("UPDATE alerts SET closed_at=?, closed_by=? WHERE id=?",
+                                [(time.time(), why, i) for i in ids])
+        return ids
+
+    def ack_alerts(self, ids: Optional[list[int]] = None, run: Optional[str] = None) -> int:
+        """Close open alerts by hand (`status --ack`): these ids, or all (of one run)."""
+        sql, args = "UPDATE alerts SET closed_at=?, closed_by=? WHERE closed_at IS NULL", [time.time(), "acknowledged"]
+        if ids is not None:
+            sql += f" AND id IN ({', '.join('?' * len(ids))})"
+            args += ids
+        if run is not None:
+            sql += " AND run=?"
+            args.append(run)
+        with self._tx():
+            return self.db.execute(sql, args).rowcount
+
+    def results_before(self, run: str, benchmark: str, iteration: int, limit: int) -> list[Job]:
+        """The newest `limit` rows of (run, benchmark) below `iteration` that have a result (scored, recorded),
+        oldest first (what a `stuck:` alert rule looks back at)."""
+        if limit <= 0:
+            return []
+        rows = self.db.execute(f"{self._select} WHERE run=? AND benchmark=? AND iteration<? AND state IN (?, ?)"
+                               " ORDER BY iteration DESC LIMIT ?", (run, benchmark, iteration, SCORED, RECORDED, limit))
+        return [Job(**dict(r)) for r in rows][::-1]
+
+    def alerts(self, open_only: bool = False, run: Optional[str] = None) -> list[dict]:
+        """Alert rows (oldest first), each with `deliveries`: {channel: {delivered_at, failures, next_try_at,
+        last_error}}."""
+        if not self._has_table("alerts"):
+            return []  # a read-only look at a ledger from before alerts
+        where = [c for c, on in (("closed_at IS NULL", open_only), ("run=?", run is not None)) if on]
+        rows = [dict(r) for r in self.db.execute(
+            "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id",
+            [run] if run is not None else [])]
+        by_id = {r["id"]: r for r in rows}
+        for r in rows:
+            r["deliveries"] = {}
+        if rows:
+            for d in self.db.execute(f"SELECT * FROM alert_deliveries WHERE alert IN ({', '.join('?' * len(rows))})",
+                                     list(by_id)):
+                d = dict(d)
+                by_id[d.pop("alert")]["deliveries"][d.pop("channel")] = d
+        return rows
+
+    def alert_deliveries_due(self, channels: list[str], now: float, limit: int = 100) -> list[tuple[dict, str]]:
+        """(alert, channel) pairs not yet delivered there and not backing off; oldest first."""
+        if not channels:
+            return []
+        rows = self.db.execute(
+            "SELECT a.*, d.channel FROM alert_deliveries d JOIN alerts a ON a.id = d.alert WHERE d.delivered_at IS NULL"
+            f" AND d.channel IN ({', '.join('?' * len(channels))}) AND (d.next_try_at IS NULL OR d.next_try_at <= ?)"
+            " ORDER BY a.id LIMIT ?", (*channels, now, limit))
+        out = []
+        for r in rows:
+            r = dict(r)
+            out.append((r, r.pop("channel")))
+        return out
+
+    def next_alert_delivery(self) -> Optional[float]:
+        if not self._has_table("alert_deliveries"):
+            return None
+        row = self.db.execute("SELECT MIN(next_try_at) FROM alert_deliveries WHERE delivered_at IS NULL").fetchone()
+        return row[0] if row else None
+
+    def alerts_undelivered(self, channels: list[str], give_up_after: Optional[int] = None) -> int:
+        """Deliveries still owed on these channels (with give_up_after: leaving out those that failed that often)."""
+        if not channels:
+            return 0
+        (n,) = self.db.execute(
+            f"SELECT COUNT(*) FROM alert_deliveries WHERE delivered_at IS NULL AND channel IN "
+            f"({', '.join('?' * len(channels))}) AND failures < ?",
+            (*channels, give_up_after if give_up_after is not None else 1 << 30)).fetchone()
+        return n
+
+    def alert_delivered(self, alert: int, channel: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE alert_deliveries SET delivered_at=?, next_try_at=NULL, last_error=NULL"
+                            " WHERE alert=? AND channel=?", (time.time(), alert, channel))
+
+    def alert_delivery_failed(self, alert: int, channel: str, next_try_at: float, error: str) -> int:
+        """Count a failed delivery (the alert stays pending until delivered); returns the failures so far."""
+        with self._tx():
+            self.db.execute("UPDATE alert_deliveries SET failures=failures+1, next_try_at=?, last_error=?"
+                            " WHERE alert=? AND channel=?", (next_try_at, error, alert, channel))
+            row = self.db.execute("SELECT failures FROM alert_deliveries WHERE alert=? AND channel=?",
+                                  (alert, channel)).fetchone()
+        return row[0] if row else 0
+
+    def alert_failures(self, alert: int, channel: str) -> int:
+        row = self.db.execute("SELECT failures FROM alert_deliveries WHERE alert=? AND channel=?",
+                              (alert, channel)).fetchone()
+        return row[0] if row else 0
 
     def _event(self, key: tuple, src: Optional[str], dst: str, note: str) -> None:
         self.db.execute(
