@@ -24,19 +24,28 @@ same step, beside the first ones, together with `<benchmark>/revision` = r at th
 or below the highest marker at the step (0 where the step has values but no marker) is not logged again.
 The run tag `fingerprints/<benchmark>` lists the settings fingerprints the benchmark was recorded with
 (several: one curve mixes settings); metrics.json, the artifact, holds the result's own.
+
+Comparison: `<benchmark>/delta_vs_prev` and `<benchmark>/p_vs_prev` (the main metric against the previous
+checkpoint) are logged at step=iteration with the metrics, in the same batch and under the same revision rule;
+the compare.json document (every metric, against prev and best, with the flips) is the artifact
+`iter_%07d/<benchmark>/compare.json`. The run's best checkpoint is the tags `best/iteration`, `best/score`,
+`best/rule`, set by each result that carries one (the last result recorded sets them).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
 
 from typing import Optional
 
-from recorder.sinks import RecorderSettings, ResultRecord, check_metric_names, supersedes
+from evaluator.common.contracts import COMPARE
+from recorder.sinks import (BEST_KEYS, RecorderSettings, ResultRecord, best_of, check_metric_names, comparison_summary,
+                            supersedes)
 
 log = logging.getLogger("evaluator")
 RUN_TAG = "ckpt_evaluator.run_key"
@@ -44,6 +53,7 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 MAX_KEY_LENGTH = 250  # MLflow's limit for a metric name
 MAX_TAG_VALUE = 8000  # MLflow's limit for a tag value
 FINGERPRINTS_TAG = "fingerprints/"  # + benchmark: the settings fingerprints it was recorded with, first seen first
+BEST_TAG = "best/"  # + iteration, score, rule: the run's best checkpoint, as the last recorded result saw it
 _DISALLOWED = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -188,6 +198,7 @@ class MlflowSink:
         rid = self.run_id(result.run)
         now = int(time.time() * 1000)
         raw = {f"{result.benchmark}/{name}": float(value) for name, value in result.metrics.items()}
+        raw.update(comparison_metrics(result))
         keys = metric_key(list(raw) + (["tokens_b"] if result.tokens_b is not None else []))
         values = {keys[name]: value for name, value in raw.items()}
         held = self._held_revision(rid, result, sorted(values))
@@ -203,6 +214,7 @@ class MlflowSink:
         if result.tokens_b is not None and result.iteration not in self._logged(rid, keys["tokens_b"]):
             todo[keys["tokens_b"]] = float(result.tokens_b)  # once per iteration: a rerun does not change it
         tags = self._fingerprint_tag(rid, result)
+        tags.update(self._best_tags(rid, result))
         if todo or tags:
             batch = [Metric(key, value, now, result.iteration) for key, value in sorted(todo.items())]
             try:
@@ -216,10 +228,20 @@ class MlflowSink:
                 logged = self._logged(rid, m.key)
                 logged[m.step] = max(m.value, logged.get(m.step, m.value))
             self._tags[rid].update(tags)
+        folder = f"iter_{result.iteration:07d}/{_clean(result.benchmark)}"
         if result.metrics_path and os.path.exists(result.metrics_path):
-            client.log_artifact(rid, result.metrics_path,
-                                artifact_path=f"iter_{result.iteration:07d}/{_clean(result.benchmark)}")
+            client.log_artifact(rid, result.metrics_path, artifact_path=folder)
+        if result.comparison is not None:  # with its flips; a re-offer writes the same file again
+            client.log_dict(rid, result.comparison, f"{folder}/{COMPARE}")
         client.set_terminated(rid, "FINISHED")
+
+    def _best_tags(self, rid: str, result: ResultRecord) -> dict[str, str]:
+        """{tag: value} to set so the `best/*` tags hold the result's `best` ({} if they do, or it has none)."""
+        best = best_of(result)
+        if best is None:
+            return {}
+        wanted = {BEST_TAG + k: str(best[k]) for k in BEST_KEYS}
+        return {k: v for k, v in wanted.items() if self._tags[rid].get(k) != v}
 
     def _fingerprint_tag(self, rid: str, result: ResultRecord) -> dict[str, str]:
         """{tag: value} to set so `fingerprints/<benchmark>` lists this result's fingerprint ({} if it does)."""
@@ -233,3 +255,15 @@ class MlflowSink:
         while len(value) > MAX_TAG_VALUE:  # hundreds of settings changes: keep the newest that fit
             value = value.split(" ", 1)[1]
         return {tag: value}
+
+
+def comparison_metrics(result: ResultRecord) -> dict[str, float]:
+    """`<benchmark>/delta_vs_prev` and `<benchmark>/p_vs_prev` of the result's main metric (each only when it is a
+    finite number: a comparison without a p-value logs no p)."""
+    vs_prev = comparison_summary(result, "prev")
+    out = {}
+    for name, key in (("delta_vs_prev", "delta"), ("p_vs_prev", "p")):
+        value = None if vs_prev is None else vs_prev[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{result.benchmark}/{name}"] = float(value)
+    return out

@@ -11,12 +11,17 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from evaluator.common.atomic import write_text_atomic
-from recorder.sinks import row_revision
+from recorder.sinks import COMPARED_AGAINST, row_revision
 
-PANEL_W, PANEL_H, DPI = 4.2, 2.8, 80
+PANEL_W, PANEL_H, DPI = 6.0, 4.0, 100  # inches per panel: one metric reads at a glance (1200 x 440 px with tokens)
+LEGEND_W = 2.2  # inches added per panel pair in a row when categories have a legend beside the pair
+MAX_CATEGORIES = 6  # category lines drawn per panel; the largest categories first, the legend counts the rest
+LINE_COLOR, TOKENS_COLOR, DROP = "tab:blue", "tab:orange", "tab:red"
+CATEGORY_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # no blue/orange/red
 
 
 def metric_table(rows: Iterable[dict]) -> tuple[list[int], dict[int, Optional[float]], dict[str, dict[int, float]]]:
@@ -42,18 +47,80 @@ def _fmt(value: Optional[float]) -> str:
     return f"{value:.4g}"
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell(value: Optional[float], stderr) -> str:
+    return _fmt(value) + (f" ± {_fmt(float(stderr))}" if value is not None and _number(stderr) else "")
+
+
 def summary_markdown(run: str, rows: list[dict]) -> str:
+    """The iteration x metric table (each value `± stderr` when known, a `<benchmark> n` column when known), the
+    notes on re-runs and settings, the run's best checkpoint and each benchmark's latest comparison."""
     iterations, tokens, series = metric_table(rows)
+    by_key = {(int(r["iteration"]), r["benchmark"]): r for r in rows}
     with_tokens = any(t is not None for t in tokens.values())
-    head = ["iteration"] + (["tokens (B)"] if with_tokens else []) + list(series)
+    with_n = {r["benchmark"] for r in rows if r.get("n") is not None}
+    columns: list[tuple[str, str, Optional[str]]] = []  # (header, benchmark, metric or None for its n)
+    for name in series:
+        bench, metric = name.split("/", 1)
+        if bench in with_n and not any(c[1] == bench for c in columns):
+            columns.append((f"{bench} n", bench, None))
+        columns.append((name, bench, metric))
+    head = ["iteration"] + (["tokens (B)"] if with_tokens else []) + [c[0] for c in columns]
     lines = [f"# {run}: results by iteration", "",
              "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for it in iterations:
         cells = [str(it)] + ([_fmt(tokens[it])] if with_tokens else [])
-        cells += [_fmt(values.get(it)) for values in series.values()]
+        for _, bench, metric in columns:
+            row = by_key.get((it, bench))
+            if row is None:
+                cells.append("")
+            elif metric is None:
+                cells.append("" if row.get("n") is None else str(row["n"]))
+            else:
+                value = (row.get("metrics") or {}).get(metric)
+                cells.append(_cell(None if value is None else float(value), (row.get("stderr") or {}).get(metric)))
         lines.append("| " + " | ".join(cells) + " |")
+    if any((r.get("stderr") or {}) for r in rows):
+        lines += ["", "`±`: the standard error of the mean over samples (as metrics.json reports it)."]
     notes = settings_notes(rows)
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    return "\n".join(lines + ([""] + notes if notes else []) + insight_lines(rows)) + "\n"
+
+
+def _comparison_line(bench: str, iteration: int, against: str, c: dict) -> str:
+    ci = c.get("ci")
+    ci_text = f" (CI {_fmt(ci[0])} .. {_fmt(ci[1])})" if isinstance(ci, list) and len(ci) == 2 else ""
+    p = "p n/a" if c.get("p") is None else f"p = {c['p']:.3g}"
+    verdict = f"significant at {c['alpha']:g}" if c.get("significant") else f"not significant at {c['alpha']:g}"
+    return (f"- {bench} @ {iteration} vs {against} {c['iteration']}: {c['metric']} {_fmt(c['old'])} -> "
+            f"{_fmt(c['new'])}, delta {_fmt(c['delta'])}{ci_text}, {p} ({c['method']}, n = {c['n']}), {verdict}; "
+            f"{c['fixed']} fixed, {c['broken']} broken")
+
+
+def insight_lines(rows: list[dict]) -> list[str]:
+    """Markdown: the best checkpoint (the last line that carries one) and, per benchmark, the comparison of its
+    latest checkpoint that has one (`vs_prev` / `vs_best`, the main metric)."""
+    out = []
+    best = next((r["best"] for r in reversed(rows) if r.get("best")), None)
+    if best is not None:
+        out += ["", "## Best checkpoint", "",
+                f"- iteration {best['iteration']} (score {_fmt(best['score'])}, rule `{best['rule']}`)"]
+    latest: dict[str, dict] = {}
+    for row in rows:
+        if (row.get("vs_prev") or row.get("vs_best")) and (
+                row["benchmark"] not in latest or int(row["iteration"]) > int(latest[row["benchmark"]]["iteration"])):
+            latest[row["benchmark"]] = row
+    if latest:
+        out += ["", "## Last comparison", "",
+                "Paired, on the samples both checkpoints scored; the benchmark's main metric (compare.json has all)."]
+        out.append("")
+        for bench, row in sorted(latest.items()):
+            for against in COMPARED_AGAINST:
+                if row.get(f"vs_{against}"):
+                    out.append(_comparison_line(bench, int(row["iteration"]), against, row[f"vs_{against}"]))
+    return out
 
 
 def _iterations(its: list[int], limit: int = 8) -> str:
@@ -84,12 +151,53 @@ def write_summary_md(run: str, rows: list[dict], path: str) -> None:
     write_text_atomic(path, summary_markdown(run, rows))
 
 
-def _figure(nrows: int, ncols: int):
+@dataclass
+class Curve:
+    """What one panel pair draws for `<benchmark>/<metric>`, by iteration."""
+
+    name: str  # <benchmark>/<metric>
+    metric: str
+    values: dict[int, float]
+    stderr: dict[int, float]  # where known
+    categories: dict[str, dict[int, float]]  # the categories drawn (at most MAX_CATEGORIES, the largest first)
+    category_n: dict[str, int]  # their largest sample count over the rows (0: unknown)
+    hidden: int  # categories left out
+    drops: set  # iterations significantly worse than the previous checkpoint (history rows' vs_prev)
+
+
+def curve_table(rows: Iterable[dict]) -> list[Curve]:
+    """One Curve per `<benchmark>/<metric>`, sorted by name (the panels' order)."""
+    rows = list(rows)
+    _, _, series = metric_table(rows)
+    out = []
+    for name, values in series.items():
+        bench, metric = name.split("/", 1)
+        mine = [r for r in rows if r["benchmark"] == bench]
+        stderr = {int(r["iteration"]): float((r.get("stderr") or {})[metric]) for r in mine
+                  if _number((r.get("stderr") or {}).get(metric))}
+        by_cat: dict[str, dict[int, float]] = defaultdict(dict)
+        sizes: dict[str, int] = defaultdict(int)
+        for r in mine:
+            for cat, cat_values in (r.get("per_category") or {}).items():
+                if isinstance(cat_values, dict) and _number(cat_values.get(metric)):
+                    by_cat[str(cat)][int(r["iteration"])] = float(cat_values[metric])
+                    n = cat_values.get("n")
+                    sizes[str(cat)] = max(sizes[str(cat)], int(n) if _number(n) else 0)
+        shown = sorted(by_cat, key=lambda c: (-sizes[c], c))[:MAX_CATEGORIES]
+        drops = {int(r["iteration"]) for r in mine
+                 if (r.get("vs_prev") or {}).get("metric") == metric and r["vs_prev"].get("significant")
+                 and _number(r["vs_prev"].get("delta")) and r["vs_prev"]["delta"] < 0}
+        out.append(Curve(name, metric, values, stderr, {c: by_cat[c] for c in shown}, {c: sizes[c] for c in shown},
+                         len(by_cat) - len(shown), drops))
+    return out
+
+
+def _figure(width: float, height: float, constrained: bool = False):
     # Figure + Agg canvas, not pyplot: no global state, no display needed, safe in a daemon
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(PANEL_W * ncols, PANEL_H * nrows), dpi=DPI)
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained" if constrained else None)
     FigureCanvasAgg(fig)
     return fig
 
@@ -105,49 +213,92 @@ def _save(fig, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_curves(run: str, rows: list[dict], path: str) -> None:
-    """One panel per metric over iteration and, when tokens are known, one beside it over tokens (B)."""
-    iterations, tokens, series = metric_table(rows)
+def _draw(ax, curve: Curve, x_of: dict[int, Optional[float]], color: str, xlabel: str, title: str) -> None:
+    """One panel: the curve over x (points without an x left out), its stderr band, its category lines and its
+    significant drops."""
+    import numpy as np
+
+    its = sorted((it for it in curve.values if x_of.get(it) is not None), key=lambda it: (x_of[it], it))
+    xs = np.array([x_of[it] for it in its], dtype=float)
+    ys = np.array([curve.values[it] for it in its], dtype=float)
+    ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.6, color=color,
+            label="all samples" if curve.categories else curve.metric, zorder=3)
+    with_se = np.array([it in curve.stderr for it in its])
+    if with_se.any():
+        se = np.array([curve.stderr.get(it, 0.0) for it in its])
+        if with_se.sum() > 1:
+            ax.fill_between(xs, ys - se, ys + se, where=with_se, color=color, alpha=0.2, linewidth=0,
+                            label="±1 stderr", zorder=2)
+        else:  # a band needs two points: one point gets an error bar
+            ax.errorbar(xs[with_se], ys[with_se], yerr=se[with_se], fmt="none", ecolor=color, capsize=3,
+                        label="±1 stderr", zorder=2)
+    for (cat, values), cat_color in zip(curve.categories.items(), CATEGORY_COLORS):
+        cits = sorted((it for it in values if x_of.get(it) is not None), key=lambda it: (x_of[it], it))
+        n = curve.category_n[cat]
+        ax.plot([x_of[it] for it in cits], [values[it] for it in cits], linestyle="--", linewidth=1.0, marker=".",
+                markersize=4, color=cat_color, label=f"{cat} (n={n})" if n else str(cat), zorder=2.5)
+    if curve.hidden:
+        ax.plot([], [], " ", label=f"+{curve.hidden} more categor{'y' if curve.hidden == 1 else 'ies'} not drawn")
+    drops = [it for it in its if it in curve.drops]
+    if drops:
+        ax.scatter([x_of[it] for it in drops], [curve.values[it] for it in drops], marker="v", s=60, color=DROP,
+                   zorder=4, label="significant drop vs previous")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(f"{curve.metric} (raw scale)", fontsize=9)
+    ax.ticklabel_format(axis="both", style="plain", useOffset=False)  # tick labels are the values themselves
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _legend(ax, outside: bool) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if len(handles) < 2:
+        return  # the title names the only line
+    if outside:  # categories: beside the panel pair, so no line is hidden behind it
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    else:
+        ax.legend(loc="best", fontsize=8)
+
+
+def curves_figure(run: str, rows: list[dict]):
+    """The matplotlib Figure of curves.png: per metric a panel over iteration and, when tokens are known, one
+    beside it over tokens (B); each with its stderr band, category lines (one legend per pair) and significant
+    drops vs the previous checkpoint."""
+    iterations, tokens, _ = metric_table(rows)
+    curves = curve_table(rows)
     with_tokens = any(t is not None for t in tokens.values())
     per_metric = 2 if with_tokens else 1
     metrics_per_row = 2 if with_tokens else 3
-    n = max(1, len(series))
+    n = max(1, len(curves))
     nrows = math.ceil(n / metrics_per_row)
     ncols = per_metric * min(n, metrics_per_row)
-    fig = _figure(nrows, ncols)
+    legend_w = LEGEND_W * min(n, metrics_per_row) if any(c.categories for c in curves) else 0.0
+    fig = _figure(PANEL_W * ncols + legend_w, PANEL_H * nrows + 0.4, constrained=True)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
-    for i, (name, values) in enumerate(series.items()):
+    by_iteration = {it: float(it) for it in iterations}
+    for i, curve in enumerate(curves):
         r, c = divmod(i, metrics_per_row)
-        its = sorted(values)
         ax = axes[r][c * per_metric]
         ax.set_visible(True)
-        ax.plot(its, [values[it] for it in its], marker="o", markersize=3, linewidth=1.2)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _draw(ax, curve, by_iteration, LINE_COLOR, "iteration", curve.name)
         if with_tokens:
-            known = sorted((tokens[it], values[it]) for it in its if tokens.get(it) is not None)
             ax = axes[r][c * per_metric + 1]
             ax.set_visible(True)
-            ax.plot([t for t, _ in known], [v for _, v in known], marker="o", markersize=3, linewidth=1.2,
-                    color="tab:orange")
-            ax.set_title(f"{name} over tokens", fontsize=9)
-            ax.set_xlabel("tokens (B)", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-    if not series:
+            _draw(ax, curve, tokens, TOKENS_COLOR, "tokens (B)", f"{curve.name} over tokens")
+        _legend(ax, outside=bool(curve.categories or curve.hidden))
+    if not curves:
         axes[0][0].set_visible(True)
         axes[0][0].text(0.5, 0.5, "no results yet", ha="center", va="center")
-    height = PANEL_H * nrows  # inches
-    fig.suptitle(f"{run} ({len(iterations)} checkpoints)", fontsize=10, y=1 - 0.08 / height)
-    # fixed margins (in inches, so the title never meets the panel titles): tight_layout costs seconds on a large
-    # grid, and this runs after every pass
-    fig.subplots_adjust(left=0.06 if ncols > 2 else 0.12, right=0.98, bottom=0.12 / nrows + 0.04,
-                        top=1 - 0.6 / height, hspace=0.55, wspace=0.3)
-    _save(fig, path)
+    fig.suptitle(f"{run} ({len(iterations)} checkpoints)", fontsize=11)
+    return fig
+
+
+def write_curves(run: str, rows: list[dict], path: str) -> None:
+    """curves.png: see `curves_figure`. Rows without stderr, categories or comparisons draw plain lines."""
+    _save(curves_figure(run, rows), path)
 
 
 def write_leaderboard_png(entries: list, path: str, title: str = "leaderboard") -> None:

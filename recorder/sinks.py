@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple, Optional, Protocol
 
 from evaluator.common.atomic import write_text_atomic
-from evaluator.common.contracts import RESERVED_METRIC_NAMES
+from evaluator.common.contracts import COMPARE, COMPARE_SCHEMA_VERSION, RESERVED_METRIC_NAMES
 from evaluator.common.secrets import redact_obj
 
 FLUSH_RETRY_SECONDS = 60.0
@@ -87,9 +87,113 @@ def check_metric_names(result: ResultRecord) -> None:
     """Raise ValueError if a metric of `result` is named like a series the sinks log beside it."""
     clash = sorted(set(result.metrics) & set(RESERVED_METRIC_NAMES))
     if clash:
+        names = ", ".join(f"`<benchmark>/{n}`" for n in RESERVED_METRIC_NAMES)
         raise ValueError(f"{result.run}@{result.iteration}/{result.benchmark}: metric name(s) {clash} are reserved "
-                         f"for the sinks' `<benchmark>/revision` and `<benchmark>/fingerprint` series; rename the "
-                         f"metric in the benchmark")
+                         f"for the sinks' own series ({names}); rename the metric in the benchmark")
+
+
+# ---- the comparison, as the sinks show it -------------------------------------------------------
+COMPARED_AGAINST = ("prev", "best")  # the keys of compare.json's `against`, in the order the views show them
+# a <comparison>'s per-metric line: every key the sinks read (compare.json schema, evaluator/common/contracts.py)
+_LINE_KEYS = ("old", "new", "delta", "n", "method", "p", "significant", "fixed", "broken")
+BEST_KEYS = ("iteration", "score", "rule")  # ResultRecord.best
+
+
+def _against(result: ResultRecord, against: str) -> Optional[dict]:
+    """compare.json's `against.<against>` comparison of the result (checked), or None when none was made."""
+    doc = result.comparison
+    if doc is None:
+        return None
+    where = f"{result.run}@{result.iteration}/{result.benchmark}: {COMPARE}"
+    if not isinstance(doc, dict) or doc.get("schema_version") != COMPARE_SCHEMA_VERSION:
+        got = doc.get("schema_version") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{where}: schema_version: expected {COMPARE_SCHEMA_VERSION}, got {got!r}")
+    if not isinstance(doc.get("against"), dict) or against not in doc["against"]:
+        raise ValueError(f"{where}: against.{against}: missing (expected a comparison or null)")
+    other = doc["against"][against]
+    if other is None:
+        return None
+    for key in ("iteration", "main_metric", "metrics", "alpha"):
+        if key not in other:
+            raise ValueError(f"{where}: against.{against}.{key}: missing")
+    if not isinstance(other["metrics"], dict) or not isinstance(other["metrics"].get(other["main_metric"]), dict):
+        raise ValueError(f"{where}: against.{against}.metrics.{other['main_metric']}: missing (the main_metric's line)")
+    for metric, line in other["metrics"].items():
+        missing = [k for k in _LINE_KEYS if not isinstance(line, dict) or k not in line]
+        if missing:
+            raise ValueError(f"{where}: against.{against}.metrics.{metric}: missing {', '.join(missing)}")
+    return other
+
+
+def comparison_lines(result: ResultRecord, against: str) -> list[dict]:
+    """Every metric's line of the result's comparison with its `against` ("prev" | "best") checkpoint, the main
+    metric first: {"iteration" (the other checkpoint's), "metric", "main", "old", "new", "delta", "ci", "p",
+    "method", "significant", "n", "fixed", "broken", "alpha"}; [] when no such comparison was made. A malformed
+    compare.json document raises ValueError naming the key (it is the daemon's output: a bug, never a number)."""
+    other = _against(result, against)
+    if other is None:
+        return []
+    main = other["main_metric"]
+    out = []
+    for metric in [main] + sorted(m for m in other["metrics"] if m != main):
+        line = other["metrics"][metric]
+        row = {"iteration": other["iteration"], "metric": metric, "main": metric == main, "alpha": other["alpha"],
+               "ci": line.get("ci")}
+        row.update({k: line[k] for k in _LINE_KEYS})
+        out.append(row)
+    return out
+
+
+def comparison_summary(result: ResultRecord, against: str) -> Optional[dict]:
+    """The main metric's line of `comparison_lines` without `main`; None when no such comparison was made."""
+    lines = comparison_lines(result, against)
+    if not lines:
+        return None
+    return {k: v for k, v in lines[0].items() if k != "main"}
+
+
+def best_of(result: ResultRecord) -> Optional[dict]:
+    """The run's best checkpoint as the result carries it ({"iteration", "score", "rule"}), checked; None if unknown."""
+    best = result.best
+    if best is None:
+        return None
+    missing = [k for k in BEST_KEYS if not isinstance(best, dict) or k not in best]
+    if missing:
+        raise ValueError(f"{result.run}@{result.iteration}/{result.benchmark}: best: missing {', '.join(missing)} "
+                         f"(expected {{'iteration', 'score', 'rule'}})")
+    return {k: best[k] for k in BEST_KEYS}
+
+
+def comparison_flips(result: ResultRecord) -> list[dict]:
+    """Every flip of the result's comparisons: the <flip> rows of compare.json with `against` ("prev" | "best"),
+    `against_iteration`, `change` ("fixed" | "broken") and `metric` added; [] without a comparison."""
+    rows = []
+    for against in COMPARED_AGAINST:
+        other = _against(result, against)
+        if other is None:
+            continue
+        for change in ("fixed", "broken"):
+            for flip in (other.get("flips") or {}).get(change) or []:
+                rows.append(dict(flip, against=against, against_iteration=other["iteration"], change=change,
+                                 metric=other["main_metric"]))
+    return rows
+
+
+def history_row(result: ResultRecord) -> dict:
+    """The history.jsonl line of a result: its fields, with the comparison document replaced by the main metric's
+    summary against the previous (`vs_prev`) and best (`vs_best`) checkpoints, and `best` only when known."""
+    row = asdict(result)
+    del row["comparison"]  # the whole document (with its flips) stays in the result folder's compare.json
+    best = best_of(result)
+    if best is None:
+        del row["best"]
+    else:
+        row["best"] = best
+    for against in COMPARED_AGAINST:
+        summary = comparison_summary(result, against)
+        if summary is not None:
+            row[f"vs_{against}"] = summary
+    return row
 
 
 # ---- what the sinks are told (built by evaluator/daemon/sink_setup.py or by recorder/writer.py) ---
@@ -199,7 +303,7 @@ class LocalHistorySink:
         if not supersedes(result.revision, None if at is None else row_revision(rows[at])):
             return  # offered again after a crash (or an older revision): the file already has it or a newer one
         path = self._path(result.run)
-        row = asdict(result)
+        row = history_row(result)
         if at is None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _drop_torn_tail(path)

@@ -13,6 +13,14 @@ stderr, n, per category, revision, fingerprint) and `<benchmark>/samples` (the f
 predictions.jsonl). `define_metric("<benchmark>/*", step_metric="iteration")` makes the curves use
 iteration as x, so checkpoints that finish out of order still draw correct curves.
 
+Comparison (when the result carries compare.json, `ResultRecord.comparison`): `<benchmark>/delta_vs_prev` and
+`<benchmark>/p_vs_prev` (the main metric against the previous checkpoint; on the same `<benchmark>/*` x axis),
+and unless summary-only the tables `<benchmark>/comparison` (every metric against prev and best, with the test's
+method) and `<benchmark>/flips` (the samples the main metric fixed or broke, both predictions and the reference).
+These names are in RESERVED_METRIC_NAMES, so no metric can share their series. The run's best checkpoint
+(`ResultRecord.best`) goes to the run summary as `best/iteration`, `best/score`, `best/rule`; since each offline
+session uploads its own summary, every session repeats the newest best found in the run's local logs.
+
 Re-runs: W&B history cannot be edited, so a rerun's row is logged like any other, at the same
 `iteration`: the chart gains a second point at that x and `<benchmark>/revision` marks it.
 docs/recording.md ("Re-runs and settings fingerprints") says why this and not a separate series.
@@ -38,6 +46,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -52,13 +61,16 @@ from typing import Iterator, Mapping, Optional
 
 from filelock import FileLock, Timeout
 
-from recorder.sinks import RecorderSettings, ResultRecord, WandbSettings, check_metric_names, supersedes
+from evaluator.common.contracts import RESERVED_METRIC_NAMES
+from recorder.sinks import (BEST_KEYS, COMPARED_AGAINST, RecorderSettings, ResultRecord, WandbSettings, best_of,
+                            check_metric_names, comparison_flips, comparison_lines, comparison_summary, supersedes)
 
 LOG_MAGIC = b":W&B"
 BLOCK_SIZE = 32 * 1024
 CHUNK_HEADER = 7  # crc32 (4, little-endian), length (2), type (1)
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-TABLE_KEYS = ("summary_table", "samples")
+TABLE_KEYS = ("summary_table", "samples", "comparison", "flips")
+BEST_SUMMARY = "best/"  # + iteration, score, rule: the run summary keys of the run's best checkpoint
 SAMPLE_TEXT_CHARS = 500
 LOG_WAIT_SECONDS = 30.0  # how long a finished session may take to reach its transaction log
 MAX_SESSIONS = 16  # unsynced offline sessions of one run before the next session merges them
@@ -119,6 +131,7 @@ class RunLog:
     name: str = ""
     rows: list = field(default_factory=list)
     staged: list = field(default_factory=list)  # artifact files wandb staged for a later upload (table copies)
+    best: Optional[dict] = None  # the last best/* run summary the session set ({"iteration", "score", "rule"})
 
 
 def read_run_log(path: str) -> RunLog:
@@ -135,6 +148,11 @@ def read_run_log(path: str) -> RunLog:
             out.rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "artifact":
             out.staged += [c.local_path for c in rec.artifact.manifest.contents if c.local_path]
+        elif kind == "summary":
+            found = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.summary.update}
+            best = {k: found[BEST_SUMMARY + k] for k in BEST_KEYS if BEST_SUMMARY + k in found}
+            if len(best) == len(BEST_KEYS):
+                out.best = best
     return out
 
 
@@ -170,7 +188,7 @@ def metrics_of(row: dict) -> dict[str, dict[str, float]]:
         if "/" not in key or key.startswith("_") or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         bench, metric = key.split("/", 1)
-        if metric.split("/", 1)[0] in TABLE_KEYS or metric == "revision":
+        if metric.split("/", 1)[0] in TABLE_KEYS or metric in RESERVED_METRIC_NAMES:
             continue
         out.setdefault(bench, {})[metric] = value
     return out
@@ -276,6 +294,7 @@ class _SeenLog:
     n_rows: int
     has_run: bool
     staged: list
+    best: Optional[dict]
 
 
 class RunLogs:
@@ -301,7 +320,7 @@ class RunLogs:
                 log = read_run_log(path)
                 steps = [int(r["_step"]) for r in log.rows if "_step" in r]
                 old = _SeenLog(stamp, logged_keys(log.rows), max(steps, default=-1), len(log.rows),
-                               bool(log.run_id), log.staged)
+                               bool(log.run_id), log.staged, log.best)
             present[path] = old
         self.seen = present
 
@@ -312,6 +331,11 @@ class RunLogs:
             for iteration, bench, revision in seen.keys:
                 out[(iteration, bench)] = max(revision, out.get((iteration, bench), revision))
         return out
+
+    def best(self) -> Optional[dict]:
+        """The best checkpoint the newest session holding one put in the run summary (None: none did)."""
+        held = [s for s in self.seen.values() if s.best is not None]
+        return max(held, key=lambda s: s.max_step).best if held else None
 
     @property
     def next_step(self) -> int:
@@ -404,7 +428,9 @@ class WandbSink:
             config = dict(self.settings.run_config, model_name=run)
             config["versions"] = dict(config.get("versions") or {}, wandb=wandb.__version__)
             benches = sorted({k.split("/", 1)[0] for _, row in rows for k in row if "/" in k})
-            self._session(wandb, mode, rid, run, config, rows, benches,
+            # each offline session uploads its own run summary, so every session repeats the latest best
+            best = next((b for b in map(best_of, reversed(todo)) if b is not None), None) or logs.best()
+            self._session(wandb, mode, rid, run, config, rows, benches, best,
                           expect={(r.iteration, r.benchmark, r.revision) for r in todo} | logged_keys(
                               [row for old in carried.values() for row in old]),
                           replaces=merge)
@@ -427,15 +453,26 @@ class WandbSink:
             row[f"{result.benchmark}/fingerprint"] = result.fingerprint
         if result.revision:  # only on reruns, so the revision panel marks exactly the iterations re-run
             row[f"{result.benchmark}/revision"] = result.revision
+        vs_prev = comparison_summary(result, "prev")
+        for name, key in (("delta_vs_prev", "delta"), ("p_vs_prev", "p")):
+            value = None if vs_prev is None else _number(vs_prev[key])
+            if value is not None and math.isfinite(value):  # the main metric's; a null p is left out, not invented
+                row[f"{result.benchmark}/{name}"] = value
         if not self.settings.summary_only:
             row[f"{result.benchmark}/summary_table"] = wandb.Table(*summary_table(result))
             samples = sample_rows(result, self.ws.sample_predictions)
             if samples:
                 row[f"{result.benchmark}/samples"] = wandb.Table(
                     columns=["iteration", "sample_id", "input", "prediction", "status"], data=samples)
+            compared = comparison_table(result)
+            if compared[1]:
+                row[f"{result.benchmark}/comparison"] = wandb.Table(*compared)
+            flips = flips_table(result)
+            if flips[1]:
+                row[f"{result.benchmark}/flips"] = wandb.Table(*flips)
         return row
 
-    def _session(self, wandb, mode, rid, name, config, rows, benches, expect, replaces) -> None:
+    def _session(self, wandb, mode, rid, name, config, rows, benches, best, expect, replaces) -> None:
         run = self._init(wandb, mode, rid, name, config, self.ws.group, self.ws.tags or None)
         session = os.path.dirname(run.dir)
         session_log = os.path.join(session, f"run-{rid}.wandb")
@@ -452,6 +489,8 @@ class WandbSink:
                     run.log(row, step=step)
                 else:
                     run.log(row)  # online resume knows the run's last step
+            if best is not None:
+                run.summary.update({BEST_SUMMARY + k: best[k] for k in BEST_KEYS})
         except BaseException:
             run.finish(exit_code=1)
             raise
@@ -488,6 +527,25 @@ class WandbSink:
             run.finish()
             await_rows(os.path.join(os.path.dirname(run.dir), f"run-{rid}.wandb"), set(), 1)
         return rid
+
+    def alert(self, run: str, title: str, text: str) -> None:
+        """`wandb.alert` on the W&B run of `run` (a session with no rows). Online only: W&B sends alerts from its
+        server, an offline run would keep it until `wandb sync`, too late to be an alert."""
+        mode = resolve_mode(self.ws.mode)
+        if mode != "online":
+            raise RuntimeError(f"W&B runs {mode}: wandb.alert needs an online run")
+        self._check_dir()
+        rid = run_id(self.ws.project, run)
+        with _PROCESS_LOCK, _staged_under(self.ws.dir), RunLock(self.ws.dir, rid, self.lock_timeout):
+            wandb = _import_wandb(mode)
+            session = self._init(wandb, mode, rid, run, dict(self.settings.run_config, model_name=run), self.ws.group,
+                                 self.ws.tags or None)
+            try:
+                session.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+            except BaseException:
+                session.finish(exit_code=1)
+                raise
+            session.finish()
 
     def close(self) -> None:
         """Stop wandb's background service and remove this process's scratch folder (daemon stop)."""
@@ -613,6 +671,39 @@ def summary_table(result: ResultRecord) -> tuple[list[str], list[list]]:
                     rows.append([result.iteration, result.tokens_b, str(category), name, float(value), None, None,
                                  versions, result.revision, result.fingerprint])
     return columns, rows
+
+
+def comparison_table(result: ResultRecord) -> tuple[list[str], list[list]]:
+    """Columns and rows: one row per (against, metric) of the result's compare.json, the main metric first."""
+    columns = ["iteration", "against", "against_iteration", "metric", "main", "old", "new", "delta", "ci_low",
+               "ci_high", "p", "method", "significant", "alpha", "n", "fixed", "broken"]
+    rows = []
+    for against in COMPARED_AGAINST:
+        for line in comparison_lines(result, against):
+            ci = line["ci"] if isinstance(line["ci"], list) and len(line["ci"]) == 2 else [None, None]
+            rows.append([result.iteration, against, line["iteration"], line["metric"], line["main"],
+                         _number(line["old"]), _number(line["new"]), _number(line["delta"]), _number(ci[0]),
+                         _number(ci[1]), _number(line["p"]), str(line["method"]), bool(line["significant"]),
+                         _number(line["alpha"]), line["n"], line["fixed"], line["broken"]])
+    return columns, rows
+
+
+def flips_table(result: ResultRecord) -> tuple[list[str], list[list]]:
+    """Columns and rows: one row per flip (a sample the main metric fixed or broke) against prev and best."""
+    columns = ["iteration", "against", "against_iteration", "change", "metric", "sample_id", "prompt",
+               "old_prediction", "new_prediction", "reference", "old_score", "new_score"]
+    rows = [[result.iteration, f["against"], f["against_iteration"], f["change"], f["metric"],
+             str(f.get("sample_id", "")), _short(_text(f.get("prompt"))), _short(_text(f.get("old_prediction"))),
+             _short(_text(f.get("new_prediction"))), _short(_text(f.get("reference"))),
+             _number(f.get("old_score")), _number(f.get("new_score"))] for f in comparison_flips(result)]
+    return columns, rows
+
+
+def _text(value) -> str:
+    """A table cell from a flip's text field: a list (several references) joined with ` | `."""
+    if isinstance(value, list):
+        return " | ".join(str(v) for v in value)
+    return "" if value is None else str(value)
 
 
 def _number(value) -> Optional[float]:

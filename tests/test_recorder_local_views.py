@@ -40,7 +40,7 @@ def test_curves_have_a_panel_over_iteration_and_one_over_tokens_per_metric(tmp_p
     sink.flush()
     png = run_dir(tmp_path) / "curves.png"
     assert png.stat().st_size > 5000
-    assert png_size(png) == (672, 224)  # one metric: two 4.2 x 2.8 in panels at 80 dpi
+    assert png_size(png) == (1200, 440)  # one metric: two 6.0 x 4.0 in panels at 100 dpi, plus 0.4 in for the title
     assert pixels_near(png, BLUE) > 50 and pixels_near(png, ORANGE) > 50  # both curves were drawn
 
 
@@ -51,7 +51,7 @@ def test_without_tokens_there_is_no_tokens_panel_and_metrics_wrap_into_a_grid(tm
         sink.record(result(it, bench="mc", tokens=False, acc=0.25))
     sink.flush()
     png = run_dir(tmp_path) / "curves.png"
-    assert png_size(png) == (1008, 224)  # three metrics, three panels in one row, none over tokens
+    assert png_size(png) == (1800, 440)  # three metrics, three panels in one row, none over tokens
     assert pixels_near(png, BLUE) > 50 and pixels_near(png, ORANGE) == 0
 
 
@@ -97,7 +97,7 @@ def test_a_redraw_that_fails_keeps_the_result_and_is_tried_again(tmp_path):
     (run_dir(tmp_path) / "curves.png").rmdir()
     sink._retry_flush_at = 0  # skip the one-minute pause the daemon would wait
     sink.flush()
-    assert png_size(run_dir(tmp_path) / "curves.png") == (672, 224)
+    assert png_size(run_dir(tmp_path) / "curves.png") == (1200, 440)
 
 
 def test_summary_md_shows_the_rerun_value_once_and_names_reruns_and_mixed_settings(tmp_path):
