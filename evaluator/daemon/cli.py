@@ -1,4 +1,5 @@
-"""`python tools/evaluator.py`: run the daemon, plan (--dry-run), or dispatch a subcommand (status.py, rerun.py).
+"""`python tools/evaluator.py`: run the daemon, plan (--dry-run), or dispatch a subcommand (status.py, rerun.py,
+compare_cli.py).
 
 Flags follow Data-Juicer's tools/evaluator.py (begin/end/interval/check-interval/model-type/eval-type).
 A user error (config, paths) prints one line per problem and exits 2, never a traceback.
@@ -23,16 +24,21 @@ from evaluator.daemon.config import EVAL_TYPES, LAYOUT_NAMES, AutoEvalConfig, lo
 EPILOG = """subcommands:
   status --config CFG [--run R] [--last N] [--watch [SECONDS]] [--json] [--retry-recording] [--cancel-jobs]
                                  whether the daemon runs, the iteration x benchmark table (headline metric or
-                                 state), jobs in flight with progress, failures with the stage's own message
+                                 state), jobs in flight with progress, failures with the stage's own message;
+                                 [--check] exits 1 while a regression alert is open, [--ack ID|all] closes alerts
   rerun --config CFG [--run R] [--iterations 1000-3000,5000] [--benchmark B ...]
                                  re-evaluate recorded results (current settings)
   invalidate --config CFG [--run R] [--iterations 1000-3000,5000] [--benchmark B ...]
                                  withdraw results from the curves
+  compare --config CFG [--run R] [--run-b R2] A [B] | compare DIR_A DIR_B [--json] [--flips N] [--alpha A]
+                                 paired comparison of two results (delta, McNemar / bootstrap p, CI, flips);
+                                 exit 1 on a significant regression of the main metric
 
 examples:
   python tools/evaluator.py --config config/megatron.yaml --begin-iteration 2000
   python tools/evaluator.py --config cfg.yaml --begin-iteration 2000 --iteration-interval 1000 --dry-run --json
   python tools/evaluator.py status --config cfg.yaml
+  python tools/evaluator.py compare --config cfg.yaml 2000 3000
 """
 
 
@@ -219,6 +225,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from evaluator.daemon import rerun
 
             return rerun.main(argv[0], argv[1:])
+        if argv and argv[0] == "compare":
+            from evaluator.daemon import compare_cli
+
+            return compare_cli.main(argv[1:])
         return run(argv)
     except EvaluatorError as e:
         print(f"error: {e}", file=sys.stderr)
