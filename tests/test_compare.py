@@ -346,3 +346,44 @@ def test_cli_with_config_skips_a_benchmark_without_scores_and_compares_the_other
     assert "skipped old:" in p.stdout and "before per-sample scores existed" in p.stdout
     p = compare_cmd("--config", cfg, "--benchmark", "old", "1000", "2000")
     assert p.returncode == 2 and "before per-sample scores existed" in p.stderr
+
+
+# ---- with what the real evaluation stage writes ------------------------------------------------------------------
+def test_compare_reads_what_the_evaluation_stage_writes(tmp_path):
+    """The text metrics are pure Python, so the real stage runs in-process here; the old checkpoint answers every
+    question, the new one breaks one answer and fails inference on another (an error row, scored as wrong)."""
+    from evaluator.common.contracts import StageJob
+    from evaluator.common.records import ERROR, RunError, RunResult, write_results
+    from evaluator.stages.evaluation import stage
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"question": "Colour of the sky?", "answer": "blue"}, {"question": "Two plus two?", "answer": "four"},
+            {"question": "Colour of grass?", "answer": "green"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [f"data-{i}" for i in range(len(rows))]  # the text loader's ids: file stem and row number
+
+    def evaluate(name, texts):
+        out = tmp_path / name
+        results = [RunResult(sample_id=sid, dataset_id="d", backend="hf", run_config={},
+                             request_messages=[{"role": "user", "content": row["question"]}],
+                             response={"text": text or "", "usage": {}}, status="ok" if text else ERROR,
+                             error=None if text else RunError("timeout", "timed out"))
+                   for sid, row, text in zip(ids, rows, texts)]
+        write_results(str(out / "predictions.jsonl"), results)
+        job = StageJob(stage="evaluation", run="r", iteration=1000, checkpoint="/ckpt", output_dir=str(out),
+                       benchmark={"name": "qa", "type": "text-qa", "dataset": str(data)})
+        job.write(str(out / "eval.job.json"))
+        assert stage.main(["--job", str(out / "eval.job.json")]) == 0
+        return str(out)
+
+    old_dir = evaluate("old", ["Blue.", "four", "green"])
+    new_dir = evaluate("new", ["Blue.", "five", None])
+    c = compare_dirs(new_dir, old_dir)
+    em = c["metrics"]["exact_match"]
+    assert (c["main_metric"], em["method"], em["n"], em["fixed"], em["broken"]) == \
+        ("exact_match", "mcnemar_exact", 3, 0, 2)
+    assert c["metrics"]["token_f1"]["method"] == "mcnemar_exact"  # all-or-nothing F1 on one-word answers
+    broken = {f["sample_id"]: f for f in c["flips"]["broken"]}
+    assert broken["data-1"] == {"sample_id": "data-1", "prompt": "Two plus two?", "old_prediction": "four",
+                                "new_prediction": "five", "reference": "four", "old_score": 1.0, "new_score": 0.0}
+    assert broken["data-2"]["new_prediction"] == ""  # the failed inference
