@@ -308,6 +308,7 @@ def test_cli_with_config_compares_two_iterations_of_a_run(tmp_path):
                                    "main_metric": "exact_match"}])
     cache = str(tmp_path / "cache")
     planted_pair(tmp_path, cache=cache, iterations=(1000, 2000))
+    os.makedirs(os.path.join(cache, "results", "an-older-run", "iter_0001000"))  # not configured: not the default
     p = compare_cmd("--config", cfg, "1000", "2000")
     assert p.returncode == 1, p.stderr
     assert p.stdout.startswith("== qa: tiny iteration 1000 (old) -> tiny iteration 2000 (new)")

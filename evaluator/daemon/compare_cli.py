@@ -65,7 +65,9 @@ class Pair:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="evaluator.py compare", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="evaluator.py compare", epilog=EPILOG,
+        usage="%(prog)s --config CFG [--run R] [--run-b R2] [options] A [B]\n"
+              "       %(prog)s [options] DIR_A DIR_B", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compare two results on the samples both scored: per metric the difference, a paired test "
                     "(exact McNemar for 0/1 metrics, a seeded paired bootstrap otherwise), its CI, and the "
                     "samples the new result fixed or broke. A is the old result, B the new one.")
@@ -134,10 +136,11 @@ def config_pairs(args) -> list[Pair]:
                                  f"{', '.join(known) or 'none'}{did_you_mean(name, known)}")
     run_a = args.run
     if run_a is None:
-        if len(known) != 1:
-            raise EvaluatorError(f"--run: the config has {len(known) or 'no'} runs ({', '.join(known) or '-'}); "
+        candidates = configured or on_disk  # a config's one run, though older runs left results beside it
+        if len(candidates) != 1:
+            raise EvaluatorError(f"--run: {len(candidates) or 'no'} runs ({', '.join(candidates) or '-'}); "
                                  f"name one")
-        run_a = known[0]
+        run_a = candidates[0]
     run_b = args.run_b or run_a
     items = [parse_iteration(x) for x in args.items]
     if run_b == run_a and len(items) != 2:
