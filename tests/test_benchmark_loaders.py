@@ -164,8 +164,7 @@ def test_mmau_pro_multiple_choice_rows_with_lettered_prompt_and_clips_in_order(t
     ds = registry.load_benchmark("mmau-pro", str(root))
     assert [s.id for s in ds.samples] == ["q1", "q2"]
     q1, q2 = ds.samples
-    assert text_part(q1) == ("What is being prepared?\n(A) Boba tea\n(B) Milk\n(C) Coffee\n"
-                             "Answer with the letter of the correct choice.")
+    assert text_part(q1) == "What is being prepared?\n\nA. Boba tea\nB. Milk\nC. Coffee"  # NeMo-Skills' prompt
     assert (q1.target, q1.choices, q1.category, q1.metadata["letter"]) == ("Milk", ["Boba tea", "Milk", "Coffee"],
                                                                           "sound", "B")
     assert q1.metadata["perceptual_skills"] == ["Acoustic Source Characterization"]
@@ -174,7 +173,7 @@ def test_mmau_pro_multiple_choice_rows_with_lettered_prompt_and_clips_in_order(t
     assert (q2.target, q2.metadata["letter"]) == ("The second", "B")  # answer matched ignoring case/period
     assert ds.metadata["skipped"] == {"open": 2, "instruction": 1}
     assert "2 mc rows loaded; skipped 1 instruction, 2 open" in capsys.readouterr().err
-    assert registry.default_metrics("mmau-pro", ds) == ["accuracy"]
+    assert registry.default_metrics("mmau-pro", ds) == ["mmau_pro_embed", "mmau_string_match"]
     assert_canonical(ds, tmp_path)
 
 
@@ -186,7 +185,7 @@ def test_mmau_pro_open_task_takes_open_category_and_choiceless_rows(tmp_path):
                                                                   ("q4", "A violin.", None)]
     assert text_part(ds.samples[0]) == "Describe the scene."
     assert ds.metadata["dataset_id"] == "mmau-pro-open"
-    assert registry.default_metrics("mmau-pro", ds) == ["llm_judge"]
+    assert registry.default_metrics("mmau-pro", ds) == ["mmau_pro_judge"]
 
 
 def test_mmau_pro_answer_not_among_choices_fails_at_its_line_or_is_skipped_when_asked(tmp_path):
@@ -242,11 +241,11 @@ def test_mmau_pro_directory_with_several_rows_files_asks_for_one(tmp_path):
         registry.load_benchmark("mmau-pro", str(tmp_path))
 
 
-def test_mmau_pro_instruction_task_is_refused_with_a_pointer(tmp_path):
+def test_mmau_pro_unknown_task_is_refused_naming_the_known_ones(tmp_path):
     root = tmp_path / "mmau-pro"
     write_jsonl(root / "test.jsonl", mmau_rows(root))
-    with pytest.raises(DatasetError, match=r"options.task: expected one of mc, open, got 'instruction'"):
-        registry.load_benchmark("mmau-pro", str(root), {"task": "instruction"})
+    with pytest.raises(DatasetError, match=r"options.task: expected one of mc, open, instruction, got 'closed_form'"):
+        registry.load_benchmark("mmau-pro", str(root), {"task": "closed_form"})
 
 
 # --- text-mc ------------------------------------------------------------------------------------------------

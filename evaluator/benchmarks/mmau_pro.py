@@ -10,16 +10,26 @@ Layout (what the Hugging Face repo holds, with data.zip unpacked beside it):
 the only .jsonl/.json/.parquet there). JSON/JSONL need only the standard library; parquet needs pyarrow
 (scripts/download_datasets.sh writes test.jsonl beside test.parquet so that no venv needs it).
 
-Rows are of three kinds, and one dataset holds one kind (`options.task`):
+Rows are of three kinds, and one dataset holds one kind (`options.task`), as NeMo-Skills splits MMAU-Pro into
+closed_form / open_ended / instruction_following; each kind's default metrics are the published methods
+(metrics/mmau.py, docs/benchmarks.md "MMAU-Pro scoring"):
   mc           (default) closed-form multiple choice: at least 2 choices. target = the answer (choice text),
-               choices kept, letter in metadata; scored with `accuracy`, per category.
+               choices kept, letter in metadata; scored with `mmau_pro_embed` and `mmau_string_match`
+               (`accuracy`, our letter/text extraction, on request), per category and per skill.
   open         category "open", or fewer than 2 choices: free answer; target = the reference answer;
-               scored with `llm_judge`.
-  instruction  category "instruction following": not loaded. Its official scorer is a rule checker over
-               task_identifier/kwargs, which the metric registry does not have; counted and skipped.
+               scored with `mmau_pro_judge`.
+  instruction  category "instruction following": target = the answer when the row has one; task_identifier and
+               kwargs kept in metadata; scored with `mmau_pro_if` (NeMo-Skills' rule checks).
 Rows of the other kinds are skipped with a count printed to stderr and kept in metadata.json `skipped`.
 An mc row whose answer is not one of its choices can never be scored right: it fails the load with
 file:line, or is skipped and counted with `options.bad_answer: skip`.
+
+Prompt: NeMo-Skills' (mmau-pro/prepare.py): the question, a blank line and the choices as "A. text" lines for mc;
+the question alone otherwise (`options.prompt` replaces it; fields {question}, {choices}). The closed-form
+methods match the answer's text against the choices, so no "answer with the letter" instruction is added.
+Audio: every clip of a row becomes an audio part, in order (category "multi" rows carry several). Clips of a
+spatial category (SPATIAL_CATEGORIES) are marked `"spatial": true`: their channels carry the answer, so a
+backend must feed them as they are or fail the sample (backends/audio.py), never mix them down.
 """
 from __future__ import annotations
 
@@ -29,17 +39,25 @@ import re
 import sys
 from typing import Optional
 
-from .dataset import Dataset, DatasetError, Sample, raise_problems, choices_block
+from .dataset import Dataset, DatasetError, Sample, raise_problems
 from .text import LETTERS, cell_text, format_prompt, read_records
 
-MC_PROMPT = "{question}\n{choices}\nAnswer with the letter of the correct choice."
+MC_PROMPT = "{question}\n\n{choices}"
 OPEN_PROMPT = "{question}"
 DATA_FILES = ("test.jsonl", "test.json", "test.parquet")
 ROW_TYPES = (".jsonl", ".json", ".parquet")
-TASKS = {"mc": ("multiple_choice", ["accuracy"], MC_PROMPT), "open": ("open_qa", ["llm_judge"], OPEN_PROMPT)}
+TASKS = {"mc": ("multiple_choice", ["mmau_pro_embed", "mmau_string_match"], MC_PROMPT),
+         "open": ("open_qa", ["mmau_pro_judge"], OPEN_PROMPT),
+         "instruction": ("instruction_following", ["mmau_pro_if"], OPEN_PROMPT)}
 MAPPED = ("id", "audio_path", "question", "choices", "answer", "category")
 INSTRUCTION_CATEGORY = "instruction following"
 OPEN_CATEGORY = "open"
+SPATIAL_CATEGORIES = ("spatial_audio",)
+
+
+def lettered_choices(choices: list) -> str:
+    """NeMo-Skills' choice lines: "A. text"."""
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
 
 
 def find_rows_file(source: str) -> str:
@@ -126,8 +144,7 @@ def load(source: str, options: dict) -> Dataset:
     """MMAU-Pro rows + audio -> samples of one kind (options.task: mc | open)."""
     task = options.get("task", "mc")
     if task not in TASKS:
-        raise DatasetError(f"options.task: expected one of {', '.join(TASKS)}, got {task!r} "
-                           "(instruction-following rows are not supported; see docs/benchmarks.md)")
+        raise DatasetError(f"options.task: expected one of {', '.join(TASKS)}, got {task!r}")
     on_bad_answer = options.get("bad_answer", "error")
     if on_bad_answer not in ("error", "skip"):
         raise DatasetError(f"options.bad_answer: expected error or skip, got {on_bad_answer!r}")
@@ -167,7 +184,11 @@ def load(source: str, options: dict) -> Dataset:
         if not isinstance(question, str) or not question.strip():
             bad.append("question: expected a non-empty string")
         answer = cell_text(row.get("answer"))
-        if answer is None or not answer.strip():
+        if task == "instruction":
+            answer = answer if answer and answer.strip() else None
+            if not cell_text(row.get("task_identifier")):
+                bad.append("task_identifier: expected the name of the instruction's check")
+        elif answer is None or not answer.strip():
             bad.append("answer: expected a non-empty string")
         audio, problem = _audio_paths(row.get("audio_path"), base)
         if problem:
@@ -176,7 +197,7 @@ def load(source: str, options: dict) -> Dataset:
             problems += [f"{where}: {b}" for b in bad]
             continue
         seen[sample_id] = where
-        metadata = {**_extras(row), "source_line": line}
+        metadata = {**_extras(row), "question": question.strip(), "source_line": line}
         fields = {"question": question.strip(), "choices": ""}
         if task == "mc":
             correct = answer_index(answer, choices)
@@ -187,14 +208,15 @@ def load(source: str, options: dict) -> Dataset:
                 problems.append(f"{where}: answer {answer!r} is not one of the choices {choices!r:.200} "
                                 "(options.bad_answer: skip leaves such rows out, counted)")
                 continue
-            answer, fields["choices"] = choices[correct], choices_block(choices)
+            answer, fields["choices"] = choices[correct], lettered_choices(choices)
             metadata["letter"] = LETTERS[correct]
         prompt = format_prompt(template, fields)
         category = cell_text(row.get("category"))
+        spatial = {"spatial": True} if (category or "").strip().lower() in SPATIAL_CATEGORIES else {}
         samples.append(Sample(
             id=sample_id, target=answer, choices=choices if task == "mc" else None,
             category=category or None, metadata=metadata,
-            messages=[{"role": "user", "content": [*({"type": "audio", "path": p} for p in audio),
+            messages=[{"role": "user", "content": [*({"type": "audio", "path": p, **spatial} for p in audio),
                                                    {"type": "text", "text": prompt}]}]))
     if problems:
         raise_problems(problems, path)

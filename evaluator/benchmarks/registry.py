@@ -48,8 +48,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "Clotho-v2.1 audio captioning: clotho_captions_<split>.csv + <split>/*.wav (options: split, prompt)",
         default_source="data/clotho-v2", known_options=("split", "prompt", "audio_dir", "encoding")),
     "mmau-pro": BenchmarkSpec(
-        "mmau-pro", "evaluator.benchmarks.mmau_pro:load", ("accuracy",),
-        "MMAU-Pro audio QA: test.jsonl|json|parquet + data/*.wav (options: task mc|open, prompt, bad_answer)",
+        "mmau-pro", "evaluator.benchmarks.mmau_pro:load", ("mmau_pro_embed", "mmau_string_match"),
+        "MMAU-Pro audio QA: test.jsonl|json|parquet + data/*.wav (options: task mc|open|instruction, prompt, "
+        "bad_answer)",
         default_source="data/mmau-pro", known_options=("task", "prompt", "bad_answer", "audio_root")),
     "text-mc": BenchmarkSpec(
         "text-mc", "evaluator.benchmarks.text:load_mc", ("accuracy",),

@@ -92,6 +92,7 @@ class MetricSpec:
 
 _TEXT = "evaluator.stages.evaluation.metrics.text"
 _CAPTION = "evaluator.stages.evaluation.metrics.caption:caption_metrics"
+_MMAU = "evaluator.stages.evaluation.metrics.mmau"
 # what caption.py reads: every caption metric runs Java (PTB tokenisation); SPICE has a timeout; the model-based
 # ones (FENSE's fluency checker and SBERT) a torch device and batch size
 _JAVA = ("java_path",)
@@ -147,6 +148,20 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
     _spec("llm_judge", "evaluator.stages.evaluation.metrics.judge:llm_judge", None,
           "an LLM grades each answer (see judge.py)", JUDGE_OPTIONS,
           method="pairwise LLM judge against a baseline answer (Data-Juicer/FastChat review), both orders"),
+    # MMAU-Pro / MMAU scoring as the benchmarks' reference code does it (mmau.py; docs/benchmarks.md)
+    _spec("mmau_pro_embed", f"{_MMAU}:mmau_pro_embed", "choices",
+          "MMAU-Pro closed-form: embed prediction and choices (NV-Embed-v2 or option embed_model), argmax cosine "
+          "equals the target; unavailable without the model files", ("embed_model", "device"),
+          method="MMAU-Pro closed-form embedding match (NeMo-Skills nvembed_judge: argmax cosine over the choices)"),
+    _spec("mmau_string_match", f"{_MMAU}:mmau_string_match", "choices",
+          "MMAU v1 evaluation.py string_match: all answer tokens in the prediction, no token of another choice",
+          method="MMAU v1 evaluation.py string_match (token sets; Sakshi113/MMAU)"),
+    _spec("mmau_pro_judge", f"{_MMAU}:mmau_pro_judge", "target",
+          "MMAU-Pro open-ended: an LLM judge answers Yes/No with NeMo-Skills' judge/speechlm prompt", JUDGE_OPTIONS,
+          method="LLM judge Yes/No with NeMo-Skills judge/speechlm prompt"),
+    _spec("mmau_pro_if", f"{_MMAU}:mmau_pro_if", None,
+          "MMAU-Pro instruction following: NeMo-Skills' rule check for the row's task_identifier/kwargs",
+          method="NeMo-Skills MMAU-Pro instruction-following rule checks (evaluate_aif_constraints)"),
 ]}
 
 # Names that stand for several metrics.

@@ -26,6 +26,7 @@ from evaluator.common.records import RunResult
 from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
 from . import ModelLoadError
 from .hf import generate_isolated, sample_bases, text_of
+from .audio import check_audio_input
 from .openai import to_openai_messages  # the OpenAI chat format vLLM's LLM.chat takes, audio as input_audio
 
 ENGINE_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "enforce_eager",
@@ -38,6 +39,9 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+STEREO_KEPT = False  # vLLM's AudioMediaIO loads audio as mono (librosa / its load_audio, mono=True)
 
 
 class VLLMBackend:
@@ -97,6 +101,8 @@ class VLLMBackend:
                 from None
 
     def _request(self, samples) -> list:
+        for s in samples:  # vLLM decodes audio to mono itself: a spatial multichannel clip fails its sample
+            check_audio_input(s, "the vllm backend", None, STEREO_KEPT)
         if self.chat:
             return self.llm.chat([to_openai_messages(s.messages) for s in samples], self.sampling, use_tqdm=False)
         for s in samples:
