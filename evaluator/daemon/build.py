@@ -20,6 +20,7 @@ from evaluator.daemon.checkpoints import LAYOUTS, CheckpointLayout, Selection
 from evaluator.daemon.config import AutoEvalConfig
 from evaluator.daemon.daemon import Daemon
 from evaluator.daemon.executors import EXECUTORS
+from evaluator.daemon.notify import make_channels, webhook_url
 from evaluator.daemon.policy import RunSpec
 from evaluator.daemon.sink_setup import make_sinks
 from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
@@ -85,6 +86,7 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
         raise EvaluatorError("auto_eval.benchmarks: no benchmarks configured; nothing to run "
                              "(--dry-run shows which checkpoints would be evaluated)")
     pythons = check_envs(cfg)
+    webhook_url(cfg.alerts)  # an alert webhook whose variable is not set: exit 2 before anything starts
     try:
         os.makedirs(cfg.cache_dir, exist_ok=True)
     except OSError as e:
@@ -114,7 +116,8 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
                             lambda: None)
     mode = choose_mode(w.mode, [r.root for r in runs])
     watcher = CheckpointWatcher({r.name: r.root for r in runs}, lambda run: None) if mode == "inotify" else None
-    daemon = Daemon(cfg, selection, runs, layouts, ledger, executor, make_sinks(cfg), keeper, watcher, pythons,
-                    timeouts, once=once)
+    sinks = make_sinks(cfg)
+    daemon = Daemon(cfg, selection, runs, layouts, ledger, executor, sinks, keeper, watcher, pythons,
+                    timeouts, once=once, alert_channels=make_channels(cfg.alerts, sinks))
     daemon.lock = lock
     return daemon

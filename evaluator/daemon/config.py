@@ -22,6 +22,7 @@ from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
 from evaluator.common.errors import EvaluatorError, UnavailableError, did_you_mean
 from evaluator.common.secrets import secret_paths
 from evaluator.common.yamlconf import Problem, config_error, read_yaml, validate
+from evaluator.daemon import alerts
 from evaluator.daemon import best as best_rule
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.stages.evaluation import metrics as metric_registry  # pure Python: no torch until a metric runs
@@ -243,6 +244,34 @@ class RecorderConfig(Section):
     timeout_seconds: float = Field(120.0, gt=0)  # one sink call; past it the call counts as failed
 
 
+class AlertRuleConfig(Section):
+    """One regression-alert rule (evaluator/daemon/alerts.py; docs/insight.md "Regression alerts")."""
+
+    name: Optional[str] = Field(None, min_length=1)  # the rule's id in the ledger and messages; default: what it checks
+    benchmark: Optional[str] = None  # a configured benchmark; a `failed:` rule without one watches every benchmark
+    metric: Optional[str] = None  # one the benchmark reports (its metrics, expanded; or main_metric)
+    # drop rules: worse than the previous checkpoint, the best so far, or a fixed threshold
+    versus: Optional[Literal["prev", "best", "threshold"]] = None  # default: threshold when given, else prev
+    drop: Optional[float] = Field(None, ge=0)  # absolute; default 0 (any drop)
+    drop_relative: Optional[float] = Field(None, gt=0)  # a fraction of the reference value, e.g. 0.1
+    threshold: Optional[float] = None
+    direction: Literal["higher", "lower"] = "higher"  # which way is better
+    min_n: Optional[int] = Field(None, ge=1)  # fewer (common) samples: not checked
+    significant: Optional[float] = Field(None, gt=0, lt=1)  # only when the paired test's p < this
+    stuck: Optional[int] = Field(None, ge=2)  # the metric is exactly 0 or 1 on this many checkpoints in a row
+    failed: Optional[int] = Field(None, ge=1)  # a stage of one (checkpoint, benchmark) failed this many times
+
+
+class AlertsConfig(Section):
+    rules: list[AlertRuleConfig] = []
+    # the webhook's URL is a secret: the name of the environment variable holding it (Slack-compatible JSON POST)
+    webhook_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    wandb: bool = True  # also wandb.alert when the wandb sink runs online (offline: skipped, the log says so)
+    backoff_seconds: float = Field(30.0, gt=0)  # first retry of a failed delivery; doubles up to the max
+    backoff_max_seconds: float = Field(3600.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0)  # one delivery attempt
+
+
 class AutoEvalConfig(Section):
     project_name: str
     model_name: str
@@ -256,6 +285,7 @@ class AutoEvalConfig(Section):
     executor: ExecutorConfig = ExecutorConfig()
     benchmarks: list[BenchmarkConfig] = []
     recorder: RecorderConfig = RecorderConfig()
+    alerts: AlertsConfig = AlertsConfig()
     # the best checkpoint of every run (a watch.paths entry's own `best:` replaces it); none: no best tracking
     best: Optional[BestConfig] = None
     seed: int = 0
@@ -297,6 +327,11 @@ def load_config(path: str, require_datasets: bool = True, check_data: bool = Tru
         raise config_error(path, lines, problems)
     _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
     cfg._config_path = path
+    alert_problems = [(("auto_eval", "alerts") + loc, text) for loc, text in alerts.problems(
+        cfg.alerts.rules, {b.name: _with_main_metric(b, reported_metrics(b)) for b in cfg.benchmarks},
+        cfg.executor.max_attempts, did_you_mean)]
+    if alert_problems:
+        raise config_error(path, lines, alert_problems)
     missing = [(("auto_eval", "benchmarks", i, "dataset"), f"no such file or directory: {b.dataset}")
                for i, b in enumerate(cfg.benchmarks) if b.dataset and not os.path.exists(b.dataset)]
     if missing and require_datasets:
@@ -387,6 +422,13 @@ def _best_problems(cfg: AutoEvalConfig) -> list[Problem]:
         runs = {p.name or os.path.basename(p.path.rstrip("/")): p.benchmarks for p in paths}
         problems += best_rule.problems(section, loc, benchmarks, main, runs)
     return problems
+
+
+def _with_main_metric(bench: BenchmarkConfig, names: Optional[list[str]]) -> Optional[list[str]]:
+    """The names an alert rule may give: what the benchmark reports, and its main_metric."""
+    if names is None or not bench.main_metric or bench.main_metric in names:
+        return names
+    return names + [bench.main_metric]
 
 
 def _template_fields(template: str) -> list[str]:

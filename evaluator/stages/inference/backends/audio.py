@@ -1,12 +1,24 @@
 """Audio-LLM families for the hf backend: one small adapter per family, one runner for all of them.
 
-| family         | model_type(s)                                  | loaded with                                      |
-|----------------|------------------------------------------------|--------------------------------------------------|
-| Whisper        | whisper                                        | AutoModelForSpeechSeq2Seq                        |
-| Qwen2-Audio    | qwen2_audio                                    | AutoModelForMultimodalLM                         |
-| Qwen2.5-Omni   | qwen2_5_omni_thinker, qwen2_5_omni (full)      | AutoModelForMultimodalLM; full -> its `.thinker` |
-| Qwen3-Omni     | qwen3_omni_moe_thinker, qwen3_omni_moe (full)  | AutoModelForMultimodalLM; full -> its `.thinker` |
-| Gemma 3n       | gemma3n                                        | AutoModelForMultimodalLM                         |
+| family         | model_type(s)                                  | loaded with                                      | audios | stereo |
+|----------------|------------------------------------------------|--------------------------------------------------|--------|--------|
+| Whisper        | whisper                                        | AutoModelForSpeechSeq2Seq                        | 1      | no     |
+| Qwen2-Audio    | qwen2_audio                                    | AutoModelForMultimodalLM                         | any    | no     |
+| Qwen2.5-Omni   | qwen2_5_omni_thinker, qwen2_5_omni (full)      | AutoModelForMultimodalLM; full -> its `.thinker` | any    | no     |
+| Qwen3-Omni     | qwen3_omni_moe_thinker, qwen3_omni_moe (full)  | AutoModelForMultimodalLM; full -> its `.thinker` | any    | no     |
+| Gemma 3n       | gemma3n                                        | AutoModelForMultimodalLM                         | any    | no     |
+
+Input capabilities (the `audios` and `stereo` columns; AudioFamily.max_audios / .stereo): every family's feature
+extractor takes one mono waveform per clip (Whisper's log-mel, Qwen's Whisper-style extractor, Gemma 3n's USM
+front end), so none takes stereo. Whisper takes one clip per sample. A sample that asks for more than its family
+takes fails alone, with error.type naming what it asked for:
+- `MultiAudioUnsupported`: more audio parts than the family's max_audios.
+- `StereoUnsupported`: an audio part marked `"spatial": true` (its channels carry the answer, e.g. MMAU-Pro's
+  spatial_audio items) with more than one channel, on a family that takes mono only. Mixing it down would
+  answer a different question, so it is never done.
+Other backends: `openai` sends each file's bytes as they are (channels kept; what the server's model makes of
+them is the server's business); `vllm` decodes audio itself, to mono, so it refuses spatial multichannel parts
+the same way (check_audio_input with STEREO_KEPT false).
 
 All go through the checkpoint's own AutoProcessor, so the audio placeholder of the chat template is expanded
 to the right number of audio positions by the processor, as the model was trained.
@@ -20,7 +32,8 @@ to the right number of audio positions by the processor, as the model was traine
   trained audio -> text from the start-of-transcript token, and a free-form instruction fed as a decoder
   prompt would be text the model never saw in that position. Generation options (language=, task=) pass
   through `generation:`.
-- Audio: read with soundfile (wav/flac/ogg...), mixed down to mono by averaging channels, resampled to the
+- Audio: read with soundfile (wav/flac/ogg...), mixed down to mono by averaging channels (only clips not marked
+  spatial; each sample's `usage.audio_downmixed` counts its clips that were mixed down), resampled to the
   feature extractor's sampling rate with torchaudio.functional.resample (band-limited sinc interpolation), then
   handed to the processor, which pads/truncates to the family's window (30 s in real checkpoints). An empty
   or unreadable file raises for that sample only (missing files are caught earlier, by the dataset loader).
@@ -47,6 +60,7 @@ class AudioFamily:
     seq2seq: bool = False          # Whisper-style: audio -> decoder, no text prompt
     thinker: bool = False          # a full Omni model: generate with model.thinker, talker off
     max_audios: Optional[int] = None  # audio parts a sample may carry (None: any number)
+    stereo: bool = False           # takes a clip's channels as they are (no family here does; see the table)
     audio_tokens_per_s: float = 25.0  # for sorting batches by length only
     fixed_audio_tokens: int = 0       # a fixed placeholder count per clip (Gemma 3n: 188)
 
@@ -61,6 +75,44 @@ FAMILIES = {
     "gemma3n": AudioFamily("gemma3n", fixed_audio_tokens=188),
 }
 AUDIO_MODEL_TYPES = set(FAMILIES)
+
+
+class MultiAudioUnsupported(ValueError):
+    """A sample has more audio parts than the model takes (its RunResult's error.type)."""
+
+
+class StereoUnsupported(ValueError):
+    """A spatial (channels-carry-the-answer) multichannel clip for a model that takes mono only."""
+
+
+def audio_channels(path: str) -> int:
+    import soundfile
+    try:
+        return int(soundfile.info(path).channels)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read audio: {e}") from None
+
+
+def spatial_parts(sample) -> list:
+    """The paths of the sample's audio parts marked `"spatial": true`."""
+    return [p["path"] for m in sample.messages if isinstance(m["content"], list) for p in m["content"]
+            if p.get("type") == "audio" and p.get("spatial")]
+
+
+def check_audio_input(sample, model: str, max_audios: Optional[int], stereo: bool) -> list:
+    """The sample's audio paths when `model` can take them (max_audios, stereo); else MultiAudioUnsupported or
+    StereoUnsupported naming the sample, the part and the model, for that sample alone."""
+    paths = sample.audio_paths()
+    if max_audios is not None and len(paths) > max_audios:
+        raise MultiAudioUnsupported(f"sample {sample.id!r} has {len(paths)} audio parts; {model} takes at most "
+                                    f"{max_audios}")
+    if not stereo:
+        for path in spatial_parts(sample):
+            channels = audio_channels(path)
+            if channels > 1:
+                raise StereoUnsupported(f"sample {sample.id!r}: {path} is a spatial clip with {channels} channels; "
+                                        f"{model} takes mono only, and mixing it down would change the question")
+    return paths
 
 
 def is_audio_model(config) -> bool:
@@ -135,6 +187,9 @@ class AudioRunner:
         self.params = params
         self.chat = bool(use_chat_template(options) and self.templater is not None)
         self.info = {"audio_family": self.family.name, "sampling_rate": self.sampling_rate,
+                     "audio_input": {"max_audios": self.family.max_audios, "stereo": self.family.stereo,
+                                     "multichannel": "spatial parts refused (StereoUnsupported); others averaged "
+                                                     "to mono, counted in usage.audio_downmixed"},
                      "prompt": ("audio only (text ignored)" if self.family.seq2seq
                                 else "chat template" if self.chat else "plain (no chat template)")}
 
@@ -149,10 +204,8 @@ class AudioRunner:
 
     # ---- prompts ---------------------------------------------------------------------------------------------
     def _audio_parts(self, sample) -> list:
-        paths = sample.audio_paths()
-        if self.family.max_audios is not None and len(paths) > self.family.max_audios:
-            raise ValueError(f"sample {sample.id!r} has {len(paths)} audio parts; a {self.family.name} checkpoint "
-                             f"takes at most {self.family.max_audios}")
+        paths = check_audio_input(sample, f"a {self.family.name} checkpoint", self.family.max_audios,
+                                  self.family.stereo)
         if self.family.seq2seq and not paths:
             raise ValueError(f"sample {sample.id!r} has no audio part; a {self.family.name} checkpoint needs one")
         return paths
@@ -214,7 +267,9 @@ class AudioRunner:
 
     def generate(self, samples) -> list:
         import torch
-        per_sample = [[load_audio(p, self.sampling_rate) for p in self._audio_parts(s)] for s in samples]
+        parts = [self._audio_parts(s) for s in samples]
+        downmixed = [sum(audio_channels(p) > 1 for p in paths) for paths in parts]
+        per_sample = [[load_audio(p, self.sampling_rate) for p in paths] for paths in parts]
         clips = [clip for sample_clips in per_sample for clip in sample_clips]
         seconds = [sum(len(c) for c in sample_clips) / self.sampling_rate for sample_clips in per_sample]
         kwargs = self._generation_kwargs()
@@ -240,11 +295,12 @@ class AudioRunner:
             rows = [(row[width:], int(sum(mask))) for row, mask in
                     zip(sequences.tolist(), inputs["attention_mask"].tolist())]
         results = []
-        for (row, prompt_tokens), secs in zip(rows, seconds):
+        for (row, prompt_tokens), secs, mixed in zip(rows, seconds, downmixed):
             row, n = self._cut(row)
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             results.append((text, {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                                   "total_tokens": prompt_tokens + n, "audio_seconds": round(secs, 3)}))
+                                   "total_tokens": prompt_tokens + n, "audio_seconds": round(secs, 3),
+                                   "audio_downmixed": mixed}))
         return results
 
     def _strip_decoder_prompt(self, row: list) -> list:
