@@ -278,6 +278,9 @@ class SnapshotKeeper:
         self.futures: dict[tuple, Future] = {}
         # (run, iteration) -> why it has no snapshot row yet (unreadable); retried by every ensure()
         self.waiting: dict[tuple[str, int], str] = {}
+        # run -> {iteration: why}: snapshots exempt from release (the run's best checkpoints, keep_best); set by the
+        # daemon from the results at every start and after every scoring, so nothing needs storing apart
+        self.kept: dict[str, dict[int, str]] = {}
 
     def active(self, run: str) -> bool:
         """Whether the run's checkpoints are pinned (False for mode none and for runs not configured)."""
@@ -403,11 +406,32 @@ class SnapshotKeeper:
         release(snapshot_root(self.cache_dir, run, iteration))
         self.ledger.drop_snapshot(run, iteration)
 
+    def keep(self, run: str, kept: dict[int, str]) -> list[int]:
+        """Exempt these iterations' snapshots of a run from release ({iteration: why}, e.g. "best checkpoint");
+        returns the iterations kept before and not now (the caller releases them when their jobs are final).
+        A kept snapshot's row says why in its note (status lists it)."""
+        before = self.kept.get(run, {})
+        self.kept[run] = dict(kept)
+        for iteration, why in kept.items():
+            row = self.ledger.snapshot(run, iteration)
+            if row is not None and row["state"] == L.PINNED and row["note"] != f"kept: {why}":
+                self.ledger.set_snapshot(run, iteration, L.PINNED, note=f"kept: {why}")
+        dropped = sorted(set(before) - set(kept))
+        for iteration in dropped:
+            row = self.ledger.snapshot(run, iteration)
+            if row is not None and row["state"] == L.PINNED and (row["note"] or "").startswith("kept: "):
+                self.ledger.set_snapshot(run, iteration, L.PINNED, note=None)
+        return dropped
+
+    def is_kept(self, run: str, iteration: int) -> bool:
+        return iteration in self.kept.get(run, {})
+
     def release(self, run: str, iteration: int) -> None:
         """Release one iteration's snapshot once its last job is final: the pinned files are removed; a row
-        read in place (unpinned) is closed too, so status lists only what is still held."""
+        read in place (unpinned) is closed too, so status lists only what is still held. A kept snapshot (the
+        run's best, `keep`) stays."""
         row = self.ledger.snapshot(run, iteration)
-        if row is None or row["state"] not in (L.PINNED, L.UNPINNED):
+        if row is None or row["state"] not in (L.PINNED, L.UNPINNED) or self.is_kept(run, iteration):
             return
         if row["state"] == L.PINNED:
             release(snapshot_root(self.cache_dir, run, iteration))

@@ -1,9 +1,6 @@
 """`tools/evaluator.py status`: what the daemon is doing, on one screen.
 
     status --config CFG [--run R] [--last N] [--watch [SECONDS]] [--json] [--retry-recording] [--cancel-jobs]
-           [--check] [--ack ID|all ...]
-
-Exit codes: 0; 1 with --check while a regression alert is open (CHECK_OPEN_ALERTS); 2 bad config or arguments.
 
 Text, top to bottom:
   daemon: alive (pid, host, heartbeat age) | NOT RUNNING (...) | stopped cleanly at ... | never started
@@ -11,7 +8,9 @@ Text, top to bottom:
       whose settings changed under results (with the operator's choices: rerun, invalidate, a new name), hints
       per run (why nothing runs)
   per run: the iteration x benchmark table. A cell is the headline metric of a scored / recorded result (the
-      benchmark's `main_metric`, else the first metric of its metrics.json) or a state symbol (SYMBOLS)
+      benchmark's `main_metric`, else the first metric of its metrics.json) or a state symbol (SYMBOLS); the best
+      checkpoint's row is marked `<- best` (others kept by keep_best `<- kept`); under the table the best checkpoint
+      (best.json) and, per benchmark, its newest result against the previous checkpoint (compare.json)
   in flight: elapsed time, progress where the stage reports it (progress.json), Slurm job ids or pids
   failed: attempts, next retry, the first line of the error and the stage's own message from its log tail
   notes: other rows with a last_error (waiting to pin, a sink that refused, vanished)
@@ -23,7 +22,12 @@ Text, top to bottom:
   daemon          {state: alive|stopped|dead|never|unknown, text, pid, host, started_at, beat_at, stopped_at}
   runs            [{run, configured, root, layout, benchmarks: [name], metrics: {benchmark: headline metric | null},
                     counts: {state: n}, iterations: n (all), shown: n (the newest, --last),
-                    rows: [{iteration, cells: {benchmark: cell | null}}]}]   (null: no job)
+                    rows: [{iteration, cells: {benchmark: cell | null}}]   (null: no job),
+                    best: results/<run>/best.json {iteration, score, rule, checkpoint, snapshot, metrics, kept, ...}
+                          | null,
+                    last_comparison: [{benchmark, iteration, against, metric, old, new, delta, p, method, ci, n,
+                                       significant, fixed, broken}]  (per benchmark: its newest result vs the
+                                       previous checkpoint, from compare.json)}]
                   cell = {state, symbol, value (number | null), metric (str | null), note (str | null),
                           progress ({done, total, updated_at} | null)}
   jobs            [every ledger row of the shown runs: its fields (Job, incl. fingerprint and revision where the
@@ -35,10 +39,7 @@ Text, top to bottom:
   set_aside       results a sink refused recorder.max_failures times: {run, iteration, benchmark, sink, failures,
                     last_error, ...}
   not_configured  [{run, jobs}]: runs in the ledger that the config does not name now
-  actions         [str]: what --retry-recording / --cancel-jobs / --ack did
-  alerts          [{id, rule, run, iteration, benchmark, message, created_at, closed_at, closed_by,
-                    deliveries: {channel: {delivered_at, failures, next_try_at, last_error}}}]  every alert, oldest
-                    first; closed_at null = open
+  actions         [str]: what --retry-recording / --cancel-jobs did
 """
 from __future__ import annotations
 
@@ -65,7 +66,6 @@ INVALIDATED = L.INVALIDATED  # the ledger's withdrawn results (rerun / invalidat
 DEFAULT_LAST = 30  # iterations per run in the table (the newest); --last 0 shows all
 DETAIL_LIMIT = 20  # lines per details section; --json lists every row
 DEFAULT_WATCH_SECONDS = 5.0
-CHECK_OPEN_ALERTS = 1  # `status --check` exits with it while a regression alert is open
 
 # state -> table symbol; a scored / recorded cell shows its value instead
 SYMBOLS = {L.PENDING: ".", L.INFERRING: ">", L.INFERRED: "~", L.SCORING: "~", L.SKIPPED: "-", L.VANISHED: "v",
@@ -132,6 +132,8 @@ class RunTable:
     counts: dict[str, int]
     iterations: int  # all the run's iterations in the ledger
     rows: list[tuple[int, dict[str, Optional[Cell]]]]  # the shown ones, oldest first
+    best: Optional[dict] = None  # results/<run>/best.json (the daemon's best checkpoint), None without one
+    comparisons: list[dict] = field(default_factory=list)  # per benchmark: its newest result vs the previous one
 
 
 @dataclass
@@ -152,7 +154,6 @@ class Report:
     executor: str
     only_run: Optional[str] = None
     messages: list[str] = field(default_factory=list)  # what --retry-recording / --cancel-jobs did
-    alerts: list[dict] = field(default_factory=list)  # the ledger's regression alerts, oldest first
 
 
 # ---- pure decisions -----------------------------------------------------------------------------------------
@@ -290,7 +291,6 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
             jobs = led.jobs(run=only_run)
             snaps = [s for s in led.snapshots([L.PINNING, L.PINNED, L.UNPINNED]) if only_run in (None, s["run"])]
             set_aside = [d for d in led.quarantined() if only_run in (None, d["run"])]
-            alert_rows = led.alerts(run=only_run)
         finally:
             led.close()
     except L.LedgerUnavailable as e:
@@ -350,13 +350,14 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
         # the layout the daemon ran with (--model-type may differ from the config's), else the config's
         layout = ((doc or {}).get("runs") or {}).get(name, {}).get("layout") or (spec.layout if spec else None)
         tables.append(RunTable(name, spec is not None, spec.root if spec else None, layout,
-                               benches, labels, counts, len(iterations), table_rows))
+                               benches, labels, counts, len(iterations), table_rows, read_best(cfg.cache_dir, name),
+                               last_comparisons(cfg.cache_dir, rows, benches)))
     stale = []
     if specs is not None:
         names = {s.name for s in specs}
         stale = [(r, len(js)) for r, js in sorted(by_run.items()) if r not in names]
     return Report(now, config_path, cfg.cache_dir, state, text, doc, tables, jobs, progress, set_aside, snaps, stale,
-                  cfg.executor.max_attempts, cfg.executor.type, only_run, alerts=alert_rows)
+                  cfg.executor.max_attempts, cfg.executor.type, only_run)
 
 
 def check_run(only_run: Optional[str], specs: Optional[list], ledger_runs: list[str]) -> None:
@@ -374,7 +375,6 @@ def render_text(r: Report) -> str:
     out: list[str] = [f"daemon: {r.daemon_text}"]
     out += r.messages
     out += daemon_reports(r)
-    out += alert_lines(r)
     for t in r.runs:
         out.append("")
         out += run_table(t)
@@ -420,32 +420,6 @@ def daemon_reports(r: Report) -> list[str]:
     return out
 
 
-def open_alerts(r: Report) -> list[dict]:
-    return [a for a in r.alerts if a["closed_at"] is None]
-
-
-def alert_lines(r: Report) -> list[str]:
-    """Open regression alerts, each with where it was delivered; closed ones are counted (--json lists them)."""
-    opened = open_alerts(r)
-    closed = len(r.alerts) - len(opened)
-    if not opened:
-        return [f"alerts: none open ({closed} closed)"] if closed else []
-    out = [f"alerts: {len(opened)} open{f', {closed} closed' if closed else ''} (`status --ack ID|all` closes one; "
-           f"a later checkpoint that keeps the rule closes it too)"]
-    for a in opened[-DETAIL_LIMIT:]:
-        out.append(f"  #{a['id']}  {H.clock(a['created_at'])}  {a['message']}")
-        sent = []
-        for channel, d in sorted(a["deliveries"].items()):
-            if d["delivered_at"] is not None:
-                sent.append(f"{channel} delivered")
-            else:
-                retry = f", next try {H.clock(d['next_try_at'])}" if d["next_try_at"] else ""
-                sent.append(f"{channel} pending ({d['failures']} failure(s){retry}"
-                            f"{': ' + d['last_error'] if d['last_error'] else ''})")
-        out.append("      log" + "".join(f"; {x}" for x in sent))
-    return out
-
-
 def run_table(t: RunTable) -> list[str]:
     where = f" — {t.root} ({t.layout})" if t.configured else " — not configured now"
     summary = ", ".join(f"{s} {t.counts[s]}" for s in L.STATES if t.counts.get(s))
@@ -463,10 +437,104 @@ def run_table(t: RunTable) -> list[str]:
     if any(t.metrics.values()):
         out.append("  " + " " * it_width + "  " +
                    "  ".join(f"{t.metrics.get(b) or '':<{width[b]}}" for b in t.benchmarks).rstrip())
+    marks = best_marks(t.best)
     for it, cells in t.rows:
-        out.append("  " + f"{it:>{it_width}}  " +
-                   "  ".join(f"{(cells[b].symbol if cells[b] else ''):<{width[b]}}" for b in t.benchmarks).rstrip())
+        out.append(("  " + f"{it:>{it_width}}  " +
+                    "  ".join(f"{(cells[b].symbol if cells[b] else ''):<{width[b]}}" for b in t.benchmarks)).rstrip()
+                   + (f"  <- {marks[it]}" if it in marks else ""))
+    out += best_lines(t.best)
+    out += [comparison_line(c) for c in t.comparisons]
     return out
+
+
+# ---- the best checkpoint and the last comparison (docs/insight.md) -------------------------------------------------
+def read_best(cache_dir: str, run: str) -> Optional[dict]:
+    """results/<run>/best.json as the daemon wrote it; None when there is none (no `best:` rule, no candidate yet)
+    or it cannot be read."""
+    from evaluator.daemon.best import BEST_FILE
+
+    try:
+        with open(os.path.join(cache_dir, "results", run, BEST_FILE), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("iteration"), int) else None
+
+
+def best_marks(best: Optional[dict]) -> dict[int, str]:
+    """iteration -> its marker in the table: the best checkpoint, the others kept by keep_best."""
+    if not best:
+        return {}
+    marks = {k["iteration"]: "kept" for k in best.get("kept") or [] if isinstance(k, dict) and "iteration" in k}
+    marks[best["iteration"]] = "best"
+    return marks
+
+
+def format_number(v) -> str:
+    return format_value(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+
+
+def best_lines(best: Optional[dict]) -> list[str]:
+    if not best:
+        return []
+    snapshot = best.get("snapshot")
+    where = f"snapshot kept at {snapshot}" if snapshot else f"no snapshot kept (the checkpoint: {best.get('checkpoint')})"
+    out = [f"  best: iteration {best['iteration']} ({best.get('rule')} = {format_number(best.get('score'))}); {where}"]
+    others = [k for k in best.get("kept") or [] if isinstance(k, dict) and k.get("iteration") != best["iteration"]]
+    if others:
+        out.append("  also kept (keep_best): " + ", ".join(
+            f"{k['iteration']} ({format_number(k.get('score'))})" for k in others))
+    return out
+
+
+def comparison_summary(doc: dict) -> Optional[dict]:
+    """A compare.json document -> its main metric against the previous checkpoint (None without one)."""
+    prev = (doc.get("against") or {}).get("prev") if isinstance(doc, dict) else None
+    if not isinstance(prev, dict):
+        return None
+    metric = prev.get("main_metric")
+    m = (prev.get("metrics") or {}).get(metric)
+    if not isinstance(m, dict):
+        return None
+    return {"benchmark": doc.get("benchmark"), "iteration": doc.get("iteration"), "against": prev.get("iteration"),
+            "metric": metric, **{k: m.get(k) for k in ("old", "new", "delta", "p", "method", "ci", "n",
+                                                      "significant", "fixed", "broken")}}
+
+
+def last_comparisons(cache_dir: str, rows: list, benches: list[str]) -> list[dict]:
+    """Per benchmark, its newest scored/recorded result's comparison with the previous checkpoint (compare.json)."""
+    from evaluator.common.contracts import COMPARE
+
+    newest: dict[str, L.Job] = {}
+    for j in rows:
+        if j.state in (L.SCORED, L.RECORDED) and (j.benchmark not in newest or j.iteration > newest[j.benchmark].iteration):
+            newest[j.benchmark] = j
+    out = []
+    for b in benches:
+        j = newest.get(b)
+        if j is None:
+            continue
+        try:
+            with open(os.path.join(result_dir(cache_dir, j.run, j.iteration, b), COMPARE), encoding="utf-8") as f:
+                summary = comparison_summary(json.load(f))
+        except (OSError, ValueError):
+            continue  # no comparison: no per-sample scores (a command benchmark), or the first checkpoint
+        if summary is not None:
+            out.append(summary)
+    return out
+
+
+def comparison_line(c: dict) -> str:
+    """e.g. `qa 3000 vs 2000: exact_match 0.61 -> 0.51, delta -0.1 (p=0.0001, mcnemar_exact, n=500), significant`."""
+    num = format_number
+    p = c.get("p")
+    p_text = f"p={p:.2g}" if isinstance(p, (int, float)) else "p=?"
+    flips = f"; {c['fixed']} fixed, {c['broken']} broken" if c.get("fixed") is not None else ""
+    verdict = "significant" if c.get("significant") else "not significant"
+    return (f"  last comparison: {c['benchmark']} {c['iteration']} vs {c['against']}: {c['metric']} {num(c.get('old'))}"
+            f" -> {num(c.get('new'))}, delta {num(c.get('delta'))} ({p_text}, {c.get('method')}, n={c.get('n')}), "
+            f"{verdict}{flips}")
+
 
 
 def handles(j: L.Job, executor: str) -> str:
@@ -608,7 +676,8 @@ def report_json(r: Report) -> dict:
                   "benchmarks": t.benchmarks, "metrics": t.metrics, "counts": t.counts, "iterations": t.iterations,
                   "shown": len(t.rows),
                   "rows": [{"iteration": it, "cells": {b: cell_json(c) for b, c in cells.items()}}
-                           for it, cells in t.rows]} for t in r.runs],
+                           for it, cells in t.rows],
+                  "best": t.best, "last_comparison": t.comparisons} for t in r.runs],
         "jobs": jobs,
         "unavailable": [u for u in doc.get("unavailable") or [] if r.only_run in (None, u.get("run"))],
         "settings_changed": doc.get("settings_changed") or [],
@@ -617,7 +686,6 @@ def report_json(r: Report) -> dict:
         "set_aside": r.set_aside,
         "not_configured": [{"run": run, "jobs": n} for run, n in r.not_configured],
         "actions": r.messages,
-        "alerts": r.alerts,
     }
 
 
@@ -640,30 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cancel-jobs", action="store_true",
                    help="executor.type slurm: scancel the jobs in flight (a stopped daemon leaves them running); "
                         "the next start retries them")
-    p.add_argument("--check", action="store_true",
-                   help=f"exit {CHECK_OPEN_ALERTS} while a regression alert is open (for CI and monitoring)")
-    p.add_argument("--ack", action="append", default=None, metavar="ID|all",
-                   help="close open alerts: an alert's number (repeatable) or `all` (with --run: that run's)")
     return p
-
-
-def ack_alerts(cfg: AutoEvalConfig, which: list[str], run: Optional[str]) -> str:
-    """Close open alerts by hand (the ledger keeps them, closed by `acknowledged`)."""
-    ids = None
-    if "all" not in which:
-        try:
-            ids = [int(x.lstrip("#")) for x in which]
-        except ValueError:
-            raise EvaluatorError(f"--ack: expected alert numbers or `all`, got {' '.join(which)}") from None
-    try:
-        writable = L.Ledger(cfg.cache_dir)
-        try:
-            n = writable.ack_alerts(ids, run)
-        finally:
-            writable.close()
-    except L.LedgerUnavailable as e:
-        raise EvaluatorError(str(e)) from None
-    return f"{n} alert(s) acknowledged (closed)"
 
 
 def retry_recording(cfg: AutoEvalConfig, run: Optional[str]) -> str:
@@ -693,9 +738,8 @@ def main(argv: list[str]) -> int:
         raise EvaluatorError(f"--last: expected an integer >= 0, got {args.last}")
     if args.watch is not None and args.watch <= 0:
         raise EvaluatorError(f"--watch: expected seconds > 0, got {args.watch:g}")
-    if args.watch is not None and (args.retry_recording or args.cancel_jobs or args.ack or args.check):
-        raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs / --ack / --check once, "
-                             "without it")
+    if args.watch is not None and (args.retry_recording or args.cancel_jobs):
+        raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs once, without it")
     cfg = load_config(args.config, require_datasets=False, check_data=False)  # status shows, whatever the data
     last = args.last if args.last is not None else DEFAULT_LAST
     report = gather(cfg, args.config, args.run, last, time.time())  # checks --run before changing anything
@@ -704,14 +748,12 @@ def main(argv: list[str]) -> int:
         messages.append(retry_recording(cfg, args.run))
     if args.cancel_jobs:
         messages.append(cancel_jobs(report.jobs))
-    if args.ack:
-        messages.append(ack_alerts(cfg, args.ack, args.run))
     if messages:
         report = gather(cfg, args.config, args.run, last, time.time())
         report.messages = messages
     if args.watch is None:
         show(report, args.json)
-        return CHECK_OPEN_ALERTS if args.check and open_alerts(report) else 0
+        return 0
     return watch(cfg, args, last, report)
 
 
