@@ -30,6 +30,7 @@ from evaluator.common.contracts import (
     scratch_dir)
 from evaluator.common.errors import EvaluatorError, UnavailableError
 from evaluator.daemon import best as B
+from evaluator.daemon import alerts as A
 from evaluator.daemon import fingerprint as F
 from evaluator.daemon import heartbeat
 from evaluator.daemon.hints import diagnose
@@ -38,6 +39,7 @@ from evaluator.daemon import policy as P
 from evaluator.daemon.checkpoints import Checkpoint, CheckpointLayout, Selection
 from evaluator.daemon.config import AutoEvalConfig, dataset_problem
 from evaluator.daemon.executors import Exit, Intent, Launch, Started, SubmitError
+from evaluator.daemon.notify import Notice
 from evaluator.daemon.outbox import Outbox
 from evaluator.daemon.policy import RunSpec
 from evaluator.daemon.snapshots import SnapshotKeeper
@@ -140,7 +142,7 @@ class Daemon:
     def __init__(self, cfg: AutoEvalConfig, selection: Selection, runs: list[RunSpec],
                  layouts: dict[str, CheckpointLayout], ledger: L.Ledger, executor, sinks: list,
                  keeper: SnapshotKeeper, watcher: Optional[CheckpointWatcher], pythons: dict[str, str],
-                 timeouts: dict[str, float], once: bool = False):
+                 timeouts: dict[str, float], once: bool = False, alert_channels: Optional[list] = None):
         self.cfg = cfg
         self.selection = selection
         self.once = once
@@ -185,6 +187,11 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.on_change = self.notify
         self.outbox = Outbox(sinks, cfg.recorder.timeout_seconds, self._poke)
+        # regression alerts (alerts.py): the rules, and the channels besides the log (notify.py), carried like sinks
+        self.alert_rules = A.build_rules(cfg.alerts.rules)
+        self.alerts_out = Outbox(alert_channels or [], 2 * cfg.alerts.timeout_seconds, self._poke)
+        self.alert_policy = P.RetryPolicy(backoff_seconds=cfg.alerts.backoff_seconds,
+                                          backoff_max_seconds=cfg.alerts.backoff_max_seconds)
         # the best checkpoints (best.py): run -> its rule; run -> the kept ones, best first (set by update_best)
         self.best_rules = B.rules_by_run(cfg, [r.name for r in runs])
         self.best: dict[str, list[B.Ranked]] = {}
@@ -281,6 +288,7 @@ class Daemon:
         self.release_retries()
         self.dispatch()
         self.deliver()
+        self.deliver_alerts()
         self.heartbeat()
 
     # ---- observe: stage exits ------------------------------------------------------------------------
@@ -717,6 +725,8 @@ class Daemon:
         self.changed = True
         if move.to is not None:
             getattr(log, move.level)("%s: %s", L.JobKey(*move.key), move.note)
+        if move.to == L.FAILED:
+            self.check_failure_alerts(L.JobKey(*move.key))
         if move.to == L.SCORED:
             self.scored(L.JobKey(*move.key))
         if move.discard_snapshot:
@@ -834,8 +844,9 @@ class Daemon:
         if job is None or job.state != L.SCORED:
             return
         rows = self.results_by_iteration(job.run)
+        doc = None
         try:
-            self.compare(job, rows)
+            doc = self.compare(job, rows)
         except L.LedgerUnavailable:
             raise
         except EvaluatorError as e:  # a malformed scores.jsonl: the stage's output, not the daemon's fault
@@ -844,6 +855,7 @@ class Daemon:
             log.warning("%s: compare.json could not be written: %s", key, e)
         except Exception:  # a bug in the comparison must not keep the result from its sinks
             log.exception("%s: comparing the result failed", key)
+        self.check_alerts(job, doc)
         try:
             self.update_best(job.run, rows)
         except L.LedgerUnavailable:
@@ -987,6 +999,77 @@ class Daemon:
             return None
         return doc if isinstance(doc, dict) and doc.get("revision", job.revision) == job.revision else None
 
+    # ---- regression alerts (alerts.py decides; the ledger remembers; notify.py's channels deliver) --------------
+    def check_alerts(self, job: L.Job, comparison: Optional[dict]) -> None:
+        """Check the alert rules of a scored result (`comparison`: its compare.json document, None when none was
+        made). A rule broken fires once per (rule, checkpoint); a rule the result keeps closes that rule's open
+        alerts of this run and benchmark up to this iteration. Never raises (but for an unwritable ledger)."""
+        rules = [r for r in self.alert_rules if r.applies_to(job.benchmark)]
+        if not rules:
+            return
+        try:
+            m = read_metrics(os.path.join(self.outdir(job), DONE_FILE[EVALUATION]))
+            result = A.Result(job.run, job.iteration, job.benchmark, m["metrics"], m.get("n"))
+            checks = A.evaluate(rules, result, comparison, self.alert_history(job, rules))
+            self.apply_alert_checks(job.key, checks + A.evaluate_success(rules, job.benchmark))
+        except L.LedgerUnavailable:
+            raise
+        except (OSError, ValueError) as e:
+            log.warning("%s: alert rules not checked: %s", job.key, e)
+        except Exception:  # a bug in a rule must not keep the result from its sinks
+            log.exception("%s: checking the alert rules failed", job.key)
+
+    def alert_history(self, job: L.Job, rules: list) -> list[tuple[int, dict]]:
+        """(iteration, metrics) of the run+benchmark's results before this one, as many as a stuck rule looks at."""
+        k = max((r.count for r in rules if r.kind == A.STUCK), default=0)
+        out = []
+        for j in self.ledger.results_before(job.run, job.benchmark, job.iteration, max(0, k - 1)):
+            try:
+                out.append((j.iteration, read_metrics(os.path.join(self.outdir(j), DONE_FILE[EVALUATION]))["metrics"]))
+            except (OSError, ValueError):
+                out.append((j.iteration, {}))  # unreadable: counts as not stuck, never as a value
+        return out
+
+    def check_failure_alerts(self, key: L.JobKey) -> None:
+        rules = [r for r in self.alert_rules if r.kind == A.FAILED and r.applies_to(key.benchmark)]
+        job = self.ledger.get(key) if rules else None
+        if job is not None:
+            self.apply_alert_checks(key, A.evaluate_failure(rules, *key, job.attempts, job.last_error))
+
+    def apply_alert_checks(self, key: L.JobKey, checks: list) -> None:
+        for c in checks:
+            if c.outcome == A.FIRE:
+                alert = self.ledger.add_alert(c.rule.id, key, c.text, self.alerts_out.names)
+                if alert is not None:
+                    log.warning("ALERT #%d %s", alert, c.text)
+            elif c.outcome == A.PASS:
+                for alert in self.ledger.close_alerts(c.rule.id, key.run, key.benchmark, key.iteration,
+                                                      f"iteration {key.iteration} passes"):
+                    log.info("alert #%d closed: %s at iteration %d keeps rule %s (%s)", alert, key.run,
+                             key.iteration, c.rule.id, c.text)
+
+    def deliver_alerts(self) -> None:
+        """Carry pending alerts to their channels; a failed delivery is retried with backoff, never given up."""
+        for reply in self.alerts_out.collect():
+            alert = reply.key[0]
+            if reply.error is None:
+                self.ledger.alert_delivered(alert, reply.sink)
+                log.info("alert #%d: delivered to %s", alert, reply.sink)
+                continue
+            if reply.late:
+                continue  # counted as failed when it ran past the timeout
+            failures = self.ledger.alert_failures(alert, reply.sink) + 1
+            delay = self.alert_policy.delay(failures)
+            self.ledger.alert_delivery_failed(alert, reply.sink, time.time() + delay, reply.error)
+            log.warning("alert #%d: %s: %s (failure %d); tried again in %gs", alert, reply.sink, reply.error,
+                        failures, delay)
+        idle = [c for c in self.alerts_out.names if self.alerts_out.idle(c)]
+        offered: set[str] = set()
+        for row, channel in self.ledger.alert_deliveries_due(idle, time.time(), limit=len(idle) * 4):
+            if channel not in offered and self.alerts_out.offer((row["id"],), channel,
+                                                                Notice.from_row(row, self.cfg.project_name)):
+                offered.add(channel)
+
     # ---- restart recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
         """One routine for work a previous daemon left: find it by its token (re-attach or stop it), then
@@ -1045,7 +1128,8 @@ class Daemon:
 
     # ---- when to stop ----------------------------------------------------------------------------------
     def busy(self) -> bool:
-        return (self.executor.busy() or self.outbox.busy() or self.keeper.busy() or bool(self.dirty)
+        return (self.executor.busy() or self.outbox.busy() or self.alerts_out.busy() or self.keeper.busy()
+                or bool(self.dirty)
                 or any(st.settle_at is not None for st in self.state.values()))
 
     def idle(self) -> bool:
@@ -1055,6 +1139,8 @@ class Daemon:
         runnable = sum(n for run, bench, n in self.ledger.runnable()
                        if bench not in self.held and P.wanted(self.runs, self.benchmarks, run, bench))
         undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
+        # alerts a channel refused that often stay pending in the ledger: the next start delivers them
+        undelivered += self.ledger.alerts_undelivered(self.alerts_out.names, self.cfg.executor.max_attempts)
         return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered))
 
     def once_outcome(self) -> int:
@@ -1107,10 +1193,10 @@ class Daemon:
             waits.append(0.5)  # SIGCHLD wakes us sooner; this bounds timeout enforcement and Slurm polling
         for st in self.state.values():
             waits += [t - now for t in (st.settle_at, st.recheck_at) if t is not None]
-        deadline = self.outbox.next_deadline()
-        if deadline is not None:
-            waits.append(deadline - now)
-        for t in (self.ledger.next_retry(), self.ledger.next_delivery()):
+        for deadline in (self.outbox.next_deadline(), self.alerts_out.next_deadline()):
+            if deadline is not None:
+                waits.append(deadline - now)
+        for t in (self.ledger.next_retry(), self.ledger.next_delivery(), self.ledger.next_alert_delivery()):
             if t is not None:
                 waits.append(t - time.time())
         return max(MIN_SCAN_GAP, min(waits))
@@ -1166,6 +1252,7 @@ class Daemon:
                 self.watcher.stop()
             # a signal asks for a prompt stop (systemd waits 20 s); --once and --end-iteration may finish the views
             self.outbox.close(wait_s=2.0 if self.stopping else 60.0)
+            self.alerts_out.close(wait_s=2.0)  # an alert not delivered yet stays pending in the ledger
             try:
                 counts = self.ledger.counts()
                 log.info("stopped; jobs: %s", ", ".join(f"{s}={counts[s]}" for s in L.STATES if counts.get(s))

@@ -1,6 +1,9 @@
 """`tools/evaluator.py status`: what the daemon is doing, on one screen.
 
     status --config CFG [--run R] [--last N] [--watch [SECONDS]] [--json] [--retry-recording] [--cancel-jobs]
+           [--check] [--ack ID|all ...]
+
+Exit codes: 0; 1 with --check while a regression alert is open (CHECK_OPEN_ALERTS); 2 bad config or arguments.
 
 Text, top to bottom:
   daemon: alive (pid, host, heartbeat age) | NOT RUNNING (...) | stopped cleanly at ... | never started
@@ -39,7 +42,10 @@ Text, top to bottom:
   set_aside       results a sink refused recorder.max_failures times: {run, iteration, benchmark, sink, failures,
                     last_error, ...}
   not_configured  [{run, jobs}]: runs in the ledger that the config does not name now
-  actions         [str]: what --retry-recording / --cancel-jobs did
+  actions         [str]: what --retry-recording / --cancel-jobs / --ack did
+  alerts          [{id, rule, run, iteration, benchmark, message, created_at, closed_at, closed_by,
+                    deliveries: {channel: {delivered_at, failures, next_try_at, last_error}}}]  every alert, oldest
+                    first; closed_at null = open
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ INVALIDATED = L.INVALIDATED  # the ledger's withdrawn results (rerun / invalidat
 DEFAULT_LAST = 30  # iterations per run in the table (the newest); --last 0 shows all
 DETAIL_LIMIT = 20  # lines per details section; --json lists every row
 DEFAULT_WATCH_SECONDS = 5.0
+CHECK_OPEN_ALERTS = 1  # `status --check` exits with it while a regression alert is open
 
 # state -> table symbol; a scored / recorded cell shows its value instead
 SYMBOLS = {L.PENDING: ".", L.INFERRING: ">", L.INFERRED: "~", L.SCORING: "~", L.SKIPPED: "-", L.VANISHED: "v",
@@ -154,6 +161,7 @@ class Report:
     executor: str
     only_run: Optional[str] = None
     messages: list[str] = field(default_factory=list)  # what --retry-recording / --cancel-jobs did
+    alerts: list[dict] = field(default_factory=list)  # the ledger's regression alerts, oldest first
 
 
 # ---- pure decisions -----------------------------------------------------------------------------------------
@@ -291,6 +299,7 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
             jobs = led.jobs(run=only_run)
             snaps = [s for s in led.snapshots([L.PINNING, L.PINNED, L.UNPINNED]) if only_run in (None, s["run"])]
             set_aside = [d for d in led.quarantined() if only_run in (None, d["run"])]
+            alert_rows = led.alerts(run=only_run)
         finally:
             led.close()
     except L.LedgerUnavailable as e:
@@ -357,7 +366,7 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
         names = {s.name for s in specs}
         stale = [(r, len(js)) for r, js in sorted(by_run.items()) if r not in names]
     return Report(now, config_path, cfg.cache_dir, state, text, doc, tables, jobs, progress, set_aside, snaps, stale,
-                  cfg.executor.max_attempts, cfg.executor.type, only_run)
+                  cfg.executor.max_attempts, cfg.executor.type, only_run, alerts=alert_rows)
 
 
 def check_run(only_run: Optional[str], specs: Optional[list], ledger_runs: list[str]) -> None:
@@ -375,6 +384,7 @@ def render_text(r: Report) -> str:
     out: list[str] = [f"daemon: {r.daemon_text}"]
     out += r.messages
     out += daemon_reports(r)
+    out += alert_lines(r)
     for t in r.runs:
         out.append("")
         out += run_table(t)
@@ -417,6 +427,32 @@ def daemon_reports(r: Report) -> list[str]:
             continue
         out.append(f"hints for run {run}{when}:")
         out += [f"  {h}" for h in hints[run]]
+    return out
+
+
+def open_alerts(r: Report) -> list[dict]:
+    return [a for a in r.alerts if a["closed_at"] is None]
+
+
+def alert_lines(r: Report) -> list[str]:
+    """Open regression alerts, each with where it was delivered; closed ones are counted (--json lists them)."""
+    opened = open_alerts(r)
+    closed = len(r.alerts) - len(opened)
+    if not opened:
+        return [f"alerts: none open ({closed} closed)"] if closed else []
+    out = [f"alerts: {len(opened)} open{f', {closed} closed' if closed else ''} (`status --ack ID|all` closes one; "
+           f"a later checkpoint that keeps the rule closes it too)"]
+    for a in opened[-DETAIL_LIMIT:]:
+        out.append(f"  #{a['id']}  {H.clock(a['created_at'])}  {a['message']}")
+        sent = []
+        for channel, d in sorted(a["deliveries"].items()):
+            if d["delivered_at"] is not None:
+                sent.append(f"{channel} delivered")
+            else:
+                retry = f", next try {H.clock(d['next_try_at'])}" if d["next_try_at"] else ""
+                sent.append(f"{channel} pending ({d['failures']} failure(s){retry}"
+                            f"{': ' + d['last_error'] if d['last_error'] else ''})")
+        out.append("      log" + "".join(f"; {x}" for x in sent))
     return out
 
 
@@ -534,7 +570,6 @@ def comparison_line(c: dict) -> str:
     return (f"  last comparison: {c['benchmark']} {c['iteration']} vs {c['against']}: {c['metric']} {num(c.get('old'))}"
             f" -> {num(c.get('new'))}, delta {num(c.get('delta'))} ({p_text}, {c.get('method')}, n={c.get('n')}), "
             f"{verdict}{flips}")
-
 
 
 def handles(j: L.Job, executor: str) -> str:
@@ -686,6 +721,7 @@ def report_json(r: Report) -> dict:
         "set_aside": r.set_aside,
         "not_configured": [{"run": run, "jobs": n} for run, n in r.not_configured],
         "actions": r.messages,
+        "alerts": r.alerts,
     }
 
 
@@ -708,7 +744,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cancel-jobs", action="store_true",
                    help="executor.type slurm: scancel the jobs in flight (a stopped daemon leaves them running); "
                         "the next start retries them")
+    p.add_argument("--check", action="store_true",
+                   help=f"exit {CHECK_OPEN_ALERTS} while a regression alert is open (for CI and monitoring)")
+    p.add_argument("--ack", action="append", default=None, metavar="ID|all",
+                   help="close open alerts: an alert's number (repeatable) or `all` (with --run: that run's)")
     return p
+
+
+def ack_alerts(cfg: AutoEvalConfig, which: list[str], run: Optional[str]) -> str:
+    """Close open alerts by hand (the ledger keeps them, closed by `acknowledged`)."""
+    ids = None
+    if "all" not in which:
+        try:
+            ids = [int(x.lstrip("#")) for x in which]
+        except ValueError:
+            raise EvaluatorError(f"--ack: expected alert numbers or `all`, got {' '.join(which)}") from None
+    try:
+        writable = L.Ledger(cfg.cache_dir)
+        try:
+            n = writable.ack_alerts(ids, run)
+        finally:
+            writable.close()
+    except L.LedgerUnavailable as e:
+        raise EvaluatorError(str(e)) from None
+    return f"{n} alert(s) acknowledged (closed)"
 
 
 def retry_recording(cfg: AutoEvalConfig, run: Optional[str]) -> str:
@@ -738,8 +797,9 @@ def main(argv: list[str]) -> int:
         raise EvaluatorError(f"--last: expected an integer >= 0, got {args.last}")
     if args.watch is not None and args.watch <= 0:
         raise EvaluatorError(f"--watch: expected seconds > 0, got {args.watch:g}")
-    if args.watch is not None and (args.retry_recording or args.cancel_jobs):
-        raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs once, without it")
+    if args.watch is not None and (args.retry_recording or args.cancel_jobs or args.ack or args.check):
+        raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs / --ack / --check once, "
+                             "without it")
     cfg = load_config(args.config, require_datasets=False, check_data=False)  # status shows, whatever the data
     last = args.last if args.last is not None else DEFAULT_LAST
     report = gather(cfg, args.config, args.run, last, time.time())  # checks --run before changing anything
@@ -748,12 +808,14 @@ def main(argv: list[str]) -> int:
         messages.append(retry_recording(cfg, args.run))
     if args.cancel_jobs:
         messages.append(cancel_jobs(report.jobs))
+    if args.ack:
+        messages.append(ack_alerts(cfg, args.ack, args.run))
     if messages:
         report = gather(cfg, args.config, args.run, last, time.time())
         report.messages = messages
     if args.watch is None:
         show(report, args.json)
-        return 0
+        return CHECK_OPEN_ALERTS if args.check and open_alerts(report) else 0
     return watch(cfg, args, last, report)
 
 
