@@ -452,7 +452,7 @@ def alert_lines(r: Report) -> list[str]:
                 retry = f", next try {H.clock(d['next_try_at'])}" if d["next_try_at"] else ""
                 sent.append(f"{channel} pending ({d['failures']} failure(s){retry}"
                             f"{': ' + d['last_error'] if d['last_error'] else ''})")
-        out.append("      log" + "".join(f"; {x}" for x in sent))
+        out.append("      sent to: log" + "".join(f"; {x}" for x in sent))
     return out
 
 
