@@ -11,7 +11,7 @@ import yaml
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import alerts as A
 from evaluator.daemon import ledger as L
-from evaluator.daemon.config import AlertRuleConfig, AlertsConfig, load_config
+from evaluator.daemon.config import AlertRuleConfig, AlertsConfig, WandbConfig, load_config
 from evaluator.daemon.notify import make_channels, webhook_url
 
 
@@ -214,3 +214,16 @@ def test_a_failed_delivery_backs_off_and_stays_pending_until_delivered(tmp_path)
     led.alert_delivered(alert, "webhook")
     assert led.alerts_undelivered(["webhook"]) == 0
     assert led.alerts()[0]["deliveries"]["webhook"]["failures"] == 1
+
+
+def test_wandb_alert_is_a_channel_only_when_the_wandb_sink_runs_online(tmp_path, caplog):
+    from evaluator.daemon.sink_setup import make_sinks
+
+    path = write_cfg(tmp_path, [{"benchmark": "qa", "metric": "exact_match"}])
+    for mode, expected in (("offline", []), ("online", ["wandb"])):
+        cfg = load_config(path)
+        cfg.wandb = WandbConfig(mode=mode)  # a `wandb:` section adds the wandb sink
+        with caplog.at_level("INFO", logger="evaluator"):
+            channels = make_channels(cfg.alerts, make_sinks(cfg), {})
+        assert [c.name for c in channels] == expected
+    assert "wandb.alert skipped: W&B runs offline" in caplog.text

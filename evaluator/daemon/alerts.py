@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from evaluator.daemon.best import reported  # the one rule for "metrics.json carries this name"
+
 FIRE, PASS, UNKNOWN = "fire", "pass", "unknown"
 DROP, STUCK, FAILED = "drop", "stuck", "failed"
 VERSUS = ("prev", "best", "threshold")
@@ -165,12 +167,6 @@ def problems(configured: list, metrics: dict[str, Optional[list[str]]], max_atte
             out.append((loc + ("name",), f"the same rule as rules[{ids[rid]}] ({rid!r}); give each a distinct `name:`"))
         ids.setdefault(rid, i)
     return out
-
-
-def reported(metric: str, names: list[str]) -> bool:
-    """Whether metrics.json carries `metric` when the benchmark computes `names`: the name itself or a labelled
-    variant of it (sbert_sim is reported as sbert_sim_<model>)."""
-    return metric in names or any(metric.startswith(n + "_") for n in names)
 
 
 # ---- checking ------------------------------------------------------------------------------------------------
