@@ -398,7 +398,8 @@ def test_json_is_one_object_with_the_documented_keys(setup, capsys):
                                                                       "beat_at", "stopped_at"}
     run = doc["runs"][0]
     assert set(run) == {"run", "configured", "root", "layout", "benchmarks", "metrics", "counts", "iterations",
-                        "shown", "rows"}
+                        "shown", "rows", "best", "last_comparison"}
+    assert (run["best"], run["last_comparison"]) == (None, [])  # no best: rule, no compare.json
     assert run["run"] == "tiny" and run["benchmarks"] == ["qa", "mc"] and run["metrics"]["qa"] == "acc"
     cells = run["rows"][0]["cells"]
     assert run["rows"][0]["iteration"] == 1000
