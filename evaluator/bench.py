@@ -31,6 +31,7 @@ from evaluator.common.atomic import read_json, write_text_atomic
 from evaluator.common.contracts import (EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS,
                                         WARM_STAGE_MODULES, StageJob)
 from evaluator.common.errors import EvaluatorError
+from evaluator.common.scale import PAPER_SCALE, scale_note, scaled
 from evaluator.common.secrets import is_secret
 from evaluator.daemon.stages import BENCHMARK_TYPES  # a plain table: no daemon machinery is imported
 
@@ -267,17 +268,24 @@ def make_job(stage: str, spec: dict, model: str, out_dir: str, seed: int, extra:
                     output_dir=out_dir, seed=seed, extra=extra or {})
 
 
-def write_summary(out_dir: str, spec: dict) -> str:
-    """lalm_bench's result_<benchmark>.txt: the metrics in a few readable lines beside metrics.json."""
+def write_summary(out_dir: str, spec: dict, scale: float = 1) -> str:
+    """lalm_bench's result_<benchmark>.txt: the metrics in a few readable lines beside metrics.json; values times
+    `scale` (evaluator/common/scale.py), counts as they are."""
     data = read_json(os.path.join(out_dir, METRICS))
     lines = [f"benchmark: {spec['name']} ({spec['type']})", f"n: {data.get('n')}"]
+    if data.get("subset"):
+        lines.append(f"subset: {data['n']} of {data.get('n_full')} samples")
+    lines += [f"warning: {w}" for w in data.get("warnings") or []]
+    if scale_note(scale):
+        lines.append(scale_note(scale))
     for name, value in sorted(data["metrics"].items()):
         se = (data.get("stderr") or {}).get(name)
-        lines.append(f"{name}: {value:.6g}" + (f" (stderr {se:.4g})" if se is not None else ""))
+        lines.append(f"{name}: {scaled(value, scale):.6g}" + (f" (stderr {scaled(se, scale):.4g})" if se is not None else ""))
     for name, why in sorted((data.get("unavailable") or {}).items()):
         lines.append(f"{name}: {why}")
     for category, values in sorted((data.get("per_category") or {}).items()):
-        lines.append(f"[{category}] " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+        lines.append(f"[{category}] " + ", ".join(f"{k}={v if k == 'n' else scaled(v, scale):.4g}"
+                                                  for k, v in sorted(values.items())))
     path = os.path.join(out_dir, f"result_{spec['name']}.txt")
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
@@ -370,7 +378,7 @@ def cmd_inference(args, then_eval: bool = False) -> int:
         runs.append(BenchmarkRun(spec, out_dir, os.path.join(out_dir, PREDICTIONS)))
     run_benchmarks(INFERENCE, runs, model, args.seed)
     if then_eval:
-        return evaluate(runs, model, args.seed)
+        return evaluate(runs, model, args.seed, table_scale(args))
     for run in runs:
         if run.code is None:
             run.code, run.result = 0, run.predictions
@@ -378,12 +386,12 @@ def cmd_inference(args, then_eval: bool = False) -> int:
     return finish(runs)
 
 
-def evaluate(runs: list, model: str, seed: int) -> int:
+def evaluate(runs: list, model: str, seed: int, scale: float = 1) -> int:
     """The evaluation stage for each benchmark whose inference succeeded, then its result_<name>.txt."""
     run_benchmarks(EVALUATION, runs, model, seed)
     for run in runs:
         if run.code is None:
-            summary = write_summary(run.out_dir, run.spec)
+            summary = write_summary(run.out_dir, run.spec, scale)
             print(open(summary, encoding="utf-8").read(), end="")
             run.code, run.result = 0, os.path.join(run.out_dir, METRICS)
             print(run.result)
@@ -410,7 +418,7 @@ def cmd_eval(args) -> int:
     out_dir = os.path.join(user_path(args.output_root), model, spec["name"]) if args.output_root \
         else os.path.dirname(predictions)
     os.makedirs(out_dir, exist_ok=True)
-    return evaluate([BenchmarkRun(spec, out_dir, predictions)], model, args.seed)
+    return evaluate([BenchmarkRun(spec, out_dir, predictions)], model, args.seed, table_scale(args))
 
 
 def _model_from_predictions(predictions: str) -> str:
@@ -460,6 +468,15 @@ def _common(p, with_model: bool) -> None:
         p.add_argument("--max-error-rate", type=float, default=0.1, help="fail when more samples error (default 0.1)")
 
 
+def _x100(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--x100", action="store_true", help="print metric values x100 as papers do (CIDEr-D 45.1, "
+                   "accuracy 61.2); metrics.json keeps the raw values")
+
+
+def table_scale(args) -> float:
+    return PAPER_SCALE if getattr(args, "x100", False) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tools/bench.py", description="One-off benchmark runs on a checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -488,9 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(output_root=None)  # default: beside the predictions file
     p.add_argument("--predictions", required=True)
     p.add_argument("--metrics", help="comma-separated metric names (default: the benchmark's)")
+    _x100(p)
     p = sub.add_parser("run", help="inference then evaluation")
     _common(p, True)
     p.add_argument("--metrics", help="comma-separated metric names (default: the benchmark's)")
+    _x100(p)
     sub.add_parser("list", help="benchmarks, backends, model aliases")
     return parser
 

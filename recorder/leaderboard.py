@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from evaluator.common.scale import scale_note, scaled
 from recorder.sinks import ResultRecord
 
 
@@ -79,16 +80,18 @@ def build(records: Iterable[ResultRecord], metrics: list[str],
     return ordered, missing
 
 
-def markdown(entries: list[Entry], metrics: list[str]) -> str:
+def markdown(entries: list[Entry], metrics: list[str], scale: float = 1) -> str:
+    """The table; the metrics' raw values times `scale` (evaluator/common/scale.py), the score as it is."""
     shown = [m for m in metrics if any(m in e.values for e in entries)]
     head = ["rank", "model", "iteration", "tokens (B)", "score", "metrics"] + shown
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for rank, e in enumerate(entries, 1):
         cells = [str(rank), e.model, str(e.iteration), "" if e.tokens_b is None else f"{e.tokens_b:.4g}",
                  f"{e.score:.4f}", f"{len(e.values)}/{len(shown)}"]
-        cells += [f"{e.values[m]:.4g}" if m in e.values else "" for m in shown]
+        cells += [f"{scaled(e.values[m], scale):.4g}" if m in e.values else "" for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    note = f"\n{scale_note(scale)}\n" if scale_note(scale) else ""
+    return "\n".join(lines) + "\n" + note
 
 
 def as_rows(entries: list[Entry], metrics: list[str]) -> tuple[list[str], list[list]]:

@@ -71,6 +71,7 @@ class WriterConfig(Section):
     leaderboard_metrics: Optional[list[str]] = None  # default: HELM's 16 core metrics (Data-Juicer)
     excluded_models: list[str] = []
     excluded_runs: list[str] = []  # the spelling in Data-Juicer's leaderboard example; same meaning
+    scale: Literal[1, 100] = 1  # printed leaderboard values x100 as papers do (evaluator/common/scale.py)
 
 
 def load_writer_config(path: str) -> WriterConfig:
@@ -202,7 +203,7 @@ def make_leaderboard(cfg: WriterConfig, records: list[ResultRecord], print_only:
     if not entries:
         raise EvaluatorError(f"leaderboard: no model has any of the metrics {metrics}")
     shown = [m for m in metrics if m not in missing]
-    table = leaderboard.markdown(entries, shown)
+    table = leaderboard.markdown(entries, shown, cfg.scale)
     print(f"# leaderboard ({cfg.project})\n\n{table}", file=out)
     if print_only:
         return
