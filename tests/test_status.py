@@ -376,7 +376,7 @@ def test_a_configured_run_without_jobs_is_not_an_error(setup, capsys):
 
 
 JSON_KEYS = {"schema_version", "now", "daemon", "runs", "jobs", "unavailable", "settings_changed", "hints",
-             "snapshots", "set_aside", "not_configured", "actions"}
+             "snapshots", "set_aside", "not_configured", "actions", "alerts"}
 
 
 def test_json_is_one_object_with_the_documented_keys(setup, capsys):
