@@ -424,3 +424,30 @@ def test_summary_md_shows_n_and_stderr_per_value_the_best_checkpoint_and_the_las
         "not significant at 0.05; 70 fixed, 10 broken",
         "- qa @ 3000 vs best 1000: acc 0.61 -> 0.63, delta 0.02 (CI -0.02 .. 0.06), p = 0.6 (mcnemar_exact, n = 500), "
         "not significant at 0.05; 30 fixed, 20 broken"]
+
+
+# ---- the document the daemon really writes -----------------------------------------------------------------------
+def test_a_compare_json_made_by_the_comparison_code_is_summarised_tabled_and_marked(tmp_path):
+    """Not a hand-written document: evaluator.common.compare on a planted 10-point drop over 500 samples."""
+    from evaluator.common.compare import compare_document
+    from recorder.wandb_sink import flips_table
+    from test_compare import planted_pair
+
+    old_dir, new_dir, _, _ = planted_pair(tmp_path)
+    doc = compare_document("tiny", "qa", 2000, 0, new_dir, prev=("tiny", 1000, old_dir), best=("tiny", 1000, old_dir))
+    sink = LocalHistorySink(str(tmp_path / "cache"))
+    sink.record(ResultRecord(run="tiny", iteration=1000, benchmark="qa", metrics={"exact_match": 0.6}))
+    sink.record(ResultRecord(run="tiny", iteration=2000, benchmark="qa", metrics={"exact_match": 0.5},
+                             comparison=doc))
+    row = sink.rows("tiny")[1]
+    assert {k: row["vs_prev"][k] for k in ("iteration", "metric", "method", "significant", "n")} == {
+        "iteration": 1000, "metric": "exact_match", "method": "mcnemar_exact", "significant": True, "n": 500}
+    assert row["vs_prev"]["delta"] == pytest.approx(-0.1)
+    columns, data = flips_table(ResultRecord("tiny", 2000, "qa", {}, comparison=doc))
+    flips = [dict(zip(columns, r)) for r in data]
+    broken = [f for f in flips if f["against"] == "prev" and f["change"] == "broken"]
+    assert broken and all(f["old_prediction"].startswith("right") and f["new_prediction"].startswith("wrong")
+                          and f["prompt"] == f"question {f['sample_id']}?" for f in broken)
+    ax = panel(plots.curves_figure("tiny", sink.rows("tiny")), "qa/exact_match")
+    assert [c.get_offsets().tolist() for c in ax.collections if c.get_label().startswith("significant")] == [
+        [[2000, 0.5]]]
