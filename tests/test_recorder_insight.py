@@ -212,7 +212,7 @@ def test_wandb_summary_only_keeps_the_comparison_series_and_drops_the_tables(tmp
 def test_wandb_run_summary_holds_the_best_checkpoint_and_every_later_session_repeats_it(tmp_path):
     from recorder.wandb_sink import WandbSink
 
-    first, second, third = three_checkpoints(tmp_path)
+    first, _, third = three_checkpoints(tmp_path)
     WandbSink(wandb_settings(tmp_path)).record(first)
     plain = result(tmp_path, 1500, 0.55)  # e.g. a wandb_writer backfill: it knows no best
     WandbSink(wandb_settings(tmp_path)).record(plain)
