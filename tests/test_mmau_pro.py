@@ -314,7 +314,7 @@ def test_mmau_pro_judge_sends_the_speechlm_prompt_and_scores_yes_as_right():
 
 # --- the loader: multi-audio and spatial rows ---------------------------------------------------------------------
 
-def write_wav(path, channels=1, seconds=0.05, rate=16000, amplitudes=(0.5, -0.5)):
+def write_wav(path, channels=1, seconds=1.0, rate=16000, amplitudes=(0.5, -0.5)):
     """16-bit PCM; channel k a constant-frequency sine of amplitude amplitudes[k] (opposite phases in stereo:
     their mono mixdown is silence, so a mixdown loses everything a spatial question asks about)."""
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
@@ -401,39 +401,46 @@ def test_loader_takes_open_and_instruction_rows_with_their_published_methods(tmp
 
 # --- backends: what a model family can take ------------------------------------------------------------------------
 
-CAPABILITY_SCRIPT = r'''
-import json, sys
-from evaluator.benchmarks import registry
-from evaluator.stages.inference.backends.audio import FAMILIES, check_audio_input
-ds = registry.load_benchmark("mmau-pro", sys.argv[1])
-out = {}
-for family in ("whisper", "qwen2_audio"):
-    f = FAMILIES[family]
-    for s in ds.samples:
-        try:
-            out[f"{family}/{s.id}"] = len(check_audio_input(s, f"a {family} checkpoint", f.max_audios, f.stereo))
-        except ValueError as e:
-            out[f"{family}/{s.id}"] = [type(e).__name__, str(e)]
-print(json.dumps(out))
-'''
+def test_more_clips_than_a_family_takes_is_multi_audio_unsupported_for_that_sample(tmp_path):
+    from evaluator.stages.inference.backends.audio import FAMILIES, MultiAudioUnsupported, check_audio_input
+    root = tmp_path / "mmau-pro"
+    write_rows(root, mmau_pro_rows(root))
+    multi = {s.id: s for s in registry.load_benchmark("mmau-pro", str(root)).samples}["c2"]
+    qwen, whisper = FAMILIES["qwen2_audio"], FAMILIES["whisper"]
+    assert len(check_audio_input(multi, "a qwen2_audio checkpoint", qwen.max_audios, qwen.stereo)) == 3
+    with pytest.raises(MultiAudioUnsupported, match=r"sample 'c2' has 3 audio parts; a whisper checkpoint takes at "
+                                                    r"most 1"):
+        check_audio_input(multi, "a whisper checkpoint", whisper.max_audios, whisper.stereo)
 
 
 @pytest.mark.slow
-def test_a_model_that_cannot_take_the_input_fails_that_sample_with_an_error_naming_it(tmp_path, venvs):
+def test_hf_audio_model_gets_every_clip_and_fails_spatial_stereo_rows_alone_instead_of_mixing_them_down(tmp_path,
+                                                                                                       venvs):
+    """A tiny random Qwen2-Audio checkpoint (mono only, any number of clips) through tools/bench.py inference."""
+    model = tmp_path / "qwen2_audio"
+    build = subprocess.run([INFER_PY, os.path.join(ROOT, "tests", "stage_scripts", "make_tiny_audio_models.py"),
+                            str(model), "qwen2_audio"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
     root = tmp_path / "mmau-pro"
     rows = mmau_pro_rows(root)
     write_wav(root / "data" / "mono_spatial.wav")
-    rows.append({**rows[2], "id": "c6", "audio_path": ["data/mono_spatial.wav"]})  # spatial but one channel
+    rows.append({**rows[2], "id": "c6", "audio_path": ["data/mono_spatial.wav"]})  # spatial, one channel: fine
     write_rows(root, rows)
-    proc = subprocess.run([INFER_PY, "-c", CAPABILITY_SCRIPT, str(root)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["qwen2_audio/c2"] == 3 and out["qwen2_audio/c6"] == 1 and out["qwen2_audio/c1"] == 1
-    assert out["whisper/c2"][0] == "MultiAudioUnsupported" and "3 audio parts" in out["whisper/c2"][1]
-    for family in ("whisper", "qwen2_audio"):  # no family takes stereo: a spatial stereo clip is refused
-        kind, message = out[f"{family}/c3"]
-        assert kind == "StereoUnsupported" and "st1.wav is a spatial clip with 2 channels" in message
+    proc = subprocess.run([DAEMON_PY, BENCH, "inference", "mmau-pro", "--dataset", str(root), "--model",
+                           str(model), "--model-name", "m", "--output-root", str(tmp_path / "out"),
+                           "--param", "max_new_tokens=4", "--max-error-rate", "0.5"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(str(tmp_path / "out"), "m", "mmau-pro", "predictions.jsonl")) as f:
+        by_id = {r["sample_id"]: r for r in map(json.loads, f)}
+    for sample_id in ("c3", "c4"):
+        row = by_id[sample_id]
+        assert row["status"] == "error" and row["error"]["type"] == "StereoUnsupported"
+        assert "is a spatial clip with 2 channels; a qwen2_audio checkpoint takes mono only" in row["error"]["message"]
+    for sample_id in ("c1", "c2", "c5", "c6"):
+        assert by_id[sample_id]["status"] == "ok", by_id[sample_id]["error"]
+        assert by_id[sample_id]["response"]["usage"]["audio_downmixed"] == 0
+    assert by_id["c2"]["response"]["usage"]["audio_seconds"] == pytest.approx(3.0, abs=0.01)  # all three clips
 
 
 # --- tools/bench.py run mmau-pro, end to end ---------------------------------------------------------------------
