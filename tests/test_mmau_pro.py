@@ -114,6 +114,7 @@ def test_mmau_string_match_metric_is_the_share_right_per_category_and_per_skill(
     assert result.per_category["perceptual_skills: Counting"] == {"n": 1, "mmau_string_match": 1.0}
     assert result.per_category["reasoning_skills: Spatial"] == {"n": 1, "mmau_string_match": 1.0}
     assert "Sakshi113/MMAU" in result.methods["mmau_string_match"]
+    assert result.compared["mmau_string_match"][3] == {"prediction": "", "reference": "Right"}
 
 
 # --- mmau_pro_embed ----------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ for c in cases:
     best, mine = embed_match(load_encoder(model, "cpu"), c["prediction"].strip(), c["choices"])
     ours.append([best, mine])
 print(json.dumps({"values": result.values, "per_sample": result.per_sample, "per_category": result.per_category,
-                  "methods": result.methods, "direct": direct, "ours": ours, "model": model}))
+                  "methods": result.methods, "compared": result.compared, "direct": direct, "ours": ours, "model": model}))
 '''
 
 EMBED_CASES = [
@@ -188,6 +189,9 @@ def test_mmau_pro_embed_with_a_stand_in_embedder_equals_a_direct_computation_wit
     expected = [float(d is not None and EMBED_CASES[i]["choices"][d[0]] == EMBED_CASES[i]["target"])
                 for i, d in enumerate(out["direct"])]
     assert out["per_sample"]["mmau_pro_embed"] == expected
+    assert out["compared"]["mmau_pro_embed"][0] == {"prediction": EMBED_CASES[0]["choices"][out["direct"][0][0]],
+                                                    "reference": "dog barking"}  # the matched choice
+    assert out["compared"]["mmau_pro_embed"][4] is None  # failed inference: nothing embedded
     assert out["values"]["mmau_pro_embed"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
     assert out["values"]["mmau_pro_embed_no_answer"] == 2.0  # the failed and the blank prediction
     assert out["per_category"]["spatial_audio"]["mmau_pro_embed"] == 0.0

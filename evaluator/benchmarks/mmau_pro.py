@@ -52,7 +52,7 @@ TASKS = {"mc": ("multiple_choice", ["mmau_pro_embed", "mmau_string_match"], MC_P
 MAPPED = ("id", "audio_path", "question", "choices", "answer", "category")
 INSTRUCTION_CATEGORY = "instruction following"
 OPEN_CATEGORY = "open"
-SPATIAL_CATEGORIES = ("spatial_audio",)
+SPATIAL_CATEGORIES = ("spatial_audio", "spatial")  # NeMo-Skills' tables say spatial_audio
 
 
 def lettered_choices(choices: list) -> str:

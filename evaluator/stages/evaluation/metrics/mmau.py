@@ -103,6 +103,8 @@ def mmau_string_match(inp: MetricInput, names: list[str]) -> MetricResult:
               for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok)]
     result = MetricResult()
     _record("mmau_string_match", scores, inp.samples, result)
+    result.compared["mmau_string_match"] = [{"prediction": pred if ok else "", "reference": s.target}
+                                            for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok)]
     result.methods["mmau_string_match"] = "MMAU v1 evaluation.py string_match (token sets; Sakshi113/MMAU)"
     return result
 
@@ -205,15 +207,18 @@ def mmau_pro_embed(inp: MetricInput, names: list[str]) -> MetricResult:
         return result
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     encode = load_encoder(str(model), str(options.get("device", "cpu")))
-    scores, no_answer = [], 0
+    scores, compared, no_answer = [], [], 0
     for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok):
         if not ok or not pred.strip():
             no_answer += 1
             scores.append(0.0)
+            compared.append(None)
             continue
         best, _ = embed_match(encode, pred.strip(), s.choices)
         scores.append(float(s.choices[best].strip().lower() == s.target.strip().lower()))
+        compared.append({"prediction": s.choices[best], "reference": s.target})  # the matched choice
     _record("mmau_pro_embed", scores, inp.samples, result)
+    result.compared["mmau_pro_embed"] = compared
     result.values["mmau_pro_embed_no_answer"] = float(no_answer)
     model_id = embed_model_id(str(model))
     result.methods["mmau_pro_embed"] = (f"MMAU-Pro closed-form embedding match (NeMo-Skills nvembed_judge: argmax "
