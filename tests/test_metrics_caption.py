@@ -88,15 +88,23 @@ def coco(ids):
 everything = list(range(len(cands)))
 rouge, rouge_each = Rouge().compute_score(gts, res)
 cider, cider_each = Cider().compute_score(gts, res)
+bleu_each = Bleu(4).compute_score(gts, res)[1]
+meteor_each = meteor.compute_score(gts, res)[1]
 by_cat = {}
 for c in sorted(set(cats)):
     ids = [i for i in everything if cats[i] == c]
     by_cat[c] = {**coco(ids), "n": len(ids), "rouge_l": sum(rouge_each[i] for i in ids) / len(ids),
                  "cider_d": sum(cider_each[i] for i in ids) / len(ids)}
 reference = {"values": {**coco(everything), "rouge_l": rouge, "cider_d": cider},
-             "per_sample": {"rouge_l": list(map(float, rouge_each)), "cider_d": list(map(float, cider_each))},
-             "per_category": by_cat, "tokenized_candidates": [res[i][0] for i in everything]}
-json.dump({"ours": first, "again": second, "coco": reference}, open(sys.argv[1], "w"))
+             "per_sample": {"rouge_l": list(map(float, rouge_each)), "cider_d": list(map(float, cider_each)),
+                            **{f"bleu_{k + 1}": list(map(float, bleu_each[k])) for k in range(4)},
+                            "meteor": list(map(float, meteor_each))},
+             "per_category": by_cat, "tokenized_candidates": [res[i][0] for i in everything],
+             "tokenized_references": [gts[i] for i in everything]}
+import aac_metrics
+from evaluator.stages.evaluation.metrics.caption import java_version, _java
+json.dump({"ours": first, "again": second, "coco": reference, "aac_version": aac_metrics.__version__,
+           "java_version": java_version(_java({}))}, open(sys.argv[1], "w"))
 '''
 
 OFFLINE = r'''
@@ -156,6 +164,40 @@ def test_per_sample_scores_equal_pycocoevalcap_and_average_to_the_value(fidelity
     assert len(ours) == 50 and max(abs(a - b) for a, b in zip(ours, coco)) <= TOL
     assert abs(sum(ours) / len(ours) - fidelity["ours"]["values"][name]) <= TOL
     assert ours[20] == 0.0  # the failed inference scored as an empty caption
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor"])
+def test_corpus_metrics_have_pycocoevalcaps_sentence_scores_per_sample_not_averaging_to_the_value(fidelity, name):
+    ours, coco = fidelity["ours"]["per_sample"][name], fidelity["coco"]["per_sample"][name]
+    assert len(ours) == 50 and max(abs(a - b) for a, b in zip(ours, coco)) <= TOL
+    assert fidelity["ours"]["per_sample_kind"][name] == "sentence"
+    assert name not in fidelity["ours"]["stderr"]
+    assert abs(sum(ours) / len(ours) - fidelity["ours"]["values"][name]) > 1e-6  # the corpus score is reported
+
+
+@pytest.mark.slow
+def test_every_per_sample_caption_score_records_the_ptb_tokens_it_compared(fidelity):
+    ours, coco = fidelity["ours"], fidelity["coco"]
+    assert sorted(ours["compared"]) == sorted(ours["per_sample"])
+    for name, rows in ours["compared"].items():
+        assert [r["prediction"] for r in rows] == coco["tokenized_candidates"], name
+        assert [r["reference"] for r in rows] == coco["tokenized_references"], name
+    assert ours["compared"]["cider_d"][7]["prediction"] == "a dog barks loudly then stops"  # had a line break
+
+
+@pytest.mark.slow
+def test_caption_methods_name_the_aac_metrics_version_and_the_java(fidelity):
+    methods = fidelity["ours"]["methods"]
+    assert sorted(methods) == sorted(fidelity["ours"]["values"])
+    for name, method in methods.items():
+        assert method.startswith(f"aac-metrics {fidelity['aac_version']} "), (name, method)
+        assert f"; Java {fidelity['java_version']}" in method, (name, method)
+
+
+@pytest.mark.slow
+def test_predictions_made_one_line_are_counted_in_the_result(fidelity):
+    assert fidelity["ours"]["notes"] == {"caption_predictions_made_one_line": 1}  # cands[7]
 
 
 @pytest.mark.slow

@@ -90,9 +90,13 @@ def score(job: StageJob) -> tuple[dict, list[dict]]:
     doc = {
         **metrics_header(job, kind), "dataset_id": dataset.dataset_id, "n": len(results), "n_error": ok.count(False), "metrics": result.values, "stderr": result.stderr,
         "per_category": result.per_category, "unavailable": result.unavailable, "versions": library_versions(VERSIONED),
-        "per_sample": result.per_sample_kind, "methods": result.methods,
+        "per_sample": result.per_sample_kind, "methods": result.methods, "notes": result.notes,
         "timings": {"score_s": round(time.perf_counter() - t0, 3)}, "predictions": predictions_path,
     }
+    from .metrics.caption import subset_note  # aac-metrics is imported inside its functions only
+    doc.update(subset_note(list(result.values), len(results), len(dataset.samples)))
+    for warning in doc.get("warnings", []):
+        log(f"warning: {warning}")
     return doc, score_rows(results, samples, result)
 
 

@@ -57,6 +57,9 @@ class MetricResult:
     # filled by compute() from the registry (a function may set its own, e.g. naming the judge model)
     methods: dict[str, str] = field(default_factory=dict)
     per_sample_kind: dict[str, str] = field(default_factory=dict)  # "mean" | "sentence"
+    # remarks a reader of metrics.json needs about how the set was scored (JSON values), e.g. the number of
+    # captions made one line before PTB tokenisation
+    notes: dict[str, object] = field(default_factory=dict)
 
     def merge(self, other: "MetricResult") -> None:
         self.values.update(other.values)
@@ -66,6 +69,7 @@ class MetricResult:
         self.compared.update(other.compared)
         self.methods.update(other.methods)
         self.per_sample_kind.update(other.per_sample_kind)
+        self.notes.update(other.notes)
         for category, metrics in other.per_category.items():
             self.per_category.setdefault(category, {}).update(metrics)
 

@@ -7,6 +7,11 @@ pycocoevalcap wheel into the aac-metrics cache layout on first use. SPICE's two 
 checkpoints ship with nothing installable here; without them those metrics are reported as
 "unavailable: missing ..." and never as a number.
 
+Before scoring: predictions are made one line (`one_line`, counted in `notes`), and `java_preflight` proves that
+the Java in use runs the PTB tokenizer, METEOR and SPICE (those the metrics need) right on fixed probes, once
+per process and Java, or fails the job naming the Java and its version. Sentence-level BLEU-k and METEOR values
+are kept per sample beside their corpus scores; every per-sample value records the PTB tokens it compared.
+
 aac_metrics, torch and sentence-transformers are imported inside the functions that need them.
 
 Models (SBERT, FENSE's fluency checker) stay loaded for the rest of the process, so a warm evaluation worker that
@@ -27,7 +32,7 @@ from typing import Callable, Optional
 from evaluator.common.errors import EvaluatorError
 
 from . import MetricInput, MetricResult
-from .stats import category_groups, mean_metric
+from .stats import category_groups, mean_metric, sentence_scores
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 CACHE_ENV = "AAC_METRICS_CACHE_PATH"
@@ -62,11 +67,29 @@ FENSE_ECHECKER = "echecker_clotho_audiocaps_base"
 FENSE_SBERT = "sentence-transformers/paraphrase-TinyBERT-L6-v2"  # aac-metrics' DEFAULT_SBERT_SIM_MODEL on the hub
 FLUENCY_PENALTY = 0.9  # aac-metrics / FENSE default, for fense and spider_fl
 
-# Java majors this code accepts. aac-metrics 0.5.5 refuses Java > 13 in a check that runs only under
-# __debug__; METEOR 1.5 and the PTB tokenizer give pycocoevalcap's exact numbers on Java 17 (see
-# tests/test_metrics_caption.py), so we raise its cap instead of asking for `python -O` (which would also
-# drop aac-metrics' other input checks). 21 is the next LTS.
+# aac-metrics 0.5.5 refuses Java outside 8..13 (utils/checks.py) in a check that runs only under __debug__.
+# caption_metrics does not rely on that table: java_preflight() runs each Java tool once on a probe with a known
+# output and lets aac-metrics' check through for the Java that passed. This cap is for scripts that call
+# aac-metrics directly (scripts/bench_metrics.py); 17 and 11 are the majors proven here for PTB and METEOR.
 MAX_JAVA_MAJOR_VERSION = 21
+
+# Probes: fixed inputs and the outputs aac-metrics gives on them, measured with Java 11.0.13 (inside aac-metrics'
+# 8..13) and identical to the last digit with Java 17.0.15. The METEOR value is the corpus score of the jar.
+PTB_PROBE = ("A Dog's bark, (loud)!", "a dog 's bark -lrb- loud -rrb-")
+METEOR_PROBE = (["a dog barks loudly", "rain falls"], [["a dog is barking loudly", "dog barks"],
+                                                       ["heavy rain falls on a roof"]], 0.29546577032308796)
+SPICE_PROBE = {"image_id": 0, "test": "a dog barks", "refs": ["a dog barks"]}
+PROBE_TOLERANCE = 1e-12
+# (java real path, probe, cache dir) -> "" when the probe passed, else what went wrong. Kept for the process, so
+# a warm evaluation worker probes each Java once.
+_JAVA_VERDICTS: dict[tuple[str, str, str], str] = {}
+
+# What the PTB tokenizer must not see inside a sentence: it reads one sentence per line, so a line break would
+# shift every later sentence (aac-metrics refuses "\n" only under __debug__, and no other break at all). Every
+# character str.splitlines() breaks on, and tabs.
+_NOT_ONE_LINE = re.compile("[\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029]")
+# CIDEr-D's IDF is computed over the references of the evaluated set, so these change with the set itself.
+SET_IDF_METRICS = ("cider_d", "spider", "spider_fl")
 
 
 # Loaded models, newest use last: (kind, resolved model location, device) -> the model. A worker rarely sees more
@@ -214,19 +237,108 @@ def _missing_for(name: str, cache_dir: str, java: Optional[str], sbert_model: st
     return missing
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks and tabs turned into spaces (_NOT_ONE_LINE)."""
+    return _NOT_ONE_LINE.sub(" ", text)
+
+
 def ptb_tokenize(sentences: list[str], cache_dir: str, java: str) -> list[str]:
-    """PTB-tokenise in one Java call; tokens joined by spaces. Line breaks of any kind become spaces first
-    (pycocoevalcap does this for '\\n'; others would shift the tokenizer's line-per-sentence output), and
-    blank sentences are not sent (they tokenise to "")."""
+    """PTB-tokenise in one Java call; tokens joined by spaces. Each sentence is made one line first
+    (pycocoevalcap does this for '\\n' only), and blank sentences are not sent (they tokenise to "")."""
     from aac_metrics.utils.tokenization import ptb_tokenize_batch
 
-    clean = [" ".join(s.splitlines()) for s in sentences]
+    clean = [one_line(s) for s in sentences]
     todo = [i for i, s in enumerate(clean) if s.strip()]
     tokens = ptb_tokenize_batch([clean[i] for i in todo], cache_path=cache_dir, java_path=java) if todo else []
     out = [""] * len(clean)
     for i, toks in zip(todo, tokens):
         out[i] = " ".join(toks)
     return out
+
+
+def java_version(java: str) -> str:
+    """The version `java -version` reports ("17.0.15", "1.8.0_392"); EvaluatorError when it does not run."""
+    try:
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise EvaluatorError(f"caption metrics: Java {java} does not run ({e})") from None
+    found = re.search(r'version "([^"]+)"', proc.stderr + proc.stdout)
+    if proc.returncode != 0 or not found:
+        raise EvaluatorError(f"caption metrics: `{java} -version` exited {proc.returncode} without a version: "
+                             f"{(proc.stderr + proc.stdout).strip()[-300:]!r}")
+    return found.group(1)
+
+
+def java_major(version: str) -> int:
+    """17 for "17.0.15", 8 for "1.8.0_392" (Java up to 8 numbers itself 1.N)."""
+    numbers = [int(x) for x in re.findall(r"\d+", version)]
+    return numbers[1] if numbers[0] == 1 and len(numbers) > 1 else numbers[0]
+
+
+def _probe_ptb(java: str, cache_dir: str) -> str:
+    sentence, expected = PTB_PROBE
+    got = ptb_tokenize([sentence], cache_dir, java)[0]
+    return "" if got == expected else f"PTB tokenizer gave {got!r} for {sentence!r}, expected {expected!r}"
+
+
+def _probe_meteor(java: str, cache_dir: str) -> str:
+    from aac_metrics.functional.meteor import meteor
+    cands, mrefs, expected = METEOR_PROBE
+    got = meteor(cands, mrefs, cache_path=cache_dir, java_path=java)[0]["meteor"].item()
+    return "" if abs(got - expected) <= PROBE_TOLERANCE else f"METEOR gave {got!r} on the probe, expected {expected!r}"
+
+
+def _probe_spice(java: str, cache_dir: str) -> str:
+    """SPICE as aac-metrics runs it (same jar and flags), on one caption equal to its reference; a throw-away
+    -cache. The score is only range-checked: no SPICE run was possible here to pin it (CoreNLP 3.6.0 absent)."""
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="spice_probe_") as tmp:
+        source, out = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
+        with open(source, "w", encoding="utf-8") as f:
+            json.dump([SPICE_PROBE], f)
+        cmd = [java, "-jar", "-Xmx8G", os.path.join(cache_dir, SPICE_JAR), source, "-cache", os.path.join(tmp, "cache"),
+               "-out", out, "-subset"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not os.path.isfile(out):
+            causes = [line.strip() for line in proc.stderr.splitlines() if "Exception" in line or "Error" in line]
+            return f"SPICE exited {proc.returncode}: {' | '.join(causes[:3]) or proc.stderr.strip()[-300:]}"
+        with open(out, encoding="utf-8") as f:
+            score = float(json.load(f)[0]["scores"]["All"]["f"])
+    return "" if 0.0 <= score <= 1.0 else f"SPICE gave {score!r} on the probe, expected a number in [0, 1]"
+
+
+PROBES: dict[str, Callable[[str, str], str]] = {"ptb": _probe_ptb, "meteor": _probe_meteor, "spice": _probe_spice}
+
+
+def probes_for(names: list[str]) -> list[str]:
+    """The Java tools `names` run: every caption metric the PTB tokenizer, METEOR its jar, SPICE-based ones SPICE."""
+    return (["ptb"] + (["meteor"] if "meteor" in names else [])
+            + (["spice"] if any(m in names for m in ("spice", "spider", "spider_fl")) else []))
+
+
+def java_preflight(java: str, cache_dir: str, probes: list[str]) -> str:
+    """Prove that `java` runs each of `probes` right (PROBES), once per process and Java; its version. Raises
+    EvaluatorError naming the Java and its version otherwise. Lets aac-metrics' own version check through for
+    a Java that passed (it would refuse anything above 13)."""
+    from aac_metrics.utils import checks
+    version = java_version(java)
+    major = java_major(version)
+    checks.MIN_JAVA_MAJOR_VERSION = min(checks.MIN_JAVA_MAJOR_VERSION, major)
+    checks.MAX_JAVA_MAJOR_VERSION = max(checks.MAX_JAVA_MAJOR_VERSION, major)
+    for probe in probes:
+        key = (os.path.realpath(java), probe, cache_dir)
+        if key not in _JAVA_VERDICTS:
+            try:
+                _JAVA_VERDICTS[key] = PROBES[probe](java, cache_dir)
+            except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as e:
+                _JAVA_VERDICTS[key] = f"{probe} failed: {type(e).__name__}: {e}"
+        if _JAVA_VERDICTS[key]:
+            raise EvaluatorError(
+                f"caption metrics: Java {java} (version {version}) fails the {probe} probe: {_JAVA_VERDICTS[key]}; "
+                f"point metric_options.<metric>.java_path or ${JAVA_ENV} at a Java that works (docs/metrics.md, "
+                f"Java: PTB and METEOR are proven on 11 and 17; SPICE 1.0 fails on 17, use 8 or 11)")
+    return version
 
 
 def _meteor_by_group(cands: list[str], mrefs: list[list[str]], groups: dict[str, list[int]],
@@ -273,6 +385,20 @@ def merged_options(options: dict, names: list[str]) -> dict:
     return out
 
 
+def subset_note(reported: list[str], n: int, n_full: int) -> dict:
+    """metrics.json's keys for a result scored on `n` of the benchmark's `n_full` samples (sample_size, or
+    predictions missing): {} for the whole set; else subset, n_full, and a warning when a metric whose IDF comes
+    from the evaluated references (SET_IDF_METRICS) was reported, since it is not the full set's number."""
+    if n >= n_full:
+        return {}
+    note: dict = {"subset": True, "n_full": n_full}
+    idf = [m for m in reported if m in SET_IDF_METRICS]
+    if idf:
+        note["warnings"] = [f"{', '.join(idf)} computed on {n} of {n_full} samples: CIDEr-D's IDF comes from the "
+                            f"evaluated references, so these are not comparable to full-set numbers"]
+    return note
+
+
 def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
     """BLEU-1..4, ROUGE-L, METEOR, CIDEr-D, SPICE, SPIDEr, SPIDEr-FL, FENSE and SBERT similarity."""
     inp = dataclasses.replace(inp, options=merged_options(inp.options, names))
@@ -297,10 +423,11 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
     if not wanted:
         return result
 
-    from aac_metrics.utils import checks
-    checks.MAX_JAVA_MAJOR_VERSION = max(checks.MAX_JAVA_MAJOR_VERSION, MAX_JAVA_MAJOR_VERSION)
+    java_version_used = java_preflight(java, cache_dir, probes_for(wanted))
 
     cands_raw = [p if ok else "" for p, ok in zip(inp.predictions, inp.ok)]
+    # recorded so a reader knows how many chatty multi-line captions were scored as one line (ptb_tokenize)
+    result.notes["caption_predictions_made_one_line"] = sum(one_line(p) != p for p in cands_raw)
     sizes = [len(s.references) for s in inp.samples]
     flat = ptb_tokenize(cands_raw + [r for s in inp.samples for r in s.references], cache_dir, java)
     cands, rest, mrefs = flat[:n], flat[n:], []
@@ -310,6 +437,7 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
             if not tok:
                 raise EvaluatorError(f"sample {s.id!r}: references[{j}] {raw!r} has no words after PTB tokenisation")
         mrefs.append(refs)
+    compared = [{"prediction": c, "reference": r} for c, r in zip(cands, mrefs)]
     groups = category_groups(inp.samples)
     device = inp.options.get("device", "cpu")
     batch_size = int(inp.options.get("batch_size", 32))
@@ -322,10 +450,13 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
             return [float(x) for x in bleu(c, r, n=4, return_1_to_n=True)[0]["bleu_1_to_4"]]
 
         overall = bleu_1_to_4(cands, mrefs)
+        # sentence-level BLEU-k as coco-caption gives it (its smoothing for zero counts); not averaged into the value
+        sentences = bleu(cands, mrefs, n=4, return_1_to_n=True)[1]["bleu_1_to_4"].tolist()
         by_group = {g: bleu_1_to_4([cands[i] for i in idx], [mrefs[i] for i in idx]) for g, idx in groups.items()}
         for m in bleus:
             k = int(m[-1])
             result.values[m] = overall[k - 1]
+            sentence_scores(m, sentences[k - 1], result)
             for g, idx in groups.items():
                 result.per_category.setdefault(g, {"n": len(idx)})[m] = by_group[g][k - 1]
 
@@ -336,8 +467,9 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
 
     if "meteor" in wanted:
         from aac_metrics.functional.meteor import meteor
-        corpus, _ = meteor(cands, mrefs, cache_path=cache_dir, java_path=java)
+        corpus, sents = meteor(cands, mrefs, cache_path=cache_dir, java_path=java)
         result.values["meteor"] = corpus["meteor"].item()
+        sentence_scores("meteor", sents["meteor"].tolist(), result)  # the jar's sentence scores
         if groups:
             for g, value in _meteor_by_group(cands, mrefs, groups, cache_dir, java).items():
                 result.per_category.setdefault(g, {"n": len(groups[g])})["meteor"] = value
@@ -398,4 +530,25 @@ def caption_metrics(inp: MetricInput, names: list[str]) -> MetricResult:
                                   batch_size=batch_size)
         mean_metric(sbert_name, sents["sbert_sim"].tolist(), groups, result, value=corpus["sbert_sim"].item())
 
+    for name in result.per_sample:
+        result.compared[name] = compared
+    label_methods(result, {sbert_name: "sbert_sim"} if sbert_name else {}, java_version_used, sbert_model)
     return result
+
+
+def label_methods(result: MetricResult, sources: dict[str, str], java_version_used: str, sbert_model: str) -> None:
+    """methods[m] for every value: the registry's method with the aac-metrics version and the Java that ran it
+    (SBERT similarity also names its model). `sources`: output name -> registered name where they differ."""
+    from . import METRICS
+    aac = f"aac-metrics {aac_metrics_version()}"
+    for name in result.values:
+        method = METRICS[sources.get(name, name)].method
+        method = aac + method[len("aac-metrics"):] if method.startswith("aac-metrics") else f"{aac}: {method}"
+        if name in sources:
+            method += f", model {sbert_model}"
+        result.methods[name] = f"{method}; Java {java_version_used}"
+
+
+def aac_metrics_version() -> str:
+    from aac_metrics import __version__
+    return __version__
