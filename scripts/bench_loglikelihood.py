@@ -10,7 +10,8 @@ is installed too. One model load, then three scorers on the same requests, side 
   also the reference of tests/test_hf_backend.py);
 - `batched`: HFBackend.run() with choice_scoring=loglikelihood and --batch-size;
 - `lm_eval`: lm-evaluation-harness's HFLM.loglikelihood on the same model object, the same
-  (context, " " + choice) requests and the same batch size (skipped when lm_eval is not importable).
+  (context, runner.continuation(choice)) requests (" " + choice, or the choice alone under a chat template, as
+  lm-eval builds them) and the same batch size (skipped when lm_eval is not importable).
 Each is warmed up once, then timed --repeats times; the best run counts (the median is kept too), since a
 shared machine is noisy. Picks and log-likelihoods are compared with the unbatched rule and with lm-eval.
 
@@ -56,7 +57,8 @@ def unbatched_choice_logprobs(runner, sample) -> list:
     ctx_ids = runner.tokenizer(context, add_special_tokens=False)["input_ids"]
     scores = []
     for choice in sample.choices:
-        whole = runner.tokenizer(context + moved + " " + choice, add_special_tokens=False)["input_ids"]
+        whole = runner.tokenizer(context + moved + runner.continuation(choice),
+                                 add_special_tokens=False)["input_ids"]
         cont = whole[len(ctx_ids):]
         if not ctx_ids:
             whole, ctx_len = [runner.tokenizer.eos_token_id] + whole, 1
@@ -204,8 +206,8 @@ def main() -> None:
         for q, s in enumerate(samples):
             context = runner.prompt(s)
             for k, choice in enumerate(s.choices):
-                requests.append(Instance(request_type="loglikelihood", doc={}, arguments=(context, " " + choice),
-                                         idx=k))
+                requests.append(Instance(request_type="loglikelihood", doc={},
+                                         arguments=(context, runner.continuation(choice)), idx=k))
                 owners.append(q)
 
         def harness():

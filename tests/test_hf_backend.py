@@ -178,7 +178,8 @@ backend.load()
 rows = backend.run(samples, "mc", Progress(len(samples)))
 scorable = [s for s in samples if s.choices]
 lm = HFLM(pretrained=backend.runner.model, tokenizer=backend.runner.tokenizer, batch_size=4, device="cpu")
-requests = [Instance(request_type="loglikelihood", doc={}, arguments=(backend.runner.prompt(s), " " + c), idx=0)
+requests = [Instance(request_type="loglikelihood", doc={},
+                     arguments=(backend.runner.prompt(s), backend.runner.continuation(c)), idx=0)
             for s in scorable for c in s.choices]
 harness = iter(logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True))
 print(json.dumps({

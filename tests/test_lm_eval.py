@@ -173,3 +173,32 @@ def test_bench_run_lm_eval_uses_the_harness_stages(tmp_path, tiny_gpt2):
     metrics = json.loads((tmp_path / "out" / "tiny-gpt2" / "lm-eval" / "metrics.json").read_text())
     assert metrics["n"] == len(rows) and set(metrics["metrics"]) == {"acc", "acc_norm"}
     assert (tmp_path / "out" / "tiny-gpt2" / "lm-eval" / "result_lm-eval.txt").exists()
+
+
+# ---- what the hf backend scores under a chat template, and the curves it may not join (issue 16 item 0) ---------
+def test_the_continuation_is_lm_evals_space_choice_plainly_and_the_bare_choice_after_a_chat_template():
+    from evaluator.stages.inference.backends.hf import target_delimiter
+    assert target_delimiter({}, chat=False) == " " and target_delimiter({}, chat=True) == ""
+    assert target_delimiter({"target_delimiter": " "}, chat=True) == " "  # the scoring before 2026-11-30, by name
+    assert target_delimiter({"target_delimiter": ""}, chat=False) == ""
+    with pytest.raises(EvaluatorError, match="backend_options.target_delimiter: expected a string"):
+        target_delimiter({"target_delimiter": 1}, chat=True)
+
+
+def bench_settings(**backend_options) -> dict:
+    from evaluator.daemon import fingerprint as F
+    from evaluator.daemon.config import BenchmarkConfig
+    return F.settings(BenchmarkConfig(name="mc", type="text-mc", dataset="/data/mc", backend_options=backend_options),
+                      0, "d1")
+
+
+def test_chat_template_loglikelihood_benchmarks_get_new_settings_and_no_other_benchmark_does():
+    from evaluator.daemon import fingerprint as F
+    from evaluator.stages.inference.backends.hf import CHAT_CHOICE_RULE
+    changed = bench_settings(choice_scoring="loglikelihood")
+    before = {k: v for k, v in changed.items() if k != "chat_choice_rule"}  # what the same spec hashed to before
+    assert F.changes(before, changed) == [f"chat_choice_rule: - -> {CHAT_CHOICE_RULE}"]
+    for unchanged in (bench_settings(), bench_settings(choice_scoring="generate"),
+                      bench_settings(choice_scoring="loglikelihood", chat_template=False),
+                      bench_settings(choice_scoring="loglikelihood", target_delimiter=" ")):
+        assert "chat_choice_rule" not in unchanged

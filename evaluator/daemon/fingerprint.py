@@ -2,9 +2,10 @@
 
 `settings(bench, cfg)` is the dict that is hashed: the benchmark spec minus what cannot change a number (its
 name, `main_metric`, `max_error_rate`), the seed it runs with, the dataset's content digest, and
-SCORING_VERSION. `fingerprint(settings)` is the first 12 hex digits of its SHA-256 over canonical JSON; the
-ledger keeps the settings of every fingerprint it has seen, so `changes(old, new)` can say what changed
-("generation.max_new_tokens: 8 -> 2").
+SCORING_VERSION. A scoring change that alters only some benchmarks adds a key to those benchmarks' settings only
+(`chat_choice_rule`: hf loglikelihood choice scoring under a chat template). `fingerprint(settings)` is the first
+12 hex digits of its SHA-256 over canonical JSON; the ledger keeps the settings of every fingerprint it has seen,
+so `changes(old, new)` can say what changed ("generation.max_new_tokens: 8 -> 2").
 
 The dataset digest hashes the content of its text files (jsonl/json/csv/tsv/txt/yaml/parquet up to 64 MiB each:
 the samples, references and metadata) and only the relative path and size of everything else (audio), so a
@@ -16,6 +17,8 @@ import hashlib
 import json
 import os
 from typing import Any, Optional
+
+from evaluator.stages.inference.backends import hf  # its module level is standard library only
 
 # Bump when a change to the stages alters the numbers of an unchanged benchmark spec (a scoring fix): every
 # benchmark then reports changed settings, and the operator re-runs or keeps the old curve by name.
@@ -84,6 +87,11 @@ def settings(bench, seed: int, digest: Optional[str]) -> dict:
     spec["seed"] = seed
     spec["dataset_content"] = digest
     spec["scoring_version"] = SCORING_VERSION
+    # a scoring change that alters only some benchmarks' numbers enters only their settings, so the others keep
+    # their fingerprints (and their curves): hf loglikelihood choice scoring under a chat template (hf.py)
+    rule = hf.chat_choice_rule(bench.backend_options or {}) if bench.backend == "hf" else None
+    if rule is not None:
+        spec["chat_choice_rule"] = rule
     return spec
 
 

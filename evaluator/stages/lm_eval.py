@@ -48,6 +48,7 @@ from typing import Optional
 from evaluator.common.atomic import read_json, write_json_atomic
 from evaluator.common.contracts import PREDICTIONS, RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
+from evaluator.stages.checkpoint_compat import CheckpointFormatError, checkpoint_view
 from evaluator.stages.common import metrics_header, stage_log, stage_main, write_metrics
 from evaluator.common.records import RunResult, write_results
 
@@ -66,8 +67,9 @@ def _resolve(path: str, base: str) -> str:
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
 
 
-def harness_args(job: StageJob, device: Optional[str]) -> list[str]:
-    """The lm_eval command-line arguments for a job (raises EvaluatorError on a bad benchmark spec)."""
+def harness_args(job: StageJob, device: Optional[str], model: Optional[str] = None) -> list[str]:
+    """The lm_eval command-line arguments for a job (raises EvaluatorError on a bad benchmark spec); `model`: the
+    folder to load instead of job.checkpoint (a translated view of it, checkpoint_compat)."""
     bench = job.benchmark
     options = dict(bench.get("options") or {})
     unknown = sorted(set(options) - set(OPTIONS))
@@ -79,7 +81,7 @@ def harness_args(job: StageJob, device: Optional[str]) -> list[str]:
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise EvaluatorError(f"benchmark {bench.get('name')!r}: options.tasks: expected a list of lm-eval task names")
-    model_args = {"pretrained": job.checkpoint, "dtype": "auto"}
+    model_args = {"pretrained": model or job.checkpoint, "dtype": "auto"}
     extra = options.get("model_args") or {}
     if not isinstance(extra, dict):
         raise EvaluatorError("options.model_args: expected a mapping, e.g. {dtype: float32}")
@@ -188,6 +190,13 @@ def run_inference(job: StageJob) -> int:
     except ImportError:
         log(f"error: lm-eval is not installed in {sys.prefix} (the inference venv; thirdparty/envs/inference.in)")
         return 2
+    try:  # the harness loads the checkpoint with this venv's transformers: a translated view, or a refusal
+        source = checkpoint_view(job.checkpoint, log=log)
+    except CheckpointFormatError as e:
+        log(f"error: {e}")
+        return 2
+    if source != job.checkpoint:
+        args = harness_args(job, _device(bench), source)
     harness_out = os.path.join(job.output_dir, HARNESS_DIR)
     if os.path.isdir(harness_out):  # an earlier attempt's results must not be taken for this one's
         shutil.rmtree(harness_out)

@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
+from evaluator.stages.checkpoint_compat import checkpoint_view, release_view
+
 SERVERS = ("auto", "vllm", "transformers")
 LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1
@@ -43,6 +45,7 @@ class ModelServer:
     log_path: str
     keep_log: bool
     proc: subprocess.Popen
+    view: Optional[str] = None  # the translated checkpoint view the server reads (checkpoint_compat), removed by stop()
 
     @property
     def pid(self) -> int:
@@ -71,6 +74,8 @@ class ModelServer:
                 os.unlink(self.log_path)
             except OSError:
                 pass
+        if self.view:
+            release_view(self.view)
         return self.proc.returncode
 
 
@@ -141,7 +146,12 @@ def start_server(model: str, server: str = "auto", seed: int = 0, options: Optio
     options = dict(options or {})
     kind = pick_server(server)
     port = int(options.get("serve_port") or free_port(host))
-    cmd = server_command(kind, model, host, port, seed, options)
+    # the server is this venv's (vllm's pins transformers 4.x): it reads the checkpoint or a translated view of it,
+    # never misreads it (CheckpointFormatError otherwise, exit 2)
+    source = checkpoint_view(model, log=log)
+    cmd = server_command(kind, source, host, port, seed, options)
+    if source != model and kind == "vllm":
+        cmd[3:3] = ["--served-model-name", model]  # requests keep naming the checkpoint as given
     keep_log = bool(options.get("serve_log"))
     if keep_log:
         log_path = os.path.abspath(str(options["serve_log"]))
@@ -156,8 +166,10 @@ def start_server(model: str, server: str = "auto", seed: int = 0, options: Optio
                                     start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         except OSError as e:
             raise ServerError(f"cannot start {kind} serve ({cmd[0]}): {e}") from None
-    served = ModelServer(kind=kind, command=cmd, base_url=f"http://{host}:{port}/v1", model_name=model,
-                         log_path=log_path, keep_log=keep_log, proc=proc)
+    # transformers serve answers only for the folder it was given
+    served = ModelServer(kind=kind, command=cmd, base_url=f"http://{host}:{port}/v1",
+                         model_name=model if kind == "vllm" else source, log_path=log_path, keep_log=keep_log,
+                         proc=proc, view=source if source != model else None)
     try:
         wait_healthy(served, health_timeout)
     except BaseException:

@@ -14,7 +14,8 @@ The job's `benchmark` mapping (config `benchmarks:` entry) names the data and ho
 
 Exit codes: 0 done (run_metadata.json written last); 1 the model cannot load or more than max_error_rate of
 the samples failed; 2 bad benchmark spec or dataset, an unknown generation parameter or backend option included
-(a bad option value surfaces when the model loads: exit 1); 75 some samples failed with retryable errors (429,
+(a bad option value surfaces when the model loads: exit 1) or a checkpoint this venv's transformers would misread
+(evaluator/stages/checkpoint_compat.py); 75 some samples failed with retryable errors (429,
 5xx, timeouts, out of memory): run again later rather than score them as wrong. Non-retryable sample failures
 within the limit are status=error rows.
 """
@@ -30,6 +31,7 @@ from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, PROGRESS, RUN
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import write_results
 from evaluator.common.secrets import redact_obj
+from evaluator.stages.checkpoint_compat import CheckpointFormatError
 
 from .. import common
 from ..common import library_versions, stage_log, stage_main
@@ -167,6 +169,9 @@ def run(job: StageJob) -> int:
     t0 = time.perf_counter()
     try:
         backend, info, how = WARM_BACKEND.acquire(cls, model, options, params, job.seed, alias)
+    except CheckpointFormatError as e:  # this venv's transformers would misread the checkpoint: a bad spec
+        log(f"error: {e}")
+        return 2
     except ModelLoadError as e:
         log(f"error: {e}")
         return 1

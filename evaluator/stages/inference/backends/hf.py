@@ -12,9 +12,12 @@
   is unsupported) and float32 on CPU.
 - A batch that raises is retried one sample at a time, so one bad sample costs only itself (status=error).
 - Option `choice_scoring: loglikelihood`: no generation (a sample without `choices` fails alone): each choice is scored
-  by the summed log-probability of " <choice>" after the prompt (lm-evaluation-harness's `acc` rule) and the
-  best choice's text is the response. Scored in batches of up to batch_size choices: each question's context
-  is run once (left-padded with its neighbours), its key/value cache is copied to every choice, and all
+  by the summed log-probability of its continuation after the prompt (lm-evaluation-harness's `acc` rule) and the
+  best choice's text is the response. The continuation is lm-eval 0.4.10's: " <choice>" after a plain prompt,
+  "<choice>" after a chat-template prompt (lm-eval drops the target delimiter under --apply_chat_template,
+  lm_eval/api/task.py construct_requests); option `target_delimiter` (a string) puts that string before every
+  choice instead, in both modes (`" "` is what this backend scored under chat templates before 2026-11-30).
+  Scored in batches of up to batch_size choices: each question's context is run once (left-padded with its neighbours), its key/value cache is copied to every choice, and all
   continuations run in one right-padded forward; questions go longest first.
 - Warm workers (evaluator/stages/inference/stage.py WarmBackend): LOAD_OPTIONS are the options that change what
   load() builds; reconfigure() takes the next benchmark's parameters and run-time options; swap() loads the next
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from evaluator.common.records import ERROR, RunError, RunResult
+
+from evaluator.stages.checkpoint_compat import checkpoint_view, reads_as_is, release_view
 
 from ..params import COMMON_GENERATION, GenerationParams, MODEL_ALIASES, Progress, apply_stop
 from . import ModelLoadError
@@ -100,6 +105,33 @@ def generate_isolated(batch: list, request, record, base, results: list) -> None
 def use_chat_template(options: dict) -> bool:
     """Option `chat_template` (default on): false/"false"/"no"/0 turn the checkpoint's template off."""
     return options.get("chat_template", True) not in (False, "false", "no", 0)
+
+
+def target_delimiter(options: dict, chat: bool) -> str:
+    """What precedes each choice in loglikelihood scoring: option `target_delimiter` when set, else lm-eval 0.4.10's
+    rule: " " after a plain prompt, nothing after a chat-template prompt (its generation prompt ends the context)."""
+    value = options.get("target_delimiter")
+    if value is None:
+        return "" if chat else " "
+    if not isinstance(value, str):
+        raise ModelLoadError(f"backend_options.target_delimiter: expected a string (e.g. \" \" or \"\"), got {value!r}")
+    return value
+
+
+# The rule chat-template loglikelihood scoring follows when no target_delimiter is set, versioned: results made under
+# another rule must not share a curve. evaluator/daemon/fingerprint.py puts it in the settings of the benchmarks it
+# applies to (chat_choice_rule), so no other benchmark's fingerprint moves. Until 2026-11-30 it was " <choice>".
+CHAT_CHOICE_RULE = "lm-eval-0.4.10 (choice without target delimiter)"
+
+
+def chat_choice_rule(options: dict) -> Optional[str]:
+    """CHAT_CHOICE_RULE for a benchmark whose numbers depend on it: loglikelihood choice scoring with the chat template
+    not turned off and no target_delimiter of its own; None otherwise. (Whether the checkpoint has a template at all is
+    not known before it loads, so a template-less checkpoint with these options carries the rule too.)"""
+    if options.get("choice_scoring") != "loglikelihood" or not use_chat_template(options) \
+            or options.get("target_delimiter") is not None:
+        return None
+    return CHAT_CHOICE_RULE
 
 
 def pack(order: list, size, limit: int) -> list:
@@ -218,7 +250,7 @@ class CheckpointTensors:
 class HFBackend:
     name = "hf"
     # every backend_options key this backend (and audio.AudioRunner) reads; batch_size is also the benchmark's own key
-    OPTIONS = ("batch_size", "device", "dtype", "chat_template", "choice_scoring")
+    OPTIONS = ("batch_size", "device", "dtype", "chat_template", "choice_scoring", "target_delimiter")
     # the options that change what load() builds; the others (batch_size, chat_template, choice_scoring) only change
     # how prompts are made and batched, and reconfigure() takes them without a reload
     LOAD_OPTIONS = ("device", "dtype")
@@ -242,21 +274,23 @@ class HFBackend:
             raise ModelLoadError(f"model {self.model_path!r}: no such checkpoint directory "
                                  f"(and not a hub id or alias; aliases: {', '.join(MODEL_ALIASES)})")
         self.device, self.dtype = pick_device_dtype(self.options)
+        # what this venv's transformers reads faithfully: the checkpoint, or a translated view of it (read in full
+        # by the loads below, then removed); CheckpointFormatError (exit 2) when it would misread it
+        source = checkpoint_view(self.model_path, log=lambda line: print(line, file=sys.stderr, flush=True))
         try:
-            config = transformers.AutoConfig.from_pretrained(self.model_path)
-        except Exception as e:  # OSError / ValueError from a missing or broken config
-            raise ModelLoadError(self._load_hint(e)) from None
-        from . import audio
-        try:
+            config = transformers.AutoConfig.from_pretrained(source)
+            from . import audio
             if audio.is_audio_model(config):
-                self.runner = audio.AudioRunner(self.model_path, config, self.device, self.dtype, self.params,
+                self.runner = audio.AudioRunner(source, config, self.device, self.dtype, self.params,
                                                 self.options, self.seed)
             else:
-                self.runner = TextRunner(self.model_path, config, self.device, self.dtype, self.params, self.options)
+                self.runner = TextRunner(source, config, self.device, self.dtype, self.params, self.options)
         except ModelLoadError:
             raise
-        except Exception as e:
+        except Exception as e:  # OSError / ValueError from a missing or broken config, weights or tokenizer
             raise ModelLoadError(self._load_hint(e)) from None
+        finally:
+            release_view(source)
         self.batch_size = self._batch_size()
         # what swap() compares the next checkpoint against (a local folder only; a hub model is never swapped)
         self.loaded_config = config_fields(self.model_path) if os.path.isdir(self.model_path) else None
@@ -305,6 +339,8 @@ class HFBackend:
         if not isinstance(self.runner, TextRunner) or self.loaded_config is None or not os.path.isdir(model_path):
             return False
         if config_fields(model_path) != self.loaded_config or tokenizer_digest(model_path) != self.loaded_tokenizer:
+            return False
+        if not reads_as_is(model_path):  # e.g. written by a newer transformers: a fresh load checks it properly
             return False
         files = weight_files(model_path)
         if not files:
@@ -421,6 +457,7 @@ class TextRunner:
         """The generation parameters and prompt options (chat_template) of the next benchmark."""
         self.params = params
         self.chat = bool(use_chat_template(options) and getattr(self.tokenizer, "chat_template", None))
+        self.target_delimiter = target_delimiter(options, self.chat)
 
     def _eos_ids(self) -> set:
         ids = self.model.generation_config.eos_token_id
@@ -506,11 +543,15 @@ class TextRunner:
         return results
 
     # ---- loglikelihood scoring ------------------------------------------------------------------------------
+    def continuation(self, choice: str) -> str:
+        """The text scored for `choice` after the prompt (lm-eval's (context, continuation) request's second half)."""
+        return self.target_delimiter + choice
+
     def encode_choices(self, sample) -> ChoiceRequest:
-        """lm-evaluation-harness's tokenisation of (prompt, " <choice>"): the context's trailing whitespace moves to
-        the continuation, context+continuation is encoded whole and the continuation's tokens are what follows the
-        context's own encoding; an empty context is the eos token. The model reads the context's encoding followed
-        by those tokens, as lm-eval feeds it (the whole encoding itself unless a token spans the boundary)."""
+        """lm-evaluation-harness's tokenisation of (prompt, continuation(choice)): the context's trailing whitespace
+        moves to the continuation, context+continuation is encoded whole and the continuation's tokens are what
+        follows the context's own encoding; an empty context is the eos token. The model reads the context's encoding
+        followed by those tokens, as lm-eval feeds it (the whole encoding itself unless a token spans the boundary)."""
         if self.seq2seq:
             raise ValueError("choice_scoring=loglikelihood supports causal LMs only")
         if not sample.choices:
@@ -519,7 +560,7 @@ class TextRunner:
         spaces = len(context) - len(context.rstrip())
         context, moved = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
         ctx_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-        wholes = self.tokenizer([context + moved + " " + choice for choice in sample.choices],
+        wholes = self.tokenizer([context + moved + self.continuation(choice) for choice in sample.choices],
                                 add_special_tokens=False)["input_ids"]
         continuations = tuple(tuple(whole[len(ctx_ids):]) for whole in wholes)
         if not ctx_ids:  # nothing to condition on: lm-eval prefixes the eos token

@@ -19,9 +19,11 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Optional
 
 from evaluator.common.records import RunResult
+from evaluator.stages.checkpoint_compat import checkpoint_view, release_view
 
 from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
 from . import ModelLoadError
@@ -69,12 +71,15 @@ class VLLMBackend:
         if self.options.get("choice_scoring") not in (None, "generate"):
             raise ModelLoadError("backend_options.choice_scoring: the vllm backend generates only; "
                                  "use the hf backend for choice_scoring=loglikelihood")
+        # the vLLM venv pins transformers 4.x: a checkpoint saved by 5.x is read through a translated view or
+        # refused (CheckpointFormatError, exit 2), never misread (checkpoint_compat.py); the view lives until close()
+        self.source = checkpoint_view(self.model_path, log=lambda line: print(line, file=sys.stderr, flush=True))
         import vllm
         kwargs = {k: self.options[k] for k in ENGINE_OPTIONS if k in self.options}
         kwargs.setdefault("limit_mm_per_prompt", {"audio": 4})
         kwargs.update(self.options.get("engine_args") or {})
         try:
-            self.llm = vllm.LLM(model=self.model_path, seed=self.seed, **kwargs)
+            self.llm = vllm.LLM(model=self.source, seed=self.seed, **kwargs)
         except Exception as e:  # vLLM raises many types (ValueError, OSError, RuntimeError) for a bad model
             msg = f"cannot load model {self.model_path!r} with vLLM: {type(e).__name__}: {str(e).strip()[:800]}"
             if self.alias:
@@ -137,3 +142,4 @@ class VLLMBackend:
 
     def close(self) -> None:
         self.llm = None
+        release_view(getattr(self, "source", None) or "")
