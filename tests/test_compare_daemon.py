@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 
-from conftest import bench, ledger_rows, megatron_checkpoint, run_cli, write_config
+from conftest import bench, history, ledger_rows, megatron_checkpoint, run_cli, write_config
 
 N = 40  # samples per checkpoint
 # iteration -> how many of the N samples (the first ones) the checkpoint answers right
@@ -23,6 +23,10 @@ if stage == "infer":
 iteration = int(sys.argv[3])
 correct = json.load(open(sys.argv[4]))[str(iteration)]
 values = [1.0 if i < correct else 0.0 for i in range(%(n)d)]
+if correct < 0:  # a scores.jsonl that cannot be read (and a plausible metrics.json)
+    open(os.path.join(out, "scores.jsonl"), "w").write("not json\\n")
+    json.dump({"metrics": {"exact_match": 0.0}, "n": %(n)d}, open(os.path.join(out, "metrics.json"), "w"))
+    sys.exit(0)
 with open(os.path.join(out, "scores.jsonl"), "w") as f:
     for i, v in enumerate(values):
         f.write(json.dumps({"schema_version": 1, "sample_id": f"q{i}", "status": "ok", "category": None,
@@ -86,6 +90,14 @@ def test_each_scored_result_is_compared_with_the_previous_and_the_best_checkpoin
                                                                       3000: "recorded"}
 
 
+def test_the_sinks_get_the_comparison_and_the_runs_best_checkpoint_with_the_result(tmp_path, venvs):
+    _, cache = evaluated(tmp_path)
+    row = next(r for r in history(cache) if r["iteration"] == 3000)  # the local sink's history.jsonl
+    assert (row["vs_prev"]["iteration"], row["vs_prev"]["metric"], round(row["vs_prev"]["delta"], 9)) == \
+        (2000, "exact_match", -0.5)
+    assert row["best"] == {"iteration": 2000, "score": 0.8, "rule": "max qa.exact_match"}
+
+
 def test_the_best_is_the_best_other_checkpoint_not_the_result_itself(tmp_path, venvs):
     # 3000 is the best so far once it is scored; it is compared with the best *other* one (2000), not with itself
     _, cache = evaluated(tmp_path, correct={1000: 20, 2000: 32, 3000: 36})
@@ -99,6 +111,17 @@ def test_a_result_without_per_sample_scores_is_recorded_without_a_comparison(tmp
     assert all(state == "recorded" for state in rows.values()) and len(rows) == 6
     assert not (result(cache, 2000, "plain") / "compare.json").exists()
     assert (result(cache, 2000) / "compare.json").exists()
+
+
+def test_a_comparison_that_fails_is_logged_and_the_result_recorded_all_the_same(tmp_path, venvs):
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [scored_bench(tmp_path, {1000: 20, 2000: -1})])
+    proc = run_cli("--config", cfg, "--once", check=0)
+    assert {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")} == {1000: "recorded",
+                                                                                    2000: "recorded"}
+    assert not (result(tmp_path / "cache", 2000) / "compare.json").exists()
+    assert "tiny@2000/qa: not compared:" in proc.stderr and "scores.jsonl:1: not valid JSON" in proc.stderr
 
 
 def test_best_json_names_the_best_checkpoint_its_rule_and_its_kept_snapshot(tmp_path, venvs):

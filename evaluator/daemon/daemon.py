@@ -21,10 +21,12 @@ import signal
 import socket
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
 from evaluator.common.atomic import read_json, write_json_atomic
+from evaluator.common.compare import compare_document
 from evaluator.common.contracts import (
     COMPARE, DONE_FILE, EVALUATION, INFERENCE, SCORES, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob, read_metrics, result_dir,
     scratch_dir)
@@ -84,6 +86,15 @@ def log_tail(path: str, lines: int = 15) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def write_comparison(run: str, benchmark: str, iteration: int, revision: int, out: str, prev: Optional[tuple],
+                     best: Optional[tuple], main_metric: Optional[str]) -> dict:
+    """compare.json of the result in `out` against prev / best ((run, iteration, result folder) or None), written
+    atomically; returns the document. Files only (no ledger): it runs on the daemon's comparison thread."""
+    doc = compare_document(run, benchmark, iteration, revision, out, prev=prev, best=best, main_metric=main_metric)
+    write_json_atomic(os.path.join(out, COMPARE), doc)
+    return doc
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,9 @@ class Daemon:
         self.best_rules = B.rules_by_run(cfg, [r.name for r in runs])
         self.best: dict[str, list[B.Ranked]] = {}
         self.metrics_seen: dict[L.JobKey, tuple[int, Optional[dict]]] = {}  # key -> (revision, metrics.json metrics)
+        # compare.json is written off the loop (a bootstrap over 10k samples takes seconds): key -> (revision, future)
+        self.compare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compare")
+        self.comparing: dict[L.JobKey, tuple[int, Future]] = {}
 
     # ---- wiring --------------------------------------------------------------------------------
     def notify(self, run: Optional[str] = None) -> None:
@@ -283,6 +297,7 @@ class Daemon:
 
     def step(self) -> None:
         self.apply_exits(self.unapplied + self.executor.poll())
+        self.collect_comparisons()
         self.scan_changed_runs()
         self.pin_ahead()
         self.release_retries()
@@ -785,6 +800,8 @@ class Daemon:
                 offered.add(sink)
 
     def result_of(self, job: L.Job) -> Optional[ResultRecord]:
+        if job.key in self.comparing:
+            return None  # offered once its compare.json is written (the sinks carry the comparison)
         path = os.path.join(self.outdir(job), DONE_FILE[EVALUATION])
         try:
             m = read_metrics(path)
@@ -837,54 +854,74 @@ class Daemon:
 
     # ---- comparison and the best checkpoint (docs/insight.md) ---------------------------------------------------
     def scored(self, key: L.JobKey) -> None:
-        """A result became scored: compare it with the run's previous and best checkpoints (compare.json), check
-        the alert rules, then update the run's best checkpoint. A failure here is logged and never keeps the
-        result from being recorded."""
+        """A result became scored: update the run's best checkpoint, and compare it with the run's previous and
+        best checkpoints (compare.json) on the comparison thread; `collect_comparisons` then checks the alert
+        rules. Until its comparison is written the result is not offered to the sinks (they carry it); a failure
+        is logged and never keeps the result from being recorded."""
         job = self.ledger.get(key)
         if job is None or job.state != L.SCORED:
             return
         rows = self.results_by_iteration(job.run)
-        doc = None
-        try:
-            doc = self.compare(job, rows)
-        except L.LedgerUnavailable:
-            raise
-        except EvaluatorError as e:  # a malformed scores.jsonl: the stage's output, not the daemon's fault
-            log.warning("%s: not compared: %s", key, e)
-        except OSError as e:
-            log.warning("%s: compare.json could not be written: %s", key, e)
-        except Exception:  # a bug in the comparison must not keep the result from its sinks
-            log.exception("%s: comparing the result failed", key)
-        self.check_alerts(job, doc)
         try:
             self.update_best(job.run, rows)
         except L.LedgerUnavailable:
             raise
         except Exception:
             log.exception("run %s: updating the best checkpoint failed", job.run)
+        try:
+            inputs = self.comparison_inputs(job, rows)
+        except L.LedgerUnavailable:
+            raise
+        except Exception:  # a bug here must not keep the result from its sinks
+            log.exception("%s: preparing the comparison failed", key)
+            inputs = None
+        if inputs is None:
+            self.check_alerts(job, None)
+            return
+        future = self.compare_pool.submit(write_comparison, *inputs)
+        future.add_done_callback(lambda _f: self._poke())
+        self.comparing[key] = (job.revision, future)
+
+    def collect_comparisons(self) -> None:
+        """Comparisons the thread finished: log a failure, check the alert rules with the document."""
+        for key, (revision, future) in list(self.comparing.items()):
+            if not future.done():
+                continue
+            del self.comparing[key]
+            doc = None
+            try:
+                doc = future.result()
+            except EvaluatorError as e:  # a malformed scores.jsonl: the stage's output, not the daemon's fault
+                log.warning("%s: not compared: %s", key, e)
+            except OSError as e:
+                log.warning("%s: compare.json could not be written: %s", key, e)
+            except Exception:  # a bug in the comparison must not keep the result from its sinks
+                log.exception("%s: comparing the result failed", key)
+            job = self.ledger.get(key)
+            if job is not None and job.revision == revision and job.state in (L.SCORED, L.RECORDED):
+                self.check_alerts(job, doc)
 
     def compare(self, job: L.Job, rows: Optional[dict] = None) -> Optional[dict]:
-        """Write compare.json into the result's folder: this result against the previous checkpoint of its run and
-        benchmark (the highest scored/recorded iteration below it, same settings fingerprint) and against the best
-        other checkpoint (the run's `best:` rule when it covers this benchmark, else the benchmark's main metric,
-        maximised). None, and no file, when the result has no per-sample scores (command benchmarks, old results);
-        a side without scores.jsonl is left out (null)."""
+        """Write compare.json into the result's folder now (what the comparison thread does for `scored`) and
+        return it; None, and no file, when the result has no per-sample scores."""
+        inputs = self.comparison_inputs(job, self.results_by_iteration(job.run) if rows is None else rows)
+        return None if inputs is None else write_comparison(*inputs)
+
+    def comparison_inputs(self, job: L.Job, rows: dict) -> Optional[tuple]:
+        """write_comparison's arguments: this result against the previous checkpoint of its run and benchmark (the
+        highest scored/recorded iteration below it, same settings fingerprint) and the best other checkpoint (the
+        run's `best:` rule when it covers this benchmark, else the benchmark's main metric, maximised). None when
+        the result has no per-sample scores (command benchmarks, old results); a side without them is null."""
         out = self.outdir(job)
         if not os.path.exists(os.path.join(out, SCORES)):
             return None
-        from evaluator.common.compare import compare_document
-
-        rows = self.results_by_iteration(job.run) if rows is None else rows
         earlier = [j for it, benches in rows.items() if it < job.iteration
                    for j in [benches.get(job.benchmark)] if j is not None and j.fingerprint == job.fingerprint]
         prev = max(earlier, key=lambda j: j.iteration) if earlier else None
         best = self.best_other(job, rows)
-        doc = compare_document(job.run, job.benchmark, job.iteration, job.revision, out,
-                               prev=self.comparable(prev), best=self.comparable(best),
-                               main_metric=self.benchmarks[job.benchmark].main_metric
-                               if job.benchmark in self.benchmarks else None)
-        write_json_atomic(os.path.join(out, COMPARE), doc)
-        return doc
+        bench = self.benchmarks.get(job.benchmark)
+        return (job.run, job.benchmark, job.iteration, job.revision, out, self.comparable(prev),
+                self.comparable(best), bench.main_metric if bench is not None else None)
 
     def comparable(self, job: Optional[L.Job]) -> Optional[tuple]:
         """(run, iteration, result folder) of a result with per-sample scores, else None."""
@@ -1129,7 +1166,7 @@ class Daemon:
     # ---- when to stop ----------------------------------------------------------------------------------
     def busy(self) -> bool:
         return (self.executor.busy() or self.outbox.busy() or self.alerts_out.busy() or self.keeper.busy()
-                or bool(self.dirty)
+                or bool(self.dirty) or bool(self.comparing)
                 or any(st.settle_at is not None for st in self.state.values()))
 
     def idle(self) -> bool:
@@ -1244,6 +1281,7 @@ class Daemon:
                                 stage, L.JobKey(*key), e)
             self.write_state(stopped=True)
             self.keeper.shutdown()
+            self.compare_pool.shutdown(wait=False, cancel_futures=True)  # one not written is redone at the next start
             try:
                 self.keeper.collect()
             except L.LedgerUnavailable:

@@ -431,8 +431,10 @@ class SnapshotKeeper:
         read in place (unpinned) is closed too, so status lists only what is still held. A kept snapshot (the
         run's best, `keep`) stays."""
         row = self.ledger.snapshot(run, iteration)
-        if row is None or row["state"] not in (L.PINNED, L.UNPINNED) or self.is_kept(run, iteration):
+        if row is None or row["state"] not in (L.PINNED, L.UNPINNED):
             return
+        if row["state"] == L.PINNED and self.is_kept(run, iteration):
+            return  # an unpinned one has nothing to keep: closed as usual
         if row["state"] == L.PINNED:
             release(snapshot_root(self.cache_dir, run, iteration))
             log.info("%s iteration %d: snapshot released", run, iteration)
