@@ -282,3 +282,61 @@ def test_an_inference_stage_refuses_a_checkpoint_its_transformers_cannot_read_wi
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "6.0.0" in proc.stderr and "5.23.0" in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").rglob("predictions.jsonl"))
+
+
+HELM_RUN = """#!{python}
+import os, runpy, sys
+path = sys.argv[sys.argv.index("--enable-local-huggingface-models") + 1]
+out = sys.argv[sys.argv.index("-o") + 1]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "seen_config.json"), "w") as f:  # what HELM's transformers would be given
+    f.write(open(os.path.join(path, "config.json")).read())
+sys.argv = [{fake!r}, "run", *sys.argv[1:]]
+runpy.run_path({fake!r}, run_name="__main__")
+"""
+
+
+def helm_env_with_transformers_4(tmp_path) -> str:
+    """A HELM environment stand-in whose helm-run runs under the evaluation venv's python (transformers 4.42.4)."""
+    bin_dir = tmp_path / "helm-env" / "bin"
+    bin_dir.mkdir(parents=True)
+    fake = os.path.join(ROOT, "tests", "stage_scripts", "fake_helm.py")
+    (bin_dir / "helm-run").write_text(HELM_RUN.format(python=os.path.join(VENVS, "evaluation", "bin", "python"),
+                                                      fake=fake))
+    (bin_dir / "helm-summarize").write_text(f"#!/bin/sh\nexec {VENVS}/evaluation/bin/python {fake} summarize \"$@\"\n")
+    for tool in ("helm-run", "helm-summarize"):
+        os.chmod(bin_dir / tool, 0o755)
+    return str(tmp_path / "helm-env")
+
+
+def run_helm_stage(tmp_path, checkpoint: str) -> subprocess.CompletedProcess:
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "spec.conf").write_text('entries: [\n  {description: "boolq:model=<model>", priority: 1}\n]\n')
+    job = {"stage": "inference", "run": "tiny", "iteration": 1000, "checkpoint": checkpoint, "output_dir": str(out),
+           "seed": 0, "extra": {}, "benchmark": {"name": "helm", "type": "helm", "options": {
+               "spec_template": str(tmp_path / "spec.conf"), "env": helm_env_with_transformers_4(tmp_path),
+               "output_path": str(out / "helm_out")}}}
+    (out / "infer.job.json").write_text(json.dumps(job))
+    return subprocess.run([os.path.join(VENVS, "daemon", "bin", "python"), "-m", "evaluator.stages.helm", "--job",
+                           str(out / "infer.job.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_helm_gets_a_translated_view_when_its_environment_has_transformers_4(tmp_path):
+    proc = run_helm_stage(tmp_path, REAL_MODEL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads((tmp_path / "out" / "helm_out" / "seen_config.json").read_text())
+    assert seen["rope_theta"] == 100000.0 and seen["rope_scaling"] is None and "rope_parameters" not in seen
+    assert "rope_parameters" in json.load(open(os.path.join(REAL_MODEL, "config.json")))  # untouched
+    assert "translated for this venv" in proc.stderr
+
+
+@pytest.mark.slow
+def test_helm_refuses_a_checkpoint_its_transformers_4_would_misread_with_exit_2(tmp_path):
+    config = json.load(open(os.path.join(REAL_MODEL, "config.json")))
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    proc = run_helm_stage(tmp_path, linked_copy(REAL_MODEL, tmp_path / "llama3", config))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "rope_parameters" in proc.stderr and "4.42.4" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "helm_out" / "seen_config.json").exists()

@@ -26,6 +26,7 @@ The rules (`assess`, pure; each was measured on SmolLM2-135M-Instruct saved by 5
   when no part holds a space (the old format splits on it); refused otherwise.
 - a checkpoint written by a newer major transformers than the installed one, other than 5.x read by 4.x (the
   pair the rules above cover), is refused: nobody has checked what that reader ignores.
+`installed_in(python, path)` asks another environment's interpreter the same questions (HELM's helm-run).
 Standard library only, so every venv (and the daemon's) can import it.
 """
 from __future__ import annotations
@@ -83,6 +84,46 @@ class Installed:
         except importlib.metadata.PackageNotFoundError:
             tokenizers = None
         return cls(transformers, tokenizers, _reads_chat_template_file(), _knows_tokenizer)
+
+
+# run by another environment's interpreter (installed_in): what Installed.here() says there
+_PROBE = """
+import json, sys
+from evaluator.stages.checkpoint_compat import Installed
+i = Installed.here()
+print(json.dumps({"transformers": i.transformers, "tokenizers": i.tokenizers, "reads": i.reads_chat_template_file,
+                  "known": {n: i.knows_tokenizer(n) for n in sys.argv[1:]}}))
+"""
+
+
+def installed_in(python: str, path: str, timeout: float = 300.0) -> Installed:
+    """What reads checkpoint `path` in another environment (HELM's), asked of its interpreter `python` in a
+    subprocess; CheckpointFormatError when it cannot say (no transformers there, the interpreter fails)."""
+    import subprocess
+    names = set(GENERIC_TOKENIZER.values())
+    try:
+        with open(os.path.join(path, TOKENIZER_CONFIG), encoding="utf-8") as f:
+            cls = json.load(f).get("tokenizer_class")
+        if isinstance(cls, str) and cls:
+            names.add(cls)
+    except (OSError, ValueError, AttributeError):
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    try:
+        proc = subprocess.run([python, "-c", _PROBE, *sorted(names)], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CheckpointFormatError(f"cannot ask {python} which transformers it reads checkpoints with: {e}") from None
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (ValueError, IndexError):
+        out = None
+    if not isinstance(out, dict):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointFormatError(f"cannot tell which transformers {python} reads checkpoints with: {tail}")
+    known = out["known"]
+    return Installed(out["transformers"], out["tokenizers"], out["reads"], lambda name: bool(known.get(name)))
 
 
 def _reads_chat_template_file() -> bool:

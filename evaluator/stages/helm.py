@@ -37,6 +37,7 @@ from typing import Optional
 from evaluator.common.atomic import read_json, write_json_atomic, write_text_atomic
 from evaluator.common.contracts import RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
+from evaluator.stages.checkpoint_compat import CheckpointFormatError, checkpoint_view, installed_in
 from evaluator.stages.common import metrics_header, stage_log, stage_main, write_metrics
 
 OPTIONS = ("spec_template", "output_path", "env", "eval_instances", "num_threads", "suite_prefix", "metrics",
@@ -109,6 +110,19 @@ def find_helm_tool(env: str, tool: str = "helm-run") -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # running it (inference lane)
 
+def script_interpreter(script: str) -> Optional[str]:
+    """The python a console script runs with (its #! line), or None when it names none (a shell wrapper)."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    parts = first[2:].split() if first.startswith("#!") else []
+    if parts and os.path.basename(parts[0]) == "env" and len(parts) > 1:
+        parts = [shutil.which(parts[1]) or parts[1]]
+    return parts[0] if parts and os.path.basename(parts[0]).startswith("python") else None
+
+
 def model_name(job: StageJob) -> str:
     return f"huggingface/{job.run}_{job.iteration}"
 
@@ -129,6 +143,19 @@ def run_inference(job: StageJob) -> int:
     except EvaluatorError as e:
         log(f"error: {e}")
         return 2
+    # HELM loads the checkpoint with its own environment's transformers (crfm-helm pins 4.x): it gets the
+    # checkpoint, a translated view of it, or nothing (checkpoint_compat); asked of helm-run's interpreter
+    python = script_interpreter(helm_run)
+    if python is None:
+        log(f"warning: {helm_run} names no python interpreter, so whether HELM's transformers reads "
+            f"{job.checkpoint} faithfully (issue 16: rope_parameters under transformers 4.x) is not checked")
+        source = job.checkpoint
+    else:
+        try:
+            source = checkpoint_view(job.checkpoint, installed_in(python, job.checkpoint), log=log)
+        except CheckpointFormatError as e:
+            log(f"error: {e}")
+            return 2
     output_path = _resolve(options["output_path"], job) if options.get("output_path") \
         else os.path.join(job.output_dir, "benchmark_output")
     suite = str(options.get("suite_prefix") or job.run)
@@ -138,7 +165,7 @@ def run_inference(job: StageJob) -> int:
     os.makedirs(link_dir, exist_ok=True)
     if os.path.lexists(link):
         os.unlink(link)
-    os.symlink(os.path.abspath(job.checkpoint), link)
+    os.symlink(os.path.abspath(source), link)
     with open(template, encoding="utf-8") as f:
         spec = f.read().replace("<model>", model)
     spec_path = os.path.join(job.output_dir, "helm_spec.conf")
