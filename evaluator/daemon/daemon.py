@@ -989,7 +989,10 @@ class Daemon:
         why = {r.iteration: "best checkpoint" if i == 0 else f"keep_best #{i + 1}" for i, r in enumerate(kept)}
         for iteration in self.keeper.keep(run, why):
             self.release_if_finished(run, iteration)
-        self.write_best(run, rule, kept, rows)
+        try:
+            self.write_best(run, rule, kept, rows)
+        except OSError as e:  # a full disk: the snapshots are kept all the same; written at the next ranking
+            log.warning("run %s: could not write best.json: %s", run, e)
 
     def write_best(self, run: str, rule: B.BestRule, kept: list, rows: dict) -> None:
         """<cache_dir>/results/<run>/best.json, atomically, when its content changes (removed when no checkpoint
@@ -1158,7 +1161,12 @@ class Daemon:
         self.sweep_scratch()
         self.keeper.recover()
         for run in self.best_rules:  # the best checkpoints' snapshots are kept: known before any is released
-            self.update_best(run)
+            try:
+                self.update_best(run)
+            except L.LedgerUnavailable:
+                raise
+            except Exception:  # a bug here must not keep the daemon from starting
+                log.exception("run %s: ranking the best checkpoint failed", run)
         for row in self.ledger.snapshots([L.PINNED]):  # snapshots of rows no longer runnable are not kept
             self.release_if_finished(row["run"], row["iteration"])
         self.ledger.prune_events()
