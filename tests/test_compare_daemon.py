@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 
 from conftest import bench, history, ledger_rows, megatron_checkpoint, run_cli, write_config
 
@@ -111,6 +112,18 @@ def test_a_result_without_per_sample_scores_is_recorded_without_a_comparison(tmp
     assert all(state == "recorded" for state in rows.values()) and len(rows) == 6
     assert not (result(cache, 2000, "plain") / "compare.json").exists()
     assert (result(cache, 2000) / "compare.json").exists()
+
+
+def test_a_result_found_scored_without_its_comparison_after_a_crash_gets_it_at_the_next_start(tmp_path, venvs):
+    cfg, cache = evaluated(tmp_path)
+    # what a crash between the scored transition and compare.json leaves: the row scored, no compare.json
+    (result(cache, 3000) / "compare.json").unlink()
+    with sqlite3.connect(cache / "ledger.sqlite3") as db:
+        db.execute("UPDATE jobs SET state = 'scored' WHERE iteration = 3000")
+        db.execute("DELETE FROM recordings WHERE iteration = 3000")
+    run_cli("--config", cfg, "--once", check=0)
+    assert compare_doc(cache, 3000)["against"]["prev"]["iteration"] == 2000
+    assert {r["iteration"]: r["state"] for r in ledger_rows(cache)}[3000] == "recorded"
 
 
 def test_a_comparison_that_fails_is_logged_and_the_result_recorded_all_the_same(tmp_path, venvs):
