@@ -1,0 +1,2 @@
+"""See evaluator/api/__init__.py."""
+__all__: list[str] = []
