@@ -18,6 +18,13 @@ from .atomic import write_text_atomic
 
 OK = "ok"
 ERROR = "error"
+# the fraction of a run's samples that may fail before the run fails (inference stage, Python API)
+DEFAULT_MAX_ERROR_RATE = 0.1
+
+
+def too_many_errors(n_error: int, n: int, max_error_rate: float) -> bool:
+    """More than `max_error_rate` of the `n` samples failed: the run fails (at the limit it does not)."""
+    return n > 0 and n_error / n > max_error_rate
 
 
 @dataclass

@@ -29,7 +29,7 @@ from evaluator.benchmarks.registry import load_benchmark
 from evaluator.common.atomic import write_json_atomic
 from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, PROGRESS, RUN_METADATA, StageJob
 from evaluator.common.errors import EvaluatorError
-from evaluator.common.records import write_results
+from evaluator.common.records import DEFAULT_MAX_ERROR_RATE, too_many_errors, write_results
 from evaluator.common.secrets import redact_obj
 from evaluator.stages.checkpoint_compat import CheckpointFormatError
 
@@ -38,7 +38,6 @@ from ..common import library_versions, stage_log, stage_main
 from .backends import ModelLoadError, backend_class, option_problems
 from .params import GenerationParams, Progress, resolve_model
 
-DEFAULT_MAX_ERROR_RATE = 0.1
 VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "vllm", "openai", "soundfile", "lm-eval")
 # <output_dir>/progress.json {"done", "total", "updated_at"}: what `status` shows while this stage generates.
 PROGRESS_EVERY_S = 5.0
@@ -205,7 +204,7 @@ def run(job: StageJob) -> int:
         log(f"error: {len(retryable)}/{n} samples failed with retryable errors; exit {EXIT_TEMPFAIL} (retry later), "
             f"no run_metadata.json")
         return EXIT_TEMPFAIL
-    if error_rate > max_error_rate:
+    if too_many_errors(len(errors), n, max_error_rate):
         log(f"error: {len(errors)}/{n} samples failed ({error_rate:.1%}), above max_error_rate "
             f"{max_error_rate:.1%}; predictions kept in {PREDICTIONS} for inspection, no run_metadata.json")
         return 1

@@ -88,6 +88,9 @@ class MetricSpec:
     # (no stderr; per-sample values, if any, are sentence-level and do not average to the value)
     aggregate: str = "mean"
     method: str = ""  # what computes it, shown beside the number (metrics.json `methods`, docs/metrics.md)
+    # needs the evaluation venv's libraries (aac-metrics, sentence-transformers, torch): the Python API
+    # (evaluator/api) runs such metrics through the evaluation stage in that venv, the others in the caller's process
+    evaluation_venv: bool = False
 
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
@@ -109,8 +112,10 @@ JUDGE_OPTIONS = ("base_url", "api_key", "api_key_env", "organization", "model", 
 
 
 def _spec(name: str, func: str, needs: Optional[str], description: str, options: tuple = (), *,
-          aggregate: str = "mean", method: str = "") -> MetricSpec:
-    return MetricSpec(name, func, needs, description, options, aggregate, method)
+          aggregate: str = "mean", method: str = "", evaluation_venv: bool = False) -> MetricSpec:
+    # every caption metric runs aac-metrics (and Java): the evaluation venv's
+    return MetricSpec(name, func, needs, description, options, aggregate, method,
+                      evaluation_venv or func == _CAPTION)
 
 
 _AAC = "aac-metrics"
@@ -155,7 +160,7 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
     # MMAU-Pro / MMAU scoring as the benchmarks' reference code does it (mmau.py; docs/benchmarks.md)
     _spec("mmau_pro_embed", f"{_MMAU}:mmau_pro_embed", "choices",
           "MMAU-Pro closed-form: embed prediction and choices (NV-Embed-v2 or option embed_model), argmax cosine "
-          "equals the target; unavailable without the model files", ("embed_model", "device"),
+          "equals the target; unavailable without the model files", ("embed_model", "device"), evaluation_venv=True,
           method="MMAU-Pro closed-form embedding match (NeMo-Skills nvembed_judge: argmax cosine over the choices)"),
     _spec("mmau_string_match", f"{_MMAU}:mmau_string_match", "choices",
           "MMAU v1 evaluation.py string_match: all answer tokens in the prediction, no token of another choice",
