@@ -70,9 +70,21 @@ def report(cfg, runs) -> int:
             ok &= rose
             print(f"  {lead}: {first:.4f} at iteration {mine[0]['iteration']} -> {last:.4f} at "
                   f"{mine[-1]['iteration']} ({'rose' if rose else 'DID NOT RISE'})")
+            vs = mine[-1].get("vs_prev")  # the daemon's paired comparison of the last two checkpoints
+            if vs:
+                print(f"  last two checkpoints: {vs['metric']} {vs['old']:.4f} at {vs['iteration']} -> {vs['new']:.4f}, "
+                      f"delta {vs['delta']:+.4f}, p={vs['p']:.3g} ({vs['method']}, n={vs['n']}, "
+                      f"{'significant' if vs['significant'] else 'not significant'}; "
+                      f"{vs['fixed']} fixed, {vs['broken']} broken)")
         if not rows:
             print(f"run {run.name}: no results recorded")
             ok = False
+        best = os.path.join(cfg.cache_dir, "results", run.name, "best.json")
+        if os.path.exists(best):
+            with open(best) as f:
+                b = json.load(f)
+            print(f"  best checkpoint: iteration {b['iteration']} ({b['rule']} = {b['score']:.4g}), "
+                  f"kept at {os.path.relpath(b.get('snapshot') or b['checkpoint'], ROOT)}")
         curves = os.path.join(cfg.cache_dir, "results", run.name, "curves.png")
         if os.path.exists(curves):
             print(f"  curves: {os.path.relpath(curves, ROOT)} ({os.path.getsize(curves)} bytes)")
@@ -83,7 +95,10 @@ def report(cfg, runs) -> int:
         print(f"W&B offline run(s): {len(sessions)} session folder(s) in {os.path.relpath(wandb_dir, ROOT)}")
         print(f"  upload with: .venvs/daemon/bin/wandb sync {os.path.relpath(wandb_dir, ROOT)}")
     print("results tree: " + os.path.relpath(os.path.join(cfg.cache_dir, "results"), ROOT) +
-          "/<run>/iter_<N>/<benchmark>/ (predictions.jsonl, run_metadata.json, metrics.json, logs)")
+          "/<run>/iter_<N>/<benchmark>/ (predictions.jsonl, run_metadata.json, scores.jsonl, metrics.json, "
+          "compare.json, logs)")
+    print("compare two checkpoints: .venvs/daemon/bin/python tools/evaluator.py compare --config "
+          "config/demo.yaml --run toy-lm 600 900")
     return 0 if ok else 1
 
 
