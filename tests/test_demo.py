@@ -29,7 +29,12 @@ def test_demo_runs_both_toy_trainings_and_records_rising_curves(tmp_path, venvs)
         assert last["metrics"][metric] > first["metrics"][metric], rows
         assert (cache / run / "curves.png").stat().st_size > 0
         assert f"{metric}: " in out and "(rose)" in out
+        last_row = sorted(rows, key=lambda r: r["iteration"])[-1]
+        assert last_row["vs_prev"]["iteration"] == iterations[0]  # the daemon compared the last two checkpoints
+        best = json.loads((cache / run / "best.json").read_text())
+        assert best["iteration"] in iterations and os.path.isdir(best["snapshot"])
     caption_metrics = json.loads((cache / "toy-captioner" / "iter_0000100" / "captions" / "metrics.json").read_text())
     assert {"cider_d", "bleu_4", "meteor", "rouge_l", "sbert_sim_minilm_l6"} <= set(caption_metrics["metrics"])
     assert list((tmp_path / "demo" / "cache" / "wandb" / "wandb").glob("offline-run-*"))
     assert "wandb sync" in out
+    assert "last two checkpoints:" in out and "best checkpoint: iteration" in out
