@@ -283,6 +283,8 @@ def write_summary(out_dir: str, spec: dict, scale: float = 1) -> str:
         lines.append(f"{name}: {scaled(value, scale):.6g}" + (f" (stderr {scaled(se, scale):.4g})" if se is not None else ""))
     for name, why in sorted((data.get("unavailable") or {}).items()):
         lines.append(f"{name}: {why}")
+    for name, method in sorted((data.get("methods") or {}).items()):
+        lines.append(f"method of {name}: {method}")
     for category, values in sorted((data.get("per_category") or {}).items()):
         lines.append(f"[{category}] " + ", ".join(f"{k}={v if k == 'n' else scaled(v, scale):.4g}"
                                                   for k, v in sorted(values.items())))

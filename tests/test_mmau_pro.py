@@ -497,5 +497,6 @@ def test_bench_run_mmau_pro_prints_per_category_and_per_skill_accuracy_with_the_
     assert "[perceptual_skills: Acoustic Source Characterization] mmau_string_match=0.5, n=2" in out
     assert "[reasoning_skills: Content Reasoning] mmau_string_match=1, n=1" in out
     assert "mmau_pro_embed: unavailable: missing the embedding model" in out  # no NV-Embed-v2 here
+    assert "method of mmau_string_match: " in out and "Sakshi113/MMAU" in out  # the summary names the method
     metrics = json.loads(open(os.path.join(str(tmp_path / "out"), "answer-model", "mmau-pro", "metrics.json")).read())
     assert "Sakshi113/MMAU" in metrics["methods"]["mmau_string_match"]

@@ -12,7 +12,8 @@ from recorder.sinks import ResultRecord
 from recorder.writer import load_writer_config
 
 METRICS_JSON = {"n": 4, "metrics": {"cider_d": 0.4512, "bleu_4": 0.172}, "stderr": {"cider_d": 0.031},
-                "per_category": {"indoor": {"n": 2, "cider_d": 0.5}}, "unavailable": {}}
+                "per_category": {"indoor": {"n": 2, "cider_d": 0.5}}, "unavailable": {},
+                "methods": {"cider_d": "aac-metrics CIDEr-D"}}
 
 
 def summary_lines(tmp_path, scale) -> list[str]:
@@ -24,6 +25,7 @@ def test_bench_summary_on_the_raw_scale_by_default(tmp_path):
     lines = summary_lines(tmp_path, 1)
     assert "cider_d: 0.4512 (stderr 0.031)" in lines and "bleu_4: 0.172" in lines
     assert not any("x100" in line for line in lines)
+    assert "method of cider_d: aac-metrics CIDEr-D" in lines
 
 
 def test_bench_summary_x100_scales_values_and_stderr_not_counts_and_says_so(tmp_path):
