@@ -81,3 +81,43 @@ def test_loaders_and_bench_cli_are_standard_library_only(package):
     paths = [os.path.join(ROOT, package)] if package.endswith(".py") else files(package)
     bad = [(f, m) for f in paths for m in imports_of(f) if m.split(".")[0] not in allowed]
     assert not bad, bad
+
+
+# ---- the Python API (evaluator/api, issue 17) ---------------------------------------------------------------------
+# what `import evaluator.api` may load: the light layers below it (stdlib + yaml; recorder's sinks import their SDKs
+# lazily)
+API_TOP_LEVEL = ("evaluator.api", "evaluator.common", "evaluator.benchmarks", "evaluator.daemon.config",
+                 "evaluator.daemon.ledger", "evaluator.stages.evaluation.metrics", "recorder")
+# imported inside functions only, so `import evaluator.api` stays light in a training script's environment
+API_LAZY = {"torch", "transformers", "wandb", "mlflow", "pandas", "pydantic", "aac_metrics", "sentence_transformers"}
+
+
+def test_importing_the_api_loads_only_the_layers_below_it():
+    """At module level evaluator/api imports evaluator.common, recorder, the benchmark loaders, the metric registry
+    and the daemon's config and ledger; the rest of the daemon (evaluate_checkpoint drives it) is imported inside
+    the functions that need it."""
+    bad = [(f, m) for f in files("evaluator/api") for m in top_level_imports(f)
+           if m.split(".")[0] in ("evaluator", "recorder") and m != "evaluator"
+           and not any(m == a or m.startswith(a + ".") for a in API_TOP_LEVEL)]
+    assert not bad, bad
+
+
+def test_the_api_never_imports_model_code():
+    """The API runs a user's function in the user's environment; the stages' model code (inference backends,
+    external harnesses) runs in the stage venvs, started as processes. Of the stages, only the evaluation stage's
+    pure scoring (score(), the metric registry) is imported, to score in-process."""
+    bad = [(f, m) for f in files("evaluator/api") for m in imports_of(f)
+           if m.startswith("evaluator.stages") and not m.startswith("evaluator.stages.evaluation")]
+    assert not bad, bad
+
+
+def test_nothing_below_the_api_imports_it():
+    bad = [(f, m) for package in ("evaluator/common", "evaluator/daemon", "evaluator/stages", "evaluator/benchmarks",
+                                  "recorder")
+           for f in files(package) for m in imports_of(f) if m == "evaluator.api" or m.startswith("evaluator.api.")]
+    assert not bad, bad
+
+
+def test_api_imports_heavy_libraries_only_inside_functions():
+    bad = [(f, m) for f in files("evaluator/api") for m in top_level_imports(f) if m.split(".")[0] in API_LAZY]
+    assert not bad, bad
