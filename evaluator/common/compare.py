@@ -8,7 +8,6 @@ comparison for a terminal (`tools/evaluator.py compare`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import textwrap
@@ -18,7 +17,7 @@ from typing import Optional
 from .contracts import COMPARE_SCHEMA_VERSION, METRICS, PREDICTIONS, SCORES, SCORES_SCHEMA_VERSION, read_metrics
 from .errors import EvaluatorError, did_you_mean
 from .paired import BOOTSTRAP, DEFAULT_RESAMPLES, compare_values
-from .records import read_results
+from .records import jsonl_rows, read_results
 
 SCORE_STATUSES = ("ok", "error")
 
@@ -38,21 +37,13 @@ def read_scores(path: str) -> dict[str, dict]:
     """scores.jsonl -> {sample_id: row}; a malformed row raises EvaluatorError naming file:line."""
     rows: dict[str, dict] = {}
     lines: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvaluatorError(f"{where}: not valid JSON ({e.msg})") from None
-            check_score_row(row, where)
-            sid = str(row["sample_id"])
-            if sid in rows:
-                raise EvaluatorError(f"{where}: sample_id {sid!r} again (first at line {lines[sid]}); "
-                                     f"a sample has one row")
-            rows[sid], lines[sid] = row, lineno
+    for where, lineno, row in jsonl_rows(path, EvaluatorError):
+        check_score_row(row, where)
+        sid = str(row["sample_id"])
+        if sid in rows:
+            raise EvaluatorError(f"{where}: sample_id {sid!r} again (first at line {lines[sid]}); "
+                                 f"a sample has one row")
+        rows[sid], lines[sid] = row, lineno
     return rows
 
 

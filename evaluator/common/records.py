@@ -89,19 +89,22 @@ def write_results(path: str, results: Iterable[RunResult]) -> int:
     return len(lines)
 
 
-def read_results(path: str) -> list[RunResult]:
-    """Read predictions.jsonl; a bad row raises ValueError naming file:line and what is wrong."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such predictions file")
-    out = []
+def jsonl_rows(path: str, error: type = ValueError) -> Iterable[tuple[str, int, Any]]:
+    """(where "file:line", line number, parsed value) for every non-blank line of a JSONL file; a line that is not
+    JSON raises `error` naming file:line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                data = json.loads(line)
+                yield where, lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(RunResult.from_dict(data, where))
-    return out
+                raise error(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def read_results(path: str) -> list[RunResult]:
+    """Read predictions.jsonl; a bad row raises ValueError naming file:line and what is wrong."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such predictions file")
+    return [RunResult.from_dict(data, where) for where, _, data in jsonl_rows(path)]
