@@ -1,0 +1,305 @@
+"""evaluator.api.tracking: the history store shared with the daemon, evaluation contexts with real W&B (offline) and
+MLflow (SQLite) stores, and results as pandas data. No mocks: the one fault injected is a failing callable
+integration, which is the user's own code by definition."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from evaluator.api import tracking as T
+from evaluator.common.errors import EvaluatorError
+from recorder.sinks import LocalHistorySink, ResultRecord
+from recorder.wandb_sink import run_id
+from test_recorder_wandb import wandb_runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Scored:
+    """An EvaluationResult's shape as the store reads it: metrics, stderr, per-category values, samples with
+    per-sample scores, info (dataset id, n)."""
+
+    def __init__(self, hits: list[int], dataset_id: str = "qa"):
+        self.metrics = {"exact_match": sum(hits) / len(hits)}
+        self.stderr = {"exact_match": 0.1}
+        self.per_category = {}
+        self.samples = [{"sample_id": f"s{i}", "status": "ok", "prediction": "A" if h else "B", "target": "A",
+                         "scores": {"exact_match": float(h)}} for i, h in enumerate(hits)]
+        self.info = {"dataset_id": dataset_id, "n": len(hits)}
+
+
+def run_python(code: str) -> str:
+    """Run code in a fresh interpreter of this venv from the checkout; returns its stdout."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def daemon_result(cache, run, iteration, bench, metrics) -> ResultRecord:
+    """A result as the daemon records it: metrics.json in the results tree, then its LocalHistorySink."""
+    out = cache / "results" / run / f"iter_{iteration:07d}" / bench
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "n": 4}))
+    record = ResultRecord(run=run, iteration=iteration, benchmark=bench, metrics=metrics, n=4, tokens_b=iteration / 1000,
+                          metrics_path=str(out / "metrics.json"))
+    LocalHistorySink(str(cache)).record(record)
+    return record
+
+
+# ---- the store ---------------------------------------------------------------------------------------------------
+def test_a_tracked_run_is_seen_by_a_fresh_process_and_by_the_daemons_history_sink(tmp_path):
+    tracker = T.MetricsTracker(cache_dir=str(tmp_path))
+    tracker.start_run("notebook", iteration=500, lr=3e-4, note="warmup off")
+    tracker.log_metrics({"accuracy": 0.75, "latency": 120.5}, benchmark="qa")
+    tracker.end_run()
+
+    seen = json.loads(run_python(f"""
+        import json
+        from evaluator.api import get_metrics_history
+        print(json.dumps(get_metrics_history(cache_dir={str(tmp_path)!r})))
+    """))
+    assert [(e["run"], e["iteration"], e["benchmark"], e["metrics"]) for e in seen] == [
+        ("notebook", 500, "qa", {"accuracy": 0.75, "latency": 120.5})]
+    assert seen[0]["metadata"]["lr"] == 3e-4 and seen[0]["metadata"]["note"] == "warmup off"
+    assert seen[0]["metadata"]["duration"] >= 0 and seen[0]["recorded_at"].endswith("+00:00")
+    assert seen[0]["recorded_by"] == "evaluator.api"
+    # the daemon's own sink reads the same line: its summary.md and curves.png will show the run
+    rows = LocalHistorySink(str(tmp_path)).rows("notebook")
+    assert [(r["iteration"], r["benchmark"], r["metrics"]["accuracy"]) for r in rows] == [(500, "qa", 0.75)]
+
+
+def test_the_api_sees_what_the_daemon_recorded(tmp_path):
+    daemon_result(tmp_path, "tiny", 1000, "qa", {"exact_match": 0.5})
+    daemon_result(tmp_path, "tiny", 2000, "qa", {"exact_match": 0.75})
+    history = T.get_metrics_history(cache_dir=str(tmp_path))
+    assert [(e["run"], e["iteration"], e["metrics"]["exact_match"], e["recorded_by"]) for e in history] == [
+        ("tiny", 1000, 0.5, "daemon"), ("tiny", 2000, 0.75, "daemon")]
+    assert all(e["recorded_at"] for e in history), "a daemon result's time is its metrics.json's"
+
+
+def test_recording_a_result_again_is_a_new_revision_that_replaces_its_history_line(tmp_path):
+    for value in (0.5, 0.6):
+        T.record_result("nb", 0, "qa", {"accuracy": value}, cache_dir=str(tmp_path))
+    history = T.get_metrics_history(cache_dir=str(tmp_path))
+    assert [(e["metrics"]["accuracy"], e["revision"]) for e in history] == [(0.6, 1)]
+    doc = json.loads((tmp_path / "results" / "nb" / "iter_0000000" / "qa" / "metrics.json").read_text())
+    assert doc["revision"] == 1 and doc["metrics"] == {"accuracy": 0.6}
+
+
+def test_a_metric_that_is_not_a_number_is_an_error_naming_it(tmp_path):
+    tracker = T.MetricsTracker(cache_dir=str(tmp_path))
+    tracker.start_run("nb")
+    with pytest.raises(EvaluatorError, match=r"metrics\.cost: expected a number, got 'cheap'"):
+        tracker.log_metrics({"accuracy": 0.5, "cost": "cheap"})
+
+
+def test_a_run_name_that_is_not_one_folder_is_refused(tmp_path):
+    with pytest.raises(EvaluatorError, match="run_name: expected a non-empty name without '/'"):
+        T.MetricsTracker(cache_dir=str(tmp_path)).start_run("../elsewhere")
+
+
+# ---- track_metrics ----------------------------------------------------------------------------------------------
+def test_track_metrics_records_the_named_metrics_of_each_call_at_the_next_iteration(tmp_path):
+    @T.track_metrics(["accuracy", "latency"], cache_dir=str(tmp_path))
+    def custom_evaluation(acc):
+        return {"accuracy": acc, "latency": 120.5, "other_metric": "not tracked"}
+
+    assert custom_evaluation(0.8)["other_metric"] == "not tracked", "the function's value is returned unchanged"
+    custom_evaluation(0.9)
+    history = T.get_metrics_history("custom_evaluation", cache_dir=str(tmp_path))
+    assert [(e["iteration"], e["metrics"]) for e in history] == [
+        (0, {"accuracy": 0.8, "latency": 120.5}), (1, {"accuracy": 0.9, "latency": 120.5})]
+
+
+def test_track_metrics_raises_when_a_named_metric_is_missing(tmp_path):
+    @T.track_metrics(["accuracy", "f1"], cache_dir=str(tmp_path))
+    def evaluation():
+        return {"accuracy": 0.8}
+
+    with pytest.raises(EvaluatorError, match="evaluation returned no 'f1'"):
+        evaluation()
+    assert T.get_metrics_history(cache_dir=str(tmp_path)) == []
+
+
+# ---- comparisons ------------------------------------------------------------------------------------------------
+def test_compare_runs_pairs_the_runs_on_their_samples_and_says_what_it_compared(tmp_path):
+    tracker = T.MetricsTracker(cache_dir=str(tmp_path))
+    runs = {"baseline": [1, 0, 0, 1, 0, 0, 1, 0], "improved": [1, 1, 1, 1, 1, 1, 1, 0]}
+    for name, hits in runs.items():
+        tracker.start_run(name)
+        tracker.log_metrics(Scored(hits))
+        tracker.end_run()
+    c = tracker.compare_runs("exact_match")
+    assert c["runs"]["baseline"]["value"] == 3 / 8 and c["runs"]["improved"]["value"] == 7 / 8
+    assert c["_stats"]["best"] == 7 / 8 and c["_stats"]["best_run"] == "improved"
+    assert c["_stats"]["average"] == pytest.approx(5 / 8)
+    pair = c["paired"]["baseline"]
+    # 4 samples fixed by `improved`, none broken: exact McNemar on binary scores, p = 2 * 0.5**4
+    assert (pair["against"], pair["method"], pair["n"], pair["delta"]) == ("improved", "mcnemar_exact", 8, -0.5)
+    assert pair["p"] == pytest.approx(0.125)
+    assert "paired test" in c["compared"] and "qa/exact_match" in c["compared"]
+
+
+def test_compare_metric_says_why_a_run_without_per_sample_scores_is_not_paired(tmp_path):
+    T.record_result("a", 0, "qa", Scored([1, 1, 0, 0]), cache_dir=str(tmp_path))
+    T.record_result("b", 0, "qa", {"exact_match": 0.25}, cache_dir=str(tmp_path))
+    c = T.compare_metric("exact_match", cache_dir=str(tmp_path))
+    assert c["paired"] == {} and "scores.jsonl" in c["not_paired"]["b"]
+
+
+def test_compare_metric_of_a_metric_in_two_benchmarks_asks_which(tmp_path):
+    T.record_result("a", 0, "qa", {"accuracy": 0.5}, cache_dir=str(tmp_path))
+    T.record_result("a", 0, "mc", {"accuracy": 0.7}, cache_dir=str(tmp_path))
+    with pytest.raises(EvaluatorError, match="recorded for benchmarks mc, qa: pass benchmark="):
+        T.compare_metric("accuracy", cache_dir=str(tmp_path))
+    assert T.compare_metric("accuracy", benchmark="mc", cache_dir=str(tmp_path))["_stats"]["best"] == 0.7
+
+
+# ---- evaluation contexts ----------------------------------------------------------------------------------------
+def test_a_context_logs_to_mlflow_at_step_iteration(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    for iteration, value in ((200, 0.6), (100, 0.5)):
+        with T.evaluation_context(run_name="ckpt-run", iteration=iteration, cache_dir=str(tmp_path)) as ctx:
+            ctx.log_to_mlflow(experiment_name="training")
+            ctx.metrics_tracker.log_metrics({"accuracy": value}, benchmark="qa")
+    client = MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"))
+    exp = client.get_experiment_by_name("training")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "ckpt-run"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "qa/accuracy")) == [
+        (100, 0.5), (200, 0.6)]
+
+
+def test_a_failing_integration_raises_after_the_others_ran(tmp_path):
+    seen = []
+
+    def monitor(run_result, results):
+        seen.append(run_result["metrics"])
+
+    def broken(run_result, results):
+        raise ConnectionError("monitoring endpoint down")  # the user's own integration: the fault is real code
+
+    with pytest.raises(T.IntegrationFailed, match="broken: ConnectionError: monitoring endpoint down"):
+        with T.evaluation_context(run_name="r", cache_dir=str(tmp_path)) as ctx:
+            ctx.add_mlops_integration(broken)
+            ctx.add_mlops_integration(monitor)
+            ctx.metrics_tracker.log_metrics({"accuracy": 0.5}, benchmark="qa")
+    assert seen == [{"qa": {"accuracy": 0.5}}]
+    assert [e["run"] for e in T.get_metrics_history(cache_dir=str(tmp_path))] == ["r"], "recorded locally first"
+
+
+def test_an_mlflow_store_that_cannot_be_written_raises(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(T.IntegrationFailed, match="^mlflow: "):
+        with T.evaluation_context(run_name="r", cache_dir=str(tmp_path / "cache")) as ctx:
+            ctx.log_to_mlflow("exp", tracking_uri="sqlite:///" + str(tmp_path / "file" / "mlflow.db"))
+            ctx.metrics_tracker.log_metrics({"accuracy": 0.5}, benchmark="qa")
+
+
+def test_without_an_active_wandb_run_the_context_logs_through_our_wandb_sink(tmp_path):
+    with T.evaluation_context(run_name="nb", iteration=300, cache_dir=str(tmp_path)) as ctx:
+        ctx.log_to_wandb(project_name="evals", mode="offline")
+        ctx.metrics_tracker.log_metrics({"accuracy": 0.5}, benchmark="qa")
+    (run,) = wandb_runs(tmp_path / "wandb")
+    assert run["id"] == run_id("evals", "nb") and run["project"] == "evals"
+    assert [(r["iteration"], r["qa/accuracy"]) for r in run["rows"]] == [(300, 0.5)]
+    assert ("qa/*", "iteration") in run["metrics"]
+
+
+@pytest.mark.slow
+def test_a_trainers_active_wandb_run_gets_the_eval_metrics_at_its_iterations_and_stays_open(tmp_path):
+    out = run_python(f"""
+        import json, wandb
+        from evaluator.api import evaluation_context
+        run = wandb.init(mode="offline", dir={str(tmp_path / "trainer")!r}, project="trainer", id="train-1",
+                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        run.define_metric("train/global_step")
+        run.define_metric("*", step_metric="train/global_step", step_sync=True)  # as transformers' WandbCallback
+        open_after = []
+        for step in (10, 20, 30):
+            run.log({{"train/loss": 1.0 / step, "train/global_step": step}})
+            if step != 20:
+                with evaluation_context(run_name="trainer", iteration=step, cache_dir={str(tmp_path / "cache")!r}) as ctx:
+                    ctx.log_to_wandb()
+                    ctx.metrics_tracker.log_metrics({{"accuracy": step / 100}}, benchmark="qa")
+                open_after.append(wandb.run is run)
+        run.log({{"train/loss": 0.01, "train/global_step": 40}})  # the trainer goes on logging to its run
+        run.finish()
+        print(json.dumps(open_after))
+    """)
+    assert json.loads(out.strip().splitlines()[-1]) == [True, True], "the trainer's run is still the active one"
+    (run,) = wandb_runs(tmp_path / "trainer")  # one session: ours went into the trainer's run, none of our own
+    assert run["id"] == "train-1"
+    evals = [(r["iteration"], r["qa/accuracy"]) for r in run["rows"] if "qa/accuracy" in r]
+    assert evals == [(10, 0.1), (30, 0.3)]
+    assert ("qa/*", "iteration") in run["metrics"] and ("iteration", "") in run["metrics"]
+    assert [r["train/global_step"] for r in run["rows"] if "train/loss" in r] == [10, 20, 30, 40], \
+        "rows the trainer logged after our evaluations are in its run: we did not finish it"
+    assert not (tmp_path / "cache" / "wandb").exists(), "no run of our own was started"
+
+
+QA = [("q1", "Capital of France?", "Paris"), ("q2", "2+2?", "4"), ("q3", "Color of the sky?", "blue"),
+      ("q4", "3+3?", "6")]
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in QA))
+    return str(path)
+
+
+def test_ctx_evaluate_runs_the_function_and_records_its_result_with_its_per_sample_scores(tmp_path, qa_file):
+    answers = {q: a for _, q, a in QA}
+    with T.evaluation_context(dataset=qa_file, run_name="nb", iteration=7, cache_dir=str(tmp_path / "cache"),
+                              benchmark_type="text-qa", metrics=["exact_match"], work_dir=str(tmp_path / "work")) as ctx:
+        result = ctx.evaluate(lambda prompt: answers[prompt] if prompt != "2+2?" else "four")
+        path = ctx.save_results(str(tmp_path / "out.json"))
+    assert result.metrics["exact_match"] == 0.75
+    (entry,) = T.get_metrics_history(cache_dir=str(tmp_path / "cache"))
+    assert (entry["run"], entry["iteration"], entry["benchmark"], entry["n"]) == ("nb", 7, "text-qa", 4)
+    assert entry["metrics"]["exact_match"] == 0.75
+    samples = T.load_samples(str(tmp_path / "cache"))
+    assert list(zip(samples.sample_id, samples.exact_match)) == [("q1", 1.0), ("q2", 0.0), ("q3", 1.0), ("q4", 1.0)]
+    saved = json.loads(open(path).read())
+    assert saved["iteration"] == 7 and saved["results"][0]["metrics"]["exact_match"] == 0.75
+
+
+def test_ctx_benchmark_records_each_function_as_a_run_that_compare_metric_pairs(tmp_path, qa_file):
+    answers = {q: a for _, q, a in QA}
+    with T.evaluation_context(dataset=qa_file, iteration=1, cache_dir=str(tmp_path / "cache"),
+                              benchmark_type="text-qa", metrics=["exact_match"]) as ctx:
+        ctx.benchmark({"good": lambda p: answers[p], "bad": lambda p: "no idea" if p != "2+2?" else "4"})
+    c = T.compare_metric("exact_match", runs=["good", "bad"], cache_dir=str(tmp_path / "cache"))
+    assert {r: v["value"] for r, v in c["runs"].items()} == {"good": 1.0, "bad": 0.25}
+    assert c["paired"]["bad"]["method"] == "mcnemar_exact" and c["paired"]["bad"]["broken"] == 3
+
+
+# ---- results as data --------------------------------------------------------------------------------------------
+def test_load_results_has_one_row_per_run_iteration_benchmark_and_metric(tmp_path):
+    daemon_result(tmp_path, "tiny", 1000, "qa", {"exact_match": 0.5, "token_f1": 0.6})
+    T.record_result("nb", 0, "qa", Scored([1, 0, 1, 1]), cache_dir=str(tmp_path), tokens_b=1.5)
+    frame = T.load_results(str(tmp_path))
+    assert list(frame.columns) == T.RESULT_COLUMNS
+    assert [tuple(r) for r in frame[["run", "iteration", "benchmark", "metric", "value", "n"]].itertuples(
+        index=False)] == [("nb", 0, "qa", "exact_match", 0.75, 4), ("tiny", 1000, "qa", "exact_match", 0.5, 4),
+                          ("tiny", 1000, "qa", "token_f1", 0.6, 4)]
+    nb = frame[frame.run == "nb"].iloc[0]
+    assert nb.stderr == 0.1 and nb.tokens_b == 1.5
+    assert len(T.load_results(str(tmp_path), run="tiny")) == 2
+
+
+def test_load_samples_has_one_row_per_sample_with_a_column_per_metric(tmp_path):
+    daemon_result(tmp_path, "tiny", 1000, "qa", {"exact_match": 0.5})  # no scores.jsonl: listed, adds no rows
+    T.record_result("nb", 0, "qa", Scored([1, 0, 1]), cache_dir=str(tmp_path))
+    frame = T.load_samples(str(tmp_path))
+    assert list(frame.columns) == T.SAMPLE_COLUMNS + ["exact_match"]
+    assert list(frame.sample_id) == ["s0", "s1", "s2"] and list(frame.exact_match) == [1.0, 0.0, 1.0]
+    assert frame.attrs["without_scores"] == [str(tmp_path / "results" / "tiny" / "iter_0001000" / "qa")]
