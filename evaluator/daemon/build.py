@@ -16,48 +16,22 @@ from filelock import FileLock, Timeout
 from evaluator.common.contracts import EVALUATION, INFERENCE
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
-from evaluator.daemon.checkpoints import LAYOUTS, CheckpointLayout, Selection
+from evaluator.daemon.checkpoints import LAYOUTS, CheckpointLayout, Selection, notices_dir
 from evaluator.daemon.config import AutoEvalConfig
 from evaluator.daemon.daemon import Daemon
 from evaluator.daemon.executors import EXECUTORS
 from evaluator.daemon.notify import make_channels, webhook_url
 from evaluator.daemon.policy import RunSpec
+from evaluator.daemon.runs import resolve_runs
 from evaluator.daemon.sink_setup import make_sinks
 from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
 from evaluator.daemon.watch import CheckpointWatcher, choose_mode
 
 
-def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[RunSpec]:
-    """The training runs to watch: watch.paths, or Data-Juicer's megatron.checkpoint_path."""
-    paths = list(cfg.watch.paths)
-    default_layout = model_type or cfg.watch.layout or "megatron"
-    if not paths:
-        if cfg.megatron and cfg.megatron.checkpoint_path:
-            return [RunSpec(cfg.model_name, cfg.megatron.checkpoint_path, default_layout)]
-        raise EvaluatorError("invalid config: auto_eval.watch.paths: no checkpoint folder to watch; "
-                             "set watch.paths or megatron.checkpoint_path")
-    runs = []
-    for p in paths:
-        name = p.name or (cfg.model_name if len(paths) == 1 else os.path.basename(p.path.rstrip("/")))
-        runs.append(RunSpec(name, p.path, p.layout or default_layout,
-                            tuple(p.benchmarks) if p.benchmarks is not None else None))
-    names = [r.name for r in runs]
-    for r in runs:
-        if names.count(r.name) > 1:
-            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: two runs are named {r.name!r}; give each "
-                                 f"path a distinct `name:` (it names the folder of its results)")
-    for r in runs:
-        if os.path.isabs(r.name) or ".." in r.name.split("/") or not r.name.strip("/"):
-            raise EvaluatorError(f"invalid config: run name {r.name!r} (model_name or watch.paths[].name) must be a "
-                                 f"relative folder name without '..'")
-        if os.path.exists(r.root) and not os.path.isdir(r.root):
-            raise EvaluatorError(f"invalid config: auto_eval.watch.paths: {r.root} is not a folder")
-    return runs
-
-
 def make_layouts(cfg: AutoEvalConfig, runs: list[RunSpec]) -> dict[str, CheckpointLayout]:
     w = cfg.watch
-    return {r.name: LAYOUTS[r.layout](r.name, r.root, w.settle_seconds, w.pattern, w.done_marker) for r in runs}
+    return {r.name: LAYOUTS[r.layout](r.name, r.root, w.settle_seconds, w.pattern, w.done_marker,
+                                      notices=notices_dir(cfg.cache_dir, r.name)) for r in runs}
 
 
 def venv_python(path: str) -> str:

@@ -27,6 +27,12 @@ Then the checkpoint is
 Two folders naming one iteration (iter_0300 and iter_0000300): one is the checkpoint (the
 layout's canonical name, else the first by name), the other is reported as ignored, so a scan
 never yields two complete checkpoints of one iteration.
+
+Completion notices (`<cache_dir>/notices/<run>/iter_%07d.json`, written by the training script through
+evaluator.api: the Trainer callback's on_save, evaluate_checkpoint): the writer says the checkpoint at that
+path is finished. It stands for the final marker and ends the settle wait (nothing more will be written, so
+content that is still not whole is invalid). A noticed path outside the run folder's listing is part of the
+run all the same (judged by the layout's `incomplete_reason`).
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable, Optional
 
+from evaluator.common.atomic import write_json_atomic
+
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 DEEPSPEED_TRACKER = "latest"
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -47,6 +55,8 @@ SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>sa
 # Megatron: mp_rank_{tp:02d}, + _{pp:03d} with pipeline parallelism, + _{ep:03d} with expert parallelism
 MEGATRON_RANK_DIR = re.compile(r"^mp_rank_(\d+(?:_\d+)*)$")
 MEGATRON_RANK_FILE = "model_optim_rng.pt"
+NOTICES = "notices"  # <cache_dir>/notices/<run>/iter_%07d.json: completion notices from training scripts
+NOTICE_NAME = re.compile(r"^iter_(\d+)\.json$")
 
 
 @dataclass(frozen=True)
@@ -182,19 +192,58 @@ class CheckpointLayout:
     recheck_incomplete: ClassVar[bool] = False
 
     def __init__(self, run: str, root: str, settle_seconds: float = 2.0, pattern: Optional[str] = None,
-                 done_marker: Optional[str] = None):
+                 done_marker: Optional[str] = None, notices: Optional[str] = None):
         self.run = run
         self.root = root
         self.settle = SettleTracker(settle_seconds)
         self.pattern = pattern
         self.done_marker = done_marker
+        self.notices = notices  # this run's completion-notice folder (None: notices are not read)
 
     def scan(self, known_complete: frozenset = frozenset()) -> list[Checkpoint]:
         """Every checkpoint present now, by iteration. Iterations in `known_complete` (the caller has its
         verdict already) skip every deep check, so a rescan costs O(new entries)."""
         found = self._scan(known_complete)
+        extra = self._noticed_elsewhere({c.iteration for c in found}, known_complete)
+        if extra:
+            found = sorted(found + extra, key=lambda c: c.iteration)
         self.settle.sweep()
         return found
+
+    # ---- completion notices (the module docstring) ------------------------------------------------------
+    def noticed_path(self, iteration: int) -> Optional[str]:
+        """The path a completion notice names for this iteration, None without a (readable) notice."""
+        if not self.notices:
+            return None
+        try:
+            note = read_notice(os.path.join(self.notices, notice_name(iteration)))
+        except (OSError, ValueError):  # none, or being replaced: the settle rules apply meanwhile
+            return None
+        return note["path"] if note.get("iteration") == iteration else None
+
+    def _noticed(self, iteration: int, path: str) -> bool:
+        noted = self.noticed_path(iteration)
+        return noted is not None and os.path.realpath(noted) == os.path.realpath(path)
+
+    def _noticed_elsewhere(self, listed: set, known_complete: frozenset) -> list[Checkpoint]:
+        """Noticed checkpoints the folder listing does not hold (a path outside the run folder)."""
+        out = []
+        for iteration, _ in _numbered_entries(self.notices, NOTICE_NAME, want_dir=False) if self.notices else []:
+            path = None if iteration in listed else self.noticed_path(iteration)
+            if path is None or not os.path.exists(path):
+                continue  # a deleted one is absent like any other (the vanish rules apply)
+            if iteration in known_complete:
+                out.append(Checkpoint(self.run, iteration, path, True))
+                continue
+            try:
+                problem = self.incomplete_reason(path)
+            except OSError as e:
+                out.append(Checkpoint(self.run, iteration, path, False, f"cannot read {e.filename or path}: "
+                                                                        f"{e.strerror or e}"))
+                continue
+            out.append(Checkpoint(self.run, iteration, path, problem is None, problem or "",
+                                  invalid=f"{problem} (its completion notice says it is finished)" if problem else ""))
+        return out
 
     def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
         raise NotImplementedError
@@ -244,6 +293,9 @@ class CheckpointLayout:
         settle_seconds (NFS may show the marker before a rank's file is finished); then complete when
         nothing is wrong; when something is, invalid if `final` (nothing more will be written to it),
         else still waited on, with no deadline (only a change on disk can help)."""
+        if self._noticed(iteration, path):  # its writer said it is finished: no settle wait, nothing more will come
+            return Checkpoint(self.run, iteration, path, problem is None, problem or "",
+                              invalid=f"{problem} (its completion notice says it is finished)" if problem else "")
         settled, deadline = self.settle.check(path)
         if not settled:
             return Checkpoint(self.run, iteration, path, False, problem or "settling", deadline)
@@ -471,7 +523,7 @@ class HuggingFaceLayout(CheckpointLayout):
     def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
         def judge(iteration: int, path: str) -> Checkpoint:
             problem = huggingface_incomplete_reason(path)
-            marker = _trainer_state_written(path)
+            marker = _trainer_state_written(path) or self._noticed(iteration, path)
             if problem and not marker:
                 return Checkpoint(self.run, iteration, path, False, problem)  # still being written
             # trainer_state.json is written last, so a problem behind it stays; without it (save_pretrained)
@@ -507,7 +559,7 @@ class GlobLayout(CheckpointLayout):
             return []
 
         def judge(iteration: int, path: str) -> Checkpoint:
-            if self.done_marker:
+            if self.done_marker and not self._noticed(iteration, path):
                 name = os.path.basename(path)
                 marker = os.path.join(self.root, self.done_marker.format(name=name, iteration=iteration))
                 if not os.path.exists(marker):
@@ -515,6 +567,34 @@ class GlobLayout(CheckpointLayout):
             return self._settled_verdict(iteration, path, None, final=True)
 
         return self._judge_each(entries, known_complete, judge)
+
+
+def notice_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}.json"
+
+
+def notices_dir(cache_dir: str, run: str) -> str:
+    """A run's completion-notice folder (the module docstring)."""
+    return os.path.join(cache_dir, NOTICES, run)
+
+
+def write_notice(cache_dir: str, run: str, iteration: int, path: str, by: str) -> str:
+    """Say that the checkpoint at `path` is finished (atomically: a present notice is a whole one); returns
+    the notice's path."""
+    target = os.path.join(notices_dir(cache_dir, run), notice_name(iteration))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    write_json_atomic(target, {"schema_version": 1, "run": run, "iteration": iteration,
+                               "path": os.path.abspath(path), "by": by, "written_at": time.time()})
+    return target
+
+
+def read_notice(path: str) -> dict:
+    """A completion notice; raises OSError (none) or ValueError (not one)."""
+    with open(path, "rb") as f:
+        note = json.loads(f.read())
+    if not isinstance(note, dict) or not isinstance(note.get("path"), str) or not isinstance(note.get("iteration"), int):
+        raise ValueError(f"{path}: not a completion notice (expected path and iteration)")
+    return note
 
 
 LAYOUTS: dict[str, type[CheckpointLayout]] = {
