@@ -70,8 +70,28 @@ def test_a_tracked_run_is_seen_by_a_fresh_process_and_by_the_daemons_history_sin
     assert seen[0]["metadata"]["duration"] >= 0 and seen[0]["recorded_at"].endswith("+00:00")
     assert seen[0]["recorded_by"] == "evaluator.api"
     # the daemon's own sink reads the same line: its summary.md and curves.png will show the run
-    rows = LocalHistorySink(str(tmp_path)).rows("notebook")
+    sink = LocalHistorySink(str(tmp_path))
+    rows = sink.rows("notebook")
     assert [(r["iteration"], r["benchmark"], r["metrics"]["accuracy"]) for r in rows] == [(500, "qa", 0.75)]
+    sink.flush()  # what a daemon pass does with a history newer than its views
+    assert "accuracy" in (tmp_path / "results" / "notebook" / "summary.md").read_text()
+    assert (tmp_path / "results" / "notebook" / "curves.png").exists()
+
+
+def test_the_store_is_configures_cache_dir_when_none_is_given(tmp_path):
+    from evaluator.api.evaluate import configure
+
+    before = configure()
+    configure(cache_dir=str(tmp_path))
+    try:
+        T.record_result("nb", 0, "qa", {"accuracy": 0.5})
+        assert [e["run"] for e in T.get_metrics_history()] == ["nb"]
+        assert (tmp_path / "results" / "nb" / "history.jsonl").exists()
+        configure(cache_dir="")
+        with pytest.raises(EvaluatorError, match=r"cache_dir: not set; pass cache_dir=\.\.\. or call"):
+            T.get_metrics_history()
+    finally:
+        configure(**before)
 
 
 def test_the_api_sees_what_the_daemon_recorded(tmp_path):

@@ -613,7 +613,9 @@ def load_results(cache_dir: Optional[str] = None, run: Optional[str] = None):
                          "value": value, "stderr": e["stderr"].get(metric), "n": e["n"], "tokens_b": e["tokens_b"],
                          "revision": e["revision"], "fingerprint": e["fingerprint"], "recorded_at": e["recorded_at"],
                          "recorded_by": e["recorded_by"], "result_dir": e["result_dir"]})
-    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype(
+        {"iteration": "int64", "n": "Int64", "value": "float64", "stderr": "float64", "tokens_b": "float64",
+         "revision": "int64"})  # a missing n stays <NA>, not a float
     return frame.sort_values(["run", "iteration", "benchmark", "metric"], kind="stable").reset_index(drop=True)
 
 
@@ -646,6 +648,7 @@ def load_samples(cache_dir: Optional[str] = None, run: Optional[str] = None, *, 
                     metric_names.append(name)
                 row[name] = value
             rows.append(row)
-    frame = pd.DataFrame(rows, columns=SAMPLE_COLUMNS + metric_names)
+    frame = pd.DataFrame(rows, columns=SAMPLE_COLUMNS + metric_names).astype(
+        {"iteration": "int64", **{name: "float64" for name in metric_names}})  # a null score is NaN
     frame.attrs["without_scores"] = without
     return frame
