@@ -217,6 +217,37 @@ def test_a_messages_function_gets_the_whole_history_and_a_text_function_is_refus
         hret.quick_eval(lambda prompt: "yes", str(root))
 
 
+@pytest.fixture
+def mmau_dir(tmp_path):
+    """An MMAU-Pro-format set (closed-form rows); its audio files exist (the loader checks), their content is unread."""
+    root = tmp_path / "mmau-pro"
+    (root / "data").mkdir(parents=True)
+    for name in ("a.wav", "b.wav"):
+        (root / "data" / name).write_bytes(b"RIFF")
+    rows = [{"id": "x1", "audio_path": ["data/a.wav"], "question": "What is heard?",
+             "choices": ["A dog", "A cat", "Rain"], "answer": "Rain", "category": "sound"},
+            {"id": "x2", "audio_path": ["data/a.wav", "data/b.wav"], "question": "Which clip is louder?",
+             "choices": ["The first", "The second"], "answer": "The second", "category": "multi"}]
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+def test_an_audio_benchmark_gives_a_messages_function_the_audio_paths(mmau_dir):
+    heard = {}
+
+    def listen(messages: list[dict]) -> str:
+        parts = messages[-1]["content"]
+        paths = [p["path"] for p in parts if p["type"] == "audio"]
+        heard[len(paths)] = paths
+        return "Rain" if len(paths) == 1 else "The first"
+    result = hret.quick_eval(listen, str(mmau_dir), benchmark_type="mmau-pro", metrics=["mmau_string_match"])
+    assert heard == {1: [str(mmau_dir / "data" / "a.wav")],
+                     2: [str(mmau_dir / "data" / "a.wav"), str(mmau_dir / "data" / "b.wav")]}
+    assert [s["scores"]["mmau_string_match"] for s in result.samples] == [1.0, 0.0]
+    with pytest.raises(EvaluatorError, match="sample 'x1' has an audio part; a text function cannot get it"):
+        hret.quick_eval(lambda prompt: "Rain", str(mmau_dir), benchmark_type="mmau-pro", metrics=["mmau_string_match"])
+
+
 # ---- decorators, comparison, settings --------------------------------------------------------------------------
 def test_the_decorated_function_called_with_no_arguments_evaluates_itself(qa_file):
     @hret.evaluate(dataset=qa_file, benchmark_type="text-qa", metrics=["exact_match"])
