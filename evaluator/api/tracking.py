@@ -216,7 +216,10 @@ def _entry(cache_dir: str, row: dict) -> dict:
     doc: dict = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+            try:
+                doc = json.load(f)
+            except json.JSONDecodeError as e:
+                raise EvaluatorError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         recorded_at = doc.get("recorded_at") or _dt.datetime.fromtimestamp(
             os.path.getmtime(path), _dt.timezone.utc).isoformat(timespec="milliseconds")
     else:
