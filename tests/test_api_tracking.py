@@ -110,6 +110,8 @@ def test_recording_a_result_again_is_a_new_revision_that_replaces_its_history_li
     assert [(e["metrics"]["accuracy"], e["revision"]) for e in history] == [(0.6, 1)]
     doc = json.loads((tmp_path / "results" / "nb" / "iter_0000000" / "qa" / "metrics.json").read_text())
     assert doc["revision"] == 1 and doc["metrics"] == {"accuracy": 0.6}
+    frame = T.load_results(str(tmp_path))
+    assert list(zip(frame.value, frame.revision)) == [(0.6, 1)], "one row per result: its latest revision"
 
 
 def test_a_metric_that_is_not_a_number_is_an_error_naming_it(tmp_path):
