@@ -324,6 +324,7 @@ def test_results_save_as_json_and_load_as_a_dataframe(tmp_path, qa_file):
     result = hret.quick_eval(answer, qa_file, benchmark_type="text-qa")
     saved = json.load(open(result.save_json(str(tmp_path / "r.json"))))
     assert saved["metrics"] == result.metrics and len(saved["samples"]) == 5
+    assert result["metrics"] is result.metrics and "info" in result and result.get("nothing") is None  # as HRET's
     pytest.importorskip("pandas", reason="the daemon venv has no pandas; to_dataframe runs in the notebook test")
 
 

@@ -135,6 +135,20 @@ class EvaluationResult:
     stderr: dict = field(default_factory=dict)
     per_category: dict = field(default_factory=dict)
 
+    FIELDS = ("metrics", "stderr", "per_category", "info", "samples")
+
+    def __getitem__(self, key: str):
+        """result["metrics"], as HRET's EvaluationResult allows (its fields only)."""
+        if key not in self.FIELDS:
+            raise KeyError(f"{key!r}: not a field of EvaluationResult (fields: {', '.join(self.FIELDS)})")
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.FIELDS
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in self.FIELDS else default
+
     def to_dict(self) -> dict:
         return {"metrics": self.metrics, "stderr": self.stderr, "per_category": self.per_category,
                 "info": self.info, "samples": self.samples}
