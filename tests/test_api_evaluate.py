@@ -297,6 +297,12 @@ def test_configure_refuses_an_unknown_setting_naming_it():
         hret.configure(max_workers=0)
 
 
+def test_a_configured_evaluation_python_that_is_missing_is_an_error_naming_the_setting(caption_dir, tmp_path):
+    hret.configure(evaluation_python=str(tmp_path / "no-venv" / "bin" / "python"))
+    with pytest.raises(EvaluatorError, match=r"evaluation_python: no python at .*no-venv/bin/python"):
+        hret.quick_eval(lambda p: "x", caption_dir, metrics=["cider_d"])
+
+
 def test_quick_eval_runs_a_benchmark_of_the_daemons_config_file(tmp_path, qa_file):
     cfg = {"auto_eval": {"project_name": "p", "model_name": "m", "cache_dir": str(tmp_path / "daemon-cache"),
                          "watch": {"paths": [str(tmp_path)]},
@@ -352,6 +358,7 @@ def test_in_process_text_metrics_equal_bench_eval_on_the_same_predictions(tmp_pa
 def test_cider_d_runs_in_the_evaluation_venv_and_equals_bench_eval(tmp_path, caption_dir, venvs):
     def caption(prompt: str) -> str:
         return prompt.split(": ", 1)[1] if "rain" not in prompt else "water drops"
+    hret.configure(evaluation_python=os.path.join(VENVS, "evaluation"))  # a venv folder, as the daemon's envs take
     result = hret.quick_eval(caption, caption_dir, metrics=["exact_match", "cider_d"])
     assert list(result.metrics) == ["exact_match", "cider_d"]
     assert "aac-metrics" in result.info["versions"]["evaluation_venv"]  # scored where aac-metrics is installed
