@@ -114,6 +114,13 @@ def test_recording_a_result_again_is_a_new_revision_that_replaces_its_history_li
     assert list(zip(frame.value, frame.revision)) == [(0.6, 1)], "one row per result: its latest revision"
 
 
+def test_recording_into_a_run_the_daemon_records_is_refused(tmp_path):
+    daemon_result(tmp_path, "tiny", 1000, "qa", {"exact_match": 0.5})
+    with pytest.raises(EvaluatorError, match="run 'tiny': .* holds results the daemon recorded"):
+        T.record_result("tiny", 2000, "qa", {"exact_match": 0.6}, cache_dir=str(tmp_path))
+    assert [e["iteration"] for e in T.get_metrics_history(cache_dir=str(tmp_path))] == [1000]
+
+
 def test_a_metric_that_is_not_a_number_is_an_error_naming_it(tmp_path):
     tracker = T.MetricsTracker(cache_dir=str(tmp_path))
     tracker.start_run("nb")
@@ -223,6 +230,11 @@ def test_an_mlflow_store_that_cannot_be_written_raises(tmp_path):
         with T.evaluation_context(run_name="r", cache_dir=str(tmp_path / "cache")) as ctx:
             ctx.log_to_mlflow("exp", tracking_uri="sqlite:///" + str(tmp_path / "file" / "mlflow.db"))
             ctx.metrics_tracker.log_metrics({"accuracy": 0.5}, benchmark="qa")
+
+
+def test_a_context_refuses_an_hret_keyword_it_replaces_before_anything_runs(tmp_path):
+    with pytest.raises(EvaluatorError, match="evaluation_context: model=: the decorated function is the model"):
+        T.evaluation_context(dataset="kmmlu", model="huggingface", cache_dir=str(tmp_path))
 
 
 def test_without_an_active_wandb_run_the_context_logs_through_our_wandb_sink(tmp_path):

@@ -164,7 +164,13 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
     metrics = _numbers(parts["metrics"], f"{where}: metrics")
     rows = _scores_of(parts, where)
     history = LocalHistorySink(cache_dir, plots=False)  # curves.png: the daemon's sink redraws a run it finds newer
-    held = {(r["iteration"], r["benchmark"]): row_revision(r) for r in history.rows(run)}
+    rows_held = history.rows(run)
+    theirs = [e for e in map(lambda r: _entry(cache_dir, r), rows_held) if e["recorded_by"] != RECORDED_BY]
+    if theirs:  # the daemon's ledger does not know our lines: its sink would take its own result for a re-offer
+        raise EvaluatorError(f"run {run!r}: {os.path.join(cache_dir, 'results', run)} holds results the daemon "
+                             f"recorded (e.g. iteration {theirs[0]['iteration']}/{theirs[0]['benchmark']}); record "
+                             f"API results under a run name of your own")
+    held = {(r["iteration"], r["benchmark"]): row_revision(r) for r in rows_held}
     revision = 0 if (iteration, benchmark) not in held else held[(iteration, benchmark)] + 1
     out = result_dir(cache_dir, run, iteration, benchmark)
     os.makedirs(out, exist_ok=True)
@@ -437,6 +443,9 @@ class EvaluationContext:
         self.benchmark_name = benchmark
         self.tokens_b = tokens_b
         self.cache_dir = cache_dir
+        from evaluator.api.evaluate import _check_keywords  # run_function's options, and HRET's that it replaces
+
+        _check_keywords("evaluation_context", options)
         self.options = options  # run_function's keyword arguments (metrics=, sample_size=, batch_size=, ...)
         self.metrics_tracker = MetricsTracker(cache_dir)
         self._metadata = dict(metadata or {})
@@ -464,6 +473,9 @@ class EvaluationContext:
     def _run(self, fn: Callable, name: Optional[str], kw: dict):
         from evaluator.api.evaluate import run_function  # A1's; evaluate.py imports this module's package
 
+        from evaluator.api.evaluate import _check_keywords
+
+        _check_keywords("evaluation_context", kw)
         if self.dataset is None:
             raise EvaluatorError("evaluation_context: dataset: not set; pass dataset=... to evaluate a function")
         return run_function(fn, self.dataset, **{**self.options, **kw, "name": name})
