@@ -200,3 +200,24 @@ def test_trainer_callback_notices_let_the_daemon_take_each_checkpoint_without_wa
     assert sorted((h["iteration"], h["benchmark"]) for h in history(tmp_path / "cache")) == [(2, "qa"), (4, "qa")]
     notice = json.loads((tmp_path / "cache" / "notices" / "tiny" / "iter_0000004.json").read_text())
     assert notice["path"] == str(ckpt / "checkpoint-4") and notice["by"] == "EvaluatorCallback"
+
+
+# ---- examples/train_and_evaluate.py ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_training_example_evaluates_in_the_loop_and_records_its_last_checkpoint(tmp_path, venvs):
+    import re
+
+    from conftest import ROOT
+    out = tmp_path / "example"
+    proc = subprocess.run([venvs["inference"], os.path.join(ROOT, "examples", "train_and_evaluate.py"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    quick = {int(s): float(v) for s, v in re.findall(r"step (\d+): quick eval in the loop: exact_match ([\d.]+)",
+                                                      proc.stdout)}
+    assert sorted(quick) == [100, 200, 300]
+    assert "completion notices written: 3" in proc.stdout
+    assert "step 300: evaluate_checkpoint: ran here, states {'sums': 'recorded'}" in proc.stdout
+    recorded = history(out / "cache", run="toy-sums")
+    assert [(h["iteration"], h["benchmark"]) for h in recorded] == [(300, "sums")]
+    # the loop's quick eval and the daemon's stages (another venv, the hf backend) agree on the same checkpoint
+    assert recorded[0]["metrics"]["exact_match"] == pytest.approx(quick[300], abs=1e-3)
