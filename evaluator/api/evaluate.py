@@ -116,7 +116,11 @@ def evaluation_python() -> str:
                                  f"the config's auto_eval.envs.evaluation)")
         return python
     from evaluator.bench import venv_python  # standard library only
-    return venv_python(EVALUATION)
+    try:
+        return venv_python(EVALUATION)
+    except EvaluatorError as e:
+        raise EvaluatorError(f"{e} (or point the API at one: configure(evaluation_python=VENV) or the config's "
+                             f"auto_eval.envs.evaluation)") from None
 
 
 # ---- the result ---------------------------------------------------------------------------------------------
@@ -483,20 +487,18 @@ def _score_here(folder: str, spec: dict, run: str) -> tuple[dict, list]:
 
 
 def _score_in_evaluation_venv(folder: str, spec: dict, run: str) -> tuple[dict, list]:
-    from evaluator.bench import stage_environment
     from evaluator.common.compare import read_scores
     from evaluator.common.contracts import read_metrics
     out = os.path.join(folder, "evaluation_venv")
     os.makedirs(out, exist_ok=True)
     job = _job(folder, spec, run, out)
     job_path = os.path.join(out, JOB_FILE[EVALUATION])
-    env = stage_environment(job)
     job.write(job_path)
     log_path = os.path.join(out, LOG_FILE[EVALUATION])
     python = evaluation_python()
     with open(log_path, "w", encoding="utf-8") as log:
-        code = subprocess.run([python, "-m", "evaluator.stages.evaluation", "--job", job_path], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([python, "-m", "evaluator.stages.evaluation", "--job", job_path], cwd=out,
+                              env=stage_pythonpath(out), stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         with open(log_path, encoding="utf-8", errors="replace") as f:
             tail = "".join(f.readlines()[-8:]).strip()
@@ -508,6 +510,22 @@ def _score_in_evaluation_venv(folder: str, spec: dict, run: str) -> tuple[dict, 
         raise EvaluatorError(str(e)) from None
     rows = list(read_scores(os.path.join(out, SCORES)).values())
     return doc, rows
+
+
+def stage_pythonpath(out: str) -> dict:
+    """The evaluation stage's environment: this process's evaluator package on PYTHONPATH and nothing else of this
+    environment, so the venv's own pins (transformers 4.42, aac-metrics) are what it imports. From a checkout (or an
+    editable install) that is the checkout, as tools/bench.py runs the stages; from a pip install the package's
+    parent is the caller's site-packages, full of other pins, so a folder holding only a link to the package."""
+    if os.path.basename(ROOT) not in ("site-packages", "dist-packages"):
+        return dict(os.environ, PYTHONPATH=ROOT)
+    package = os.path.join(ROOT, "evaluator")
+    path_dir = os.path.join(out, "pythonpath")
+    os.makedirs(path_dir, exist_ok=True)
+    link = os.path.join(path_dir, "evaluator")
+    if not os.path.islink(link):
+        os.symlink(package, link)
+    return dict(os.environ, PYTHONPATH=path_dir)
 
 
 def merge_scored(parts: list, order: list) -> tuple[dict, list]:
