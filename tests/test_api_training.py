@@ -101,7 +101,7 @@ def test_evaluate_checkpoint_without_a_daemon_records_that_checkpoint_into_ledge
     path = hf_checkpoint(ckpt, 10)
     hf_checkpoint(ckpt, 20)  # another checkpoint of the run: not this call's business
     cfg = hf_config(tmp_path)
-    result = evaluate_checkpoint(path, 10, config=cfg)
+    result = evaluate_checkpoint(path, 10, config=cfg, timeout=120)
     assert not result.handed_to_daemon and result.exit_code == 0
     assert result.states == {"qa": "recorded"}
     assert result.metrics == {"qa": {"rows": 1, "iteration_k": 0.01}}  # fake_stage's metrics of this checkpoint
@@ -114,7 +114,7 @@ def test_evaluate_checkpoint_of_a_folder_outside_the_run_records_it_under_the_ru
     (tmp_path / "ckpt").mkdir()
     hf_checkpoint(tmp_path / "ckpt", 10)
     exported = hf_checkpoint(tmp_path / "exported", 30)
-    result = evaluate_checkpoint(exported, 30, config=hf_config(tmp_path))
+    result = evaluate_checkpoint(exported, 30, config=hf_config(tmp_path), timeout=120)
     assert result.states == {"qa": "recorded"}
     assert [(h["run"], h["iteration"]) for h in history(tmp_path / "cache")] == [("tiny", 30)]
 
