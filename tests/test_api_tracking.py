@@ -121,6 +121,21 @@ def test_recording_into_a_run_the_daemon_records_is_refused(tmp_path):
     assert [e["iteration"] for e in T.get_metrics_history(cache_dir=str(tmp_path))] == [1000]
 
 
+def test_recording_into_a_run_the_daemons_ledger_holds_is_refused_before_it_records_anything(tmp_path):
+    # the daemon has the run's first checkpoint in flight (a ledger row, no history line yet): an API line for the
+    # same key would make the daemon's local sink take its own result for a re-offer and drop it
+    from evaluator.daemon.ledger import Ledger
+
+    led = Ledger(str(tmp_path))
+    led.db.execute("INSERT INTO jobs (run, iteration, benchmark, state, path, created_at, updated_at) "
+                   "VALUES ('tiny', 1000, 'qa', 'scoring', '/ckpt', 0, 0)")
+    led.close()
+    with pytest.raises(EvaluatorError, match="run 'tiny': the daemon's ledger .* has 1 job"):
+        T.record_result("tiny", 1000, "qa", {"exact_match": 0.6}, cache_dir=str(tmp_path))
+    assert not (tmp_path / "results" / "tiny").exists()
+    T.record_result("notebook", 1000, "qa", {"exact_match": 0.6}, cache_dir=str(tmp_path))  # another name is fine
+
+
 def test_a_metric_that_is_not_a_number_is_an_error_naming_it(tmp_path):
     tracker = T.MetricsTracker(cache_dir=str(tmp_path))
     tracker.start_run("nb")

@@ -170,6 +170,11 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
         raise EvaluatorError(f"run {run!r}: {os.path.join(cache_dir, 'results', run)} holds results the daemon "
                              f"recorded (e.g. iteration {theirs[0]['iteration']}/{theirs[0]['benchmark']}); record "
                              f"API results under a run name of your own")
+    daemon_rows = _ledger_rows(cache_dir, run)
+    if daemon_rows:  # the daemon evaluates this run (nothing recorded yet): our line would hide its result
+        raise EvaluatorError(f"run {run!r}: the daemon's ledger {os.path.join(cache_dir, 'ledger.sqlite3')} has "
+                             f"{daemon_rows} job(s) of this run, so the daemon records it; record API results under "
+                             f"a run name of your own")
     held = {(r["iteration"], r["benchmark"]): row_revision(r) for r in rows_held}
     revision = 0 if (iteration, benchmark) not in held else held[(iteration, benchmark)] + 1
     out = result_dir(cache_dir, run, iteration, benchmark)
@@ -204,6 +209,19 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
                           metrics_path=os.path.join(out, METRICS), versions=doc["versions"], revision=revision)
     history.record(record)
     return record
+
+
+def _ledger_rows(cache_dir: str, run: str) -> int:
+    """How many jobs of `run` the daemon's ledger in cache_dir holds (0 without a ledger)."""
+    if not os.path.exists(os.path.join(cache_dir, "ledger.sqlite3")):
+        return 0
+    from evaluator.daemon.ledger import Ledger  # sqlite3 only
+
+    led = Ledger(cache_dir, readonly=True)
+    try:
+        return sum(led.counts(run).values())
+    finally:
+        led.close()
 
 
 def _jsonable(doc: dict, where: str) -> dict:
