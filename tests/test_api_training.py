@@ -69,6 +69,32 @@ def test_noticed_huggingface_checkpoint_without_its_weights_is_invalid_not_waite
     assert not c.complete and c.invalid.startswith("no weights")
 
 
+def test_a_notice_for_an_earlier_save_of_the_iteration_does_not_finish_a_new_save_of_it(tmp_path):
+    # a training restarted into the same output_dir saves checkpoint-10 again: the old notice saw other files
+    ckpt = tmp_path / "ckpt"
+    path = hf_checkpoint(ckpt, 10)
+    write_notice(str(tmp_path / "cache"), "tiny", 10, path, "test")
+    os.remove(os.path.join(path, "model.safetensors"))  # the new save has written its config, not its weights yet
+    c = by_iteration(layout(HuggingFaceLayout, tmp_path, ckpt).scan())[10]
+    assert not c.complete and not c.invalid, "still being written: waited on, not failed"
+    hf_checkpoint(ckpt, 10)  # the new save finished; without a new notice the settle rules decide
+    c = by_iteration(layout(HuggingFaceLayout, tmp_path, ckpt).scan())[10]
+    assert not c.complete and c.reason == "settling"
+    write_notice(str(tmp_path / "cache"), "tiny", 10, path, "test")
+    assert by_iteration(layout(HuggingFaceLayout, tmp_path, ckpt).scan())[10].complete
+
+
+def test_a_noticed_checkpoint_outside_the_run_folder_written_again_waits_for_its_next_notice(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    outside = hf_checkpoint(tmp_path / "exported", 30)
+    write_notice(str(tmp_path / "cache"), "tiny", 30, outside, "test")
+    with open(os.path.join(outside, "config.json"), "w") as f:
+        f.write('{"written": "again"}')
+    c = by_iteration(layout(HuggingFaceLayout, tmp_path, ckpt).scan())[30]
+    assert not c.complete and not c.invalid and c.path == outside
+
+
 def test_noticed_glob_checkpoint_needs_no_done_marker(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

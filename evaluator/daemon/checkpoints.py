@@ -31,7 +31,8 @@ never yields two complete checkpoints of one iteration.
 Completion notices (`<cache_dir>/notices/<run>/iter_%07d.json`, written by the training script through
 evaluator.api: the Trainer callback's on_save, evaluate_checkpoint): the writer says the checkpoint at that
 path is finished. It stands for the final marker and ends the settle wait (nothing more will be written, so
-content that is still not whole is invalid). A noticed path outside the run folder's listing is part of the
+content that is still not whole is invalid), as long as the files are those it saw (`notice_holds`: a later save
+of that iteration into the same folder makes it void). A noticed path outside the run folder's listing is part of the
 run all the same (judged by the layout's `incomplete_reason`).
 """
 from __future__ import annotations
@@ -211,19 +212,24 @@ class CheckpointLayout:
         return found
 
     # ---- completion notices (the module docstring) ------------------------------------------------------
-    def noticed_path(self, iteration: int) -> Optional[str]:
-        """The path a completion notice names for this iteration, None without a (readable) notice."""
+    def _notice(self, iteration: int) -> Optional[dict]:
         if not self.notices:
             return None
         try:
             note = read_notice(os.path.join(self.notices, notice_name(iteration)))
         except (OSError, ValueError):  # none, or being replaced: the settle rules apply meanwhile
             return None
-        return note["path"] if note.get("iteration") == iteration else None
+        return note if note.get("iteration") == iteration else None
+
+    def noticed_path(self, iteration: int) -> Optional[str]:
+        """The path a completion notice names for this iteration, None without a (readable) notice."""
+        note = self._notice(iteration)
+        return note["path"] if note else None
 
     def _noticed(self, iteration: int, path: str) -> bool:
-        noted = self.noticed_path(iteration)
-        return noted is not None and os.path.realpath(noted) == os.path.realpath(path)
+        """A notice names `path` and its content is still what the notice saw (notice_holds)."""
+        note = self._notice(iteration)
+        return note is not None and os.path.realpath(note["path"]) == os.path.realpath(path) and notice_holds(note)
 
     def _noticed_elsewhere(self, listed: set, known_complete: frozenset) -> list[Checkpoint]:
         """Noticed checkpoints the folder listing does not hold (a path outside the run folder)."""
@@ -234,6 +240,9 @@ class CheckpointLayout:
                 continue  # a deleted one is absent like any other (the vanish rules apply)
             if iteration in known_complete:
                 out.append(Checkpoint(self.run, iteration, path, True))
+                continue
+            if not self._noticed(iteration, path):  # written again since its notice: the next notice says when
+                out.append(Checkpoint(self.run, iteration, path, False, "changed since its completion notice"))
                 continue
             try:
                 problem = self.incomplete_reason(path)
@@ -578,13 +587,44 @@ def notices_dir(cache_dir: str, run: str) -> str:
     return os.path.join(cache_dir, NOTICES, run)
 
 
+def content_signature(path: str) -> dict:
+    """{relative file name: [size, mtime_ns]} of every file at `path` (a file: the key ""); raises OSError."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return {"": [st.st_size, st.st_mtime_ns]}
+    out = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            file = os.path.join(folder, name)
+            try:
+                st = os.stat(file)
+            except FileNotFoundError:  # removed meanwhile: not part of what the notice sees
+                continue
+            out[os.path.relpath(file, path)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def notice_holds(note: dict) -> bool:
+    """Whether the checkpoint a notice names still holds what it held when the notice was written: a trainer that
+    saves that iteration again (a resumed or restarted training into the same folder) writes it anew, and an old
+    notice must not end the new save's settle wait or call it finished. A notice without `files` (written by
+    other tools) is taken as is."""
+    if "files" not in note:
+        return True
+    try:
+        return content_signature(note["path"]) == note["files"]
+    except OSError:
+        return False
+
+
 def write_notice(cache_dir: str, run: str, iteration: int, path: str, by: str) -> str:
-    """Say that the checkpoint at `path` is finished (atomically: a present notice is a whole one); returns
-    the notice's path."""
+    """Say that the checkpoint at `path` is finished (atomically: a present notice is a whole one), with the
+    signature of its files then (notice_holds); returns the notice's path."""
     target = os.path.join(notices_dir(cache_dir, run), notice_name(iteration))
     os.makedirs(os.path.dirname(target), exist_ok=True)
     write_json_atomic(target, {"schema_version": 1, "run": run, "iteration": iteration,
-                               "path": os.path.abspath(path), "by": by, "written_at": time.time()})
+                               "path": os.path.abspath(path), "by": by, "written_at": time.time(),
+                               "files": content_signature(path) if os.path.exists(path) else {}})
     return target
 
 
