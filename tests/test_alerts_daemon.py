@@ -201,3 +201,24 @@ def test_an_alert_rule_naming_an_unknown_benchmark_exits_2_with_the_key(tmp_path
     proc = run_cli("--config", cfg, "--once", check=2)
     assert "auto_eval.alerts.rules[0].benchmark: no benchmark named 'qaa'" in proc.stderr
     assert "did you mean 'qa'?" in proc.stderr
+
+
+def test_a_crash_after_compare_json_but_before_the_rules_were_checked_fires_the_alert_at_the_next_start(
+        tmp_path, venvs, webhook):
+    hook = webhook()
+    cfg = trained(tmp_path, {1000: 0.6, 2000: 0.8, 3000: 0.6}, [DROP])
+    run_cli("--config", cfg, "--once", check=0)
+    # what a kill between the comparison thread writing compare.json and check_alerts leaves: the row scored,
+    # compare.json of its revision in place, no alert stored, nothing recorded yet
+    cache = tmp_path / "cache"
+    assert (cache / "results" / "tiny" / "iter_0003000" / "qa" / "compare.json").exists()
+    with sqlite3.connect(cache / "ledger.sqlite3") as db:
+        db.execute("DELETE FROM alert_deliveries")
+        db.execute("DELETE FROM alerts")
+        db.execute("UPDATE jobs SET state = 'scored' WHERE iteration = 3000")
+        db.execute("DELETE FROM recordings WHERE iteration = 3000")
+    hook.bodies.clear()
+    run_cli("--config", cfg, "--once", check=0)
+    (alert,) = alert_rows(cache)
+    assert alert["iteration"] == 3000 and alert["delivered_at"] is not None
+    assert len(hook.bodies) == 1

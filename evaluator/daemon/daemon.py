@@ -1152,8 +1152,11 @@ class Daemon:
             if stage_done(EVALUATION, self.outdir(j)):
                 self.apply(P.Move(j.key, L.INFERRED, "recovered: metrics missing, score again"))
             else:
-                if not os.path.exists(os.path.join(self.outdir(j), COMPARE)):
-                    self.scored(j.key)  # a crash between the scored transition and compare.json
+                doc = self.comparison_of(j)
+                if doc is None:
+                    self.scored(j.key)  # a crash between the scored transition and compare.json (of this revision)
+                else:
+                    self.check_alerts(j, doc)  # a crash before its rules were checked (an alert fires once)
                 self.finish_recording(j.key)  # every sink may have accepted it just before a crash
         for j in self.ledger.jobs([L.INFERRED]):
             if stage_done(INFERENCE, self.outdir(j)):
