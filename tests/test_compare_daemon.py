@@ -190,3 +190,16 @@ def test_status_shows_the_best_checkpoint_and_the_last_comparison(tmp_path, venv
     (last,) = run["last_comparison"]
     assert (last["iteration"], last["against"], last["metric"], last["method"]) == (3000, 2000, "exact_match",
                                                                                    "mcnemar_exact")
+
+
+def test_a_restart_that_finishes_recording_the_best_checkpoint_does_not_release_its_snapshot(tmp_path, venvs):
+    cfg, cache = evaluated(tmp_path)
+    # a kill after every sink took iteration 2000 (the best) but before its row moved to recorded: the next start
+    # finishes the recording, which finalises the iteration, before it has ranked the run's checkpoints
+    with sqlite3.connect(cache / "ledger.sqlite3") as db:
+        db.execute("UPDATE jobs SET state = 'scored' WHERE iteration = 2000")
+    run_cli("--config", cfg, "--once", check=0)
+    assert {r["iteration"]: r["state"] for r in ledger_rows(cache)}[2000] == "recorded"
+    kept = cache / "snapshots" / "tiny" / "2000" / "iter_0002000" / "mp_rank_00" / "model_optim_rng.pt"
+    assert kept.read_bytes() == b"weights 2000"
+    assert best_doc(cache)["snapshot"] == str(cache / "snapshots" / "tiny" / "2000" / "iter_0002000")

@@ -1119,6 +1119,9 @@ class Daemon:
             log.warning("the ledger holds jobs of run(s) %s that are not configured now: left as they are "
                         "(status lists them); if a run was renamed, its checkpoints are evaluated again under "
                         "the new name", ", ".join(stale))
+        # the best checkpoints' snapshots are kept: known before a recovered move finalises an iteration (a
+        # recording finished below) and releases its snapshot
+        self.rank_best()
         running = self.ledger.jobs(L.RUNNING)
         chained = [j for j in self.ledger.jobs([L.INFERRED]) if j.token and j.eval_job]
         intents = []
@@ -1163,16 +1166,20 @@ class Daemon:
                 self.apply(P.Move(j.key, L.PENDING, "recovered: predictions missing, infer again"))
         self.sweep_scratch()
         self.keeper.recover()
-        for run in self.best_rules:  # the best checkpoints' snapshots are kept: known before any is released
+        self.rank_best()  # again: recovery may have withdrawn a result (metrics missing: scored again)
+        for row in self.ledger.snapshots([L.PINNED]):  # snapshots of rows no longer runnable are not kept
+            self.release_if_finished(row["run"], row["iteration"])
+        self.ledger.prune_events()
+
+    def rank_best(self) -> None:
+        """Rank every run's checkpoints by its `best:` rule (update_best), at start."""
+        for run in self.best_rules:
             try:
                 self.update_best(run)
             except L.LedgerUnavailable:
                 raise
             except Exception:  # a bug here must not keep the daemon from starting
                 log.exception("run %s: ranking the best checkpoint failed", run)
-        for row in self.ledger.snapshots([L.PINNED]):  # snapshots of rows no longer runnable are not kept
-            self.release_if_finished(row["run"], row["iteration"])
-        self.ledger.prune_events()
 
     # ---- when to stop ----------------------------------------------------------------------------------
     def busy(self) -> bool:
