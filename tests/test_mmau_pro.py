@@ -254,7 +254,7 @@ def test_mmau_pro_if_metric_counts_unknown_identifiers_and_empty_answers_as_wron
 class ChatServer:
     """A stdlib HTTP server answering /v1/chat/completions with reply(request body) -> text; keeps the bodies."""
 
-    def __init__(self, reply):
+    def __init__(self, reply, refuse=lambda body: False):
         self.bodies = []
         outer = self
 
@@ -262,6 +262,11 @@ class ChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.bodies.append(body)
+                if refuse(body):  # a request the server turns down (400): failed for good
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply(body)},
                                                 "finish_reason": "stop"}],
                                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
@@ -314,6 +319,19 @@ def test_mmau_pro_judge_sends_the_speechlm_prompt_and_scores_yes_as_right():
     assert result.per_sample["mmau_pro_judge"] == [1.0, 0.0, 0.0, 0.0]  # unparsed is wrong, as in NeMo-Skills
     assert result.values["mmau_pro_judge_unparsed"] == 1.0 and result.values["mmau_pro_judge_errors"] == 0.0
     assert "judge-model" in result.methods["mmau_pro_judge"]
+
+
+def test_mmau_pro_judge_reports_no_accuracy_when_most_samples_could_not_be_judged():
+    # 3 of 4 judge requests fail: an accuracy over the one answered sample would not be the benchmark's
+    samples = [Sample(id=f"o{i}", messages=[{"role": "user", "content": "q"}], target="A busy street.",
+                      category="open", metadata={"question": "Describe the scene."}) for i in range(4)]
+    with ChatServer(lambda body: "Reasoning: matches.\nJudgement: Yes",
+                    refuse=lambda body: "Model Response: fine" not in body["messages"][0]["content"]) as server:
+        options = {"mmau_pro_judge": {"base_url": server.base_url, "model": "judge-model", "max_retries": 0}}
+        result = compute(["mmau_pro_judge"], MetricInput(["fine", "a", "b", "c"], samples, [True] * 4, options, ""))
+    assert "mmau_pro_judge" not in result.values
+    assert result.unavailable["mmau_pro_judge"].startswith("unavailable: 3 of 4 samples could not be judged")
+    assert result.values["mmau_pro_judge_errors"] == 3.0
 
 
 # --- the loader: multi-audio and spatial rows ---------------------------------------------------------------------

@@ -22,7 +22,8 @@ Where each rule comes from (docs/benchmarks.md "MMAU-Pro scoring" has the longer
   model, ...; the default judge there is qwen/qwen2.5-7b-instruct); the verdict is read by NeMo-Skills'
   `is_correct_judgement`: the text after the last "Judgement:" starts with yes (right) or no (wrong); any other
   reply is wrong, as there, and counted in `mmau_pro_judge_unparsed`. A failed inference is wrong without a
-  request; a request that fails after retries leaves its sample unjudged (`mmau_pro_judge_errors`).
+  request; a request that fails after retries leaves its sample unjudged (`mmau_pro_judge_errors`); with more
+  than half the samples unjudged (llm_judge's max_failure_rate) no accuracy is reported, only the counts.
 - `mmau_pro_if` (instruction-following items): NeMo-Skills `nemo_skills/evaluation/evaluator/mmau_pro.py`
   `evaluate_aif_constraints`, all 27 checks, on the stripped response (an empty one is wrong); the row's
   `task_identifier` picks the check and `kwargs` (a mapping or its JSON text) parameterise it; an identifier it
@@ -300,9 +301,18 @@ def mmau_pro_judge(inp: MetricInput, names: list[str]) -> MetricResult:
             scores.append(float(bool(verdict)))
     result = MetricResult()
     judged = [i for i, x in enumerate(scores) if x is not None]
+    first = next((r.error for r in requests if r.error), "no request")
     if not judged:
-        first = next((r.error for r in requests if r.error), "no request")
         result.unavailable["mmau_pro_judge"] = f"unavailable: every judge request failed after retries; first error: {first}"
+        return result
+    # llm_judge's rule (judge.py): an accuracy over the few samples a failing judge answered describes a biased
+    # remainder, not the benchmark; the counts are still reported
+    if errors / len(inp.samples) > settings.max_failure_rate:
+        result.values["mmau_pro_judge_unparsed"] = float(unparsed)
+        result.values["mmau_pro_judge_errors"] = float(errors)
+        result.unavailable["mmau_pro_judge"] = (
+            f"unavailable: {errors} of {len(inp.samples)} samples could not be judged (requests failed after "
+            f"retries), above {settings.max_failure_rate:.0%}: no accuracy reported; first error: {first}")
         return result
     samples = [inp.samples[i] for i in judged]
     _record("mmau_pro_judge", [scores[i] for i in judged], samples, result)
