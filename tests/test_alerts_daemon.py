@@ -222,3 +222,21 @@ def test_a_crash_after_compare_json_but_before_the_rules_were_checked_fires_the_
     (alert,) = alert_rows(cache)
     assert alert["iteration"] == 3000 and alert["delivered_at"] is not None
     assert len(hook.bodies) == 1
+
+
+def test_a_crash_between_the_last_failure_and_its_alert_fires_the_alert_at_the_next_start(tmp_path, venvs, webhook):
+    hook = webhook()
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    crash = "{python} -c 'import sys; sys.exit(3)'"
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": crash, "evaluation": crash}],
+                       alerts={"rules": [{"failed": 2}], "webhook_env": HOOK_ENV, "backoff_seconds": 0.1})
+    run_cli("--config", cfg, "--once", check=1)
+    # what a kill between the failed transition (committed) and storing its alert leaves: no alert
+    with sqlite3.connect(tmp_path / "cache" / "ledger.sqlite3") as db:
+        db.execute("DELETE FROM alert_deliveries")
+        db.execute("DELETE FROM alerts")
+    hook.bodies.clear()
+    run_cli("--config", cfg, "--once", check=1)
+    (alert,) = alert_rows(tmp_path / "cache")
+    assert alert["rule"] == "* failed>=2" and alert["delivered_at"] is not None
+    assert len(hook.bodies) == 1

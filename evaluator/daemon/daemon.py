@@ -1164,6 +1164,9 @@ class Daemon:
         for j in self.ledger.jobs([L.INFERRED]):
             if stage_done(INFERENCE, self.outdir(j)):
                 self.apply(P.Move(j.key, L.PENDING, "recovered: predictions missing, infer again"))
+        if any(r.kind == A.FAILED for r in self.alert_rules):
+            for j in self.ledger.jobs([L.FAILED]):  # a kill between a failure and its alert (fires once)
+                self.check_failure_alerts(j.key)
         self.sweep_scratch()
         self.keeper.recover()
         self.rank_best()  # again: recovery may have withdrawn a result (metrics missing: scored again)
