@@ -281,6 +281,17 @@ def test_compare_models_runs_every_function_on_the_same_samples_with_a_paired_te
     assert {(r["model"], r["metric"]) for r in rows} == {("better", "exact_match"), ("better", "token_f1")}
 
 
+def test_compare_models_with_a_work_dir_keeps_each_functions_files_apart(qa_file, tmp_path):
+    # one shared folder would hold only the last function's scores.jsonl, and the comparison would pair it with itself
+    better = dict(ANSWERS, **{"2+2?": "4", "Largest planet?": "Jupiter"})
+    results = hret.compare_models({"baseline": answer, "better": lambda p: better[p]}, qa_file,
+                                  benchmark_type="text-qa", work_dir=str(tmp_path / "ab"))
+    assert results["baseline"].info["work_dir"] != results["better"].info["work_dir"]
+    assert all(r.info["work_dir"].startswith(str(tmp_path / "ab")) for r in results.values())
+    entry = results.comparisons["better"]["metrics"]["exact_match"]
+    assert (entry["old"], entry["new"], entry["fixed"]) == (pytest.approx(2 / 5), pytest.approx(4 / 5), 2)
+
+
 def test_the_benchmark_decorator_compares_the_functions_it_returns(qa_file):
     @hret.benchmark(dataset=qa_file, benchmark_type="text-qa")
     def ab_test():

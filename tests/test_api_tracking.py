@@ -331,6 +331,15 @@ def test_ctx_benchmark_records_each_function_as_a_run_that_compare_metric_pairs(
     assert c["paired"]["bad"]["method"] == "mcnemar_exact" and c["paired"]["bad"]["broken"] == 3
 
 
+def test_ctx_benchmark_with_a_work_dir_records_each_functions_own_per_sample_scores(tmp_path, qa_file):
+    answers = {q: a for _, q, a in QA}
+    with T.evaluation_context(dataset=qa_file, iteration=1, cache_dir=str(tmp_path / "cache"),
+                              benchmark_type="text-qa", metrics=["exact_match"], work_dir=str(tmp_path / "w")) as ctx:
+        ctx.benchmark({"good": lambda p: answers[p], "bad": lambda p: "no idea" if p != "2+2?" else "4"})
+    c = T.compare_metric("exact_match", runs=["good", "bad"], cache_dir=str(tmp_path / "cache"))
+    assert c["paired"]["bad"]["broken"] == 3, "each run's scores.jsonl is its own function's"
+
+
 # ---- results as data --------------------------------------------------------------------------------------------
 def test_load_results_has_one_row_per_run_iteration_benchmark_and_metric(tmp_path):
     daemon_result(tmp_path, "tiny", 1000, "qa", {"exact_match": 0.5, "token_f1": 0.6})

@@ -579,8 +579,26 @@ def compare_models(models: dict, dataset: Optional[str] = None, *, alpha: float 
     if bad:
         raise EvaluatorError(f"models.{bad[0]}: expected a function, got {type(models[bad[0]]).__name__}")
     dataset = _dataset_or_default(dataset)
-    results = {model: run_function(fn, dataset, name=model, **kwargs) for model, fn in models.items()}
+    work_dir = kwargs.pop("work_dir", None)
+    folders = model_folders(work_dir, list(models))
+    results = {model: run_function(fn, dataset, name=model, work_dir=folders[model], **kwargs)
+               for model, fn in models.items()}
     return ComparisonResult(results, next(iter(models)), paired_comparisons(results, alpha=alpha))
+
+
+def model_folders(work_dir: Optional[str], names: list) -> dict:
+    """{name: its own work folder under `work_dir`} (None each without one): functions run side by side must not
+    share one, where each would overwrite the others' predictions and per-sample scores (the paired comparison
+    and the recorded results read them back)."""
+    if not work_dir:
+        return {name: None for name in names}
+    out, used = {}, set()
+    for i, name in enumerate(names):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip(".") or "model"
+        folder = safe if safe not in used else f"{safe}-{i}"
+        used.add(folder)
+        out[name] = os.path.join(work_dir, folder)
+    return out
 
 
 # ---- the decorators and quick_eval -------------------------------------------------------------------------

@@ -508,9 +508,12 @@ class EvaluationContext:
     def benchmark(self, fns: dict, **kw) -> dict:
         """Run each function over the dataset; each result is recorded as the run named by its key (at the
         context's iteration), so compare_metric(..., runs=fns) pairs them."""
+        from evaluator.api.evaluate import model_folders
+
         out = {}
+        folders = model_folders({**self.options, **kw}.get("work_dir"), list(fns))
         for name, fn in fns.items():
-            result = self._run(fn, name, kw)
+            result = self._run(fn, name, {**kw, "work_dir": folders[name]} if folders[name] else kw)
             _check_name("run", name)
             out[name] = result
             self.results.append(result)
