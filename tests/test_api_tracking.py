@@ -340,6 +340,19 @@ def test_ctx_benchmark_with_a_work_dir_records_each_functions_own_per_sample_sco
     assert c["paired"]["bad"]["broken"] == 3, "each run's scores.jsonl is its own function's"
 
 
+def test_a_result_whose_work_dir_a_later_run_reused_is_recorded_with_its_own_per_sample_scores(tmp_path, qa_file):
+    from evaluator.api import quick_eval
+
+    answers = {q: a for _, q, a in QA}
+    good = quick_eval(lambda p: answers[p], qa_file, benchmark_type="text-qa", metrics=["exact_match"],
+                      work_dir=str(tmp_path / "w"))
+    quick_eval(lambda p: "no idea", qa_file, benchmark_type="text-qa", metrics=["exact_match"],
+               work_dir=str(tmp_path / "w"))  # overwrites the folder's files
+    T.record_result("good", 0, "qa", good, cache_dir=str(tmp_path / "cache"))
+    frame = T.load_samples(str(tmp_path / "cache"), "good")
+    assert list(frame.exact_match) == [1.0] * len(QA), "the recorded per-sample scores are good's own"
+
+
 # ---- results as data --------------------------------------------------------------------------------------------
 def test_load_results_has_one_row_per_run_iteration_benchmark_and_metric(tmp_path):
     daemon_result(tmp_path, "tiny", 1000, "qa", {"exact_match": 0.5, "token_f1": 0.6})

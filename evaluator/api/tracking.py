@@ -143,12 +143,25 @@ def _score_row(sample: dict, where: str) -> dict:
 def _scores_of(parts: dict, where: str) -> list[dict]:
     """The scores.jsonl rows of a result: the evaluation's own file when its work folder holds one (it keeps what
     each metric compared), else rows made from its samples; [] for a dict of metrics."""
-    work_dir = parts.get("work_dir")
-    if work_dir and os.path.exists(os.path.join(work_dir, SCORES)):
+    if _own_work_dir(parts):
         from evaluator.common.compare import read_scores
 
-        return list(read_scores(os.path.join(work_dir, SCORES)).values())
+        return list(read_scores(os.path.join(parts["work_dir"], SCORES)).values())
     return [_score_row(s, f"{where}: samples[{i}]") for i, s in enumerate(parts.get("samples") or [])]
+
+
+def _own_work_dir(parts: dict) -> bool:
+    """Whether the result's work folder still holds its own scores.jsonl: a later run given the same work_dir
+    overwrites it, and that run's per-sample scores (and prompts) must not be recorded as this result's."""
+    work_dir = parts.get("work_dir")
+    if not work_dir or not os.path.exists(os.path.join(work_dir, SCORES)):
+        return False
+    from evaluator.common.compare import read_scores
+
+    held = {sid: row.get("prediction", "") for sid, row in read_scores(os.path.join(work_dir, SCORES)).items()}
+    mine = {str(s.get("sample_id")): "" if s.get("prediction") is None else s.get("prediction")
+            for s in parts.get("samples") or [] if isinstance(s, dict)}
+    return not mine or held == mine
 
 
 def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cache_dir: Optional[str] = None,
@@ -200,7 +213,7 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
     if rows:  # before metrics.json, which stays the done file
         write_text_atomic(os.path.join(out, SCORES), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         predictions = os.path.join(parts.get("work_dir") or "", PREDICTIONS)
-        if parts.get("work_dir") and os.path.exists(predictions):  # the prompts a comparison's flips show
+        if _own_work_dir(parts) and os.path.exists(predictions):  # the prompts a comparison's flips show
             shutil.copyfile(predictions, os.path.join(out, PREDICTIONS) + ".tmp")
             os.replace(os.path.join(out, PREDICTIONS) + ".tmp", os.path.join(out, PREDICTIONS))
     write_json_atomic(os.path.join(out, METRICS), _jsonable(doc, where))
