@@ -240,3 +240,20 @@ def test_a_crash_between_the_last_failure_and_its_alert_fires_the_alert_at_the_n
     (alert,) = alert_rows(tmp_path / "cache")
     assert alert["rule"] == "* failed>=2" and alert["delivered_at"] is not None
     assert len(hook.bodies) == 1
+
+
+def test_a_checkpoint_that_arrives_late_becomes_the_previous_one_of_the_next_and_its_regression_alerts(
+        tmp_path, venvs, webhook):
+    hook = webhook()
+    # 2000 is evaluated after 3000 (newest-first backfill, or a late copy): 3000 was compared with 1000 (no drop)
+    cfg = trained(tmp_path, {1000: 0.6, 3000: 0.6}, [DROP])
+    run_cli("--config", cfg, "--once", check=0)
+    assert alert_rows(tmp_path / "cache") == []
+    (tmp_path / "plan.json").write_text(json.dumps({"1000": 0.6, "2000": 0.8, "3000": 0.6}))
+    megatron_checkpoint(tmp_path / "ckpt", 2000, tracker=False)
+    run_cli("--config", cfg, "--once", check=0)
+    doc = json.loads((tmp_path / "cache" / "results" / "tiny" / "iter_0003000" / "qa" / "compare.json").read_text())
+    assert doc["against"]["prev"]["iteration"] == 2000  # 3000's previous checkpoint is 2000 now
+    (alert,) = alert_rows(tmp_path / "cache")
+    assert alert["iteration"] == 3000 and alert["delivered_at"] is not None
+    assert len(hook.bodies) == 1 and "from 0.8 at iteration 2000" in hook.bodies[0]["text"]

@@ -878,9 +878,35 @@ class Daemon:
         if inputs is None:
             self.check_alerts(job, None)
             return
+        self.submit_comparison(job, inputs)
+        try:
+            self.recompare_next(job, rows)
+        except L.LedgerUnavailable:
+            raise
+        except Exception:
+            log.exception("%s: comparing the next checkpoint again failed", key)
+
+    def submit_comparison(self, job: L.Job, inputs: tuple) -> None:
         future = self.compare_pool.submit(write_comparison, *inputs)
         future.add_done_callback(lambda _f: self._poke())
-        self.comparing[key] = (job.revision, future)
+        self.comparing[job.key] = (job.revision, future)
+
+    def recompare_next(self, job: L.Job, rows: dict) -> None:
+        """A checkpoint scored after a later one (newest-first backfill, a late copy) is that later one's previous
+        checkpoint now: compare the next result above it again (its compare.json and alert rules)."""
+        later = [j for it, benches in rows.items() if it > job.iteration
+                 for j in [benches.get(job.benchmark)] if j is not None and j.fingerprint == job.fingerprint]
+        if not later:
+            return
+        nxt = min(later, key=lambda j: j.iteration)
+        inputs = self.comparison_inputs(nxt, rows)
+        if inputs is None:
+            return
+        prev = ((self.comparison_of(nxt) or {}).get("against") or {}).get("prev")
+        if nxt.key not in self.comparing and isinstance(prev, dict) and prev.get("iteration") == job.iteration:
+            return  # already compared with this one
+        log.info("%s: compared again: %s is its previous checkpoint now", nxt.key, job.key)
+        self.submit_comparison(nxt, inputs)
 
     def collect_comparisons(self) -> None:
         """Comparisons the thread finished: log a failure, check the alert rules with the document."""
