@@ -152,6 +152,15 @@ def test_compare_document_compares_with_prev_and_best_and_names_each(tmp_path):
     json.dumps(doc, allow_nan=False)  # the daemon writes it as JSON
 
 
+def test_compare_document_with_a_main_metric_that_has_no_per_sample_values_compares_the_others(tmp_path):
+    # the benchmark's main_metric (from the config) is corpus-level only: the daemon's compare.json still compares
+    # the metrics that have per-sample values (the alert rules on them need it), headed by the first of them
+    old_dir, new_dir, _, _ = planted_pair(tmp_path)
+    doc = compare_document("tiny", "qa", 2000, 0, new_dir, prev=("tiny", 1000, old_dir), main_metric="spider")
+    prev = doc["against"]["prev"]
+    assert prev["main_metric"] == "exact_match" and set(prev["metrics"]) == {"exact_match", "token_f1"}
+
+
 def test_compare_document_without_prev_or_best_has_nulls(tmp_path):
     _, new_dir, _, _ = planted_pair(tmp_path)
     assert compare_document("tiny", "qa", 2000, 0, new_dir)["against"] == {"prev": None, "best": None}
@@ -317,6 +326,19 @@ def test_cli_with_config_compares_two_iterations_of_a_run(tmp_path):
     assert "iterations with results: 1000, 2000" in p.stderr
     p = compare_cmd("--config", cfg, "--run", "tinny", "1000", "2000")
     assert p.returncode == 2 and "did you mean 'tiny'" in p.stderr
+
+
+def test_cli_with_config_whose_main_metric_is_corpus_level_compares_the_per_sample_metrics(tmp_path):
+    # command benchmarks take any metric name; `spider` has no per-sample values in these results
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true", "evaluation": "true",
+                                   "main_metric": "spider"}])
+    planted_pair(tmp_path, cache=str(tmp_path / "cache"), iterations=(1000, 2000))
+    p = compare_cmd("--config", cfg, "1000", "2000", "--json")
+    assert p.returncode == 1, p.stderr  # the 10-point drop of exact_match, the first metric with per-sample values
+    (entry,) = json.loads(p.stdout)["comparisons"]
+    assert entry["comparison"]["main_metric"] == "exact_match"
+    p = compare_cmd("--config", cfg, "1000", "2000", "--metric", "spider")  # named on the command line: an error
+    assert p.returncode == 2 and "main metric 'spider': no per-sample values" in p.stderr
 
 
 def test_cli_with_config_compares_two_runs_at_an_iteration(tmp_path):

@@ -147,8 +147,9 @@ def reference_of(row: dict, metric: str) -> Optional[str]:
     return None
 
 
-def pick_main_metric(requested: Optional[str], compared: list[str], new: ScoredResult) -> str:
-    if requested is not None:
+def pick_main_metric(requested: Optional[str], compared: list[str], new: ScoredResult, strict: bool = True) -> str:
+    """`requested` when it was compared; else (strict: an error) the headline metric with per-sample values."""
+    if requested is not None and (strict or requested in compared):
         if requested not in compared:
             raise EvaluatorError(f"main metric {requested!r}: no per-sample values on both sides; compared "
                                  f"metrics: {', '.join(compared)}{did_you_mean(requested, compared)}")
@@ -181,8 +182,10 @@ def flips(new: ScoredResult, old: ScoredResult, common: list[str], metric: str, 
 
 
 def compare_results(new: ScoredResult, old: ScoredResult, *, main_metric: Optional[str] = None, seed: int = 0,
-                    resamples: int = DEFAULT_RESAMPLES, alpha: float = 0.05, max_flips: int = 20) -> dict:
-    """One <comparison> (docs/insight.md) of two read results."""
+                    resamples: int = DEFAULT_RESAMPLES, alpha: float = 0.05, max_flips: int = 20,
+                    strict_main_metric: bool = True) -> dict:
+    """One <comparison> (docs/insight.md) of two read results. strict_main_metric False: a main_metric without
+    per-sample values (a corpus-level one, e.g. the benchmark's configured main_metric) is a preference only."""
     if not 0 < alpha < 1:
         raise EvaluatorError(f"alpha: expected a level in (0, 1), got {alpha!r}")
     if max_flips < 0:
@@ -218,7 +221,7 @@ def compare_results(new: ScoredResult, old: ScoredResult, *, main_metric: Option
     if not metrics:
         raise EvaluatorError(f"{os.path.join(new.path, SCORES)} and {os.path.join(old.path, SCORES)}: no metric has "
                              f"per-sample values on both sides ({'; '.join(f'{k}: {v}' for k, v in not_compared.items()) or 'no scores'})")
-    main = pick_main_metric(main_metric, list(metrics), new)
+    main = pick_main_metric(main_metric, list(metrics), new, strict_main_metric)
     out = {"run": old.metrics_doc.get("run"), "iteration": old.metrics_doc.get("iteration"),
            "result_dir": old.path, "n_common": len(common), "only_new": len(new.rows) - len(common),
            "only_old": len(old.rows) - len(common), "alpha": alpha, "metrics": metrics, "main_metric": main,
@@ -229,10 +232,12 @@ def compare_results(new: ScoredResult, old: ScoredResult, *, main_metric: Option
 
 
 def compare_dirs(new_dir: str, old_dir: str, *, main_metric: Optional[str] = None, seed: int = 0,
-                 resamples: int = DEFAULT_RESAMPLES, alpha: float = 0.05, max_flips: int = 20) -> dict:
+                 resamples: int = DEFAULT_RESAMPLES, alpha: float = 0.05, max_flips: int = 20,
+                 strict_main_metric: bool = True) -> dict:
     """One <comparison> of the result in new_dir against the one in old_dir (delta = new - old)."""
     return compare_results(read_scored_result(new_dir), read_scored_result(old_dir), main_metric=main_metric,
-                           seed=seed, resamples=resamples, alpha=alpha, max_flips=max_flips)
+                           seed=seed, resamples=resamples, alpha=alpha, max_flips=max_flips,
+                           strict_main_metric=strict_main_metric)
 
 
 def compare_document(run: str, benchmark: str, iteration: int, revision: int, new_dir: str,
@@ -240,8 +245,10 @@ def compare_document(run: str, benchmark: str, iteration: int, revision: int, ne
     """The compare.json document of the new result in new_dir against the run's previous and best checkpoints.
 
     prev / best: (run, iteration, result_dir) or None; kw: compare_dirs' options (main_metric, seed, resamples,
-    alpha, max_flips). Raises EvaluatorError when a folder cannot be compared (no scores.jsonl, a malformed row,
-    another benchmark)."""
+    alpha, max_flips); main_metric is the benchmark's configured one, a preference (without per-sample values the
+    comparison is headed by the first metric that has them). Raises EvaluatorError when a folder cannot be compared
+    (no scores.jsonl, a malformed row, another benchmark)."""
+    kw.setdefault("strict_main_metric", False)
     new = read_scored_result(new_dir)
     named = new.metrics_doc.get("benchmark")
     if named is not None and named != benchmark:

@@ -27,8 +27,8 @@ JSON_SCHEMA_VERSION = 1
 
 EPILOG = """direction: higher is better for every metric the project computes today, so the new result is worse
 when its main metric is lower; name a metric with --lower-is-better M (repeatable) to say that for it a rise is
-worse. The main metric is --metric, else the benchmark's `main_metric` in the config, else the first metric of the
-new result's metrics.json that has per-sample values.
+worse. The main metric is --metric, else the benchmark's `main_metric` in the config (when it has per-sample
+values), else the first metric of the new result's metrics.json that has per-sample values.
 
 exit codes: 0 no significant regression of the main metric on any benchmark compared; 1 a significant regression
 (the new result worse than the old one, p < --alpha); 2 bad input (one line on stderr).
@@ -207,8 +207,10 @@ def main(argv: list[str]) -> int:
     done, skipped = [], []
     for pair in pairs:
         try:
+            # the config's main_metric is a preference (it may be corpus-level); --metric is what the user asked
             comparison = compare_dirs(pair.new.path, pair.old.path, main_metric=pair.main_metric, seed=args.seed,
-                                      resamples=args.resamples, alpha=args.alpha, max_flips=args.flips)
+                                      resamples=args.resamples, alpha=args.alpha, max_flips=args.flips,
+                                      strict_main_metric=args.metric is not None)
         except EvaluatorError as e:
             if pair.explicit:
                 raise
