@@ -189,6 +189,14 @@ def test_the_webhook_url_is_read_from_the_environment_never_from_the_config(tmp_
     assert "secret-path" not in repr(channel)
 
 
+def test_a_webhook_variable_that_is_not_an_http_url_is_a_config_error_that_does_not_show_it():
+    section = AlertsConfig(rules=[AlertRuleConfig(failed=1)], webhook_env="EVAL_ALERT_WEBHOOK")
+    for url in ("hooks.slack.com/services/T0/B0/secret-token", "ftp://hooks/secret-token", "https:///secret-token"):
+        with pytest.raises(EvaluatorError, match="EVAL_ALERT_WEBHOOK: expected an http:// or https:// URL") as e:
+            webhook_url(section, {"EVAL_ALERT_WEBHOOK": url})
+        assert "secret-token" not in str(e.value)
+
+
 # ---- the ledger: once per (rule, checkpoint), closed by a later pass or by hand -------------------------------
 def test_an_alert_is_stored_once_per_rule_and_checkpoint_and_closes_up_to_a_passing_iteration(tmp_path):
     led = L.Ledger(str(tmp_path))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -62,9 +63,9 @@ class WebhookChannel:
 
     def record(self, notice: Notice) -> None:
         body = json.dumps({"text": notice.text()}).encode()
-        request = urllib.request.Request(self._url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
+        try:  # urllib's errors (a ValueError for a malformed URL too) may quote the URL: redacted below
+            request = urllib.request.Request(self._url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 response.read()
         except urllib.error.HTTPError as e:
@@ -118,6 +119,14 @@ def webhook_url(section, environ: Mapping[str, str] = os.environ) -> Optional[st
     if not url:
         raise EvaluatorError(f"auto_eval.alerts.webhook_env: the environment variable {section.webhook_env} is not "
                              f"set (it holds the webhook URL); export it, or remove webhook_env")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:  # the URL is a secret: not shown
+        raise EvaluatorError(f"auto_eval.alerts.webhook_env: {section.webhook_env}: expected an http:// or https:// URL "
+                             f"with a host (e.g. https://hooks.slack.com/services/...), got something else")
     return url
 
 
