@@ -1191,8 +1191,11 @@ class Daemon:
             if stage_done(INFERENCE, self.outdir(j)):
                 self.apply(P.Move(j.key, L.PENDING, "recovered: predictions missing, infer again"))
         if any(r.kind == A.FAILED for r in self.alert_rules):
-            for j in self.ledger.jobs([L.FAILED]):  # a kill between a failure and its alert (fires once)
-                self.check_failure_alerts(j.key)
+            # a kill between a failure and its alert (add_alert fires once per rule and checkpoint; a failed row
+            # of a run or benchmark not configured now is left alone)
+            for j in self.ledger.jobs([L.FAILED]):
+                if self.is_wanted(j):
+                    self.check_failure_alerts(j.key)
         self.sweep_scratch()
         self.keeper.recover()
         self.rank_best()  # again: recovery may have withdrawn a result (metrics missing: scored again)
