@@ -125,6 +125,7 @@ def test_status_check_exits_1_while_an_alert_is_open_and_0_once_it_is_acknowledg
     assert "webhook delivered" in shown
     doc = json.loads(status(cfg, "--json", "--check", check=1).stdout)
     assert [(a["iteration"], a["closed_at"]) for a in doc["alerts"]] == [(2000, None)]
+    assert "--ack: no alert #7" in status(cfg, "--ack", "7", check=2).stderr  # a typo is no silent "0 closed"
     assert "1 alert(s) acknowledged" in status(cfg, "--ack", "all", check=0).stdout
     assert "alerts: none open (1 closed)" in status(cfg, "--check", check=0).stdout
 

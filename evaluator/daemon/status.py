@@ -762,6 +762,12 @@ def ack_alerts(cfg: AutoEvalConfig, which: list[str], run: Optional[str]) -> str
     try:
         writable = L.Ledger(cfg.cache_dir)
         try:
+            if ids is not None:
+                known = {a["id"]: a for a in writable.alerts(run=run)}
+                unknown = [i for i in ids if i not in known]
+                if unknown:
+                    raise EvaluatorError(f"--ack: no alert #{unknown[0]}{f' of run {run}' if run else ''} (status "
+                                         f"lists the open ones with their numbers)")
             n = writable.ack_alerts(ids, run)
         finally:
             writable.close()
