@@ -210,6 +210,7 @@ class Daemon:
         # compare.json is written off the loop (a bootstrap over 10k samples takes seconds): key -> (revision, future)
         self.compare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compare")
         self.comparing: dict[L.JobKey, tuple[int, Future]] = {}
+        self.comparing_inputs: dict[L.JobKey, tuple] = {}  # what each comparison in flight was asked
 
     # ---- wiring --------------------------------------------------------------------------------
     def notify(self, run: Optional[str] = None) -> None:
@@ -887,6 +888,10 @@ class Daemon:
             log.exception("%s: comparing the next checkpoint again failed", key)
 
     def submit_comparison(self, job: L.Job, inputs: tuple) -> None:
+        pending = self.comparing.get(job.key)
+        if pending is not None and not pending[1].done() and self.comparing_inputs.get(job.key) == inputs:
+            return  # the same comparison is in flight (recovery and the scored transition can both ask)
+        self.comparing_inputs[job.key] = inputs
         future = self.compare_pool.submit(write_comparison, *inputs)
         future.add_done_callback(lambda _f: self._poke())
         self.comparing[job.key] = (job.revision, future)
@@ -914,6 +919,7 @@ class Daemon:
             if not future.done():
                 continue
             del self.comparing[key]
+            self.comparing_inputs.pop(key, None)
             doc = None
             try:
                 doc = future.result()
