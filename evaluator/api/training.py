@@ -303,7 +303,12 @@ def _callback_class():
                 return control
             step = state.global_step
             path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-            if self.cfg is not None and os.path.isdir(path):
+            if self.cfg is not None and not os.path.isdir(path):
+                # e.g. a hyperparameter search saves under output_dir/run-<trial>/: say so, the daemon then waits
+                # for the layout's own completeness rule (settle time) instead of this notice
+                log.warning("EvaluatorCallback: step %d: no checkpoint folder at %s; no completion notice written",
+                            step, path)
+            elif self.cfg is not None:
                 self.notices.append(notify_checkpoint(path, step, self.cfg, self.run, by="EvaluatorCallback"))
                 if self.evaluate:
                     self.evaluations[step] = evaluate_checkpoint(path, step, self.cfg, self.run)
