@@ -262,8 +262,10 @@ def read_files(path: str, installed: Installed) -> dict:
         try:
             with open(file, encoding="utf-8") as f:
                 files[name] = f.read() if name == CHAT_TEMPLATE_FILE else json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointFormatError(f"{file}: cannot read it: {e}") from None
+        except (OSError, ValueError):
+            # a damaged or half-written file is not a format question: the loader fails on it with its own
+            # message (exit 1, retried), where a format refusal (exit 2) would make it final
+            continue
     if TOKENIZER_JSON not in files and os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
         files[TOKENIZER_JSON] = True  # present; its content does not matter to this tokenizers
     return files
