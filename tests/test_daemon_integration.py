@@ -209,7 +209,7 @@ def test_crash_hang_and_tempfail_are_retried_a_bounded_number_of_times_then_fail
     cfg = write_config(tmp_path, benches, executor={"max_attempts": 2, "backoff_seconds": 0.2,
                                                     "inference_timeout_minutes": 0.04, "kill_grace_seconds": 0.5,
                                                     "inference_concurrency": 2, "tempfail_minutes": 0.03})
-    proc = run_cli("--config", cfg, "--once", check=1, timeout=180)  # --once says jobs failed
+    run_cli("--config", cfg, "--once", check=1, timeout=180)  # --once says jobs failed
     cache = tmp_path / "cache"
     rows = {r["benchmark"]: r for r in ledger_rows(cache)}
     assert rows["good"]["state"] == "recorded"

@@ -11,7 +11,7 @@ Three kinds of rule (docs/insight.md, "Regression alerts"):
 `evaluate` / `evaluate_failure` return one `Check` per rule that applies: FIRE (with the alert's message), PASS
 (the checkpoint does not break the rule: an open alert of that rule for that run and benchmark at this iteration
 or before closes) or UNKNOWN (the rule could not be checked: no comparison yet, too few samples, the metric
-missing; nothing fires, nothing closes). The daemon (daemon.py `check_alerts`) stores, logs and delivers them.
+missing; nothing fires, nothing closes). The daemon (insight.py, `Insight`) stores, logs and delivers them.
 """
 from __future__ import annotations
 

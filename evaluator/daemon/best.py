@@ -4,7 +4,7 @@ A rule scores a checkpoint from its recorded metrics: one benchmark/metric pair,
 (`weights:`), to be maximised or minimised (`mode`). A checkpoint is a candidate only when every benchmark the
 rule needs has a scored/recorded result with the metric in it: a half-evaluated checkpoint never becomes best.
 `choose` ranks the candidates best first; the daemon keeps the first `keep_best` snapshots (evaluator/daemon/
-daemon.py, `Daemon.update_best`) and writes `<cache_dir>/results/<run>/best.json`.
+insight.py, `Insight.update_best`) and writes `<cache_dir>/results/<run>/best.json`.
 
 Ties go to the earlier iteration: a later checkpoint must be strictly better to take the place of one already
 kept (its snapshot is not swapped for an equal one).
