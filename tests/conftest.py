@@ -210,6 +210,15 @@ def canonical_dataset(root, rows, dataset_id="toy", **meta) -> str:
     return str(root)
 
 
+def run_in_evaluation_venv(venvs, tmp_path, script: str, *args: str) -> dict:
+    """Run `script` (python -c) in the evaluation venv with an output path as argv[1]; its JSON output."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run([venvs["evaluation"], "-c", script, str(out), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"runner failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
 def bench_py(*args, timeout=300) -> subprocess.CompletedProcess:
     """tools/bench.py under the daemon venv's python (it starts each stage in its own venv)."""
     return subprocess.run([DAEMON_PY, os.path.join(ROOT, "tools", "bench.py"), *args],

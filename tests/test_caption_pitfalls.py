@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_evaluation_venv
 from evaluator.benchmarks.dataset import Sample, write_dataset
 from evaluator.common.contracts import StageJob
 from evaluator.common.records import RunResult, write_results
@@ -94,14 +94,6 @@ except Exception as e:  # what aac-metrics does with the raw captions, whatever 
     out["aac_metrics_raw"] = f"{type(e).__name__}: {e}"
 json.dump(out, open(sys.argv[1], "w"))
 '''
-
-
-def run_in_evaluation_venv(venvs, tmp_path, script: str, *args: str) -> dict:
-    out = tmp_path / "out.json"
-    proc = subprocess.run([venvs["evaluation"], "-c", script, str(out), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"runner failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,10 @@ runner script (below) that writes its findings as JSON; the tests then assert on
 """
 from __future__ import annotations
 
-import json
-import subprocess
 
 import pytest
 
-from conftest import ROOT
+from conftest import run_in_evaluation_venv
 
 TOL = 1e-9
 
@@ -127,14 +125,6 @@ after = [(os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files]
 sbert = compute(["sbert_sim"], inp).__dict__
 json.dump({"heavy": heavy, "sbert": sbert, "setup_idempotent": before == after}, open(sys.argv[1], "w"))
 '''
-
-
-def run_in_evaluation_venv(venvs, tmp_path, script: str, *args: str) -> dict:
-    out = tmp_path / "out.json"
-    proc = subprocess.run([venvs["evaluation"], "-c", script, str(out), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"runner failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
