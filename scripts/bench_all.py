@@ -14,6 +14,7 @@ Runs, each in the python it needs (each script re-executes itself in its venv wh
   scripts/bench_loglikelihood.py   loglikelihood multiple choice: unbatched vs batched vs lm-evaluation-harness (real model)
   scripts/bench_checkpoint_cost.py per-checkpoint cost: one process per stage vs sessions vs warm workers vs the limit,
                               K = 1, 3, 5 benchmarks on the real model (issue 13)
+  scripts/bench_compare.py    checkpoint comparison vs prev/best: McNemar, bootstrap, end to end, per checkpoint, n <= 10k
 Every figure is measured here, in this run; a section that fails is reported as failed, not filled in.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ SECTIONS = [  # name, script, extra args (normal), extra args (--quick)
     ("loglikelihood", "bench_loglikelihood.py", ["--model", os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct")],
      ["--model", os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct"), "--repeats", "1"]),
     ("checkpoint_cost", "bench_checkpoint_cost.py", [], ["--ks", "1,5", "--samples", "20"]),
+    ("compare", "bench_compare.py", [], ["--quick"]),  # cheap: ~30 s (~6 s with --quick: n = 500, 2000)
 ]
 
 
