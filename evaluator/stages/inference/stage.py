@@ -88,8 +88,8 @@ class WarmBackend:
     Reused as it is for the same checkpoint (unchanged files) and the same load settings (the backend's
     LOAD_OPTIONS, seed, alias), with the next benchmark's generation parameters (`reconfigure`); for another
     checkpoint with the same settings the backend may `swap` its weights in (hf: same config, strict state-dict
-    load), else it is closed and the next one loaded from scratch. A backend without these hooks (vllm, openai)
-    is loaded per job."""
+    load), else it is closed and the next one loaded from scratch (vllm, openai: no swap). Every backend in the
+    tree has LOAD_OPTIONS and `reconfigure`; one without them is loaded and closed per job, even in a warm worker."""
 
     def __init__(self):
         self.backend = None

@@ -15,9 +15,15 @@
   trust_remote_code, limit_mm_per_prompt (default {"audio": 4}), engine_args (a mapping passed to vllm.LLM
   as it is). Generation: max_new_tokens -> max_tokens, temperature (0 = greedy), top_p, stop; other
   `generation:` keys go to SamplingParams by name.
+- Warm workers (evaluator/stages/inference/stage.py WarmBackend): one engine per checkpoint session. LOAD_OPTIONS
+  (the engine options, engine_args, chat_template) and the seed decide what load() builds; the next benchmark on
+  the same checkpoint with the same LOAD_OPTIONS gets the engine as it is through reconfigure() (its own
+  SamplingParams, batch_size, choice_scoring check). No swap: another checkpoint closes the engine and builds a
+  new one.
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
 from typing import Optional
@@ -43,12 +49,26 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def check_scoring(options: dict) -> None:
+    if options.get("choice_scoring") not in (None, "generate"):
+        raise ModelLoadError("backend_options.choice_scoring: the vllm backend generates only; "
+                             "use the hf backend for choice_scoring=loglikelihood")
+
+
+def batch_size(options: dict) -> int:
+    # vLLM batches inside one call; this only sets how many samples a call gets (progress reports)
+    return int(options.get("batch_size") or 256)
+
+
 STEREO_KEPT = False  # vLLM's AudioMediaIO loads audio as mono (librosa / its load_audio, mono=True)
 
 
 class VLLMBackend:
     name = "vllm"
     OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template", "choice_scoring", "batch_size")
+    # what the engine is built from (a warm worker builds a new one when any differs); batch_size and
+    # choice_scoring are per benchmark (reconfigure)
+    LOAD_OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template")
     # generation: keys SamplingParams takes; it raises TypeError on any other (min_new_tokens is its min_tokens;
     # no beam search, no language/task)
     GENERATION = COMMON_GENERATION + ("top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -68,9 +88,7 @@ class VLLMBackend:
         if missing:
             raise ModelLoadError("backend vllm cannot run here: " + "; ".join(missing)
                                  + ". Run it on a CUDA machine with vLLM installed, or choose --backend hf.")
-        if self.options.get("choice_scoring") not in (None, "generate"):
-            raise ModelLoadError("backend_options.choice_scoring: the vllm backend generates only; "
-                                 "use the hf backend for choice_scoring=loglikelihood")
+        check_scoring(self.options)
         # the vLLM venv pins transformers 4.x: a checkpoint saved by 5.x is read through a translated view or
         # refused (CheckpointFormatError, exit 2), never misread (checkpoint_compat.py); the view lives until close()
         self.source = checkpoint_view(self.model_path, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -89,13 +107,28 @@ class VLLMBackend:
         tokenizer = self.llm.get_tokenizer()
         use_template = self.options.get("chat_template", True) not in (False, "false", "no", 0)
         self.chat = bool(use_template and getattr(tokenizer, "chat_template", None))
-        self.batch_size = int(self.options.get("batch_size") or 256)
-        self.sampling = self._sampling_params(vllm.SamplingParams)
+        self.batch_size = batch_size(self.options)
+        self.sampling = self._sampling_params(vllm.SamplingParams, self.params)
         return {"engine": "vllm", "vllm": vllm.__version__, "batch_size": self.batch_size, "chat": self.chat,
                 **{k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS}}
 
-    def _sampling_params(self, cls):
-        p = self.params
+    def reconfigure(self, params: GenerationParams, options: dict) -> None:
+        """Take the next benchmark's generation parameters and run-time options; the engine is kept as it is.
+
+        The LOAD_OPTIONS must be those of load() (the worker builds a new engine otherwise). ModelLoadError, as
+        load() raises it, for choice_scoring or generation parameters SamplingParams rejects; the backend is then
+        left as it was."""
+        changed = [k for k in self.LOAD_OPTIONS if options.get(k) != self.options.get(k)]
+        if changed:
+            raise ValueError(f"reconfigure cannot change {', '.join(changed)} (they decide the engine load() "
+                             "built); close this backend and load a new one")
+        check_scoring(options)
+        import vllm
+        sampling = self._sampling_params(vllm.SamplingParams, params)
+        self.params, self.options, self.sampling = params, dict(options), sampling
+        self.batch_size = batch_size(self.options)
+
+    def _sampling_params(self, cls, p: GenerationParams):
         kwargs = dict(max_tokens=p.max_new_tokens, temperature=0.0 if p.greedy else p.temperature,
                       top_p=1.0 if p.greedy else p.top_p, stop=list(p.stop) or None, seed=self.seed)
         kwargs.update(p.extra)
@@ -142,4 +175,5 @@ class VLLMBackend:
 
     def close(self) -> None:
         self.llm = None
+        gc.collect()  # a warm worker builds the next checkpoint's engine in this process: drop this one now
         release_view(getattr(self, "source", None) or "")

@@ -1,0 +1,186 @@
+"""The vllm backend in a warm worker (issue 13): one engine per checkpoint session. A checkpoint's benchmarks reuse
+the engine with their own sampling parameters and batch size; another checkpoint or another engine option builds
+a new engine; a benchmark whose generation parameters are refused fails alone.
+
+Stand-in: vLLM needs a CUDA GPU and is not installed here, so a fake `vllm` package (tests/test_hf_backend.py
+FAKE_VLLM: it logs every engine init and every generate call) and a fake `torch` saying CUDA is available are put
+first on PYTHONPATH. Everything else is real: `python -m evaluator.stages.worker` in the inference venv (the venv
+vLLM is installed in; its real transformers does the checkpoint format check on the checkpoint folders), fed job
+specs over the JSON-line protocol of evaluator/stages/worker.py, running the real inference stage. What real vLLM
+does with the engine between benchmarks is not verified here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, canonical_dataset
+from evaluator.common.contracts import StageJob
+from evaluator.stages.inference.backends.vllm import ENGINE_OPTIONS, VLLMBackend
+from test_hf_backend import FAKE_TORCH, FAKE_VLLM
+
+# older vLLM releases refuse top_k=0 (newer ones read it as "no limit", as our own check does): a parameter the
+# spec check lets through and SamplingParams rejects
+FAKE_VLLM_REFUSING_TOP_K_0 = FAKE_VLLM + '''
+class SamplingParams:
+    def __init__(self, **kwargs):
+        if kwargs.get("top_k") == 0:
+            raise ValueError("top_k must be -1 (disable), or at least 1, got 0.")
+        self.kwargs = kwargs
+'''
+ROWS = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"what is {i} plus {i}"}]} for i in range(3)]
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    """Fake vllm + torch, two checkpoint folders and a dataset; returns a runner of warm-worker sessions."""
+    fakes = tmp_path / "fakes"
+    (fakes / "vllm").mkdir(parents=True)
+    (fakes / "torch").mkdir()
+    (fakes / "vllm" / "__init__.py").write_text(FAKE_VLLM_REFUSING_TOP_K_0)
+    (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    for name in ("ckpt-100", "ckpt-200"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "gpt2",
+                                                                 "transformers_version": "4.57.1"}))
+        (tmp_path / name / "model.safetensors").write_bytes(name.encode())  # the two folders' files differ
+    data = canonical_dataset(tmp_path / "data", ROWS)
+    log = tmp_path / "vllm.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fakes), ROOT]), FAKE_VLLM_LOG=str(log))
+    count = iter(range(1, 1000))
+
+    def job(checkpoint: str, **bench) -> str:
+        out = tmp_path / f"job{next(count)}"
+        out.mkdir()
+        spec = {"name": out.name, "type": "dataset", "dataset": data, "backend": "vllm", **bench}
+        StageJob(stage="inference", run="r", iteration=int(checkpoint.split("-")[1]),
+                 checkpoint=str(tmp_path / checkpoint), benchmark=spec, output_dir=str(out)).write(
+            str(out / "infer.job.json"))
+        return str(out)
+
+    def session(*outs: str) -> list[int]:
+        """The jobs through warm workers, as the daemon's local executor sends them: one worker takes jobs until
+        one fails (then it exits), and a fresh worker takes the rest. Returns each job's rc."""
+        rcs: list[int] = []
+        while len(rcs) < len(outs):
+            lines = "".join(json.dumps({"module": "evaluator.stages.inference", "job": f"{out}/infer.job.json",
+                                        "log": f"{out}/infer.stderr.log", "cwd": ROOT, "token": "t"}) + "\n"
+                            for out in outs[len(rcs):])
+            proc = subprocess.run([os.path.join(ROOT, ".venvs", "inference", "bin", "python"), "-m",
+                                   "evaluator.stages.worker"], input=lines, capture_output=True, text=True,
+                                  env=env, cwd=ROOT, timeout=300)
+            answers = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+            assert proc.returncode == 0 and answers, proc.stderr[-3000:]
+            rcs += [a["rc"] for a in answers]
+        return rcs
+
+    def calls() -> list[dict]:
+        with open(log) as f:
+            return [json.loads(line) for line in f]
+
+    return job, session, calls
+
+
+def summary(calls: list[dict]) -> list[tuple]:
+    """Each engine init as (init, checkpoint folder, gpu_memory_utilization); each call as (generate, max_tokens,
+    number of prompts)."""
+    out = []
+    for call in calls:
+        if "init" in call:
+            out.append(("init", os.path.basename(call["init"]["model"]), call["init"].get("gpu_memory_utilization")))
+        else:
+            out.append(("generate", call["generate"]["sampling"]["max_tokens"], len(call["generate"]["prompts"])))
+    return out
+
+
+def read(out: str, name: str):
+    with open(os.path.join(out, name)) as f:
+        return [json.loads(line) for line in f] if name.endswith(".jsonl") else json.load(f)
+
+
+@pytest.fixture
+def full_session(stand_in):
+    """Three benchmarks on checkpoint 100 (other generation parameters, batch_size, choice_scoring), then one on
+    checkpoint 200, then one on checkpoint 200 with another gpu_memory_utilization: one worker runs all five."""
+    job, session, calls = stand_in
+    outs = [job("ckpt-100", generation={"max_new_tokens": 4}),
+            job("ckpt-100", generation={"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9}, batch_size=1),
+            job("ckpt-100", generation={"max_new_tokens": 2, "stop": ["X"]},
+                backend_options={"choice_scoring": "generate"}),
+            job("ckpt-200", generation={"max_new_tokens": 4}),
+            job("ckpt-200", generation={"max_new_tokens": 4}, backend_options={"gpu_memory_utilization": 0.5})]
+    rcs = session(*outs)
+    return outs, rcs, calls()
+
+
+@pytest.mark.slow
+def test_a_checkpoints_benchmarks_share_one_vllm_engine_with_their_own_sampling_and_batch_size(full_session):
+    outs, rcs, calls = full_session
+    assert rcs == [0] * 5
+    assert summary(calls)[:6] == [("init", "ckpt-100", None), ("generate", 4, 3),
+                                  ("generate", 9, 1), ("generate", 9, 1), ("generate", 9, 1),
+                                  ("generate", 2, 3)]
+    assert calls[2]["generate"]["sampling"] == {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "stop": None,
+                                                "seed": 0}
+    assert calls[5]["generate"]["sampling"] == {"max_tokens": 2, "temperature": 0.0, "top_p": 1.0, "stop": ["X"],
+                                                "seed": 0}
+    assert [read(out, "run_metadata.json")["timings"]["model"] for out in outs[:3]] == [
+        "loaded", "reused (warm worker, same checkpoint)", "reused (warm worker, same checkpoint)"]
+    # one worker: the log of each job names the same process
+    pids = {open(os.path.join(out, "infer.stderr.log")).read().split("warm worker pid ")[1].split()[0]
+            for out in outs}
+    assert len(pids) == 1
+
+
+@pytest.mark.slow
+def test_each_benchmark_of_a_session_writes_its_own_predictions_and_run_metadata(full_session):
+    outs, rcs, _ = full_session
+    assert rcs == [0] * 5
+    for out, tokens, batch in zip(outs, (4, 9, 2, 4, 4), (256, 1, 256, 256, 256)):
+        rows, meta = read(out, "predictions.jsonl"), read(out, "run_metadata.json")
+        assert [r["sample_id"] for r in rows] == ["q0", "q1", "q2"] and all(r["status"] == "ok" for r in rows)
+        assert rows[1]["response"]["text"] == "WHAT IS 1 PLUS 1"
+        assert {(r["run_config"]["params"]["max_new_tokens"], r["run_config"]["batch_size"]) for r in rows} == {
+            (tokens, batch)}
+        assert meta["generation"]["max_new_tokens"] == tokens and meta["n_ok"] == 3
+        assert meta["checkpoint"].endswith("ckpt-200" if out in outs[3:] else "ckpt-100")
+
+
+@pytest.mark.slow
+def test_another_checkpoint_or_another_engine_option_builds_a_new_engine(full_session):
+    outs, rcs, calls = full_session
+    assert rcs == [0] * 5
+    assert summary(calls)[6:] == [("init", "ckpt-200", None), ("generate", 4, 3),
+                                  ("init", "ckpt-200", 0.5), ("generate", 4, 3)]
+    assert [read(out, "run_metadata.json")["timings"]["model"] for out in outs[3:]] == ["loaded", "loaded"]
+    assert read(outs[4], "run_metadata.json")["backend_info"]["gpu_memory_utilization"] == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bench, rc, message", [
+    ({"generation": {"top_k": 0}}, 1, "SamplingParams rejects ['top_k']: top_k must be -1 (disable)"),
+    ({"generation": {"num_beams": 4}}, 2, "generation.num_beams: the vllm backend does not take num_beams"),
+    ({"backend_options": {"choice_scoring": "loglikelihood"}}, 1, "the vllm backend generates only"),
+], ids=["refused_by_sampling_params", "not_a_vllm_parameter", "loglikelihood_scoring"])
+def test_a_refused_benchmark_mid_session_fails_alone_and_the_next_one_runs(stand_in, bench, rc, message):
+    job, session, calls = stand_in
+    before, bad, after = job("ckpt-100"), job("ckpt-100", **bench), job("ckpt-100", generation={"max_new_tokens": 5})
+    assert session(before, bad, after) == [0, rc, 0]
+    assert message in open(os.path.join(bad, "infer.stderr.log")).read()
+    assert not os.path.exists(os.path.join(bad, "run_metadata.json"))
+    assert not os.path.exists(os.path.join(bad, "predictions.jsonl"))
+    for out in (before, after):
+        assert len(read(out, "predictions.jsonl")) == 3 and read(out, "run_metadata.json")["n_ok"] == 3
+    # the failed job ended its worker; the next one ran in a fresh worker with a fresh engine
+    assert summary(calls()) == [("init", "ckpt-100", None), ("generate", 64, 3),
+                                ("init", "ckpt-100", None), ("generate", 5, 3)]
+
+
+def test_every_engine_option_decides_whether_an_engine_is_reused():
+    """An option that changes vllm.LLM(...) but not the reuse key would give a benchmark another benchmark's
+    engine; batch_size and choice_scoring are read per benchmark (reconfigure)."""
+    assert set(ENGINE_OPTIONS) | {"engine_args", "chat_template"} <= set(VLLMBackend.LOAD_OPTIONS)
+    assert set(VLLMBackend.OPTIONS) - set(VLLMBackend.LOAD_OPTIONS) == {"batch_size", "choice_scoring"}
