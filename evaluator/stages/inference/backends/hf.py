@@ -11,6 +11,11 @@
 - dtype/device: `device` option or CUDA when present; `dtype: auto` is bfloat16 on CUDA (float16 where bf16
   is unsupported) and float32 on CPU.
 - A batch that raises is retried one sample at a time, so one bad sample costs only itself (status=error).
+- Shared prompt prefix (option `shared_prefix`, default on; decoder-only models without sliding-window attention):
+  the tokens every prompt of a batch starts with (a system prompt, few-shot examples) are run once and their
+  key/value cache is copied to every row, which continues after it left-padded; each row reads exactly its own
+  tokens at its own positions, so only floating-point rounding differs (same texts on the real model, choice
+  log-likelihoods within 3e-5). Not with num_beams or num_return_sequences > 1 (generate() expands the batch).
 - Option `choice_scoring: loglikelihood`: no generation (a sample without `choices` fails alone): each choice is scored
   by the summed log-probability of its continuation after the prompt (lm-evaluation-harness's `acc` rule) and the
   best choice's text is the response. The continuation is lm-eval 0.4.10's: " <choice>" after a plain prompt,
@@ -105,6 +110,23 @@ def generate_isolated(batch: list, request, record, base, results: list) -> None
 def use_chat_template(options: dict) -> bool:
     """Option `chat_template` (default on): false/"false"/"no"/0 turn the checkpoint's template off."""
     return options.get("chat_template", True) not in (False, "false", "no", 0)
+
+
+def use_shared_prefix(options: dict) -> bool:
+    """Option `shared_prefix` (default on): false/"false"/"no"/0 run every row of a batch from its first token."""
+    return options.get("shared_prefix", True) not in (False, "false", "no", 0)
+
+
+def shared_prefix_length(rows: list) -> int:
+    """How many leading tokens all `rows` (token id sequences) have in common, leaving each row at least one token
+    of its own (the forward after the shared part needs an input in every row); 0 for fewer than two rows."""
+    if len(rows) < 2:
+        return 0
+    first, limit = rows[0], min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 def target_delimiter(options: dict, chat: bool) -> str:
@@ -250,7 +272,7 @@ class CheckpointTensors:
 class HFBackend:
     name = "hf"
     # every backend_options key this backend (and audio.AudioRunner) reads; batch_size is also the benchmark's own key
-    OPTIONS = ("batch_size", "device", "dtype", "chat_template", "choice_scoring", "target_delimiter")
+    OPTIONS = ("batch_size", "device", "dtype", "chat_template", "choice_scoring", "target_delimiter", "shared_prefix")
     # the options that change what load() builds; the others (batch_size, chat_template, choice_scoring) only change
     # how prompts are made and batched, and reconfigure() takes them without a reload
     LOAD_OPTIONS = ("device", "dtype")
@@ -458,6 +480,40 @@ class TextRunner:
         self.params = params
         self.chat = bool(use_chat_template(options) and getattr(self.tokenizer, "chat_template", None))
         self.target_delimiter = target_delimiter(options, self.chat)
+        self.share = use_shared_prefix(options) and self.prefix_cacheable()
+
+    def prefix_cacheable(self) -> bool:
+        """Whether a key/value cache of a shared prompt prefix can be computed once and copied to every row: decoder
+        -only models without sliding-window attention (a window would have to be cut per row)."""
+        config = self.model.config
+        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        return not self.seq2seq and not sliding
+
+    def batch_layout(self, rows: list, share: bool):
+        """A batch of token id rows as the model reads it: (ids, mask, p, cache).
+
+        With p > 0 the first p tokens are every row's own shared prefix: it is run once, in one row, and its key/value
+        cache (repeated for every row) is returned; each row continues after it, left-padded to the batch's widest
+        (the padding masked out, positions counted on from p, so every row is what it is alone). With p = 0 (one row,
+        nothing shared, sharing off): plain left padding and no cache."""
+        import torch
+        p = shared_prefix_length(rows) if share else 0
+        pad = self.tokenizer.pad_token_id
+        width = p + max(len(r) - p for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids[:, :p] = torch.tensor(rows[0][:p], dtype=torch.long)
+        mask[:, :p] = 1
+        for q, r in enumerate(rows):
+            ids[q, width - (len(r) - p):] = torch.tensor(r[p:], dtype=torch.long)
+            mask[q, width - (len(r) - p):] = 1
+        cache = None
+        if p:
+            with torch.inference_mode():
+                cache = self.model(input_ids=ids[:1, :p].to(self.device), use_cache=True,
+                                   logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(rows))
+        return ids, mask, p, cache
 
     def _eos_ids(self) -> set:
         ids = self.model.generation_config.eos_token_id
@@ -517,19 +573,24 @@ class TextRunner:
     def generate(self, samples) -> list:
         import torch
         prompts = [self.prompt(s) for s in samples]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True,
-                             add_special_tokens=not self.chat).to(self.device)
+        rows = self.tokenizer(prompts, add_special_tokens=not self.chat)["input_ids"]
+        # a shared prompt prefix (system prompt, few-shot examples) is run once per batch, unless generate() would
+        # expand the batch (beams, several sequences per prompt), which a prebuilt cache does not follow
+        single = all(int(self.params.extra.get(k) or 1) == 1 for k in ("num_beams", "num_return_sequences"))
+        ids, mask, _, cache = self.batch_layout(rows, self.share and single)
         kwargs = dict(max_new_tokens=self.params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
         if self.params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=self.params.temperature, top_p=self.params.top_p)
         kwargs.update(self.params.extra)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs)
-        new = out if self.seq2seq else out[:, enc["input_ids"].shape[1]:]
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        new = out if self.seq2seq else out[:, ids.shape[1]:]
         results = []
-        for row, mask in zip(new.tolist(), enc["attention_mask"].tolist()):
+        for row, prompt_tokens in zip(new.tolist(), mask.sum(-1).tolist()):
             if self.seq2seq and row and row[0] == self.model.generation_config.decoder_start_token_id:
                 row = row[1:]
             n = len(row)
@@ -538,8 +599,8 @@ class TextRunner:
                     n = k + 1
                     break
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            results.append((text, {"prompt_tokens": int(sum(mask)), "completion_tokens": n,
-                                   "total_tokens": int(sum(mask)) + n}))
+            results.append((text, {"prompt_tokens": int(prompt_tokens), "completion_tokens": n,
+                                   "total_tokens": int(prompt_tokens) + n}))
         return results
 
     # ---- loglikelihood scoring ------------------------------------------------------------------------------
@@ -572,24 +633,21 @@ class TextRunner:
     def score(self, requests: list) -> list:
         """Per request, the summed log-probability of each continuation after its context.
 
-        Two forwards: the contexts, left-padded (attention mask and position ids make each row what it is alone),
-        whose last position scores every continuation's first token; then every continuation longer than one
-        token, right-padded after a copy of its own context's key/value cache."""
+        Two forwards (after the batch's shared prefix, run once: batch_layout): the contexts, left-padded (attention
+        mask and position ids make each row what it is alone), whose last position scores every continuation's first
+        token; then every continuation longer than one token, right-padded after a copy of its own context's
+        key/value cache."""
         import torch
         import torch.nn.functional as F
         pad = self.tokenizer.pad_token_id
         ctx_lens = [len(r.context) for r in requests]
-        width = max(ctx_lens)
-        ids = torch.full((len(requests), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for q, r in enumerate(requests):
-            ids[q, width - len(r.context):] = torch.tensor(r.context)
-            mask[q, width - len(r.context):] = 1
+        ids, mask, p, cache = self.batch_layout([r.context for r in requests], self.share)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         dev = self.device
         with torch.inference_mode():
-            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids[:, p:].to(dev), attention_mask=mask.to(dev),
+                             position_ids=positions[:, p:].to(dev), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
             first = F.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
             # per choice, its tokens' float32 log-probabilities; summed at the end in float32 in token order, as
             # the unbatched rule and lm-eval sum them, so only the forwards' rounding differs
