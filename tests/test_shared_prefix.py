@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from conftest import MAKE_TINY_LM, ROOT
 from evaluator.stages.inference.backends.hf import shared_prefix_length, use_shared_prefix
 
 
@@ -100,3 +100,62 @@ def test_beam_search_runs_every_row_whole(venvs, chat_llama):
     assert all(r["status"] == "ok" for r in shared["rows"])
     assert [r["response"]["text"] for r in shared["rows"]] == [r["response"]["text"] for r in whole["rows"]]
     assert shared["tokens"] == whole["tokens"]
+
+
+MEMO = r"""
+import json, sys
+from evaluator.benchmarks.dataset import Sample
+from evaluator.stages.inference.backends.hf import HFBackend
+from evaluator.stages.inference.params import GenerationParams, Progress
+
+A, B = sys.argv[1], sys.argv[2]
+system = "Read the question, think, then answer with the best choice. " * 2
+
+def questions(words):
+    return [Sample(id=f"s{i}", messages=[{"role": "system", "content": system}, {"role": "user", "content": w}],
+                   choices=["blue", "green.", "a dog barks"]) for i, w in enumerate(words)]
+
+x = questions(["What colour is the sea?", "What colour is grass?", "What barks?", "Name a colour", "Which one?"])
+y = questions(["Pick one", "Pick another one", "What is green?", "The sky is"])
+options = {"choice_scoring": "loglikelihood", "batch_size": 6, "dtype": "float32"}
+
+def scores(backend, samples):
+    return [r.response["choice_logprobs"] for r in backend.run(samples, "d", Progress(len(samples)))]
+
+warm = HFBackend(A, options, GenerationParams())
+warm.load()
+first_x = scores(warm, x)
+scores(warm, y)
+again_x = scores(warm, x)           # after another benchmark in the same process
+assert warm.swap(B)
+swapped_x = scores(warm, x)          # the prefix cache was made with A's weights
+fresh = HFBackend(B, options, GenerationParams())
+fresh.load()
+print(json.dumps({"first_x": first_x, "again_x": again_x, "swapped_x": swapped_x, "fresh_x": scores(fresh, x)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def memo_facts(venvs, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("memo")
+    for name, seed in (("a", "0"), ("b", "1")):  # same tokenizer and config, other weights
+        proc = subprocess.run([venvs["inference"], MAKE_TINY_LM, str(root / name), "--arch", "gpt2", "--seed", seed],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([venvs["inference"], "-c", MEMO, str(root / "a"), str(root / "b")], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_benchmarks_numbers_do_not_depend_on_what_ran_before_it_in_the_process(memo_facts):
+    assert memo_facts["again_x"] == memo_facts["first_x"]  # bit for bit
+
+
+@pytest.mark.slow
+def test_after_a_weight_swap_no_prefix_cache_of_the_old_weights_is_used(memo_facts):
+    def flat(rows):
+        return [v for row in rows for v in row]
+    assert flat(memo_facts["swapped_x"]) == pytest.approx(flat(memo_facts["fresh_x"]), abs=1e-6)
+    assert flat(memo_facts["swapped_x"]) != pytest.approx(flat(memo_facts["first_x"]), abs=1e-3)  # weights differ

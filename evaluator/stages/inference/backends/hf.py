@@ -376,6 +376,7 @@ class HFBackend:
             return False
         import torch
         targets = dict(plan)
+        self.runner.forget_prefix()  # computed with the weights about to be replaced
         try:
             with torch.no_grad():
                 for key, tensor in tensors.read(list(targets)):
@@ -397,6 +398,8 @@ class HFBackend:
         scoring = self.options.get("choice_scoring")
         if scoring not in (None, "generate", "loglikelihood"):
             raise ModelLoadError(f"backend_options.choice_scoring: expected generate|loglikelihood, got {scoring!r}")
+        if isinstance(self.runner, TextRunner):
+            self.runner.forget_prefix()
         if scoring == "loglikelihood":
             self._score_choices(samples, base, results, progress)
             return results
@@ -474,6 +477,7 @@ class TextRunner:
         self.model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
         self.configure(params, options)
         self.eos_ids = self._eos_ids()
+        self.prefix_memo = None  # (tokens, key/value cache) of the last shared prefix: prefix_cache
 
     def configure(self, params: GenerationParams, options: dict) -> None:
         """The generation parameters and prompt options (chat_template) of the next benchmark."""
@@ -489,11 +493,39 @@ class TextRunner:
         sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
         return not self.seq2seq and not sliding
 
+    def forget_prefix(self) -> None:
+        """Drop the remembered prefix cache: at every benchmark's start (its numbers depend on it alone) and before
+        the weights change (HFBackend.swap)."""
+        self.prefix_memo = None
+
+    def prefix_cache(self, prefix: tuple):
+        """The key/value cache of `prefix` in one row. Batches of one benchmark mostly start alike (the same template
+        and instruction): the part in common with the last batch's prefix is copied from its cache, and only the
+        tokens after it go through the model."""
+        import copy
+        import torch
+        known, kept = self.prefix_memo or ((), None)
+        common = 0
+        while common < min(len(known), len(prefix)) and known[common] == prefix[common]:
+            common += 1
+        cache = None
+        if common:
+            cache = copy.deepcopy(kept)
+            if common < len(known):  # a negative count removes that many tokens (transformers 4.x and 5.x alike)
+                cache.crop(common - len(known))
+        if common < len(prefix):
+            with torch.inference_mode():
+                cache = self.model(input_ids=torch.tensor([prefix[common:]], device=self.device),
+                                   position_ids=torch.arange(common, len(prefix), device=self.device)[None],
+                                   past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+        self.prefix_memo = (prefix, copy.deepcopy(cache))
+        return cache
+
     def batch_layout(self, rows: list, share: bool):
         """A batch of token id rows as the model reads it: (ids, mask, p, cache).
 
-        With p > 0 the first p tokens are every row's own shared prefix: it is run once, in one row, and its key/value
-        cache (repeated for every row) is returned; each row continues after it, left-padded to the batch's widest
+        With p > 0 the first p tokens are every row's own shared prefix: it is run once, in one row (prefix_cache),
+        and its key/value cache (repeated for every row) is returned; each row continues after it, left-padded to the batch's widest
         (the padding masked out, positions counted on from p, so every row is what it is alone). With p = 0 (one row,
         nothing shared, sharing off): plain left padding and no cache."""
         import torch
@@ -509,9 +541,7 @@ class TextRunner:
             mask[q, width - (len(r) - p):] = 1
         cache = None
         if p:
-            with torch.inference_mode():
-                cache = self.model(input_ids=ids[:1, :p].to(self.device), use_cache=True,
-                                   logits_to_keep=1).past_key_values
+            cache = self.prefix_cache(tuple(rows[0][:p]))
             cache.batch_repeat_interleave(len(rows))
         return ids, mask, p, cache
 
