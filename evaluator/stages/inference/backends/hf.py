@@ -491,7 +491,9 @@ class TextRunner:
         -only models without sliding-window attention (a window would have to be cut per row)."""
         config = self.model.config
         sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-        return not self.seq2seq and not sliding
+        # a checkpoint asking generate() for its own cache kind (static, hybrid, ...) would refuse a prebuilt one
+        own_cache = getattr(self.model.generation_config, "cache_implementation", None) not in (None, "dynamic")
+        return not self.seq2seq and not sliding and not own_cache
 
     def forget_prefix(self) -> None:
         """Drop the remembered prefix cache: at every benchmark's start (its numbers depend on it alone) and before
@@ -518,6 +520,10 @@ class TextRunner:
                 cache = self.model(input_ids=torch.tensor([prefix[common:]], device=self.device),
                                    position_ids=torch.arange(common, len(prefix), device=self.device)[None],
                                    past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+        if not all(hasattr(cache, f) for f in ("crop", "batch_repeat_interleave")):
+            print(f"[inference] shared_prefix: off for this model (its {type(cache).__name__} cannot be copied to "
+                  "every row)", file=sys.stderr, flush=True)
+            return None
         self.prefix_memo = (prefix, copy.deepcopy(cache))
         return cache
 
@@ -539,10 +545,12 @@ class TextRunner:
         for q, r in enumerate(rows):
             ids[q, width - (len(r) - p):] = torch.tensor(r[p:], dtype=torch.long)
             mask[q, width - (len(r) - p):] = 1
-        cache = None
-        if p:
-            cache = self.prefix_cache(tuple(rows[0][:p]))
+        cache = self.prefix_cache(tuple(rows[0][:p])) if p else None
+        if cache is not None:
             cache.batch_repeat_interleave(len(rows))
+        elif p:  # this model's cache cannot be copied to every row: the batch runs whole, and so do the next ones
+            self.share = False
+            return self.batch_layout(rows, False)
         return ids, mask, p, cache
 
     def _eos_ids(self) -> set:
