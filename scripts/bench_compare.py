@@ -52,6 +52,7 @@ from evaluator.benchmarks.registry import load_benchmark  # noqa: E402
 from evaluator.common.compare import compare_dirs, read_scored_result  # noqa: E402
 from evaluator.common.contracts import COMPARE, StageJob  # noqa: E402
 from evaluator.common.paired import BOOTSTRAP, DEFAULT_RESAMPLES, MCNEMAR, compare_values  # noqa: E402
+from evaluator.common.atomic import write_json_atomic  # noqa: E402
 from evaluator.common.records import RunResult, write_results  # noqa: E402
 from evaluator.daemon.insight import write_comparison  # noqa: E402
 from evaluator.stages.evaluation import stage as evaluation_stage  # noqa: E402
@@ -65,13 +66,6 @@ STARTED = time.monotonic()
 
 def progress(msg: str) -> None:
     print(f"[bench_compare {time.monotonic() - STARTED:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ---- the planted results ----------------------------------------------------------------------------------
@@ -277,7 +271,7 @@ def main() -> int:
                machine={"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     print(report(sizes, doc))
-    write_json(a.output, doc)
+    write_json_atomic(a.output, doc)
     progress(f"wrote {a.output}")
     return 0 if doc["checks_ok"] else 1
 
