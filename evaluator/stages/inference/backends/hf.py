@@ -531,9 +531,9 @@ class TextRunner:
         """A batch of token id rows as the model reads it: (ids, mask, p, cache).
 
         With p > 0 the first p tokens are every row's own shared prefix: it is run once, in one row (prefix_cache),
-        and its key/value cache (repeated for every row) is returned; each row continues after it, left-padded to the batch's widest
-        (the padding masked out, positions counted on from p, so every row is what it is alone). With p = 0 (one row,
-        nothing shared, sharing off): plain left padding and no cache."""
+        and its key/value cache (repeated for every row) is returned; each row continues after it, left-padded to
+        the batch's widest (the padding masked out, positions counted on from p, so every row is what it is alone).
+        With p = 0 (one row, nothing shared, sharing off): plain left padding and no cache."""
         import torch
         p = shared_prefix_length(rows) if share else 0
         pad = self.tokenizer.pad_token_id
