@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 
 import pytest
 
-from conftest import ROOT, canonical_dataset
+from conftest import DAEMON_PY, EVALUATOR, ROOT, canonical_dataset, write_config
 from evaluator.common.contracts import StageJob
 from evaluator.stages.inference.backends.vllm import ENGINE_OPTIONS, VLLMBackend
 from test_hf_backend import FAKE_TORCH, FAKE_VLLM
@@ -184,3 +185,96 @@ def test_every_engine_option_decides_whether_an_engine_is_reused():
     engine; batch_size and choice_scoring are read per benchmark (reconfigure)."""
     assert set(ENGINE_OPTIONS) | {"engine_args", "chat_template"} <= set(VLLMBackend.LOAD_OPTIONS)
     assert set(VLLMBackend.OPTIONS) - set(VLLMBackend.LOAD_OPTIONS) == {"batch_size", "choice_scoring"}
+
+
+# ---- which warm worker a job gets (pure: evaluator/daemon/local.py choose_worker) -------------------------------
+
+class Idle:
+    def __init__(self, session: str):
+        self.session = session
+
+
+@pytest.mark.parametrize("warm, fresh, idle_sessions, chosen, retired", [
+    ("on", False, ["ckpt-1"], 0, []),            # hf: any idle worker, the next checkpoint's weights swap in
+    ("on", True, ["ckpt-1"], None, [0]),         # vllm: another checkpoint gets a fresh worker
+    ("on", True, ["ckpt-1", "ckpt-2"], 1, []),   # vllm: the worker of this checkpoint's session is reused
+    ("checkpoint", False, ["ckpt-1"], None, [0]),
+    ("checkpoint", False, ["ckpt-2"], 0, []),
+    ("on", False, [], None, []),
+], ids=["hf-any", "vllm-fresh", "vllm-same-session", "checkpoint-mode-fresh", "checkpoint-mode-same", "none-idle"])
+def test_a_vllm_job_on_another_checkpoint_never_reuses_a_warm_worker(warm, fresh, idle_sessions, chosen, retired):
+    from evaluator.daemon.local import choose_worker
+    idle = [Idle(s) for s in idle_sessions]
+    worker, retire = choose_worker(idle, "ckpt-2", warm, fresh)
+    assert worker is (None if chosen is None else idle[chosen])
+    assert retire == [idle[i] for i in retired]
+
+
+def test_only_the_vllm_backend_asks_for_a_fresh_worker_per_checkpoint():
+    from evaluator.stages.inference.backends import BACKENDS, fresh_worker_per_checkpoint
+    assert {name: fresh_worker_per_checkpoint(name) for name in BACKENDS} == {"hf": False, "vllm": True,
+                                                                             "openai": False}
+
+
+# ---- through the real daemon --------------------------------------------------------------------------------------
+PID_LOGGING = '''
+_StandIn = LLM
+
+
+class LLM(_StandIn):
+    def __init__(self, model, **kwargs):
+        log("pid", os.getpid())
+        super().__init__(model, **kwargs)
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        log("generate_pid", os.getpid())
+        return super().generate(prompts, sampling_params, use_tqdm)
+'''
+
+
+@pytest.mark.slow
+def test_the_daemon_gives_each_checkpoint_of_a_vllm_benchmark_its_own_worker_and_engine(tmp_path):
+    """The real daemon (`--once`, warm_workers: on) on two checkpoints x two vllm benchmarks: each checkpoint's two
+    benchmarks share one engine in one worker, and the second checkpoint gets a fresh worker (a second engine in
+    one process may not get the first one's GPU memory back). Stand-in vllm/torch first on PYTHONPATH, as above: vLLM
+    needs CUDA; the daemon, its executor, the workers and both stages are real."""
+    fakes = tmp_path / "fakes"
+    (fakes / "vllm").mkdir(parents=True)
+    (fakes / "torch").mkdir()
+    (fakes / "vllm" / "__init__.py").write_text(FAKE_VLLM + PID_LOGGING)
+    (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    for step in (100, 200):
+        ckpt = tmp_path / "ckpt" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "transformers_version": "4.57.1"}))
+        header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+        (ckpt / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", step))
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    rows = [dict(r, target=r["messages"][0]["content"].upper()) for r in ROWS]
+    data = canonical_dataset(tmp_path / "data", rows)
+    benches = [{"name": name, "type": "dataset", "dataset": data, "backend": "vllm", "metrics": ["exact_match"],
+                "generation": {"max_new_tokens": n}} for name, n in (("a", 4), ("b", 2))]
+    cfg = write_config(tmp_path, benches, watch={"layout": "huggingface", "iteration_interval": 100},
+                       executor={"warm_workers": "on"})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fakes), ROOT]), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"))
+    proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "vllm.log") as f:
+        calls = [json.loads(line) for line in f]
+    engines = [(os.path.basename(c["init"]["model"]), pid) for c, pid in
+               zip([c for c in calls if "init" in c], [c["pid"] for c in calls if "pid" in c])]
+    assert sorted(name for name, _ in engines) == ["checkpoint-100", "checkpoint-200"]  # one engine each
+    assert engines[0][1] != engines[1][1]  # in two worker processes
+    by_pid = {}
+    for c in calls:
+        if "generate_pid" in c:
+            by_pid[c["generate_pid"]] = by_pid.get(c["generate_pid"], 0) + 1
+    assert sorted(by_pid.values()) == [2, 2]  # each worker ran both benchmarks of its checkpoint
+    meta = {(it, b): read(str(tmp_path / "cache" / "results" / "tiny" / f"iter_{it:07d}" / b), "run_metadata.json")
+            for it in (100, 200) for b in "ab"}
+    assert sorted(m["timings"]["model"] for m in meta.values()) == ["loaded", "loaded"] + \
+        ["reused (warm worker, same checkpoint)"] * 2
+    for it in (100, 200):  # recorded with their metrics
+        assert read(str(tmp_path / "cache" / "results" / "tiny" / f"iter_{it:07d}" / "a"),
+                    "metrics.json")["metrics"]["exact_match"] == 1.0

@@ -43,6 +43,7 @@ from evaluator.daemon.policy import RunSpec
 from evaluator.daemon.snapshots import SnapshotKeeper
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.daemon.watch import CheckpointWatcher
+from evaluator.stages.inference import backends  # the registry: standard library only
 from recorder.sinks import ResultRecord
 
 log = logging.getLogger("evaluator")
@@ -680,17 +681,20 @@ class Daemon:
         out = self.outdir(job)
         os.makedirs(out, exist_ok=True)
         stages = (INFERENCE, EVALUATION) if stage == INFERENCE else (EVALUATION,)
+        bench = self.benchmarks[job.benchmark]
         launches = []
         for s in stages:
             self.write_job(job, s, checkpoint, out)
-            btype = BENCHMARK_TYPES[self.benchmarks[job.benchmark].type]
+            btype = BENCHMARK_TYPES[bench.type]
             module = btype.inference_module if s == INFERENCE else btype.evaluation_module
+            fresh = s == INFERENCE and backends.fresh_worker_per_checkpoint(bench.backend)
             launches.append(Launch(job.key, s, token, (self.pythons[s], "-m", module, "--job", os.path.join(out, JOB_FILE[s])),
-                                   out, os.path.join(out, LOG_FILE[s]), self.timeouts[s], session=checkpoint))
+                                   out, os.path.join(out, LOG_FILE[s]), self.timeouts[s], session=checkpoint,
+                                   fresh_session=fresh))
         if len(launches) == 2:
             first, then = launches
             return Launch(first.key, first.stage, token, first.argv, first.cwd, first.log_path, first.timeout_s, then,
-                          session=checkpoint)
+                          session=checkpoint, fresh_session=first.fresh_session)
         return launches[0]
 
     def write_job(self, job: L.Job, stage: str, checkpoint: str, out: str) -> None:

@@ -35,6 +35,7 @@ class Launch:
     timeout_s: float
     then: Optional["Launch"] = None  # the evaluation to chain after this inference (executors that chain)
     session: str = ""  # the checkpoint it reads: a warm worker that has it loaded is preferred (local.py)
+    fresh_session: bool = False  # a warm worker that read another checkpoint is not reused (the backend's choice)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,18 @@ class Lanes:
     overlap: bool = True  # False: one stage at a time in all (the strictly serial baseline of scripts/bench_pipeline.py)
 
 
+def choose_worker(idle: list, session: str, warm: str, fresh_session: bool) -> tuple:
+    """(the idle worker to give a job reading checkpoint `session`, or None: start one; the idle workers to retire).
+    One whose last job read the same checkpoint first; else, in `on` mode, any idle one, unless the job's backend
+    wants a fresh worker for another checkpoint (`fresh_session`, vLLM), which it then gets as in `checkpoint` mode."""
+    same = [w for w in idle if w.session == session]
+    if same:
+        return same[0], []
+    if idle and warm == "on" and not fresh_session:
+        return idle[0], []
+    return None, list(idle)
+
+
 def detect_gpus() -> list[str]:
     """GPU ids for the inference lane: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -265,12 +277,10 @@ class LocalExecutor:
         if launch.stage == INFERENCE and self.lanes.gpus:
             gpu = self._free_gpu()
             idle = [w for w in idle if w.gpu == gpu]
-        same = [w for w in idle if w.session == launch.session]
-        if same:
-            return same[0]
-        if idle and self.warm == "on":
-            return idle[0]
-        for w in idle:  # another checkpoint's session ended (checkpoint mode), or a GPU slot's worker is due
+        chosen, retire = choose_worker(idle, launch.session, self.warm, launch.fresh_session)
+        if chosen is not None:
+            return chosen
+        for w in retire:  # another checkpoint's session ended, or a GPU slot's worker is due
             self._retire(w)
         lane_workers = [w for w in self.workers if w.stage == launch.stage and not w.retiring]
         if len(lane_workers) >= self.capacity(launch.stage):  # idle ones of another venv: make room

@@ -44,3 +44,9 @@ def option_problems(name: str, options: dict) -> list[tuple[str, str]]:
     known = backend_class(name).OPTIONS
     return [(key, f"not an option of the {name} backend{did_you_mean(key, known)} (known: {', '.join(known)})")
             for key in options if key not in known]
+
+
+def fresh_worker_per_checkpoint(name: str) -> bool:
+    """Whether a warm worker that ran backend `name` on one checkpoint must not load another one (the backend's
+    FRESH_WORKER_PER_CHECKPOINT: its model's memory is not reliably given back within a process)."""
+    return bool(getattr(backend_class(name), "FRESH_WORKER_PER_CHECKPOINT", False))

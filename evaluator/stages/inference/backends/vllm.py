@@ -69,6 +69,10 @@ class VLLMBackend:
     # what the engine is built from (a warm worker builds a new one when any differs); batch_size and
     # choice_scoring are per benchmark (reconfigure)
     LOAD_OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template")
+    # a second vllm.LLM in one process may not get the first one's GPU memory back (vLLM issues #6544, #21073,
+    # #4678; not verifiable here): a warm worker keeps one engine for a checkpoint's benchmarks, and the next
+    # checkpoint gets a fresh worker (local executor, `choose_worker`)
+    FRESH_WORKER_PER_CHECKPOINT = True
     # generation: keys SamplingParams takes; it raises TypeError on any other (min_new_tokens is its min_tokens;
     # no beam search, no language/task)
     GENERATION = COMMON_GENERATION + ("top_k", "min_p", "repetition_penalty", "presence_penalty",
