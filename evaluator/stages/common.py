@@ -22,6 +22,12 @@ WARM = False
 WORKER_EXIT: list[Callable[[], None]] = []
 
 
+def option_on(options: dict, key: str) -> bool:
+    """A switch of backend_options / metric_options that is on unless set to false, "false", "no" or 0 (YAML or a
+    `--backend-opt k=v` string)."""
+    return options.get(key, True) not in (False, "false", "no", 0)
+
+
 def close_warm() -> None:
     """The worker is ending: release what stages kept (each closer runs once; one failing does not stop the rest)."""
     while WORKER_EXIT:

@@ -43,6 +43,7 @@ from evaluator.common.records import ERROR, RunError, RunResult
 
 from evaluator.stages.checkpoint_compat import checkpoint_view, reads_as_is, release_view
 
+from ...common import option_on
 from ..params import COMMON_GENERATION, GenerationParams, MODEL_ALIASES, Progress, apply_stop
 from . import ModelLoadError
 
@@ -109,12 +110,12 @@ def generate_isolated(batch: list, request, record, base, results: list) -> None
 
 def use_chat_template(options: dict) -> bool:
     """Option `chat_template` (default on): false/"false"/"no"/0 turn the checkpoint's template off."""
-    return options.get("chat_template", True) not in (False, "false", "no", 0)
+    return option_on(options, "chat_template")
 
 
 def use_shared_prefix(options: dict) -> bool:
     """Option `shared_prefix` (default on): false/"false"/"no"/0 run every row of a batch from its first token."""
-    return options.get("shared_prefix", True) not in (False, "false", "no", 0)
+    return option_on(options, "shared_prefix")
 
 
 def shared_prefix_length(rows: list) -> int:

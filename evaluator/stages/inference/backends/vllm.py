@@ -18,8 +18,8 @@
 - Warm workers (evaluator/stages/inference/stage.py WarmBackend): one engine per checkpoint session. LOAD_OPTIONS
   (the engine options, engine_args, chat_template) and the seed decide what load() builds; the next benchmark on
   the same checkpoint with the same LOAD_OPTIONS gets the engine as it is through reconfigure() (its own
-  SamplingParams, batch_size, choice_scoring check). No swap: another checkpoint closes the engine and builds a
-  new one.
+  SamplingParams, batch_size, choice_scoring check). No swap: another checkpoint gets a fresh worker
+  (FRESH_WORKER_PER_CHECKPOINT), another engine option a new engine in the same worker.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from evaluator.stages.checkpoint_compat import checkpoint_view, release_view
 
 from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
 from . import ModelLoadError
-from .hf import generate_isolated, sample_bases, text_of
+from .hf import generate_isolated, sample_bases, text_of, use_chat_template
 from .audio import check_audio_input
 from .openai import to_openai_messages  # the OpenAI chat format vLLM's LLM.chat takes, audio as input_audio
 
@@ -109,8 +109,7 @@ class VLLMBackend:
                         f"hub is reachable (`huggingface-cli download {self.model_path}`) and pass --model <dir>.")
             raise ModelLoadError(msg) from None
         tokenizer = self.llm.get_tokenizer()
-        use_template = self.options.get("chat_template", True) not in (False, "false", "no", 0)
-        self.chat = bool(use_template and getattr(tokenizer, "chat_template", None))
+        self.chat = bool(use_chat_template(self.options) and getattr(tokenizer, "chat_template", None))
         self.batch_size = batch_size(self.options)
         self.sampling = self._sampling_params(vllm.SamplingParams, self.params)
         return {"engine": "vllm", "vllm": vllm.__version__, "batch_size": self.batch_size, "chat": self.chat,
@@ -179,5 +178,5 @@ class VLLMBackend:
 
     def close(self) -> None:
         self.llm = None
-        gc.collect()  # a warm worker builds the next checkpoint's engine in this process: drop this one now
+        gc.collect()  # another engine option on the same checkpoint builds the next engine in this process
         release_view(getattr(self, "source", None) or "")
