@@ -11,6 +11,9 @@ PYTHON=${PYTHON:-python3}
 UV_VERSION=0.13.9
 ENVS=${*:-daemon inference evaluation}
 # The uv cache sits beside the venvs so installs are hardlinks: torch is stored once on disk.
+# Bytecode is compiled at install (uv does not by default): a stage process otherwise compiles torch and
+# transformers from source at every start wherever .pyc files cannot be written (PYTHONDONTWRITEBYTECODE=1, as in
+# many container images, or a read-only venv): 6.8 s instead of 3.4 s to import them, per stage process.
 export UV_CACHE_DIR=${UV_CACHE_DIR:-$VENVS/.uv-cache}
 mkdir -p "$VENVS"
 
@@ -26,7 +29,7 @@ for env in $ENVS; do
   if [ "$env" = inference ] && [ "${WITH_VLLM:-0}" = 1 ]; then lock=$ROOT/thirdparty/envs/inference-vllm.txt; fi
   [ -f "$lock" ] || { echo "[setup] unknown env '$env' (no $lock)" >&2; exit 2; }
   # the checkout's path is in the stamp: the project is installed editable, pointing at $ROOT
-  stamp=$( { cat "$lock"; "$PYTHON" --version; echo "$UV_VERSION"; echo "$ROOT"; } | sha256sum | cut -d' ' -f1)
+  stamp=$( { cat "$lock"; "$PYTHON" --version; echo "$UV_VERSION"; echo "$ROOT"; echo bytecode; } | sha256sum | cut -d' ' -f1)
   dir=$VENVS/$env
   if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ] && [ -x "$dir/bin/python" ]; then
     echo "[setup] $env: up to date ($dir)"
@@ -37,8 +40,8 @@ for env in $ENVS; do
   rm -f "$dir/.stamp"
   [ -x "$dir/bin/python" ] || "$UV" venv -q --python "$PYTHON" "$dir"
   # sync, not install: a venv switched between locks (WITH_VLLM) must not keep the other's packages
-  "$UV" pip sync -q --python "$dir/bin/python" "$lock"
-  "$UV" pip install -q --python "$dir/bin/python" --no-deps -e "$ROOT"
+  "$UV" pip sync -q --compile-bytecode --python "$dir/bin/python" "$lock"
+  "$UV" pip install -q --compile-bytecode --python "$dir/bin/python" --no-deps -e "$ROOT"
   echo "$stamp" > "$dir/.stamp"
   echo "[setup] $env: ready in $(( $(date +%s) - start )) s, $(du -sh "$dir" 2>/dev/null | cut -f1) ($dir)"
 done
