@@ -183,7 +183,7 @@ class AudioRunner:
 
     def configure(self, params: GenerationParams, options: dict) -> None:
         """The generation parameters and prompt options (chat_template) of the next benchmark (reconfigure)."""
-        from .hf import use_chat_template
+        from .text import use_chat_template
         self.params = params
         self.chat = bool(use_chat_template(options) and self.templater is not None)
         self.info = {"audio_family": self.family.name, "sampling_rate": self.sampling_rate,

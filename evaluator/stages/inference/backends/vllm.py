@@ -33,7 +33,8 @@ from evaluator.stages.checkpoint_compat import checkpoint_view, release_view
 
 from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
 from . import ModelLoadError
-from .hf import generate_isolated, sample_bases, text_of, use_chat_template
+from .hf import generate_isolated, sample_bases
+from .text import text_of, use_chat_template
 from .audio import check_audio_input
 from .openai import to_openai_messages  # the OpenAI chat format vLLM's LLM.chat takes, audio as input_audio
 
