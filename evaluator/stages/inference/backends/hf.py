@@ -22,8 +22,9 @@
   "<choice>" after a chat-template prompt (lm-eval drops the target delimiter under --apply_chat_template,
   lm_eval/api/task.py construct_requests); option `target_delimiter` (a string) puts that string before every
   choice instead, in both modes (`" "` is what this backend scored under chat templates before 2026-11-30).
-  Scored in batches of up to batch_size choices: each question's context is run once (left-padded with its neighbours), its key/value cache is copied to every choice, and all
-  continuations run in one right-padded forward; questions go longest first.
+  Scored in batches of up to batch_size choices: each question's context is run once (left-padded with its
+  neighbours), its key/value cache is copied to every choice, and all continuations run in one right-padded
+  forward; questions go longest first.
 - Warm workers (evaluator/stages/inference/stage.py WarmBackend): LOAD_OPTIONS are the options that change what
   load() builds; reconfigure() takes the next benchmark's parameters and run-time options; swap() loads the next
   checkpoint's weights into the built model when its config and tokenizer are unchanged (text models only).
