@@ -152,6 +152,38 @@ def test_kill_9_after_submit_before_the_pid_is_recorded_stops_the_orphan_by_its_
     assert set(died_at) == set(orphans) and max(died_at.values()) <= runs[0]["start"], (died_at, runs)
 
 
+def test_a_stage_group_that_lost_its_leader_after_a_kill_9_is_stopped_by_the_restarted_daemon(tmp_path, venvs):
+    """The daemon is killed, then the leader of a stage it started (the OOM killer takes both, say): the stage's
+    shell and command live on in its process group without the leader. The restarted daemon finds them by their
+    token and must stop that group, not only a group whose leader it can still find (scripts/chaos_kill9.py found
+    this). The kill -9 comes before the stage's pid is recorded, so the leader is known only by the token too."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cache = tmp_path / "cache"
+    crash_daemon(tmp_path, write_config(tmp_path, [bench("qa", infer_sleep=60)]),
+                 "evaluator.daemon.daemon:Daemon.record_started:before")
+    token = ledger_rows(cache)[0]["token"]
+    stage = wait_until(lambda: len(token_processes(token)) >= 2 and token_processes(token),
+                       what="the stage and the command it runs")
+    leader = os.getpgid(stage[0])
+    orphans = [p for p in stage if p != leader]
+    os.kill(leader, signal.SIGKILL)
+    try:
+        wait_until(lambda: not pid_alive(leader), what="the stage's leader gone")
+        assert orphans and all(pid_alive(p) for p in orphans), "the hard case: its group lives on without it"
+        fast = write_config(tmp_path, [bench("qa")])  # the next attempt ends at once; the orphans sleep for 60 s
+
+        run_cli("--config", fast, "--once", check=0)
+
+        assert [p for p in orphans if pid_alive(p)] == [], "the restarted daemon must stop the leaderless group"
+        assert states(cache) == {(1000, "qa"): "recorded"} and history_keys(cache) == [(1000, "qa")]
+        assert len([i for i in invocations(cache, 1000, "qa") if i["stage"] == "infer" and i["end"]]) == 1
+    finally:
+        try:
+            os.killpg(leader, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_kill_9_between_a_sink_accepting_and_the_ledger_noting_it_duplicates_nothing(tmp_path, venvs):
     for it in (1000, 2000):
         megatron_checkpoint(tmp_path / "ckpt", it)

@@ -443,10 +443,17 @@ class LocalExecutor:
 
 
 def stop_group(pid: int, grace: float) -> None:
-    """SIGTERM a process group, SIGKILL it after `grace` if its leader still lives."""
+    """SIGTERM the process group `pid` is in, SIGKILL it after `grace` if `pid` still lives. The group it is in,
+    not one named by it: a leftover found by its token may be a stage's child whose leader is already gone."""
     start = process_start_time(pid)
-    kill_group(pid, signal.SIGTERM)
+    try:
+        group = os.getpgid(pid)
+    except ProcessLookupError:  # gone already: what is left of a group it led
+        group = pid
+    if group == os.getpgrp():
+        return  # not a stage (each runs in its own session): never the daemon's own group
+    kill_group(group, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and start is not None and process_start_time(pid) == start:
         time.sleep(0.05)
-    kill_group(pid, signal.SIGKILL)
+    kill_group(group, signal.SIGKILL)
