@@ -3,20 +3,24 @@ process per (checkpoint x benchmark); one benchmark's failure, a worker killed m
 killed mid-session each cost only what they must; no worker outlives its daemon."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
 
 import pytest
 
-from conftest import (DaemonProcess, canonical_dataset, history, ledger_rows, pid_alive, run_cli, wait_until,
-                      write_config)
+from conftest import (DAEMON_PY, ROOT, DaemonProcess, canonical_dataset, history, ledger_rows, pid_alive, run_cli,
+                      wait_until, write_config)
 
 ROWS = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], "target": str(2 * i)}
         for i in range(6)]
 WORKER_ENV = b"CKPT_EVAL_WORKER="
+CRASHING_DAEMON = os.path.join(ROOT, "tests", "stage_scripts", "crashing_daemon.py")
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def hf_run(root, model: str, steps=(100, 200)) -> None:
@@ -179,6 +183,51 @@ def test_kill_9_of_the_daemon_mid_session_leaves_no_worker_and_a_restart_runs_on
     assert sorted(r["benchmark"] for r in hist) == ["a", "b", "c"]  # a recorded once
     a_log = (cache / "results" / "tiny" / "iter_0000100" / "a" / "infer.stderr.log").read_text()
     assert a_log.count("==== ") == 1  # a's inference ran once
+
+
+def test_a_worker_whose_daemon_is_killed_before_the_worker_could_die_with_it_exits_at_once(tmp_path, tiny_lm,
+                                                                                           silent_port):
+    """kill -9 of the daemon right after it handed a job to a fresh worker, before the worker asked the kernel to
+    kill it with its parent (PR_SET_PDEATHSIG): the daemon is the real CLI with one injected crash point
+    (tests/stage_scripts/crashing_daemon.py, as in test_daemon_faults.py). Meanwhile this test process is a child
+    subreaper, as systemd --user or a supervisor is: the orphan is adopted by it, not by pid 1. The worker must
+    exit without running the job (found by scripts/chaos_kill9.py)."""
+    model = tiny_lm("gpt2")
+    data = canonical_dataset(tmp_path / "qa", ROWS)
+    hf_run(tmp_path / "ckpt", model, steps=(100,))
+    hang = qa("b", data, backend="openai", backend_options={"base_url": f"http://127.0.0.1:{silent_port}/v1",
+                                                            "timeout": 600, "max_retries": 0})
+    cfg = config(tmp_path, [hang])
+    cache = tmp_path / "cache"
+    env = dict(os.environ, CRASH_AT="evaluator.daemon.local:LocalExecutor._submit_warm:after")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        proc = subprocess.run([DAEMON_PY, CRASHING_DAEMON, "--config", cfg], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == -signal.SIGKILL and "injected crash point reached" in proc.stderr, proc.stderr
+        wait_until(lambda: workers_of(cache) == [], timeout=120, what="the orphaned worker to exit")
+        log = (cache / "results" / "tiny" / "iter_0000100" / "b" / "infer.stderr.log").read_text()
+        assert "warm worker pid" not in log, log  # the orphan never ran the job of its dead daemon
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        for pid in workers_of(cache):
+            os.killpg(pid, signal.SIGKILL)
+        reap_adopted()
+
+
+def reap_adopted() -> None:
+    """Reap the zombies of processes this test process adopted as a subreaper (its own children are not waited for
+    elsewhere)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == os.getpid() and fields[0] == "Z":
+                    os.waitpid(int(name), os.WNOHANG)
+            except (OSError, ChildProcessError):
+                pass
 
 
 def test_daemon_process_helper_is_importable():

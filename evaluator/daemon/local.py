@@ -291,7 +291,8 @@ class LocalExecutor:
         env[WORKER_ENV] = self.marker
         stderr = self._worker_log(launch)
         try:
-            proc = subprocess.Popen([python, "-m", "evaluator.stages.worker"], cwd=launch.cwd, env=env,
+            proc = subprocess.Popen([python, "-m", "evaluator.stages.worker", "--parent", str(os.getpid())],
+                                    cwd=launch.cwd, env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                     start_new_session=True)
         except OSError as e:

@@ -1,7 +1,8 @@
 """A warm stage worker: stage jobs one after another in one process, so imports, a loaded model (inference) and
 metric models (evaluation) are paid once, not once per (checkpoint x benchmark).
 
-    python -m evaluator.stages.worker          (started by the daemon's local executor, in the stage's venv)
+    python -m evaluator.stages.worker --parent <daemon pid>     (started by the daemon's local executor, in the
+                                                                 stage's venv)
 
 Protocol, JSON lines. stdin: one request per job, {"module", "job", "log", "cwd", "token"}; `module` is a key of
 contracts.WARM_STAGE_MODULES. stdout: one answer per job, {"job", "rc"}, rc being exactly what
@@ -15,6 +16,7 @@ worker's process group, as for a stage process. Standard library only until a jo
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import importlib
 import json
@@ -23,6 +25,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import Optional
 
 from evaluator.common.contracts import TOKEN_ENV, WARM_STAGE_MODULES
 from evaluator.stages import common
@@ -30,13 +33,15 @@ from evaluator.stages import common
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """SIGKILL this worker when the daemon that started it dies (a kill -9 leaves no worker behind)."""
+def die_with_parent(parent: Optional[int]) -> None:
+    """SIGKILL this worker when the daemon that started it dies (a kill -9 leaves no worker behind). `parent`: the
+    daemon's pid; a worker whose parent is another by now was adopted because the daemon died before prctl took
+    effect (by pid 1, or by a subreaper: systemd --user, a supervisor)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the daemon's recovery finds leftovers by WORKER_ENV
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent if parent is not None else os.getppid() == 1:
         os._exit(1)
 
 
@@ -87,8 +92,10 @@ def serve(requests, answer_fd: int) -> int:
     return 0
 
 
-def main() -> int:
-    die_with_parent()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parent", type=int, default=None, help="the pid of the daemon that starts this worker")
+    die_with_parent(parser.parse_args(argv).parent)
     answer_fd = os.dup(1)  # the daemon reads answers here; fd 1 itself becomes each job's log
     os.dup2(2, 1)  # between jobs, stray prints go to the worker's own stderr, never into the answer pipe
     try:
