@@ -132,6 +132,17 @@ def process_start_time(pid: int) -> Optional[str]:
         return None
 
 
+def still_runs(pid: int, start: Optional[str]) -> bool:
+    """Whether `pid` is still the process that started at `start` (process_start_time) and has not exited. A zombie
+    (exited, not yet reaped: the daemon's own child before wait(), or a leftover whose adopter does not reap) has."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return start is not None and len(fields) > 19 and fields[0] != "Z" and fields[19] == start
+
+
 def kill_group(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
@@ -455,6 +466,6 @@ def stop_group(pid: int, grace: float) -> None:
         return  # not a stage (each runs in its own session): never the daemon's own group
     kill_group(group, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and start is not None and process_start_time(pid) == start:
+    while time.monotonic() < deadline and still_runs(pid, start):
         time.sleep(0.05)
     kill_group(group, signal.SIGKILL)

@@ -41,7 +41,8 @@ def die_with_parent(parent: Optional[int]) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the daemon's recovery finds leftovers by WORKER_ENV
         pass
-    if os.getppid() != parent if parent is not None else os.getppid() == 1:
+    adopted = os.getppid() != parent if parent is not None else os.getppid() == 1
+    if adopted:  # the daemon died before prctl took effect
         os._exit(1)
 
 
