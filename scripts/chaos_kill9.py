@@ -575,15 +575,20 @@ class Chaos:
 
 
 def ledger_rows(cache: str) -> list[dict]:
-    path = os.path.join(cache, "ledger.sqlite3")
-    if not os.path.exists(path):
+    """The ledger's rows through its own read-only view (evaluator.daemon.ledger.Ledger(readonly=True))."""
+    if not os.path.exists(os.path.join(cache, "ledger.sqlite3")):
         return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    db.row_factory = sqlite3.Row
+    from dataclasses import asdict
+
+    from evaluator.daemon.ledger import Ledger
+
+    ledger = Ledger(cache, readonly=True)
     try:
-        return [dict(r) for r in db.execute("SELECT * FROM jobs ORDER BY run, iteration, benchmark")]
+        return [asdict(job) for job in ledger.jobs()]
+    except sqlite3.OperationalError:  # no schema yet: the daemon was killed before it made one
+        return []
     finally:
-        db.close()
+        ledger.close()
 
 
 def main(argv=None) -> int:

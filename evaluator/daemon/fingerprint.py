@@ -88,7 +88,7 @@ def settings(bench, seed: int, digest: Optional[str]) -> dict:
     spec["dataset_content"] = digest
     spec["scoring_version"] = SCORING_VERSION
     # a scoring change that alters only some benchmarks' numbers enters only their settings, so the others keep
-    # their fingerprints (and their curves): hf loglikelihood choice scoring under a chat template (hf.py)
+    # their fingerprints (and their curves): hf loglikelihood choice scoring under a chat template (backends/text.py)
     rule = hf.chat_choice_rule(bench.backend_options or {}) if bench.backend == "hf" else None
     if rule is not None:
         spec["chat_choice_rule"] = rule
