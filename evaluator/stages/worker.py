@@ -33,16 +33,37 @@ from evaluator.stages import common
 PR_SET_PDEATHSIG = 1
 
 
+def exited(pid: int) -> bool:
+    """Whether `pid` has exited: gone, or a zombie its parent has not reaped yet."""
+    if not os.path.isdir("/proc/self"):  # no procfs: only a reaped process counts
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def die_with_parent(parent: Optional[int]) -> None:
     """SIGKILL this worker when the daemon that started it dies (a kill -9 leaves no worker behind). `parent`: the
-    daemon's pid; a worker whose parent is another by now was adopted because the daemon died before prctl took
-    effect (by pid 1, or by a subreaper: systemd --user, a supervisor)."""
+    daemon's pid. A daemon that died before prctl took effect left this worker adopted (by pid 1, or by a subreaper:
+    systemd --user, a supervisor): it exits at once. Another parent alone is not enough: the venv's python may be a
+    wrapper that runs the real one as its child, while the daemon lives."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the daemon's recovery finds leftovers by WORKER_ENV
         pass
-    adopted = os.getppid() != parent if parent is not None else os.getppid() == 1
-    if adopted:  # the daemon died before prctl took effect
+    if parent is None:
+        orphaned = os.getppid() == 1
+    else:
+        orphaned = os.getppid() != parent and exited(parent)
+    if orphaned:
         os._exit(1)
 
 
