@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-from evaluator.daemon.local import process_start_time, still_runs, stop_group
+from evaluator.common.procs import process_start_time, still_runs
+from evaluator.daemon.local import stop_group
 
 
 def test_a_live_process_still_runs_an_exited_unreaped_one_and_a_gone_one_do_not():

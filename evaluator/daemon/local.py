@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from evaluator.common.contracts import EVALUATION, INFERENCE, WARM_STAGE_MODULES, WORKER_ENV
+from evaluator.common.procs import process_start_time, still_runs
 from evaluator.daemon.executors import TOKEN_ENV, Exit, Intent, Launch, Started, SubmitError
 
 log = logging.getLogger(__name__)
@@ -121,26 +122,6 @@ def detect_gpus() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
-
-
-def process_start_time(pid: int) -> Optional[str]:
-    """The kernel's start time of a pid (field 22 of /proc/pid/stat), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def still_runs(pid: int, start: Optional[str]) -> bool:
-    """Whether `pid` is still the process that started at `start` (process_start_time) and has not exited. A zombie
-    (exited, not yet reaped: the daemon's own child before wait(), or a leftover whose adopter does not reap) has."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return start is not None and len(fields) > 19 and fields[0] != "Z" and fields[19] == start
 
 
 def kill_group(pgid: int, sig: int) -> bool:

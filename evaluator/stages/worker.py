@@ -28,6 +28,7 @@ import traceback
 from typing import Optional
 
 from evaluator.common.contracts import TOKEN_ENV, WARM_STAGE_MODULES
+from evaluator.common.procs import STATE, stat_fields
 from evaluator.stages import common
 
 PR_SET_PDEATHSIG = 1
@@ -43,11 +44,8 @@ def exited(pid: int) -> bool:
             return True
         except PermissionError:
             return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    fields = stat_fields(pid)
+    return fields is None or fields[STATE] == "Z"
 
 
 def die_with_parent(parent: Optional[int]) -> None:
