@@ -311,7 +311,7 @@ def test_vllm_backend_without_vllm_or_cuda_exits_1_and_never_falls_back_to_hf(ti
         return
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "backend vllm cannot run here" in proc.stderr and "--backend hf" in proc.stderr
-    assert "vLLM is not installed" in proc.stderr or "no CUDA GPU" in proc.stderr
+    assert "vLLM is not installed" in proc.stderr or "vLLM found no device" in proc.stderr
     assert "Traceback" not in proc.stderr and rows == []
 
 
@@ -355,14 +355,23 @@ class LLM:
         return [output(len(p.split()), p.upper()) for p in prompts]
 '''
 FAKE_TORCH = "class cuda:\n    is_available = staticmethod(lambda: True)\n"
+# vllm.platforms.current_platform: the device vLLM found (a CUDA GPU, for the stand-in)
+FAKE_PLATFORMS = ("import types\ncurrent_platform = types.SimpleNamespace(device_type='cuda', "
+                  "is_unspecified=lambda: False)\n")
+
+
+def write_fake_vllm(fakes, source: str = FAKE_VLLM) -> None:
+    """A stand-in `vllm` package (with vllm.platforms) and `torch` under `fakes`, to put first on PYTHONPATH."""
+    (fakes / "vllm").mkdir(parents=True)
+    (fakes / "torch").mkdir()
+    (fakes / "vllm" / "__init__.py").write_text(source)
+    (fakes / "vllm" / "platforms.py").write_text(FAKE_PLATFORMS)
+    (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
 
 
 def run_with_fake_vllm(tmp_path, rows, chat_template: bool, *extra):
     fakes = tmp_path / "fakes"
-    (fakes / "vllm").mkdir(parents=True)
-    (fakes / "torch").mkdir()
-    (fakes / "vllm" / "__init__.py").write_text(FAKE_VLLM)
-    (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    write_fake_vllm(fakes)
     dataset = canonical_dataset(str(tmp_path / "ds"), rows)
     env = dict(os.environ, PYTHONPATH=str(fakes), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"),
                FAKE_CHAT_TEMPLATE="{{ messages }}" if chat_template else "",

@@ -21,7 +21,7 @@ import pytest
 from conftest import DAEMON_PY, EVALUATOR, ROOT, canonical_dataset, write_config
 from evaluator.common.contracts import StageJob
 from evaluator.stages.inference.backends.vllm import ENGINE_OPTIONS, VLLMBackend
-from test_hf_backend import FAKE_TORCH, FAKE_VLLM
+from test_hf_backend import FAKE_VLLM, write_fake_vllm
 
 # older vLLM releases refuse top_k=0 (newer ones read it as "no limit", as our own check does): a parameter the
 # spec check lets through and SamplingParams rejects
@@ -39,10 +39,7 @@ ROWS = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"what is {i} p
 def stand_in(tmp_path):
     """Fake vllm + torch, two checkpoint folders and a dataset; returns a runner of warm-worker sessions."""
     fakes = tmp_path / "fakes"
-    (fakes / "vllm").mkdir(parents=True)
-    (fakes / "torch").mkdir()
-    (fakes / "vllm" / "__init__.py").write_text(FAKE_VLLM_REFUSING_TOP_K_0)
-    (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    write_fake_vllm(fakes, FAKE_VLLM_REFUSING_TOP_K_0)
     for name in ("ckpt-100", "ckpt-200"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "gpt2",
@@ -239,10 +236,7 @@ def test_the_daemon_gives_each_checkpoint_of_a_vllm_benchmark_its_own_worker_and
     one process may not get the first one's GPU memory back). Stand-in vllm/torch first on PYTHONPATH, as above: vLLM
     needs CUDA; the daemon, its executor, the workers and both stages are real."""
     fakes = tmp_path / "fakes"
-    (fakes / "vllm").mkdir(parents=True)
-    (fakes / "torch").mkdir()
-    (fakes / "vllm" / "__init__.py").write_text(FAKE_VLLM + PID_LOGGING)
-    (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    write_fake_vllm(fakes, FAKE_VLLM + PID_LOGGING)
     for step in (100, 200):
         ckpt = tmp_path / "ckpt" / f"checkpoint-{step}"
         ckpt.mkdir(parents=True)

@@ -42,12 +42,11 @@ ENGINE_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_l
                   "trust_remote_code", "limit_mm_per_prompt")
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+def vllm_device() -> str:
+    """The device type vLLM found (cuda, rocm's "cuda", cpu, xpu, tpu...), or "" when it found none it can run on
+    (a CUDA build of vLLM on a machine without a visible GPU)."""
+    from vllm.platforms import current_platform
+    return "" if current_platform.is_unspecified() else str(current_platform.device_type)
 
 
 def check_scoring(options: dict) -> None:
@@ -85,14 +84,15 @@ class VLLMBackend:
         self.llm = None
 
     def load(self) -> dict:
-        missing = []
         if importlib.util.find_spec("vllm") is None:
-            missing.append("vLLM is not installed in .venvs/inference (build it with `WITH_VLLM=1 make setup`)")
-        if not cuda_available():
-            missing.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
-        if missing:
-            raise ModelLoadError("backend vllm cannot run here: " + "; ".join(missing)
-                                 + ". Run it on a CUDA machine with vLLM installed, or choose --backend hf.")
+            raise ModelLoadError("backend vllm cannot run here: vLLM is not installed in .venvs/inference (build it "
+                                 "with `WITH_VLLM=1 make setup` on a CUDA machine, or use the CPU build in "
+                                 ".venvs/inference-vllm-cpu: `make setup-vllm-cpu`), or choose --backend hf.")
+        self.device = vllm_device()
+        if not self.device:
+            raise ModelLoadError("backend vllm cannot run here: vLLM found no device to run on (no CUDA GPU is "
+                                 "visible and this vLLM is not its CPU build). Run it on a CUDA machine, use the CPU "
+                                 "build (`make setup-vllm-cpu`), or choose --backend hf.")
         check_scoring(self.options)
         # the vLLM venv pins transformers 4.x: a checkpoint saved by 5.x is read through a translated view or
         # refused (CheckpointFormatError, exit 2), never misread (checkpoint_compat.py); the view lives until close()
@@ -113,7 +113,7 @@ class VLLMBackend:
         self.chat = bool(use_chat_template(self.options) and getattr(tokenizer, "chat_template", None))
         self.batch_size = batch_size(self.options)
         self.sampling = self._sampling_params(vllm.SamplingParams, self.params)
-        return {"engine": "vllm", "vllm": vllm.__version__, "batch_size": self.batch_size, "chat": self.chat,
+        return {"engine": "vllm", "vllm": vllm.__version__, "device": self.device, "batch_size": self.batch_size, "chat": self.chat,
                 **{k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS}}
 
     def reconfigure(self, params: GenerationParams, options: dict) -> None:
