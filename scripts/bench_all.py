@@ -13,7 +13,8 @@ Runs, each in the python it needs (each script re-executes itself in its venv wh
                               idle CPU, RSS, each beside its goal (issue 12)
   scripts/bench_loglikelihood.py   loglikelihood multiple choice: unbatched vs batched vs lm-evaluation-harness (real model)
   scripts/bench_checkpoint_cost.py per-checkpoint cost: one process per stage vs sessions vs warm workers vs the limit,
-                              K = 1, 3, 5 benchmarks on the real model (issue 13)
+                              K = 1, 3, 5 benchmarks on the real model (issue 13); again with --backend vllm
+  scripts/check_vllm_reload.py     vLLM's in-place weight reload vs a fresh engine on the new checkpoint (real model)
   scripts/bench_compare.py    checkpoint comparison vs prev/best: McNemar, bootstrap, end to end, per checkpoint, n <= 10k
 Every figure is measured here, in this run; a section that fails is reported as failed, not filled in.
 """
@@ -31,7 +32,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMON_PY = os.path.join(ROOT, ".venvs", "daemon", "bin", "python")
-SECTIONS = [  # name, script, extra args (normal), extra args (--quick)
+VLLM_PY = os.path.join(ROOT, ".venvs", "inference-vllm-cpu", "bin", "python")
+SECTIONS = [  # name, script, extra args (normal), extra args (--quick); the vllm ones need VLLM_PY
     ("daemon", "bench_daemon.py", [], ["--quick"]),
     ("pipeline", "bench_pipeline.py", ["--checkpoints", "20"], ["--checkpoints", "8"]),
     ("inference", "bench_inference.py", [], []),
@@ -41,6 +43,10 @@ SECTIONS = [  # name, script, extra args (normal), extra args (--quick)
     ("loglikelihood", "bench_loglikelihood.py", ["--model", os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct")],
      ["--model", os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct"), "--repeats", "1"]),
     ("checkpoint_cost", "bench_checkpoint_cost.py", [], ["--ks", "1,5", "--samples", "20"]),
+    # the same with real vLLM (its CPU build, `make setup-vllm-cpu`), and why a vllm worker does not reload weights
+    ("checkpoint_cost_vllm", "bench_checkpoint_cost.py", ["--backend", "vllm"],
+     ["--backend", "vllm", "--vllm-eager", "--ks", "1,5", "--samples", "20", "--checkpoints", "2"]),
+    ("vllm_reload", "check_vllm_reload.py", [], ["--eager"]),
     ("compare", "bench_compare.py", [], ["--quick"]),  # cheap: ~30 s (~6 s with --quick: n = 500, 2000)
 ]
 
@@ -56,7 +62,9 @@ def flatten(prefix: str, value, out: list) -> None:
         for i, item in enumerate(value):
             name = "_".join(str(item[k]) for k in ("model", "device") if isinstance(item, dict) and k in item) or str(i)
             flatten(f"{prefix}.{name}", item, out)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, bool):  # a yes/no finding (identical outputs, reload equals fresh): 1 or 0
+        out.append((prefix, int(value), "", "1 = yes"))
+    elif isinstance(value, (int, float)):
         out.append((prefix, value, "", ""))
 
 
@@ -65,9 +73,13 @@ def main() -> int:
     parser.add_argument("--output", default=os.path.join(ROOT, "bench_results.json"))
     parser.add_argument("--quick", action="store_true", help="shorter daemon windows and a smaller backlog")
     args = parser.parse_args()
-    results, failed = {}, []
+    results, failed, skipped = {}, [], {}
     with tempfile.TemporaryDirectory(prefix="bench_all_") as tmp:
         for name, script, normal, quick in SECTIONS:
+            if "vllm" in name and not os.path.isfile(VLLM_PY):  # make setup-vllm-cpu skips CPUs without AVX-512
+                skipped[name] = f"no {VLLM_PY} (vLLM's CPU build needs an x86 CPU with AVX-512)"
+                print(f"[bench] {name}: skipped, {skipped[name]}", file=sys.stderr, flush=True)
+                continue
             out = os.path.join(tmp, f"{name}.json")
             cmd = [DAEMON_PY, os.path.join(ROOT, "scripts", script), "--output", out] + (quick if args.quick else normal)
             print(f"[bench] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
@@ -88,7 +100,9 @@ def main() -> int:
         print(f"{key:<52} {value:>12.4g} {unit:<5} {notes}")
     for name in failed:
         print(f"{name:<52} {'FAILED':>12}       {results[name]['failed']}")
-    doc = {"sections": results, "failed": failed,
+    for name, why in skipped.items():
+        print(f"{name:<52} {'skipped':>12}       {why}")
+    doc = {"sections": results, "failed": failed, "skipped": skipped,
            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with open(args.output, "w") as f:

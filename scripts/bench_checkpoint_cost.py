@@ -4,6 +4,7 @@ beside the limit, in one run.
 
     .venvs/daemon/bin/python scripts/bench_checkpoint_cost.py [--model DIR] [--checkpoints 4] [--ks 1,3,5]
                                                               [--samples 50] [--output bench_checkpoint_cost.json]
+                                                              [--backend hf|vllm] [--vllm-eager]
 
 The model: SmolLM2-135M-Instruct (Q4_1 dequantised), `make real-model` (.venvs/models/smollm2-135m-instruct).
 `--checkpoints` copies of it (hardlinked: the same bytes, distinct checkpoint folders) form a Hugging Face run.
@@ -19,8 +20,15 @@ Reported per checkpoint: the whole run's wall / checkpoints (every process and w
 steady state (the time between the first and the last checkpoint's last recorded result / (checkpoints - 1): what
 each further checkpoint costs a daemon that is already up). `speedup_k<K>` = (a)/(c) on whole runs,
 `speedup_k<K>_steady` the same in steady state, `speedup_bound_k<K>` = (a)/(d) (the most any (c) could reach),
-`limit_ratio_k<K>` = (c) steady / (d), `limit_ratio_k<K>_whole_run` = (c) whole run / (d); and whether (a), (b), (c) made identical predictions and metrics. Goals (issue 13): speedup_k5 >= 3, limit_ratio_k5
-<= 1.15, (c) no slower than (a) at K=1. Every number is measured in this run; nothing is filled in.
+`limit_ratio_k<K>` = (c) steady / (d), `limit_ratio_k<K>_whole_run` = (c) whole run / (d); and whether (a), (b),
+(c) made identical predictions and metrics. Goals (issue 13): speedup_k5 >= 3, limit_ratio_k5 <= 1.15, (c) no
+slower than (a) at K=1. Every number is measured in this run; nothing is filled in.
+
+`--backend vllm` measures the same with real vLLM (.venvs/inference-vllm-cpu, `make setup-vllm-cpu`: its CPU
+build; default output bench_checkpoint_cost_vllm.json): K short-answer generation benchmarks (vLLM generates only),
+the engine's default torch.compile warm-up unless --vllm-eager, a 1 GiB KV cache. There (b) = (c): a vllm worker
+never outlives its checkpoint (no in-place weight reload: scripts/check_vllm_reload.py), so every checkpoint pays
+one engine start, and (d) is one weight read + the work in an engine built once.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMON_PY = os.path.join(ROOT, ".venvs", "daemon", "bin", "python")
 INFERENCE_PY = os.path.join(ROOT, ".venvs", "inference", "bin", "python")
+VLLM_VENV = os.path.join(ROOT, ".venvs", "inference-vllm-cpu")
 DEFAULT_MODEL = os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct")
 MODES = {"a": "off", "b": "checkpoint", "c": "on"}
 
@@ -67,12 +76,14 @@ def write_dataset(root: str, kind: str, n: int, seed: int) -> str:
     return root
 
 
-def benchmarks(tmp: str, k: int, n: int) -> list[dict]:
+def benchmarks(tmp: str, k: int, n: int, backend: str = "hf", engine: dict | None = None) -> list[dict]:
     out = []
     for i in range(k):
-        kind = "qa" if i % 2 == 0 else "mc"
+        kind = "qa" if i % 2 == 0 or backend == "vllm" else "mc"
         data = write_dataset(os.path.join(tmp, "data", f"{kind}{i}"), kind, n, seed=i)
         b = {"name": f"{kind}{i}", "type": "dataset", "dataset": data, "batch_size": 16}
+        if backend == "vllm":  # one vLLM call per benchmark (it batches inside); the same engine options for all
+            b.update(backend="vllm", batch_size=256, backend_options=dict(engine or {}))
         if kind == "qa":
             b["generation"] = {"max_new_tokens": 8}
         else:
@@ -93,7 +104,8 @@ def make_run(model: str, root: str, checkpoints: int) -> list[str]:
 
 
 # ---- (a) (b) (c): the daemon ---------------------------------------------------------------------------------
-def run_daemon(tmp: str, run_root: str, benches: list[dict], mode: str) -> tuple[float, dict]:
+def run_daemon(tmp: str, run_root: str, benches: list[dict], mode: str, inference_venv: str | None = None
+               ) -> tuple[float, dict]:
     import yaml
 
     cache = os.path.join(tmp, f"cache-{mode}")
@@ -101,6 +113,8 @@ def run_daemon(tmp: str, run_root: str, benches: list[dict], mode: str) -> tuple
                          "watch": {"paths": [run_root], "layout": "huggingface", "iteration_interval": 100,
                                    "settle_seconds": 0.2, "snapshot": "none"},
                          "executor": {"warm_workers": mode, "gpus": []}, "benchmarks": benches}}
+    if inference_venv:
+        cfg["auto_eval"]["envs"] = {"inference": inference_venv}
     path = os.path.join(tmp, f"cfg-{mode}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -144,42 +158,53 @@ def limit_worker(spec_path: str) -> None:
 
     with open(spec_path) as f:
         spec = json.load(f)
-    cls = backend_class("hf")
+    backend = spec.get("backend", "hf")
+    cls = backend_class(backend)
     benches = spec["benchmarks"]
     datasets = [load_benchmark("dataset", b["dataset"]) for b in benches]
 
     def params_of(b):
-        return GenerationParams.from_dict(b.get("generation"), "generation", backend="hf")
+        return GenerationParams.from_dict(b.get("generation"), "generation", backend=backend)
 
     def options_of(b):
         return {**b.get("backend_options", {}), "batch_size": b["batch_size"]}
 
     warm = cls(spec["checkpoints"][0], options_of(benches[0]), params_of(benches[0]), 0)
-    warm.load()  # imports, tokenizer, skeleton: paid once, outside the measurement
+    warm.load()  # imports, tokenizer, skeleton (vllm: the engine): paid once, outside the measurement
     warm.run(datasets[0].samples[:2], "warmup", Progress(2))
     per_checkpoint = []
     for ckpt in spec["checkpoints"]:
         t0 = time.perf_counter()
-        state = load_file(os.path.join(ckpt, "model.safetensors"))  # the one weight read
-        warm.runner.model.load_state_dict(state, strict=False)  # lm_head is tied: not in the file
+        if backend == "vllm":  # the one weight read; vLLM cannot take it in place (check_vllm_reload.py)
+            with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        else:
+            state = load_file(os.path.join(ckpt, "model.safetensors"))  # the one weight read
+            warm.runner.model.load_state_dict(state, strict=False)  # lm_head is tied: not in the file
         read_s = time.perf_counter() - t0
         work = 0.0
         for b, ds in zip(benches, datasets):
-            warm.params = params_of(b)
-            warm.runner.params = warm.params
-            warm.options = options_of(b)
+            if backend == "vllm":
+                warm.reconfigure(params_of(b), options_of(b))
+            else:
+                warm.params = params_of(b)
+                warm.runner.params = warm.params
+                warm.options = options_of(b)
             t1 = time.perf_counter()
             warm.run(ds.samples, ds.dataset_id, Progress(len(ds.samples)))
             work += time.perf_counter() - t1
         per_checkpoint.append({"read_s": read_s, "work_s": work, "total_s": read_s + work})
     print(json.dumps(per_checkpoint))
+    warm.close()
 
 
-def measure_limit(tmp: str, checkpoints: list[str], benches: list[dict]) -> dict:
+def measure_limit(tmp: str, checkpoints: list[str], benches: list[dict], backend: str = "hf") -> dict:
     spec = os.path.join(tmp, "limit.json")
     with open(spec, "w") as f:
-        json.dump({"checkpoints": checkpoints, "benchmarks": benches}, f)
-    proc = subprocess.run([INFERENCE_PY, os.path.abspath(__file__), "--limit-worker", spec], capture_output=True,
+        json.dump({"checkpoints": checkpoints, "benchmarks": benches, "backend": backend}, f)
+    python = os.path.join(VLLM_VENV, "bin", "python") if backend == "vllm" else INFERENCE_PY
+    proc = subprocess.run([python, os.path.abspath(__file__), "--limit-worker", spec], capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"limit worker exit {proc.returncode}: {proc.stderr[-2000:]}")
@@ -195,7 +220,9 @@ def main() -> int:
     p.add_argument("--checkpoints", type=int, default=4)
     p.add_argument("--ks", default="1,3,5")
     p.add_argument("--samples", type=int, default=50)
-    p.add_argument("--output", default=os.path.join(ROOT, "bench_checkpoint_cost.json"))
+    p.add_argument("--output", help="default: bench_checkpoint_cost.json (hf), bench_checkpoint_cost_vllm.json")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--vllm-eager", action="store_true", help="vllm: enforce_eager (no torch.compile warm-up)")
     p.add_argument("--limit-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.limit_worker:
@@ -204,22 +231,32 @@ def main() -> int:
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"no model at {args.model}: run `make real-model` first", file=sys.stderr)
         return 2
-    result = {"model": "SmolLM2-135M-Instruct (Q4_1 dequantised)", "checkpoints": args.checkpoints,
+    vllm = args.backend == "vllm"
+    if vllm and not os.path.isfile(os.path.join(VLLM_VENV, "bin", "python")):
+        print(f"no vLLM venv at {VLLM_VENV}: run `make setup-vllm-cpu` first", file=sys.stderr)
+        return 2
+    args.output = args.output or os.path.join(ROOT, "bench_checkpoint_cost_vllm.json" if vllm
+                                              else "bench_checkpoint_cost.json")
+    engine = {"max_model_len": 1024, **({"enforce_eager": True} if args.vllm_eager else {})} if vllm else None
+    if vllm:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the daemon and its stages inherit it
+    result = {"model": "SmolLM2-135M-Instruct (Q4_1 dequantised)", "backend": args.backend,
+              "engine_options": engine, "checkpoints": args.checkpoints,
               "samples_per_benchmark": args.samples, "device": "cpu", "cpus": os.cpu_count(), "k": {}}
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_cost_") as tmp:
         run_root = os.path.join(tmp, "run")
         checkpoints = make_run(args.model, run_root, args.checkpoints)
         for k in [int(x) for x in args.ks.split(",")]:
-            benches = benchmarks(tmp, k, args.samples)
+            benches = benchmarks(tmp, k, args.samples, args.backend, engine)
             row, outputs = {}, {}
             for label, mode in MODES.items():
-                wall, outputs[label] = run_daemon(tmp, run_root, benches, mode)
+                wall, outputs[label] = run_daemon(tmp, run_root, benches, mode, VLLM_VENV if vllm else None)
                 steady = outputs[label].pop("_steady_s")
                 row[f"{label}_{mode}_per_checkpoint_s"] = round(wall / args.checkpoints, 2)
                 row[f"{label}_{mode}_steady_per_checkpoint_s"] = round(steady, 2) if steady else None
                 print(f"K={k} ({label}) warm_workers={mode}: {wall:.1f} s, {wall / args.checkpoints:.1f} s per "
                       f"checkpoint", flush=True)
-            limit = measure_limit(tmp, checkpoints, benches)
+            limit = measure_limit(tmp, checkpoints, benches, args.backend)
             row["d_limit_per_checkpoint_s"] = round(limit["per_checkpoint_s"], 2)
             row["d_weight_read_s"] = round(limit["weight_read_s"], 3)
             row["d_work_s"] = round(limit["work_s"], 2)

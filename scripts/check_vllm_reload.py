@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does vLLM's in-place weight reload give what a fresh engine on the new checkpoint gives? (issue 13)
 
-    .venvs/inference-vllm-cpu/bin/python scripts/check_vllm_reload.py [--model DIR] [--output vllm_reload.json]
+    .venvs/daemon/bin/python scripts/check_vllm_reload.py [--model DIR] [--output vllm_reload.json] [--eager]
 
 Why it matters: a warm vllm worker could keep its engine across checkpoints and only reload weights
 (`LLM.collective_rpc("reload_weights", kwargs={"weights_path": ...})` + `reset_prefix_cache()`, vLLM 0.16), saving
@@ -11,7 +11,8 @@ checkpoint A (the model), checkpoint B (every weight scaled by 1 + 2% noise), on
 teacher-forced log-probabilities of a fixed text, and every parameter's checksum; then a fresh engine on B, the same.
 Writes `reload_equals_fresh`, `max_abs_logprob_diff_reload_vs_fresh` (and the same against A), the parameters whose
 values differ from the fresh load, and the seconds of the reload and of an engine start.
-Runs in a vLLM venv (the CPU build here: `make setup-vllm-cpu`); VLLM_CPU_KVCACHE_SPACE defaults to 1 (GiB).
+Runs in a vLLM venv (started by another python, it re-executes itself in .venvs/inference-vllm-cpu, the CPU build:
+`make setup-vllm-cpu`); VLLM_CPU_KVCACHE_SPACE defaults to 1 (GiB).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VLLM_PY = os.path.join(ROOT, ".venvs", "inference-vllm-cpu", "bin", "python")
 sys.path.insert(0, ROOT)
 DEFAULT_MODEL = os.path.join(ROOT, ".venvs", "models", "smollm2-135m-instruct")
 TEXT = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -65,6 +67,13 @@ def main() -> int:
     ap.add_argument("--output", default="vllm_reload.json")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
     args = ap.parse_args()
+    try:
+        import vllm  # noqa: F401
+    except ImportError:  # started by another python (make bench: the daemon venv's): run in the vLLM venv
+        if not os.path.isfile(VLLM_PY):
+            print(f"no vLLM here and no {VLLM_PY}: run `make setup-vllm-cpu` first", file=sys.stderr)
+            return 2
+        os.execv(VLLM_PY, [VLLM_PY, os.path.abspath(__file__), *sys.argv[1:]])
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(checksums): a local function
     import vllm
@@ -98,9 +107,9 @@ def main() -> int:
 
     differing = sorted(n for n in sums_fresh if abs(sums_fresh[n] - sums_reload.get(n, float("nan"))) > 1e-6
                        or n not in sums_reload)
-    result = {"vllm": vllm.__version__, "device": "cpu" if "cpu" in str(vllm.platforms.current_platform).lower()
-              else str(vllm.platforms.current_platform.device_type),
-              "model": args.model, "enforce_eager": args.eager, "tokens_scored": len(lp_fresh),
+    from vllm.platforms import current_platform
+    result = {"vllm": vllm.__version__, "device": str(current_platform.device_type), "model": args.model,
+              "enforce_eager": args.eager, "tokens_scored": len(lp_fresh),
               "max_abs_logprob_diff_reload_vs_fresh": diff(lp_reload, lp_fresh),
               "max_abs_logprob_diff_reload_vs_old_checkpoint": diff(lp_reload, lp_a),
               "max_abs_logprob_diff_fresh_vs_old_checkpoint": diff(lp_fresh, lp_a),

@@ -42,6 +42,11 @@ for env in $ENVS; do
   # sync, not install: a venv switched between locks (WITH_VLLM) must not keep the other's packages
   "$UV" pip sync -q --compile-bytecode --python "$dir/bin/python" "$lock"
   "$UV" pip install -q --compile-bytecode --python "$dir/bin/python" --no-deps -e "$ROOT"
+  # vLLM's CPU wheel writes a `vllm` dist-info (version +cpu) into site-packages at its first import: vLLM's platform
+  # detection reads it. Done here, so a read-only venv or two stages importing it at once never race over it
+  if [ "$env" = inference-vllm-cpu ] && ! "$dir/bin/python" -c "import vllm" >/dev/null 2>&1; then
+    echo "[setup] $env: \`import vllm\` fails in $dir (run it there to see why)" >&2; exit 1
+  fi
   echo "$stamp" > "$dir/.stamp"
   echo "[setup] $env: ready in $(( $(date +%s) - start )) s, $(du -sh "$dir" 2>/dev/null | cut -f1) ($dir)"
 done

@@ -304,7 +304,7 @@ def test_a_local_directory_named_like_an_alias_is_used_as_the_checkpoint(venvs, 
 # ---- the vllm backend ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_vllm_backend_without_vllm_or_cuda_exits_1_and_never_falls_back_to_hf(tiny_lms, text_dataset, tmp_path):
+def test_vllm_backend_without_vllm_or_a_device_exits_1_and_never_falls_back_to_hf(tiny_lms, text_dataset, tmp_path):
     proc, rows = bench(text_dataset, tiny_lms["gpt2"], str(tmp_path), "--backend", "vllm")
     if proc.returncode == 0:  # a CUDA machine with vLLM installed: the rows must come from vLLM
         assert rows and all(r["backend"] == "vllm" for r in rows)
@@ -380,6 +380,22 @@ def run_with_fake_vllm(tmp_path, rows, chat_template: bool, *extra):
     with open(tmp_path / "vllm.log") as f:
         calls = [json.loads(line) for line in f]
     return proc, out, calls
+
+
+def test_vllm_that_finds_no_device_exits_1_naming_it_and_never_falls_back_to_hf(tmp_path):
+    """A CUDA build of vLLM on a machine with no visible GPU: its platform detection finds nothing (the stand-in's
+    vllm.platforms says so, as vLLM's UnspecifiedPlatform does)."""
+    fakes = tmp_path / "fakes"
+    write_fake_vllm(fakes)
+    (fakes / "vllm" / "platforms.py").write_text(FAKE_PLATFORMS.replace("'cuda'", "''").replace(
+        "lambda: False", "lambda: True"))
+    dataset = canonical_dataset(str(tmp_path / "ds"), [{"id": "a", "messages": [{"role": "user", "content": "hi"}]}])
+    env = dict(os.environ, PYTHONPATH=str(fakes), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"),
+               EVALUATOR_INFERENCE_PYTHON=DAEMON_PY)
+    proc, rows = bench(dataset, "/models/some-chat-model", str(tmp_path / "out"), "--backend", "vllm", env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "backend vllm cannot run here: vLLM found no device" in proc.stderr and "--backend hf" in proc.stderr
+    assert "Traceback" not in proc.stderr and rows == [] and not (tmp_path / "vllm.log").exists()
 
 
 def test_vllm_backend_sends_chats_with_audio_parts_and_maps_options_and_generation(tmp_path):

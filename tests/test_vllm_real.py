@@ -26,6 +26,8 @@ import pytest
 from conftest import (DAEMON_PY, EVALUATOR, ROOT, VENVS, canonical_dataset, history, ledger_rows, wait_until,
                       write_config)
 from evaluator.common.contracts import WORKER_ENV
+from evaluator.common.procs import START_TIME, STATE, stat_fields
+from evaluator.daemon.local import processes_with_token
 
 REAL_MODEL = os.path.join(VENVS, "models", "smollm2-135m-instruct")
 VLLM_VENV = os.path.join(VENVS, "inference-vllm-cpu")
@@ -47,23 +49,17 @@ def tagged_env(tag: str) -> dict:
 
 
 def tagged_processes(tag: str) -> list[tuple[int, str]]:
-    """(pid, command) of live processes whose environment carries EVAL_TEST_TAG=<tag>."""
-    needle = f"EVAL_TEST_TAG={tag}".encode()
+    """(pid, command) of live processes whose environment carries EVAL_TEST_TAG=<tag> (the daemon's own lookup)."""
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid in processes_with_token({tag}, "EVAL_TEST_TAG").get(tag, []):
+        fields = stat_fields(pid)
         try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{name}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-            with open(f"/proc/{name}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
         except OSError:
             continue
-        if needle in env and state != "Z":
-            found.append((int(name), cmd))
+        if fields is not None and fields[STATE] != "Z":
+            found.append((pid, cmd))
     return found
 
 
@@ -73,9 +69,10 @@ def ticks_now() -> int:
         return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
 
 
-def engine_cores(since: int) -> list[int]:
-    """Live vLLM engine-core processes started at or after `since` (found by their title, whatever their
-    environment says: setproctitle may have overwritten it)."""
+def engine_cores(since: int, tag: str) -> list[int]:
+    """Live vLLM engine-core processes (found by their title) started at or after `since` that belong to this test:
+    their environment carries EVAL_TEST_TAG=<tag>, or carries no EVAL_TEST_TAG at all because setproctitle
+    overwrote it (what SPT_NOENV prevents; such a core is counted, not missed)."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -83,11 +80,15 @@ def engine_cores(since: int) -> list[int]:
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 cmd = f.read()
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
         except OSError:
             continue
-        if cmd.startswith(b"VLLM::EngineCore") and fields[0] != "Z" and int(fields[19]) >= since:
+        fields = stat_fields(int(name))
+        if not cmd.startswith(b"VLLM::EngineCore") or fields is None or fields[STATE] == "Z" \
+                or int(fields[START_TIME]) < since:
+            continue
+        if f"EVAL_TEST_TAG={tag}\0".encode() in env + b"\0" or b"EVAL_TEST_TAG=" not in env:
             found.append(int(name))
     return found
 
@@ -157,13 +158,13 @@ def test_real_vllm_answers_exactly_as_the_hf_backend_on_the_real_model(tmp_path)
     assert [r["response"]["usage"] for r in vllm_rows] == [r["response"]["usage"] for r in hf_rows]
 
 
-def daemon_config(tmp, real_run, warm: str) -> str:
+def daemon_config(tmp, real_run, warm: str, max_attempts: int = 1) -> str:
     benches = [{"name": name, "type": "dataset", "dataset": questions(tmp / f"data-{name}", 12, seed=seed),
                 "backend": "vllm", "backend_options": dict(ENGINE), "generation": {"max_new_tokens": n}}
                for name, seed, n in (("sums", 1, 8), ("sums-short", 2, 4))]
     return write_config(tmp, benches, watch={"paths": [str(real_run)], "layout": "huggingface",
                                              "iteration_interval": 100, "snapshot": "none"},
-                        executor={"warm_workers": warm, "max_attempts": 3},
+                        executor={"warm_workers": warm, "max_attempts": max_attempts},
                         envs={"inference": VLLM_VENV})
 
 
@@ -199,7 +200,7 @@ def test_daemon_gives_each_checkpoint_one_real_vllm_engine_and_matches_one_proce
             (200, "sums", "recorded"), (200, "sums-short", "recorded")], rows
         got[warm] = results(str(tmp / "cache"))
         # the engine core is a process of its own: nothing the daemon started may outlive it
-        assert tagged_processes(tags[warm]) == [] and engine_cores(since) == []
+        assert tagged_processes(tags[warm]) == [] and engine_cores(since, tags[warm]) == []
     off, on = got["off"], got["on"]
     assert {k: (v["texts"], v["metrics"]) for k, v in on.items()} == \
         {k: (v["texts"], v["metrics"]) for k, v in off.items()}
@@ -212,23 +213,54 @@ def test_daemon_gives_each_checkpoint_one_real_vllm_engine_and_matches_one_proce
             ["loaded", "reused (warm worker, same checkpoint)"], on
 
 
+def test_another_engine_option_builds_a_second_engine_only_after_the_first_one_exited(tmp_path, real_run):
+    """In one warm worker, a checkpoint's second benchmark with another engine option (max_model_len) closes the
+    first engine and builds a new one in the same process. vLLM runs each engine's model and KV cache in an
+    engine-core process of its own: the first one must have exited (its memory given back) before the second
+    starts, so the two never hold memory at once. Sampled every 0.1 s: an engine core takes seconds to start
+    (load, KV cache, warm-up), so a first one still alive during that is seen."""
+    since, tag = ticks_now(), uuid.uuid4().hex
+    benches = [{"name": name, "type": "dataset", "dataset": questions(tmp_path / f"data-{name}", 6, seed=3),
+                "backend": "vllm", "backend_options": {**ENGINE, "max_model_len": length},
+                "generation": {"max_new_tokens": 4}} for name, length in (("long", 1024), ("short", 512))]
+    cfg = write_config(tmp_path, benches, watch={"paths": [str(real_run)], "layout": "huggingface",
+                                                 "iteration_interval": 100, "snapshot": "none", "end_iteration": 100},
+                       executor={"warm_workers": "on"}, envs={"inference": VLLM_VENV})
+    seen, at_once = set(), []
+    daemon = subprocess.Popen([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=tagged_env(tag))
+    while daemon.poll() is None:
+        cores = engine_cores(since, tag)
+        seen.update(cores)
+        at_once.append(len(cores))
+        time.sleep(0.1)
+    output = daemon.stdout.read()
+    assert daemon.returncode == 0, output[-3000:]
+    got = results(str(tmp_path / "cache"))
+    assert sorted(got) == [("iter_0000100", "long"), ("iter_0000100", "short")]
+    assert [got[k]["model"] for k in sorted(got)] == [["loaded"], ["loaded"]]  # two engines ...
+    assert len(seen) == 2 and max(at_once) == 1, (seen, max(at_once))  # ... one after the other
+    assert engine_cores(since, tag) == []
+
+
 def test_kill9_of_the_daemon_mid_job_leaves_no_vllm_engine_and_loses_no_result(tmp_path, real_run):
     """The warm worker dies with the daemon (parent-death signal), but vLLM's engine core is the worker's child and
     is not told: it lives on, holding the model and its KV cache (on a GPU: its memory). The restarted daemon finds
     it by its environment (kept readable: SPT_NOENV, local.py), kills its group, and evaluates what was left."""
     tag = uuid.uuid4().hex
     since = ticks_now()
-    cfg = daemon_config(tmp_path, real_run, "on")
+    cfg = daemon_config(tmp_path, real_run, "on", max_attempts=3)
     daemon = subprocess.Popen([DAEMON_PY, EVALUATOR, "--config", cfg], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=tagged_env(tag), start_new_session=True)
     try:
-        wait_until(lambda: engine_cores(since), timeout=300, what="a vLLM engine core started by the daemon's worker")
+        wait_until(lambda: engine_cores(since, tag), timeout=300,
+                   what="a vLLM engine core started by the daemon's worker")
         time.sleep(1.0)
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.wait()
         wait_until(lambda: not any("evaluator" in cmd for _, cmd in tagged_processes(tag)), timeout=60,
                    what="the workers to die with the daemon")
-        orphans = engine_cores(since)  # and multiprocessing's resource tracker, also the worker's child
+        orphans = engine_cores(since, tag)  # and multiprocessing's resource tracker, also the worker's child
         assert orphans, "the engine core should outlive the killed worker (else this test shows nothing)"
         for pid in orphans:  # recovery finds it by its own environment, not only through a sibling in its group
             with open(f"/proc/{pid}/environ", "rb") as f:
@@ -236,8 +268,8 @@ def test_kill9_of_the_daemon_mid_job_leaves_no_vllm_engine_and_loses_no_result(t
         proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"], capture_output=True, text=True,
                               timeout=1200, env=tagged_env(tag))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert engine_cores(since) == [] and tagged_processes(tag) == [], \
-            f"left running: {engine_cores(since)}, {tagged_processes(tag)} (orphans were {orphans})"
+        assert engine_cores(since, tag) == [] and tagged_processes(tag) == [], \
+            f"left running: {engine_cores(since, tag)}, {tagged_processes(tag)} (orphans were {orphans})"
         rows = ledger_rows(tmp_path / "cache")
         assert sorted((r["iteration"], r["benchmark"], r["state"]) for r in rows) == [
             (100, "sums", "recorded"), (100, "sums-short", "recorded"),
@@ -245,7 +277,7 @@ def test_kill9_of_the_daemon_mid_job_leaves_no_vllm_engine_and_loses_no_result(t
         recorded = [(r["iteration"], r["benchmark"]) for r in history(tmp_path / "cache")]
         assert sorted(recorded) == sorted(set(recorded)) and len(recorded) == 4
     finally:
-        for pid in [p for p, _ in tagged_processes(tag)] + engine_cores(since):
+        for pid in [p for p, _ in tagged_processes(tag)] + engine_cores(since, tag):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -2,12 +2,12 @@
 the engine with their own sampling parameters and batch size; another checkpoint or another engine option builds
 a new engine; a benchmark whose generation parameters are refused fails alone.
 
-Stand-in: vLLM needs a CUDA GPU and is not installed here, so a fake `vllm` package (tests/test_hf_backend.py
-FAKE_VLLM: it logs every engine init and every generate call) and a fake `torch` saying CUDA is available are put
-first on PYTHONPATH. Everything else is real: `python -m evaluator.stages.worker` in the inference venv (the venv
-vLLM is installed in; its real transformers does the checkpoint format check on the checkpoint folders), fed job
-specs over the JSON-line protocol of evaluator/stages/worker.py, running the real inference stage. What real vLLM
-does with the engine between benchmarks is not verified here.
+Stand-in, for speed and for what it can log: a fake `vllm` package (tests/test_hf_backend.py FAKE_VLLM: it logs
+every engine init and every generate call, and its vllm.platforms reports a CUDA device) is put first on
+PYTHONPATH. Everything else is real: `python -m evaluator.stages.worker` in the inference venv (its real
+transformers does the checkpoint format check on the checkpoint folders), fed job specs over the JSON-line protocol
+of evaluator/stages/worker.py, running the real inference stage. Real vLLM (its CPU build) in the real daemon on
+the real model: tests/test_vllm_real.py.
 """
 from __future__ import annotations
 
@@ -233,8 +233,8 @@ class LLM(_StandIn):
 def test_the_daemon_gives_each_checkpoint_of_a_vllm_benchmark_its_own_worker_and_engine(tmp_path):
     """The real daemon (`--once`, warm_workers: on) on two checkpoints x two vllm benchmarks: each checkpoint's two
     benchmarks share one engine in one worker, and the second checkpoint gets a fresh worker (a second engine in
-    one process may not get the first one's GPU memory back). Stand-in vllm/torch first on PYTHONPATH, as above: vLLM
-    needs CUDA; the daemon, its executor, the workers and both stages are real."""
+    one process may not get the first one's GPU memory back). Stand-in vllm/torch first on PYTHONPATH, as above; the
+    daemon, its executor, the workers and both stages are real."""
     fakes = tmp_path / "fakes"
     write_fake_vllm(fakes, FAKE_VLLM + PID_LOGGING)
     for step in (100, 200):

@@ -212,7 +212,7 @@ class LocalExecutor:
         env[TOKEN_ENV] = f"{launch.token}:{launch.stage}"
         # recovery finds what a previous daemon started by these variables in /proc/<pid>/environ; setproctitle
         # (vLLM names its engine-core process with it) overwrites that memory unless SPT_NOENV is set, and an
-        # engine core orphaned by a killed worker would then hold its model (GPU memory) until a reboot
+        # engine core orphaned by a killed worker would then keep its model (GPU memory) until someone kills it
         env["SPT_NOENV"] = "1"
         gpu = None
         if launch.stage == INFERENCE and self.lanes.gpus:

@@ -92,20 +92,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def pick_server(server: str = "auto") -> str:
     if server not in SERVERS:
         raise ServerError(f"backend_options.server: expected one of {', '.join(SERVERS)}, got {server!r}")
     if server != "auto":
         return server
-    return "vllm" if importlib.util.find_spec("vllm") is not None and cuda_available() else "transformers"
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers"
+    from .backends.vllm import vllm_device  # the vllm backend's rule: the device vLLM itself finds
+    return "vllm" if vllm_device() == "cuda" else "transformers"
 
 
 def _executable(name: str) -> str:

@@ -1,7 +1,8 @@
-"""`vllm` backend: vLLM's offline engine (`vllm.LLM`) on a checkpoint directory or hub id, on CUDA.
+"""`vllm` backend: vLLM's offline engine (`vllm.LLM`) on a checkpoint directory or hub id, on whatever device
+vLLM's platform detection finds (a CUDA GPU; the CPU build in .venvs/inference-vllm-cpu).
 
-- Needs vLLM installed in the inference venv and a CUDA GPU; without either, load() raises ModelLoadError
-  saying which is missing. It never falls back to the hf backend: a result must say what produced it.
+- Needs vLLM installed in the inference venv and a device it can run on; without either, load() raises
+  ModelLoadError saying which is missing. It never falls back to the hf backend: a result must say what produced it.
 - Chat checkpoints (a tokenizer chat template) go through `LLM.chat(conversations, SamplingParams)`; audio parts
   are sent as `input_audio` content parts (openai.to_openai_messages: wav/mp3 bytes as they are, other formats
   as wav), so vLLM decodes, resamples and places
@@ -19,7 +20,9 @@
   (the engine options, engine_args, chat_template) and the seed decide what load() builds; the next benchmark on
   the same checkpoint with the same LOAD_OPTIONS gets the engine as it is through reconfigure() (its own
   SamplingParams, batch_size, choice_scoring check). No swap: another checkpoint gets a fresh worker
-  (FRESH_WORKER_PER_CHECKPOINT), another engine option a new engine in the same worker.
+  (FRESH_WORKER_PER_CHECKPOINT), another engine option a new engine in the same worker. vLLM's own in-place
+  `reload_weights` is not used: on its CPU build the reloaded engine was not the fresh one
+  (scripts/check_vllm_reload.py), and on a GPU that is unverified.
 """
 from __future__ import annotations
 
@@ -70,8 +73,9 @@ class VLLMBackend:
     # choice_scoring are per benchmark (reconfigure)
     LOAD_OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template")
     # a second vllm.LLM in one process may not get the first one's GPU memory back (vLLM issues #6544, #21073,
-    # #4678; not verifiable here): a warm worker keeps one engine for a checkpoint's benchmarks, and the next
-    # checkpoint gets a fresh worker (local executor, `choose_worker`)
+    # #4678; on the CPU build the first engine-core process exits before the next starts: test_vllm_real.py), and
+    # in-place reload_weights is not a fresh load (scripts/check_vllm_reload.py): a warm worker keeps one engine for
+    # a checkpoint's benchmarks, and the next checkpoint gets a fresh worker (local executor, `choose_worker`)
     FRESH_WORKER_PER_CHECKPOINT = True
     # generation: keys SamplingParams takes; it raises TypeError on any other (min_new_tokens is its min_tokens;
     # no beam search, no language/task)
@@ -85,9 +89,10 @@ class VLLMBackend:
 
     def load(self) -> dict:
         if importlib.util.find_spec("vllm") is None:
-            raise ModelLoadError("backend vllm cannot run here: vLLM is not installed in .venvs/inference (build it "
-                                 "with `WITH_VLLM=1 make setup` on a CUDA machine, or use the CPU build in "
-                                 ".venvs/inference-vllm-cpu: `make setup-vllm-cpu`), or choose --backend hf.")
+            raise ModelLoadError(f"backend vllm cannot run here: vLLM is not installed in {sys.prefix} (build the "
+                                 "inference venv with `WITH_VLLM=1 make setup` on a CUDA machine, or use the CPU "
+                                 "build: `make setup-vllm-cpu`, envs.inference: .venvs/inference-vllm-cpu), or "
+                                 "choose --backend hf.")
         self.device = vllm_device()
         if not self.device:
             raise ModelLoadError("backend vllm cannot run here: vLLM found no device to run on (no CUDA GPU is "
@@ -113,8 +118,8 @@ class VLLMBackend:
         self.chat = bool(use_chat_template(self.options) and getattr(tokenizer, "chat_template", None))
         self.batch_size = batch_size(self.options)
         self.sampling = self._sampling_params(vllm.SamplingParams, self.params)
-        return {"engine": "vllm", "vllm": vllm.__version__, "device": self.device, "batch_size": self.batch_size, "chat": self.chat,
-                **{k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS}}
+        return {"engine": "vllm", "vllm": vllm.__version__, "device": self.device, "batch_size": self.batch_size,
+                "chat": self.chat, **{k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS}}
 
     def reconfigure(self, params: GenerationParams, options: dict) -> None:
         """Take the next benchmark's generation parameters and run-time options; the engine is kept as it is.
