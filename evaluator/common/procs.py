@@ -2,6 +2,7 @@
 only."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 STATE, START_TIME = 0, 19  # indexes into the fields after the command name: stat(5) fields 3 and 22
@@ -29,3 +30,17 @@ def still_runs(pid: int, start: Optional[str]) -> bool:
     (exited, not yet reaped: the daemon's own child before wait(), or a leftover whose adopter does not reap) has."""
     fields = stat_fields(pid)
     return start is not None and fields is not None and fields[STATE] != "Z" and fields[START_TIME] == start
+
+
+def exited(pid: int) -> bool:
+    """Whether `pid` has exited: gone, or a zombie its parent has not reaped yet."""
+    if not os.path.isdir("/proc/self"):  # no procfs: only a reaped process counts
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    fields = stat_fields(pid)
+    return fields is None or fields[STATE] == "Z"

@@ -28,24 +28,10 @@ import traceback
 from typing import Optional
 
 from evaluator.common.contracts import TOKEN_ENV, WARM_STAGE_MODULES
-from evaluator.common.procs import STATE, stat_fields
+from evaluator.common.procs import exited
 from evaluator.stages import common
 
 PR_SET_PDEATHSIG = 1
-
-
-def exited(pid: int) -> bool:
-    """Whether `pid` has exited: gone, or a zombie its parent has not reaped yet."""
-    if not os.path.isdir("/proc/self"):  # no procfs: only a reaped process counts
-        try:
-            os.kill(pid, 0)
-            return False
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-    fields = stat_fields(pid)
-    return fields is None or fields[STATE] == "Z"
 
 
 def die_with_parent(parent: Optional[int]) -> None:
