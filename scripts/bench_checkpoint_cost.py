@@ -185,12 +185,7 @@ def limit_worker(spec_path: str) -> None:
         read_s = time.perf_counter() - t0
         work = 0.0
         for b, ds in zip(benches, datasets):
-            if backend == "vllm":
-                warm.reconfigure(params_of(b), options_of(b))
-            else:
-                warm.params = params_of(b)
-                warm.runner.params = warm.params
-                warm.options = options_of(b)
+            warm.reconfigure(params_of(b), options_of(b))  # what a warm worker does between benchmarks
             t1 = time.perf_counter()
             warm.run(ds.samples, ds.dataset_id, Progress(len(ds.samples)))
             work += time.perf_counter() - t1
