@@ -98,6 +98,10 @@ def helm_scenario(helm_output_dir: str, suite: str, scenario: str, metrics: list
         raise EvaluatorError(f"{path}: no such file (has `helm-summarize --suite {suite}` run?)") from None
     except json.JSONDecodeError as e:
         raise EvaluatorError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise EvaluatorError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise EvaluatorError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(tables, list):
         raise EvaluatorError(f"{path}: expected a JSON list of tables (HELM's groups/<scenario>.json), "
                              f"got {type(tables).__name__}")

@@ -27,7 +27,8 @@ from recorder.sinks import SINKS, RecorderSettings, ResultRecord, WandbSettings,
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unknown key is an error ("did you mean"), never ignored
+    # an unknown key is an error ("did you mean"), never ignored; so is .inf or .nan for a number
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class HelmBenchmarkSpec(Section):

@@ -23,6 +23,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice (first on line {seen[key]})", key_node.start_mark)
@@ -30,12 +35,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class RecursiveAlias(ValueError):
+    """A YAML alias used inside the node it names (`a: &a [*a]`): data without end, never a config."""
+
+    def __init__(self, line: int):
+        super().__init__(line)
+        self.line = line
+
+
 def line_index(text: str) -> dict[tuple, int]:
-    """Map each key path in the YAML document to its 1-based line number."""
+    """Map each key path in the YAML document to its 1-based line number; RecursiveAlias for a cycle."""
     index: dict[tuple, int] = {}
+    inside: set[int] = set()  # the nodes on the current path: one met again is an alias to its own ancestor
 
     def walk(node, path):
+        if id(node) in inside:
+            raise RecursiveAlias(node.start_mark.line + 1)
         index.setdefault(path, node.start_mark.line + 1)
+        inside.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 index[path + (k.value,)] = k.start_mark.line + 1
@@ -43,6 +60,7 @@ def line_index(text: str) -> dict[tuple, int]:
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 walk(v, path + (i,))
+        inside.discard(id(node))
 
     try:
         root = yaml.compose(text)
@@ -70,7 +88,11 @@ def read_yaml(path: str) -> tuple[object, dict[tuple, int]]:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         raise EvaluatorError(f"invalid config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return data, line_index(text)
+    try:
+        return data, line_index(text)
+    except RecursiveAlias as e:
+        raise EvaluatorError(f"invalid config: {path}:{e.line}: not valid YAML (an alias used inside the node it "
+                             f"names)") from None
 
 
 def dotted(loc: tuple) -> str:

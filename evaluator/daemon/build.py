@@ -76,6 +76,8 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
     except Timeout:
         raise EvaluatorError(f"another daemon is already running on cache_dir {cfg.cache_dir} "
                              f"(it holds {lock.lock_file}); stop it first") from None
+    except OSError as e:  # read-only, full, or not ours: the daemon could keep no state there
+        raise EvaluatorError(f"auto_eval.cache_dir: cannot write {lock.lock_file}: {e.strerror or e}") from None
     try:
         ledger = L.Ledger(cfg.cache_dir)
     except L.LedgerUnavailable as e:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -81,7 +83,7 @@ def apply_flags(cfg: AutoEvalConfig, args) -> Selection:
     if args.end_iteration is not None:
         w.end_iteration = args.end_iteration
     if args.check_interval is not None:
-        if args.check_interval <= 0:
+        if not (math.isfinite(args.check_interval) and args.check_interval > 0):
             raise EvaluatorError(f"--check-interval: expected minutes > 0, got {args.check_interval}")
         w.poll_seconds = args.check_interval * 60
     sel = Selection.make(w.begin_iteration, w.end_iteration, w.iteration_interval)
@@ -109,13 +111,16 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
     from evaluator.daemon.daemon import assess
 
     have: dict[str, dict[int, dict[str, L.Job]]] = {}
-    led = L.Ledger(cfg.cache_dir, readonly=True) if os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")) \
-        else None
+    led = None
     try:
+        if os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
+            led = L.Ledger(cfg.cache_dir, readonly=True)
         for j in led.jobs() if led else []:
             have.setdefault(j.run, {}).setdefault(j.iteration, {})[j.benchmark] = j
         # what the daemon would hold (a missing dataset, changed settings): nothing of those runs
         held = {b.name: a.hold for b in cfg.benchmarks if (a := assess(b, cfg.seed, led, None, cfg.config_path)).hold}
+    except sqlite3.Error as e:
+        raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
     finally:
         if led:
             led.close()

@@ -39,7 +39,8 @@ SAMPLE_VALUES = {"checkpoint": "/ckpt/iter_0001000", "iteration": 1000, "output_
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # an unknown key is an error; so is .inf or .nan for a number (no setting means "never" or "undefined" that way)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---- Data-Juicer's sections, key for key --------------------------------------------------

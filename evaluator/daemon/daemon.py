@@ -112,7 +112,12 @@ def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optio
     problem = dataset_problem(bench)
     if settings is None:
         seed = bench.seed if bench.seed is not None else default_seed
-        settings = F.settings(bench, seed, F.dataset_digest(dataset))
+        try:
+            digest = F.dataset_digest(dataset)
+        except OSError as e:  # a file that cannot be read now (EIO, permissions): held, looked at again each rescan
+            return Assessment(P.hold_reason(bench.name, None, f"dataset {dataset} cannot be read ({e}); looked at "
+                                                              f"again at every rescan", {}, {}))
+        settings = F.settings(bench, seed, digest)
     fp = F.fingerprint(settings)
     stale = ledger.stale_outputs(bench.name, fp) if ledger is not None else {}
     changes = {old: F.changes(ledger.settings_of(old, bench.name) or {}, settings) for old in stale}

@@ -110,6 +110,43 @@ class LedgerUnavailable(RuntimeError):
     """The ledger cannot be written (disk full, read-only, I/O error); the ledger itself stays intact."""
 
 
+def file_error(e: BaseException) -> bool:
+    """An error of the database file (I/O, full, read-only, locked; damaged: 'file is not a database',
+    'disk image is malformed'), not of a statement (IntegrityError and the like are bugs and stay loud)."""
+    return isinstance(e, sqlite3.OperationalError) or type(e) is sqlite3.DatabaseError
+
+
+class _Connection(sqlite3.Connection):
+    """The daemon's connection: an error of the database file becomes LedgerUnavailable on reads as well as
+    writes, so the loop pauses on it (Daemon.guarded) and keeps what it has not applied, instead of ending."""
+
+    path = ""
+
+    def _unavailable(self, sql: str, e: sqlite3.DatabaseError) -> BaseException:
+        if not file_error(e):
+            return e
+        what = "read" if sql.lstrip().upper().startswith("SELECT") else "write"
+        return LedgerUnavailable(f"cannot {what} the ledger {self.path}: {e}")
+
+    def execute(self, sql, *args):
+        try:
+            return super().execute(sql, *args)
+        except sqlite3.DatabaseError as e:
+            raise self._unavailable(sql, e) from None
+
+    def executemany(self, sql, *args):
+        try:
+            return super().executemany(sql, *args)
+        except sqlite3.DatabaseError as e:
+            raise self._unavailable(sql, e) from None
+
+    def executescript(self, sql):
+        try:
+            return super().executescript(sql)
+        except sqlite3.DatabaseError as e:
+            raise self._unavailable(sql, e) from None
+
+
 class JobKey(NamedTuple):
     run: str
     iteration: int
@@ -169,7 +206,8 @@ class Ledger:
         else:
             os.makedirs(cache_dir, exist_ok=True)
             try:
-                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, factory=_Connection)
+                self.db.path = self.path
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(SCHEMA)
@@ -178,7 +216,9 @@ class Ledger:
                     if name not in columns:
                         self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
                 self.db.executescript(INDEXES)
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:  # connect itself (the statements raise LedgerUnavailable already)
+                if not file_error(e):
+                    raise
                 raise LedgerUnavailable(f"cannot open the ledger {self.path}: {e}") from None
         self.db.row_factory = sqlite3.Row
         # a read-only look at a ledger written by an older version lacks newer columns: read what exists
@@ -625,7 +665,9 @@ class _Transaction:
     def __enter__(self):
         try:
             self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
+            if not file_error(e):
+                raise
             raise LedgerUnavailable(f"cannot write the ledger {self.path}: {e}") from None
         return self.db
 
@@ -634,11 +676,13 @@ class _Transaction:
             try:
                 self.db.execute("COMMIT")
                 return False
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:
+                if not file_error(e):
+                    raise
                 self._rollback()
                 raise LedgerUnavailable(f"cannot write the ledger {self.path}: {e}") from None
         self._rollback()
-        if isinstance(exc, sqlite3.OperationalError):
+        if file_error(exc):
             raise LedgerUnavailable(f"cannot write the ledger {self.path}: {exc}") from None
         return False
 
@@ -646,5 +690,5 @@ class _Transaction:
         if self.db.in_transaction:
             try:
                 self.db.execute("ROLLBACK")
-            except sqlite3.OperationalError:
-                pass  # SQLite rolled back already (e.g. SQLITE_FULL)
+            except sqlite3.DatabaseError:
+                pass  # SQLite rolled back already (e.g. SQLITE_FULL), or the file is damaged

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import re
@@ -801,7 +802,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.last is not None and args.last < 0:
         raise EvaluatorError(f"--last: expected an integer >= 0, got {args.last}")
-    if args.watch is not None and args.watch <= 0:
+    if args.watch is not None and not (math.isfinite(args.watch) and args.watch > 0):
         raise EvaluatorError(f"--watch: expected seconds > 0, got {args.watch:g}")
     if args.watch is not None and (args.retry_recording or args.cancel_jobs or args.ack or args.check):
         raise EvaluatorError("--watch only shows; run --retry-recording / --cancel-jobs / --ack / --check once, "

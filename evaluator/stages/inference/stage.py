@@ -27,7 +27,7 @@ import time
 
 from evaluator.benchmarks.registry import load_benchmark
 from evaluator.common.atomic import write_json_atomic
-from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, PROGRESS, RUN_METADATA, StageJob
+from evaluator.common.contracts import EXIT_TEMPFAIL, PREDICTIONS, PROGRESS, RUN_METADATA, StageJob, is_number
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.records import DEFAULT_MAX_ERROR_RATE, too_many_errors, write_results
 from evaluator.common.secrets import redact_obj
@@ -147,9 +147,15 @@ def run(job: StageJob) -> int:
         backend_name = bench.get("backend") or "hf"
         params = GenerationParams.from_dict(bench.get("generation"), "generation", backend=backend_name)
         options = dict(bench.get("backend_options") or {})
-        if bench.get("batch_size"):
+        if bench.get("batch_size") is not None:
             options["batch_size"] = bench["batch_size"]
-        max_error_rate = float(bench.get("max_error_rate", DEFAULT_MAX_ERROR_RATE))
+        batch_size = options.get("batch_size")
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise EvaluatorError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        max_error_rate = bench.get("max_error_rate", DEFAULT_MAX_ERROR_RATE)
+        if not is_number(max_error_rate) or not 0 <= max_error_rate <= 1:  # NaN fails too: it would never fail
+            raise EvaluatorError(f"max_error_rate: expected a fraction from 0 to 1, got {max_error_rate!r}")
         cls = backend_class(backend_name)
         unknown = option_problems(backend_name, options)
         if unknown:
