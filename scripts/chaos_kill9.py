@@ -1,16 +1,21 @@
 """A kill -9 chaos check of the daemon: never lose or duplicate a result, whatever is killed when.
 
-    .venvs/daemon/bin/python scripts/chaos_kill9.py [--seed N] [--rounds N] [--output chaos.json]
+    .venvs/daemon/bin/python scripts/chaos_kill9.py [--seed N] [--rounds N] [--rotate N] [--output chaos.json]
 
 One run (megatron layout) with a few checkpoints x benchmarks: fast `command` benchmarks
 (tests/stage_scripts/fake_stage.py) and one real `dataset` benchmark on a tiny hf model (built with
 tests/stage_scripts/make_tiny_lm.py) in warm workers; sinks: local (history.jsonl) and W&B offline. Each round
 starts the real daemon (`tools/evaluator.py`, continuous or --once) when none runs, waits a random time and
 SIGKILLs a random target: the daemon, a warm worker, a stage process, or the daemon and then a stage's leader
-while no daemon runs; sometimes a new checkpoint is added. After the rounds a last `--once` runs to the end and
-the invariants are checked:
+while no daemon runs; sometimes a new checkpoint is added. With `--rotate N` the "trainer" keeps only its newest N
+checkpoints and deletes older ones right after each new save (save_total_limit), whatever the daemon is doing.
+The command benchmarks' inference reads the checkpoint's weights file and their evaluation reports whether those
+were the given iteration's (`weights_ok`). After the rounds a last `--once` runs to the end and the invariants are
+checked:
 
-- every (iteration, benchmark) is `recorded` in the ledger, none left in a running state;
+- every (iteration, benchmark) is `recorded` in the ledger, none left in a running state; a rotated-away
+  checkpoint's may instead be `vanished` (deleted before the daemon could pin it), and then nothing of it is
+  recorded anywhere;
 - history.jsonl has exactly one line per (run, iteration, benchmark) holding the metrics of its metrics.json,
   and the W&B offline run holds each of them once, with the same values;
 - no warm worker outlives its killed daemon, no stage process of a killed daemon is alive once the restarted
@@ -182,9 +187,15 @@ class Reaper:
 
 
 # ---- the run's files ---------------------------------------------------------------------------------------
+WEIGHTS = os.path.join("mp_rank_00", "model_optim_rng.pt")
+
+
 def fake(stage: str, sleep: float) -> str:
+    """A fake stage whose inference reads the checkpoint's weights file, and whose evaluation reports whether those
+    were the weights of the iteration it was given (`weights_ok`): a result taken from another checkpoint, or from
+    a checkpoint deleted under it, shows."""
     return (f"{{python}} {FAKE_STAGE} {stage} --out {{output_dir}} --checkpoint {{checkpoint}} "
-            f"--iteration {{iteration}} --mode ok --sleep {sleep}")
+            f"--iteration {{iteration}} --mode ok --sleep {sleep} --weights {WEIGHTS}")
 
 
 def command_bench(name: str, infer_sleep: float, eval_sleep: float) -> dict:
@@ -210,7 +221,7 @@ def add_checkpoint(root: str, iteration: int, model: str) -> None:
         src = os.path.join(model, name)
         if os.path.isfile(src):
             shutil.copy2(src, os.path.join(path, name))
-    with open(os.path.join(path, "mp_rank_00", "model_optim_rng.pt"), "wb") as f:
+    with open(os.path.join(path, WEIGHTS), "wb") as f:
         f.write(f"weights {iteration}".encode())
     tmp = os.path.join(root, ".tracker.tmp")
     with open(tmp, "w") as f:
@@ -299,6 +310,8 @@ class Chaos:
         self.violations: list[dict] = []
         self.events: list[dict] = []
         self.iterations: list[int] = []
+        self.deleted: list[int] = []  # checkpoints the "trainer" rotated away (--rotate)
+        self.vanished: list = []  # (iteration, benchmark) found vanished at the end
         self.daemon = None
         self.t0 = time.monotonic()
 
@@ -338,6 +351,12 @@ class Chaos:
         iteration = 1000 * (len(self.iterations) + 1)
         add_checkpoint(self.ckpt, iteration, self.model)
         self.iterations.append(iteration)
+        if self.args.rotate:  # as a trainer's save_total_limit does: the oldest go right after a new save
+            for old in self.iterations[:-self.args.rotate]:
+                if old not in self.deleted:
+                    shutil.rmtree(os.path.join(self.ckpt, f"iter_{old:07d}"))
+                    self.deleted.append(old)
+                    self.event(deleted_checkpoint=old)
 
     # ---- the daemon and its processes
     def start(self, once: bool) -> None:
@@ -374,7 +393,7 @@ class Chaos:
                 self.restarts += 1
             self.daemon.wait_recovered(self.cache)
         time.sleep(self.rng.uniform(0.1, self.args.max_wait))  # from a recovered daemon: it gets work done
-        if len(self.iterations) < self.args.max_checkpoints and self.rng.random() < 0.3:
+        if len(self.iterations) < self.args.max_checkpoints and self.rng.random() < self.args.add_share:
             self.new_checkpoint()
             self.event(round=n, added_checkpoint=self.iterations[-1])
         if not self.daemon.running():
@@ -484,13 +503,20 @@ class Chaos:
         expected = {(it, b["name"]) for it in self.iterations for b in self.benchmarks}
         rows = ledger_rows(self.cache)
         states = {(r["iteration"], r["benchmark"]): r["state"] for r in rows if r["run"] == RUN}
-        if set(states) != expected:
-            self.violation("ledger_keys", missing=sorted(expected - set(states)), extra=sorted(set(states) - expected))
-        bad = {f"{it}/{b}": s for (it, b), s in states.items() if s != "recorded"}
+        # a rotated-away checkpoint may have gone before the daemon saw it (no rows) or could pin it (`vanished`):
+        # then nothing of it is recorded anywhere; every other row is recorded
+        unseen = {(it, b) for it, b in expected - set(states) if it in self.deleted}
+        if set(states) != expected - unseen:
+            self.violation("ledger_keys", missing=sorted(expected - unseen - set(states)),
+                           extra=sorted(set(states) - expected))
+        bad = {f"{it}/{b}": s for (it, b), s in states.items()
+               if s != "recorded" and not (s == "vanished" and it in self.deleted)}
         if bad:
             self.violation("ledger_not_recorded", rows=bad,
                            errors={f"{r['iteration']}/{r['benchmark']}": (r["last_error"] or "")[-300:]
                                    for r in rows if r["state"] != "recorded"})
+        self.vanished = sorted(unseen | {key for key, s in states.items() if s == "vanished"})
+        expected -= set(self.vanished)
         metrics = {}
         for it, b in sorted(expected):
             out = os.path.join(self.cache, "results", RUN, f"iter_{it:07d}", b)
@@ -501,7 +527,8 @@ class Chaos:
                 self.violation("metrics_unreadable", key=f"{it}/{b}", error=str(e))
                 continue
             bench = next(x for x in self.benchmarks if x["name"] == b)
-            if bench["type"] == "command" and metrics[(it, b)] != {"rows": 1, "iteration_k": it / 1000}:
+            if bench["type"] == "command" and metrics[(it, b)] != {"rows": 1, "iteration_k": it / 1000,
+                                                                     "weights_ok": 1}:
                 self.violation("metrics_mixed_up", key=f"{it}/{b}", metrics=metrics[(it, b)])
             if states.get((it, b)) == "recorded":
                 temps = [os.path.relpath(os.path.join(d, name), out) for d, _, names in os.walk(out) for name in names
@@ -533,7 +560,8 @@ class Chaos:
             if key in metrics and row["metrics"] != metrics[key]:
                 self.violation("history_metrics", key=f"{key[0]}/{key[1]}", history=row["metrics"],
                                metrics_json=metrics[key])
-        wrong = {f"{it}/{b}": counts.get((it, b), 0) for it, b in expected | set(counts) if counts.get((it, b)) != 1}
+        wrong = {f"{it}/{b}": counts.get((it, b), 0) for it, b in expected | set(counts)
+                 if counts.get((it, b), 0) != ((it, b) in expected)}  # once each; a vanished one never
         if wrong:
             self.violation("history_count", counts=wrong)
 
@@ -554,7 +582,8 @@ class Chaos:
                     if any(got.get(m) != v for m, v in want.items()):
                         self.violation("wandb_metrics", key=f"{key[0]}/{bench}", wandb={m: got.get(m) for m in want},
                                        metrics_json=want)
-        wrong = {f"{it}/{b}": counts.get((it, b), 0) for it, b in expected | set(counts) if counts.get((it, b)) != 1}
+        wrong = {f"{it}/{b}": counts.get((it, b), 0) for it, b in expected | set(counts)
+                 if counts.get((it, b), 0) != ((it, b) in expected)}  # once each; a vanished one never
         if wrong:
             self.violation("wandb_count", counts=wrong)
 
@@ -569,6 +598,7 @@ class Chaos:
                   "kills": dict(self.kills, total=sum(self.kills.values())), "restarts": self.restarts,
                   "daemon_starts": self.starts, "checkpoints": self.iterations,
                   "benchmarks": [b["name"] for b in self.benchmarks], "wandb": not self.args.no_wandb,
+                  "deleted_checkpoints": self.deleted, "vanished": [f"{it}/{b}" for it, b in self.vanished],
                   "final_once_exit": code, "wall_s": round(time.monotonic() - self.t0, 1),
                   "violations": self.violations, "ok": not self.violations, "events": self.events}
         return report
@@ -600,6 +630,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a tiny hf model folder to reuse (default: built in the work dir)")
     p.add_argument("--checkpoints", type=int, default=2, help="checkpoints at the start")
     p.add_argument("--max-checkpoints", type=int, default=4, help="checkpoints added mid-run up to this many")
+    p.add_argument("--add-share", type=float, default=0.3, help="share of rounds that add a checkpoint")
     p.add_argument("--max-wait", type=float, default=5.0,
                    help="longest random wait before a kill, from a recovered daemon (seconds)")
     p.add_argument("--early-share", type=float, default=0.2,
@@ -608,17 +639,22 @@ def main(argv=None) -> int:
     p.add_argument("--final-timeout", type=float, default=600.0)
     p.add_argument("--no-wandb", action="store_true", help="local sink only")
     p.add_argument("--no-dataset", action="store_true", help="command benchmarks only (no hf model)")
+    p.add_argument("--rotate", type=int, default=0,
+                   help="keep only the newest N checkpoints, deleting older ones as each new one is saved (a trainer's "
+                        "save_total_limit); 0: keep all")
     p.add_argument("--keep", action="store_true", help="keep the work dir even when every check passed")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     chaos = Chaos(args)
     report = chaos.run()
     k = report["kills"]
+    rotated = (f"{len(report['deleted_checkpoints'])} rotated away ({len(report['vanished'])} jobs vanished), "
+               if args.rotate else "")
     print(f"chaos seed {args.seed}: {args.rounds} rounds, {k['total']} kills (daemon {k['daemon']}, starting daemon "
           f"{k['daemon_starting']}, daemon+stage {k['daemon+stage']}, worker {k['worker']}, stage {k['stage']}), "
-          f"{report['restarts']} "
-          f"restarts, {len(report['checkpoints'])} checkpoints x {len(report['benchmarks'])} benchmarks, "
-          f"{report['wall_s']}s: " + ("OK" if report["ok"] else f"{len(report['violations'])} VIOLATION(S)"))
+          f"{report['restarts']} restarts, {len(report['checkpoints'])} checkpoints x {len(report['benchmarks'])} "
+          f"benchmarks, {rotated}{report['wall_s']}s: "
+          + ("OK" if report["ok"] else f"{len(report['violations'])} VIOLATION(S)"))
     for v in report["violations"]:
         print(f"  - {v['kind']}: {json.dumps({x: y for x, y in v.items() if x != 'kind'})[:1000]}")
     if args.output:

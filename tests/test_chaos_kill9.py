@@ -32,3 +32,19 @@ def test_kill_9_at_random_points_loses_and_duplicates_no_result(tmp_path, tiny_l
     assert report["kills"]["total"] > ROUNDS // 2, report["kills"]
     assert report["kills"]["daemon"] + report["kills"]["daemon+stage"] >= 1 and report["restarts"] >= 1, report
     assert len(report["checkpoints"]) >= 2 and "lm" in report["benchmarks"] and report["wandb"]
+
+
+def test_kill_9_while_the_trainer_rotates_checkpoints_away_records_each_seen_one_once_or_none_of_it(tmp_path, tiny_lm):
+    """save_total_limit: the newest 2 checkpoints are kept, older ones deleted right after each new save, whatever
+    the daemon is doing. A checkpoint pinned before it went is evaluated on its own weights (`weights_ok`); one
+    that went first is `vanished` with nothing recorded; none fails."""
+    out = tmp_path / "chaos.json"
+    proc = subprocess.run([DAEMON_PY, CHAOS, "--seed", "21", "--rounds", "6", "--rotate", "2", "--checkpoints", "2",
+                           "--max-checkpoints", "5", "--add-share", "0.9", "--output", str(out),
+                           "--workdir", str(tmp_path / "work"), "--model", tiny_lm("gpt2")],
+                          capture_output=True, text=True, timeout=900)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert proc.returncode == 0 and report["violations"] == [], proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert report["deleted_checkpoints"], report["events"]  # not vacuous: the trainer did delete checkpoints
+    assert report["kills"]["total"] >= 3 and report["restarts"] >= 1, report["kills"]
