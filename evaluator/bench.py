@@ -28,6 +28,7 @@ from typing import Optional
 from evaluator.benchmarks import registry
 from evaluator.benchmarks.dataset import ColumnMap, make_dataset, rows_to_samples
 from evaluator.common.atomic import read_json, write_text_atomic
+from evaluator.common.checks import folder_name_problem, run_name_problem
 from evaluator.common.contracts import (EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS,
                                         WARM_STAGE_MODULES, StageJob)
 from evaluator.common.errors import EvaluatorError
@@ -82,6 +83,10 @@ def benchmark_spec(args, target: str) -> dict:
         kind, source = registry.kind_for(target)
     if args.dataset:
         source = user_path(args.dataset)
+    if args.name is not None and folder_name_problem(args.name):
+        raise EvaluatorError(f"--name: {folder_name_problem(args.name)}")
+    if getattr(args, "model_name", None) is not None and run_name_problem(args.model_name):
+        raise EvaluatorError(f"--model-name: {run_name_problem(args.model_name)}")
     name = args.name or (os.path.basename(os.path.abspath(source)) if kind == "dataset" else kind)
     from evaluator.stages.inference.params import parse_kv  # stdlib-only module
     spec = {"name": name, "type": kind, "dataset": source, "options": parse_kv(args.option, "--option")}
@@ -458,8 +463,8 @@ def _common(p, with_model: bool) -> None:
     p.add_argument("--output-root", default="outputs", help="default: outputs/ in the current directory")
     p.add_argument("--model-name", help="output folder name for the model (default: from the checkpoint path)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-size", type=int, help="first N samples only")
-    if with_model:
+    if with_model:  # eval scores the predictions it is given: a sample size there would be ignored
+        p.add_argument("--sample-size", type=int, help="first N samples only")
         p.add_argument("--model", required=True, help="checkpoint directory, hub id or alias (gemma3n, ...)")
         p.add_argument("--backend", default="hf", help="hf (default), vllm or openai")
         p.add_argument("--batch-size", type=int)

@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple, Optional, Protocol
 
 from evaluator.common.atomic import write_text_atomic
 from evaluator.common.contracts import COMPARE, COMPARE_SCHEMA_VERSION, RESERVED_METRIC_NAMES
+from evaluator.common.errors import EvaluatorError
 from evaluator.common.secrets import redact_obj
 
 FLUSH_RETRY_SECONDS = 60.0
@@ -249,6 +250,19 @@ def row_revision(row: dict) -> int:
     return int(row.get("revision") or 0)
 
 
+def _history_row(line: str, path: str, number: int) -> dict:
+    """One line of history.jsonl; a damaged one is an error naming file:line (never skipped: the line may be the
+    only record of a result, and without it the result would be appended a second time)."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        row = e
+    if not isinstance(row, dict) or not all(k in row for k in ("run", "iteration", "benchmark")):
+        raise EvaluatorError(f"{path}:{number}: not a result line (expected a JSON object with run, iteration, "
+                             f"benchmark, metrics); repair or remove that line")
+    return row
+
+
 class LocalHistorySink:
     """<cache_dir>/results/<run>/history.jsonl (one line per result), curves.png and summary.md.
 
@@ -275,10 +289,10 @@ class LocalHistorySink:
         if run not in self._rows or self._stamps.get(run) != stamp:  # first use, or another writer's change
             rows = []
             if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    for number, line in enumerate(f, 1):
                         if line.endswith("\n"):  # an unterminated last line is a torn write
-                            rows.append(json.loads(line))
+                            rows.append(_history_row(line, path, number))
             self._rows[run] = rows
             self._stamps[run] = stamp
             self._index[run] = {(r["run"], r["iteration"], r["benchmark"]): i for i, r in enumerate(rows)}

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
 from evaluator.common.errors import EvaluatorError
 # the YAML loader and error wording the daemon config uses too, so both tools report problems the same way
+from evaluator.common.checks import folder_name_problem, run_name_problem
+from evaluator.common.contracts import validate_metrics
 from evaluator.common.yamlconf import config_error, read_yaml, validate
 from recorder import leaderboard, plots, sources
 from recorder.sinks import SINKS, RecorderSettings, ResultRecord, WandbSettings, mlflow_settings, versions
@@ -89,6 +91,15 @@ def load_writer_config(path: str) -> WriterConfig:
         for key in need[ev.source]:
             if getattr(ev, key) in (None, {}):
                 problems.append((("evals", i, key), f"source: {ev.source} needs `{key}`"))
+        if run_name_problem(ev.model_name):
+            problems.append((("evals", i, "model_name"), run_name_problem(ev.model_name)))
+        for bench, metrics in (ev.eval_result or {}).items():  # as a stage's metrics.json is checked
+            if folder_name_problem(bench):
+                problems.append((("evals", i, "eval_result", bench), folder_name_problem(bench)))
+            try:
+                validate_metrics({"metrics": metrics}, bench)
+            except ValueError as e:
+                problems.append((("evals", i, "eval_result", bench), str(e).removeprefix(f"{bench}: ")))
     for i, name in enumerate(cfg.sinks):
         if name not in SINKS:
             problems.append((("sinks", i), f"unknown sink {name!r} (known: {', '.join(SINKS)})"))
@@ -161,7 +172,11 @@ def write_records(settings: RecorderSettings, names: list[str], records: list[Re
                                  f"{type(e).__name__}: {e}") from e
     for sink in sinks:
         if hasattr(sink, "flush"):
-            sink.flush()
+            try:
+                sink.flush()
+            except Exception as e:  # the results are written; a view (curves.png, summary.md) could not be drawn
+                raise SinkFailed(f"{sink.name} sink: results recorded, but its curves/summary could not be "
+                                 f"written: {type(e).__name__}: {e}") from e
 
 
 class SinkFailed(RuntimeError):

@@ -184,3 +184,244 @@ def test_a_helm_group_file_that_cannot_be_read_is_an_error_naming_it(tmp_path, f
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert str(group) in proc.stderr and ("not UTF-8" if fault == "not-utf8" else "cannot be read") in proc.stderr
+
+
+# ---- checkpoints with an odd file ------------------------------------------------------------------------------
+def test_a_checkpoint_holding_a_dangling_link_waits_with_its_reason_and_once_ends_on_the_others(tmp_path):
+    """It was `pending` with no reason while the daemon re-pinned it every pass and --once never ended."""
+    root = tmp_path / "ckpt"
+    path = megatron_checkpoint(root, 1000, tracker=False)
+    os.symlink("../nowhere/tok.json", os.path.join(path, "tokenizer.json"))
+    megatron_checkpoint(root, 2000)
+    cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL)
+    proc = run_cli("--config", cfg, "--once", timeout=90)
+    reason = f"cannot read {path}/tokenizer.json: a symbolic link to ../nowhere/tok.json, which does not exist"
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"tiny iteration 1000: 1 job(s) waiting, the checkpoint cannot be pinned: {reason}" in proc.stderr
+    rows = {r["iteration"]: r for r in ledger_rows(tmp_path / "cache")}
+    assert rows[2000]["state"] == "recorded" and rows[1000]["state"] == "pending"
+    assert reason in rows[1000]["last_error"]
+    status = run_cli("status", "--config", cfg)
+    assert status.returncode == 0 and reason in status.stdout
+
+
+def test_an_entry_whose_name_has_a_non_ascii_digit_is_ignored_and_the_other_checkpoints_are_found(tmp_path):
+    from evaluator.daemon.checkpoints import GlobLayout
+    from test_checkpoints import complete_iterations, settled_scan
+
+    for name in ("step_10", "step_20", "step_²"):
+        (tmp_path / name).write_bytes(b"w")
+        (tmp_path / f"{name}.done").touch()
+    layout = GlobLayout("run", str(tmp_path), pattern=r"step_(.+)", done_marker="{name}.done")
+    assert complete_iterations(settled_scan(layout)) == [10, 20]
+
+
+def test_a_safetensors_header_with_an_offset_beyond_any_integer_is_not_complete_and_the_scan_goes_on(tmp_path):
+    import struct
+
+    from evaluator.daemon.checkpoints import HuggingFaceLayout, safetensors_problem
+    from test_checkpoints import by_iteration, make_hf_checkpoint, settled_scan
+
+    make_hf_checkpoint(tmp_path, 10)
+    bad = make_hf_checkpoint(tmp_path, 20) / "model.safetensors"
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,1e400]}}'
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    assert safetensors_problem(str(bad)) == "header not parseable"
+    found = by_iteration(settled_scan(HuggingFaceLayout("run", str(tmp_path))))
+    assert found[10].complete and not found[20].complete
+
+
+def test_a_checkpoint_saved_without_its_tokenizer_is_refused_with_exit_2_not_scored_on_empty_prompts(tmp_path, tiny_lm):
+    """transformers 5 builds a 1-token tokenizer from a folder with none: every prompt was empty and multiple
+    choice 'scored' 0.25 by always picking the first choice."""
+    import shutil
+
+    model = tmp_path / "checkpoint-20"
+    shutil.copytree(tiny_lm("gpt2"), model)
+    for name in os.listdir(model):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            os.remove(model / name)
+    data = canonical_dataset(tmp_path / "mc", [{"id": "1", "messages": [{"role": "user", "content": "1+2="}],
+                                                "choices": ["3", "4"], "target": "3"}], metrics=["accuracy"])
+    proc = bench_py("run", data, "--model", str(model), "--output-root", str(tmp_path / "out"),
+                    "--backend-opt", "choice_scoring=loglikelihood")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{model}: no tokenizer saved with the checkpoint" in proc.stderr
+    assert "the inference stage exited 2" in proc.stderr
+    assert not list((tmp_path / "out").rglob("metrics.json"))
+
+
+def test_a_damaged_history_line_is_an_error_naming_the_file_and_line_not_skipped(tmp_path):
+    from recorder.sinks import LocalHistorySink, ResultRecord
+
+    sink = LocalHistorySink(str(tmp_path), plots=False)
+    sink.record(ResultRecord(run="r", iteration=1000, benchmark="qa", metrics={"acc": 0.5}))
+    history_file = tmp_path / "results" / "r" / "history.jsonl"
+    history_file.write_text(history_file.read_text() + "garbage line\n")
+    fresh = LocalHistorySink(str(tmp_path), plots=False)
+    with pytest.raises(Exception) as e:
+        fresh.record(ResultRecord(run="r", iteration=2000, benchmark="qa", metrics={"acc": 0.6}))
+    assert f"{history_file}:2: not a result line" in str(e.value)
+    assert history_file.read_text().count("\n") == 2  # nothing appended behind a line it could not read
+
+
+# ---- names that become folders ---------------------------------------------------------------------------------
+def test_a_benchmark_named_dot_dot_is_refused(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    cfg = write_config(tmp_path, [bench("..")], recorder=LOCAL)
+    one_line_error(run_cli("--config", cfg, "--dry-run"), "auto_eval.benchmarks[0].name", "it names a folder")
+
+
+def test_bench_py_refuses_a_name_that_is_not_one_folder_and_a_sample_size_for_eval(tmp_path):
+    data = canonical_dataset(tmp_path / "qa", [{"id": "1", "messages": [{"role": "user", "content": "hi"}],
+                                                "target": "x"}], metrics=["exact_match"])
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("")
+    for args, said in ((("--name", "a/b"), "--name: expected letters"), (("--name", ".."), "--name: expected letters"),
+                       (("--model-name", "../up"), "--model-name: expected a relative folder name")):
+        proc = bench_py("eval", data, "--predictions", str(predictions), *args)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = bench_py("eval", data, "--predictions", str(predictions), "--sample-size", "2")
+    assert proc.returncode == 2 and "unrecognized arguments: --sample-size" in proc.stderr
+
+
+@pytest.mark.parametrize("evals, said", [
+    ([{"model_name": "m", "source": "file", "eval_result": {"qa": {}}}], "evals[0].eval_result.qa"),
+    ([{"model_name": "../escape", "source": "file", "eval_result": {"qa": {"acc": 1}}}], "evals[0].model_name"),
+    ([{"model_name": "m", "source": "file", "eval_result": {"a/b": {"acc": 1}}}], "evals[0].eval_result.a/b"),
+    ([{"model_name": "m", "source": "file", "eval_result": {"qa": {"revision": 1}}}], "a reserved name"),
+    ([{"model_name": "m", "source": "file", "eval_result": {"qa": {"acc": ".nan"}}}], "evals[0].eval_result.qa.acc"),
+], ids=["empty-metrics", "model-name-up", "benchmark-slash", "reserved-metric", "nan"])
+def test_wandb_writer_checks_inline_results_as_a_stages_metrics_json_is_checked(tmp_path, evals, said):
+    cfg = tmp_path / "recorder.yaml"
+    text = json.dumps({"project": "p", "sinks": ["local"], "output_dir": str(tmp_path / "out"), "evals": evals})
+    cfg.write_text(text.replace('".nan"', ".nan"))
+    proc = subprocess.run([DAEMON_PY, WRITER, "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert said in proc.stderr and str(cfg) in proc.stderr
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()
+
+
+# ---- the Python API: check everything, then change state ------------------------------------------------------
+def test_a_refused_start_run_leaves_the_open_run_and_its_metrics_as_they_were(tmp_path):
+    from evaluator.api.tracking import MetricsTracker
+    from evaluator.common.errors import EvaluatorError
+
+    tracker = MetricsTracker(cache_dir=str(tmp_path))
+    tracker.start_run("baseline", lr=1e-4)
+    tracker.log_metrics({"accuracy": 0.31}, benchmark="qa")
+    with pytest.raises(EvaluatorError, match="still open with metrics logged"):
+        tracker.start_run("new-model", iteration=-1)
+    with pytest.raises(EvaluatorError, match="still open"):
+        tracker.start_run("second")  # would have dropped baseline's metrics
+    out = tracker.end_run()
+    assert out["metadata"]["run_name"] == "baseline" and out["metadata"]["lr"] == 1e-4
+    with pytest.raises(EvaluatorError, match="iteration"):
+        tracker.start_run("new-model", iteration=-1)
+    with pytest.raises(EvaluatorError, match="tokens_b"):
+        tracker.start_run("new-model", tokens_b=float("nan"))
+    assert tracker.run_metadata == {}
+
+
+def test_a_refused_re_record_keeps_the_earlier_result(tmp_path):
+    from evaluator.api.tracking import get_metrics_history, record_result
+    from evaluator.common.errors import EvaluatorError
+
+    record_result("r", 0, "qa", {"acc": 0.5}, cache_dir=str(tmp_path))
+    folder = tmp_path / "results" / "r" / "iter_0000000" / "qa"
+    before = (folder / "metrics.json").read_text()
+    for kwargs in ({"metadata": {"x": {1, 2}}}, {"tokens_b": "many"}, {"tokens_b": -1.0}):
+        with pytest.raises(EvaluatorError):
+            record_result("r", 0, "qa", {"acc": 0.6}, cache_dir=str(tmp_path), **kwargs)
+    assert (folder / "metrics.json").read_text() == before
+    with pytest.raises(EvaluatorError, match="finite number"):
+        record_result("r", 1, "qa", {"acc": 10 ** 400}, cache_dir=str(tmp_path))
+    assert [(e["iteration"], e["metrics"]) for e in get_metrics_history(cache_dir=str(tmp_path))] == [(0, {"acc": 0.5})]
+
+
+def test_a_refused_configure_changes_no_setting():
+    import importlib
+
+    from evaluator.common.errors import EvaluatorError
+    E = importlib.import_module("evaluator.api.evaluate")
+
+    before = E.configure()
+    for kwargs in ({"max_workers": 0}, {"seed": "abc"}, {"cache_dir": 5}, {"max_error_rate": float("nan")},
+                   {"max_workers": 2, "seed": 1.5}):
+        with pytest.raises(EvaluatorError):
+            E.configure(**kwargs)
+        assert E.configure() == before
+
+
+def test_run_function_refuses_wrong_argument_types_before_calling_the_function(tmp_path):
+    import importlib
+
+    from evaluator.common.errors import EvaluatorError
+    E = importlib.import_module("evaluator.api.evaluate")
+
+    data = canonical_dataset(tmp_path / "qa", [{"id": str(i), "messages": [{"role": "user", "content": "hi"}],
+                                                "target": "2"} for i in range(4)], metrics=["exact_match"])
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return "2"
+    for kwargs, said in (({"batch_size": 2.5}, "batch_size"), ({"sample_size": 2.5}, "sample_size"),
+                         ({"sample_size": "2"}, "sample_size"), ({"sample_size": True}, "sample_size"),
+                         ({"metrics": 5}, "metrics"), ({"options": [1]}, "options"),
+                         ({"metric_options": [1]}, "metric_options"),
+                         ({"metrics": ["exact_match"], "metric_options": {"exact_match": {"foo": 1}}},
+                          "metric_options.exact_match.foo")):
+        with pytest.raises(EvaluatorError, match=said):
+            E.run_function(fn, data, work_dir=str(tmp_path / "w"), **kwargs)
+    assert calls == []
+    result = E.run_function(lambda xs: ["2"] * len(xs), data, batch_size=2.0, work_dir=str(tmp_path / "w2"))
+    assert result.metrics["exact_match"] == 1.0  # a whole float is a count
+
+
+def test_compare_models_and_benchmark_refuse_bad_keywords_and_alpha_before_any_model_runs(tmp_path):
+    import importlib
+
+    from evaluator.common.errors import EvaluatorError
+    E = importlib.import_module("evaluator.api.evaluate")
+
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return "2"
+    models = {"a": fn, "b": fn}
+    for kwargs, said in (({"name": "zz"}, "named by its key"), ({"foo": 1}, "foo=: not an option"),
+                         ({"alpha": "0.1"}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"model": "x"}, "model=")):
+        with pytest.raises(EvaluatorError, match=said):
+            E.compare_models(models, str(tmp_path), **kwargs)
+    with pytest.raises(EvaluatorError, match="named by its key"):
+        E.benchmark(str(tmp_path), name="x")
+    assert calls == []
+
+
+def test_evaluator_callback_checks_its_arguments_when_made_not_at_the_first_save():
+    from evaluator.api.training import EvaluatorCallback
+    from evaluator.common.errors import EvaluatorError
+
+    with pytest.raises(EvaluatorError, match="evaluate=True .* pass config="):
+        EvaluatorCallback(quick_eval={"dataset": "/data"}, evaluate=True)
+    with pytest.raises(EvaluatorError, match="datset=: not an option"):
+        EvaluatorCallback(quick_eval={"datset": "/data"})
+    with pytest.raises(EvaluatorError, match="max_new_tokens"):
+        EvaluatorCallback(quick_eval={"dataset": "/data", "max_new_tokens": 0})
+
+
+def test_quick_eval_reports_a_venv_metric_it_cannot_compute_as_unavailable_beside_the_others(tmp_path, venvs):
+    """bench.py eval on the same predictions exits 0 with exact_match and fense unavailable (no FENSE checkpoint
+    here); the API failed the whole result because its venv part (fense alone) had nothing to compute."""
+    import importlib
+    E = importlib.import_module("evaluator.api.evaluate")
+
+    data = canonical_dataset(tmp_path / "cap", [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": "describe"}], "target": "a dog barks",
+         "references": ["a dog barks", "a dog is barking"]} for i in range(3)])
+    result = E.quick_eval(lambda text: "a dog barks", data, metrics=["exact_match", "fense"],
+                          work_dir=str(tmp_path / "w"))
+    assert result.metrics == {"exact_match": 1.0}
+    assert "fense" in result.info["unavailable"] and result.info["unavailable"]["fense"]

@@ -22,6 +22,7 @@ than one turn, an audio part) is refused before any call, naming the sample and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
+from evaluator.common.checks import number_problem
 from evaluator.common.contracts import EVALUATION, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS, SCORES, StageJob
 from evaluator.common.errors import EvaluatorError, did_you_mean
 from evaluator.common.records import (DEFAULT_MAX_ERROR_RATE, ERROR, OK, RunError, RunResult, too_many_errors,
@@ -47,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BACKEND = "python-function"  # predictions.jsonl's `backend` for answers made by a user's function
 INPUTS = ("text", "messages")
 MAX_ERRORS_LISTED = 20
+NO_METRIC_LINE = "[evaluation] error: no metric could be computed: "  # evaluation/stage.py NoMetricError, logged
 
 
 class TooManyErrors(EvaluatorError):
@@ -80,14 +83,26 @@ def configure(**settings) -> dict:
     default_dataset); an unknown name raises EvaluatorError. Returns the settings now in force."""
     known = [f for f in Settings.__dataclass_fields__ if f != "config"]
     with _SETTINGS_LOCK:
-        for key, value in settings.items():
+        new = {}
+        for key, value in settings.items():  # every check first: a refused call changes nothing
             if key not in known:
                 raise EvaluatorError(f"configure: {key}: not a setting{did_you_mean(key, known)} "
                                      f"(known: {', '.join(known)})")
-            if key in ("cache_dir", "evaluation_python") and value:
-                value = os.path.abspath(os.path.expanduser(str(value)))
-            setattr(_SETTINGS, key, value)
-        _check_run_numbers("configure", _SETTINGS.max_workers, None, _SETTINGS.max_error_rate)
+            if key in ("cache_dir", "evaluation_python", "default_dataset") and value:
+                if not isinstance(value, (str, os.PathLike)):
+                    raise EvaluatorError(f"configure: {key}: expected a path, got {value!r}")
+                value = os.path.abspath(os.path.expanduser(os.fspath(value))) if key != "default_dataset" \
+                    else os.fspath(value)
+            new[key] = value
+        candidate = dataclasses.replace(_SETTINGS, **new)
+        candidate.max_workers, _, candidate.max_error_rate, _ = _check_run_numbers(
+            "configure", candidate.max_workers, None, candidate.max_error_rate)
+        problem = number_problem(candidate.seed, integer=True)
+        if problem:
+            raise EvaluatorError(f"configure: seed: {problem}")
+        candidate.seed = int(candidate.seed)
+        for key in known:
+            setattr(_SETTINGS, key, getattr(candidate, key))
         return {k: getattr(_SETTINGS, k) for k in known}
 
 
@@ -294,16 +309,22 @@ def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def _check_run_numbers(where: str, max_workers, batch_size, max_error_rate) -> None:
-    from evaluator.common.checks import number_problem
+def _check_run_numbers(where: str, max_workers, batch_size, max_error_rate, sample_size=None) -> tuple:
+    """(max_workers, batch_size, max_error_rate, sample_size) checked, the counts as int (2.0 -> 2: range() and
+    slicing need one); None stays None for batch_size and sample_size."""
+    out = []
     for key, value, low, high, integer in (("max_workers", max_workers, 1, None, True),
                                            ("batch_size", batch_size, 1, None, True),
-                                           ("max_error_rate", max_error_rate, 0, 1, False)):
-        if value is None and key == "batch_size":
+                                           ("max_error_rate", max_error_rate, 0, 1, False),
+                                           ("sample_size", sample_size, 1, None, True)):
+        if value is None and key in ("batch_size", "sample_size"):
+            out.append(None)
             continue
         problem = number_problem(value, low, high, integer)
         if problem:
             raise EvaluatorError(f"{where}: {key}: {problem}")
+        out.append(int(value) if integer else float(value))
+    return tuple(out)
 
 
 def _answer_error(e: BaseException) -> RunError:
@@ -380,11 +401,25 @@ def run_function(fn: Callable, dataset: Optional[str], *, benchmark_type: Option
     started = time.time()
     max_workers = _SETTINGS.max_workers if max_workers is None else max_workers
     max_error_rate = _SETTINGS.max_error_rate if max_error_rate is None else max_error_rate
-    _check_run_numbers("evaluate", max_workers, batch_size, max_error_rate)
+    max_workers, batch_size, max_error_rate, sample_size = _check_run_numbers(
+        "evaluate", max_workers, batch_size, max_error_rate, sample_size)
+    if not callable(fn):
+        raise EvaluatorError(f"evaluate: expected a function to evaluate, got {type(fn).__name__}")
     if isinstance(metrics, str):
         metrics = [metrics]
     if metrics is not None:
+        if not isinstance(metrics, (list, tuple)) or not all(isinstance(m, str) for m in metrics):
+            raise EvaluatorError(f"evaluate: metrics: expected a metric name or a list of them, got {metrics!r}")
         expand(list(metrics))  # an unknown name fails before the function runs
+    for key, value in (("options", options), ("metric_options", metric_options)):
+        if value is not None and not isinstance(value, dict):
+            raise EvaluatorError(f"evaluate: {key}: expected a dict, got {value!r}")
+    if metric_options:  # as the daemon's config check does (an option no metric reads is an error, not ignored)
+        from evaluator.stages.evaluation.metrics import option_problems
+        problems = option_problems(metric_options, list(metrics) if metrics else None)
+        if problems:
+            raise EvaluatorError("evaluate: " + "; ".join(f"metric_options.{'.'.join(map(str, path))}: {text}"
+                                                          for path, text in problems))
     ref = resolve_benchmark(dataset, benchmark_type, options, benchmark_name)
     data = load_benchmark(ref.kind, ref.source, ref.options, sample_size)
     if not data.samples:
@@ -468,7 +503,7 @@ def score_folder(folder: str, spec: dict, run: str) -> tuple[dict, list]:
     if here:
         parts.append(_score_here(folder, {**spec, "metrics": here}, run))
     if there:
-        parts.append(_score_in_evaluation_venv(folder, {**spec, "metrics": there}, run))
+        parts.append(_score_in_evaluation_venv(folder, {**spec, "metrics": there}, run, others_scored=bool(here)))
     doc, rows = merge_scored(parts, [m for m in dict.fromkeys(here + there)])
     text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
     write_text_atomic(os.path.join(folder, SCORES), text)  # before metrics.json, as the stage writes them
@@ -486,7 +521,10 @@ def _score_here(folder: str, spec: dict, run: str) -> tuple[dict, list]:
     return score(_job(folder, spec, run, folder))
 
 
-def _score_in_evaluation_venv(folder: str, spec: dict, run: str) -> tuple[dict, list]:
+def _score_in_evaluation_venv(folder: str, spec: dict, run: str, others_scored: bool = False) -> tuple[dict, list]:
+    """The venv's part of the scoring. `others_scored`: metrics were computed in this process, so a venv part where
+    none of its metrics could be computed (exit 1) is their `unavailable` reasons, as `bench.py eval` reports them
+    when it scores all of them in one stage, not a failure of the whole result."""
     from evaluator.common.compare import read_scores
     from evaluator.common.contracts import read_metrics
     out = os.path.join(folder, "evaluation_venv")
@@ -499,9 +537,17 @@ def _score_in_evaluation_venv(folder: str, spec: dict, run: str) -> tuple[dict, 
     with open(log_path, "w", encoding="utf-8") as log:
         code = subprocess.run([python, "-m", "evaluator.stages.evaluation", "--job", job_path], cwd=out,
                               env=stage_pythonpath(out), stdout=log, stderr=subprocess.STDOUT).returncode
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f]
+    # exit 1 is also any crash: only the stage's own NoMetricError line makes it "none of these could be computed"
+    if code == 1 and others_scored and any(line.startswith(NO_METRIC_LINE) for line in lines):
+        why = {}
+        for metric in spec["metrics"]:  # the stage logs "[evaluation] <metric>: <why>" for each one it cannot compute
+            said = [line.split(": ", 1)[1] for line in lines if line.startswith(f"[evaluation] {metric}: ")]
+            why[metric] = said[-1] if said else f"not computed in the evaluation venv (log {log_path})"
+        return {"metrics": {}, "unavailable": why}, []
     if code != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-8:]).strip()
+        tail = "\n".join(lines[-8:])
         raise EvaluatorError(f"the evaluation stage ({python}) exited {code} scoring {', '.join(spec['metrics'])}; "
                              f"log {log_path}:\n{tail}")
     try:
@@ -573,6 +619,7 @@ def compare_models(models: dict, dataset: Optional[str] = None, *, alpha: float 
     """Run every function of `models` ({name: fn}) on the same samples (run_function's keyword arguments apply to
     all) and compare each with the first by the paired tests of evaluator/common/paired.py (McNemar for 0/1
     scores, a paired bootstrap otherwise), never an unpaired test."""
+    _check_comparison("compare_models", alpha, kwargs)
     if not isinstance(models, dict) or len(models) < 2:
         raise EvaluatorError(f"models: expected a mapping of at least two names to functions, got {models!r:.120}")
     bad = [k for k, fn in models.items() if not callable(fn)]
@@ -584,6 +631,17 @@ def compare_models(models: dict, dataset: Optional[str] = None, *, alpha: float 
     results = {model: run_function(fn, dataset, name=model, work_dir=folders[model], **kwargs)
                for model, fn in models.items()}
     return ComparisonResult(results, next(iter(models)), paired_comparisons(results, alpha=alpha))
+
+
+def _check_comparison(where: str, alpha: Any, kwargs: dict) -> None:
+    """compare_models' and @benchmark's arguments, before any model runs: run_function's keywords except `name`
+    (each model is named by its key in `models`), and a significance level in (0, 1)."""
+    if "name" in kwargs:
+        raise EvaluatorError(f"{where}: name=: each model is named by its key in the models mapping")
+    _check_keywords(where, kwargs)
+    problem = number_problem(alpha, 0, 1, low_open=True)
+    if problem or alpha >= 1:
+        raise EvaluatorError(f"{where}: alpha: expected a significance level between 0 and 1, got {alpha!r}")
 
 
 def model_folders(work_dir: Optional[str], names: list) -> dict:
@@ -663,7 +721,7 @@ def evaluate(dataset: Optional[str] = None, metrics: Optional[list] = None, **kw
 def benchmark(dataset: Optional[str] = None, **kwargs) -> Callable:
     """Decorator on a function returning {name: fn}: calling it runs compare_models on them (HRET's @benchmark)."""
     alpha = kwargs.pop("alpha", 0.05)
-    _check_keywords("@benchmark", kwargs)
+    _check_comparison("@benchmark", alpha, kwargs)
 
     def wrap(make_models: Callable) -> Callable:
         def run(*args, **call_kwargs) -> ComparisonResult:

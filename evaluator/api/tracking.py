@@ -26,8 +26,8 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
-from evaluator.common.contracts import (COMPARE, METRICS, PREDICTIONS, SCORES, SCORES_SCHEMA_VERSION, result_dir,
-                                        validate_metrics)
+from evaluator.common.contracts import (COMPARE, METRICS, PREDICTIONS, SCORES, SCORES_SCHEMA_VERSION,
+                                        is_finite_number, result_dir, validate_metrics)
 from evaluator.common.errors import EvaluatorError, did_you_mean
 from recorder.sinks import (LocalHistorySink, RecorderSettings, ResultRecord, WandbSettings, mlflow_settings,
                             row_revision, versions)
@@ -75,6 +75,13 @@ def _check_iteration(iteration: Any) -> int:
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise EvaluatorError(f"iteration: expected a whole number >= 0, got {iteration!r}")
     return iteration
+
+
+def _check_tokens(tokens_b: Any) -> Optional[float]:
+    """Tokens seen, in billions: a finite number >= 0, or None (unknown)."""
+    if tokens_b is not None and (not is_finite_number(tokens_b) or tokens_b < 0):
+        raise EvaluatorError(f"tokens_b: expected a finite number >= 0 (billions of tokens) or None, got {tokens_b!r}")
+    return tokens_b
 
 
 def _now() -> str:
@@ -172,6 +179,7 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
     samples carry scores, a scores.jsonl that paired comparisons read)."""
     cache_dir = store_dir(cache_dir)
     run, benchmark, iteration = _check_name("run", run), _check_name("benchmark", benchmark), _check_iteration(iteration)
+    tokens_b = _check_tokens(tokens_b)
     parts = _parts(result)
     where = f"{run}@{iteration}/{benchmark}"
     metrics = _numbers(parts["metrics"], f"{where}: metrics")
@@ -191,10 +199,6 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
     held = {(r["iteration"], r["benchmark"]): row_revision(r) for r in rows_held}
     revision = 0 if (iteration, benchmark) not in held else held[(iteration, benchmark)] + 1
     out = result_dir(cache_dir, run, iteration, benchmark)
-    os.makedirs(out, exist_ok=True)
-    for name in (COMPARE, SCORES, METRICS, PREDICTIONS):  # an earlier revision's files must not pair with this one's
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
     n = parts.get("n")
     if n is None and rows:
         n = len(rows)
@@ -210,13 +214,19 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
         validate_metrics(doc, os.path.join(out, METRICS))
     except ValueError as e:
         raise EvaluatorError(str(e)) from None
+    doc = _jsonable(doc, where)
+    # checked: only now may an earlier revision's files go (they must not pair with this one's)
+    os.makedirs(out, exist_ok=True)
+    for name in (COMPARE, SCORES, METRICS, PREDICTIONS):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     if rows:  # before metrics.json, which stays the done file
         write_text_atomic(os.path.join(out, SCORES), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         predictions = os.path.join(parts.get("work_dir") or "", PREDICTIONS)
         if _own_work_dir(parts) and os.path.exists(predictions):  # the prompts a comparison's flips show
             shutil.copyfile(predictions, os.path.join(out, PREDICTIONS) + ".tmp")
             os.replace(os.path.join(out, PREDICTIONS) + ".tmp", os.path.join(out, PREDICTIONS))
-    write_json_atomic(os.path.join(out, METRICS), _jsonable(doc, where))
+    write_json_atomic(os.path.join(out, METRICS), doc)
     record = ResultRecord(run=run, iteration=iteration, benchmark=benchmark, metrics=metrics, tokens_b=tokens_b,
                           n=n, stderr=doc["stderr"], per_category=doc["per_category"],
                           metrics_path=os.path.join(out, METRICS), versions=doc["versions"], revision=revision)
@@ -367,8 +377,14 @@ class MetricsTracker:
                   **metadata) -> None:
         """Begin a run; `metadata` (JSON values) is stored with each of its results."""
         name = run_name or f"run_{time.strftime('%Y%m%d-%H%M%S')}"
-        self.run_metadata = {"run_name": _check_name("run_name", name), "start_time": time.time(), **metadata}
-        self._iteration, self._tokens_b = _check_iteration(iteration), tokens_b
+        if self.current_run_metrics:  # starting another would drop what was logged
+            raise EvaluatorError(f"start_run: run {self.run_metadata['run_name']!r} is still open with metrics "
+                                 f"logged; call end_run() first")
+        # every check before any state changes: a refused start leaves the tracker as it was
+        meta = {"run_name": _check_name("run_name", name), "start_time": time.time(), **metadata}
+        iteration, tokens_b = _check_iteration(iteration), _check_tokens(tokens_b)
+        _jsonable(meta, f"start_run({name!r})")
+        self.run_metadata, self._iteration, self._tokens_b = meta, iteration, tokens_b
         self.current_run_metrics, self._results = {}, {}
 
     def log_metrics(self, metrics: Any, *, benchmark: Optional[str] = None) -> None:

@@ -280,7 +280,26 @@ def EvaluatorCallback(config=None, run: Optional[str] = None, *, quick_eval: Opt
     evaluate: also calls evaluate_checkpoint (hands off to the daemon, else runs the benchmarks here, blocking).
 
     config=None with quick_eval only: no notice (nothing to tell a daemon about)."""
+    if evaluate and config is None and quick_eval:
+        raise EvaluatorError("EvaluatorCallback: evaluate=True runs the config's benchmarks on each checkpoint: "
+                             "pass config= too")
+    if quick_eval is not None:
+        check_quick_eval_spec(quick_eval)
     return _callback_class()(config=config, run=run, quick_eval=quick_eval, evaluate=evaluate)
+
+
+def check_quick_eval_spec(spec: Any) -> None:
+    """The callback's quick_eval mapping, checked at construction (a typo must not wait for the first save)."""
+    from evaluator.api.evaluate import _check_keywords
+    from evaluator.common.checks import number_problem
+    if not isinstance(spec, dict):
+        raise EvaluatorError(f"EvaluatorCallback: quick_eval: expected a dict of quick_eval arguments, got {spec!r}")
+    rest = {k: v for k, v in spec.items() if k not in ("dataset", "benchmark", "config", "max_new_tokens")}
+    _check_keywords("EvaluatorCallback quick_eval", rest)
+    if "max_new_tokens" in spec:
+        problem = number_problem(spec["max_new_tokens"], 1, integer=True)
+        if problem:
+            raise EvaluatorError(f"EvaluatorCallback quick_eval: max_new_tokens: {problem}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,9 @@
-"""One numeric check for the free-form settings the config cannot type (generation parameters, metric options)."""
+"""One numeric check for the free-form settings the config cannot type (generation parameters, metric options), and
+the rules for names that become folders of the results tree."""
 from __future__ import annotations
 
+import os
+import re
 from typing import Optional
 
 
@@ -21,4 +24,21 @@ def number_problem(value: object, low: Optional[float] = None, high: Optional[fl
         return f"expected {what} {'>' if low_open else '>='} {low}, got {value!r}"
     if high is not None and number > high:
         return f"expected {what} <= {high}, got {value!r}"
+    return None
+
+
+def folder_name_problem(name: object) -> Optional[str]:
+    """What keeps `name` from naming one folder of the results tree (a benchmark; bench.py's --name), or None:
+    letters, digits, '.', '_' or '-', and not '.' or '..'."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        return f"expected letters, digits, '.', '_' or '-' (it names a folder), got {name!r}"
+    return None
+
+
+def run_name_problem(name: object) -> Optional[str]:
+    """What keeps `name` from naming a run's folder under results/, or None: a relative path ("team/model" nests)
+    with no '..' segment, nothing empty."""
+    if not isinstance(name, str) or os.path.isabs(name) or not name.strip("/") \
+            or any(seg in ("", ".", "..") for seg in name.strip("/").split("/")) or "\0" in name:
+        return f"expected a relative folder name without '..' (or '.') segments, got {name!r}"
     return None

@@ -125,6 +125,16 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_finite_number(value: Any) -> bool:
+    """A number every sink, plot and reader can take as a float: not NaN or Infinity, and an int that fits."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float's range (10**400)
+        return False
+
+
 def validate_metrics(data: Any, where: str) -> dict:
     """Check a metrics.json document; returns it or raises ValueError naming the key and what was expected.
 
@@ -136,12 +146,14 @@ def validate_metrics(data: Any, where: str) -> dict:
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"{where}: expected a non-empty 'metrics' object of name -> number")
     for name, value in metrics.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: metrics: expected metric names that are non-empty strings, got {name!r}")
         if name in RESERVED_METRIC_NAMES:
             raise ValueError(f"{where}: metrics.{name}: a reserved name (the sinks log the result's {name} under "
                              f"it); rename the metric")
         if not is_number(value):
             raise ValueError(f"{where}: metrics.{name}: expected a number, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):  # an int is finite, however large
+        if not is_finite_number(value):
             raise ValueError(f"{where}: metrics.{name}: expected a finite number, got {value!r}")
     for key in ("n", "n_error"):
         value = data.get(key)
@@ -156,8 +168,12 @@ def validate_metrics(data: Any, where: str) -> dict:
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ValueError(f"{where}: {key}: expected an object, got {type(data[key]).__name__}")
     for name, value in (data.get("stderr") or {}).items():
-        if value is not None and (not is_number(value) or isinstance(value, float) and not math.isfinite(value)):
+        if value is not None and not is_finite_number(value):
             raise ValueError(f"{where}: stderr.{name}: expected a finite number or null, got {value!r}")
+    tokens_b = data.get("tokens_b")
+    if tokens_b is not None and (not is_finite_number(tokens_b) or tokens_b < 0):
+        raise ValueError(f"{where}: tokens_b: expected a finite number >= 0 (billions of tokens) or null, "
+                         f"got {tokens_b!r}")
     for category, values in (data.get("per_category") or {}).items():
         if not isinstance(values, dict):
             raise ValueError(f"{where}: per_category.{category}: expected an object of name -> number, "

@@ -292,6 +292,9 @@ class CheckpointLayout:
                 except OSError as e:  # permissions, flaky storage: no verdict; say why and look again later
                     out.append(Checkpoint(self.run, iteration, chosen, False,
                                           f"cannot read {e.filename or chosen}: {e.strerror or e}"))
+                except (ValueError, OverflowError) as e:  # one odd file: this checkpoint waits, the others go on
+                    out.append(Checkpoint(self.run, iteration, chosen, False,
+                                          f"cannot make sense of its files ({type(e).__name__}: {e})"))
             for other in others:
                 out.append(Checkpoint(self.run, iteration, other, False,
                                       f"another folder names iteration {iteration}: {chosen}; ignored"))
@@ -455,7 +458,7 @@ def safetensors_problem(path: str) -> Optional[str]:
         try:
             header = json.loads(f.read(header_len))
             end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError):
             return "header not parseable"
     if size != 8 + header_len + end:
         return f"{size} bytes, its header says {8 + header_len + end}"
@@ -562,7 +565,8 @@ class GlobLayout(CheckpointLayout):
             with os.scandir(self.root) as it:
                 for entry in it:
                     m = rx.fullmatch(entry.name)
-                    if m and (m.group(group) or "").isdigit():  # not 'ckpt_final' for a pattern 'ckpt_(.+)'
+                    digits = (m.group(group) or "") if m else ""
+                    if digits.isascii() and digits.isdigit():  # not 'ckpt_final' (or '²') for a pattern 'ckpt_(.+)'
                         entries.append((int(m.group(group)), entry.path))
         except FileNotFoundError:
             return []

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 
 from evaluator.benchmarks import registry as benchmark_registry  # standard library only
 from evaluator.common.atomic import read_json
+from evaluator.common.checks import folder_name_problem
 from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
 from evaluator.common.errors import EvaluatorError, UnavailableError, did_you_mean
 from evaluator.common.secrets import secret_paths
@@ -478,8 +479,8 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[Problem]:
         if bench.name in seen:
             problems.append((loc + ("name",), f"duplicate benchmark name {bench.name!r}"))
         seen.add(bench.name)
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", bench.name):
-            problems.append((loc + ("name",), f"expected letters, digits, '.', '_' or '-' (it names a folder), got {bench.name!r}"))
+        if folder_name_problem(bench.name):
+            problems.append((loc + ("name",), folder_name_problem(bench.name)))
         if bench.type not in BENCHMARK_TYPES:
             problems.append((loc + ("type",), f"unknown benchmark type {bench.type!r} (known: {', '.join(BENCHMARK_TYPES)})"
                                               f"{did_you_mean(bench.type, BENCHMARK_TYPES)}"))

@@ -914,10 +914,19 @@ class Daemon:
             return False  # the counts below are SQL: not asked while work is in flight
         runnable = sum(n for run, bench, n in self.ledger.runnable()
                        if bench not in self.held and P.wanted(self.runs, self.benchmarks, run, bench))
+        runnable -= len(self.unpinnable())  # waiting for their checkpoint to become readable: not now
         undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
         # alerts a channel refused that often stay pending in the ledger: the next start delivers them
         undelivered += self.ledger.alerts_undelivered(self.insight.alerts_out.names, self.cfg.executor.max_attempts)
         return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered))
+
+    def unpinnable(self) -> list[L.Job]:
+        """Wanted pending rows of checkpoints that cannot be read to pin (SnapshotKeeper.waiting: permissions, a
+        dangling link, rewritten in place): nothing of them can start until that changes."""
+        if not self.keeper.waiting:
+            return []
+        return [j for j in self.ledger.jobs([L.PENDING]) if (j.run, j.iteration) in self.keeper.waiting
+                and j.benchmark not in self.held and self.is_wanted(j)]
 
     def once_outcome(self) -> int:
         """--once is done: 0 when every wanted job ended well, else 1 with what did not (failed jobs, held
@@ -931,6 +940,12 @@ class Daemon:
                             f"{', ...' if len(failed) > 5 else ''}; `status` shows why)")
         for bench, n in sorted(waiting.items()):
             problems.append(f"benchmark {bench} held with {n} job(s) waiting: {self.held[bench]}")
+        blocked: dict[tuple, int] = {}
+        for j in self.unpinnable():
+            blocked[(j.run, j.iteration)] = blocked.get((j.run, j.iteration), 0) + 1
+        for (run, iteration), n in sorted(blocked.items()):
+            problems.append(f"{run} iteration {iteration}: {n} job(s) waiting, the checkpoint cannot be pinned: "
+                            f"{self.keeper.waiting[(run, iteration)]}")
         for run, hints in sorted(self.hints.items()):  # a set-up mistake: nothing of that run could be evaluated
             problems += [f"run {run}: {h.text}" for h in hints if h.level == "warning"]
         if self.undelivered_given_up():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from evaluator.common.checks import run_name_problem
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon.config import AutoEvalConfig
 from evaluator.daemon.policy import RunSpec
@@ -30,9 +31,9 @@ def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[
             raise EvaluatorError(f"invalid config: auto_eval.watch.paths: two runs are named {r.name!r}; give each "
                                  f"path a distinct `name:` (it names the folder of its results)")
     for r in runs:
-        if os.path.isabs(r.name) or ".." in r.name.split("/") or not r.name.strip("/"):
-            raise EvaluatorError(f"invalid config: run name {r.name!r} (model_name or watch.paths[].name) must be a "
-                                 f"relative folder name without '..'")
+        if run_name_problem(r.name):
+            raise EvaluatorError(f"invalid config: run name (model_name or watch.paths[].name): "
+                                 f"{run_name_problem(r.name)}")
         if os.path.exists(r.root) and not os.path.isdir(r.root):
             raise EvaluatorError(f"invalid config: auto_eval.watch.paths: {r.root} is not a folder")
     return runs

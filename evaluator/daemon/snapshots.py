@@ -160,6 +160,9 @@ def build_manifest(source: str, excludes: list[str]) -> Manifest:
             try:
                 manifest[rel] = FileStat.of(os.stat(full))
             except FileNotFoundError:
+                if os.path.islink(full):  # a link whose target is missing: the checkpoint is there, that file is not
+                    raise CheckpointUnreadable(f"cannot read {full}: a symbolic link to {os.readlink(full)}, which "
+                                               f"does not exist") from None
                 raise SnapshotVanished(f"{rel} disappeared while listing the checkpoint") from None
             except OSError as e:
                 raise _unreadable(e, source) from None
@@ -321,7 +324,9 @@ class SnapshotKeeper:
             try:
                 manifest = build_manifest(c.path, excludes)
                 reason = layout.incomplete_reason(c.path)
-                if reason:  # complete at the scan, not any more: it is being deleted
+                if reason and os.path.exists(c.path):  # complete at the scan, not now: rewritten in place
+                    raise CheckpointUnreadable(f"{c.path} is not complete any more ({reason})")
+                if reason:  # and gone: it is being deleted
                     raise SnapshotVanished(reason)
             except (SnapshotVanished, FileNotFoundError) as e:
                 self.waiting.pop((c.run, c.iteration), None)

@@ -44,7 +44,7 @@ from typing import Optional
 
 from evaluator.common.records import ERROR, RunError, RunResult
 
-from evaluator.stages.checkpoint_compat import checkpoint_view, reads_as_is, release_view
+from evaluator.stages.checkpoint_compat import CheckpointFormatError, checkpoint_view, reads_as_is, release_view
 
 from ..params import COMMON_GENERATION, GenerationParams, MODEL_ALIASES, Progress, apply_stop
 from . import ModelLoadError
@@ -226,7 +226,7 @@ class HFBackend:
                                                 self.options, self.seed)
             else:
                 self.runner = TextRunner(source, config, self.device, self.dtype, self.params, self.options)
-        except ModelLoadError:
+        except (ModelLoadError, CheckpointFormatError):  # said already; a format error is exit 2 (no retry)
             raise
         except Exception as e:  # OSError / ValueError from a missing or broken config, weights or tokenizer
             raise ModelLoadError(self._load_hint(e)) from None

@@ -112,6 +112,12 @@ class TextRunner:
         import transformers
         self.device = device
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        if len(self.tokenizer) <= 1:  # transformers 5 builds an empty tokenizer from a folder with none saved
+            from evaluator.stages.checkpoint_compat import CheckpointFormatError
+            raise CheckpointFormatError(
+                f"{path}: no tokenizer saved with the checkpoint (the one transformers built from the folder has "
+                f"{len(self.tokenizer)} token(s); every prompt would be empty); save it beside config.json "
+                f"(tokenizer.save_pretrained, or pass processing_class= to the Trainer)")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
