@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 from typing import Optional
@@ -222,7 +223,11 @@ def records_from_wandb_dir(wandb_dir: str, project: str) -> list[ResultRecord]:
 
     merged: dict[tuple, ResultRecord] = {}
     for path in run_logs(wandb_dir):
-        run_log = read_run_log(path)
+        try:
+            run_log = read_run_log(path)
+        except (ValueError, OSError) as e:  # e.g. a session killed before wandb wrote its header (0 bytes)
+            logging.getLogger("recorder").warning("%s: not read for the leaderboard: %s", path, e)
+            continue
         if run_log.project != project or run_log.name == "leaderboard":
             continue
         for row in run_log.rows:

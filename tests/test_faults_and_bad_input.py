@@ -425,3 +425,148 @@ def test_quick_eval_reports_a_venv_metric_it_cannot_compute_as_unavailable_besid
                           work_dir=str(tmp_path / "w"))
     assert result.metrics == {"exact_match": 1.0}
     assert "fense" in result.info["unavailable"] and result.info["unavailable"]["fense"]
+
+
+# ---- operator commands -----------------------------------------------------------------------------------------
+def recorded_rows(tmp_path, states: dict) -> str:
+    """A config and its ledger with one qa row per iteration in the given state (and its metrics.json)."""
+    from evaluator.common.contracts import result_dir
+    from test_status import to_state
+
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL)
+    led = L.Ledger(str(tmp_path / "cache"))
+    try:
+        for it, state in states.items():
+            led.add("tiny", it, "qa", megatron_checkpoint(tmp_path / "ckpt", it))
+            to_state(led, ("tiny", it, "qa"), state)
+            out = result_dir(str(tmp_path / "cache"), "tiny", it, "qa")
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "metrics.json"), "w") as f:
+                json.dump({"metrics": {"rows": 1}}, f)
+    finally:
+        led.close()
+    return cfg
+
+
+def test_cancel_jobs_with_the_local_executor_is_refused_and_never_calls_scancel(tmp_path):
+    """It handed the local stages' pids to scancel, which cancels whatever Slurm job has that number."""
+    cfg = recorded_rows(tmp_path, {1000: "inferring"})
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    called = tmp_path / "scancel-called"
+    (fake_bin / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {called}\n")  # fault catcher, not a Slurm stand-in
+    (fake_bin / "scancel").chmod(0o755)
+    proc = subprocess.run([DAEMON_PY, os.path.join(ROOT, "tools", "evaluator.py"), "status", "--config", cfg,
+                           "--cancel-jobs"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}"))
+    one_line_error(proc, "--cancel-jobs", "executor.type slurm")
+    assert not called.exists()
+
+
+def test_invalidate_leaves_a_result_that_is_being_recorded_alone(tmp_path):
+    """A sink recording it meanwhile appended its line after the withdrawal: withdrawn in the ledger, back in the
+    history and plots."""
+    cfg = recorded_rows(tmp_path, {1000: "scored", 2000: "recorded"})
+    proc = run_cli("invalidate", "--config", cfg, "--run", "tiny")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "scored      scored right now: try again when it is done" in proc.stdout, proc.stdout
+    states = {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")}
+    assert states == {1000: "scored", 2000: "invalidated"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["rerun", "invalidate"])
+def test_rerun_and_invalidate_with_the_ledger_locked_exit_2_and_leave_the_result_where_it_was(tmp_path, command):
+    """rerun moved the result's files aside, then the ledger refused: a traceback, the row still `recorded` and
+    its files under superseded/."""
+    import threading
+
+    cfg = recorded_rows(tmp_path, {1000: "recorded"})
+    folder = tmp_path / "cache" / "results" / "tiny" / "iter_0001000" / "qa"
+    holder = sqlite3.connect(str(tmp_path / "cache" / "ledger.sqlite3"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the ledger past the command's 30 s busy timeout
+    release = threading.Timer(45, lambda: None)
+    try:
+        proc = run_cli(command, "--config", cfg, "--iterations", "1000", timeout=120)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        release.cancel()
+    one_line_error(proc, "database is locked", "left as it was")
+    assert sorted(os.listdir(folder)) == ["metrics.json"]
+    assert {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")} == {1000: "recorded"}
+
+
+@pytest.mark.parametrize("alpha", ["1e-300", "0", "1", "nan"])
+def test_compare_alpha_that_is_no_significance_level_exits_2_not_1(tmp_path, alpha):
+    """Exit 1 means 'significant regression' to CI: 1e-300 passed the check and failed later with a traceback."""
+    from test_compare import write_result
+
+    old = write_result(tmp_path / "old", {"exact_match": {"a": 1.0, "b": 0.0}})
+    new = write_result(tmp_path / "new", {"exact_match": {"a": 1.0, "b": 1.0}})
+    one_line_error(run_cli("compare", old, new, "--alpha", alpha), "--alpha")
+
+
+def test_compare_lower_is_better_counts_and_lists_a_fall_as_fixed(tmp_path):
+    from test_compare import write_result
+
+    ids = [f"s{i}" for i in range(10)]
+    old = write_result(tmp_path / "old", {"loss": {s: 0.5 for s in ids}})
+    new = write_result(tmp_path / "new", {"loss": {s: 0.25 for s in ids}})
+    proc = run_cli("compare", old, new, "--lower-is-better", "loss", "--flips", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # better, not a regression
+    assert "flips of loss: 10 fixed, 0 broken" in proc.stdout
+    assert "fixed (new scores lower):" in proc.stdout and "\nbroken (new" not in proc.stdout
+    worse = run_cli("compare", new, old, "--lower-is-better", "loss", "--flips", "1")
+    assert worse.returncode == 1 and "flips of loss: 0 fixed, 10 broken" in worse.stdout
+    assert "broken (new scores higher):" in worse.stdout
+
+
+def test_a_leaderboard_from_wandb_logs_skips_a_session_killed_before_its_header(tmp_path):
+    from recorder.sinks import MlflowSettings, RecorderSettings, WandbSettings
+    from recorder.sources import records_from_wandb_dir
+    from recorder.wandb_sink import WandbSink
+    from test_recorder_sources import rec
+
+    s = RecorderSettings(cache_dir=str(tmp_path), project="proj",
+                         wandb=WandbSettings(project="proj", mode="offline", dir=str(tmp_path / "wb")),
+                         mlflow=MlflowSettings("unused", "unused"), summary_only=True)
+    WandbSink(s).record(rec("llama", 1000, "mmlu", 0.3))
+    killed = tmp_path / "wb" / "wandb" / "offline-run-20261201_000000-other" / "run-other.wandb"
+    killed.parent.mkdir(parents=True)
+    killed.write_bytes(b"")
+    assert [(r.run, r.iteration) for r in records_from_wandb_dir(str(tmp_path / "wb"), "proj")] == [("llama", 1000)]
+
+
+# ---- a real trainer's leftovers --------------------------------------------------------------------------------
+def test_a_trainer_save_that_crashed_before_trainer_state_json_is_never_taken_for_finished(tmp_path):
+    """A Trainer killed inside its save leaves config, weights and training_args.bin but no trainer_state.json;
+    the settle rule meant for save_pretrained folders took it for finished, and the resumed run's complete re-save
+    of that step was never evaluated."""
+    from evaluator.daemon.checkpoints import HuggingFaceLayout
+    from test_checkpoints import by_iteration, make_hf_checkpoint, settled_scan
+
+    make_hf_checkpoint(tmp_path, 20)
+    crashed = make_hf_checkpoint(tmp_path, 25, trainer_state=False)
+    (crashed / "training_args.bin").write_bytes(b"args")
+    plain = make_hf_checkpoint(tmp_path, 30, trainer_state=False)  # save_pretrained: settled sizes are its marker
+    found = by_iteration(settled_scan(HuggingFaceLayout("run", str(tmp_path))))
+    assert found[20].complete and found[30].complete and not found[25].complete
+    assert "without trainer_state.json" in found[25].reason
+    (crashed / "trainer_state.json").write_text(json.dumps({"global_step": 25}))  # the resumed run's re-save
+    assert by_iteration(settled_scan(HuggingFaceLayout("run", str(tmp_path))))[25].complete
+    assert plain.exists()
+
+
+@pytest.mark.parametrize("word, means", [("on", "on"), ("off", "off"), ("checkpoint", "checkpoint")])
+def test_warm_workers_unquoted_on_and_off_mean_on_and_off(tmp_path, word, means):
+    """YAML 1.1 reads an unquoted on/off as true/false, and the README writes them unquoted."""
+    from evaluator.daemon.config import load_config
+
+    (tmp_path / "ckpt").mkdir()
+    cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL)
+    text = open(cfg).read().replace("executor:\n", f"executor:\n    warm_workers: {word}\n")
+    assert f"warm_workers: {word}" in text
+    open(cfg, "w").write(text)
+    assert load_config(cfg).executor.warm_workers == means

@@ -639,9 +639,9 @@ def _check_comparison(where: str, alpha: Any, kwargs: dict) -> None:
     if "name" in kwargs:
         raise EvaluatorError(f"{where}: name=: each model is named by its key in the models mapping")
     _check_keywords(where, kwargs)
-    problem = number_problem(alpha, 0, 1, low_open=True)
-    if problem or alpha >= 1:
-        raise EvaluatorError(f"{where}: alpha: expected a significance level between 0 and 1, got {alpha!r}")
+    from evaluator.common.paired import alpha_problem
+    if alpha_problem(alpha):
+        raise EvaluatorError(f"{where}: alpha: {alpha_problem(alpha)}")
 
 
 def model_folders(work_dir: Optional[str], names: list) -> dict:

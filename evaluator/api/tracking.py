@@ -309,6 +309,9 @@ def _pick_benchmark(entries: list[dict], metric: str, benchmark: Optional[str]) 
 def compare_entries(entries: list[dict], metric: str, *, benchmark: Optional[str] = None,
                     higher_is_better: bool = True, alpha: float = 0.05, seed: int = 0) -> dict:
     """The comparison compare_metric and MetricsTracker.compare_runs return, over history entries."""
+    from evaluator.common.paired import alpha_problem
+    if alpha_problem(alpha):
+        raise EvaluatorError(f"alpha: {alpha_problem(alpha)}")
     benchmark = _pick_benchmark(entries, metric, benchmark)
     latest: dict[str, dict] = {}
     for e in entries:  # each run's latest iteration of the benchmark
@@ -352,6 +355,8 @@ def compare_metric(metric: str, *, benchmark: Optional[str] = None, runs: Option
     a run has none). `compared` says in words what was compared."""
     entries = get_metrics_history(cache_dir=cache_dir)
     if runs is not None:
+        if isinstance(runs, str):  # one name, not its letters
+            runs = [runs]
         wanted = set(runs)
         unknown = sorted(wanted - {e["run"] for e in entries})
         if unknown:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from .contracts import COMPARE_SCHEMA_VERSION, METRICS, PREDICTIONS, SCORES, SCORES_SCHEMA_VERSION, read_metrics
 from .errors import EvaluatorError, did_you_mean
-from .paired import BOOTSTRAP, DEFAULT_RESAMPLES, compare_values
+from .paired import BOOTSTRAP, DEFAULT_RESAMPLES, alpha_problem, compare_values
 from .records import jsonl_rows, read_results
 
 SCORE_STATUSES = ("ok", "error")
@@ -161,8 +161,10 @@ def pick_main_metric(requested: Optional[str], compared: list[str], new: ScoredR
     return compared[0]
 
 
-def flips(new: ScoredResult, old: ScoredResult, common: list[str], metric: str, max_flips: int) -> dict:
-    """The samples whose `metric` rose (fixed) or fell (broken), largest change first, then in prediction order."""
+def flips(new: ScoredResult, old: ScoredResult, common: list[str], metric: str, max_flips: int,
+          lower_is_better: bool = False) -> dict:
+    """The samples whose `metric` got better (fixed: rose, or fell where lower is better) or worse (broken), largest
+    change first, then in prediction order."""
     out: dict[str, list] = {"fixed": [], "broken": []}
     changed = []
     for index, sid in enumerate(common):
@@ -170,7 +172,7 @@ def flips(new: ScoredResult, old: ScoredResult, common: list[str], metric: str, 
         if a is not None and b is not None and a != b:
             changed.append((-abs(b - a), index, sid, a, b))
     for _, _, sid, a, b in sorted(changed):
-        side = out["fixed" if b > a else "broken"]
+        side = out["fixed" if (b < a if lower_is_better else b > a) else "broken"]
         if len(side) >= max_flips:
             continue
         o, w = old.rows[sid], new.rows[sid]
@@ -183,11 +185,12 @@ def flips(new: ScoredResult, old: ScoredResult, common: list[str], metric: str, 
 
 def compare_results(new: ScoredResult, old: ScoredResult, *, main_metric: Optional[str] = None, seed: int = 0,
                     resamples: int = DEFAULT_RESAMPLES, alpha: float = 0.05, max_flips: int = 20,
-                    strict_main_metric: bool = True) -> dict:
+                    strict_main_metric: bool = True, lower_is_better: frozenset = frozenset()) -> dict:
     """One <comparison> (docs/insight.md) of two read results. strict_main_metric False: a main_metric without
-    per-sample values (a corpus-level one, e.g. the benchmark's configured main_metric) is a preference only."""
-    if not 0 < alpha < 1:
-        raise EvaluatorError(f"alpha: expected a level in (0, 1), got {alpha!r}")
+    per-sample values (a corpus-level one, e.g. the benchmark's configured main_metric) is a preference only.
+    lower_is_better: metrics for which a fall is the better side (their fixed/broken counts and flips say so)."""
+    if alpha_problem(alpha):
+        raise EvaluatorError(f"alpha: {alpha_problem(alpha)}")
     if max_flips < 0:
         raise EvaluatorError(f"max_flips: expected a count >= 0, got {max_flips!r}")
     if resamples < 1:
@@ -217,6 +220,9 @@ def compare_results(new: ScoredResult, old: ScoredResult, *, main_metric: Option
                                resamples=resamples)
         if kinds.get(name):
             entry["per_sample"] = kinds[name]  # "sentence": old/new are means of sentence-level values
+        if name in lower_is_better:  # compare_values counts rises as fixed
+            entry["fixed"], entry["broken"] = entry["broken"], entry["fixed"]
+            entry["lower_is_better"] = True
         metrics[name] = entry
     if not metrics:
         raise EvaluatorError(f"{os.path.join(new.path, SCORES)} and {os.path.join(old.path, SCORES)}: no metric has "
@@ -225,7 +231,7 @@ def compare_results(new: ScoredResult, old: ScoredResult, *, main_metric: Option
     out = {"run": old.metrics_doc.get("run"), "iteration": old.metrics_doc.get("iteration"),
            "result_dir": old.path, "n_common": len(common), "only_new": len(new.rows) - len(common),
            "only_old": len(old.rows) - len(common), "alpha": alpha, "metrics": metrics, "main_metric": main,
-           "flips": flips(new, old, common, main, max_flips)}
+           "flips": flips(new, old, common, main, max_flips, main in lower_is_better)}
     if not_compared:
         out["not_compared"] = not_compared
     return out
@@ -233,11 +239,11 @@ def compare_results(new: ScoredResult, old: ScoredResult, *, main_metric: Option
 
 def compare_dirs(new_dir: str, old_dir: str, *, main_metric: Optional[str] = None, seed: int = 0,
                  resamples: int = DEFAULT_RESAMPLES, alpha: float = 0.05, max_flips: int = 20,
-                 strict_main_metric: bool = True) -> dict:
+                 strict_main_metric: bool = True, lower_is_better: frozenset = frozenset()) -> dict:
     """One <comparison> of the result in new_dir against the one in old_dir (delta = new - old)."""
     return compare_results(read_scored_result(new_dir), read_scored_result(old_dir), main_metric=main_metric,
                            seed=seed, resamples=resamples, alpha=alpha, max_flips=max_flips,
-                           strict_main_metric=strict_main_metric)
+                           strict_main_metric=strict_main_metric, lower_is_better=lower_is_better)
 
 
 def compare_document(run: str, benchmark: str, iteration: int, revision: int, new_dir: str,
@@ -320,7 +326,8 @@ def render_flips(comparison: dict, width: int = 100) -> list[str]:
     for side in ("broken", "fixed"):
         if not flipped[side]:
             continue
-        out += ["", f"{side} ({'new scores lower' if side == 'broken' else 'new scores higher'}):"]
+        higher = (side == "fixed") != bool(entry.get("lower_is_better"))
+        out += ["", f"{side} ({'new scores higher' if higher else 'new scores lower'}):"]
         for f in flipped[side]:
             out.append(f"  {f['sample_id']}  reference: {one_line(f['reference'], width - 16 - len(str(f['sample_id'])))}")
             if f.get("prompt"):

@@ -158,6 +158,14 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[lo] + (h - lo) * (ordered[hi] - ordered[lo])
 
 
+def alpha_problem(alpha: object) -> str | None:
+    """What keeps `alpha` from being a significance level, or None: a number in (0, 1) whose confidence level
+    1 - alpha is below 1 in floating point (1 - 1e-300 is 1.0)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1 or not 1 - alpha < 1:
+        return f"expected a significance level between 0 and 1 (e.g. 0.05), got {alpha!r}"
+    return None
+
+
 def _z(level: float) -> float:
     if not 0 < level < 1:
         raise ValueError(f"CI level must be in (0, 1), got {level!r}")

@@ -19,7 +19,9 @@ Then the checkpoint is
                Tracker 'release' -> release/ as iteration 0.
 - huggingface: checkpoint-N/ with a parseable config.json, every weight shard the index names
                (or a single weights file), each safetensors file as long as its own header says;
-               then trainer_state.json (the Trainer writes it last) or, without it, settled sizes.
+               then trainer_state.json (the Trainer writes it last) or, without it, settled sizes -- except
+               a folder holding training_args.bin (a Trainer save: a crashed one has no trainer_state.json
+               and is never taken for finished), or a completion notice (EvaluatorCallback).
 - deepspeed:   global_stepN/ at or below the step named by `latest`, holding a *model_states.pt.
 - glob:        entries matching a regex with an iteration group, complete when a done-marker
                exists and they settled, or, without a marker configured, once they settled.
@@ -538,6 +540,11 @@ class HuggingFaceLayout(CheckpointLayout):
             marker = _trainer_state_written(path) or self._noticed(iteration, path)
             if problem and not marker:
                 return Checkpoint(self.run, iteration, path, False, problem)  # still being written
+            if not marker and os.path.exists(os.path.join(path, "training_args.bin")):
+                # the Trainer's save (it writes training_args.bin early, trainer_state.json last): one without
+                # trainer_state.json is still being written, or crashed; its resumed re-save completes it
+                return Checkpoint(self.run, iteration, path, False,
+                                  "a Trainer save without trainer_state.json yet (the Trainer writes it last)")
             # trainer_state.json is written last, so a problem behind it stays; without it (save_pretrained)
             # settled sizes are the only completion signal
             return self._settled_verdict(iteration, path, problem, final=marker)

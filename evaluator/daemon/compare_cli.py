@@ -20,7 +20,7 @@ from typing import Optional
 from evaluator.common.compare import compare_dirs, render_table
 from evaluator.common.contracts import result_dir
 from evaluator.common.errors import EvaluatorError, did_you_mean
-from evaluator.common.paired import DEFAULT_RESAMPLES
+from evaluator.common.paired import DEFAULT_RESAMPLES, alpha_problem
 
 EXIT_REGRESSION = 1
 JSON_SCHEMA_VERSION = 1
@@ -196,8 +196,8 @@ def is_regression(comparison: dict, lower_is_better: set[str]) -> bool:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not 0 < args.alpha < 1:
-        raise EvaluatorError(f"--alpha: expected a level in (0, 1), got {args.alpha:g}")
+    if alpha_problem(args.alpha):
+        raise EvaluatorError(f"--alpha: {alpha_problem(args.alpha)}")
     if args.flips < 0:
         raise EvaluatorError(f"--flips: expected a count >= 0, got {args.flips}")
     if args.resamples < 1:
@@ -210,7 +210,8 @@ def main(argv: list[str]) -> int:
             # the config's main_metric is a preference (it may be corpus-level); --metric is what the user asked
             comparison = compare_dirs(pair.new.path, pair.old.path, main_metric=pair.main_metric, seed=args.seed,
                                       resamples=args.resamples, alpha=args.alpha, max_flips=args.flips,
-                                      strict_main_metric=args.metric is not None)
+                                      strict_main_metric=args.metric is not None,
+                                      lower_is_better=frozenset(lower))
         except EvaluatorError as e:
             if pair.explicit:
                 raise

@@ -181,6 +181,12 @@ class ExecutorConfig(Section):
     # benchmarks only (a session); `off` starts one process per (checkpoint x benchmark) stage, as before.
     warm_workers: Literal["on", "checkpoint", "off"] = "on"
     worker_max_jobs: int = Field(100, ge=1)  # a warm worker is replaced after this many jobs (and after any failure)
+
+    @field_validator("warm_workers", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML 1.1 reads an unquoted on/off as true/false: `warm_workers: off` means "off"
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     # type: slurm (evaluator/daemon/slurm.py): one sbatch job per stage
     partition: Optional[str] = None
     account: Optional[str] = None

@@ -29,7 +29,8 @@ STATES = (PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED, FAILED, VANIS
 HAS_OUTPUTS = (INFERRED, SCORING, SCORED, RECORDED)
 # what `rerun` may start again (Ledger.restart, its own guarded write) and `invalidate` may withdraw: nothing running, nothing mid-recording
 RERUNNABLE = (RECORDED, FAILED, VANISHED, SKIPPED, INVALIDATED, INFERRED, PENDING)
-INVALIDATABLE = (RECORDED, SCORED, INFERRED, FAILED, PENDING)
+# (not SCORED: its sinks may be recording it right now, and a line appended after the withdrawal would bring it back)
+INVALIDATABLE = (RECORDED, INFERRED, FAILED, PENDING)
 RUNNING = (INFERRING, SCORING)
 
 # to-state -> the states it may be entered from

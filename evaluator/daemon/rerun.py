@@ -108,6 +108,11 @@ def restore(out: str, revision: int, moved: list[str]) -> None:
     src = os.path.join(out, SUPERSEDED, f"rev{revision}")
     for name in moved:
         os.replace(os.path.join(src, name), os.path.join(out, name))
+    for folder in (src, os.path.dirname(src)):  # made by set_aside for this revision: gone again if now empty
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def warn_daemon_settings(cfg, jobs: list[L.Job]) -> None:
@@ -175,6 +180,8 @@ def main(command: str, argv: list[str]) -> int:
                 problems += 1
                 print(f"  {str(job.key):<40} {'?':<11} changed state meanwhile (a running daemon): try again")
                 continue
+            except L.LedgerUnavailable as e:  # locked too long, disk full, read-only: this row is as it was
+                raise EvaluatorError(f"{e}; {job.key} left as it was ({done} row(s) done before it): try again")
             done += 1
             print(f"  {str(job.key):<40} {job.state:<11} -> "
                   f"{'pending (revision ' + str(job.revision + (job.state != L.PENDING)) + ')' if command == 'rerun' else 'invalidated'}")
@@ -217,8 +224,8 @@ def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job, plots: bo
         try:
             # fingerprint None: the daemon stamps today's settings when the inference starts
             led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None)
-        except L.LedgerConflict:
-            restore(out, job.revision, moved)  # the row moved on meanwhile: its outputs go back where they were
+        except (L.LedgerConflict, L.LedgerUnavailable):
+            restore(out, job.revision, moved)  # the row moved on, or the ledger refused: outputs go back
             raise
         snap = led.snapshot(job.run, job.iteration)
         if snap is not None and snap["state"] in (L.RELEASED, L.VANISHED):

@@ -136,9 +136,12 @@ def _minutes(m: float) -> str:
 
 
 def cancel(job_ids: list[str]) -> None:
-    """scancel these jobs (`status --cancel-jobs`; a finished one is ignored by Slurm)."""
-    if job_ids:
-        _run(["scancel", *job_ids])
+    """scancel these jobs (`status --cancel-jobs`; a finished one is ignored by Slurm); EvaluatorError when
+    scancel is missing or fails."""
+    for chunk in _chunks(job_ids):
+        proc = _run(["scancel", *chunk])
+        if proc.returncode != 0:
+            raise EvaluatorError(f"--cancel-jobs: scancel {' '.join(chunk)} failed: {_message(proc)}")
 
 
 class SlurmExecutor:

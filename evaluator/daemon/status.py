@@ -789,8 +789,12 @@ def retry_recording(cfg: AutoEvalConfig, run: Optional[str]) -> str:
     return f"{n} result(s) offered to their sinks again"
 
 
-def cancel_jobs(jobs: list[L.Job]) -> str:
+def cancel_jobs(cfg, jobs: list[L.Job]) -> str:
     from evaluator.daemon.slurm import cancel
+
+    if cfg.executor.type != "slurm":  # a local stage's handle is its pid: never a number to give scancel
+        raise EvaluatorError(f"--cancel-jobs: cancels the Slurm jobs of executor.type slurm; this config runs "
+                             f"{cfg.executor.type!r} stages (stop the daemon to stop them: its stages stop with it)")
 
     ids = [j.infer_job for j in jobs if j.state == L.INFERRING and j.infer_job]
     ids += [j.eval_job for j in jobs if j.state in (L.INFERRING, L.INFERRED, L.SCORING) and j.eval_job]
@@ -814,7 +818,7 @@ def main(argv: list[str]) -> int:
     if args.retry_recording:
         messages.append(retry_recording(cfg, args.run))
     if args.cancel_jobs:
-        messages.append(cancel_jobs(report.jobs))
+        messages.append(cancel_jobs(cfg, report.jobs))
     if args.ack:
         messages.append(ack_alerts(cfg, args.ack, args.run))
     if messages:
