@@ -285,13 +285,14 @@ def write_summary(out_dir: str, spec: dict, scale: float = 1) -> str:
         lines.append(scale_note(scale))
     for name, value in sorted(data["metrics"].items()):
         se = (data.get("stderr") or {}).get(name)
-        lines.append(f"{name}: {scaled(value, scale):.6g}" + (f" (stderr {scaled(se, scale):.4g})" if se is not None else ""))
+        lines.append(f"{name}: {scaled(value, scale, name):.6g}"
+                     + (f" (stderr {scaled(se, scale, name):.4g})" if se is not None else ""))
     for name, why in sorted((data.get("unavailable") or {}).items()):
         lines.append(f"{name}: {why}")
     for name, method in sorted((data.get("methods") or {}).items()):
         lines.append(f"method of {name}: {method}")
     for category, values in sorted((data.get("per_category") or {}).items()):
-        lines.append(f"[{category}] " + ", ".join(f"{k}={v if k == 'n' else scaled(v, scale):.4g}"
+        lines.append(f"[{category}] " + ", ".join(f"{k}={scaled(v, scale, k):.4g}"
                                                   for k, v in sorted(values.items())))
     path = os.path.join(out_dir, f"result_{spec['name']}.txt")
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -383,6 +384,15 @@ def cmd_inference(args, then_eval: bool = False) -> int:
             raise EvaluatorError(f"{target}: benchmark {spec['name']!r} is given twice (both would write {out_dir});"
                                  f" run one of them on its own with --name")
         runs.append(BenchmarkRun(spec, out_dir, os.path.join(out_dir, PREDICTIONS)))
+    if then_eval:  # data the evaluation would refuse is refused before the model loads
+        for run in runs:
+            spec = run.spec
+            if spec["type"] in registry.BENCHMARKS:
+                data = registry.load_benchmark(spec["type"], spec["dataset"], spec["options"], spec.get("sample_size"))
+                names = spec.get("metrics") or registry.default_metrics(spec["type"], data)
+                problem = metrics_problem(names, data.samples) if names else None
+                if problem:
+                    raise EvaluatorError(f"{spec['name']}: {problem}")
     run_benchmarks(INFERENCE, runs, model, args.seed)
     if then_eval:
         return evaluate(runs, model, args.seed, table_scale(args))

@@ -88,7 +88,7 @@ def markdown(entries: list[Entry], metrics: list[str], scale: float = 1) -> str:
     for rank, e in enumerate(entries, 1):
         cells = [str(rank), e.model, str(e.iteration), "" if e.tokens_b is None else f"{e.tokens_b:.4g}",
                  f"{e.score:.4f}", f"{len(e.values)}/{len(shown)}"]
-        cells += [f"{scaled(e.values[m], scale):.4g}" if m in e.values else "" for m in shown]
+        cells += [f"{scaled(e.values[m], scale, m):.4g}" if m in e.values else "" for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"\n{scale_note(scale)}\n" if scale_note(scale) else ""
     return "\n".join(lines) + "\n" + note

@@ -570,3 +570,125 @@ def test_warm_workers_unquoted_on_and_off_mean_on_and_off(tmp_path, word, means)
     assert f"warm_workers: {word}" in text
     open(cfg, "w").write(text)
     assert load_config(cfg).executor.warm_workers == means
+
+
+# ---- numbers: multiple choice, letter answers, counts ------------------------------------------------------------
+@pytest.mark.parametrize("choices, target, prediction, right", [
+    (["1", "-1", "0", "5"], "-1", "1", 0.0),
+    (["1", "-1", "0", "5"], "-1", "-1", 1.0),
+    (["C", "C++", "Go", "Rust"], "C++", "C", 0.0),
+    (["C", "C++", "Go", "Rust"], "C++", "C++", 1.0),
+    (["1 2", "1/2", "2", "0"], "1/2", "1 2", 0.0),
+    (["1 2", "1/2", "2", "0"], "1/2", "The answer is 1/2.", 1.0),
+    (["True", "False", "True"], "True", "True", 1.0),  # duplicates: the same text is the same answer
+])
+def test_choices_that_differ_only_in_punctuation_are_different_answers(choices, target, prediction, right):
+    """Punctuation turned into spaces made '1' and '-1' one answer: a wrong pick counted as right."""
+    from test_metrics_text import run, sample
+
+    result = run(["accuracy"], [prediction], [sample(0, choices=choices, target=target)])
+    assert result.values["accuracy"] == right
+
+
+@pytest.mark.parametrize("row, said", [
+    ({"messages": [{"role": "user", "content": "  "}], "target": "x"}, "messages[0].content: empty"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}], "target": "x"},
+     "messages[0].content: empty"),
+    ({"messages": [{"role": "system", "content": "be brief"}], "target": "x"},
+     "messages: the last turn is the system's"),
+    ({"messages": [{"role": "user", "content": "q"}], "target": " "}, "target: empty"),
+    ({"messages": [{"role": "user", "content": "q"}], "choices": ["London", "", "Paris"], "target": "Paris"},
+     "choices[1]: empty"),
+    ({"messages": [{"role": "user", "content": "q"}], "choices": ["Berlin"], "target": "Berlin"},
+     "choices: expected 2 to 26 choices"),
+    ({"messages": [{"role": "user", "content": "q"}], "choices": [f"opt{i}" for i in range(30)], "target": "opt28"},
+     "choices: expected 2 to 26 choices"),
+], ids=["blank", "blank-part", "system-last", "blank-target", "blank-choice", "one-choice", "30-choices"])
+def test_a_row_no_model_can_answer_or_be_scored_on_is_refused_with_file_and_line(tmp_path, row, said):
+    from evaluator.benchmarks.registry import load_benchmark
+    from evaluator.common.errors import EvaluatorError
+
+    good = {"id": "ok", "messages": [{"role": "user", "content": "q"}], "target": "x"}
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"id": "bad", **row}) + "\n")
+    (data / "metadata.json").write_text(json.dumps({"dataset_id": "d"}))
+    with pytest.raises(EvaluatorError) as e:
+        load_benchmark("dataset", str(data))
+    assert f"test.jsonl:2: {said}" in str(e.value)
+
+
+def test_x100_prints_rates_x100_and_counts_as_they_are():
+    from evaluator.common.scale import scaled
+
+    assert scaled(0.612, 100, "accuracy") == pytest.approx(61.2)
+    assert scaled(0.25, 100, "unparsed_rate") == 25.0
+    for count in ("n", "mmau_pro_if_unknown", "judged", "judge_errors", "mmau_pro_embed_no_answer", "mmau.judged"):
+        assert scaled(3.0, 100, count) == 3.0
+    assert scaled(7.5, 100, "score") == 7.5  # an LLM judge's 1-10 score
+
+
+def test_a_judged_category_counts_all_its_samples_whichever_metric_comes_last():
+    """mmau_pro_judge wrote n = its judged samples into per_category, over exact_match's n when it came last."""
+    from evaluator.benchmarks.dataset import Sample
+    from evaluator.stages.evaluation.metrics import MetricInput, compute
+    from test_mmau_pro import ChatServer
+
+    samples = [Sample(id=f"o{i}", messages=[{"role": "user", "content": "q"}], target="A busy street.",
+                      category="open", metadata={"question": "Describe the scene."}) for i in range(3)]
+    with ChatServer(lambda body: "Reasoning: ok.\nJudgement: Yes",
+                    refuse=lambda body: "Model Response: refused" in body["messages"][0]["content"]) as server:
+        options = {"mmau_pro_judge": {"base_url": server.base_url, "model": "j", "max_retries": 0,
+                                      "max_failure_rate": 0.5}}
+        for order in (["mmau_pro_judge", "exact_match"], ["exact_match", "mmau_pro_judge"]):
+            result = compute(order, MetricInput(["A busy street.", "x", "refused"], samples, [True] * 3, options, ""))
+            assert result.per_category["open"]["n"] == 3, (order, result.per_category)
+            assert result.per_category["open"]["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_a_prompt_longer_than_the_models_positions_fails_alone_saying_so(tmp_path, tiny_lm):
+    """GPT-2 failed every sample of the batch with IndexError (and on CUDA a device assert); a RoPE model ran past
+    its positions and the answer was scored as if nothing were wrong."""
+    data = canonical_dataset(tmp_path / "long", [
+        {"id": "long", "messages": [{"role": "user", "content": "The cat sat on the mat. " * 60}], "target": "x"},
+        {"id": "short", "messages": [{"role": "user", "content": "hi"}], "target": "x"}], metrics=["exact_match"])
+    proc = bench_py("run", data, "--model", tiny_lm("gpt2"), "--output-root", str(tmp_path / "out"),
+                    "--param", "max_new_tokens=4", "--max-error-rate", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for path in (tmp_path / "out").rglob("predictions.jsonl"):
+        rows = {r["sample_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert rows["short"]["status"] == "ok" and rows["long"]["status"] == "error"
+    assert "max_new_tokens 4 > the model's" in rows["long"]["error"]["message"]
+    assert "positions (max_position_embeddings)" in rows["long"]["error"]["message"]
+
+
+@pytest.mark.parametrize("value, on", [("False", False), ("off", False), ("NO", False), ("0", False), (False, False),
+                                       ("true", True), ("On", True), (1, True)])
+def test_switch_options_read_the_usual_spellings_of_on_and_off(value, on):
+    """'False' and 'off' (from --backend-opt k=v) were read as on: the chat template stayed on."""
+    from evaluator.stages.common import option_on
+
+    assert option_on({"chat_template": value}, "chat_template") is on
+
+
+def test_a_switch_or_choice_scoring_value_that_means_nothing_is_refused_before_loading():
+    from evaluator.stages.inference.backends import option_problems
+
+    problems = dict(option_problems("hf", {"chat_template": "maybe", "choice_scoring": "LOGLIKELIHOOD"}))
+    assert problems == {"chat_template": "expected true or false, got 'maybe'",
+                        "choice_scoring": "expected generate or loglikelihood, got 'LOGLIKELIHOOD'"}
+
+
+def test_bench_py_run_refuses_data_its_metrics_cannot_score_before_the_model_loads(tmp_path):
+    """A gold that is not one of its choices, or accuracy on rows without choices, surfaced only after inference
+    had run on every sample."""
+    mc = canonical_dataset(tmp_path / "mc", [{"id": "a", "messages": [{"role": "user", "content": "color?"}],
+                                              "choices": ["red", "blue"], "target": "purple"}], metrics=["accuracy"])
+    qa = canonical_dataset(tmp_path / "qa", [{"id": "q", "messages": [{"role": "user", "content": "hi"}],
+                                              "target": "x"}], metrics=["accuracy"])
+    for data, said in ((mc, "target 'purple' is neither one of its choices"),
+                       (qa, "metric 'accuracy' needs 'choices' on every sample")):
+        proc = bench_py("run", data, "--model", str(tmp_path / "no-model"), "--output-root", str(tmp_path / "out"))
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "[inference]" not in proc.stderr  # no stage started

@@ -73,6 +73,16 @@ class Dataset:
         return {s.id: s for s in self.samples}
 
 
+MAX_CHOICES = 26  # lettered A..Z (metrics/text.py reads letter answers)
+
+
+def _is_empty(content: Any) -> bool:
+    """No text and no audio: a string of whitespace, or parts that are all blank text."""
+    if isinstance(content, str):
+        return not content.strip()
+    return all(p.get("type") == "text" and not p.get("text", "").strip() for p in content)
+
+
 def _check_content(content: Any, where: str, root: str, check_files: bool) -> tuple[Any, list]:
     """Returns (normalised content, problems). Audio paths become absolute."""
     if isinstance(content, str):
@@ -121,17 +131,27 @@ def parse_row(data: Any, where: str, root: str, check_files: bool = True) -> tup
             continue
         content, bad = _check_content(message["content"], f"{at}.content", root, check_files)
         problems += bad
+        if not bad and _is_empty(content):  # a model answers an empty prompt with something, scored as an answer
+            problems.append(f"{at}.content: empty (no text and no audio)")
         out_messages.append({**message, "content": content})
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-        problems.append(f"{where}: messages: the last turn is the assistant's; nothing to answer")
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("assistant", "system"):
+        problems.append(f"{where}: messages: the last turn is the {messages[-1]['role']}'s; nothing to answer "
+                        f"(the last turn is the user's)")
     for key in ("target", "category"):
         if data.get(key) is not None and not isinstance(data[key], str):
             problems.append(f"{where}: {key}: expected a string, got {data[key]!r:.60}")
+    if isinstance(data.get("target"), str) and not data["target"].strip():
+        problems.append(f"{where}: target: empty (leave it out when the sample has none)")
     for key in ("references", "choices"):
         value = data.get(key)
         if value is not None and (not isinstance(value, list) or not value
                                   or not all(isinstance(x, str) for x in value)):
             problems.append(f"{where}: {key}: expected a non-empty list of strings")
+        elif value is not None and any(not x.strip() for x in value):
+            problems.append(f"{where}: {key}[{next(i for i, x in enumerate(value) if not x.strip())}]: empty")
+    choices = data.get("choices")
+    if isinstance(choices, list) and not 2 <= len(choices) <= MAX_CHOICES:
+        problems.append(f"{where}: choices: expected 2 to {MAX_CHOICES} choices (lettered A..Z), got {len(choices)}")
     if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
         problems.append(f"{where}: metadata: expected an object")
     if problems:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from evaluator.common.atomic import write_json_atomic
 from evaluator.common.contracts import EVALUATION, INFERENCE, METRICS, StageJob, validate_metrics
+from evaluator.common.errors import EvaluatorError
 
 Runner = Callable[[StageJob], int]
 # True inside a warm worker (evaluator/stages/worker.py): a stage may keep what it loaded for the next job
@@ -22,10 +23,26 @@ WARM = False
 WORKER_EXIT: list[Callable[[], None]] = []
 
 
+SWITCHES = ("chat_template", "shared_prefix")  # backend options that are on/off switches (on unless set off)
+_SWITCH_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def switch_value(value: object) -> Optional[bool]:
+    """A switch's value from YAML (true/false, 1/0) or a `--backend-opt k=v` string (true/false, yes/no, on/off,
+    1/0, any case); None for anything else (a typo must not silently mean "on")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return _SWITCH_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+
+
 def option_on(options: dict, key: str) -> bool:
-    """A switch of backend_options / metric_options that is on unless set to false, "false", "no" or 0 (YAML or a
-    `--backend-opt k=v` string)."""
-    return options.get(key, True) not in (False, "false", "no", 0)
+    """A switch of backend_options that is on unless set off; EvaluatorError for a value that is neither."""
+    value = switch_value(options.get(key, True))
+    if value is None:
+        raise EvaluatorError(f"backend_options.{key}: expected true or false, got {options.get(key)!r}")
+    return value
 
 
 def close_warm() -> None:

@@ -290,6 +290,10 @@ def check_inputs(names: list[str], inp: MetricInput) -> None:
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise EvaluatorError(f"metric {name!r} needs {f!r} on every sample; sample {missing[0]!r} has none{more}")
+        if needs == "choices":  # the gold choice must be one of them (or a letter of one), whatever is answered
+            from .text import resolve_target
+            for s in inp.samples:
+                resolve_target(s)
 
 
 def _load(func: str):

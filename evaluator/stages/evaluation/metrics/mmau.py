@@ -316,6 +316,8 @@ def mmau_pro_judge(inp: MetricInput, names: list[str]) -> MetricResult:
         return result
     samples = [inp.samples[i] for i in judged]
     _record("mmau_pro_judge", [scores[i] for i in judged], samples, result)
+    for category, idx in mmau_groups(inp.samples).items():  # n: the category's samples, as every other metric
+        result.per_category.setdefault(category, {})["n"] = len(idx)  # says it (the accuracy is over the judged)
     result.per_sample["mmau_pro_judge"] = spread([scores[i] for i in judged], judged, len(inp.samples))
     result.values["mmau_pro_judge_unparsed"] = float(unparsed)
     result.values["mmau_pro_judge_errors"] = float(errors)

@@ -28,14 +28,29 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
+def normalize_pair(prediction: str, gold: str) -> tuple[str, str]:
+    """(prediction, gold) normalised by SQuAD's rules; where those leave nothing of the gold (a letter answer 'A',
+    'The'), without dropping the articles, and where even that leaves nothing (punctuation only), as written,
+    lowercased. SQuAD's golds never normalise to nothing; here an empty answer would match such a gold."""
+    g = normalize_answer(gold)
+    if g:
+        return normalize_answer(prediction), g
+    def light(x: str) -> str:
+        return " ".join("".join(ch for ch in x.lower() if ch not in set(string.punctuation)).split())
+    if light(gold):
+        return light(prediction), light(gold)
+    return " ".join(prediction.lower().split()), " ".join(gold.lower().split())
+
+
 def exact_match_score(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
+    pred, ref = normalize_pair(prediction, gold)
+    return float(pred == ref)
 
 
 def f1_score(prediction: str, gold: str) -> float:
     """SQuAD token F1 on normalised tokens. If either side has no tokens, F1 is 1 when both are empty, else 0
     (the SQuAD v2.0 rule; v1.1 would divide by zero)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    pred, ref = (side.split() for side in normalize_pair(prediction, gold))
     if not pred or not ref:
         return float(pred == ref)
     same = sum((Counter(pred) & Counter(ref)).values())
@@ -64,7 +79,8 @@ def _squad_metric(inp: MetricInput, name: str, score) -> MetricResult:
         # failed inference: 0, shown against the target (the gold an empty answer is measured by)
         value, gold = _best_gold(pred, s, score) if ok else (0.0, s.target)
         scores.append(value)
-        compared.append({"prediction": normalize_answer(pred if ok else ""), "reference": normalize_answer(gold)})
+        shown, reference = normalize_pair(pred if ok else "", gold)
+        compared.append({"prediction": shown, "reference": reference})
     result = MetricResult()
     mean_metric(name, scores, category_groups(inp.samples), result)
     result.compared[name] = compared
@@ -120,13 +136,13 @@ def _unique(indices) -> Optional[int]:
     return found.pop() if len(found) == 1 else None
 
 
-def _phrase_pick(text: str, m: re.Match, normed_choices: list) -> Optional[int]:
+def _phrase_pick(text: str, m: re.Match, normed_choices: list, choices: list) -> Optional[int]:
     """Rule 3 for one answer phrase: 'Answer: A dog barking' names the choice 'A dog barking' (its text follows the
     phrase), not the letter A; only when no choice's text follows does the letter count."""
     tail = _mc_norm(text[m.start(m.lastindex):])
-    texts = {c for c in normed_choices if c and (tail == c or tail.startswith(c + " "))}
-    if len(texts) == 1:
-        return normed_choices.index(texts.pop())
+    following = [i for i, c in enumerate(normed_choices) if c and (tail == c or tail.startswith(c + " "))]
+    if len({normed_choices[i] for i in following}) == 1 and len({choices[i].strip() for i in following}) == 1:
+        return following[0]
     return _index(_letter(m), len(normed_choices))
 
 
@@ -136,7 +152,8 @@ def extract_choice(response: str, choices: list[str]) -> Optional[int]:
     Preprocessing: keep only the text after the last `</think>`; if an `<answer>...</answer>` block is present
     keep the last one's content; delete `*` and backticks (markdown emphasis); strip.
     Then the first rule that gives an answer wins (a letter outside A..<k-th letter> gives none):
-      1. the whole text equals one choice's text (compared lowercased, punctuation -> space)
+      1. the whole text equals one choice's text: as written (case and a final '.' aside), else lowercased with
+         punctuation -> space when that names one choice text only ('1' and '-1' are not told apart that way)
       2. the whole text is a letter: B, b, (B), [B], B), B., B:
       3. an answer phrase: 'answer is B', 'Answer: (B)', 'the answer would be option C'; when a choice's text
          follows the phrase ('Answer: A dog barking.') that choice counts, not the letter; the letter must be
@@ -162,13 +179,17 @@ def extract_choice(response: str, choices: list[str]) -> Optional[int]:
     norm = _mc_norm(text)
     normed_choices = [_mc_norm(c) for c in choices]
 
-    exact = [i for i, c in enumerate(normed_choices) if c and c == norm]  # 1 (duplicate choices: the first)
-    if exact:
+    said = " ".join(text.casefold().rstrip(".").split())
+    verbatim = [i for i, c in enumerate(choices) if " ".join(c.casefold().split()) == said]  # 1: as written
+    if verbatim:
+        return verbatim[0]  # duplicate choices: the first (the same text)
+    exact = [i for i, c in enumerate(normed_choices) if c and c == norm]  # 1: normalised
+    if exact and len({choices[i].strip() for i in exact}) == 1:  # '1' vs '-1', 'C' vs 'C++': not told apart here
         return exact[0]
     m = _BARE.fullmatch(text)  # 2
     if m and _index(m.group(1).upper(), k) is not None:
         return _index(m.group(1).upper(), k)
-    phrases = [_phrase_pick(text, m, normed_choices) for m in _ANSWER_PHRASE.finditer(text)]  # 3
+    phrases = [_phrase_pick(text, m, normed_choices, choices) for m in _ANSWER_PHRASE.finditer(text)]  # 3
     phrases = [i for i in phrases if i is not None]
     if phrases:
         return phrases[-1]
@@ -184,6 +205,12 @@ def extract_choice(response: str, choices: list[str]) -> Optional[int]:
         normed_choices[j] != normed_choices[i] and f" {normed_choices[i]} " in f" {normed_choices[j]} " for j in inside))
     if contained is not None:
         return contained
+    kept = [i for i in inside if not any(
+        normed_choices[j] != normed_choices[i] and f" {normed_choices[i]} " in f" {normed_choices[j]} " for j in inside)]
+    if len({normed_choices[i] for i in kept}) == 1:  # choices alike once normalised ('1/2', '1 2'): as written
+        written = _unique(i for i in kept if choices[i].strip().casefold() in text.casefold())
+        if written is not None:
+            return written
     return _unique(_index(m.group(1).upper(), k) for m in _PAREN.finditer(text))  # 7
 
 
@@ -208,8 +235,9 @@ def accuracy(inp: MetricInput, names: list[str]) -> MetricResult:
     for pred, s, ok in zip(inp.predictions, inp.samples, inp.ok):
         gold = resolve_target(s)
         picked = extract_choice(pred, s.choices) if ok else None
-        # compared by text: with duplicate choices ('True', 'False', 'True') either copy is the right answer
-        correct.append(float(picked is not None and _mc_norm(s.choices[picked]) == _mc_norm(s.choices[gold])))
+        # compared by text as written: with duplicate choices ('True', 'False', 'True') either copy is the right
+        # answer, while '1' and '-1' (alike once punctuation is dropped) are different ones
+        correct.append(float(picked is not None and s.choices[picked].strip() == s.choices[gold].strip()))
         unparsed.append(float(ok and picked is None))
         compared.append({"prediction": None if picked is None else choice_label(s.choices, picked),
                          "reference": choice_label(s.choices, gold)})

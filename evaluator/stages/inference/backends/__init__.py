@@ -41,9 +41,17 @@ def backend_class(name: str):
 
 def option_problems(name: str, options: dict) -> list[tuple[str, str]]:
     """(option, what is wrong) for every option the backend `name` does not read."""
+    from evaluator.stages.common import SWITCHES, switch_value
+
     known = backend_class(name).OPTIONS
-    return [(key, f"not an option of the {name} backend{did_you_mean(key, known)} (known: {', '.join(known)})")
-            for key in options if key not in known]
+    problems = [(key, f"not an option of the {name} backend{did_you_mean(key, known)} (known: {', '.join(known)})")
+                for key in options if key not in known]
+    problems += [(key, f"expected true or false, got {options[key]!r}") for key in SWITCHES
+                 if key in options and key in known and switch_value(options[key]) is None]
+    scoring = options.get("choice_scoring")
+    if "choice_scoring" in known and scoring is not None and scoring not in ("generate", "loglikelihood"):
+        problems.append(("choice_scoring", f"expected generate or loglikelihood, got {scoring!r}"))
+    return problems
 
 
 def fresh_worker_per_checkpoint(name: str) -> bool:

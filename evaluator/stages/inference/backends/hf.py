@@ -323,6 +323,13 @@ class HFBackend:
             self._score_choices(samples, base, results, progress)
             return results
         order = sorted(range(len(samples)), key=lambda i: -self.runner.length(samples[i]))
+        if isinstance(self.runner, TextRunner):  # over the model's positions: that sample fails alone, saying why
+            for i in list(order):
+                why = self.runner.too_long(samples[i])
+                if why:
+                    results[i] = error_result(base(i), ValueError(why))
+                    order.remove(i)
+                    progress.update(1)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             generate_isolated(batch, lambda b: self.runner.generate([samples[i] for i in b]),

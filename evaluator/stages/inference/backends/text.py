@@ -126,6 +126,10 @@ class TextRunner:
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = transformers.AutoModelForSeq2SeqLM if self.seq2seq else transformers.AutoModelForCausalLM
         self.model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+        # the positions the model has (None: not stated): a longer input is refused per sample, as vLLM refuses a
+        # request over max_model_len; GPT-2 would fail with IndexError, a RoPE model would run out of its range
+        self.context = next((int(v) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                             if isinstance(v := getattr(config, k, None), int) and v > 0), None)
         self.configure(params, options)
         self.eos_ids = self._eos_ids()
         self.prefix_memo = None  # (tokens, key/value cache) of the last shared prefix: prefix_cache
@@ -253,6 +257,16 @@ class TextRunner:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "\n".join(m["content"] for m in messages)
 
+    def too_long(self, sample) -> Optional[str]:
+        """Why generating for `sample` would run past the model's positions, or None."""
+        if self.context is None or self.seq2seq:
+            return None
+        n = self.length(sample)
+        if n + self.params.max_new_tokens > self.context:
+            return (f"prompt of {n} tokens + max_new_tokens {self.params.max_new_tokens} > the model's "
+                    f"{self.context} positions (max_position_embeddings): shorten the prompt or max_new_tokens")
+        return None
+
     def length(self, sample) -> int:
         try:
             return len(self.tokenizer(self.prompt(sample), add_special_tokens=not self.chat)["input_ids"])
@@ -317,6 +331,10 @@ class TextRunner:
             if self.tokenizer.eos_token_id is None:
                 raise ValueError(f"sample {sample.id!r}: empty prompt and the tokenizer has no eos token to start from")
             ctx_ids = [self.tokenizer.eos_token_id]
+        longest = len(ctx_ids) + max(len(c) for c in continuations)
+        if self.context is not None and longest > self.context:
+            raise ValueError(f"sample {sample.id!r}: context of {len(ctx_ids)} tokens + its longest choice > the "
+                             f"model's {self.context} positions (max_position_embeddings)")
         return ChoiceRequest(context=tuple(ctx_ids), continuations=continuations)
 
     def score(self, requests: list) -> list:
