@@ -191,6 +191,22 @@ class MlflowSink:
         return _clean(f"{result.benchmark}/revision")
 
     def record(self, result: ResultRecord) -> None:
+        try:
+            self._record(result)
+        except BaseException:
+            self._forget()
+            raise
+
+    def _forget(self) -> None:
+        """After any failure, look everything up again at the next call: the server may have come back with
+        another store (the experiment and runs this sink knew are gone), or the experiment was recreated."""
+        self._client = None
+        self._experiment_id = None
+        self._run_ids.clear()
+        self._steps.clear()
+        self._tags.clear()
+
+    def _record(self, result: ResultRecord) -> None:
         from mlflow.entities import Metric, RunTag
 
         check_metric_names(result)

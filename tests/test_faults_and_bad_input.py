@@ -692,3 +692,102 @@ def test_bench_py_run_refuses_data_its_metrics_cannot_score_before_the_model_loa
         proc = bench_py("run", data, "--model", str(tmp_path / "no-model"), "--output-root", str(tmp_path / "out"))
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert "[inference]" not in proc.stderr  # no stage started
+
+
+# ---- selection and scheduling ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_held_benchmarks_backlog_does_not_starve_the_others_of_the_run(tmp_path):
+    """Dispatch read the oldest 65 pending rows of a run and only then dropped the held ones: once those were all
+    held, a newer runnable row was never read and --once never ended."""
+    root = tmp_path / "ckpt"
+    for it in range(1000, 69000, 1000):
+        megatron_checkpoint(root, it)
+    cfg = write_config(tmp_path, [bench("mc"), dict(bench("zz"), dataset=str(tmp_path / "not-mounted"))],
+                       recorder=LOCAL, executor={"inference_concurrency": 2, "evaluation_concurrency": 2})
+    proc = run_cli("--config", cfg, "--once", timeout=600)
+    assert proc.returncode == 1 and "benchmark zz held with 68 job(s) waiting" in proc.stderr, proc.stderr[-3000:]
+    states = [r["state"] for r in ledger_rows(tmp_path / "cache") if r["benchmark"] == "mc"]
+    assert states == ["recorded"] * 68
+
+
+def test_end_iteration_waits_for_a_checkpoint_saved_after_a_newer_one_and_for_a_benchmark_added_since(tmp_path):
+    """Iterations on disk with no row yet were taken for 'never saved' because the run had a later row: the daemon
+    exited 0 at once and they were never evaluated."""
+    root = tmp_path / "ckpt"
+    megatron_checkpoint(root, 1000)
+    megatron_checkpoint(root, 3000)
+    cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL)
+    run_cli("--config", cfg, "--once", check=0)
+    megatron_checkpoint(root, 2000, tracker=False)  # an older save that landed after the newer one
+    proc = run_cli("--config", cfg, "--end-iteration", "3000", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")} == {
+        1000: "recorded", 2000: "recorded", 3000: "recorded"}
+    cfg = write_config(tmp_path, [bench("qa"), bench("mc")], recorder=LOCAL)  # a benchmark added since
+    proc = run_cli("--config", cfg, "--end-iteration", "3000", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted((r["iteration"], r["state"]) for r in ledger_rows(tmp_path / "cache") if r["benchmark"] == "mc") \
+        == [(1000, "recorded"), (2000, "recorded"), (3000, "recorded")]
+
+
+def test_end_iteration_exits_1_when_a_job_in_the_range_failed_for_good(tmp_path):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa", infer_mode="crash")], recorder=LOCAL)
+    proc = run_cli("--config", cfg, "--end-iteration", "1000", timeout=120)
+    assert proc.returncode == 1 and "--end-iteration: 1 job(s) failed" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_runs_take_turns_when_one_slot_serves_them_all(tmp_path):
+    """With one slot, the lowest iteration of any run won every pass: run b waited for all of run a."""
+    from conftest import invocations
+
+    for it in range(1000, 7000, 1000):
+        megatron_checkpoint(tmp_path / "a", it)
+    for it in (100000, 101000):
+        megatron_checkpoint(tmp_path / "b", it)
+    cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL,
+                       watch={"paths": [{"path": str(tmp_path / "a"), "name": "a"},
+                                        {"path": str(tmp_path / "b"), "name": "b"}]},
+                       executor={"inference_concurrency": 1, "evaluation_concurrency": 1})
+    run_cli("--config", cfg, "--once", check=0, timeout=300)
+    started = {(run, it): invocations(tmp_path / "cache", it, "qa", run=run)[0]["start"]
+               for run, its in (("a", range(1000, 7000, 1000)), ("b", (100000, 101000))) for it in its}
+    assert started[("b", 100000)] < started[("a", 3000)] and started[("b", 101000)] < started[("a", 4000)]
+
+
+def test_dry_run_plans_a_row_an_earlier_selection_skipped_that_this_one_takes(tmp_path):
+    for it in (1000, 2000, 3000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+    cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL)
+    run_cli("--config", cfg, "--once", "--begin-iteration", "3000", check=0)
+    plan = run_cli("--config", cfg, "--dry-run", "--json", "--begin-iteration", "1000", check=0)
+    planned = sorted(j["iteration"] for j in json.loads(plan.stdout))
+    run_cli("--config", cfg, "--once", "--begin-iteration", "1000", check=0)
+    assert planned == [1000, 2000]
+    assert {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")} == {
+        1000: "recorded", 2000: "recorded", 3000: "recorded"}
+
+
+def test_a_checkpoint_that_comes_back_after_it_vanished_is_evaluated_then(tmp_path, daemons):
+    """It stayed `vanished` for good, silently, though it was never evaluated and is on disk again."""
+    import shutil
+
+    from conftest import wait_until
+
+    root = tmp_path / "ckpt"
+    megatron_checkpoint(root, 1000)
+    path = megatron_checkpoint(root, 2000)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=4.0)], recorder=LOCAL,
+                       watch={"snapshot": "none", "vanish_grace_seconds": 1},
+                       executor={"inference_concurrency": 1})
+    d = daemons(cfg)
+
+    def state(it):
+        return {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")}.get(it)
+    wait_until(lambda: state(1000) == "inferring" and state(2000) == "pending", timeout=60, what="2000 admitted")
+    shutil.move(path, tmp_path / "aside")  # gone while 1000 is evaluated
+    wait_until(lambda: state(2000) == "vanished", timeout=60, what="2000 vanished")
+    shutil.move(tmp_path / "aside", path)  # restored
+    wait_until(lambda: state(2000) == "recorded", timeout=60, what="2000 evaluated once it is back")
+    assert "the checkpoint is back" in d.log()
+    assert sorted(h["iteration"] for h in history(tmp_path / "cache")) == [1000, 2000]

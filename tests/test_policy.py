@@ -204,3 +204,34 @@ def test_rescans_run_on_the_monotonic_clock_whatever_the_wall_clock_does():
     # the loop passes time.monotonic(); a wall clock stepped back an hour would not be seen here at all
     assert P.rescan_due(last_scan=100.0, poll_seconds=10, now_monotonic=110.0)
     assert not P.rescan_due(last_scan=100.0, poll_seconds=10, now_monotonic=109.9)
+
+
+def test_choose_keeps_the_turn_between_runs_across_passes_of_one_free_slot():
+    """With one slot per pass, the lowest iteration of any run won every pass: run a's backlog held b back."""
+    rows = [L.Job("a", it, "qa", "/", L.PENDING) for it in (1, 2, 3, 4)] + [L.Job("b", 9, "qa", "/", L.PENDING),
+                                                                           L.Job("b", 10, "qa", "/", L.PENDING)]
+    served, last = [], None
+    for _ in range(4):
+        job = P.choose([r for r in rows if r not in served], 1, lambda j: True, after=last)[0]
+        served.append(job)
+        last = job.run
+    assert [(j.run, j.iteration) for j in served] == [("a", 1), ("b", 9), ("a", 2), ("b", 10)]
+
+
+def test_range_finished_waits_for_a_benchmark_added_to_iterations_it_has_seen():
+    """Iterations with rows for qa only, mc added to the config since: its rows are still to come."""
+    spec = P.RunSpec("r", "/ckpt", "megatron")
+    rows = {"r": {(1000, "qa"): True, (2000, "qa"): True}}
+    assert not P.range_finished([1000, 2000], [spec], ["qa", "mc"], rows, {"r": 5000})
+    # an iteration with no row at all below a later one was never saved (or rotated away unseen)
+    assert P.range_finished([1000, 2000, 1500], [spec], ["qa"], rows, {"r": 5000})
+
+
+def test_a_vanished_row_whose_checkpoint_is_complete_again_goes_back_to_pending():
+    job = L.Job("r", 2000, "qa", "/ckpt/iter_0002000", L.VANISHED)
+    back = Checkpoint("r", 2000, "/ckpt/iter_0002000", True)
+    move = P.reconcile(job, back, False, None, 30.0, True)
+    assert move.to == L.PENDING and move.fields["last_error"] is None
+    assert P.reconcile(job, Checkpoint("r", 2000, "/ckpt/iter_0002000", False), False, None, 30.0, True) is None
+    assert P.reconcile(job, back, False, None, 30.0, False) is None  # outside the selection now: left vanished
+    assert P.reconcile(job, None, False, 99.0, 30.0, True) is None

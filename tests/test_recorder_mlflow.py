@@ -201,3 +201,63 @@ def test_a_rerun_offered_again_by_a_restarted_process_or_an_older_revision_offer
     MlflowSink(s).record(rerun_of(tmp_path, 2000, value=0.3, revision=2))  # a second rerun: new again
     assert points(client, run, "qa/acc") == [(2000, 0.2), (2000, 0.25), (2000, 0.3)]
     assert points(client, run, "qa/revision") == [(2000, 1.0), (2000, 2.0)]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_back_with_another_store_is_recorded_to_without_a_restart(tmp_path):
+    """The sink kept the experiment id it had looked up: against a server restarted on a fresh store every later
+    record failed ('No Experiment with id=1 exists') until the daemon restarted. Real `mlflow server` processes
+    on 127.0.0.1, stopped by PID."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+
+    def serve(store):
+        proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                 "--backend-store-uri", f"sqlite:///{tmp_path / store}.db",
+                                 "--artifacts-destination", str(tmp_path / f"{store}-artifacts")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                return proc
+            except OSError:
+                time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(proc):
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+    uri = f"http://127.0.0.1:{port}"
+    s = settings(tmp_path, tracking_uri=uri)
+    sink = MlflowSink(s)
+    first = serve("a")
+    try:
+        sink.record(result(tmp_path, 1000))
+    finally:
+        stop(first)
+    second = serve("b")  # the same address, a fresh store: the experiment and run the sink knew are gone
+    try:
+        for attempt in range(3):  # the daemon offers it again after each failure
+            try:
+                sink.record(result(tmp_path, 2000))
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+        run = the_run(client_for(uri))
+        assert [m.step for m in client_for(uri).get_metric_history(run.info.run_id, "qa/acc")] == [2000]
+    finally:
+        stop(second)

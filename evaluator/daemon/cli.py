@@ -144,7 +144,9 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
             for bench in benchmarks or [None]:
                 job = rows.get(bench)
                 if job is not None:
-                    if P.job_final(job) or not run.runs_benchmark(bench):
+                    # a row skipped by an earlier selection that this one takes goes back to pending (reconcile)
+                    taken_again = job.state == L.SKIPPED and run.runs_benchmark(bench)
+                    if (P.job_final(job) and not taken_again) or not run.runs_benchmark(bench):
                         continue
                 elif bench is not None and (bench not in new or new[bench].state != L.PENDING):
                     continue  # not this run's benchmark, or admitted as failed (listed above)

@@ -167,6 +167,7 @@ class Daemon:
         self.last_data_check = float("-inf")
         self.stop_reason = "crashed (the log says why)"  # what daemon.json says once it stops; set on clean ends
         self.held: dict[str, str] = {}  # benchmark -> why nothing of it may start now (policy.hold_reason)
+        self.last_served: dict[str, str] = {}  # stage -> the run whose job started last (choose's turn)
         self.settings_changed: dict[str, dict] = {}  # benchmark -> {results, changes} while it is held for it
         self.hints: dict[str, list] = {}  # run -> hints.Hint: why its folder gives nothing (or less than expected)
         self.started_wall = time.time()
@@ -254,6 +255,7 @@ class Daemon:
                     break
                 if self.range_finished():
                     log.info("every iteration up to --end-iteration %s is done", self.selection.end)
+                    exit_code = self.once_outcome("--end-iteration")  # 1 when one failed for good, as --once
                     break
                 self._sleep(self.sleep_seconds())
             if self.stopping:
@@ -406,7 +408,9 @@ class Daemon:
         if not st.reconciled:
             st.known = self.ledger.known(run)
         wanted = self.wanted_names(run)
-        full = frozenset(it for it, names in st.known.items() if wanted <= names)
+        # a vanished checkpoint is judged again like a new one: it may come back (restored, or saved anew)
+        vanished = {j.iteration for j in self.ledger.jobs([L.VANISHED], run=run)}
+        full = frozenset(it for it, names in st.known.items() if wanted <= names and it not in vanished)
         try:
             checkpoints = layout.scan(full)
         except OSError as e:  # flaky storage (EIO, ESTALE, EACCES): try again at the next rescan
@@ -450,6 +454,10 @@ class Daemon:
         spec = self.runs[run]
         return {b for b in self.benchmarks if spec.runs_benchmark(b)}
 
+    def startable_names(self, run: str) -> list[str]:
+        """The benchmarks of `run` whose rows may start now: wanted and not held."""
+        return sorted(self.wanted_names(run) - set(self.held))
+
     def admit(self, run: str, checkpoints) -> None:
         st = self.state[run]
         spec = self.runs[run]
@@ -484,8 +492,10 @@ class Daemon:
                 del st.missing_since[it]
         for it in gone:
             st.missing_since.setdefault(it, now)
-        if st.reconciled:
-            iterations = gone
+        if st.reconciled:  # and the vanished ones seen complete again
+            iterations = gone + [j.iteration for j in self.ledger.jobs([L.VANISHED], run=run)
+                                 if j.iteration in present and present[j.iteration].complete]
+            iterations = list(dict.fromkeys(iterations))
         else:
             iterations = list(st.known)
             st.reconciled = True
@@ -499,14 +509,20 @@ class Daemon:
                                    self.grace, self.selection.selects(it))
                 if move is not None:
                     self.apply(move)
+                    snap = self.ledger.snapshot(run, it) if job.state == L.VANISHED else None
+                    if snap is not None and snap["state"] in (L.RELEASED, L.VANISHED):
+                        self.ledger.drop_snapshot(run, it)  # pinned afresh, like a new checkpoint
 
     # ---- decide + apply: snapshots, retries, starts ---------------------------------------------------------
     def pin_ahead(self) -> None:
         """Pin the next PIN_WINDOW checkpoints in dispatch order; collect finished pins."""
         queued: dict[tuple, str] = {}
         for run in self.runs:
-            for job in self.ledger.jobs([L.PENDING], run=run, newest_first=self.newest_first,
-                                        limit=PIN_WINDOW * max(1, len(self.wanted_names(run)))):
+            startable = self.startable_names(run)
+            if not startable:
+                continue
+            for job in self.ledger.jobs([L.PENDING], run=run, benchmarks=startable, newest_first=self.newest_first,
+                                        limit=PIN_WINDOW * len(startable)):
                 if self.may_start(job) and len(queued) < PIN_WINDOW * len(self.runs):
                     queued.setdefault((job.run, job.iteration), job.path)
         ready = [Checkpoint(run, it, path, True) for (run, it), path in queued.items()]
@@ -616,15 +632,21 @@ class Daemon:
             ready_state = P.STAGE_STATES[stage][0]
             ready: list[L.Job] = []
             for run in self.runs:  # per run, so one run's backlog cannot fill the window (policy.choose is fair)
-                ready += self.ledger.jobs([ready_state], run=run, newest_first=self.newest_first, limit=free + 64)
+                startable = self.startable_names(run)  # in SQL: held or dropped benchmarks' rows must not fill it
+                if startable:
+                    ready += self.ledger.jobs([ready_state], run=run, benchmarks=startable,
+                                              newest_first=self.newest_first, limit=free + 64)
             ready.sort(key=lambda j: (-j.iteration if self.newest_first else j.iteration, j.run, j.benchmark))
             started = 0
             # all of them in fair order: one whose snapshot is still pinning does not hold a slot
-            for job in P.choose(ready, len(ready), self.may_start):
+            for job in P.choose(ready, len(ready), self.may_start, after=self.last_served.get(stage)):
                 if self.stopping or started >= free:
                     break
                 try:
-                    started += self.start_stage(job, stage)
+                    n = self.start_stage(job, stage)
+                    started += n
+                    if n:
+                        self.last_served[stage] = job.run  # the next pass starts with the run after it
                 except L.LedgerUnavailable:
                     raise
                 except Exception as e:  # a bug starting one job fails that job, never the daemon
@@ -928,12 +950,14 @@ class Daemon:
         return [j for j in self.ledger.jobs([L.PENDING]) if (j.run, j.iteration) in self.keeper.waiting
                 and j.benchmark not in self.held and self.is_wanted(j)]
 
-    def once_outcome(self) -> int:
+    def once_outcome(self, ending: str = "--once") -> int:
         """--once is done: 0 when every wanted job ended well, else 1 with what did not (failed jobs, held
         benchmarks with work waiting, results a sink would not take)."""
         failed = [j for j in self.ledger.jobs([L.FAILED]) if P.job_final(j) and self.is_wanted(j)]
-        waiting = {bench: n for run, bench, n in self.ledger.runnable()
-                   if bench in self.held and P.wanted(self.runs, self.benchmarks, run, bench)}
+        waiting: dict[str, int] = {}
+        for run, bench, n in self.ledger.runnable():  # summed over runs
+            if bench in self.held and P.wanted(self.runs, self.benchmarks, run, bench):
+                waiting[bench] = waiting.get(bench, 0) + n
         problems = []
         if failed:
             problems.append(f"{len(failed)} job(s) failed ({', '.join(str(j.key) for j in failed[:5])}"
@@ -952,8 +976,8 @@ class Daemon:
             problems.append("scored result(s) could not be recorded (a sink is down, see status); they stay queued "
                             "and are recorded by the next run")
         for p in problems:
-            log.warning("--once: %s", p)
-        log.info("--once: every job that can run now is done%s", "" if not problems else " (exit 1: see above)")
+            log.warning("%s: %s", ending, p)
+        log.info("%s: every job that can run now is done%s", ending, "" if not problems else " (exit 1: see above)")
         return 1 if problems else 0
 
     def undelivered_given_up(self) -> int:
@@ -968,7 +992,10 @@ class Daemon:
             return False
         self.changed = False
         self.last_range_check = now
-        if self.executor.busy():
+        # not before every run was scanned and reconciled once, nor while a checkpoint settles: an iteration on disk
+        # that has no row yet must not be taken for one that was never saved
+        if self.executor.busy() or any(not st.reconciled or st.settle_at is not None for st in self.state.values()):
+            self.changed = True  # look again at the next pass
             return False
         rows = {run: {k: P.is_final(*v) for k, v in found.items()}
                 for run, found in self.ledger.finality_between(self.selection.begin, self.selection.end).items()}

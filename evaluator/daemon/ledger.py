@@ -35,7 +35,8 @@ RUNNING = (INFERRING, SCORING)
 
 # to-state -> the states it may be entered from
 ALLOWED: dict[str, tuple[str, ...]] = {
-    PENDING: (SKIPPED, INFERRING, FAILED, INFERRED, SCORING),  # SCORING: the checkpoint changed under the stage
+    # SCORING: the checkpoint changed under the stage; VANISHED: its checkpoint is back (never evaluated)
+    PENDING: (SKIPPED, INFERRING, FAILED, INFERRED, SCORING, VANISHED),
     INFERRING: (PENDING,),
     INFERRED: (INFERRING, SCORING, FAILED, SCORED),
     SCORING: (INFERRED,),
@@ -232,9 +233,10 @@ class Ledger:
 
     # ---- reads ---------------------------------------------------------------------------
     def jobs(self, states: Iterable[str] = (), run: Optional[str] = None, iteration: Optional[int] = None,
-             newest_first: Optional[bool] = None, limit: Optional[int] = None) -> list[Job]:
-        """Rows filtered in SQL; ordered by (run, iteration, benchmark), or by iteration when
-        `newest_first` is given (the dispatch order), at most `limit` of them."""
+             newest_first: Optional[bool] = None, limit: Optional[int] = None,
+             benchmarks: Optional[Iterable[str]] = None) -> list[Job]:
+        """Rows filtered in SQL (`benchmarks`: only these); ordered by (run, iteration, benchmark), or by iteration
+        when `newest_first` is given (the dispatch order), at most `limit` of them."""
         sql, args = self._select, []
         where = []
         states = tuple(states)
@@ -249,6 +251,10 @@ class Ledger:
         if iteration is not None:
             where.append("iteration = ?")
             args.append(iteration)
+        if benchmarks is not None:
+            names = tuple(benchmarks)
+            where.append(f"benchmark IN ({', '.join('?' * len(names))})" if names else "0")
+            args += names
         if where:
             sql += " WHERE " + " AND ".join(where)
         if newest_first is None:

@@ -154,6 +154,11 @@ def reconcile(job: L.Job, present: Optional[Checkpoint], protected: bool, missin
             return None
         why = f"checkpoint deleted before evaluation (absent from every scan for {missing_for:.0f}s)"
         return Move(job.key, L.VANISHED, why, {"next_retry_at": None, "last_error": why}, level="warning")
+    if job.state == L.VANISHED:  # gone before it was evaluated, and complete on disk again: evaluate it now
+        if not (present.complete and selected):
+            return None
+        return Move(job.key, L.PENDING, "the checkpoint is back",
+                    {"path": present.path, "last_error": None, "next_retry_at": None})
     if present.path != job.path and job.state in (L.PENDING, L.SKIPPED, L.FAILED):
         return Move(job.key, None, "the checkpoint's folder moved", {"path": present.path})
     if job.state == L.SKIPPED and selected:
@@ -260,18 +265,22 @@ def due_retry(job: L.Job, now: float) -> Optional[Move]:
 
 
 # ---- what runs next ------------------------------------------------------------------------------
-def choose(ready: list[L.Job], free: int, is_wanted) -> list[L.Job]:
+def choose(ready: list[L.Job], free: int, is_wanted, after: Optional[str] = None) -> list[L.Job]:
     """Up to `free` jobs from `ready` (already in dispatch order), served fairly across runs: one job of
-    each run in turn, so no run waits behind another's backlog."""
+    each run in turn, so no run waits behind another's backlog. The turn goes on across passes: `after` is the
+    run served last, and the runs (in name order) are served from the one after it."""
     if free <= 0:
         return []
     queues: dict[str, list[L.Job]] = {}
     for job in ready:
         if is_wanted(job):
             queues.setdefault(job.run, []).append(job)
+    order = sorted(queues)
+    if after is not None:
+        order = [r for r in order if r > after] + [r for r in order if r <= after]
     chosen: list[L.Job] = []
     while len(chosen) < free and any(queues.values()):
-        for run in list(queues):
+        for run in order:
             if queues[run] and len(chosen) < free:
                 chosen.append(queues[run].pop(0))
     return chosen
@@ -305,17 +314,19 @@ def range_finished(expected: Optional[list[int]], runs: list[RunSpec], benchmark
     """Every iteration up to --end-iteration done, for every run and wanted benchmark.
 
     rows: run -> {(iteration, benchmark): final?} for iterations in the selection's range; newest: run ->
-    its newest iteration with a row. An expected iteration with no row while the run has a later one
-    was never saved (or rotated away unseen): not waited for."""
+    its newest iteration with a row. An expected iteration with no row at all while the run has a later one
+    was never saved (or rotated away unseen): not waited for. One with rows for some benchmarks is a checkpoint
+    the daemon has seen: a benchmark without a row there (added to the config since) is still to come."""
     if expected is None:
         return False
     for run in runs:
         have = rows.get(run.name, {})
+        seen = {it for it, _ in have}
         top = newest.get(run.name)
         for it in expected:
             for name in filter(run.runs_benchmark, benchmarks):
                 final = have.get((it, name))
-                if final is None and top is not None and top > it:
+                if final is None and it not in seen and top is not None and top > it:
                     continue
                 if not final:
                     return False
