@@ -581,6 +581,9 @@ def test_warm_workers_unquoted_on_and_off_mean_on_and_off(tmp_path, word, means)
     (["1 2", "1/2", "2", "0"], "1/2", "1 2", 0.0),
     (["1 2", "1/2", "2", "0"], "1/2", "The answer is 1/2.", 1.0),
     (["True", "False", "True"], "True", "True", 1.0),  # duplicates: the same text is the same answer
+    (["C", "C++", "Java", "Python"], "Java", "The answer is C++", 0.0),  # not the letter C (Java)
+    (["C", "C++", "Java", "Python"], "C++", "The answer is C++", 1.0),
+    (["C", "C++", "Java", "Python"], "C", "The answer is C.", 1.0),
 ])
 def test_choices_that_differ_only_in_punctuation_are_different_answers(choices, target, prediction, right):
     """Punctuation turned into spaces made '1' and '-1' one answer: a wrong pick counted as right."""
@@ -791,3 +794,24 @@ def test_a_checkpoint_that_comes_back_after_it_vanished_is_evaluated_then(tmp_pa
     wait_until(lambda: state(2000) == "recorded", timeout=60, what="2000 evaluated once it is back")
     assert "the checkpoint is back" in d.log()
     assert sorted(h["iteration"] for h in history(tmp_path / "cache")) == [1000, 2000]
+
+
+def test_an_empty_system_message_before_the_question_is_accepted(tmp_path):
+    """Exported datasets often carry an empty system turn; only the turn the model answers must say something."""
+    from evaluator.benchmarks.registry import load_benchmark
+
+    data = canonical_dataset(tmp_path / "ds", [{"id": "1", "messages": [{"role": "system", "content": ""},
+                                                                         {"role": "user", "content": "q"}],
+                                                "target": "x"}])
+    assert [s.id for s in load_benchmark("dataset", data).samples] == ["1"]
+
+
+def test_end_iteration_counts_only_the_failures_of_its_range(tmp_path):
+    root = tmp_path / "ckpt"
+    megatron_checkpoint(root, 1000)
+    cfg = write_config(tmp_path, [bench("qa", infer_mode="crash")], recorder=LOCAL)
+    run_cli("--config", cfg, "--once", check=1)  # 1000 failed for good
+    megatron_checkpoint(root, 2000)
+    cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL)
+    proc = run_cli("--config", cfg, "--begin-iteration", "2000", "--end-iteration", "2000", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -222,9 +222,11 @@ def test_range_finished_waits_for_a_benchmark_added_to_iterations_it_has_seen():
     """Iterations with rows for qa only, mc added to the config since: its rows are still to come."""
     spec = P.RunSpec("r", "/ckpt", "megatron")
     rows = {"r": {(1000, "qa"): True, (2000, "qa"): True}}
-    assert not P.range_finished([1000, 2000], [spec], ["qa", "mc"], rows, {"r": 5000})
+    assert not P.range_finished([1000, 2000], [spec], ["qa", "mc"], rows, {"r": 5000}, {"r": {1000, 2000, 5000}})
+    # not on disk (rotated away before mc was added): not waited for
+    assert P.range_finished([1000, 2000], [spec], ["qa", "mc"], rows, {"r": 5000}, {"r": {5000}})
     # an iteration with no row at all below a later one was never saved (or rotated away unseen)
-    assert P.range_finished([1000, 2000, 1500], [spec], ["qa"], rows, {"r": 5000})
+    assert P.range_finished([1000, 2000, 1500], [spec], ["qa"], rows, {"r": 5000}, {"r": {1000, 2000, 5000}})
 
 
 def test_a_vanished_row_whose_checkpoint_is_complete_again_goes_back_to_pending():

@@ -131,8 +131,8 @@ def parse_row(data: Any, where: str, root: str, check_files: bool = True) -> tup
             continue
         content, bad = _check_content(message["content"], f"{at}.content", root, check_files)
         problems += bad
-        if not bad and _is_empty(content):  # a model answers an empty prompt with something, scored as an answer
-            problems.append(f"{at}.content: empty (no text and no audio)")
+        if not bad and i == len(messages) - 1 and _is_empty(content):  # the turn answered: a model answers an
+            problems.append(f"{at}.content: empty (no text and no audio)")  # empty prompt, and it was scored
         out_messages.append({**message, "content": content})
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("assistant", "system"):
         problems.append(f"{where}: messages: the last turn is the {messages[-1]['role']}'s; nothing to answer "

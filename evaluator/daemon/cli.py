@@ -145,7 +145,9 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
                 job = rows.get(bench)
                 if job is not None:
                     # a row skipped by an earlier selection that this one takes goes back to pending (reconcile)
-                    taken_again = job.state == L.SKIPPED and run.runs_benchmark(bench)
+                    # (and a vanished one whose checkpoint is complete on disk again)
+                    taken_again = (job.state == L.SKIPPED or (job.state == L.VANISHED and c.complete)) \
+                        and run.runs_benchmark(bench)
                     if (P.job_final(job) and not taken_again) or not run.runs_benchmark(bench):
                         continue
                 elif bench is not None and (bench not in new or new[bench].state != L.PENDING):

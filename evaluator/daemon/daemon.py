@@ -138,6 +138,7 @@ class RunWatch:
     settle_at: Optional[float] = None  # when a settling checkpoint needs another look
     recheck_at: Optional[float] = None
     recheck_gap: float = RECHECK_SECONDS
+    on_disk: set = field(default_factory=set)  # the iterations the last scan listed
     last_scan: float = float("-inf")
     hinted: bool = False  # set-up hints looked for once (a run whose checkpoints are all known needs no more)
 
@@ -255,7 +256,7 @@ class Daemon:
                     break
                 if self.range_finished():
                     log.info("every iteration up to --end-iteration %s is done", self.selection.end)
-                    exit_code = self.once_outcome("--end-iteration")  # 1 when one failed for good, as --once
+                    exit_code = self.once_outcome("--end-iteration", self.selection.selects)  # 1: one failed
                     break
                 self._sleep(self.sleep_seconds())
             if self.stopping:
@@ -486,6 +487,7 @@ class Daemon:
         """Rows against disk: at the first scan every row (selection and paths may have changed since
         the last start), later only rows whose checkpoint is no longer listed."""
         st = self.state[run]
+        st.on_disk = set(present)
         gone = [it for it in st.known if it not in present]
         for it in list(st.missing_since):
             if it in present:
@@ -945,15 +947,16 @@ class Daemon:
     def unpinnable(self) -> list[L.Job]:
         """Wanted pending rows of checkpoints that cannot be read to pin (SnapshotKeeper.waiting: permissions, a
         dangling link, rewritten in place): nothing of them can start until that changes."""
-        if not self.keeper.waiting:
-            return []
-        return [j for j in self.ledger.jobs([L.PENDING]) if (j.run, j.iteration) in self.keeper.waiting
-                and j.benchmark not in self.held and self.is_wanted(j)]
+        return [j for run, iteration in list(self.keeper.waiting)
+                for j in self.ledger.jobs([L.PENDING], run=run, iteration=iteration)
+                if j.benchmark not in self.held and self.is_wanted(j)]
 
-    def once_outcome(self, ending: str = "--once") -> int:
+    def once_outcome(self, ending: str = "--once", in_range=None) -> int:
         """--once is done: 0 when every wanted job ended well, else 1 with what did not (failed jobs, held
-        benchmarks with work waiting, results a sink would not take)."""
-        failed = [j for j in self.ledger.jobs([L.FAILED]) if P.job_final(j) and self.is_wanted(j)]
+        benchmarks with work waiting, results a sink would not take). in_range(iteration): --end-iteration's
+        selection; only its failed jobs count, and set-up hints do not."""
+        failed = [j for j in self.ledger.jobs([L.FAILED]) if P.job_final(j) and self.is_wanted(j)
+                  and (in_range is None or in_range(j.iteration))]
         waiting: dict[str, int] = {}
         for run, bench, n in self.ledger.runnable():  # summed over runs
             if bench in self.held and P.wanted(self.runs, self.benchmarks, run, bench):
@@ -970,7 +973,7 @@ class Daemon:
         for (run, iteration), n in sorted(blocked.items()):
             problems.append(f"{run} iteration {iteration}: {n} job(s) waiting, the checkpoint cannot be pinned: "
                             f"{self.keeper.waiting[(run, iteration)]}")
-        for run, hints in sorted(self.hints.items()):  # a set-up mistake: nothing of that run could be evaluated
+        for run, hints in sorted(self.hints.items()) if in_range is None else ():  # a set-up mistake
             problems += [f"run {run}: {h.text}" for h in hints if h.level == "warning"]
         if self.undelivered_given_up():
             problems.append("scored result(s) could not be recorded (a sink is down, see status); they stay queued "
@@ -994,13 +997,14 @@ class Daemon:
         self.last_range_check = now
         # not before every run was scanned and reconciled once, nor while a checkpoint settles: an iteration on disk
         # that has no row yet must not be taken for one that was never saved
-        if self.executor.busy() or any(not st.reconciled or st.settle_at is not None for st in self.state.values()):
+        if self.executor.busy() or any((not st.reconciled and not st.unavailable) or st.settle_at is not None
+                                       for st in self.state.values()):
             self.changed = True  # look again at the next pass
             return False
         rows = {run: {k: P.is_final(*v) for k, v in found.items()}
                 for run, found in self.ledger.finality_between(self.selection.begin, self.selection.end).items()}
         return P.range_finished(expected, list(self.runs.values()), list(self.benchmarks), rows,
-                                self.ledger.newest_iterations())
+                                self.ledger.newest_iterations(), {run: st.on_disk for run, st in self.state.items()})
 
     def sleep_seconds(self) -> float:
         now = time.monotonic()

@@ -669,9 +669,11 @@ class _Transaction:
         self.db = db
         self.path = path
 
+    # the transaction's own statements on the plain connection: their errors are handled here (a failed COMMIT
+    # rolled back), not turned into LedgerUnavailable by _Connection before that
     def __enter__(self):
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            sqlite3.Connection.execute(self.db, "BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as e:
             if not file_error(e):
                 raise
@@ -681,7 +683,7 @@ class _Transaction:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             try:
-                self.db.execute("COMMIT")
+                sqlite3.Connection.execute(self.db, "COMMIT")
                 return False
             except sqlite3.DatabaseError as e:
                 if not file_error(e):
@@ -689,6 +691,8 @@ class _Transaction:
                 self._rollback()
                 raise LedgerUnavailable(f"cannot write the ledger {self.path}: {e}") from None
         self._rollback()
+        if isinstance(exc, LedgerUnavailable):
+            return False  # a statement inside said so already (rolled back above)
         if file_error(exc):
             raise LedgerUnavailable(f"cannot write the ledger {self.path}: {exc}") from None
         return False
@@ -696,6 +700,6 @@ class _Transaction:
     def _rollback(self) -> None:
         if self.db.in_transaction:
             try:
-                self.db.execute("ROLLBACK")
+                sqlite3.Connection.execute(self.db, "ROLLBACK")
             except sqlite3.DatabaseError:
                 pass  # SQLite rolled back already (e.g. SQLITE_FULL), or the file is damaged

@@ -310,23 +310,24 @@ def idle(b: Backlog) -> bool:
 
 
 def range_finished(expected: Optional[list[int]], runs: list[RunSpec], benchmarks: list[str],
-                   rows: dict[str, dict[tuple, bool]], newest: dict[str, int]) -> bool:
+                   rows: dict[str, dict[tuple, bool]], newest: dict[str, int],
+                   on_disk: Optional[dict[str, set]] = None) -> bool:
     """Every iteration up to --end-iteration done, for every run and wanted benchmark.
 
     rows: run -> {(iteration, benchmark): final?} for iterations in the selection's range; newest: run ->
-    its newest iteration with a row. An expected iteration with no row at all while the run has a later one
-    was never saved (or rotated away unseen): not waited for. One with rows for some benchmarks is a checkpoint
-    the daemon has seen: a benchmark without a row there (added to the config since) is still to come."""
+    its newest iteration with a row; on_disk: run -> the iterations its last scan listed. A (iteration, benchmark)
+    with no row while the run has a later iteration is not waited for when the checkpoint is not on disk (never
+    saved, or rotated away before it was seen or before the benchmark was added); on disk, its row is to come."""
     if expected is None:
         return False
     for run in runs:
         have = rows.get(run.name, {})
-        seen = {it for it, _ in have}
+        there = (on_disk or {}).get(run.name, set())
         top = newest.get(run.name)
         for it in expected:
             for name in filter(run.runs_benchmark, benchmarks):
                 final = have.get((it, name))
-                if final is None and it not in seen and top is not None and top > it:
+                if final is None and it not in there and top is not None and top > it:
                     continue
                 if not final:
                     return False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import time
 from typing import Optional
 
@@ -145,7 +146,10 @@ def main(command: str, argv: list[str]) -> int:
     except L.LedgerUnavailable as e:
         raise EvaluatorError(str(e)) from None
     try:
-        jobs = led.jobs()
+        try:
+            jobs = led.jobs()
+        except (L.LedgerUnavailable, sqlite3.Error) as e:
+            raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
         from evaluator.daemon.build import resolve_runs
 
         try:

@@ -139,10 +139,16 @@ def _unique(indices) -> Optional[int]:
 def _phrase_pick(text: str, m: re.Match, normed_choices: list, choices: list) -> Optional[int]:
     """Rule 3 for one answer phrase: 'Answer: A dog barking' names the choice 'A dog barking' (its text follows the
     phrase), not the letter A; only when no choice's text follows does the letter count."""
-    tail = _mc_norm(text[m.start(m.lastindex):])
+    written = text[m.start(m.lastindex):]
+    tail = _mc_norm(written)
     following = [i for i, c in enumerate(normed_choices) if c and (tail == c or tail.startswith(c + " "))]
     if len({normed_choices[i] for i in following}) == 1 and len({choices[i].strip() for i in following}) == 1:
         return following[0]
+    if following:  # choices alike once normalised ('C', 'C++'): the longest one written there, else no answer
+        said = written.casefold()
+        as_written = [i for i in following if said.startswith(choices[i].strip().casefold())]
+        longest = [i for i in as_written if len(choices[i].strip()) == max(len(choices[j].strip()) for j in as_written)]
+        return longest[0] if longest and len({choices[i].strip() for i in longest}) == 1 else None
     return _index(_letter(m), len(normed_choices))
 
 

@@ -322,14 +322,18 @@ class HFBackend:
         if scoring == "loglikelihood":
             self._score_choices(samples, base, results, progress)
             return results
-        order = sorted(range(len(samples)), key=lambda i: -self.runner.length(samples[i]))
+        lengths = [self.runner.length(s) for s in samples]  # tokenised once: the batch order and the check
+        order = sorted(range(len(samples)), key=lambda i: -lengths[i])
         if isinstance(self.runner, TextRunner):  # over the model's positions: that sample fails alone, saying why
-            for i in list(order):
-                why = self.runner.too_long(samples[i])
+            keep = []
+            for i in order:
+                why = self.runner.too_long(lengths[i])
                 if why:
                     results[i] = error_result(base(i), ValueError(why))
-                    order.remove(i)
                     progress.update(1)
+                else:
+                    keep.append(i)
+            order = keep
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             generate_isolated(batch, lambda b: self.runner.generate([samples[i] for i in b]),

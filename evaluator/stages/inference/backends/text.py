@@ -257,11 +257,11 @@ class TextRunner:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "\n".join(m["content"] for m in messages)
 
-    def too_long(self, sample) -> Optional[str]:
-        """Why generating for `sample` would run past the model's positions, or None."""
+    def too_long(self, n: int) -> Optional[str]:
+        """Why generating after a prompt of `n` tokens would run past the model's positions, or None (as vLLM
+        refuses a request whose prompt + max_tokens exceeds max_model_len, even one that might stop early)."""
         if self.context is None or self.seq2seq:
             return None
-        n = self.length(sample)
         if n + self.params.max_new_tokens > self.context:
             return (f"prompt of {n} tokens + max_new_tokens {self.params.max_new_tokens} > the model's "
                     f"{self.context} positions (max_position_embeddings): shorten the prompt or max_new_tokens")
