@@ -331,6 +331,19 @@ def metrics_problem(names, samples: list) -> Optional[str]:
     return None
 
 
+def scoring_problem(spec: dict) -> Optional[str]:
+    """Why a dataset benchmark's metrics cannot score its rows, or None (also when the data does not load: the
+    inference stage then fails that benchmark alone, naming file:line)."""
+    if spec["type"] not in registry.BENCHMARKS:
+        return None
+    try:
+        data = registry.load_benchmark(spec["type"], spec["dataset"], spec["options"], spec.get("sample_size"))
+    except EvaluatorError:
+        return None
+    names = spec.get("metrics") or registry.default_metrics(spec["type"], data)
+    return metrics_problem(names, data.samples) if names else None
+
+
 def suggested_metrics(samples: list) -> tuple[Optional[str], list]:
     """(the field they score, metric names) for the first SUGGESTED_METRICS entry these rows fit; (None, [])."""
     for field_name, names in SUGGESTED_METRICS:
@@ -384,15 +397,14 @@ def cmd_inference(args, then_eval: bool = False) -> int:
             raise EvaluatorError(f"{target}: benchmark {spec['name']!r} is given twice (both would write {out_dir});"
                                  f" run one of them on its own with --name")
         runs.append(BenchmarkRun(spec, out_dir, os.path.join(out_dir, PREDICTIONS)))
-    if then_eval:  # data the evaluation would refuse is refused before the model loads
-        for run in runs:
-            spec = run.spec
-            if spec["type"] in registry.BENCHMARKS:
-                data = registry.load_benchmark(spec["type"], spec["dataset"], spec["options"], spec.get("sample_size"))
-                names = spec.get("metrics") or registry.default_metrics(spec["type"], data)
-                problem = metrics_problem(names, data.samples) if names else None
-                if problem:
-                    raise EvaluatorError(f"{spec['name']}: {problem}")
+    if then_eval:
+        for run in runs:  # data its evaluation would refuse: that benchmark fails now, before the model loads
+            problem = scoring_problem(run.spec)
+            if problem:
+                print(f"bench: {run.spec['name']}: error: {problem}", file=sys.stderr)
+                os.makedirs(run.out_dir, exist_ok=True)
+                run.code, run.result = 2, os.path.join(run.out_dir, LOG_FILE[INFERENCE])
+                write_text_atomic(run.result, f"[bench] error: {problem}\n")
     run_benchmarks(INFERENCE, runs, model, args.seed)
     if then_eval:
         return evaluate(runs, model, args.seed, table_scale(args))

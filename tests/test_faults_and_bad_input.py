@@ -815,3 +815,16 @@ def test_end_iteration_counts_only_the_failures_of_its_range(tmp_path):
     cfg = write_config(tmp_path, [bench("qa")], recorder=LOCAL)
     proc = run_cli("--config", cfg, "--begin-iteration", "2000", "--end-iteration", "2000", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_bench_py_run_fails_only_the_benchmark_whose_data_its_metrics_cannot_score(tmp_path, tiny_lm):
+    """The check before the model loads must not fail the neighbours (one benchmark's bad spec fails alone)."""
+    mc = canonical_dataset(tmp_path / "mc", [{"id": "a", "messages": [{"role": "user", "content": "color?"}],
+                                              "choices": ["red", "blue"], "target": "purple"}], metrics=["accuracy"])
+    qa = canonical_dataset(tmp_path / "qa", [{"id": "q", "messages": [{"role": "user", "content": "hi"}],
+                                              "target": "x"}], metrics=["exact_match"])
+    proc = bench_py("run", mc, qa, "--model", tiny_lm("gpt2"), "--output-root", str(tmp_path / "out"),
+                    "--param", "max_new_tokens=2")
+    assert proc.returncode == 2 and "target 'purple' is neither one of its choices" in proc.stderr, proc.stderr
+    assert list((tmp_path / "out").rglob("qa/metrics.json")) and not list((tmp_path / "out").rglob("mc/metrics.json"))
