@@ -105,6 +105,9 @@ def _numbers(metrics: Any, where: str) -> dict:
         validate_metrics({"metrics": metrics}, where)
     except ValueError as e:
         raise EvaluatorError(str(e)) from None
+    for name, value in metrics.items():  # the API's results are read back as floats (load_results, the plots)
+        if not is_finite_number(value):
+            raise EvaluatorError(f"{where}: metrics.{name}: expected a finite number, got {value!r}")
     return {str(k): v for k, v in metrics.items()}
 
 
