@@ -828,3 +828,36 @@ def test_bench_py_run_fails_only_the_benchmark_whose_data_its_metrics_cannot_sco
                     "--param", "max_new_tokens=2")
     assert proc.returncode == 2 and "target 'purple' is neither one of its choices" in proc.stderr, proc.stderr
     assert list((tmp_path / "out").rglob("qa/metrics.json")) and not list((tmp_path / "out").rglob("mc/metrics.json"))
+
+
+def test_the_daemon_records_to_wandb_with_a_service_of_its_own_not_one_it_inherited(tmp_path):
+    """A daemon started by a process running a W&B service (a trainer, a notebook, a test runner: WANDB_SERVICE in
+    its environment) used that service; a daemon killed mid-record left its run open there, and every later daemon
+    failed with 'run ID ... is in use' (found by the clean-clone CI's chaos test). Here a real wandb process holds
+    the run open in its service, as the killed daemon's did."""
+    import signal
+
+    from recorder.wandb_sink import run_id
+
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa")], recorder={"sinks": ["wandb"], "plots": False},
+                       wandb={"mode": "offline", "dir": str(tmp_path / "wb")})
+    holder_code = ("import os, sys, time, wandb\n"
+                   f"r = wandb.init(mode='offline', dir={str(tmp_path / 'held')!r}, project='test', "
+                   f"id={run_id('test', 'tiny')!r})\n"
+                   "print(os.environ['WANDB_SERVICE'], flush=True)\n"
+                   "time.sleep(300)\n")
+    (tmp_path / "held").mkdir()
+    holder = subprocess.Popen([DAEMON_PY, "-c", holder_code], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        service = holder.stdout.readline().strip()
+        assert service, "the holder's wandb service did not start"
+        proc = subprocess.run([DAEMON_PY, os.path.join(ROOT, "tools", "evaluator.py"), "--config", cfg, "--once"],
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, WANDB_SERVICE=service))
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert proc.returncode == 0 and "is in use" not in proc.stderr, proc.stderr[-3000:]
+    assert {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")} == {1000: "recorded"}

@@ -212,6 +212,10 @@ def run(argv: list[str]) -> int:
         return 0
     from evaluator.daemon.build import build
 
+    # the daemon runs a W&B service of its own: one inherited from the process that started it (a trainer, a
+    # notebook, a test runner) would keep a killed daemon's run open there ("run ID ... is in use"), and every
+    # later daemon could not record to that run until that process ended
+    os.environ.pop("WANDB_SERVICE", None)
     code = build(cfg, selection, args.model_type, once=args.once).run()
     if threading.active_count() > 1:
         # a sink call still hung (the outbox waits a moment, then leaves it behind): end without waiting for it,
