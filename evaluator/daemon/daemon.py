@@ -437,7 +437,7 @@ class Daemon:
             st.recheck_gap = min(st.recheck_gap * 2, self.cfg.watch.poll_seconds)
         else:
             st.recheck_gap = RECHECK_SECONDS
-        self.reconcile(run, present, now)
+        self.reconcile(run, present, now, vanished)
 
     def set_hints(self, run: str, hints: list) -> None:
         """Keep a run's hints for status and log each one once, when it first appears."""
@@ -483,9 +483,10 @@ class Daemon:
             if len(chunk) > 50:
                 log.info("run %s: admitted %d job(s) (%d new)", run, len(chunk), len(added))
 
-    def reconcile(self, run: str, present: dict[int, Checkpoint], now: float) -> None:
+    def reconcile(self, run: str, present: dict[int, Checkpoint], now: float, vanished: set = frozenset()) -> None:
         """Rows against disk: at the first scan every row (selection and paths may have changed since
-        the last start), later only rows whose checkpoint is no longer listed."""
+        the last start), later only rows whose checkpoint is no longer listed, and `vanished` rows (their
+        iterations read once by the scan) whose checkpoint is complete again."""
         st = self.state[run]
         st.on_disk = set(present)
         gone = [it for it in st.known if it not in present]
@@ -494,10 +495,8 @@ class Daemon:
                 del st.missing_since[it]
         for it in gone:
             st.missing_since.setdefault(it, now)
-        if st.reconciled:  # and the vanished ones seen complete again
-            iterations = gone + [j.iteration for j in self.ledger.jobs([L.VANISHED], run=run)
-                                 if j.iteration in present and present[j.iteration].complete]
-            iterations = list(dict.fromkeys(iterations))
+        if st.reconciled:  # and the iterations with vanished rows seen complete again (scan read them once)
+            iterations = gone + sorted(it for it in vanished if it in present and present[it].complete)
         else:
             iterations = list(st.known)
             st.reconciled = True
