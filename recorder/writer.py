@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
 from evaluator.common.errors import EvaluatorError
-# the YAML loader and error wording the daemon config uses too, so both tools report problems the same way
 from evaluator.common.checks import folder_name_problem, run_name_problem
 from evaluator.common.contracts import validate_metrics
+# the YAML loader and error wording the daemon config uses too, so both tools report problems the same way
 from evaluator.common.yamlconf import config_error, read_yaml, validate
 from recorder import leaderboard, plots, sources
 from recorder.sinks import SINKS, RecorderSettings, ResultRecord, WandbSettings, mlflow_settings, versions
