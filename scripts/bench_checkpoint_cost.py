@@ -26,9 +26,10 @@ slower than (a) at K=1. Every number is measured in this run; nothing is filled 
 
 `--backend vllm` measures the same with real vLLM (.venvs/inference-vllm-cpu, `make setup-vllm-cpu`: its CPU
 build; default output bench_checkpoint_cost_vllm.json): K short-answer generation benchmarks (vLLM generates only),
-the engine's default torch.compile warm-up unless --vllm-eager, a 1 GiB KV cache. There (b) = (c): a vllm worker
-never outlives its checkpoint (no in-place weight reload: scripts/check_vllm_reload.py), so every checkpoint pays
-one engine start, and (d) is one weight read + the work in an engine built once.
+the engine's default torch.compile warm-up unless --vllm-eager, a 1 GiB KV cache, `weight_reload: true`. There
+(b) pays one engine start per checkpoint, and (c) one engine for the run, each next checkpoint's weights reloaded
+into it in place (verified equal to a fresh engine: scripts/check_vllm_reload.py); (d) is one read of the weight
+file + the work in an engine built once.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def benchmarks(tmp: str, k: int, n: int, backend: str = "hf", engine: dict | Non
         data = write_dataset(os.path.join(tmp, "data", f"{kind}{i}"), kind, n, seed=i)
         b = {"name": f"{kind}{i}", "type": "dataset", "dataset": data, "batch_size": 16}
         if backend == "vllm":  # one vLLM call per benchmark (it batches inside); the same engine options for all
-            b.update(backend="vllm", batch_size=256, backend_options=dict(engine or {}))
+            # weight_reload: (c)'s warm worker keeps its engine across checkpoints; (a) and (b) start one per checkpoint
+            b.update(backend="vllm", batch_size=256, backend_options={**(engine or {}), "weight_reload": True})
         if kind == "qa":
             b["generation"] = {"max_new_tokens": 8}
         else:
@@ -175,7 +177,7 @@ def limit_worker(spec_path: str) -> None:
     per_checkpoint = []
     for ckpt in spec["checkpoints"]:
         t0 = time.perf_counter()
-        if backend == "vllm":  # the one weight read; vLLM cannot take it in place (check_vllm_reload.py)
+        if backend == "vllm":  # the one weight read (what (c) reloads in place, vllm_reload.py)
             with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
                 while f.read(1 << 24):
                     pass

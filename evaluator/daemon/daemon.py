@@ -715,7 +715,7 @@ class Daemon:
             self.write_job(job, s, checkpoint, out)
             btype = BENCHMARK_TYPES[bench.type]
             module = btype.inference_module if s == INFERENCE else btype.evaluation_module
-            fresh = s == INFERENCE and backends.fresh_worker_per_checkpoint(bench.backend)
+            fresh = s == INFERENCE and backends.fresh_worker_per_checkpoint(bench.backend, bench.backend_options)
             launches.append(Launch(job.key, s, token, (self.pythons[s], "-m", module, "--job", os.path.join(out, JOB_FILE[s])),
                                    out, os.path.join(out, LOG_FILE[s]), self.timeouts[s], session=checkpoint,
                                    fresh_session=fresh))

@@ -61,6 +61,7 @@ class Worker:
     proc: subprocess.Popen
     gpu: Optional[str]
     session: str = ""  # the checkpoint its last job read
+    bound: bool = False  # it ran a job whose backend wants a fresh worker per checkpoint: it keeps its session
     jobs: int = 0
     job: Optional[tuple] = None  # the key of the job it runs now
     buffer: bytes = b""
@@ -103,12 +104,17 @@ class Lanes:
 def choose_worker(idle: list, session: str, warm: str, fresh_session: bool) -> tuple:
     """(the idle worker to give a job reading checkpoint `session`, or None: start one; the idle workers to retire).
     One whose last job read the same checkpoint first; else, in `on` mode, any idle one, unless the job's backend
-    wants a fresh worker for another checkpoint (`fresh_session`, vLLM), which it then gets as in `checkpoint` mode."""
+    wants a fresh worker for another checkpoint (`fresh_session`, vLLM), which it then gets as in `checkpoint` mode.
+    A worker that ran such a job (`bound`: it may hold that backend's model, e.g. a vLLM engine) never takes
+    another checkpoint's job, whatever its backend: an hf job in between would otherwise carry it on to the next
+    checkpoint, whose vLLM job would then build a second engine in the same process. Idle bound workers of
+    another checkpoint are retired."""
     same = [w for w in idle if w.session == session]
     if same:
         return same[0], []
-    if idle and warm == "on" and not fresh_session:
-        return idle[0], []
+    others = [w for w in idle if not w.bound]
+    if others and warm == "on" and not fresh_session:
+        return others[0], [w for w in idle if w.bound]
     return None, list(idle)
 
 
@@ -259,6 +265,7 @@ class LocalExecutor:
             raise SubmitError(f"warm worker pid {worker.pid}: {type(e).__name__}: {e}") from None
         now = time.monotonic()
         worker.job, worker.session = tuple(launch.key), launch.session
+        worker.bound = worker.bound or launch.fresh_session
         sp = StageProcess(launch.key, launch.stage, worker.proc, now, now + launch.timeout_s, worker.gpu,
                           token=launch.token, worker=worker)
         self.procs[launch.key] = sp
@@ -274,10 +281,10 @@ class LocalExecutor:
             gpu = self._free_gpu()
             idle = [w for w in idle if w.gpu == gpu]
         chosen, retire = choose_worker(idle, launch.session, self.warm, launch.fresh_session)
-        if chosen is not None:
-            return chosen
         for w in retire:  # another checkpoint's session ended, or a GPU slot's worker is due
             self._retire(w)
+        if chosen is not None:
+            return chosen
         lane_workers = [w for w in self.workers if w.stage == launch.stage and not w.retiring]
         if len(lane_workers) >= self.capacity(launch.stage):  # idle ones of another venv: make room
             for w in lane_workers:

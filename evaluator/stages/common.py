@@ -23,7 +23,7 @@ WARM = False
 WORKER_EXIT: list[Callable[[], None]] = []
 
 
-SWITCHES = ("chat_template", "shared_prefix")  # backend options that are on/off switches (on unless set off)
+SWITCHES = ("chat_template", "shared_prefix", "weight_reload")  # backend options that are on/off switches
 _SWITCH_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 

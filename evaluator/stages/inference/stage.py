@@ -106,13 +106,13 @@ class WarmBackend:
         if warm and self.backend is not None and self.key == key:
             if self.model == stamp:
                 self.backend.reconfigure(params, options)
-                return self.backend, self.info, "reused (warm worker, same checkpoint)"
+                return self.backend, self.described(), "reused (warm worker, same checkpoint)"
             swap = getattr(self.backend, "swap", None)
             if swap is not None and swap(model):
                 self.backend.reconfigure(params, options)
                 self.model = stamp
                 self.info = {**self.info, "checkpoint": model}
-                return self.backend, self.info, "weights swapped in (warm worker, same architecture)"
+                return self.backend, self.described(), "weights swapped in (warm worker, same architecture)"
         self.drop()
         backend = cls(model, options, params, seed, alias)
         info = backend.load()
@@ -123,6 +123,13 @@ class WarmBackend:
         else:
             self.backend = backend
         return backend, info, "loaded"
+
+    def described(self) -> dict:
+        """load()'s info with what reconfigure() changed (the backend's run_info: batch_size, chat...): each job's
+        run_metadata.json describes how that job ran, not how the first job of the worker did."""
+        run_info = getattr(self.backend, "run_info", None)
+        self.info = {**self.info, **(run_info() if run_info is not None else {})}
+        return self.info
 
     def release(self) -> None:
         """After a job: a one-job process closes the backend; a warm worker keeps it."""

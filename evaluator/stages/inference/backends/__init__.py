@@ -54,7 +54,9 @@ def option_problems(name: str, options: dict) -> list[tuple[str, str]]:
     return problems
 
 
-def fresh_worker_per_checkpoint(name: str) -> bool:
-    """Whether a warm worker that ran backend `name` on one checkpoint must not load another one (the backend's
-    FRESH_WORKER_PER_CHECKPOINT: its model's memory is not reliably given back within a process)."""
-    return bool(getattr(backend_class(name), "FRESH_WORKER_PER_CHECKPOINT", False))
+def fresh_worker_per_checkpoint(name: str, options: dict) -> bool:
+    """Whether a warm worker that ran backend `name` (with backend options `options`) on one checkpoint must not load
+    another one: the backend class's fresh_worker_per_checkpoint(options) (vllm: its model's memory is not reliably
+    given back within a process, unless it reloads weights in place); False for a backend without one."""
+    rule = getattr(backend_class(name), "fresh_worker_per_checkpoint", None)
+    return bool(rule(options or {})) if rule is not None else False

@@ -124,10 +124,10 @@ def config_fields(path: str) -> Optional[dict]:
     return data
 
 
-def tokenizer_digest(path: str) -> dict:
-    """{file name: (size, sha256)} of the tokenizer files present in the checkpoint folder."""
+def tokenizer_digest(path: str, extra: tuple = ()) -> dict:
+    """{file name: (size, sha256)} of the tokenizer files (and the `extra` files) present in the checkpoint folder."""
     digest = {}
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + tuple(extra):
         file = os.path.join(path, name)
         if os.path.isfile(file):
             h = hashlib.sha256()
@@ -243,6 +243,10 @@ class HFBackend:
             info["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
         return info
 
+    def run_info(self) -> dict:
+        """The part of load()'s info that reconfigure() changes."""
+        return {"batch_size": self.batch_size, **getattr(self.runner, "info", {})}
+
     def _batch_size(self) -> int:
         return int(self.options.get("batch_size")
                    or DEFAULT_BATCH_SIZE["cuda" if self.device.startswith("cuda") else "cpu"])
@@ -294,7 +298,15 @@ class HFBackend:
         if plan is None:
             return False
         import torch
-        targets = dict(plan)
+        twins = [[name, *others] for name, _, others in plan if others]
+        if twins:  # tied in the model, held more than once in the file: swapped only if they are one tensor
+            try:
+                read = dict(tensors.read([key for group in twins for key in group]))
+            except Exception:
+                return False
+            if not all(torch.equal(read[group[0]], read[other]) for group in twins for other in group[1:]):
+                return False  # a fresh load unties them (transformers warns and keeps both)
+        targets = {name: tensor for name, tensor, _ in plan}
         self.runner.forget_prefix()  # computed with the weights about to be replaced
         try:
             with torch.no_grad():

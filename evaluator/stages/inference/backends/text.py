@@ -220,15 +220,19 @@ class TextRunner:
         import transformers
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             self.model.generation_config = transformers.GenerationConfig.from_pretrained(path)
-        else:
-            self.model.generation_config = transformers.GenerationConfig.from_model_config(self.model.config)
+        else:  # as from_pretrained does (GenerationMixin.adjust_generation_fn): the generation fields of config.json
+            # itself (e.g. a legacy repetition_penalty), which the loaded model's config no longer holds
+            self.model.generation_config = transformers.GenerationConfig.from_pretrained(
+                path, config_file_name="config.json", _from_model_config=True)
         self.eos_ids = self._eos_ids()
 
     def copy_plan(self, checkpoint: dict) -> Optional[list]:
-        """[(checkpoint key, model tensor)] that loads `checkpoint` ({key: (shape, dtype, file)}) strictly: every
-        model tensor from exactly one key of the same shape, nothing left over; None when it does not fit.
-        Tied tensors (lm_head sharing the embedding) are one tensor: the checkpoint holds it under one of their names
-        (save_pretrained keeps one); when it holds several, the first in the model's order is copied."""
+        """[(checkpoint key, model tensor, [other keys])] that loads `checkpoint` ({key: (shape, dtype, file)})
+        strictly: every model tensor from exactly one key of the same shape, nothing left over; None when it does
+        not fit. Tied tensors (lm_head sharing the embedding) are one tensor: the checkpoint holds it under one of
+        their names (save_pretrained keeps one) or under several; then the first in the model's order is copied
+        and the other keys are listed, for the caller to check they hold the same values (a fresh load unties
+        tensors whose values differ: copying one of them would silently drop the other)."""
         groups: dict = {}  # storage -> the model's names for that tensor, in model order
         tensors = {}
         for name, tensor in self.model.state_dict(keep_vars=True).items():
@@ -242,9 +246,9 @@ class TextRunner:
                 return None
             used.update(present)
             name = present[0]
-            if tuple(checkpoint[name][0]) != tuple(tensors[name].shape):
+            if any(tuple(checkpoint[n][0]) != tuple(tensors[name].shape) for n in present):
                 return None
-            plan.append((name, tensors[name]))
+            plan.append((name, tensors[name], present[1:]))
         if set(checkpoint) - used:
             return None
         return plan

@@ -17,32 +17,59 @@ vLLM's platform detection finds (a CUDA GPU; the CPU build in .venvs/inference-v
   as it is). Generation: max_new_tokens -> max_tokens, temperature (0 = greedy), top_p, stop; other
   `generation:` keys go to SamplingParams by name.
 - Warm workers (evaluator/stages/inference/stage.py WarmBackend): one engine per checkpoint session. LOAD_OPTIONS
-  (the engine options, engine_args, chat_template) and the seed decide what load() builds; the next benchmark on
-  the same checkpoint with the same LOAD_OPTIONS gets the engine as it is through reconfigure() (its own
-  SamplingParams, batch_size, choice_scoring check). No swap: another checkpoint gets a fresh worker
-  (FRESH_WORKER_PER_CHECKPOINT), another engine option a new engine in the same worker. vLLM's own in-place
-  `reload_weights` is not used: on its CPU build the reloaded engine was not the fresh one
-  (scripts/check_vllm_reload.py), and on a GPU that is unverified.
+  (the engine options, engine_args, chat_template, weight_reload) and the seed decide what load() builds; the next
+  benchmark on the same checkpoint with the same LOAD_OPTIONS gets the engine as it is through reconfigure() (its
+  own SamplingParams, batch_size, choice_scoring check). Another checkpoint: by default a fresh worker
+  (fresh_worker_per_checkpoint), so each checkpoint pays one engine start. With `weight_reload: true` the worker
+  keeps its engine and swap() reloads the next checkpoint's weights in place (vllm_reload.py: vLLM's
+  reload_weights plus the repacking of a tied lm_head that vLLM 0.16's CPU build misses) when its config.json,
+  tokenizer and generation config files and its tensors (names, shapes, dtypes) equal those the engine was built
+  from; anything else builds a new engine. Verified equal to a fresh engine, log-probability for
+  log-probability, on vLLM 0.16's CPU build, compiled and eager (scripts/check_vllm_reload.py); not verified on
+  a GPU here, hence off by default: run that script on the GPU first.
 """
 from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import sys
 from typing import Optional
 
 from evaluator.common.records import RunResult
 from evaluator.stages.checkpoint_compat import checkpoint_view, release_view
+from evaluator.stages.common import switch_value
 
 from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
 from . import ModelLoadError
-from .hf import generate_isolated, sample_bases
+from .hf import CheckpointTensors, config_fields, generate_isolated, sample_bases, tokenizer_digest, weight_files
 from .text import text_of, use_chat_template
 from .audio import check_audio_input
 from .openai import to_openai_messages  # the OpenAI chat format vLLM's LLM.chat takes, audio as input_audio
 
 ENGINE_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "enforce_eager",
                   "trust_remote_code", "limit_mm_per_prompt")
+RELOAD_EXTENSION = "evaluator.stages.inference.backends.vllm_reload.ReloadExtension"
+
+
+def weight_reload(options: dict) -> bool:
+    """Whether the options turn on in-place weight reload across checkpoints (`weight_reload`, off by default)."""
+    return bool(switch_value(options.get("weight_reload", False)))
+
+
+def reload_signature(path: str) -> Optional[tuple]:
+    """What must be equal for a checkpoint's weights to be reloaded into an engine built from another one: its
+    config.json fields, its tokenizer and generation config files, and its tensors (name -> shape, dtype); None when
+    the folder has no readable config or weights (a fresh load then reports it properly)."""
+    config, files = config_fields(path), weight_files(path) if os.path.isdir(path) else []
+    if config is None or not files:
+        return None
+    try:
+        tensors = CheckpointTensors(files).index
+    except Exception:  # an unreadable header: a fresh load reports it
+        return None
+    return (config, tokenizer_digest(path, extra=("generation_config.json",)),
+            {name: (shape, str(dtype)) for name, (shape, dtype, _) in tensors.items()})
 
 
 def vllm_device() -> str:
@@ -68,15 +95,19 @@ STEREO_KEPT = False  # vLLM's AudioMediaIO loads audio as mono (librosa / its lo
 
 class VLLMBackend:
     name = "vllm"
-    OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template", "choice_scoring", "batch_size")
+    OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template", "weight_reload", "choice_scoring", "batch_size")
     # what the engine is built from (a warm worker builds a new one when any differs); batch_size and
     # choice_scoring are per benchmark (reconfigure)
-    LOAD_OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template")
-    # a second vllm.LLM in one process may not get the first one's GPU memory back (vLLM issues #6544, #21073,
-    # #4678; on the CPU build the first engine-core process exits before the next starts: test_vllm_real.py), and
-    # in-place reload_weights is not a fresh load (scripts/check_vllm_reload.py): a warm worker keeps one engine for
-    # a checkpoint's benchmarks, and the next checkpoint gets a fresh worker (local executor, `choose_worker`)
-    FRESH_WORKER_PER_CHECKPOINT = True
+    LOAD_OPTIONS = ENGINE_OPTIONS + ("engine_args", "chat_template", "weight_reload")
+
+    @staticmethod
+    def fresh_worker_per_checkpoint(options: dict) -> bool:
+        """A second vllm.LLM in one process may not get the first one's GPU memory back (vLLM issues #6544, #21073,
+        #4678; on the CPU build the first engine-core process exits before the next starts: test_vllm_real.py): a
+        warm worker keeps one engine for a checkpoint's benchmarks and the next checkpoint gets a fresh worker
+        (local executor, `choose_worker`), unless `weight_reload` keeps the engine and reloads the weights."""
+        return not weight_reload(options)
+
     # generation: keys SamplingParams takes; it raises TypeError on any other (min_new_tokens is its min_tokens;
     # no beam search, no language/task)
     GENERATION = COMMON_GENERATION + ("top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -106,6 +137,10 @@ class VLLMBackend:
         kwargs = {k: self.options[k] for k in ENGINE_OPTIONS if k in self.options}
         kwargs.setdefault("limit_mm_per_prompt", {"audio": 4})
         kwargs.update(self.options.get("engine_args") or {})
+        self.signature = None
+        if weight_reload(self.options):
+            kwargs["worker_extension_cls"] = RELOAD_EXTENSION
+            self.signature = reload_signature(self.model_path)
         try:
             self.llm = vllm.LLM(model=self.source, seed=self.seed, **kwargs)
         except Exception as e:  # vLLM raises many types (ValueError, OSError, RuntimeError) for a bad model
@@ -136,6 +171,32 @@ class VLLMBackend:
         sampling = self._sampling_params(vllm.SamplingParams, params)
         self.params, self.options, self.sampling = params, dict(options), sampling
         self.batch_size = batch_size(self.options)
+
+    def run_info(self) -> dict:
+        """The part of load()'s info that reconfigure() changes."""
+        return {"batch_size": self.batch_size, "chat": self.chat}
+
+    def swap(self, model_path: str) -> bool:
+        """With `weight_reload`: load `model_path`'s weights into the running engine when the checkpoint is, but for
+        its tensors' values, the one the engine was built from (reload_signature); True when swapped. False, with
+        the engine untouched, otherwise (the caller builds a new engine). ModelLoadError when the reload fails
+        midway: the engine is then closed, never used half-swapped."""
+        if self.llm is None or self.signature is None or not weight_reload(self.options):
+            return False
+        if reload_signature(model_path) != self.signature:
+            return False
+        source = checkpoint_view(model_path, log=lambda line: print(line, file=sys.stderr, flush=True))
+        try:
+            self.llm.collective_rpc("evaluator_reload_weights", args=(source,))
+            self.llm.reset_prefix_cache()  # KV blocks computed with the old weights must not serve the new ones
+        except Exception as e:
+            release_view(source)
+            self.close()
+            raise ModelLoadError(f"reloading the weights of {model_path!r} into the vLLM engine failed midway "
+                                 f"({type(e).__name__}: {str(e).strip()[:600]}); the engine was closed") from None
+        release_view(getattr(self, "source", None) or "")
+        self.source, self.model_path = source, model_path
+        return True
 
     def _sampling_params(self, cls, p: GenerationParams):
         kwargs = dict(max_tokens=p.max_new_tokens, temperature=0.0 if p.greedy else p.temperature,
