@@ -122,6 +122,20 @@ def hf_config(tmp_path, **watch):
                                                         "settle_seconds": HOUR, **watch})
 
 
+def test_once_over_one_iteration_ends_while_a_checkpoint_outside_it_settles(tmp_path, venvs):
+    """--once --begin/--end-iteration 10 (what evaluate_checkpoint runs): checkpoint 10 is known complete (its
+    notice), checkpoint 20 settles for an hour. 20 is outside the selection and is never evaluated, yet its
+    settling counted as work in flight: --once waited the hour (evaluate_checkpoint until its timeout)."""
+    ckpt = tmp_path / "ckpt"
+    path = hf_checkpoint(ckpt, 10)
+    hf_checkpoint(ckpt, 20)
+    cfg = hf_config(tmp_path)
+    write_notice(str(tmp_path / "cache"), "tiny", 10, path, "test")
+    # ends by itself (a hang shows as TimeoutExpired)
+    run_cli("--config", cfg, "--once", "--begin-iteration", "10", "--end-iteration", "10", check=0, timeout=90)
+    assert {(r["iteration"], r["state"]) for r in ledger_rows(tmp_path / "cache")} == {(10, "recorded")}
+
+
 def test_evaluate_checkpoint_without_a_daemon_records_that_checkpoint_into_ledger_and_history(tmp_path, venvs):
     ckpt = tmp_path / "ckpt"
     path = hf_checkpoint(ckpt, 10)

@@ -462,3 +462,76 @@ def test_an_interrupted_megatron_save_is_never_evaluated_and_status_calls_it_inv
     assert invocations(cache, 1000, "qa") == []
     line = [ln for ln in status(cfg).splitlines() if "tiny@1000/qa" in ln][0]  # its line in the details
     assert "failed" in line and "checkpoint invalid" in line, line
+
+
+# ---- 11b: a restart on a full cache disk ----------------------------------------------------------------------
+def test_a_restart_on_a_full_cache_disk_pauses_recovery_and_finishes_it_when_space_returns(tmp_path, venvs, daemons):
+    """Killed mid-stage, restarted while cache_dir is full: recovery (killing the orphaned stage, putting its row
+    back) and the benchmark check (a benchmark added meanwhile) write the ledger. They were run once and the
+    failure ignored: the row stayed `inferring` for good and --once never ended; a failing benchmark check ended
+    the daemon with a traceback. Both must pause until the ledger can be written, then finish."""
+    ckpt = tmp_path / "ckpt"
+    megatron_checkpoint(ckpt, 1000)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    first = second = None
+    try:
+        cache = disk / "cache"
+        cfg = write_config(tmp_path, [bench("qa", infer_sleep=8)], cache_dir=str(cache), watch={"snapshot": "none"},
+                           recorder={"plots": False})
+        first = daemons(cfg)
+        wait_until(lambda: states(cache) == {(1000, "qa"): "inferring"}, what="qa inferring")
+        first.kill()  # kill -9: its stage lives on, its row says inferring
+        cfg = write_config(tmp_path, [bench("qa", infer_sleep=8), bench("mc")], cache_dir=str(cache),
+                           watch={"snapshot": "none"}, recorder={"plots": False})
+        filler = disk / "filler"
+        fill(filler)
+        second = daemons(cfg, "--once")
+        wait_until(lambda: "cannot write the ledger" in second.log() and "paused" in second.log(), timeout=60,
+                   what="the restarted daemon to pause on the full disk")
+        assert second.proc.poll() is None, second.log()
+        filler.unlink()
+        assert second.proc.wait(timeout=120) == 0, second.log()
+        assert "Traceback" not in second.log(), second.log()
+        assert states(cache) == {(1000, "qa"): "recorded", (1000, "mc"): "recorded"}
+        assert sorted(history_keys(cache)) == [(1000, "mc"), (1000, "qa")]
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.kill()
+        umount(disk)
+
+
+def test_a_daemon_started_on_a_full_cache_disk_exits_3_so_a_service_retries(tmp_path, venvs):
+    """The ledger cannot be opened on a full disk (its -wal file cannot be made): exit 3 (the unit's
+    Restart=on-failure retries it), not exit 2, which the unit never retries (RestartPreventExitStatus=2)."""
+    ckpt = tmp_path / "ckpt"
+    megatron_checkpoint(ckpt, 1000)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    try:
+        cfg = write_config(tmp_path, [bench("qa")], cache_dir=str(disk / "cache"), watch={"snapshot": "none"},
+                           recorder={"plots": False})
+        run_cli("--config", cfg, "--once", check=0, timeout=90)  # a clean stop: no -wal/-shm file is left
+        fill(disk / "filler")
+        proc = run_cli("--config", cfg, "--once", timeout=90)
+        assert proc.returncode == 3, (proc.returncode, proc.stderr)
+        assert "auto_eval.cache_dir" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    finally:
+        umount(disk)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_once_stopped_by_a_signal_before_its_work_is_done_does_not_exit_0(tmp_path, venvs, daemons, sig):
+    """--once exits 0 only when every job ended well; stopped by a signal mid-stage it exited 0 with its jobs still
+    pending (a script or evaluate_checkpoint(timeout=) read that as done). It exits 128 + the signal."""
+    ckpt = tmp_path / "ckpt"
+    megatron_checkpoint(ckpt, 1000)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=30)])
+    cache = tmp_path / "cache"
+    d = daemons(cfg, "--once")
+    wait_until(lambda: states(cache) == {(1000, "qa"): "inferring"}, what="qa inferring")
+    assert d.stop(sig) == 128 + sig
+    assert states(cache) == {(1000, "qa"): "pending"}

@@ -126,7 +126,7 @@ class CheckpointEvaluation:
     cache_dir: str
     handed_to_daemon: bool  # a running daemon takes it (from the notice); else it ran here
     notice: str  # the completion notice written
-    exit_code: Optional[int] = None  # the --once run's (0: every job ended well), None when handed off
+    exit_code: Optional[int] = None  # the --once run's (0: every job ended well; 128 + 15 when `timeout` stopped it), None when handed off
     python: Optional[str] = None  # the interpreter that ran the daemon's machinery here
     states: dict = field(default_factory=dict)  # benchmark -> ledger state
     metrics: dict = field(default_factory=dict)  # benchmark -> metrics.json's metrics (once scored)

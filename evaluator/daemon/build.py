@@ -7,6 +7,7 @@ that only calls them).
 """
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from typing import Optional
@@ -14,7 +15,7 @@ from typing import Optional
 from filelock import FileLock, Timeout
 
 from evaluator.common.contracts import EVALUATION, INFERENCE
-from evaluator.common.errors import EvaluatorError
+from evaluator.common.errors import EvaluatorError, UnavailableError
 from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import LAYOUTS, CheckpointLayout, Selection, notices_dir
 from evaluator.daemon.config import AutoEvalConfig
@@ -26,6 +27,10 @@ from evaluator.daemon.runs import resolve_runs
 from evaluator.daemon.sink_setup import make_sinks
 from evaluator.daemon.snapshots import SnapshotKeeper, resolve_mode
 from evaluator.daemon.watch import CheckpointWatcher, choose_mode
+
+
+# storage errors that pass by themselves (space freed, a disk back): exit 3, retried by a service
+PASSING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
 def make_layouts(cfg: AutoEvalConfig, runs: list[RunSpec]) -> dict[str, CheckpointLayout]:
@@ -77,12 +82,16 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
         raise EvaluatorError(f"another daemon is already running on cache_dir {cfg.cache_dir} "
                              f"(it holds {lock.lock_file}); stop it first") from None
     except OSError as e:  # read-only, full, or not ours: the daemon could keep no state there
-        raise EvaluatorError(f"auto_eval.cache_dir: cannot write {lock.lock_file}: {e.strerror or e}") from None
+        error = UnavailableError if e.errno in PASSING_ERRNOS else EvaluatorError
+        raise error(f"auto_eval.cache_dir: cannot write {lock.lock_file}: {e.strerror or e}") from None
     try:
         ledger = L.Ledger(cfg.cache_dir)
     except L.LedgerUnavailable as e:
         lock.release()
-        raise EvaluatorError(f"auto_eval.cache_dir: {e}") from None
+        # a damaged file is for a person to look at (exit 2); a full or failing disk may pass: exit 3, so a
+        # service retries (the README: a full cache_dir pauses the daemon until it can write again)
+        damaged = any(word in str(e) for word in ("not a database", "malformed"))
+        raise (EvaluatorError if damaged else UnavailableError)(f"auto_eval.cache_dir: {e}") from None
     ex = cfg.executor
     timeouts = {INFERENCE: 60 * ex.inference_timeout_minutes, EVALUATION: 60 * ex.evaluation_timeout_minutes}
     executor = EXECUTORS[ex.type](ex, timeouts, ex.kill_grace_seconds, cfg.cache_dir)

@@ -179,6 +179,7 @@ class Daemon:
         self.dirty: set[str] = set(self.runs)  # runs to rescan (watcher events, rechecks, the periodic rescan)
         self.unapplied: list[Exit] = []  # stage exits observed but not yet in the ledger (it was unwritable)
         self.stopping = False
+        self.stop_signal = 0  # the signal that stopped it (--once and --end-iteration then exit 128 + it)
         self.changed = True  # a transition happened since range_finished was last asked
         self.last_heartbeat = float("-inf")
         self.last_range_check = float("-inf")
@@ -221,6 +222,7 @@ class Daemon:
 
     def _on_stop_signal(self, signum, _frame):
         self.stopping = True  # only a flag: the wakeup fd has already woken the loop
+        self.stop_signal = self.stop_signal or signum
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -238,10 +240,12 @@ class Daemon:
             if self.watcher:
                 self.watcher.start()
                 self.watching = True
-            self.guarded(self.recover)
-            self.check_benchmarks()
+            # recovery and the benchmark check write the ledger: an unwritable one (disk full) pauses the start
+            # until it can be written, never skips them (a recovered row left `inferring` would wait forever)
+            while not self.guarded(self.start_up) and not self.stopping:
+                self._sleep(LEDGER_RETRY_SECONDS)
             self.write_state()
-            if self.held and len(self.held) == len(self.benchmarks):
+            if self.held and len(self.held) == len(self.benchmarks) and not self.stopping:
                 missing = any(missing_dataset(self.benchmarks[b]) for b in self.held)
                 error = (UnavailableError if missing else EvaluatorError)(
                     "no benchmark can run: " + "; ".join(f"{b}: {why}" for b, why in self.held.items()))
@@ -261,6 +265,8 @@ class Daemon:
                 self._sleep(self.sleep_seconds())
             if self.stopping:
                 log.info("stop signal received: stopping (running stages are stopped and go back to the queue)")
+                if self.once or self.selection.end is not None:  # interrupted before its work was done
+                    exit_code = 128 + int(self.stop_signal or signal.SIGTERM)
             self.stop_reason = "stopped cleanly"
         finally:
             self.shutdown()
@@ -268,6 +274,10 @@ class Daemon:
                 signal.signal(s, h)
             signal.set_wakeup_fd(previous_fd)
         return exit_code
+
+    def start_up(self) -> None:
+        self.recover()
+        self.check_benchmarks()
 
     def guarded(self, work) -> bool:
         """Run one pass; an unwritable ledger (disk full, read-only) pauses the daemon instead of
@@ -427,7 +437,10 @@ class Daemon:
         incomplete = [c for c in checkpoints if not c.complete and not c.invalid
                       and c.iteration not in full]
         now = time.monotonic()
-        deadlines = [c.settle_deadline for c in checkpoints if c.settle_deadline is not None]
+        # a checkpoint outside the selection is never evaluated: its settling must not keep --once (or
+        # evaluate_checkpoint's one-iteration run) from ending, nor wake the loop
+        deadlines = [c.settle_deadline for c in checkpoints
+                     if c.settle_deadline is not None and self.selection.selects(c.iteration)]
         if deadlines:
             st.settle_at = min(deadlines)
         if incomplete and layout.recheck_incomplete:
