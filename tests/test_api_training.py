@@ -134,6 +134,10 @@ def test_once_over_one_iteration_ends_while_a_checkpoint_outside_it_settles(tmp_
     # ends by itself (a hang shows as TimeoutExpired)
     run_cli("--config", cfg, "--once", "--begin-iteration", "10", "--end-iteration", "10", check=0, timeout=90)
     assert {(r["iteration"], r["state"]) for r in ledger_rows(tmp_path / "cache")} == {(10, "recorded")}
+    # --dry-run waited for it too (it sleeps until settling checkpoints settle)
+    dry = run_cli("--config", cfg, "--dry-run", "--begin-iteration", "10", "--end-iteration", "10", check=0,
+                  timeout=90)
+    assert "waiting" not in dry.stderr, dry.stderr
 
 
 def test_evaluate_checkpoint_without_a_daemon_records_that_checkpoint_into_ledger_and_history(tmp_path, venvs):

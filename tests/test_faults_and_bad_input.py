@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from conftest import (DAEMON_PY, ROOT, bench, bench_py, canonical_dataset, history, ledger_rows,
+from conftest import (DAEMON_PY, ROOT, bench, bench_py, canonical_dataset, fake, history, ledger_rows,
                       megatron_checkpoint, run_cli, venvs, write_config)  # noqa: F401
 from evaluator.common.atomic import write_text_atomic
 from evaluator.daemon import ledger as L
@@ -861,3 +861,24 @@ def test_the_daemon_records_to_wandb_with_a_service_of_its_own_not_one_it_inheri
         holder.wait()
     assert proc.returncode == 0 and "is in use" not in proc.stderr, proc.stderr[-3000:]
     assert {r["iteration"]: r["state"] for r in ledger_rows(tmp_path / "cache")} == {1000: "recorded"}
+
+
+def test_results_of_a_run_no_longer_configured_do_not_hold_a_changed_benchmark(tmp_path, venvs):
+    """Runs a and b evaluated qa; b finished and left the config; then qa's settings changed. `rerun --benchmark qa`
+    restarts a's results and refuses b's (not configured); yet b's old results kept qa held for every configured
+    run (exit 2, "settings changed"), and only invalidating them (dropping them from b's curves) let it go."""
+    for run in ("a", "b"):
+        megatron_checkpoint(tmp_path / run, 1000)
+
+    def config(runs, evaluation_extra=""):
+        qa = {"name": "qa", "type": "command", "inference": fake("infer"), "evaluation": fake("eval") + evaluation_extra}
+        return write_config(tmp_path, [qa], watch={"paths": [{"path": str(tmp_path / r), "name": r} for r in runs]})
+
+    run_cli("--config", config(["a", "b"]), "--once", check=0)
+    cfg = config(["a"], " --sleep 0.01")  # qa's evaluation changed
+    held = run_cli("--config", cfg, "--once")
+    assert held.returncode == 2 and "held" in held.stderr  # a's results were made with the old settings
+    run_cli("rerun", "--config", cfg, "--benchmark", "qa")  # restarts a's; b's are refused (not configured)
+    run_cli("--config", cfg, "--once", check=0)
+    rows = {(r["run"], r["benchmark"]): r["state"] for r in ledger_rows(tmp_path / "cache")}
+    assert rows == {("a", "qa"): "recorded", ("b", "qa"): "recorded"}

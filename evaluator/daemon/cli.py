@@ -102,7 +102,8 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
     runs = resolve_runs(cfg, model_type)
     layouts = make_layouts(cfg, runs)
     found = {name: layout.scan() for name, layout in layouts.items()}
-    settling = [c for cps in found.values() for c in cps if c.settle_deadline is not None]
+    settling = [c for cps in found.values() for c in cps  # only what it would evaluate is waited for
+                if c.settle_deadline is not None and selection.selects(c.iteration)]
     if settling:  # settle-based layouts need a second look before anything counts as complete
         wait = max(c.settle_deadline for c in settling) - time.monotonic()
         print(f"dry-run: waiting {max(wait, 0):.1f}s for {len(settling)} checkpoint(s) to settle", file=sys.stderr)
@@ -118,7 +119,10 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
         for j in led.jobs() if led else []:
             have.setdefault(j.run, {}).setdefault(j.iteration, {})[j.benchmark] = j
         # what the daemon would hold (a missing dataset, changed settings): nothing of those runs
-        held = {b.name: a.hold for b in cfg.benchmarks if (a := assess(b, cfg.seed, led, None, cfg.config_path)).hold}
+        by_name = {r.name: r for r in runs}
+        held = {b.name: a.hold for b in cfg.benchmarks
+                if (a := assess(b, cfg.seed, led, None, cfg.config_path,
+                                [r.name for r in runs if P.wanted(by_name, [b.name], r.name, b.name)])).hold}
     except sqlite3.Error as e:
         raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
     finally:

@@ -102,9 +102,11 @@ def missing_dataset(bench) -> Optional[str]:
 
 
 def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optional[dict] = None,
-           config: str = "<cfg>") -> Assessment:
+           config: str = "<cfg>", runs: Optional[list] = None) -> Assessment:
     """The one look at a benchmark's dataset, data and settings against the ledger, for the daemon and --dry-run
-    alike (policy.hold_reason decides). `settings`: already computed (the dataset digest is read once)."""
+    alike (policy.hold_reason decides). `settings`: already computed (the dataset digest is read once). `runs`: the
+    configured runs that evaluate it; results of other runs (no longer configured) never hold it, since they can
+    neither run again nor join a curve it records now."""
     missing = missing_dataset(bench)
     if missing:
         return Assessment(P.hold_reason(bench.name, missing, None, {}, {}))
@@ -119,7 +121,7 @@ def assess(bench, default_seed: int, ledger: Optional[L.Ledger], settings: Optio
                                                               f"again at every rescan", {}, {}))
         settings = F.settings(bench, seed, digest)
     fp = F.fingerprint(settings)
-    stale = ledger.stale_outputs(bench.name, fp) if ledger is not None else {}
+    stale = ledger.stale_outputs(bench.name, fp, runs) if ledger is not None else {}
     changes = {old: F.changes(ledger.settings_of(old, bench.name) or {}, settings) for old in stale}
     changed = list(dict.fromkeys(c for cs in changes.values() for c in cs))
     return Assessment(P.hold_reason(bench.name, None, problem, stale, changes, config), fp, settings,
@@ -602,7 +604,8 @@ class Daemon:
                                     f"for a rescan (a copy may be in progress)")
                     continue
                 self.data_stamp[name] = stamp
-            a = assess(bench, self.cfg.seed, self.ledger, self.settings.get(name), self.cfg.config_path or "<cfg>")
+            a = assess(bench, self.cfg.seed, self.ledger, self.settings.get(name), self.cfg.config_path or "<cfg>",
+                       [run for run in self.runs if P.wanted(self.runs, self.benchmarks, run, name)])
             if a.fingerprint and name not in self.fingerprints:
                 self.adopt(name, a)
             if a.changed:

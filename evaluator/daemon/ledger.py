@@ -323,15 +323,19 @@ class Ledger:
                 "SELECT * FROM events WHERE run=? AND iteration=? AND benchmark=? ORDER BY id", tuple(key))
         return [dict(r) for r in rows]
 
-    def stale_outputs(self, benchmark: str, fingerprint: str) -> dict[str, int]:
-        """Older fingerprint -> rows of `benchmark` whose outputs were made with it (not `fingerprint`)."""
+    def stale_outputs(self, benchmark: str, fingerprint: str, runs: Optional[list] = None) -> dict[str, int]:
+        """Older fingerprint -> rows of `benchmark` whose outputs were made with it (not `fingerprint`); of the
+        runs `runs` only, when given (the configured runs that evaluate it)."""
         if "fingerprint" not in self.fields:
             return {}  # a read-only look at a ledger from before fingerprints
+        if runs is not None and not runs:
+            return {}
         marks = ", ".join("?" * len(HAS_OUTPUTS))
+        in_runs = f" AND run IN ({', '.join('?' * len(runs))})" if runs is not None else ""
         return dict(self.db.execute(
             f"SELECT fingerprint, COUNT(*) FROM jobs WHERE benchmark=? AND {_HAS_OUTPUTS_SQL.format(marks=marks)} "
-            "AND fingerprint IS NOT NULL AND fingerprint != ? GROUP BY fingerprint",
-            (benchmark, *HAS_OUTPUTS, FAILED, INFERRED, fingerprint)).fetchall())
+            f"AND fingerprint IS NOT NULL AND fingerprint != ?{in_runs} GROUP BY fingerprint",
+            (benchmark, *HAS_OUTPUTS, FAILED, INFERRED, fingerprint, *(runs or ()))).fetchall())
 
     def adopt_fingerprint(self, benchmark: str, fingerprint: str) -> int:
         """Rows with outputs made before fingerprints existed are taken to have today's settings."""
