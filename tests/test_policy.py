@@ -150,6 +150,11 @@ def test_reconciliation_follows_a_changed_selection_and_a_moved_folder():
     here = Checkpoint("run", 1000, "/ckpt/iter_0001000", True)
     assert P.reconcile(job(L.SKIPPED), here, False, None, 30, selected=True).to == L.PENDING
     assert P.reconcile(job(L.PENDING), here, False, None, 30, selected=False).to == L.SKIPPED
+    # a failed attempt waiting for its retry, after --begin-iteration was raised past it: not retried
+    waiting = job(L.FAILED, resume_state=L.PENDING, next_retry_at=5.0)
+    assert P.reconcile(waiting, here, False, None, 30, selected=False).to == L.SKIPPED
+    assert P.reconcile(waiting, here, False, None, 30, selected=True) is None
+    assert P.reconcile(job(L.FAILED, resume_state=L.PENDING), here, False, None, 30, selected=False) is None  # final
     moved = Checkpoint("run", 1000, "/new/iter_0001000", True)
     move = P.reconcile(job(L.PENDING), moved, False, None, 30, selected=True)
     assert move.to is None and move.fields == {"path": "/new/iter_0001000"}

@@ -44,7 +44,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     RECORDED: (SCORED,),
     FAILED: (INFERRING, SCORING, PENDING),  # PENDING: a checkpoint found invalid, or a stage that could not start
     VANISHED: (PENDING, INFERRING, FAILED, SKIPPED),
-    SKIPPED: (PENDING,),
+    SKIPPED: (PENDING, FAILED),  # FAILED: a retry that was due, now outside begin/end/interval
     INVALIDATED: INVALIDATABLE,
 }
 

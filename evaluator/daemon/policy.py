@@ -163,8 +163,10 @@ def reconcile(job: L.Job, present: Optional[Checkpoint], protected: bool, missin
         return Move(job.key, None, "the checkpoint's folder moved", {"path": present.path})
     if job.state == L.SKIPPED and selected:
         return Move(job.key, L.PENDING, "now selected")
-    if job.state == L.PENDING and not selected:
-        return Move(job.key, L.SKIPPED, "outside begin/end/interval")
+    if not selected and (job.state == L.PENDING or (job.state == L.FAILED and job.resume_state == L.PENDING
+                                                     and job.next_retry_at is not None)):
+        # a failed attempt waiting for its retry is not evaluated outside the selection either
+        return Move(job.key, L.SKIPPED, "outside begin/end/interval", {"next_retry_at": None})
     return None
 
 
