@@ -191,8 +191,9 @@ def test_every_engine_option_decides_whether_an_engine_is_reused():
 
 class Idle:
     def __init__(self, session: str):
-        self.session = session.rstrip("*")
+        self.session = session.rstrip("*+")
         self.bound = session.endswith("*")  # it ran a vllm job (a fresh-session backend)
+        self.engine = session.endswith(("*", "+"))  # "+": it ran a vllm job reloading weights in place
 
 
 @pytest.mark.parametrize("warm, fresh, idle_sessions, chosen, retired", [
@@ -212,7 +213,22 @@ class Idle:
 def test_a_vllm_job_on_another_checkpoint_never_reuses_a_warm_worker(warm, fresh, idle_sessions, chosen, retired):
     from evaluator.daemon.local import choose_worker
     idle = [Idle(s) for s in idle_sessions]
-    worker, retire = choose_worker(idle, "ckpt-2", warm, fresh)
+    worker, retire = choose_worker(idle, "ckpt-2", warm, fresh, engine=fresh)
+    assert worker is (None if chosen is None else idle[chosen])
+    assert retire == [idle[i] for i in retired]
+
+
+@pytest.mark.parametrize("engine, idle_sessions, chosen, retired", [
+    (True, ["ckpt-1+"], 0, []),             # a reloading vllm job takes the engine of another checkpoint (swap)
+    (True, ["ckpt-1"], 0, []),              # or any worker
+    (False, ["ckpt-1+"], None, [0]),        # an hf job does not: it would close the engine, the next vllm job
+    (False, ["ckpt-1+", "ckpt-3"], 1, [0]),  # would build another one in the same process
+], ids=["reload-takes-engine", "reload-takes-any", "hf-not-after-reload", "hf-other-worker-after-reload"])
+def test_a_worker_holding_a_reloading_vllm_engine_is_given_only_vllm_jobs_of_other_checkpoints(engine, idle_sessions,
+                                                                                               chosen, retired):
+    from evaluator.daemon.local import choose_worker
+    idle = [Idle(s) for s in idle_sessions]
+    worker, retire = choose_worker(idle, "ckpt-2", "on", False, engine)
     assert worker is (None if chosen is None else idle[chosen])
     assert retire == [idle[i] for i in retired]
 

@@ -732,13 +732,14 @@ class Daemon:
             btype = BENCHMARK_TYPES[bench.type]
             module = btype.inference_module if s == INFERENCE else btype.evaluation_module
             fresh = s == INFERENCE and backends.fresh_worker_per_checkpoint(bench.backend, bench.backend_options)
+            engine = s == INFERENCE and backends.holds_engine(bench.backend)
             launches.append(Launch(job.key, s, token, (self.pythons[s], "-m", module, "--job", os.path.join(out, JOB_FILE[s])),
                                    out, os.path.join(out, LOG_FILE[s]), self.timeouts[s], session=checkpoint,
-                                   fresh_session=fresh))
+                                   fresh_session=fresh, engine=engine))
         if len(launches) == 2:
             first, then = launches
             return Launch(first.key, first.stage, token, first.argv, first.cwd, first.log_path, first.timeout_s, then,
-                          session=checkpoint, fresh_session=first.fresh_session)
+                          session=checkpoint, fresh_session=first.fresh_session, engine=first.engine)
         return launches[0]
 
     def write_job(self, job: L.Job, stage: str, checkpoint: str, out: str) -> None:

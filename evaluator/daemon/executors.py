@@ -36,6 +36,7 @@ class Launch:
     then: Optional["Launch"] = None  # the evaluation to chain after this inference (executors that chain)
     session: str = ""  # the checkpoint it reads: a warm worker that has it loaded is preferred (local.py)
     fresh_session: bool = False  # a warm worker that read another checkpoint is not reused (the backend's choice)
+    engine: bool = False  # its backend holds an engine a process may not get back once closed (vllm): local.py
 
 
 @dataclass(frozen=True)

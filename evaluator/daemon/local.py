@@ -62,6 +62,7 @@ class Worker:
     gpu: Optional[str]
     session: str = ""  # the checkpoint its last job read
     bound: bool = False  # it ran a job whose backend wants a fresh worker per checkpoint: it keeps its session
+    engine: bool = False  # it ran a job of a backend that holds an engine (vllm), reloading or not
     jobs: int = 0
     job: Optional[tuple] = None  # the key of the job it runs now
     buffer: bytes = b""
@@ -101,20 +102,21 @@ class Lanes:
     overlap: bool = True  # False: one stage at a time in all (the strictly serial baseline of scripts/bench_pipeline.py)
 
 
-def choose_worker(idle: list, session: str, warm: str, fresh_session: bool) -> tuple:
+def choose_worker(idle: list, session: str, warm: str, fresh_session: bool, engine: bool = False) -> tuple:
     """(the idle worker to give a job reading checkpoint `session`, or None: start one; the idle workers to retire).
     One whose last job read the same checkpoint first; else, in `on` mode, any idle one, unless the job's backend
     wants a fresh worker for another checkpoint (`fresh_session`, vLLM), which it then gets as in `checkpoint` mode.
-    A worker that ran such a job (`bound`: it may hold that backend's model, e.g. a vLLM engine) never takes
-    another checkpoint's job, whatever its backend: an hf job in between would otherwise carry it on to the next
-    checkpoint, whose vLLM job would then build a second engine in the same process. Idle bound workers of
-    another checkpoint are retired."""
+    A worker that ran such a job (`bound`: it may hold a vLLM engine) never takes another checkpoint's job,
+    whatever its backend: an hf job in between would otherwise carry it on to the next checkpoint, whose vLLM job
+    would then build a second engine in the same process. One that ran a vLLM job reloading weights in place
+    (`engine`) takes another checkpoint's job only if it is such a job too (`engine`: it swaps the weights in).
+    Idle workers that may not take the job and read another checkpoint are retired."""
     same = [w for w in idle if w.session == session]
     if same:
         return same[0], []
-    others = [w for w in idle if not w.bound]
+    others = [w for w in idle if not w.bound and (engine or not w.engine)]
     if others and warm == "on" and not fresh_session:
-        return others[0], [w for w in idle if w.bound]
+        return others[0], [w for w in idle if w not in others]
     return None, list(idle)
 
 
@@ -266,6 +268,7 @@ class LocalExecutor:
         now = time.monotonic()
         worker.job, worker.session = tuple(launch.key), launch.session
         worker.bound = worker.bound or launch.fresh_session
+        worker.engine = worker.engine or launch.engine
         sp = StageProcess(launch.key, launch.stage, worker.proc, now, now + launch.timeout_s, worker.gpu,
                           token=launch.token, worker=worker)
         self.procs[launch.key] = sp
@@ -280,7 +283,7 @@ class LocalExecutor:
         if launch.stage == INFERENCE and self.lanes.gpus:
             gpu = self._free_gpu()
             idle = [w for w in idle if w.gpu == gpu]
-        chosen, retire = choose_worker(idle, launch.session, self.warm, launch.fresh_session)
+        chosen, retire = choose_worker(idle, launch.session, self.warm, launch.fresh_session, launch.engine)
         for w in retire:  # another checkpoint's session ended, or a GPU slot's worker is due
             self._retire(w)
         if chosen is not None:

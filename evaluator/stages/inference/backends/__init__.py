@@ -60,3 +60,10 @@ def fresh_worker_per_checkpoint(name: str, options: dict) -> bool:
     given back within a process, unless it reloads weights in place); False for a backend without one."""
     rule = getattr(backend_class(name), "fresh_worker_per_checkpoint", None)
     return bool(rule(options or {})) if rule is not None else False
+
+
+def holds_engine(name: str) -> bool:
+    """Whether backend `name` holds a model a process may not get back once it is closed (a vLLM engine: the
+    backends with a fresh_worker_per_checkpoint rule). A warm worker holding one is only given jobs that keep it
+    (local.choose_worker), so no process builds a second one after another backend's job in between."""
+    return getattr(backend_class(name), "fresh_worker_per_checkpoint", None) is not None
