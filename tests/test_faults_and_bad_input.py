@@ -882,3 +882,26 @@ def test_results_of_a_run_no_longer_configured_do_not_hold_a_changed_benchmark(t
     run_cli("--config", cfg, "--once", check=0)
     rows = {(r["run"], r["benchmark"]): r["state"] for r in ledger_rows(tmp_path / "cache")}
     assert rows == {("a", "qa"): "recorded", ("b", "qa"): "recorded"}
+
+
+def test_rerun_finds_checkpoints_whose_run_folder_moved(tmp_path, venvs):
+    """The run folder moved (storage reorganised) and the config points at the new place; then a benchmark's
+    settings changed. `rerun` checked each recorded row's old path and refused every one ("checkpoint no longer on
+    disk"), leaving the benchmark held. It must find them where the configured run's layout finds them now."""
+    for it in (1000, 2000):
+        megatron_checkpoint(tmp_path / "ckpt", it)
+
+    def config(root, evaluation_extra=""):
+        qa = {"name": "qa", "type": "command", "inference": fake("infer"), "evaluation": fake("eval") + evaluation_extra}
+        return write_config(tmp_path, [qa], watch={"paths": [str(tmp_path / root)]})
+
+    run_cli("--config", config("ckpt"), "--once", check=0)
+    os.rename(tmp_path / "ckpt", tmp_path / "moved")
+    cfg = config("moved", " --sleep 0.01")
+    proc = run_cli("rerun", "--config", cfg, "--benchmark", "qa")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = ledger_rows(tmp_path / "cache")
+    assert {r["path"] for r in rows} == {str(tmp_path / "moved" / f"iter_{it:07d}") for it in (1000, 2000)}
+    run_cli("--config", cfg, "--once", check=0)
+    assert {(r["iteration"], r["state"], r["revision"]) for r in ledger_rows(tmp_path / "cache")} == {
+        (1000, "recorded", 1), (2000, "recorded", 1)}

@@ -19,6 +19,7 @@ handled, 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sqlite3
 import time
@@ -165,8 +166,12 @@ def main(command: str, argv: list[str]) -> int:
             print(f"{command}: no ledger rows match (nothing evaluated there yet)")
             return 1
         done, problems, gone_rows = 0, 0, 0
+        scans: dict[str, dict] = {}
         for job in chosen:
-            why = refusal(command, led, job)
+            moved_to = None
+            if command == "rerun" and checkpoint_gone(led, job) and job.run in specs:
+                moved_to = found_now(cfg, specs[job.run], job.iteration, scans)  # the run folder moved?
+            why = refusal(command, led, job if moved_to is None else dataclasses.replace(job, path=moved_to))
             if why is None and command == "rerun" and not P.wanted(specs, benchmarks, job.run, job.benchmark):
                 why = ("not configured now (the run or benchmark left the config): the daemon would never run it", True)
             if why is not None:
@@ -179,7 +184,7 @@ def main(command: str, argv: list[str]) -> int:
                 done += 1
                 continue
             try:
-                apply_one(command, cfg.cache_dir, led, job, cfg.recorder.plots)
+                apply_one(command, cfg.cache_dir, led, job, cfg.recorder.plots, path=moved_to)
             except L.LedgerConflict:  # a running daemon moved the row since we looked: nothing was changed
                 problems += 1
                 print(f"  {str(job.key):<40} {'?':<11} changed state meanwhile (a running daemon): try again")
@@ -221,13 +226,34 @@ def refusal(command: str, led: L.Ledger, job: L.Job) -> Optional[tuple[str, bool
     return None
 
 
-def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job, plots: bool = True) -> None:
+def found_now(cfg, spec, iteration: int, scans: dict) -> Optional[str]:
+    """Where the configured run's layout finds the checkpoint `iteration` now (its run folder may have
+    moved since the row was written: the row's path is refreshed only for rows still to run), or None. One scan
+    per run (`scans`)."""
+    from evaluator.daemon.build import make_layouts
+
+    if spec.name not in scans:
+        try:
+            found = make_layouts(cfg, [spec])[spec.name].scan()
+        except OSError:
+            found = []
+        # complete, or complete but for a second look at its files (one scan cannot see them unchanged): it was
+        # evaluated once already; the daemon pins it before anything reads it
+        scans[spec.name] = {c.iteration: c.path for c in found
+                            if not c.invalid and (c.complete or c.reason == "settling")}
+    return scans[spec.name].get(iteration)
+
+
+def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job, plots: bool = True,
+              path: Optional[str] = None) -> None:
+    """`path`: where the checkpoint is now, when its run folder moved since the row was written."""
     out = result_dir(cache_dir, job.run, job.iteration, job.benchmark)
     if command == "rerun":
         moved = set_aside(out, job.revision)
         try:
             # fingerprint None: the daemon stamps today's settings when the inference starts
-            led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None)
+            led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None,
+                        **({"path": path} if path else {}))
         except (L.LedgerConflict, L.LedgerUnavailable):
             restore(out, job.revision, moved)  # the row moved on, or the ledger refused: outputs go back
             raise
