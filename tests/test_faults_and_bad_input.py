@@ -905,3 +905,20 @@ def test_rerun_finds_checkpoints_whose_run_folder_moved(tmp_path, venvs):
     run_cli("--config", cfg, "--once", check=0)
     assert {(r["iteration"], r["state"], r["revision"]) for r in ledger_rows(tmp_path / "cache")} == {
         (1000, "recorded", 1), (2000, "recorded", 1)}
+
+
+def test_a_sink_added_later_is_said_to_lack_the_results_recorded_before_it(tmp_path, venvs):
+    """The daemon records each result to the sinks configured when it is scored; a sink added afterwards never
+    receives the earlier ones. That was silent (an empty W&B project, with the curves in history.jsonl); the start
+    now says how many it lacks and, for W&B, how to add them."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    run_cli("--config", write_config(tmp_path, [bench("qa")], recorder={"plots": False}), "--once", check=0)
+    megatron_checkpoint(tmp_path / "ckpt", 2000)
+    cfg = write_config(tmp_path, [bench("qa")], recorder={"sinks": ["local", "wandb"], "plots": False},
+                       wandb={"mode": "offline", "dir": str(tmp_path / "wb")})
+    proc = run_cli("--config", cfg, "--once", check=0)
+    assert "sink wandb: 1 result(s) recorded before it was configured are not in it" in proc.stderr, proc.stderr
+    assert "wandb_writer.py" in proc.stderr
+    again = run_cli("--config", cfg, "--once", check=0)
+    assert "sink wandb: 1 result(s)" in again.stderr  # still missing: said at every start
+    assert "sink local:" not in again.stderr

@@ -280,6 +280,13 @@ class Daemon:
     def start_up(self) -> None:
         self.recover()
         self.check_benchmarks()
+        for sink in self.outbox.names:  # a sink added to the config gets new results only: say so
+            missing = self.ledger.recorded_without(sink)
+            if missing:
+                log.warning("sink %s: %d result(s) recorded before it was configured are not in it; the daemon "
+                            "records only new results there%s", sink, missing,
+                            " (`tools/wandb_writer.py` with a `results` source adds the missing ones)"
+                            if sink == "wandb" else "")
 
     def guarded(self, work) -> bool:
         """Run one pass; an unwritable ledger (disk full, read-only) pauses the daemon instead of

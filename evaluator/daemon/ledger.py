@@ -489,6 +489,12 @@ class Ledger:
             out += [(Job(**dict(r)), sink) for r in rows]
         return out
 
+    def recorded_without(self, sink: str) -> int:
+        """Recorded results the sink `sink` never accepted: recorded before it was configured."""
+        return self.db.execute("SELECT COUNT(*) FROM jobs j WHERE j.state=? AND NOT EXISTS (SELECT 1 FROM recordings r "
+                               "WHERE r.run=j.run AND r.iteration=j.iteration AND r.benchmark=j.benchmark AND "
+                               "r.sink=?)", (RECORDED, sink)).fetchone()[0]
+
     def next_delivery(self) -> Optional[float]:
         row = self.db.execute(
             f"SELECT MIN(d.next_try_at) FROM deliveries d {_OF_SCORED_ROW} WHERE d.quarantined=0 AND j.state=?",
