@@ -336,6 +336,19 @@ class LLM(_StandIn):
 '''
 
 
+def daemon_with_stand_in(tmp_path, fakes, benches) -> list[dict]:
+    """The real daemon (`--once`, warm_workers: on) on the huggingface run under tmp_path/ckpt, the stand-in vllm
+    in `fakes` first on PYTHONPATH; returns the stand-in's log (each engine init and call)."""
+    cfg = write_config(tmp_path, benches, watch={"layout": "huggingface", "iteration_interval": 100},
+                       executor={"warm_workers": "on"})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fakes), ROOT]), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"))
+    proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "vllm.log") as f:
+        return [json.loads(line) for line in f]
+
+
 @pytest.mark.slow
 def test_the_daemon_gives_each_checkpoint_of_a_vllm_benchmark_its_own_worker_and_engine(tmp_path):
     """The real daemon (`--once`, warm_workers: on) on two checkpoints x two vllm benchmarks: each checkpoint's two
@@ -355,14 +368,7 @@ def test_the_daemon_gives_each_checkpoint_of_a_vllm_benchmark_its_own_worker_and
     data = canonical_dataset(tmp_path / "data", rows)
     benches = [{"name": name, "type": "dataset", "dataset": data, "backend": "vllm", "metrics": ["exact_match"],
                 "generation": {"max_new_tokens": n}} for name, n in (("a", 4), ("b", 2))]
-    cfg = write_config(tmp_path, benches, watch={"layout": "huggingface", "iteration_interval": 100},
-                       executor={"warm_workers": "on"})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fakes), ROOT]), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"))
-    proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "vllm.log") as f:
-        calls = [json.loads(line) for line in f]
+    calls = daemon_with_stand_in(tmp_path, fakes, benches)
     engines = [(os.path.basename(c["init"]["model"]), pid) for c, pid in
                zip([c for c in calls if "init" in c], [c["pid"] for c in calls if "pid" in c])]
     assert sorted(name for name, _ in engines) == ["checkpoint-100", "checkpoint-200"]  # one engine each
@@ -402,14 +408,7 @@ def test_an_hf_benchmark_between_vllm_ones_does_not_carry_a_vllm_worker_to_the_n
     data = canonical_dataset(tmp_path / "data", [dict(r, target="x") for r in ROWS])
     benches = [{"name": name, "type": "dataset", "dataset": data, "backend": backend, "metrics": ["exact_match"],
                 "generation": {"max_new_tokens": 3}} for name, backend in (("a", "hf"), ("b", "vllm"))]
-    cfg = write_config(tmp_path, benches, watch={"layout": "huggingface", "iteration_interval": 100},
-                       executor={"warm_workers": "on"})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fakes), ROOT]), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"))
-    proc = subprocess.run([DAEMON_PY, EVALUATOR, "--config", cfg, "--once"], capture_output=True, text=True,
-                          env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "vllm.log") as f:
-        calls = [json.loads(line) for line in f]
+    calls = daemon_with_stand_in(tmp_path, fakes, benches)
     inits = [os.path.basename(c["init"]["model"]) for c in calls if "init" in c]
     pids = [c["pid"] for c in calls if "pid" in c]
     assert sorted(inits) == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
