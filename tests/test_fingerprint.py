@@ -61,3 +61,10 @@ def test_hold_reason_names_the_missing_dataset_first_then_a_data_problem_then_ch
     assert "settings changed since 3 result(s)" in why and why.count("seed: 0 -> 7") == 1
     assert "rerun" in why and "invalidate" in why
     assert P.hold_reason("qa", None, None, {}, {}) is None
+
+
+def test_turning_on_vllms_weight_reload_does_not_change_it():
+    """weight_reload gives the same numbers (an engine kept, the weights reloaded: scripts/check_vllm_reload.py);
+    counting it held the benchmark for 'changed settings' until every earlier result was re-run."""
+    base = fp(spec(backend="vllm", backend_options={"max_model_len": 1024}))
+    assert fp(spec(backend="vllm", backend_options={"max_model_len": 1024, "weight_reload": True})) == base

@@ -207,7 +207,7 @@ class Idle:
     # the next checkpoint, where a vllm job would build a second one in the same process); that worker retires
     ("on", False, ["ckpt-1*"], None, [0]),
     ("on", False, ["ckpt-1*", "ckpt-3"], 1, [0]),
-    ("on", False, ["ckpt-2*"], 0, []),           # its own checkpoint: reused
+    ("on", True, ["ckpt-2*"], 0, []),            # a vllm job on its own checkpoint: reused
 ], ids=["hf-any", "vllm-fresh", "vllm-same-session", "checkpoint-mode-fresh", "checkpoint-mode-same", "none-idle",
         "hf-not-after-vllm", "hf-other-worker", "bound-same-session"])
 def test_a_vllm_job_on_another_checkpoint_never_reuses_a_warm_worker(warm, fresh, idle_sessions, chosen, retired):
@@ -223,7 +223,11 @@ def test_a_vllm_job_on_another_checkpoint_never_reuses_a_warm_worker(warm, fresh
     (True, ["ckpt-1"], 0, []),              # or any worker
     (False, ["ckpt-1+"], None, [0]),        # an hf job does not: it would close the engine, the next vllm job
     (False, ["ckpt-1+", "ckpt-3"], 1, [0]),  # would build another one in the same process
-], ids=["reload-takes-engine", "reload-takes-any", "hf-not-after-reload", "hf-other-worker-after-reload"])
+    (False, ["ckpt-2+"], None, [0]),         # not even on its own checkpoint
+    (False, ["ckpt-2*"], None, [0]),
+    (True, ["ckpt-2+"], 0, []),
+], ids=["reload-takes-engine", "reload-takes-any", "hf-not-after-reload", "hf-other-worker-after-reload",
+        "hf-not-same-checkpoint-reload", "hf-not-same-checkpoint-bound", "vllm-same-checkpoint"])
 def test_a_worker_holding_a_reloading_vllm_engine_is_given_only_vllm_jobs_of_other_checkpoints(engine, idle_sessions,
                                                                                                chosen, retired):
     from evaluator.daemon.local import choose_worker
@@ -388,7 +392,9 @@ def test_the_daemon_gives_each_checkpoint_of_a_vllm_benchmark_its_own_worker_and
 
 
 @pytest.mark.slow
-def test_an_hf_benchmark_between_vllm_ones_does_not_carry_a_vllm_worker_to_the_next_checkpoint(tmp_path, tiny_lm):
+@pytest.mark.parametrize("names", [("a", "b"), ("b", "a")], ids=["hf-first", "vllm-first"])
+def test_an_hf_benchmark_between_vllm_ones_does_not_carry_a_vllm_worker_to_the_next_checkpoint(tmp_path, tiny_lm,
+                                                                                              names):
     """One hf benchmark and one vllm benchmark on three checkpoints, warm_workers: on. The hf job on the next
     checkpoint took the worker that had just built a vLLM engine (hf asks for no fresh worker), which moved the
     worker's session to that checkpoint, so the vllm job there "reused" it and built a second engine in the same
@@ -407,7 +413,7 @@ def test_an_hf_benchmark_between_vllm_ones_does_not_carry_a_vllm_worker_to_the_n
         (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     data = canonical_dataset(tmp_path / "data", [dict(r, target="x") for r in ROWS])
     benches = [{"name": name, "type": "dataset", "dataset": data, "backend": backend, "metrics": ["exact_match"],
-                "generation": {"max_new_tokens": 3}} for name, backend in (("a", "hf"), ("b", "vllm"))]
+                "generation": {"max_new_tokens": 3}} for name, backend in zip(names, ("hf", "vllm"))]
     calls = daemon_with_stand_in(tmp_path, fakes, benches)
     inits = [os.path.basename(c["init"]["model"]) for c in calls if "init" in c]
     pids = [c["pid"] for c in calls if "pid" in c]

@@ -30,7 +30,7 @@ from evaluator.daemon.watch import CheckpointWatcher, choose_mode
 
 
 # storage errors that pass by themselves (space freed, a disk back): exit 3, retried by a service
-PASSING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+PASSING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
 
 def make_layouts(cfg: AutoEvalConfig, runs: list[RunSpec]) -> dict[str, CheckpointLayout]:
@@ -90,8 +90,9 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
         lock.release()
         # a damaged file is for a person to look at (exit 2); a full or failing disk may pass: exit 3, so a
         # service retries (the README: a full cache_dir pauses the daemon until it can write again)
-        damaged = any(word in str(e) for word in ("not a database", "malformed"))
-        raise (EvaluatorError if damaged else UnavailableError)(f"auto_eval.cache_dir: {e}") from None
+        # (a read-only ledger or one that cannot be opened at all: someone else's file, a permission: exit 2 too)
+        lasting = any(word in str(e) for word in ("not a database", "malformed", "readonly", "unable to open"))
+        raise (EvaluatorError if lasting else UnavailableError)(f"auto_eval.cache_dir: {e}") from None
     ex = cfg.executor
     timeouts = {INFERENCE: 60 * ex.inference_timeout_minutes, EVALUATION: 60 * ex.evaluation_timeout_minutes}
     executor = EXECUTORS[ex.type](ex, timeouts, ex.kill_grace_seconds, cfg.cache_dir)

@@ -234,7 +234,7 @@ class Daemon:
         for s in STOP_SIGNALS:
             signal.signal(s, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler must exist for the wakeup byte
-        exit_code = 0
+        exit_code, finished = 0, False
         log.info("daemon started: %d run(s), %d benchmark(s), %s, %s + rescan every %ss",
                  len(self.runs), len(self.benchmarks), _describe(self.executor),
                  "inotify" if self.watcher else "polling", self.cfg.watch.poll_seconds)
@@ -258,16 +258,17 @@ class Daemon:
                     self._sleep(LEDGER_RETRY_SECONDS)
                     continue
                 if self.once and self.idle():
-                    exit_code = self.once_outcome()
+                    exit_code, finished = self.once_outcome(), True
                     break
                 if self.range_finished():
                     log.info("every iteration up to --end-iteration %s is done", self.selection.end)
                     exit_code = self.once_outcome("--end-iteration", self.selection.selects)  # 1: one failed
+                    finished = True
                     break
                 self._sleep(self.sleep_seconds())
             if self.stopping:
                 log.info("stop signal received: stopping (running stages are stopped and go back to the queue)")
-                if self.once or self.selection.end is not None:  # interrupted before its work was done
+                if (self.once or self.selection.end is not None) and not finished:  # before its work was done
                     exit_code = 128 + int(self.stop_signal or signal.SIGTERM)
             self.stop_reason = "stopped cleanly"
         finally:

@@ -32,7 +32,8 @@ NEUTRAL_FIELDS = ("name", "main_metric", "max_error_rate", "batch_size")
 # timeouts, retries, where a server logs): changing them must not hold a benchmark
 NEUTRAL_OPTIONS = ("batch_size", "max_concurrency", "timeout", "max_retries", "retry_backoff", "retry_backoff_max",
                    "rate_limit", "serve_timeout", "serve_log", "serve_port", "trace_prefix", "gpu_memory_utilization",
-                   "api_key_env", "spice_timeout", "java_path", "reviews_file")
+                   "api_key_env", "spice_timeout", "java_path", "reviews_file",
+                   "weight_reload")  # vllm: the same numbers, an engine kept instead of built again
 
 
 def dataset_digest(path: Optional[str]) -> Optional[str]:

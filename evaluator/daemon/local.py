@@ -110,8 +110,10 @@ def choose_worker(idle: list, session: str, warm: str, fresh_session: bool, engi
     whatever its backend: an hf job in between would otherwise carry it on to the next checkpoint, whose vLLM job
     would then build a second engine in the same process. One that ran a vLLM job reloading weights in place
     (`engine`) takes another checkpoint's job only if it is such a job too (`engine`: it swaps the weights in).
-    Idle workers that may not take the job and read another checkpoint are retired."""
-    same = [w for w in idle if w.session == session]
+    A worker that ran any vLLM job never takes a job of another backend, not even on its own checkpoint (closing
+    the engine for an hf model, the next vLLM job would build a second engine in that process). Idle workers that
+    may not take the job are retired when no other one can."""
+    same = [w for w in idle if w.session == session and (engine or not w.engine)]
     if same:
         return same[0], []
     others = [w for w in idle if not w.bound and (engine or not w.engine)]

@@ -159,14 +159,15 @@ def reconcile(job: L.Job, present: Optional[Checkpoint], protected: bool, missin
             return None
         return Move(job.key, L.PENDING, "the checkpoint is back",
                     {"path": present.path, "last_error": None, "next_retry_at": None})
-    if present.path != job.path and job.state in (L.PENDING, L.SKIPPED, L.FAILED):
-        return Move(job.key, None, "the checkpoint's folder moved", {"path": present.path})
+    moved = {"path": present.path} if present.path != job.path and job.state in (L.PENDING, L.SKIPPED,
+                                                                                   L.FAILED) else {}
     if job.state == L.SKIPPED and selected:
-        return Move(job.key, L.PENDING, "now selected")
-    if not selected and (job.state == L.PENDING or (job.state == L.FAILED and job.resume_state == L.PENDING
-                                                     and job.next_retry_at is not None)):
+        return Move(job.key, L.PENDING, "now selected", moved)
+    if not selected and (job.state == L.PENDING or (job.state == L.FAILED and job.next_retry_at is not None)):
         # a failed attempt waiting for its retry is not evaluated outside the selection either
-        return Move(job.key, L.SKIPPED, "outside begin/end/interval", {"next_retry_at": None})
+        return Move(job.key, L.SKIPPED, "outside begin/end/interval", {"next_retry_at": None, **moved})
+    if moved:
+        return Move(job.key, None, "the checkpoint's folder moved", moved)
     return None
 
 

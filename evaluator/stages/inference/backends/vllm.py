@@ -61,12 +61,13 @@ def reload_signature(path: str) -> Optional[tuple]:
     """What must be equal for a checkpoint's weights to be reloaded into an engine built from another one: its
     config.json fields, its tokenizer and generation config files, and its tensors (name -> shape, dtype); None when
     the folder has no readable config or weights (a fresh load then reports it properly)."""
-    config, files = config_fields(path), weight_files(path) if os.path.isdir(path) else []
-    if config is None or not files:
-        return None
+    config = config_fields(path)
     try:
-        tensors = CheckpointTensors(files).index
-    except Exception:  # an unreadable header: a fresh load reports it
+        files = weight_files(path) if os.path.isdir(path) else []
+        tensors = CheckpointTensors(files).index if files and config is not None else None
+    except Exception:  # an unreadable index or header: a fresh load reports it
+        return None
+    if tensors is None:
         return None
     return (config, tokenizer_digest(path, extra=("generation_config.json",)),
             {name: (shape, str(dtype)) for name, (shape, dtype, _) in tensors.items()})
