@@ -246,6 +246,28 @@ def test_rerun_while_the_daemon_runs_is_picked_up_and_recorded_once(tmp_path, ve
     assert len(invocations(cache, 2000, "qa")) == 4  # two runs of two stages, no more
 
 
+def snapshot_states(cache) -> dict:
+    import sqlite3
+
+    with sqlite3.connect(cache / "ledger.sqlite3") as db:
+        return dict(db.execute("SELECT iteration, state FROM snapshots"))
+
+
+def test_invalidate_of_a_row_waiting_for_its_retry_releases_its_snapshot_while_the_daemon_runs(tmp_path, venvs,
+                                                                                             daemons):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa", infer_mode="crash")], executor={"backoff_seconds": 600})
+    cache = tmp_path / "cache"
+    daemons(cfg)
+    wait_until(lambda: states(cache).get((1000, "qa")) == "failed", what="the inference failed once")
+    assert snapshot_states(cache) == {1000: "pinned"}  # kept for the retry in 10 minutes
+    assert (cache / "snapshots" / "tiny" / "1000").is_dir()
+    run_cli("invalidate", "--config", cfg, "--iterations", "1000", check=0)
+    # nothing will read it again: the running daemon lets it go at its next rescan, not at its next start
+    wait_until(lambda: snapshot_states(cache) == {1000: "released"}, what="the snapshot released")
+    assert not (cache / "snapshots" / "tiny" / "1000").exists()
+
+
 def test_a_scratch_folder_left_by_a_crash_is_swept_at_the_next_start(tmp_path, venvs):
     cfg, cache = evaluated(tmp_path, (1000,))
     left = tmp_path / "cache" / "scratch" / "tiny" / "iter_0001000" / "qa"

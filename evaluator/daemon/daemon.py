@@ -364,6 +364,7 @@ class Daemon:
         if P.rescan_due(self.last_rescan, self.cfg.watch.poll_seconds, now):
             self.last_rescan = now
             self.dirty.update(self.runs)
+            self.release_finished_snapshots()
             if now - self.last_data_check >= DATA_CHECK_SECONDS:
                 self.check_benchmarks()  # every dataset's stamp: one edited under a running daemon is seen
             elif self.held:
@@ -811,6 +812,13 @@ class Daemon:
             if os.path.isdir(path):
                 log.warning("%s: could not delete its scratch folder %s", L.JobKey(*key), path)
 
+    def release_finished_snapshots(self) -> None:
+        """Snapshots of iterations whose rows are all final now without a move of ours: at start, and at every
+        rescan for what another process changed (`invalidate` of a pending row, or of a failed one waiting for
+        its retry)."""
+        for row in self.ledger.snapshots([L.PINNED]):
+            self.release_if_finished(row["run"], row["iteration"])
+
     def release_if_finished(self, run: str, iteration: int) -> None:
         """A snapshot goes on the transition that finalises the last wanted job of its iteration (a held
         benchmark's rows do not keep it: a hold may last for ever; they read the original when it lifts)."""
@@ -946,8 +954,7 @@ class Daemon:
         self.sweep_scratch()
         self.keeper.recover()
         self.insight.rank_best()  # again: recovery may have withdrawn a result (metrics missing: scored again)
-        for row in self.ledger.snapshots([L.PINNED]):  # snapshots of rows no longer runnable are not kept
-            self.release_if_finished(row["run"], row["iteration"])
+        self.release_finished_snapshots()
         self.ledger.prune_events()
 
     # ---- when to stop ----------------------------------------------------------------------------------
