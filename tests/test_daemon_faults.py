@@ -1,9 +1,10 @@
 """Faults an operator of a long training run meets, through the real CLI (tools/evaluator.py): real daemon
 processes, real stage subprocesses in the real venvs, real signals, real mounts (the tests run as root).
 
-The only injected fault is a kill -9 at a chosen line of the daemon (tests/stage_scripts/crashing_daemon.py
-wraps one method of the real daemon so that the process SIGKILLs itself there): a test cannot time that
-from outside. Everything else is produced for real.
+Two faults are injected: a kill -9 at a chosen line of the daemon (tests/stage_scripts/crashing_daemon.py
+wraps one method of the real daemon so that the process SIGKILLs itself there), which a test cannot time from
+outside, and one sink refusing one result every time (refusing_sink_daemon.py), which no real value produces.
+Everything else is produced for real.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from conftest import (DAEMON_PY, ROOT, bench, daemons, history, invocations, led
 pytestmark = pytest.mark.slow
 
 CRASHING_DAEMON = os.path.join(ROOT, "tests", "stage_scripts", "crashing_daemon.py")
+REFUSING_DAEMON = os.path.join(ROOT, "tests", "stage_scripts", "refusing_sink_daemon.py")
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -330,29 +332,31 @@ def test_a_stage_exiting_75_is_retried_without_spending_attempts(tmp_path, venvs
 
 # ---- 8: a result one sink refuses every time --------------------------------------------------------------
 def test_a_result_one_sink_refuses_is_set_aside_while_later_results_reach_it(tmp_path, venvs):
-    """Real poison: at iteration 1000 the stage reports an integer too large for a float; the local sink
-    stores it (JSON has no limit), MLflow refuses it every time (OverflowError converting it)."""
+    """MLflow refuses the result of iteration 1000 every time (an injected refusal, refusing_sink_daemon.py: no
+    value a stage may report is refused by a real sink) until the operator's fix; the local sink takes it."""
     for it in (1000, 2000, 3000):
         megatron_checkpoint(tmp_path / "ckpt", it)
-    huge = "1" + "0" * 400
     scored = {"name": "qa", "type": "command", "inference": "true",
-              "evaluation": f"if [ {{iteration}} = 1000 ]; then v={huge}; else v={{iteration}}; fi; "
-                            f"echo \"{{{{\\\"score\\\": $v}}}}\" > metrics.json"}
+              "evaluation": "echo \"{{\\\"score\\\": {iteration}}}\" > metrics.json"}
     cfg = write_config(tmp_path, [scored], executor={"max_attempts": 2, "backoff_seconds": 0.1},
                        recorder={"sinks": ["local", "mlflow"], "max_failures": 2})
     cache = tmp_path / "cache"
+    marker = tmp_path / "refuse"
+    marker.write_text("")
+    env = dict(os.environ, REFUSE_SINK="recorder.mlflow_sink:MlflowSink", REFUSE_ITERATION="1000",
+               REFUSE_WHILE=str(marker))
 
-    first = run_cli("--config", cfg, "--once", timeout=240)
+    first = subprocess.run([DAEMON_PY, REFUSING_DAEMON, "--config", cfg, "--once"], capture_output=True, text=True,
+                           timeout=240, env=env)
 
     assert first.returncode == 1, first.stderr  # the set-aside result stays queued
     assert states(cache) == {(1000, "qa"): "scored", (2000, "qa"): "recorded", (3000, "qa"): "recorded"}
     assert mlflow_steps(cache, "qa/score") == [2000, 3000]  # later results kept reaching MLflow
     assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa"), (3000, "qa")]  # local took all of them
     shown = status(cfg)
-    assert "recording set aside: 1 result(s)" in shown and "mlflow" in shown and "OverflowError" in shown, shown
+    assert "recording set aside: 1 result(s)" in shown and "mlflow" in shown and "injected refusal" in shown, shown
 
-    metrics = cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json"
-    metrics.write_text(metrics.read_text().replace(huge, "1000"))  # the operator fixes the result by hand
+    marker.unlink()  # the operator's fix
     assert "1 result(s) offered to their sinks again" in status(cfg, "--retry-recording")
     run_cli("--config", cfg, "--once", check=0, timeout=240)
 

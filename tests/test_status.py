@@ -134,7 +134,7 @@ def test_a_result_without_a_readable_headline_shows_a_question_mark_not_another_
     notes = {c["iteration"]: c["cells"]["qa"]["note"] for c in json.loads(status(capsys, cfg, "--json")[1])["runs"][0]["rows"]}
 
     assert code == 0 and [table_row(out, it) for it in (1000, 2000, 3000)] == [["?"], ["?"], ["?"]], out
-    assert "has no 'acc'" in notes[1000] and "too large" in notes[2000] and "missing" in notes[3000], notes
+    assert "has no 'acc'" in notes[1000] and "more than a float holds" in notes[2000] and "missing" in notes[3000], notes
 
 
 @pytest.mark.parametrize("state, fields, symbol", [

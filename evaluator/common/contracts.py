@@ -153,9 +153,8 @@ def validate_metrics(data: Any, where: str) -> dict:
                              f"it); rename the metric")
         if not is_number(value):
             raise ValueError(f"{where}: metrics.{name}: expected a number, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):  # an int is finite, however large: status
-            raise ValueError(f"{where}: metrics.{name}: expected a finite number, got {value!r}")  # shows it as too
-            # large, a sink that cannot take it sets that result aside (tests/test_daemon_faults.py)
+        if not is_finite_number(value):  # NaN, Infinity, or an integer no float holds: no sink or plot can take it
+            raise ValueError(f"{where}: metrics.{name}: expected a finite number, got {_shown(value)}")
     for key in ("n", "n_error"):
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -169,8 +168,8 @@ def validate_metrics(data: Any, where: str) -> dict:
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ValueError(f"{where}: {key}: expected an object, got {type(data[key]).__name__}")
     for name, value in (data.get("stderr") or {}).items():
-        if value is not None and (not is_number(value) or isinstance(value, float) and not math.isfinite(value)):
-            raise ValueError(f"{where}: stderr.{name}: expected a finite number or null, got {value!r}")
+        if value is not None and not is_finite_number(value):
+            raise ValueError(f"{where}: stderr.{name}: expected a finite number or null, got {_shown(value)}")
     tokens_b = data.get("tokens_b")
     if tokens_b is not None and (not is_finite_number(tokens_b) or tokens_b < 0):
         raise ValueError(f"{where}: tokens_b: expected a finite number >= 0 (billions of tokens) or null, "
@@ -179,7 +178,18 @@ def validate_metrics(data: Any, where: str) -> dict:
         if not isinstance(values, dict):
             raise ValueError(f"{where}: per_category.{category}: expected an object of name -> number, "
                              f"got {type(values).__name__}")
+        for name, value in values.items():  # NaN or inf is kept: a harness may report one for a category
+            if value is not None and (not is_number(value) or isinstance(value, int) and not is_finite_number(value)):
+                raise ValueError(f"{where}: per_category.{category}.{name}: expected a number or null, "
+                                 f"got {_shown(value)}")
     return data
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: an integer of hundreds of digits by its size, not in full."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        return f"an integer of {len(str(abs(value)))} digits (more than a float holds)"
+    return repr(value)[:80]
 
 
 def read_metrics(path: str) -> dict:
@@ -188,4 +198,6 @@ def read_metrics(path: str) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     return validate_metrics(data, path)

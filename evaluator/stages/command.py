@@ -13,6 +13,8 @@ this job cannot fill and for an invalid metrics.json. After exit 0:
 - evaluation: the command must have written metrics.json, either the contract form ({"metrics": {...}, "n": ...})
   or a flat {"name": number} object whose reserved keys (contracts.METRICS_FIELDS: `n`, `stderr`, ...) are not
   metrics; the stage writes it back in the contract form.
+After any other exit, or a metrics.json refused, the done file the command wrote (if any) is moved to
+`<name>.refused`: the results tree holds a done file only for a result.
 """
 from __future__ import annotations
 
@@ -102,13 +104,29 @@ def _finish_metrics(job: StageJob) -> int:
     try:
         doc = contract_form(read_json(path), job, path)
     except json.JSONDecodeError as e:
-        print(f"command stage: {path}:{e.lineno}: not valid JSON ({e.msg})", file=sys.stderr)
-        return EXIT_BAD_SPEC
+        return _refused(job, f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    except UnicodeDecodeError as e:
+        return _refused(job, f"{path}: not UTF-8 text (byte {e.start}: {e.reason})")
     except ValueError as e:
-        print(f"command stage: {e}", file=sys.stderr)
-        return EXIT_BAD_SPEC
+        return _refused(job, str(e))
     write_json_atomic(path, doc)
     return EXIT_OK
+
+
+def _refused(job: StageJob, why: str, code: int = EXIT_BAD_SPEC) -> int:
+    """A stage that failed leaves no done file: what the command wrote under that name is moved to `<name>.refused`
+    (kept to read), so the results tree never holds it as a result (`wandb_writer`'s `results` source reads it).
+    `why` is logged last: `status` shows a failed job's last log line."""
+    done = os.path.join(job.output_dir, METRICS if job.stage == EVALUATION else RUN_METADATA)
+    if os.path.exists(done):
+        try:
+            os.replace(done, done + ".refused")
+            print(f"command stage: its {os.path.basename(done)} is kept as {os.path.basename(done)}.refused "
+                  f"(not a result)", file=sys.stderr)
+        except OSError as e:
+            print(f"command stage: could not move {done} aside: {e}", file=sys.stderr)
+    print(f"command stage: {why}", file=sys.stderr)
+    return code
 
 
 def main(argv=None) -> int:
@@ -137,8 +155,7 @@ def main(argv=None) -> int:
     started = time.time()
     code = subprocess.call(["/bin/sh", "-c", command], cwd=job.output_dir, env=env)
     if code != EXIT_OK:
-        print(f"command stage: command exited {code}", file=sys.stderr)
-        return code
+        return _refused(job, f"command exited {code}", code)
     if job.stage == INFERENCE:
         meta_path = os.path.join(job.output_dir, RUN_METADATA)
         if not os.path.exists(meta_path):
