@@ -588,12 +588,12 @@ def test_selection_end_is_inclusive():
     sel = Selection.make(2000, 5000, 1000)
     assert sel.selects(5000)
     assert not sel.selects(6000)
-    assert sel.expected() == [2000, 3000, 4000, 5000]
+    assert list(sel.expected()) == [2000, 3000, 4000, 5000]
 
 
 def test_selection_end_off_the_grid_stops_at_the_last_step_before_it():
     sel = Selection.make(2000, 4500, 1000)
-    assert sel.expected() == [2000, 3000, 4000]
+    assert list(sel.expected()) == [2000, 3000, 4000]
     assert not sel.selects(4500)
 
 

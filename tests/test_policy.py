@@ -198,11 +198,24 @@ def test_idle_needs_nothing_runnable_or_undelivered():
 def test_range_finished_waits_for_every_expected_iteration_but_not_for_one_never_saved():
     runs = [P.RunSpec("run", "/c", "megatron")]
     done = {(1000, "qa"): True, (3000, "qa"): True}
-    assert P.range_finished([1000, 2000, 3000], runs, ["qa"], {"run": done}, {"run": 3000})  # 2000 never saved
-    assert not P.range_finished([1000, 2000, 3000], runs, ["qa"], {"run": {(1000, "qa"): True}}, {"run": 1000})
-    assert not P.range_finished([1000, 2000], runs, ["qa"], {"run": {(1000, "qa"): True}}, {"run": 1000})
-    assert not P.range_finished([1000], runs, ["qa"], {"run": {(1000, "qa"): False}}, {"run": 1000})
+    assert P.range_finished(range(1000, 3001, 1000), runs, ["qa"], {"run": done}, {"run": 3000})  # 2000 never saved
+    assert not P.range_finished(range(1000, 3001, 1000), runs, ["qa"], {"run": {(1000, "qa"): True}}, {"run": 1000})
+    assert not P.range_finished(range(1000, 2001, 1000), runs, ["qa"], {"run": {(1000, "qa"): True}}, {"run": 1000})
+    assert not P.range_finished(range(1000, 1001, 1000), runs, ["qa"], {"run": {(1000, "qa"): False}}, {"run": 1000})
     assert not P.range_finished(None, runs, ["qa"], {}, {})
+
+
+def test_range_finished_with_an_end_iteration_far_away_looks_only_at_the_rows_and_the_disk():
+    """--end-iteration 10**23: the range is never listed (it held more iterations than memory)."""
+    runs = [P.RunSpec("run", "/c", "megatron")]
+    far = range(1000, 10 ** 23 + 1, 1000)
+    done = {(1000, "qa"): True, (2000, "qa"): True}
+    assert not P.range_finished(far, runs, ["qa"], {"run": done}, {"run": 2000}, {"run": {1000, 2000}})
+    assert not P.range_finished(range(1000, 10 ** 23, 1000), runs, ["qa"], {}, {}, {})
+    done_to_end = {(1000, "qa"): True, (10 ** 23, "qa"): True}
+    assert P.range_finished(far, runs, ["qa"], {"run": done_to_end}, {"run": 10 ** 23}, {"run": {10 ** 23}})
+    assert not P.range_finished(far, runs, ["qa"], {"run": {**done_to_end, (10 ** 23, "qa"): False}},
+                                {"run": 10 ** 23}, {"run": {10 ** 23}})
 
 
 def test_rescans_run_on_the_monotonic_clock_whatever_the_wall_clock_does():
@@ -227,11 +240,11 @@ def test_range_finished_waits_for_a_benchmark_added_to_iterations_it_has_seen():
     """Iterations with rows for qa only, mc added to the config since: its rows are still to come."""
     spec = P.RunSpec("r", "/ckpt", "megatron")
     rows = {"r": {(1000, "qa"): True, (2000, "qa"): True}}
-    assert not P.range_finished([1000, 2000], [spec], ["qa", "mc"], rows, {"r": 5000}, {"r": {1000, 2000, 5000}})
+    assert not P.range_finished(range(1000, 2001, 1000), [spec], ["qa", "mc"], rows, {"r": 5000}, {"r": {1000, 2000, 5000}})
     # not on disk (rotated away before mc was added): not waited for
-    assert P.range_finished([1000, 2000], [spec], ["qa", "mc"], rows, {"r": 5000}, {"r": {5000}})
+    assert P.range_finished(range(1000, 2001, 1000), [spec], ["qa", "mc"], rows, {"r": 5000}, {"r": {5000}})
     # an iteration with no row at all below a later one was never saved (or rotated away unseen)
-    assert P.range_finished([1000, 2000, 1500], [spec], ["qa"], rows, {"r": 5000}, {"r": {1000, 2000, 5000}})
+    assert P.range_finished(range(1000, 2001, 500), [spec], ["qa"], rows, {"r": 5000}, {"r": {1000, 2000, 5000}})
 
 
 def test_a_vanished_row_whose_checkpoint_is_complete_again_goes_back_to_pending():

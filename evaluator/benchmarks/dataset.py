@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -327,6 +328,7 @@ def rows_to_samples(input_path: str, columns: ColumnMap) -> list:
     base = os.path.dirname(os.path.abspath(input_path))
     stem = os.path.splitext(os.path.basename(input_path))[0]
     samples = []
+    seen: dict[str, int] = {}  # id -> the input line that used it first
     for lineno, row in _read_rows(input_path):
         where = f"{input_path}:{lineno}"
         if not isinstance(row, dict):
@@ -335,6 +337,9 @@ def rows_to_samples(input_path: str, columns: ColumnMap) -> list:
             fields = len([v for k, v in row.items() if k is not None and v is not None]) + len(row.get(None) or [])
             raise DatasetError(f"{where}: {fields} field(s), the header has {len([k for k in row if k is not None])}")
         sample_id = _sample_id(row, columns, stem, len(samples), where)
+        if sample_id in seen:
+            raise DatasetError(f"{where}: id {sample_id!r} already used on line {seen[sample_id]}")
+        seen[sample_id] = lineno
         choices = _list_field(row, columns.choices, where) if columns.choices else None
         if columns.template:
             try:
@@ -376,5 +381,18 @@ def make_dataset(input_path: str, output_dir: str, dataset_id: str, samples: lis
                  extra_metadata: Optional[dict] = None) -> Dataset:
     """Write samples converted from `input_path` as a canonical dataset directory and load it back (validated)."""
     meta = {"dataset_id": dataset_id, "source": os.path.abspath(input_path), **(extra_metadata or {})}
-    write_dataset(output_dir, meta, samples)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise DatasetError(f"--output-dir: {output_dir} is a file, not a folder")
+    # written and checked beside output_dir first: a dataset that fails the check leaves nothing behind
+    staging = f"{os.path.abspath(output_dir).rstrip(os.sep)}.making-{os.getpid()}"
+    try:
+        write_dataset(staging, meta, samples)
+        load_dataset(staging)
+        os.makedirs(output_dir, exist_ok=True)
+        for name in (TEST_FILE, METADATA_FILE):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    except OSError as e:
+        raise DatasetError(f"--output-dir: cannot write {output_dir}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return load_dataset(output_dir)

@@ -69,7 +69,14 @@ class RunResult:
             raise ValueError(f"{where}: status: expected 'ok' or 'error', got {data['status']!r}")
         if not isinstance(data["response"], dict):
             raise ValueError(f"{where}: response: expected an object with 'text'")
+        text = data["response"].get("text")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{where}: response.text: expected a string (the model's answer), got {text!r}"[:300])
         error = data.get("error")
+        if error is not None and (not isinstance(error, dict) or not isinstance(error.get("type", ""), str)
+                                  or not isinstance(error.get("message", ""), str)):
+            raise ValueError(f"{where}: error: expected an object {{type, message, retryable}} or null, "
+                             f"got {error!r}"[:300])
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         kwargs["sample_id"] = str(data["sample_id"])
@@ -77,8 +84,8 @@ class RunResult:
         kwargs.setdefault("backend", "")
         kwargs.setdefault("run_config", {})
         kwargs.setdefault("request_messages", [])
-        kwargs["error"] = RunError(**{k: error[k] for k in ("type", "message", "retryable") if k in error}) \
-            if isinstance(error, dict) else None
+        kwargs["error"] = RunError(type=error.get("type") or "error", message=error.get("message") or "",
+                                   retryable=bool(error.get("retryable"))) if error is not None else None
         return cls(**kwargs)
 
 
@@ -92,11 +99,15 @@ def write_results(path: str, results: Iterable[RunResult]) -> int:
 def jsonl_rows(path: str, error: type = ValueError) -> Iterable[tuple[str, int, Any]]:
     """(where "file:line", line number, parsed value) for every non-blank line of a JSONL file; a line that is not
     JSON raises `error` naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{where}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, lineno, json.loads(line)
             except json.JSONDecodeError as e:

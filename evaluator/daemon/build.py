@@ -58,6 +58,12 @@ def check_envs(cfg: AutoEvalConfig) -> dict[str, str]:
     return pythons
 
 
+def check_cache_dir(cfg: AutoEvalConfig) -> None:
+    """cache_dir is a folder, or not there yet (the daemon makes it; --dry-run only reads it)."""
+    if os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
+        raise EvaluatorError(f"auto_eval.cache_dir: {cfg.cache_dir} is a file, not a folder")
+
+
 def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] = None, once: bool = False) -> "Daemon":
     """The composition root: check what the daemon needs, take the cache_dir lock, make the parts."""
     runs = resolve_runs(cfg, model_type)
@@ -66,6 +72,7 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
                              "(--dry-run shows which checkpoints would be evaluated)")
     pythons = check_envs(cfg)
     webhook_url(cfg.alerts)  # an alert webhook whose variable is not set: exit 2 before anything starts
+    check_cache_dir(cfg)
     try:
         os.makedirs(cfg.cache_dir, exist_ok=True)
     except OSError as e:

@@ -94,11 +94,12 @@ class Selection:
             return False
         return (iteration - self.begin) % self.interval == 0
 
-    def expected(self) -> Optional[list[int]]:
-        """Every iteration the selection asks for, when it is finite."""
+    def expected(self) -> Optional[range]:
+        """Every iteration the selection asks for, when it is finite: a range, never a list (an --end-iteration far
+        away names more iterations than memory holds)."""
         if self.end is None:
             return None
-        return list(range(self.begin, self.end + 1, self.interval))
+        return range(self.begin, self.end + 1, self.interval)
 
 
 class SettleTracker:
@@ -158,14 +159,28 @@ def _signature(path: str) -> tuple:
     return tuple(sorted(entries))
 
 
+# the largest iteration the ledger (an SQLite INTEGER) holds: an entry named beyond it is no checkpoint of ours
+MAX_ITERATION = 2 ** 63 - 1
+
+
+def iteration_number(digits: str) -> Optional[int]:
+    """The iteration that `digits` names, or None: not ASCII digits ('²' is a digit to Python), or beyond
+    MAX_ITERATION (a 20-digit name would stop every scan of its run at the ledger)."""
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    number = int(digits)
+    return number if number <= MAX_ITERATION else None
+
+
 def _numbered_entries(root: str, rx: re.Pattern, want_dir: bool = True) -> list[tuple[int, str]]:
     out = []
     try:
         with os.scandir(root) as it:
             for entry in it:
                 m = rx.match(entry.name)
-                if m and (not want_dir or entry.is_dir()):
-                    out.append((int(m.group(1)), entry.path))
+                iteration = iteration_number(m.group(1)) if m else None
+                if iteration is not None and (not want_dir or entry.is_dir()):
+                    out.append((iteration, entry.path))
     except FileNotFoundError:
         pass
     return out
@@ -397,7 +412,7 @@ class MegatronLayout(TrackerLayout):
     tracker_name = MEGATRON_TRACKER
 
     def parse_tracker(self, text: str) -> Optional[int]:
-        return int(text) if re.fullmatch(r"[0-9]+", text) else None
+        return iteration_number(text)
 
     def canonical_name(self, iteration: int) -> Optional[str]:
         return f"iter_{iteration:07d}"
@@ -431,7 +446,7 @@ class DeepSpeedLayout(TrackerLayout):
 
     def parse_tracker(self, text: str) -> Optional[int]:
         m = self.dir_pattern.match(text)
-        return int(m.group(1)) if m else None
+        return iteration_number(m.group(1)) if m else None
 
     def canonical_name(self, iteration: int) -> Optional[str]:
         return f"global_step{iteration}"
@@ -572,9 +587,10 @@ class GlobLayout(CheckpointLayout):
             with os.scandir(self.root) as it:
                 for entry in it:
                     m = rx.fullmatch(entry.name)
-                    digits = (m.group(group) or "") if m else ""
-                    if digits.isascii() and digits.isdigit():  # not 'ckpt_final' (or '²') for a pattern 'ckpt_(.+)'
-                        entries.append((int(m.group(group)), entry.path))
+                    # not 'ckpt_final' (or '²') for a pattern 'ckpt_(.+)'
+                    iteration = iteration_number(m.group(group) or "") if m else None
+                    if iteration is not None:
+                        entries.append((iteration, entry.path))
         except FileNotFoundError:
             return []
 

@@ -20,7 +20,7 @@ from typing import Optional
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
 from evaluator.daemon import policy as P
-from evaluator.daemon.checkpoints import Selection
+from evaluator.daemon.checkpoints import MAX_ITERATION, Selection
 from evaluator.daemon.config import EVAL_TYPES, LAYOUT_NAMES, AutoEvalConfig, load_config
 
 EPILOG = """subcommands:
@@ -72,13 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_flags(cfg: AutoEvalConfig, args) -> Selection:
     w = cfg.watch
+    for flag, value, low in (("--iteration-interval", args.iteration_interval, 1),
+                             ("--begin-iteration", args.begin_iteration, 0), ("--end-iteration", args.end_iteration, 0)):
+        if value is not None and not low <= value <= MAX_ITERATION:
+            raise EvaluatorError(f"{flag}: expected an integer from {low} to {MAX_ITERATION} (2^63-1), got {value}")
     if args.iteration_interval is not None:
-        if args.iteration_interval < 1:
-            raise EvaluatorError(f"--iteration-interval: expected an integer >= 1, got {args.iteration_interval}")
         w.iteration_interval = args.iteration_interval
     if args.begin_iteration is not None:
-        if args.begin_iteration < 0:
-            raise EvaluatorError(f"--begin-iteration: expected an integer >= 0, got {args.begin_iteration}")
         w.begin_iteration = args.begin_iteration
     if args.end_iteration is not None:
         w.end_iteration = args.end_iteration
@@ -88,7 +88,10 @@ def apply_flags(cfg: AutoEvalConfig, args) -> Selection:
         w.poll_seconds = args.check_interval * 60
     sel = Selection.make(w.begin_iteration, w.end_iteration, w.iteration_interval)
     if sel.end is not None and sel.end < sel.begin:
-        raise EvaluatorError(f"--end-iteration: expected >= begin iteration ({sel.begin}), got {sel.end}")
+        where = "--end-iteration" if args.end_iteration is not None else f"{cfg.config_path}: watch.end_iteration"
+        begin = ("--begin-iteration" if args.begin_iteration is not None else "watch.begin_iteration"
+                 if w.begin_iteration is not None else "the default begin: the iteration interval")
+        raise EvaluatorError(f"{where}: expected >= the begin iteration ({sel.begin}, {begin}), got {sel.end}")
     return sel
 
 
@@ -97,8 +100,9 @@ def plan(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str]) -
     (hints.diagnose: a wrong layout, a path that is a checkpoint itself, nothing selected...)."""
     from evaluator.daemon.hints import diagnose
 
-    from evaluator.daemon.build import make_layouts, resolve_runs
+    from evaluator.daemon.build import check_cache_dir, make_layouts, resolve_runs
 
+    check_cache_dir(cfg)
     runs = resolve_runs(cfg, model_type)
     layouts = make_layouts(cfg, runs)
     found = {name: layout.scan() for name, layout in layouts.items()}

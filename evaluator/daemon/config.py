@@ -25,6 +25,7 @@ from evaluator.common.secrets import secret_paths
 from evaluator.common.yamlconf import Problem, config_error, read_yaml, validate
 from evaluator.daemon import alerts
 from evaluator.daemon import best as best_rule
+from evaluator.daemon.checkpoints import MAX_ITERATION
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.stages.evaluation import metrics as metric_registry  # pure Python: no torch until a metric runs
 from evaluator.stages.inference import backends, params  # standard library only
@@ -132,9 +133,9 @@ class WatchConfig(Section):
     poll_seconds: float = Field(10.0, gt=0)
     mode: Literal["auto", "inotify", "polling"] = "auto"
     order: Literal["oldest-first", "newest-first"] = "oldest-first"
-    begin_iteration: Optional[int] = Field(None, ge=0)
-    end_iteration: Optional[int] = Field(None, ge=0)
-    iteration_interval: int = Field(1000, ge=1)
+    begin_iteration: Optional[int] = Field(None, ge=0, le=MAX_ITERATION)
+    end_iteration: Optional[int] = Field(None, ge=0, le=MAX_ITERATION)
+    iteration_interval: int = Field(1000, ge=1, le=MAX_ITERATION)
     # rotation safety (evaluator/daemon/snapshots.py): pin what inference needs as soon as complete
     snapshot: Literal["auto", "none", "hardlink", "copy"] = "auto"
     snapshot_max_gb: Optional[float] = Field(None, gt=0)  # budget for pinned snapshots; None = no limit
@@ -335,6 +336,13 @@ def load_config(path: str, require_datasets: bool = True, check_data: bool = Tru
         raise config_error(path, lines, problems)
     _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
     cfg._config_path = path
+    main_problems = [(("auto_eval", "benchmarks", i, "main_metric"),
+                      f"benchmark {b.name!r} reports no metric {b.main_metric!r} (it reports {', '.join(names)})"
+                      f"{did_you_mean(b.main_metric, names)}")
+                     for i, b in enumerate(cfg.benchmarks) if b.main_metric is not None
+                     and (names := reported_metrics(b)) is not None and not best_rule.reported(b.main_metric, names)]
+    if main_problems:  # a typo there would show `?` in every status cell and leave its alert rules unchecked
+        raise config_error(path, lines, main_problems)
     alert_problems = [(("auto_eval", "alerts") + loc, text) for loc, text in alerts.problems(
         cfg.alerts.rules, {b.name: _with_main_metric(b, reported_metrics(b)) for b in cfg.benchmarks},
         cfg.executor.max_attempts, did_you_mean)]
@@ -380,6 +388,18 @@ def dataset_problem(bench: BenchmarkConfig) -> Optional[str]:
         metric_registry.expand(list(names))
     except EvaluatorError as e:
         return f"{meta_path}: {e}"
+    return None
+
+
+def glob_pattern_problem(pattern: Optional[str]) -> Optional[str]:
+    """What keeps watch.pattern from serving the glob layout, or None."""
+    if not pattern:
+        return "the glob layout needs a regex with an iteration group, e.g. 'step_(?P<iteration>\\d+)\\.ckpt'"
+    try:
+        if re.compile(pattern).groups == 0:
+            return "expected a regex with an iteration group ((?P<iteration>\\d+) or the first group)"
+    except re.error as e:
+        return f"not a valid regex: {e}"
     return None
 
 
@@ -537,16 +557,8 @@ def _semantic_checks(cfg: AutoEvalConfig) -> list[Problem]:
     if w.end_iteration is not None and w.begin_iteration is not None and w.end_iteration < w.begin_iteration:
         problems.append((base + ("watch", "end_iteration"), f"expected >= begin_iteration ({w.begin_iteration}), got {w.end_iteration}"))
     layouts = {p.layout or w.layout for p in w.paths}
-    if "glob" in layouts:
-        if not w.pattern:
-            problems.append((base + ("watch", "pattern"), "the glob layout needs a regex with an iteration group, e.g. 'step_(?P<iteration>\\d+)\\.ckpt'"))
-        else:
-            try:
-                rx = re.compile(w.pattern)
-                if rx.groups == 0:
-                    problems.append((base + ("watch", "pattern"), "expected a regex with an iteration group ((?P<iteration>\\d+) or the first group)"))
-            except re.error as e:
-                problems.append((base + ("watch", "pattern"), f"not a valid regex: {e}"))
+    if "glob" in layouts and glob_pattern_problem(w.pattern):
+        problems.append((base + ("watch", "pattern"), glob_pattern_problem(w.pattern)))
     if w.done_marker:
         try:
             bad = [f for f in _template_fields(w.done_marker) if f not in ("name", "iteration")]

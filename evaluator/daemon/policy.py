@@ -312,7 +312,7 @@ def idle(b: Backlog) -> bool:
     return b.runnable == 0 and b.undelivered == 0
 
 
-def range_finished(expected: Optional[list[int]], runs: list[RunSpec], benchmarks: list[str],
+def range_finished(expected: Optional[range], runs: list[RunSpec], benchmarks: list[str],
                    rows: dict[str, dict[tuple, bool]], newest: dict[str, int],
                    on_disk: Optional[dict[str, set]] = None) -> bool:
     """Every iteration up to --end-iteration done, for every run and wanted benchmark.
@@ -320,17 +320,25 @@ def range_finished(expected: Optional[list[int]], runs: list[RunSpec], benchmark
     rows: run -> {(iteration, benchmark): final?} for iterations in the selection's range; newest: run ->
     its newest iteration with a row; on_disk: run -> the iterations its last scan listed. A (iteration, benchmark)
     with no row while the run has a later iteration is not waited for when the checkpoint is not on disk (never
-    saved, or rotated away before it was seen or before the benchmark was added); on disk, its row is to come."""
+    saved, or rotated away before it was seen or before the benchmark was added); on disk, its row is to come.
+    Only the iterations with a row or on disk are looked at, never the whole range (it may be astronomically long)."""
     if expected is None:
         return False
     for run in runs:
+        names = [b for b in benchmarks if run.runs_benchmark(b)]
+        if not names or not expected:
+            continue
         have = rows.get(run.name, {})
         there = (on_disk or {}).get(run.name, set())
         top = newest.get(run.name)
-        for it in expected:
-            for name in filter(run.runs_benchmark, benchmarks):
+        if top is None or expected[-1] > top:
+            return False  # an expected iteration after the newest row: not saved yet
+        for it in {i for i, _ in have} | set(there) | {top}:
+            if it not in expected:
+                continue
+            for name in names:
                 final = have.get((it, name))
-                if final is None and it not in there and top is not None and top > it:
+                if final is None and it not in there and top > it:
                     continue
                 if not final:
                     return False

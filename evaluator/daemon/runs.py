@@ -7,7 +7,7 @@ from typing import Optional
 
 from evaluator.common.checks import run_name_problem
 from evaluator.common.errors import EvaluatorError
-from evaluator.daemon.config import AutoEvalConfig
+from evaluator.daemon.config import AutoEvalConfig, glob_pattern_problem
 from evaluator.daemon.policy import RunSpec
 
 
@@ -17,7 +17,7 @@ def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[
     default_layout = model_type or cfg.watch.layout or "megatron"
     if not paths:
         if cfg.megatron and cfg.megatron.checkpoint_path:
-            return [RunSpec(cfg.model_name, cfg.megatron.checkpoint_path, default_layout)]
+            return _checked([RunSpec(cfg.model_name, cfg.megatron.checkpoint_path, default_layout)], cfg, model_type)
         raise EvaluatorError("invalid config: auto_eval.watch.paths: no checkpoint folder to watch; "
                              "set watch.paths or megatron.checkpoint_path")
     runs = []
@@ -36,4 +36,11 @@ def resolve_runs(cfg: AutoEvalConfig, model_type: Optional[str] = None) -> list[
                                  f"{run_name_problem(r.name)}")
         if os.path.exists(r.root) and not os.path.isdir(r.root):
             raise EvaluatorError(f"invalid config: auto_eval.watch.paths: {r.root} is not a folder")
+    return _checked(runs, cfg, model_type)
+
+
+def _checked(runs: list[RunSpec], cfg: AutoEvalConfig, model_type: Optional[str]) -> list[RunSpec]:
+    """--model-type glob needs watch.pattern: the config's own check saw another layout."""
+    if model_type == "glob" and any(r.layout == "glob" for r in runs) and glob_pattern_problem(cfg.watch.pattern):
+        raise EvaluatorError(f"--model-type glob: auto_eval.watch.pattern: {glob_pattern_problem(cfg.watch.pattern)}")
     return runs
