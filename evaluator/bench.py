@@ -387,9 +387,6 @@ def cmd_inference(args, then_eval: bool = False) -> int:
                 raise EvaluatorError(f"{flag} applies to one benchmark; got {len(args.benchmark)} "
                                      f"({', '.join(args.benchmark)}): run the one it is for on its own")
     model = user_path(args.model) if os.path.exists(user_path(args.model)) else args.model  # else hub id/alias
-    if not os.path.exists(user_path(args.model)) and (os.path.isabs(args.model) or args.model.startswith((".", "~"))):
-        raise EvaluatorError(f"--model: {user_path(args.model)} does not exist (a local checkpoint folder, or a "
-                             f"served model's name for --backend openai)")
     model_dir = os.path.join(user_path(args.output_root), args.model_name or model_name_of(model))
     runs: list = []
     for target in args.benchmark:  # every benchmark checked before a stage starts: a typo costs no model load

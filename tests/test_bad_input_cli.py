@@ -84,11 +84,13 @@ def test_make_dataset_into_a_file_exits_2_naming_the_flag(tmp_path):
     one_line_error(proc, "--output-dir:")
 
 
-def test_bench_run_with_a_model_path_that_does_not_exist_says_so(tmp_path):
+def test_bench_run_with_a_model_path_that_does_not_exist_says_so(tmp_path, venvs):
     data = canonical_dataset(tmp_path / "qa", [{"id": "1", "messages": [{"role": "user", "content": "q"}],
                                                  "target": "a"}])
     proc = bench_py("run", data, "--model", str(tmp_path / "no-model"), "--output-root", str(tmp_path / "out"))
-    one_line_error(proc, f"--model: {tmp_path / 'no-model'} does not exist")
+    # before: "OSError: Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert f"model '{tmp_path / 'no-model'}': no such checkpoint directory" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("row, said", [

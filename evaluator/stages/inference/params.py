@@ -179,6 +179,14 @@ def resolve_model(model: str) -> tuple[str, Optional[str]]:
     return model, None
 
 
+def missing_local_model(model: str) -> Optional[str]:
+    """Why `model`, written as a local path (absolute, ./, ../, ~), cannot be loaded: it does not exist; else None
+    (a hub id, or there). Said before a library takes it for a malformed hub id."""
+    if (os.path.isabs(model) or model.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(model)):
+        return f"model {model!r}: no such checkpoint directory"
+    return None
+
+
 class Progress:
     """A progress line on stderr at most every `every` seconds: done/total, rate, ETA. Line-based, so it reads
     well in infer.stderr.log and on a terminal alike."""

@@ -46,7 +46,7 @@ from evaluator.common.records import ERROR, RunError, RunResult
 
 from evaluator.stages.checkpoint_compat import CheckpointFormatError, checkpoint_view, reads_as_is, release_view
 
-from ..params import COMMON_GENERATION, GenerationParams, MODEL_ALIASES, Progress, apply_stop
+from ..params import COMMON_GENERATION, GenerationParams, MODEL_ALIASES, Progress, apply_stop, missing_local_model
 from . import ModelLoadError
 from .text import TextRunner, pack
 # lived here before text.py: evaluator/daemon/fingerprint.py and tests still import them from hf
@@ -210,6 +210,8 @@ class HFBackend:
         import torch
         import transformers
         transformers.set_seed(self.seed)
+        if missing_local_model(self.model_path):
+            raise ModelLoadError(missing_local_model(self.model_path))
         if not os.path.isdir(self.model_path) and "HF_HUB_OFFLINE" not in os.environ and self.alias is None \
                 and "/" not in self.model_path:
             raise ModelLoadError(f"model {self.model_path!r}: no such checkpoint directory "

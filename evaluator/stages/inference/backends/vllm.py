@@ -40,7 +40,7 @@ from evaluator.common.records import RunResult
 from evaluator.stages.checkpoint_compat import checkpoint_view, release_view
 from evaluator.stages.common import switch_value
 
-from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop
+from ..params import COMMON_GENERATION, GenerationParams, Progress, apply_stop, missing_local_model
 from . import ModelLoadError
 from .hf import CheckpointTensors, config_fields, generate_isolated, sample_bases, tokenizer_digest, weight_files
 from .text import text_of, use_chat_template
@@ -131,6 +131,8 @@ class VLLMBackend:
                                  "visible and this vLLM is not its CPU build). Run it on a CUDA machine, use the CPU "
                                  "build (`make setup-vllm-cpu`), or choose --backend hf.")
         check_scoring(self.options)
+        if missing_local_model(self.model_path):
+            raise ModelLoadError(missing_local_model(self.model_path))
         # the vLLM venv pins transformers 4.x: a checkpoint saved by 5.x is read through a translated view or
         # refused (CheckpointFormatError, exit 2), never misread (checkpoint_compat.py); the view lives until close()
         self.source = checkpoint_view(self.model_path, log=lambda line: print(line, file=sys.stderr, flush=True))
