@@ -132,3 +132,23 @@ def test_a_config_with_end_below_begin_in_the_file_still_names_file_and_line(tmp
     proc = run_cli("--config", cfg, "--dry-run")
     one_line_error(proc, "auto_eval.watch.end_iteration: expected >= begin_iteration (5000), got 2000")
     assert yaml.safe_load(open(cfg))["auto_eval"]["watch"]["end_iteration"] == 2000
+
+
+@pytest.mark.parametrize("section, key", [("executor", "max_attempts"), ("executor", "worker_max_jobs"),
+                                          ("watch", "poll_seconds")])
+def test_true_where_a_number_is_expected_exits_2_naming_the_key(tmp_path, section, key):
+    cfg = write_config(tmp_path, [bench("qa")], **{section: {key: True}})
+    one_line_error(run_cli("--config", cfg, "--dry-run"), f"auto_eval.{section}.{key}: expected a number, got true")
+
+
+def test_a_metadata_json_that_is_a_list_says_it_expected_an_object(tmp_path):
+    from evaluator.benchmarks.dataset import DatasetError, read_metadata
+
+    (tmp_path / "metadata.json").write_text("[1]")
+    with pytest.raises(DatasetError, match=r"metadata.json: expected a JSON object .*got list"):
+        read_metadata(str(tmp_path))
+
+
+def test_bench_eval_on_a_dataset_folder_that_does_not_exist_says_so(tmp_path):
+    proc = bench_py("eval", str(tmp_path / "gone"), "--predictions", str(tmp_path / "p.jsonl"))
+    one_line_error(proc, f"{tmp_path / 'gone'}: no such dataset directory")

@@ -494,3 +494,19 @@ def test_the_inference_stage_writes_progress_json_while_it_generates(tmp_path, v
     assert any(0 < d["done"] < 24 for d in seen), seen  # a report while generating, not only at the start
     assert len(seen) <= 4, seen  # at most every ~5 s
     assert all(isinstance(d["updated_at"], float) for d in seen)
+
+
+@pytest.mark.parametrize("damage, said", [
+    ({"runs": {"tiny": 5}}, "runs: expected an object whose items are each an object"),
+    ({"hints": {"tiny": 5}}, "hints: expected an object whose items are each a list"),
+    ({"unavailable": 5}, "unavailable: expected a list"),
+    ({"unavailable": [{"benchmark": [], "run": None, "reason": "x"}]}, "unavailable: expected entries of strings"),
+    ({"beat_at": 1e308}, "beat_at: expected a time in seconds"),
+])
+def test_a_daemon_json_with_a_field_of_the_wrong_type_is_named_not_a_traceback(setup, capsys, damage, said):
+    cfg, cache, led = setup
+    led.add("tiny", 1000, "qa", "/ckpt/iter_0001000")
+    with open(os.path.join(cache, "daemon.json"), "w") as f:
+        json.dump({"pid": 1, "host": "h", "beat_at": time.time(), "runs": {}, **damage}, f)
+    code, out, _ = status(capsys, cfg)
+    assert code == 0 and f"daemon: unknown: {os.path.join(cache, 'daemon.json')}: {said}" in out, out

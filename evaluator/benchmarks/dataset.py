@@ -190,7 +190,9 @@ def read_metadata(root: str) -> dict:
         meta = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("dataset_id"), str) or not meta["dataset_id"]:
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object ({{\"dataset_id\": ...}}), got {type(meta).__name__}")
+    if not isinstance(meta.get("dataset_id"), str) or not meta["dataset_id"]:
         raise DatasetError(f"{path}: dataset_id: expected a non-empty string")
     if "metrics" in meta and not (isinstance(meta["metrics"], list) and all(isinstance(m, str) for m in meta["metrics"])):
         raise DatasetError(f"{path}: metrics: expected a list of metric names")

@@ -134,5 +134,8 @@ def kind_for(name_or_dir: str) -> tuple[str, Optional[str]]:
     if os.path.exists(name_or_dir):
         raise EvaluatorError(f"{name_or_dir}: not a canonical dataset directory (test.jsonl + metadata.json); "
                              "for another layout pass the benchmark name and --dataset PATH")
+    if os.sep in name_or_dir or name_or_dir.startswith((".", "~")):  # meant as a folder: say that it is not there
+        raise EvaluatorError(f"{name_or_dir}: no such dataset directory (nor a benchmark name: "
+                             f"{', '.join(BENCHMARKS)})")
     get(name_or_dir)  # raises with the known names
     raise AssertionError("unreachable")

@@ -151,6 +151,8 @@ def describe(err: dict, model: type) -> str:
         return f"unknown key{hint}"
     if kind == "missing":
         return "required key is missing"
+    if kind == "value_error":  # our own validators' messages say what they got
+        return err["msg"].split(", ", 1)[-1] if err["msg"].startswith("Value error, ") else err["msg"]
     return f"{err['msg'].lower()}, got {err.get('input')!r}"
 
 

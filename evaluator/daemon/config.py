@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import string
+import typing
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
@@ -43,6 +44,20 @@ SAMPLE_VALUES = {"checkpoint": "/ckpt/iter_0001000", "iteration": 1000, "output_
 class Section(BaseModel):
     # an unknown key is an error; so is .inf or .nan for a number (no setting means "never" or "undefined" that way)
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value, info):
+        """`max_attempts: true` is a slip, not 1 (pydantic would take it as 1)."""
+        if isinstance(value, bool) and _number_type(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _number_type(annotation) -> bool:
+    """int, float, or either of them Optional."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) else []
+    return annotation in (int, float) or (len(args) == 1 and args[0] in (int, float))
 
 
 # ---- Data-Juicer's sections, key for key --------------------------------------------------

@@ -15,6 +15,7 @@ its pid exists (`pid_exists`, asked only on the daemon's own host).
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -39,6 +40,12 @@ def write_state(cache_dir: str, state: dict) -> None:
     write_json_atomic(state_path(cache_dir), {**state, "schema_version": SCHEMA_VERSION})
 
 
+# daemon.json's fields that status reads: the type each must have (a hand-edited or damaged file says so)
+STATE_TYPES = {"runs": (dict, dict), "hints": (dict, list), "unavailable": (list, dict), "settings_changed": (list, None),
+               "fingerprints": (dict, None), "stop_reason": (str, None), "host": (str, None)}
+KIND_NAMES = {dict: "an object", list: "a list", str: "a string"}
+
+
 def read_state(cache_dir: str) -> Optional[dict]:
     """The last document the daemon wrote; None if it never wrote one. Raises ValueError naming the file
     when it is not a JSON object (status says so instead of guessing)."""
@@ -51,6 +58,21 @@ def read_state(cache_dir: str) -> Optional[dict]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key, (kind, inner) in STATE_TYPES.items():  # what status reads, as the daemon writes it
+        value = data.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{path}: {key}: expected {KIND_NAMES[kind]}, got {type(value).__name__}")
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        if inner is not None and any(not isinstance(v, inner) for v in items):
+            raise ValueError(f"{path}: {key}: expected {KIND_NAMES[kind]} whose items are each {KIND_NAMES[inner]}")
+    for entry in data.get("unavailable") or []:
+        if any(entry.get(k) is not None and not isinstance(entry[k], str) for k in ("benchmark", "run", "reason")):
+            raise ValueError(f"{path}: unavailable: expected entries of strings (benchmark, run, reason), "
+                             f"got {entry!r}"[:300])
+    for key in ("started_at", "beat_at", "stopped_at", "beat_every_s"):
+        if data.get(key) is not None and not (isinstance(data[key], (int, float)) and math.isfinite(data[key])
+                                              and abs(data[key]) < 1e11):  # seconds since 1970, or an interval
+            raise ValueError(f"{path}: {key}: expected a time in seconds, got {data[key]!r}")
     return data
 
 

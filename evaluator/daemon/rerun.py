@@ -122,7 +122,10 @@ def warn_daemon_settings(cfg, jobs: list[L.Job]) -> None:
     from evaluator.daemon import heartbeat as H
     from evaluator.daemon.daemon import assess
 
-    state = H.read_state(cfg.cache_dir)
+    try:
+        state = H.read_state(cfg.cache_dir)
+    except (OSError, ValueError):
+        return  # a damaged daemon.json: nothing known about a running daemon (status says what is wrong with it)
     if H.liveness(state, time.time(), H.pid_exists(state))[0] != H.ALIVE:
         return
     running = state.get("fingerprints") or {}
