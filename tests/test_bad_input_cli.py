@@ -34,9 +34,13 @@ def test_an_end_iteration_below_the_default_begin_names_the_config_key(tmp_path)
 
 
 def test_a_checkpoint_named_beyond_any_iteration_is_ignored_and_the_others_are_evaluated(tmp_path, venvs):
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    megatron_checkpoint(tmp_path / "ckpt", 10 ** 20, tracker=False)  # iter_100000000000000000000: 21 digits
-    cfg = write_config(tmp_path, [bench("qa")])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("step_1000", f"step_{10 ** 20}"):  # the second: 21 digits, more than the ledger's integers hold
+        (ckpt / name).write_bytes(b"w")
+        (ckpt / f"{name}.done").touch()
+    cfg = write_config(tmp_path, [bench("qa")], watch={"layout": "glob", "pattern": r"step_(\d+)",
+                                                        "done_marker": "{name}.done", "settle_seconds": 0})
     proc = run_cli("--config", cfg, "--once", check=0, timeout=240)
     assert "Traceback" not in proc.stderr, proc.stderr  # before: every scan of the run failed at the ledger
     assert [(r["iteration"], r["state"]) for r in ledger_rows(tmp_path / "cache")] == [(1000, "recorded")]
