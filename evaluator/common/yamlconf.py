@@ -113,7 +113,7 @@ def config_error(path: str, lines: dict[tuple, int], problems: list[Problem]) ->
             line = lines.get(probe)
             probe = probe[:-1]
         where = f"{path}:{line}" if line else path
-        msgs.append(f"{where}: {dotted(loc)}: {text}")
+        msgs.append(f"{where}: {dotted(loc)}: {text}" if loc else f"{where}: {text}")
     return EvaluatorError("invalid config:\n  " + "\n  ".join(msgs) if len(msgs) > 1 else "invalid config: " + msgs[0])
 
 
