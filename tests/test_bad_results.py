@@ -40,14 +40,19 @@ def test_a_metric_no_float_holds_fails_its_job_and_the_daemon_records_the_other_
     assert "more than a float holds" in shown, shown
 
 
-def test_an_evaluation_command_that_fails_after_writing_metrics_leaves_no_result_behind(tmp_path, venvs):
+def failed_once(tmp_path, name: str, script: str):
+    """One checkpoint, one command benchmark whose evaluation is `script`: --once ends 1 with the job failed."""
     megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cfg = write_config(tmp_path, [command_eval("crashy", "echo '{{\"acc\": 0.25}}' > metrics.json; exit 3")])
+    cfg = write_config(tmp_path, [command_eval(name, script)])
     cache = tmp_path / "cache"
-
     run_cli("--config", cfg, "--once", check=1, timeout=240)
+    assert states(cache) == {(1000, name): "failed"}
+    return cache
 
-    assert states(cache) == {(1000, "crashy"): "failed"}
+
+def test_an_evaluation_command_that_fails_after_writing_metrics_leaves_no_result_behind(tmp_path, venvs):
+    cache = failed_once(tmp_path, "crashy", "echo '{{\"acc\": 0.25}}' > metrics.json; exit 3")
+
     files = result_files(cache, "crashy")
     assert "metrics.json" not in files and "metrics.json.refused" in files, files
     # so a dashboard rebuilt from the results tree does not show the failed job's number
@@ -60,13 +65,8 @@ def test_an_evaluation_command_that_fails_after_writing_metrics_leaves_no_result
 
 
 def test_a_metrics_json_that_is_not_utf8_fails_its_job_naming_the_file(tmp_path, venvs):
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cfg = write_config(tmp_path, [command_eval("latin", "printf '{{\"acc\\351\": 0.5}}' > metrics.json")])
-    cache = tmp_path / "cache"
+    cache = failed_once(tmp_path, "latin", "printf '{{\"acc\\351\": 0.5}}' > metrics.json")
 
-    run_cli("--config", cfg, "--once", check=1, timeout=240)
-
-    assert states(cache) == {(1000, "latin"): "failed"}
     error = [r for r in ledger_rows(cache)][0]["last_error"]
     assert "metrics.json: not UTF-8 text" in error, error
     assert "metrics.json" not in result_files(cache, "latin")
