@@ -21,6 +21,7 @@ for a wandb_writer config.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import platform
@@ -32,6 +33,8 @@ from evaluator.common.atomic import write_text_atomic
 from evaluator.common.contracts import COMPARE, COMPARE_SCHEMA_VERSION, RESERVED_METRIC_NAMES
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.secrets import redact_obj
+
+log = logging.getLogger("evaluator")
 
 FLUSH_RETRY_SECONDS = 60.0
 
@@ -279,6 +282,7 @@ class LocalHistorySink:
         self._index: dict[str, dict[tuple, int]] = {}  # run -> result key -> its position in the rows
         self._dirty: set[str] = set()  # runs whose plots are older than their history
         self._retry_flush_at = 0.0
+        self._views_checked = False  # flush() looks once for views a stopped daemon left older than their history
 
     def _path(self, run: str, name: str = "history.jsonl") -> str:
         return os.path.join(self.cache_dir, "results", run, name)
@@ -328,8 +332,9 @@ class LocalHistorySink:
             self._index[result.run][result.key] = len(rows)
             rows.append(row)
         else:  # a rerun: its line replaces the earlier revision's; a crash leaves the old file or the new, whole
-            rows[at] = row
-            write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            new_rows = rows[:at] + [row] + rows[at + 1:]
+            write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in new_rows))
+            rows[at] = row  # only once written: a failed write (disk full) must leave the cache saying the old line
         self._stamps[result.run] = _stamp(path)
         if self.plots:
             self._dirty.add(result.run)
@@ -345,9 +350,9 @@ class LocalHistorySink:
         at = self._index[run].get((run, iteration, benchmark))
         if at is None:
             return False
-        del rows[at]
         path = self._path(run)
-        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for i, r in enumerate(rows) if i != at))
+        del rows[at]  # only once written, as in _record
         self._index[run] = {(r["run"], r["iteration"], r["benchmark"]): i for i, r in enumerate(rows)}
         self._stamps[run] = _stamp(path)
         if self.plots:
@@ -355,7 +360,15 @@ class LocalHistorySink:
         return True
 
     def flush(self) -> None:
-        """Redraw curves.png and rewrite summary.md of every run that got a result since the last flush."""
+        """Redraw curves.png and rewrite summary.md of every run that got a result since the last flush; the first
+        flush of a process also redraws the views a stopped daemon left older than their history."""
+        if not self._views_checked:
+            self._views_checked = True
+            root = os.path.join(self.cache_dir, "results")
+            for folder, subdirs, files in os.walk(root):
+                subdirs[:] = [d for d in subdirs if not d.startswith("iter_")]  # results, not runs: not walked
+                if "history.jsonl" in files:
+                    self.rows(os.path.relpath(folder, root))  # marks a run whose views are older than its history
         if not self._dirty or time.monotonic() < self._retry_flush_at:
             return
         from recorder import plots  # matplotlib is imported only when there is something to draw
@@ -407,8 +420,12 @@ def _drop_torn_tail(path: str) -> None:
         if f.read(1) == b"\n":
             return
         f.seek(0)
-        data = f.read()  # rare: only after a crash mid-write
-        f.truncate(data.rfind(b"\n") + 1)
+        data = f.read()  # rare: after a crash mid-write (that result was never marked recorded: it comes again)
+        cut = data.rfind(b"\n") + 1
+        f.truncate(cut)
+    # or a hand-edited or damaged line: say what was dropped, so a result it held is not lost in silence
+    log.warning("%s: dropped its unterminated last line (%d bytes: %r...): a write cut short", path,
+                len(data) - cut, data[cut:cut + 80])
 
 
 # ---- registry --------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -64,6 +65,8 @@ from filelock import FileLock, Timeout
 from evaluator.common.contracts import RESERVED_METRIC_NAMES
 from recorder.sinks import (BEST_KEYS, COMPARED_AGAINST, RecorderSettings, ResultRecord, WandbSettings, best_of,
                             check_metric_names, comparison_flips, comparison_lines, comparison_summary, supersedes)
+
+log = logging.getLogger("evaluator")
 
 LOG_MAGIC = b":W&B"
 BLOCK_SIZE = 32 * 1024
@@ -381,7 +384,7 @@ class WandbSink:
                          settings=_settings(wandb, self.ws))
         where = os.path.realpath(run.dir)
         if not where.startswith(os.path.realpath(self.ws.dir) + os.sep):
-            run.finish(exit_code=1)
+            _finish(wandb, run, exit_code=1)
             raise RuntimeError(f"W&B wrote the run to {where}, not under {self.ws.dir}")
         return run
 
@@ -492,9 +495,9 @@ class WandbSink:
             if best is not None:
                 run.summary.update({BEST_SUMMARY + k: best[k] for k in BEST_KEYS})
         except BaseException:
-            run.finish(exit_code=1)
+            _finish(wandb, run, exit_code=1)
             raise
-        run.finish()
+        _finish(wandb, run)
         await_rows(session_log, expect, len(rows))
         if replaces:
             finish_merges(self.ws.dir, rid)
@@ -522,9 +525,9 @@ class WandbSink:
                 else:
                     run.log(row)
             except BaseException:
-                run.finish(exit_code=1)
+                _finish(wandb, run, exit_code=1)
                 raise
-            run.finish()
+            _finish(wandb, run)
             await_rows(os.path.join(os.path.dirname(run.dir), f"run-{rid}.wandb"), set(), 1)
         return rid
 
@@ -704,6 +707,21 @@ def _text(value) -> str:
     if isinstance(value, list):
         return " | ".join(str(v) for v in value)
     return "" if value is None else str(value)
+
+
+def _finish(wandb, run, exit_code: int = 0) -> None:
+    """End a session. A finish that fails (a full disk while W&B closes its own debug log) leaves the run open in
+    W&B's service, which then refuses the run id to every later session of this process ("run ID ... is in use"):
+    the service is torn down, so the next session starts a fresh one."""
+    try:
+        run.finish(exit_code=exit_code) if exit_code else run.finish()
+    except BaseException:
+        try:
+            wandb.teardown(exit_code=1)
+        except Exception as e:  # the finish's own error is the one to report; this one only said in the log
+            log.warning("recorder wandb: tearing W&B down after a failed finish failed too: %s: %s",
+                        type(e).__name__, e)
+        raise
 
 
 def _number(value) -> Optional[float]:

@@ -39,7 +39,8 @@ class _Worker:
         self.inbox: "queue.Queue" = queue.Queue()
         self.current: Optional[tuple] = None  # (key, started monotonic)
         self.timed_out = False
-        self.dirty = False
+        # a sink with views flushes once soon after start: views a stopped daemon left older than their history
+        self.dirty = hasattr(sink, "flush")
         self.last_flush = 0.0
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
