@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import megatron_checkpoint, bench, run_cli, venvs, write_config  # noqa: F401
+from conftest import bench, daemons, megatron_checkpoint, run_cli, venvs, write_config  # noqa: F401
 from recorder.sinks import LocalHistorySink, ResultRecord
 
 
@@ -109,3 +109,25 @@ def test_the_wandb_sink_records_again_in_the_same_process_once_a_full_disk_has_r
 
     rows = sorted((r["iteration"], r["qa/acc"]) for r in history(wandb_dir))
     assert rows == [(1000, 0.25), (2000, 0.5), (3000, 0.75)]
+
+
+def test_status_of_a_daemon_paused_on_a_full_cache_disk_says_the_disk_is_full(tmp_path, venvs, small_disk, daemons):
+    from conftest import ledger_rows, wait_until
+
+    small_disk(tmp_path / "cache", "4m")
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa")])
+    d = daemons(cfg)
+    wait_until(lambda: [r["state"] for r in ledger_rows(tmp_path / "cache")] == ["recorded"], timeout=120,
+               what="1000 recorded")
+    filler = fill(tmp_path / "cache")
+    megatron_checkpoint(tmp_path / "ckpt", 2000)
+    wait_until(lambda: "paused (nothing is lost" in d.log(), timeout=120, what="the daemon paused")
+
+    shown = run_cli("status", "--config", cfg, check=0).stdout
+    assert "is full" in shown and "waits, losing nothing" in shown and "NOT RUNNING" not in shown, shown
+
+    os.unlink(filler)
+    wait_until(lambda: [r["state"] for r in ledger_rows(tmp_path / "cache")] == ["recorded", "recorded"],
+               timeout=120, what="2000 recorded once there is room")
+    assert d.stop() == 0

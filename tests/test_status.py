@@ -199,6 +199,20 @@ def test_liveness(state, pid_alive, verdict, words):
     assert got == verdict and words in text, text
 
 
+def test_a_daemon_whose_beat_stopped_but_whose_pid_lives_on_this_host_is_stalled_not_reported_dead():
+    """Paused on a full disk it cannot even write daemon.json to: before, `status` said NOT RUNNING and invited
+    a restart of a healthy, waiting daemon."""
+    here = {**BEAT, "host": socket.gethostname(), "beat_at": NOW - 180}
+    got, text = H.liveness(here, NOW, True)
+    assert got == "stalled" and "NO HEARTBEAT for 3m00s" in text and "do not start another" in text, text
+    assert H.liveness(here, NOW, False)[0] == "dead"  # its pid gone: dead, whatever the host
+
+
+def test_a_paused_daemon_that_can_still_write_its_heartbeat_says_why_it_waits():
+    got, text = H.liveness({**BEAT, "paused": "cannot write the ledger: database is locked"}, NOW, True)
+    assert got == "alive" and "alive but PAUSED" in text and "database is locked" in text, text
+
+
 def test_a_daemon_whose_pid_is_gone_is_reported_not_running_and_its_running_rows_marked(setup, capsys):
     cfg, cache, led = setup
     led.add("tiny", 1000, "qa", "/ckpt/iter_0001000")

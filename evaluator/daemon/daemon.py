@@ -188,6 +188,7 @@ class Daemon:
         self.watching = False  # the watcher thread runs (stopped at shutdown only then)
         self.last_rescan = time.monotonic()
         self.ledger_error_logged = float("-inf")
+        self.paused: Optional[str] = None  # why the ledger cannot be written now (daemon.json says so to status)
         self.lock = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -294,14 +295,21 @@ class Daemon:
         ending it: the ledger stays intact, running stages go on, and the pass is retried."""
         try:
             work()
-            return True
         except L.LedgerUnavailable as e:
             now = time.monotonic()
             if now - self.ledger_error_logged >= 60:
                 log.error("%s; paused (nothing is lost; retrying every %gs until it can be written)",
                           e, LEDGER_RETRY_SECONDS)
                 self.ledger_error_logged = now
+            self.paused = str(e)
+            if now - self.last_state_write >= STATE_SECONDS:
+                self.write_state()  # the beat goes on while paused, where daemon.json can still be written
             return False
+        if self.paused is not None:
+            log.info("the ledger can be written again: resumed")
+            self.paused = None
+            self.last_state_write = float("-inf")  # status should see it now
+        return True
 
     def step(self) -> None:
         self.apply_exits(self.unapplied + self.executor.poll())
@@ -1063,6 +1071,7 @@ class Daemon:
                 "schema_version": heartbeat.SCHEMA_VERSION, "pid": os.getpid(), "host": socket.gethostname(),
                 "started_at": self.started_wall, "beat_at": now, "beat_every_s": STATE_SECONDS,
                 "stopped_at": now if stopped else None, "stop_reason": self.stop_reason if stopped else None,
+                "paused": self.paused,
                 "unavailable": [{"benchmark": b, "run": None, "reason": why} for b, why in sorted(self.held.items())]
                 + [{"benchmark": None, "run": r, "reason": f"{self.runs[r].root} {st.unavailable}"}
                    for r, st in sorted(self.state.items()) if st.unavailable],

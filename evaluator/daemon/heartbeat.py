@@ -29,6 +29,7 @@ BEAT_EVERY_S = 30.0  # the default the daemon beats at; a document's own beat_ev
 STALE_BEATS = 3  # a beat older than this many intervals is a dead daemon even if its pid exists (pid reuse)
 
 ALIVE, STOPPED, DEAD, NEVER = "alive", "stopped", "dead", "never"
+STALLED = "stalled"  # no beat for a while, its pid alive on this host: paused on its ledger, or hung
 
 
 def state_path(cache_dir: str) -> str:
@@ -42,7 +43,7 @@ def write_state(cache_dir: str, state: dict) -> None:
 
 # daemon.json's fields that status reads: the type each must have (a hand-edited or damaged file says so)
 STATE_TYPES = {"runs": (dict, dict), "hints": (dict, list), "unavailable": (list, dict), "settings_changed": (list, None),
-               "fingerprints": (dict, None), "stop_reason": (str, None), "host": (str, None)}
+               "fingerprints": (dict, None), "stop_reason": (str, None), "host": (str, None), "paused": (str, None)}
 KIND_NAMES = {dict: "an object", list: "a list", str: "a string"}
 
 
@@ -114,7 +115,7 @@ def _number(value) -> Optional[float]:
 
 
 def liveness(state: Optional[dict], now: float, pid_alive: bool) -> tuple[str, str]:
-    """("alive" | "stopped" | "dead" | "never", what to tell the operator) for a daemon.json document.
+    """("alive" | "stalled" | "stopped" | "dead" | "never", what to tell the operator) for a daemon.json document.
 
     `pid_alive`: whether the document's pid exists (pass True when it cannot be checked, e.g. another host).
     A beat older than STALE_BEATS x beat_every_s is dead even if the pid exists: the pid may have been reused,
@@ -134,7 +135,14 @@ def liveness(state: Optional[dict], now: float, pid_alive: bool) -> tuple[str, s
     age = max(now - beat_at, 0.0)  # a beat "in the future" is another host's clock; it is fresh
     if not pid_alive:
         return DEAD, f"NOT RUNNING — last heartbeat {duration(age)} ago, pid {pid} gone (killed?); {resumed}"
+    if age > STALE_BEATS * every and host == socket.gethostname():
+        return STALLED, (f"NO HEARTBEAT for {duration(age)} (expected every {duration(every)}), but pid {pid} is alive "
+                         f"on this host: paused on a ledger it cannot write (a full disk? its log says) or hung; "
+                         f"do not start another, it resumes by itself once the ledger can be written")
     if age > STALE_BEATS * every:
         return DEAD, (f"NOT RUNNING — last heartbeat {duration(age)} ago, expected every {duration(every)} "
                       f"(pid {pid} on {host}: hung, killed, or its host is down); {resumed}")
+    if state.get("paused"):
+        return ALIVE, (f"alive but PAUSED (pid {pid} on {host}, heartbeat {duration(age)} ago): {state['paused']}; "
+                       f"nothing is lost, it resumes by itself once the ledger can be written")
     return ALIVE, f"alive (pid {pid} on {host}, heartbeat {duration(age)} ago)"

@@ -53,6 +53,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import re
 import sqlite3
@@ -69,6 +70,7 @@ from evaluator.daemon.config import AutoEvalConfig, load_config
 
 # The inference stage writes <output_dir>/progress.json {"done", "total", "updated_at"} while it generates.
 SCHEMA_VERSION = 1
+LOW_DISK_BYTES = 1 << 20  # below this much free space under cache_dir, status says the disk is full
 INVALIDATED = L.INVALIDATED  # the ledger's withdrawn results (rerun / invalidate)
 DEFAULT_LAST = 30  # iterations per run in the table (the newest); --last 0 shows all
 DETAIL_LIMIT = 20  # lines per details section; --json lists every row
@@ -310,7 +312,14 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
         state, text = H.liveness(doc, now, H.pid_exists(doc))
     except (OSError, ValueError) as e:
         doc, state, text = None, "unknown", f"unknown: {e}"
-    daemon_up = state == H.ALIVE
+    daemon_up = state in (H.ALIVE, H.STALLED)  # stalled: its process is there, paused or hung, its rows with it
+    try:
+        free = shutil.disk_usage(cfg.cache_dir).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_DISK_BYTES:  # the usual reason a daemon pauses, said where it is looked for
+        text += (f"; the disk of cache_dir {cfg.cache_dir} is full ({free // 1024} KiB free): the daemon cannot "
+                 f"write its ledger and waits, losing nothing, until there is room")
 
     main_metric = {b.name: b.main_metric for b in cfg.benchmarks}
     by_run: dict[str, list[L.Job]] = {}
@@ -604,7 +613,7 @@ def stale_note(r: Report) -> str:
 def in_flight(r: Report) -> list[str]:
     rows = [j for j in r.jobs if j.state in (*L.RUNNING, L.INFERRED)]
     out, shown = limited("in flight", rows)
-    dead = r.daemon_state != H.ALIVE
+    dead = r.daemon_state not in (H.ALIVE, H.STALLED)
     for j in shown:
         if is_running(j.state):
             p = r.progress.get(j.key)
