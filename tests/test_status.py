@@ -202,10 +202,23 @@ def test_liveness(state, pid_alive, verdict, words):
 def test_a_daemon_whose_beat_stopped_but_whose_pid_lives_on_this_host_is_stalled_not_reported_dead():
     """Paused on a full disk it cannot even write daemon.json to: before, `status` said NOT RUNNING and invited
     a restart of a healthy, waiting daemon."""
-    here = {**BEAT, "host": socket.gethostname(), "beat_at": NOW - 180}
-    got, text = H.liveness(here, NOW, True)
+    old_beat = {**BEAT, "beat_at": NOW - 180}
+    got, text = H.liveness(old_beat, NOW, True, lock_held=True)  # its pid holds the cache_dir's daemon lock
     assert got == "stalled" and "NO HEARTBEAT for 3m00s" in text and "do not start another" in text, text
-    assert H.liveness(here, NOW, False)[0] == "dead"  # its pid gone: dead, whatever the host
+    assert H.liveness(old_beat, NOW, True, lock_held=False)[0] == "dead"  # a reused pid holds no lock
+    assert H.liveness(old_beat, NOW, True, lock_held=None)[0] == "dead"  # unknown (another host): as before
+
+
+def test_the_lock_holder_is_read_from_proc_locks_without_taking_the_lock(tmp_path):
+    from filelock import FileLock
+
+    state = {"pid": os.getpid(), "host": socket.gethostname()}
+    lock = FileLock(str(tmp_path / "daemon.lock"))
+    with lock:
+        assert H.holds_lock(str(tmp_path), state) is True
+        assert H.holds_lock(str(tmp_path), {**state, "pid": gone_pid()}) is False
+    assert H.holds_lock(str(tmp_path), state) is False
+    assert H.holds_lock(str(tmp_path), {**state, "host": "elsewhere"}) is None
 
 
 def test_a_paused_daemon_that_can_still_write_its_heartbeat_says_why_it_waits():

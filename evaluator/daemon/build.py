@@ -16,6 +16,7 @@ from filelock import FileLock, Timeout
 
 from evaluator.common.contracts import EVALUATION, INFERENCE
 from evaluator.common.errors import EvaluatorError, UnavailableError
+from evaluator.daemon import heartbeat
 from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import LAYOUTS, CheckpointLayout, Selection, notices_dir
 from evaluator.daemon.config import AutoEvalConfig
@@ -82,7 +83,7 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
             if resolve_mode("auto", cfg.cache_dir, r.root) != "hardlink":
                 raise EvaluatorError(f"auto_eval.watch.snapshot: hardlink needs cache_dir ({cfg.cache_dir}) on the "
                                      f"same filesystem as {r.root}; use 'copy' (or 'auto')")
-    lock = FileLock(os.path.join(cfg.cache_dir, "daemon.lock"))
+    lock = FileLock(os.path.join(cfg.cache_dir, heartbeat.LOCK_FILE))
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -29,7 +29,8 @@ BEAT_EVERY_S = 30.0  # the default the daemon beats at; a document's own beat_ev
 STALE_BEATS = 3  # a beat older than this many intervals is a dead daemon even if its pid exists (pid reuse)
 
 ALIVE, STOPPED, DEAD, NEVER = "alive", "stopped", "dead", "never"
-STALLED = "stalled"  # no beat for a while, its pid alive on this host: paused on its ledger, or hung
+STALLED = "stalled"
+LOCK_FILE = "daemon.lock"  # <cache_dir>/daemon.lock: held (flock) by the running daemon  # no beat for a while, its pid alive on this host: paused on its ledger, or hung
 
 
 def state_path(cache_dir: str) -> str:
@@ -114,10 +115,29 @@ def _number(value) -> Optional[float]:
     return float(value)
 
 
-def liveness(state: Optional[dict], now: float, pid_alive: bool) -> tuple[str, str]:
+def holds_lock(cache_dir: str, state: Optional[dict]) -> Optional[bool]:
+    """Whether the document's pid holds <cache_dir>/daemon.lock (a flock), read from /proc/locks without taking
+    the lock; None where that cannot be known (not Linux, another host, no such file)."""
+    if not state or state.get("host") != socket.gethostname():
+        return None
+    try:
+        st = os.stat(os.path.join(cache_dir, LOCK_FILE))
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = {parts[4] for parts in (line.split() for line in lines)
+               if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where}
+    return str(state.get("pid")) in holders
+
+
+def liveness(state: Optional[dict], now: float, pid_alive: bool, lock_held: Optional[bool] = None) -> tuple[str, str]:
     """("alive" | "stalled" | "stopped" | "dead" | "never", what to tell the operator) for a daemon.json document.
 
     `pid_alive`: whether the document's pid exists (pass True when it cannot be checked, e.g. another host).
+    `lock_held`: whether that pid holds the cache_dir's daemon lock (`holds_lock`; None: unknown). A stale beat
+    from a pid that holds it is a daemon paused or hung ("stalled"), not a pid reused by another process.
     A beat older than STALE_BEATS x beat_every_s is dead even if the pid exists: the pid may have been reused,
     or the daemon hangs."""
     if state is None:
@@ -135,7 +155,7 @@ def liveness(state: Optional[dict], now: float, pid_alive: bool) -> tuple[str, s
     age = max(now - beat_at, 0.0)  # a beat "in the future" is another host's clock; it is fresh
     if not pid_alive:
         return DEAD, f"NOT RUNNING — last heartbeat {duration(age)} ago, pid {pid} gone (killed?); {resumed}"
-    if age > STALE_BEATS * every and host == socket.gethostname():
+    if age > STALE_BEATS * every and lock_held:
         return STALLED, (f"NO HEARTBEAT for {duration(age)} (expected every {duration(every)}), but pid {pid} is alive "
                          f"on this host: paused on a ledger it cannot write (a full disk? its log says) or hung; "
                          f"do not start another, it resumes by itself once the ledger can be written")

@@ -309,7 +309,7 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
 
     try:
         doc = H.read_state(cfg.cache_dir)
-        state, text = H.liveness(doc, now, H.pid_exists(doc))
+        state, text = H.liveness(doc, now, H.pid_exists(doc), H.holds_lock(cfg.cache_dir, doc))
     except (OSError, ValueError) as e:
         doc, state, text = None, "unknown", f"unknown: {e}"
     daemon_up = state in (H.ALIVE, H.STALLED)  # stalled: its process is there, paused or hung, its rows with it
