@@ -200,6 +200,9 @@ def run(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)-7s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # a library's own log file on a full disk (W&B's debug log) would print '--- Logging error ---' and a traceback
+    # per line; that sink's failure is reported, counted and retried as the delivery's failure instead
+    logging.raiseExceptions = False
     # a dataset that is not there yet holds its benchmark only (the daemon runs the others, and it once it appears)
     cfg = load_config(args.config, require_datasets=False)
     selection = apply_flags(cfg, args)
