@@ -376,7 +376,7 @@ def run_with_fake_vllm(tmp_path, rows, chat_template: bool, *extra):
     env = dict(os.environ, PYTHONPATH=str(fakes), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"),
                FAKE_CHAT_TEMPLATE="{{ messages }}" if chat_template else "",
                EVALUATOR_INFERENCE_PYTHON=DAEMON_PY)  # no torch needed: the fakes stand in for vLLM and CUDA
-    proc, out = bench(dataset, "/models/some-chat-model", str(tmp_path / "out"), "--backend", "vllm", *extra, env=env)
+    proc, out = bench(dataset, "org/some-chat-model", str(tmp_path / "out"), "--backend", "vllm", *extra, env=env)
     with open(tmp_path / "vllm.log") as f:
         calls = [json.loads(line) for line in f]
     return proc, out, calls
@@ -392,7 +392,7 @@ def test_vllm_that_finds_no_device_exits_1_naming_it_and_never_falls_back_to_hf(
     dataset = canonical_dataset(str(tmp_path / "ds"), [{"id": "a", "messages": [{"role": "user", "content": "hi"}]}])
     env = dict(os.environ, PYTHONPATH=str(fakes), FAKE_VLLM_LOG=str(tmp_path / "vllm.log"),
                EVALUATOR_INFERENCE_PYTHON=DAEMON_PY)
-    proc, rows = bench(dataset, "/models/some-chat-model", str(tmp_path / "out"), "--backend", "vllm", env=env)
+    proc, rows = bench(dataset, "org/some-chat-model", str(tmp_path / "out"), "--backend", "vllm", env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "backend vllm cannot run here: vLLM found no device" in proc.stderr and "--backend hf" in proc.stderr
     assert "Traceback" not in proc.stderr and rows == [] and not (tmp_path / "vllm.log").exists()
@@ -412,7 +412,7 @@ def test_vllm_backend_sends_chats_with_audio_parts_and_maps_options_and_generati
         "--backend-opt", "max_model_len=2048")
     assert proc.returncode == 0, proc.stderr[-3000:]
     init = calls[0]["init"]
-    assert init == {"model": "/models/some-chat-model", "seed": 0, "tensor_parallel_size": 2,
+    assert init == {"model": "org/some-chat-model", "seed": 0, "tensor_parallel_size": 2,
                     "gpu_memory_utilization": 0.5, "max_model_len": 2048, "limit_mm_per_prompt": {"audio": 4}}
     first = calls[1]["chat"]
     assert first["sampling"] == {"max_tokens": 7, "temperature": 0.0, "top_p": 1.0, "stop": ["END"], "seed": 0}
