@@ -25,7 +25,8 @@ def small_disk():
 
     yield mount
     for path in reversed(mounted):
-        subprocess.run(["umount", path], check=False)
+        if subprocess.run(["umount", path], check=False, capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", path], check=False)  # still busy: detached, never left mounted
 
 
 def fill(folder) -> str:
@@ -97,15 +98,18 @@ def test_the_wandb_sink_records_again_in_the_same_process_once_a_full_disk_has_r
                                 wandb=WandbSettings(project="proj", mode="offline", dir=str(wandb_dir)),
                                 mlflow=MlflowSettings(tracking_uri="unused", experiment="unused"))
     sink = WandbSink(settings)
-    sink.record(result(1000, 0.25))
-    filler = fill(wandb_dir)
-    with pytest.raises(Exception):
-        sink.record(result(2000, 0.5))
-    os.unlink(filler)
+    try:
+        sink.record(result(1000, 0.25))
+        filler = fill(wandb_dir)
+        with pytest.raises(Exception):
+            sink.record(result(2000, 0.5))
+        os.unlink(filler)
 
-    # before: "run ID ... is in use" for every later result of this run, until the process restarted
-    sink.record(result(2000, 0.5))
-    sink.record(result(3000, 0.75))
+        # before: "run ID ... is in use" for every later result of this run, until the process restarted
+        sink.record(result(2000, 0.5))
+        sink.record(result(3000, 0.75))
+    finally:
+        sink.close()  # W&B's service holds files under the mount
 
     rows = sorted((r["iteration"], r["qa/acc"]) for r in history(wandb_dir))
     assert rows == [(1000, 0.25), (2000, 0.5), (3000, 0.75)]
