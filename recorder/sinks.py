@@ -274,7 +274,9 @@ class LocalHistorySink:
 
     name = "local"
 
-    def __init__(self, cache_dir: str, plots: bool = True):
+    def __init__(self, cache_dir: str, plots: bool = True, redraw_stale: bool = False):
+        """`redraw_stale`: the first flush also redraws every run's views a stopped daemon left older than their
+        history (the daemon's sink; not `invalidate` or the API, which touch one run)."""
         self.cache_dir = cache_dir
         self.plots = plots
         self._rows: dict[str, list[dict]] = {}  # run -> rows of its history.jsonl (re-read when the file changed)
@@ -282,7 +284,7 @@ class LocalHistorySink:
         self._index: dict[str, dict[tuple, int]] = {}  # run -> result key -> its position in the rows
         self._dirty: set[str] = set()  # runs whose plots are older than their history
         self._retry_flush_at = 0.0
-        self._views_checked = False  # flush() looks once for views a stopped daemon left older than their history
+        self._views_checked = not (plots and redraw_stale)  # else flush() looks once for stale views
 
     def _path(self, run: str, name: str = "history.jsonl") -> str:
         return os.path.join(self.cache_dir, "results", run, name)
@@ -368,7 +370,10 @@ class LocalHistorySink:
             for folder, subdirs, files in os.walk(root):
                 subdirs[:] = [d for d in subdirs if not d.startswith("iter_")]  # results, not runs: not walked
                 if "history.jsonl" in files:
-                    self.rows(os.path.relpath(folder, root))  # marks a run whose views are older than its history
+                    try:
+                        self.rows(os.path.relpath(folder, root))  # marks a run whose views are older than its history
+                    except (OSError, EvaluatorError) as e:  # that run's own record says so; the others are redrawn
+                        log.warning("recorder local: %s", e)
         if not self._dirty or time.monotonic() < self._retry_flush_at:
             return
         from recorder import plots  # matplotlib is imported only when there is something to draw
@@ -442,7 +447,7 @@ def _mlflow(settings: RecorderSettings):
 
 
 SINKS: dict[str, Callable[[RecorderSettings], Sink]] = {
-    "local": lambda s: LocalHistorySink(s.cache_dir, plots=s.plots),
+    "local": lambda s: LocalHistorySink(s.cache_dir, plots=s.plots, redraw_stale=True),
     "wandb": _wandb,
     "mlflow": _mlflow,
 }

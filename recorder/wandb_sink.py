@@ -546,9 +546,9 @@ class WandbSink:
             try:
                 session.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
             except BaseException:
-                session.finish(exit_code=1)
+                _finish(wandb, session, exit_code=1)
                 raise
-            session.finish()
+            _finish(wandb, session)
 
     def close(self) -> None:
         """Stop wandb's background service and remove this process's scratch folder (daemon stop)."""

@@ -156,3 +156,21 @@ def test_a_metadata_json_that_is_a_list_says_it_expected_an_object(tmp_path):
 def test_bench_eval_on_a_dataset_folder_that_does_not_exist_says_so(tmp_path):
     proc = bench_py("eval", str(tmp_path / "gone"), "--predictions", str(tmp_path / "p.jsonl"))
     one_line_error(proc, f"{tmp_path / 'gone'}: no such dataset directory")
+
+
+def test_make_dataset_names_the_input_line_of_a_row_the_check_refuses_and_leaves_no_folder(tmp_path):
+    (tmp_path / "e.csv").write_text("id,question,answer\n1,,a1\n2,q2,a2\n")
+    out = tmp_path / "out"
+    proc = bench_py("make-dataset", "--input", str(tmp_path / "e.csv"), "--output-dir", str(out),
+                    "--dataset-id", "x", "--target-column", "answer")
+    one_line_error(proc, f"{tmp_path / 'e.csv'}:2: messages[0].content: empty")
+    assert ".making-" not in proc.stderr and not out.exists()
+
+
+def test_a_main_metric_a_metric_invents_is_taken(tmp_path):
+    """llm_judge reports win_rate, accuracy reports unparsed_rate: names no registry lists before a first result."""
+    data = canonical_dataset(tmp_path / "mc", [{"id": "1", "messages": [{"role": "user", "content": "q"}],
+                                                 "choices": ["a", "b"], "target": "a"}])
+    cfg = write_config(tmp_path, [{"name": "mc", "type": "text-mc", "dataset": data, "metrics": ["accuracy"],
+                                   "main_metric": "unparsed_rate"}])
+    run_cli("--config", cfg, "--dry-run", check=0)

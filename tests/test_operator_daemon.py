@@ -337,3 +337,4 @@ def test_dry_run_reads_a_ledger_written_before_fingerprints(tmp_path, venvs):
     assert "Traceback" not in proc.stderr
     run_cli("--config", cfg, "--once", check=0)  # and the daemon upgrades it
     assert {r["fingerprint"] is not None for r in ledger_rows(cache)} == {True}
+

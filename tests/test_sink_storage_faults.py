@@ -68,11 +68,23 @@ def test_the_first_flush_of_a_new_process_redraws_views_older_than_the_history(t
     stopped.record(result(1000, 0.25))
     stopped.record(result(2000, 0.5))  # the daemon stopped before its redraw
 
-    LocalHistorySink(str(tmp_path)).flush()  # the next daemon's sink, with no new result
+    LocalHistorySink(str(tmp_path), redraw_stale=True).flush()  # the next daemon's sink, with no new result
 
     run_dir = tmp_path / "results" / "tiny"
     assert (run_dir / "curves.png").stat().st_size > 0
     assert "2000" in (run_dir / "summary.md").read_text()
+
+
+def test_invalidate_does_not_walk_or_redraw_other_runs(tmp_path):
+    """A withdrawal touches its own run only: another run's damaged history must not fail it (review finding)."""
+    other = tmp_path / "results" / "other"
+    other.mkdir(parents=True)
+    (other / "history.jsonl").write_text("not json\n")
+    sink = LocalHistorySink(str(tmp_path))
+    sink.record(result(1000, 0.25))
+    assert LocalHistorySink(str(tmp_path)).withdraw("tiny", 1000, "qa")
+    LocalHistorySink(str(tmp_path)).flush()  # as rerun.withdraw_local does
+    assert (tmp_path / "results" / "tiny" / "history.jsonl").read_text() == ""
 
 
 def test_a_daemon_with_nothing_new_to_record_redraws_the_views_it_finds_stale(tmp_path, venvs):
@@ -89,9 +101,11 @@ def test_a_daemon_with_nothing_new_to_record_redraws_the_views_it_finds_stale(tm
 
 def test_the_wandb_sink_records_again_in_the_same_process_once_a_full_disk_has_room(tmp_path, small_disk):
     from recorder.sinks import MlflowSettings, RecorderSettings, WandbSettings
-    from recorder.wandb_sink import WandbSink
+    from recorder.wandb_sink import WandbSink, _staged_under
     from test_recorder_wandb import history
 
+    with _staged_under(str(tmp_path / "first-import")):  # wandb's import-time scratch folders live for the process:
+        import wandb  # noqa: F401  (made off the small disk, which this test unmounts; later tests use them)
     wandb_dir = tmp_path / "wandb"
     small_disk(wandb_dir, "2m")
     settings = RecorderSettings(cache_dir=str(tmp_path), project="proj",

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
@@ -385,16 +386,31 @@ def make_dataset(input_path: str, output_dir: str, dataset_id: str, samples: lis
     meta = {"dataset_id": dataset_id, "source": os.path.abspath(input_path), **(extra_metadata or {})}
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise DatasetError(f"--output-dir: {output_dir} is a file, not a folder")
-    # written and checked beside output_dir first: a dataset that fails the check leaves nothing behind
-    staging = f"{os.path.abspath(output_dir).rstrip(os.sep)}.making-{os.getpid()}"
+    # written and checked in a folder inside output_dir first (same filesystem, no rights needed on its parent):
+    # a dataset that fails the check leaves nothing behind, and its message names the input line
+    made = not os.path.isdir(output_dir)
+    staging = os.path.join(output_dir, f".making-{os.getpid()}")
     try:
         write_dataset(staging, meta, samples)
-        load_dataset(staging)
-        os.makedirs(output_dir, exist_ok=True)
+        try:
+            load_dataset(staging)
+        except DatasetError as e:
+            raise DatasetError(_input_lines(str(e), os.path.join(staging, TEST_FILE), input_path, samples)) from None
         for name in (TEST_FILE, METADATA_FILE):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     except OSError as e:
         raise DatasetError(f"--output-dir: cannot write {output_dir}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
     return load_dataset(output_dir)
+
+
+def _input_lines(message: str, written: str, input_path: str, samples: list) -> str:
+    """A check's message about the written test.jsonl, naming the input file's lines instead."""
+    def line(m: re.Match) -> str:
+        index = int(m.group(1)) - 1
+        source = samples[index].metadata.get("source_line") if 0 <= index < len(samples) else None
+        return f"{input_path}:{source}" if source else m.group(0)
+    return re.sub(re.escape(written) + r":(\d+)", line, message).replace(written, input_path)

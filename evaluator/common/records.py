@@ -73,8 +73,8 @@ class RunResult:
         if text is not None and not isinstance(text, str):
             raise ValueError(f"{where}: response.text: expected a string (the model's answer), got {text!r}"[:300])
         error = data.get("error")
-        if error is not None and (not isinstance(error, dict) or not isinstance(error.get("type", ""), str)
-                                  or not isinstance(error.get("message", ""), str)):
+        if error is not None and (not isinstance(error, dict) or not isinstance(error.get("type") or "", str)
+                                  or not isinstance(error.get("message") or "", str)):
             raise ValueError(f"{where}: error: expected an object {{type, message, retryable}} or null, "
                              f"got {error!r}"[:300])
         known = {f.name for f in dataclasses.fields(cls)}

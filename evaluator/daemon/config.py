@@ -56,7 +56,8 @@ class Section(BaseModel):
 
 def _number_type(annotation) -> bool:
     """int, float, or either of them Optional."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) else []
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] \
+        if typing.get_origin(annotation) is typing.Union else []
     return annotation in (int, float) or (len(args) == 1 and args[0] in (int, float))
 
 
@@ -355,7 +356,10 @@ def load_config(path: str, require_datasets: bool = True, check_data: bool = Tru
                       f"benchmark {b.name!r} reports no metric {b.main_metric!r} (it reports {', '.join(names)})"
                       f"{did_you_mean(b.main_metric, names)}")
                      for i, b in enumerate(cfg.benchmarks) if b.main_metric is not None
-                     and (names := reported_metrics(b)) is not None and not best_rule.reported(b.main_metric, names)]
+                     and (names := reported_metrics(b)) is not None and not best_rule.reported(b.main_metric, names)
+                     # a name close to one it reports is a typo; another may be one a metric invents (llm_judge's
+                     # win_rate, accuracy's unparsed_rate), not known before the first result
+                     and did_you_mean(b.main_metric, names)]
     if main_problems:  # a typo there would show `?` in every status cell and leave its alert rules unchecked
         raise config_error(path, lines, main_problems)
     alert_problems = [(("auto_eval", "alerts") + loc, text) for loc, text in alerts.problems(

@@ -372,7 +372,7 @@ class Daemon:
         if P.rescan_due(self.last_rescan, self.cfg.watch.poll_seconds, now):
             self.last_rescan = now
             self.dirty.update(self.runs)
-            self.release_finished_snapshots()
+            self.release_finished_snapshots(held_count_as_done=False)
             if now - self.last_data_check >= DATA_CHECK_SECONDS:
                 self.check_benchmarks()  # every dataset's stamp: one edited under a running daemon is seen
             elif self.held:
@@ -820,12 +820,16 @@ class Daemon:
             if os.path.isdir(path):
                 log.warning("%s: could not delete its scratch folder %s", L.JobKey(*key), path)
 
-    def release_finished_snapshots(self) -> None:
+    def release_finished_snapshots(self, held_count_as_done: bool = True) -> None:
         """Snapshots of iterations whose rows are all final now without a move of ours: at start, and at every
         rescan for what another process changed (`invalidate` of a pending row, or of a failed one waiting for
-        its retry)."""
+        its retry). At a rescan only rows really final count: a hold may lift at the same rescan (a dataset that
+        settles), and a released snapshot is never pinned again."""
         for row in self.ledger.snapshots([L.PINNED]):
-            self.release_if_finished(row["run"], row["iteration"])
+            if held_count_as_done:
+                self.release_if_finished(row["run"], row["iteration"])
+            elif all(P.job_final(j) for j in self.ledger.jobs(run=row["run"], iteration=row["iteration"])):
+                self.keeper.release(row["run"], row["iteration"])
 
     def release_if_finished(self, run: str, iteration: int) -> None:
         """A snapshot goes on the transition that finalises the last wanted job of its iteration (a held

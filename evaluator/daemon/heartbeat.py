@@ -29,8 +29,8 @@ BEAT_EVERY_S = 30.0  # the default the daemon beats at; a document's own beat_ev
 STALE_BEATS = 3  # a beat older than this many intervals is a dead daemon even if its pid exists (pid reuse)
 
 ALIVE, STOPPED, DEAD, NEVER = "alive", "stopped", "dead", "never"
-STALLED = "stalled"
-LOCK_FILE = "daemon.lock"  # <cache_dir>/daemon.lock: held (flock) by the running daemon  # no beat for a while, its pid alive on this host: paused on its ledger, or hung
+STALLED = "stalled"  # no beat for a while, its pid holding the cache_dir lock: paused on its ledger, or hung
+LOCK_FILE = "daemon.lock"  # <cache_dir>/daemon.lock: held (flock) by the running daemon
 
 
 def state_path(cache_dir: str) -> str:
@@ -126,9 +126,10 @@ def holds_lock(cache_dir: str, state: Optional[dict]) -> Optional[bool]:
             lines = f.read().splitlines()
     except OSError:
         return None
-    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    # by inode and pid: the device /proc/locks prints is the superblock's, which stat() does not give on btrfs
+    # subvolumes or some overlayfs mounts; a flock by that pid on another device's file of the same inode is moot
     holders = {parts[4] for parts in (line.split() for line in lines)
-               if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where}
+               if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(st.st_ino)}
     return str(state.get("pid")) in holders
 
 

@@ -22,7 +22,8 @@ Text, top to bottom:
 --json prints one object; these keys are stable (schema_version 1):
   schema_version  1
   now             wall time of the report
-  daemon          {state: alive|stopped|dead|never|unknown, text, pid, host, started_at, beat_at, stopped_at}
+  daemon          {state: alive|stalled|stopped|dead|never|unknown, text, pid, host, started_at, beat_at, stopped_at}
+                  (stalled: no heartbeat, but its pid holds the cache_dir lock: paused on its ledger or hung)
   runs            [{run, configured, root, layout, benchmarks: [name], metrics: {benchmark: headline metric | null},
                     counts: {state: n}, iterations: n (all), shown: n (the newest, --last),
                     rows: [{iteration, cells: {benchmark: cell | null}}]   (null: no job),
@@ -92,7 +93,8 @@ PROGRESS_BAR = re.compile(r"\[[#.]+\]\s*\d+/\d+")
 ATTEMPT_SEPARATOR = "==== "  # local.py starts each attempt's part of the appended log with it
 # lines that say nothing the first line does not: the separator, the command stage's echo of its command and
 # its "command exited N" (evaluator/stages/command.py), progress lines
-NOISE = re.compile(r"^(?:==== |command stage \([\w-]+, iteration -?\d+\): |command stage: command exited -?\d+$)")
+NOISE = re.compile(r"^(?:==== |command stage \([\w-]+, iteration -?\d+\): |command stage: command exited -?\d+$"
+                   r"|command stage: its [\w.]+ is kept as [\w.]+\.refused \(not a result\)$)")
 
 
 # ---- values -------------------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
         free = shutil.disk_usage(cfg.cache_dir).free
     except OSError:
         free = None
-    if free is not None and free < LOW_DISK_BYTES:  # the usual reason a daemon pauses, said where it is looked for
+    if free is not None and free < LOW_DISK_BYTES and daemon_up:  # the usual reason a daemon pauses
         text += (f"; the disk of cache_dir {cfg.cache_dir} is full ({free // 1024} KiB free): the daemon cannot "
                  f"write its ledger and waits, losing nothing, until there is room")
 
