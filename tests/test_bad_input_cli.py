@@ -72,13 +72,17 @@ def test_a_main_metric_the_benchmark_does_not_report_is_refused_with_a_suggestio
     assert "did you mean 'exact_match'" in proc.stderr
 
 
-def test_make_dataset_with_a_repeated_id_names_the_input_line_and_writes_nothing(tmp_path):
-    (tmp_path / "dup.csv").write_text("id,question,answer\n1,q1,a1\n1,q2,a2\n")
+@pytest.mark.parametrize("csv, said", [
+    ("id,question,answer\n1,q1,a1\n1,q2,a2\n", ":3: id '1' already used on line 2"),  # named the written file
+    ("id,question,answer\n1,,a1\n2,q2,a2\n", ":2: messages[0].content: empty"),  # refused by the dataset check
+])
+def test_make_dataset_names_the_input_line_of_a_bad_row_and_writes_nothing(tmp_path, csv, said):
+    (tmp_path / "in.csv").write_text(csv)
     out = tmp_path / "ds"
-    proc = bench_py("make-dataset", "--input", str(tmp_path / "dup.csv"), "--output-dir", str(out),
+    proc = bench_py("make-dataset", "--input", str(tmp_path / "in.csv"), "--output-dir", str(out),
                     "--dataset-id", "x", "--target-column", "answer")
-    one_line_error(proc, f"{tmp_path / 'dup.csv'}:3: id '1' already used on line 2")
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dup.csv"]
+    one_line_error(proc, f"{tmp_path / 'in.csv'}{said}")
+    assert ".making-" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
 
 
 def test_make_dataset_into_a_file_exits_2_naming_the_flag(tmp_path):
@@ -156,15 +160,6 @@ def test_a_metadata_json_that_is_a_list_says_it_expected_an_object(tmp_path):
 def test_bench_eval_on_a_dataset_folder_that_does_not_exist_says_so(tmp_path):
     proc = bench_py("eval", str(tmp_path / "gone"), "--predictions", str(tmp_path / "p.jsonl"))
     one_line_error(proc, f"{tmp_path / 'gone'}: no such dataset directory")
-
-
-def test_make_dataset_names_the_input_line_of_a_row_the_check_refuses_and_leaves_no_folder(tmp_path):
-    (tmp_path / "e.csv").write_text("id,question,answer\n1,,a1\n2,q2,a2\n")
-    out = tmp_path / "out"
-    proc = bench_py("make-dataset", "--input", str(tmp_path / "e.csv"), "--output-dir", str(out),
-                    "--dataset-id", "x", "--target-column", "answer")
-    one_line_error(proc, f"{tmp_path / 'e.csv'}:2: messages[0].content: empty")
-    assert ".making-" not in proc.stderr and not out.exists()
 
 
 def test_a_main_metric_a_metric_invents_is_taken(tmp_path):
