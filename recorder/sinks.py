@@ -334,8 +334,7 @@ class LocalHistorySink:
             self._index[result.run][result.key] = len(rows)
             rows.append(row)
         else:  # a rerun: its line replaces the earlier revision's; a crash leaves the old file or the new, whole
-            new_rows = rows[:at] + [row] + rows[at + 1:]
-            write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in new_rows))
+            _write_rows(path, rows[:at] + [row] + rows[at + 1:])
             rows[at] = row  # only once written: a failed write (disk full) must leave the cache saying the old line
         self._stamps[result.run] = _stamp(path)
         if self.plots:
@@ -353,7 +352,7 @@ class LocalHistorySink:
         if at is None:
             return False
         path = self._path(run)
-        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for i, r in enumerate(rows) if i != at))
+        _write_rows(path, rows[:at] + rows[at + 1:])
         del rows[at]  # only once written, as in _record
         self._index[run] = {(r["run"], r["iteration"], r["benchmark"]): i for i, r in enumerate(rows)}
         self._stamps[run] = _stamp(path)
@@ -402,6 +401,11 @@ class _FileLock:
 
     def __exit__(self, *exc):
         os.close(self.fd)  # closing releases the lock
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    """history.jsonl rewritten whole, atomically: a crash leaves the old file or the new one."""
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def _stamp(path: str) -> Optional[tuple]:

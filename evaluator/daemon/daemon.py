@@ -826,16 +826,13 @@ class Daemon:
         its retry). At a rescan only rows really final count: a hold may lift at the same rescan (a dataset that
         settles), and a released snapshot is never pinned again."""
         for row in self.ledger.snapshots([L.PINNED]):
-            if held_count_as_done:
-                self.release_if_finished(row["run"], row["iteration"])
-            elif all(P.job_final(j) for j in self.ledger.jobs(run=row["run"], iteration=row["iteration"])):
-                self.keeper.release(row["run"], row["iteration"])
+            self.release_if_finished(row["run"], row["iteration"], held_count_as_done)
 
-    def release_if_finished(self, run: str, iteration: int) -> None:
+    def release_if_finished(self, run: str, iteration: int, held_count_as_done: bool = True) -> None:
         """A snapshot goes on the transition that finalises the last wanted job of its iteration (a held
         benchmark's rows do not keep it: a hold may last for ever; they read the original when it lifts)."""
         jobs = self.ledger.jobs(run=run, iteration=iteration)
-        if all(P.job_final(j) or not self.may_start(j) for j in jobs):
+        if all(P.job_final(j) or (held_count_as_done and not self.may_start(j)) for j in jobs):
             self.keeper.release(run, iteration)
 
     # ---- recording ------------------------------------------------------------------------------------
