@@ -75,6 +75,13 @@ def chat_choice_rule(options: dict) -> Optional[str]:
     return CHAT_CHOICE_RULE
 
 
+def log_softmax(logits):
+    """Log-probabilities in float32 at least: half-precision logits are upcast, float64 ones stay float64, so a model
+    loaded with `dtype: float64` is scored in float64 throughout (as lm-evaluation-harness scores it)."""
+    import torch
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
 def pack(order: list, size, limit: int) -> list:
     """Consecutive batches of `order` whose size(i) sum to at most `limit` (one item alone may exceed it)."""
     batches, batch, total = [], [], 0
@@ -349,7 +356,6 @@ class TextRunner:
         token; then every continuation longer than one token, right-padded after a copy of its own context's
         key/value cache."""
         import torch
-        import torch.nn.functional as F
         pad = self.tokenizer.pad_token_id
         ctx_lens = [len(r.context) for r in requests]
         ids, mask, p, cache = self.batch_layout([r.context for r in requests], self.share)
@@ -359,8 +365,8 @@ class TextRunner:
             out = self.model(input_ids=ids[:, p:].to(dev), attention_mask=mask.to(dev),
                              position_ids=positions[:, p:].to(dev), past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
-            first = F.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
-            # per choice, its tokens' float32 log-probabilities; summed at the end in float32 in token order, as
+            first = log_softmax(out.logits[:, -1]).cpu()
+            # per choice, its tokens' float32 (or float64) log-probabilities; summed at the end in token order, as
             # the unbatched rule and lm-eval sum them, so only the forwards' rounding differs
             tokens = [[first[q, c[:1]] for c in r.continuations] for q, r in enumerate(requests)]
             rows = [(q, k) for q, r in enumerate(requests) for k, c in enumerate(r.continuations) if len(c) > 1]
@@ -382,7 +388,7 @@ class TextRunner:
                 out = self.model(input_ids=inputs.to(dev), attention_mask=torch.cat([mask[owner], valid], 1).to(dev),
                                  position_ids=(starts[:, None] + torch.arange(length)).to(dev),
                                  past_key_values=cache, use_cache=True)
-                logprobs = F.log_softmax(out.logits.float(), dim=-1)
+                logprobs = log_softmax(out.logits)
                 picked = logprobs.gather(2, targets.to(dev)[:, :, None])[:, :, 0].cpu()
                 for j, (q, k) in enumerate(rows):
                     tokens[q][k] = torch.cat([tokens[q][k], picked[j, :len(tails[j]) - 1]])
