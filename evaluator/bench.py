@@ -246,7 +246,7 @@ def run_benchmarks(stage: str, runs: list, model: str, seed: int) -> None:
         job = make_job(stage, run.spec, model, run.out_dir, seed,
                        {"predictions": run.predictions} if stage == EVALUATION else None)
         env = stage_environment(job)
-        os.makedirs(run.out_dir, exist_ok=True)
+        make_output_dir(run.out_dir)
         job_path = os.path.join(run.out_dir, JOB_FILE[stage])
         job.write(job_path)
         jobs.append((run, job_path, env))
@@ -402,7 +402,7 @@ def cmd_inference(args, then_eval: bool = False) -> int:
             problem = scoring_problem(run.spec)
             if problem:
                 print(f"bench: {run.spec['name']}: error: {problem}", file=sys.stderr)
-                os.makedirs(run.out_dir, exist_ok=True)
+                make_output_dir(run.out_dir)
                 run.code, run.result = 2, os.path.join(run.out_dir, LOG_FILE[INFERENCE])
                 write_text_atomic(run.result, f"[bench] error: {problem}\n")
     run_benchmarks(INFERENCE, runs, model, args.seed)
@@ -446,8 +446,17 @@ def cmd_eval(args) -> int:
     model = args.model_name or _model_from_predictions(predictions)
     out_dir = os.path.join(user_path(args.output_root), model, spec["name"]) if args.output_root \
         else os.path.dirname(predictions)
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir)
     return evaluate([BenchmarkRun(spec, out_dir, predictions)], model, args.seed, table_scale(args))
+
+
+def make_output_dir(path: str) -> None:
+    """A benchmark's output folder; an --output-root that is a file or cannot be written is one line, not a
+    traceback."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise EvaluatorError(f"--output-root: cannot create {path}: {e.strerror or e}") from None
 
 
 def _model_from_predictions(predictions: str) -> str:

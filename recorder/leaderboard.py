@@ -69,7 +69,8 @@ def build(records: Iterable[ResultRecord], metrics: list[str],
         for who, value in values.items():
             e = entries.setdefault(who, Entry(model=who[0], iteration=who[1], tokens_b=tokens.get(who), score=0.0))
             e.values[name] = value
-            e.normalised[name] = (value - lo) / (hi - lo) if hi > lo else 0.0
+            # halves: exact in binary, and hi - lo of two finite metrics near +-1e308 would overflow to inf
+            e.normalised[name] = (value / 2 - lo / 2) / (hi / 2 - lo / 2) if hi > lo else 0.0
             e.score += e.normalised[name]
     ordered = sorted(entries.values(), key=lambda e: (-e.score, e.model, e.iteration))
     per_model = defaultdict(int)

@@ -213,12 +213,23 @@ def _save(fig, path: str) -> None:
     os.replace(tmp, path)
 
 
+# matplotlib cannot lay out an axis that reaches float's end (1e308: "arange: cannot compute length"); a finite
+# metric beyond this is recorded, and left out of the picture with a note
+DRAWABLE = 1e300
+
+
+def _drawable(*values: Optional[float]) -> bool:
+    return all(v is not None and abs(v) <= DRAWABLE for v in values)
+
+
 def _draw(ax, curve: Curve, x_of: dict[int, Optional[float]], color: str, xlabel: str, title: str) -> None:
     """One panel: the curve over x (points without an x left out), its stderr band, its category lines and its
     significant drops."""
     import numpy as np
 
-    its = sorted((it for it in curve.values if x_of.get(it) is not None), key=lambda it: (x_of[it], it))
+    placed = [it for it in curve.values if x_of.get(it) is not None]
+    its = sorted((it for it in placed if _drawable(x_of[it], curve.values[it], curve.stderr.get(it, 0.0))),
+                 key=lambda it: (x_of[it], it))
     xs = np.array([x_of[it] for it in its], dtype=float)
     ys = np.array([curve.values[it] for it in its], dtype=float)
     ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.6, color=color,
@@ -233,12 +244,14 @@ def _draw(ax, curve: Curve, x_of: dict[int, Optional[float]], color: str, xlabel
             ax.errorbar(xs[with_se], ys[with_se], yerr=se[with_se], fmt="none", ecolor=color, capsize=3,
                         label="±1 stderr", zorder=2)
     for (cat, values), cat_color in zip(curve.categories.items(), CATEGORY_COLORS):
-        cits = sorted((it for it in values if x_of.get(it) is not None), key=lambda it: (x_of[it], it))
+        cits = sorted((it for it in values if _drawable(x_of.get(it), values[it])), key=lambda it: (x_of[it], it))
         n = curve.category_n[cat]
         ax.plot([x_of[it] for it in cits], [values[it] for it in cits], linestyle="--", linewidth=1.0, marker=".",
                 markersize=4, color=cat_color, label=f"{cat} (n={n})" if n else str(cat), zorder=2.5)
     if curve.hidden:
         ax.plot([], [], " ", label=f"+{curve.hidden} more categor{'y' if curve.hidden == 1 else 'ies'} not drawn")
+    if len(its) < len(placed):
+        ax.plot([], [], " ", label=f"{len(placed) - len(its)} point(s) beyond ±{DRAWABLE:g} not drawn")
     drops = [it for it in its if it in curve.drops]
     if drops:
         ax.scatter([x_of[it] for it in drops], [curve.values[it] for it in drops], marker="v", s=60, color=DROP,

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple, Optional, Protocol
 
 from evaluator.common.atomic import write_text_atomic
-from evaluator.common.contracts import COMPARE, COMPARE_SCHEMA_VERSION, RESERVED_METRIC_NAMES
+from evaluator.common.checks import iteration_problem
+from evaluator.common.contracts import COMPARE, COMPARE_SCHEMA_VERSION, RESERVED_METRIC_NAMES, validate_metrics
 from evaluator.common.errors import EvaluatorError
 from evaluator.common.secrets import redact_obj
 
@@ -255,14 +256,24 @@ def row_revision(row: dict) -> int:
 
 def _history_row(line: str, path: str, number: int) -> dict:
     """One line of history.jsonl; a damaged one is an error naming file:line (never skipped: the line may be the
-    only record of a result, and without it the result would be appended a second time)."""
+    only record of a result, and without it the result would be appended a second time). Its metrics, revision,
+    n, stderr and tokens_b follow the metrics.json rules (a NaN is no result)."""
     try:
         row = json.loads(line)
     except ValueError as e:
         row = e
-    if not isinstance(row, dict) or not all(k in row for k in ("run", "iteration", "benchmark")):
+    if not isinstance(row, dict) or not all(k in row for k in ("run", "iteration", "benchmark", "metrics")):
         raise EvaluatorError(f"{path}:{number}: not a result line (expected a JSON object with run, iteration, "
                              f"benchmark, metrics); repair or remove that line")
+    try:
+        if not isinstance(row["run"], str) or not isinstance(row["benchmark"], str):
+            raise ValueError(f"{path}:{number}: run, benchmark: expected names, got {row['run']!r}, "
+                             f"{row['benchmark']!r}")
+        if iteration_problem(row["iteration"]):
+            raise ValueError(f"{path}:{number}: iteration: {iteration_problem(row['iteration'])}")
+        validate_metrics(row, f"{path}:{number}")
+    except ValueError as e:
+        raise EvaluatorError(f"{e}; repair or remove that line") from None
     return row
 
 

@@ -21,7 +21,8 @@ import os
 import re
 from typing import Optional
 
-from evaluator.common.contracts import read_metrics
+from evaluator.common.checks import MAX_ITERATION, iteration_number
+from evaluator.common.contracts import is_finite_number, read_metrics
 from evaluator.common.errors import EvaluatorError
 from recorder.sinks import ResultRecord
 
@@ -52,18 +53,26 @@ def tokens_for(iteration: int, token_num: Optional[float], token_per_iteration: 
     if token_num is not None:
         return float(token_num)
     if token_per_iteration:
-        return iteration * token_per_iteration
+        tokens = iteration * token_per_iteration
+        if not is_finite_number(tokens):  # a history of Infinity tokens no curve can draw
+            raise EvaluatorError(f"token_per_iteration: {token_per_iteration} x iteration {iteration} is beyond a "
+                                 f"float; expected billions of tokens per iteration")
+        return tokens
     return None
 
 
 # ---- helm ------------------------------------------------------------------------------------
 def helm_iteration(model_cell: str, default: int) -> int:
+    """The iteration after the model cell's last `_` or `/` (ASCII digits: `model_-5` names none), else `default`;
+    raises EvaluatorError for digits beyond MAX_ITERATION."""
     name = re.sub(r"\s*\[.*\]\s*$", "", str(model_cell))  # HELM appends " [adapter info]" to some names
     for sep in ("_", "/"):
-        try:
-            return int(name.split(sep)[-1])
-        except ValueError:
-            pass
+        digits = name.split(sep)[-1]
+        iteration = iteration_number(digits)
+        if iteration is not None:
+            return iteration
+        if digits.isascii() and digits.isdigit():
+            raise EvaluatorError(f"model {model_cell!r}: iteration {digits} is beyond {MAX_ITERATION} (2^63-1)")
     return default
 
 
@@ -119,18 +128,33 @@ def helm_scenario(helm_output_dir: str, suite: str, scenario: str, metrics: list
         if not headline and summary_only:
             break
         prefix = "" if headline else _subset_name(str(table.get("title", f"table{t}"))) + "/"
+        rows_of: dict[int, int] = {}  # iteration -> the row that named it: two models of one iteration collide
         for r, row in enumerate(table.get("rows") or []):
             if not row or not isinstance(row[0], dict):
                 raise EvaluatorError(f"{path}: table {t} row {r}: expected a list of cells starting with the model")
-            iteration = helm_iteration(row[0].get("value", ""), default_iteration)
+            try:
+                iteration = helm_iteration(row[0].get("value", ""), default_iteration)
+            except EvaluatorError as e:
+                raise EvaluatorError(f"{path}: table {t} row {r}: {e}") from None
+            first = rows_of.setdefault(iteration, r)
+            if first != r:
+                raise EvaluatorError(
+                    f"{path}: table {t}: rows {first} ({table['rows'][first][0].get('value')!r}) and {r} "
+                    f"({row[0].get('value')!r}) both read as iteration {iteration} (from the model name, else "
+                    f"default_iteration): one model per suite, named <model>_<iteration> or <model>/<iteration>")
             for metric, i in columns.items():
                 cell = row[i] if i < len(row) else {}
                 value = cell.get("value") if isinstance(cell, dict) else None
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue  # HELM leaves out the value of a cell with no matching run
+                if not is_finite_number(value):
+                    raise EvaluatorError(f"{path}: table {t} row {r}: {metric}: expected a finite number, got "
+                                         f"{value if isinstance(value, float) else 'an integer no float holds'}")
                 out.setdefault(iteration, {})[prefix + metric] = float(value)
     if not headline_done:
         raise EvaluatorError(f"{path}: no table has a column for {metrics}")
+    if not out:
+        raise EvaluatorError(f"{path}: no row has a number in the {metrics} column(s)")
     return out
 
 
@@ -196,7 +220,10 @@ def records_from_results(model_name: str, results_dir: str, token_per_iteration:
         match = re.fullmatch(r"iter_(\d+)", os.path.basename(os.path.dirname(bench_dir)))
         if not match:
             continue
-        iteration = int(match.group(1))
+        iteration = iteration_number(match.group(1))
+        if iteration is None:
+            problems.append(f"skipped {path}: iteration {match.group(1)} is not one (ASCII digits up to 2^63-1)")
+            continue
         try:
             data = read_metrics(path)
             revision, fingerprint = revision_fields(data, path)
@@ -211,6 +238,9 @@ def records_from_results(model_name: str, results_dir: str, token_per_iteration:
             tokens_b=tokens_b, n=data.get("n"), stderr=data.get("stderr") or {},
             per_category=data.get("per_category") or {}, metrics_path=path, versions=data.get("versions") or {},
             revision=revision, fingerprint=fingerprint))
+    if not records:
+        raise EvaluatorError(f"results_dir: no readable metrics.json under {root}/iter_*/<benchmark>/"
+                             + "".join(f"\n  {p}" for p in problems))
     records.sort(key=lambda r: (r.iteration, r.benchmark))
     return records, problems
 

@@ -14,13 +14,13 @@ import dataclasses
 import logging
 import os
 import sys
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
 from evaluator.common.errors import EvaluatorError
-from evaluator.common.checks import folder_name_problem, run_name_problem
+from evaluator.common.checks import MAX_ITERATION, folder_name_problem, run_name_problem
 from evaluator.common.contracts import validate_metrics
 # the YAML loader and error wording the daemon config uses too, so both tools report problems the same way
 from evaluator.common.yamlconf import config_error, read_yaml, validate
@@ -50,11 +50,14 @@ class EvalSpec(Section):
     helm_output_dir: Optional[str] = None
     helm_suite_name: Optional[str] = None
     benchmarks: Optional[list[HelmBenchmarkSpec]] = None  # default: HELM's 16 core scenarios
-    eval_result: Optional[dict[str, dict[str, float]]] = None
+    # values as written (validate_metrics checks them, as a stage's metrics.json): pydantic's float would read
+    # `true` as 1.0 and "0.5" as 0.5
+    eval_result: Optional[dict[str, dict[str, Any]]] = None
     results_dir: Optional[str] = None  # a results tree: <results_dir>/<model_name>/iter_%07d/<bench>/metrics.json
-    default_iteration: int = Field(0, ge=0)
-    token_num: Optional[float] = Field(None, ge=0, description="billions of tokens seen (a fixed number)")
-    token_per_iteration: Optional[float] = Field(None, ge=0, description="billions of tokens per iteration")
+    default_iteration: int = Field(0, ge=0, le=MAX_ITERATION)
+    # billions; 1e15 (a million times any training run) keeps every curve's axis drawable
+    token_num: Optional[float] = Field(None, ge=0, le=1e15, description="billions of tokens seen (a fixed number)")
+    token_per_iteration: Optional[float] = Field(None, ge=0, le=1e15, description="billions of tokens per iteration")
 
 
 class WriterConfig(Section):
@@ -71,7 +74,7 @@ class WriterConfig(Section):
     sample_predictions: int = Field(5, ge=0)
     evals: list[EvalSpec] = []
     leaderboard: bool = False
-    leaderboard_metrics: Optional[list[str]] = None  # default: HELM's 16 core metrics (Data-Juicer)
+    leaderboard_metrics: Optional[list[str]] = Field(None, min_length=1)  # default: HELM's 16 core metrics (Data-Juicer)
     excluded_models: list[str] = []
     excluded_runs: list[str] = []  # the spelling in Data-Juicer's leaderboard example; same meaning
     scale: Literal[1, 100] = 1  # printed leaderboard values x100 as papers do (evaluator/common/scale.py)
@@ -93,6 +96,9 @@ def load_writer_config(path: str) -> WriterConfig:
                 problems.append((("evals", i, key), f"source: {ev.source} needs `{key}`"))
         if run_name_problem(ev.model_name):
             problems.append((("evals", i, "model_name"), run_name_problem(ev.model_name)))
+        for j, bench in enumerate(ev.benchmarks or []):  # it names the benchmark in every sink, as a folder does
+            if folder_name_problem(bench.name):
+                problems.append((("evals", i, "benchmarks", j, "name"), folder_name_problem(bench.name)))
         for bench, metrics in (ev.eval_result or {}).items():  # as a stage's metrics.json is checked
             if folder_name_problem(bench):
                 problems.append((("evals", i, "eval_result", bench), folder_name_problem(bench)))
@@ -103,6 +109,11 @@ def load_writer_config(path: str) -> WriterConfig:
     for i, name in enumerate(cfg.sinks):
         if name not in SINKS:
             problems.append((("sinks", i), f"unknown sink {name!r} (known: {', '.join(SINKS)})"))
+        elif name in cfg.sinks[:i]:
+            problems.append((("sinks", i), f"{name!r} is listed twice"))
+    if cfg.evals and not cfg.sinks:
+        problems.append((("sinks",), f"no sink to write the evals to: give one or more of {', '.join(SINKS)} "
+                                     f"(--print-only prints them and writes nothing)"))
     if not cfg.evals and not cfg.leaderboard:
         problems.append(((), "nothing to do: give `evals:` and/or `leaderboard: true`"))
     if problems:
@@ -184,12 +195,18 @@ class SinkFailed(RuntimeError):
 
 
 def run(cfg: WriterConfig, print_only: bool = False, summary_only: bool = False, out=sys.stdout) -> int:
-    every: list[ResultRecord] = []
+    """Read every eval and build the leaderboard first, then write: an eval or leaderboard that cannot be read or
+    built stops the writer before any sink has been written to."""
+    collected = []
     for ev in cfg.evals:
         records, problems = collect(ev, summary_only)
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)
-        every += records
+        collected.append((ev, records))
+    refuse_collisions(collected)
+    every = [r for _, records in collected for r in records]
+    board = leaderboard_of(cfg, every) if cfg.leaderboard else None
+    for ev, records in collected:
         rows = [dataclasses.asdict(r) for r in records]
         print(plots.summary_markdown(f"{ev.model_name} ({ev.source}, {len(records)} results)", rows), file=out)
         if print_only:
@@ -204,21 +221,45 @@ def run(cfg: WriterConfig, print_only: bool = False, summary_only: bool = False,
                   f"local logs in {settings.wandb.dir}"
                   + (f"; upload with: wandb sync {os.path.join(settings.wandb.dir, 'wandb')}" if mode == "offline" else ""),
                   file=out)
-    if cfg.leaderboard:
-        make_leaderboard(cfg, every, print_only, out)
+    if board is not None:
+        write_leaderboard(cfg, *board, print_only, out)
     return 0
 
 
-def make_leaderboard(cfg: WriterConfig, records: list[ResultRecord], print_only: bool, out) -> None:
+def refuse_collisions(collected: list) -> None:
+    """Two records of one (model, iteration, benchmark) would each be 'the' result: the sinks keep the first, a
+    leaderboard the last. Raised before anything is written, naming both sources."""
+    seen: dict[tuple, str] = {}
+    for i, (ev, records) in enumerate(collected):
+        for rec in records:
+            where = f"evals[{i}] ({ev.source}{': ' + rec.metrics_path if rec.metrics_path else ''})"
+            first = seen.setdefault(rec.key, where)
+            if first != where:
+                raise EvaluatorError(f"two results for model {rec.run!r} iteration {rec.iteration} benchmark "
+                                     f"{rec.benchmark!r}: {first} and {where}; keep one")
+
+
+def leaderboard_of(cfg: WriterConfig, records: list[ResultRecord]) -> tuple[list, list[str]]:
+    """(entries, the metrics shown); raises EvaluatorError when no model has any of the metrics."""
     metrics = cfg.leaderboard_metrics or sources.DEFAULT_HELM_METRICS
     if not cfg.evals:  # Data-Juicer reads the project's runs from W&B; offline-first, we read the local logs
         records = sources.records_from_wandb_dir(wandb_dir(cfg, None), cfg.project)
-    entries, missing = leaderboard.build(records, metrics, cfg.excluded_models + cfg.excluded_runs)
+        if not records:
+            raise EvaluatorError(f"leaderboard: no runs of project {cfg.project!r} in the W&B logs under "
+                                 f"{wandb_dir(cfg, None)} (give `evals:`, or `dir:` where the runs were logged)")
+    excluded = cfg.excluded_models + cfg.excluded_runs
+    unknown = sorted(set(excluded) - {r.run for r in records})
+    if unknown:
+        print(f"warning: excluded models {unknown} have no results (misspelt?)", file=sys.stderr)
+    entries, missing = leaderboard.build(records, metrics, excluded)
     if missing:
         print(f"warning: no results for leaderboard metrics {missing}", file=sys.stderr)
     if not entries:
         raise EvaluatorError(f"leaderboard: no model has any of the metrics {metrics}")
-    shown = [m for m in metrics if m not in missing]
+    return entries, [m for m in metrics if m not in missing]
+
+
+def write_leaderboard(cfg: WriterConfig, entries: list, shown: list[str], print_only: bool, out) -> None:
     table = leaderboard.markdown(entries, shown, cfg.scale)
     print(f"# leaderboard ({cfg.project})\n\n{table}", file=out)
     if print_only:

@@ -337,6 +337,42 @@ def test_load_config_errors_name_the_key_and_line(tmp_path):
         hret.load_config(str(path))
 
 
+def test_load_config_without_a_file_names_its_argument_not_a_cli_flag(tmp_path):
+    with pytest.raises(EvaluatorError, match="^load_config: path: expected the config file's path, got None$"):
+        hret.load_config(None)
+    with pytest.raises(EvaluatorError, match=r"^load_config: path: no such file: .*missing\.yaml$"):
+        hret.load_config(str(tmp_path / "missing.yaml"))
+
+
+# what each bad argument is refused with; (tmp_path, qa_file) -> the keyword arguments of quick_eval
+BAD_ARGUMENTS = {
+    "benchmark_type not a name": (lambda tmp, qa: {"benchmark_type": 1},
+                                  r"^benchmark_type: unknown benchmark type 1 \(known: "),
+    "work_dir a file": (lambda tmp, qa: {"benchmark_type": "text-qa", "work_dir": qa},
+                        r"^work_dir: .*qa\.jsonl: expected a folder, found a file$"),
+    "work_dir under a file": (lambda tmp, qa: {"benchmark_type": "text-qa", "work_dir": os.path.join(qa, "w")},
+                              r"^work_dir: .*qa\.jsonl/w: cannot hold the run's files \(a file is where a folder"),
+    "a data file without benchmark_type": (lambda tmp, qa: {},
+                                           r"^dataset: .*qa\.jsonl: not a canonical dataset directory .*for another "
+                                           r"layout pass benchmark_type= \(one of: .*text-qa"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_a_bad_argument_is_refused_naming_it_before_the_function_runs(tmp_path, qa_file, case):
+    make_kwargs, said = BAD_ARGUMENTS[case]
+    calls = []
+    with pytest.raises(EvaluatorError, match=said):
+        hret.quick_eval(lambda p: calls.append(p) or "x", qa_file, **make_kwargs(tmp_path, qa_file))
+    assert calls == [], "refused before the function was called on any sample"
+
+
+def test_save_json_to_a_path_under_a_file_is_an_error_naming_the_path(tmp_path, qa_file):
+    result = hret.quick_eval(answer, qa_file, benchmark_type="text-qa", metrics=["exact_match"])
+    with pytest.raises(EvaluatorError, match=r"^save_json: path: .*qa\.jsonl/r\.json: cannot be written \(a file is "):
+        result.save_json(os.path.join(qa_file, "r.json"))
+
+
 def test_results_save_as_json_and_load_as_a_dataframe(tmp_path, qa_file):
     result = hret.quick_eval(answer, qa_file, benchmark_type="text-qa")
     saved = json.load(open(result.save_json(str(tmp_path / "r.json"))))

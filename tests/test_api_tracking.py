@@ -148,6 +148,28 @@ def test_a_run_name_that_is_not_one_folder_is_refused(tmp_path):
         T.MetricsTracker(cache_dir=str(tmp_path)).start_run("../elsewhere")
 
 
+def test_end_run_records_all_of_the_runs_benchmarks_or_none_when_one_is_refused(tmp_path):
+    tracker = T.MetricsTracker(cache_dir=str(tmp_path))
+    tracker.start_run("nb")
+    tracker.log_metrics({"accuracy": 0.9}, benchmark="a")
+    unpaired = Scored([1, 0])
+    unpaired.samples = [{"x": 1}]  # no sample_id, status, scores: refused when it is recorded
+    tracker.log_metrics(unpaired, benchmark="b")
+    for _ in range(2):  # asked again, still nothing: 'a' is not recorded a second time as its revision 1
+        with pytest.raises(EvaluatorError, match=r"nb@0/b: samples\[0\]: missing sample_id, status, scores"):
+            tracker.end_run()
+    assert T.get_metrics_history(cache_dir=str(tmp_path)) == []
+    assert not (tmp_path / "results" / "nb").exists()
+
+
+def test_an_iteration_beyond_what_the_daemons_ledger_holds_is_refused(tmp_path):
+    with pytest.raises(EvaluatorError, match=r"^iteration: expected a whole number from 0 to 2\*\*63-1 .*got "
+                                             r"9223372036854775808$"):
+        T.MetricsTracker(cache_dir=str(tmp_path)).start_run("big", iteration=2 ** 63)
+    T.record_result("big", 2 ** 63 - 1, "qa", {"accuracy": 0.5}, cache_dir=str(tmp_path))  # the largest one is fine
+    assert list(T.load_results(str(tmp_path)).iteration) == [2 ** 63 - 1]
+
+
 # ---- track_metrics ----------------------------------------------------------------------------------------------
 def test_track_metrics_records_the_named_metrics_of_each_call_at_the_next_iteration(tmp_path):
     @T.track_metrics(["accuracy", "latency"], cache_dir=str(tmp_path))
@@ -203,6 +225,39 @@ def test_compare_metric_of_a_metric_in_two_benchmarks_asks_which(tmp_path):
     with pytest.raises(EvaluatorError, match="recorded for benchmarks mc, qa: pass benchmark="):
         T.compare_metric("accuracy", cache_dir=str(tmp_path))
     assert T.compare_metric("accuracy", benchmark="mc", cache_dir=str(tmp_path))["_stats"]["best"] == 0.7
+
+
+# what a damaged store holds (file under results/a/, its text; None: a folder there), and the error naming it
+DAMAGE = {
+    "a history line without metrics": ("history.jsonl", '{"run": "a", "iteration": 10, "benchmark": "qa"}\n',
+                                       r"history\.jsonl:1: not a result line"),
+    "an iteration as a string": ("history.jsonl", '{"run": "a", "iteration": "10", "benchmark": "qa", '
+                                                  '"metrics": {"acc": 0.5}}\n',
+                                 r"history\.jsonl:1: iteration: expected a whole number"),
+    "a revision that is no number": ("history.jsonl", '{"run": "a", "iteration": 10, "benchmark": "qa", '
+                                                      '"metrics": {"acc": 0.5}, "revision": "x"}\n',
+                                     r"history\.jsonl:1: revision: expected a whole number"),
+    "a NaN metric": ("history.jsonl", '{"run": "a", "iteration": 10, "benchmark": "qa", "metrics": {"acc": NaN}}\n',
+                     r"history\.jsonl:1: metrics\.acc: expected a finite number"),
+    "metrics.json holding a list": ("iter_0000010/qa/metrics.json", "[1]", r"metrics\.json: expected a JSON object"),
+    "metrics.json not UTF-8": ("iter_0000010/qa/metrics.json", b'{"x": "\xff"}', r"metrics\.json: not UTF-8 text"),
+    "metrics.json a folder": ("iter_0000010/qa/metrics.json", None, r"metrics\.json: cannot be read \(Is a directory\)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_store_is_an_error_naming_the_file_never_a_traceback_or_a_nan_best(tmp_path, damage):
+    for run, value in (("a", 0.5), ("b", 0.7)):
+        T.record_result(run, 10, "qa", {"acc": value}, cache_dir=str(tmp_path))
+    name, text, said = DAMAGE[damage]
+    path = tmp_path / "results" / "a" / name
+    if text is None:
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(EvaluatorError, match=said):
+        T.compare_metric("acc", cache_dir=str(tmp_path))
 
 
 # ---- evaluation contexts ----------------------------------------------------------------------------------------
@@ -338,6 +393,49 @@ def test_ctx_benchmark_with_a_work_dir_records_each_functions_own_per_sample_sco
         ctx.benchmark({"good": lambda p: answers[p], "bad": lambda p: "no idea" if p != "2+2?" else "4"})
     c = T.compare_metric("exact_match", runs=["good", "bad"], cache_dir=str(tmp_path / "cache"))
     assert c["paired"]["bad"]["broken"] == 3, "each run's scores.jsonl is its own function's"
+
+
+# a second result for one (run, benchmark) of a context: it would replace the first as its revision 1
+SECOND_RESULT = {
+    "ctx.benchmark key = the context's run": lambda ctx: (ctx.evaluate(lambda p: "Paris"),
+                                                          ctx.benchmark({"sft": lambda p: "wrong"})),
+    "one ctx.benchmark key twice": lambda ctx: (ctx.benchmark({"base": lambda p: "Paris"}),
+                                                ctx.benchmark({"base": lambda p: "wrong"})),
+    "the context's own run logged into after a ctx.benchmark of its name": lambda ctx: (
+        ctx.benchmark({"sft": lambda p: "Paris"}), ctx.metrics_tracker.log_metrics({"exact_match": 0.1},
+                                                                                   benchmark="text-qa")),
+}
+
+
+@pytest.mark.parametrize("case", SECOND_RESULT)
+def test_a_context_refuses_a_second_result_for_one_run_and_benchmark_recording_nothing(tmp_path, qa_file, case):
+    with pytest.raises(EvaluatorError, match="run '(sft|base)' already has a 'text-qa' result in this context"):
+        with T.evaluation_context(dataset=qa_file, run_name="sft", iteration=10, cache_dir=str(tmp_path / "cache"),
+                                  benchmark_type="text-qa", metrics=["exact_match"]) as ctx:
+            SECOND_RESULT[case](ctx)
+    assert T.get_metrics_history(cache_dir=str(tmp_path / "cache")) == []
+
+
+def test_ctx_benchmark_refuses_a_run_name_that_is_not_one_folder_before_any_function_runs(tmp_path, qa_file):
+    calls = []
+    with T.evaluation_context(dataset=qa_file, cache_dir=str(tmp_path), benchmark_type="text-qa") as ctx:
+        with pytest.raises(EvaluatorError, match="run: expected a non-empty name without '/'"):
+            ctx.benchmark({"good": lambda p: calls.append(p) or "x", "team/bad": lambda p: "x"})
+    assert calls == []
+
+
+def test_a_context_refuses_metadata_that_is_not_a_dict_when_it_is_made(tmp_path):
+    with pytest.raises(EvaluatorError, match="^evaluation_context: metadata: expected a dict of name -> JSON value, "
+                                             "got 'ab'$"):
+        T.evaluation_context(run_name="r", cache_dir=str(tmp_path), metadata="ab")
+
+
+def test_save_results_to_a_path_under_a_file_is_an_error_naming_the_path(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with T.evaluation_context(run_name="r", cache_dir=str(tmp_path / "cache")) as ctx:
+        ctx.metrics_tracker.log_metrics({"accuracy": 0.5}, benchmark="qa")
+        with pytest.raises(EvaluatorError, match=r"^save_results: path: .*file/r\.json: cannot be written \(a file "):
+            ctx.save_results(str(tmp_path / "file" / "r.json"))
 
 
 def test_a_result_whose_work_dir_a_later_run_reused_is_recorded_with_its_own_per_sample_scores(tmp_path, qa_file):

@@ -169,3 +169,20 @@ def test_a_main_metric_a_metric_invents_is_taken(tmp_path):
     cfg = write_config(tmp_path, [{"name": "mc", "type": "text-mc", "dataset": data, "metrics": ["accuracy"],
                                    "main_metric": "unparsed_rate"}])
     run_cli("--config", cfg, "--dry-run", check=0)
+
+
+def test_make_dataset_with_a_template_that_is_no_format_string_exits_2_naming_the_flag(tmp_path):
+    (tmp_path / "qa.csv").write_text("id,question,answer\n1,q1,a1\n")
+    proc = bench_py("make-dataset", "--input", str(tmp_path / "qa.csv"), "--output-dir", str(tmp_path / "ds"),
+                    "--dataset-id", "x", "--target-column", "answer", "--template", "{question")
+    one_line_error(proc, "--template: expected a format string of {column} names, got '{question'")  # was ValueError
+
+
+def test_bench_eval_with_an_output_root_that_is_a_file_exits_2_naming_the_flag(tmp_path):
+    data = canonical_dataset(tmp_path / "qa", [{"id": "1", "messages": [{"role": "user", "content": "q"}],
+                                                 "target": "a"}], metrics=["exact_match"])
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text(json.dumps({"sample_id": "1", "status": "ok", "response": {"text": "a"}}) + "\n")
+    (tmp_path / "a-file").write_text("")
+    proc = bench_py("eval", data, "--predictions", str(preds), "--output-root", str(tmp_path / "a-file"))
+    one_line_error(proc, f"--output-root: cannot create {tmp_path / 'a-file'}")  # was NotADirectoryError

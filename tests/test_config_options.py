@@ -197,3 +197,17 @@ def test_documented_benchmark_examples_pass_the_generation_and_metric_option_che
     except EvaluatorError as e:  # only what this file specifies: other keys of an excerpt may need its context
         assert not re.search(r"\.(generation|metric_options)\.", str(e)), str(e)
 
+
+
+def test_a_generation_number_no_float_holds_is_a_config_error_not_a_traceback(tmp_path):
+    path = write_config(tmp_path, f"      generation: {{max_new_tokens: {'9' * 400}}}\n")
+    message = config_error(path)  # number_problem raised OverflowError: --dry-run exited 1 with a traceback
+    assert f"{path}:{line_of(path, 'generation:')}: auto_eval.benchmarks[0].generation.max_new_tokens: expected an " \
+           "integer a float can hold, got an integer of 400 digits" in message
+
+
+def test_a_config_number_in_exponent_form_is_a_number_as_yaml_1_2_reads_it(tmp_path):
+    from evaluator.common.yamlconf import read_yaml
+    path = tmp_path / "n.yaml"
+    path.write_text("a: 1e-3\nb: 1.5e3\nc: '1e3'\nd: 12\n")
+    assert read_yaml(str(path))[0] == {"a": 0.001, "b": 1500.0, "c": "1e3", "d": 12}  # PyYAML alone: "1e-3", "1.5e3"

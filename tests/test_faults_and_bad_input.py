@@ -290,7 +290,8 @@ def test_bench_py_refuses_a_name_that_is_not_one_folder_and_a_sample_size_for_ev
     ([{"model_name": "../escape", "source": "file", "eval_result": {"qa": {"acc": 1}}}], "evals[0].model_name"),
     ([{"model_name": "m", "source": "file", "eval_result": {"a/b": {"acc": 1}}}], "evals[0].eval_result.a/b"),
     ([{"model_name": "m", "source": "file", "eval_result": {"qa": {"revision": 1}}}], "a reserved name"),
-    ([{"model_name": "m", "source": "file", "eval_result": {"qa": {"acc": ".nan"}}}], "evals[0].eval_result.qa.acc"),
+    ([{"model_name": "m", "source": "file", "eval_result": {"qa": {"acc": ".nan"}}}],
+     "evals[0].eval_result.qa: metrics.acc: expected a finite number, got nan"),
 ], ids=["empty-metrics", "model-name-up", "benchmark-slash", "reserved-metric", "nan"])
 def test_wandb_writer_checks_inline_results_as_a_stages_metrics_json_is_checked(tmp_path, evals, said):
     cfg = tmp_path / "recorder.yaml"

@@ -238,3 +238,74 @@ def test_results_tree_carries_fingerprint_and_revision_into_the_record_not_its_m
     assert [p.rsplit("metrics.json: ", 1)[1] for p in problems] == [
         "revision: expected a whole number >= 0 (0: first evaluation), got '1'",
         "fingerprint: expected a string (the settings hash), got 12"]
+
+
+# ---- values and iterations no reader should take (probe of 2026-12-02) ---------------------------------------
+def helm_table(tmp_path, rows):
+    """One scenario `s` whose only table has an EM column and these (model cell, value) rows."""
+    groups = tmp_path / "helm" / "runs" / "suite" / "groups"
+    groups.mkdir(parents=True, exist_ok=True)
+    table = {"title": "S", "header": [{"value": "Model"}, {"value": "EM"}],
+             "rows": [[{"value": model}, {"value": value}] for model, value in rows]}
+    (groups / "s.json").write_text(json.dumps([table]))  # json writes NaN / Infinity as Python reads them back
+    return str(tmp_path / "helm")
+
+
+@pytest.mark.parametrize("value, shown", [(float("nan"), "got nan"), (float("inf"), "got inf"),
+                                          (10 ** 400, "got an integer no float holds")], ids=["nan", "inf", "huge-int"])
+def test_a_helm_cell_that_is_no_finite_number_skips_its_scenario_naming_the_row(tmp_path, value, shown):
+    helm = helm_table(tmp_path, [("m/s/1000", 0.5), ("m/s/2000", value)])
+    with pytest.raises(EvaluatorError, match=rf"s.json: table 0 row 1: EM: expected a finite number, {shown}"):
+        records_from_helm("m", helm, "suite", [{"name": "s", "metrics": ["EM"]}])
+
+
+def test_two_helm_rows_of_one_iteration_are_refused_not_one_silently_kept(tmp_path):
+    helm = helm_table(tmp_path, [("modelA/s/1000", 0.9), ("modelB/s/1000", 0.1)])
+    with pytest.raises(EvaluatorError, match=r"rows 0 \('modelA/s/1000'\) and 1 \('modelB/s/1000'\) both read as "
+                                             r"iteration 1000"):
+        records_from_helm("m", helm, "suite", [{"name": "s", "metrics": ["EM"]}])
+
+
+def test_a_helm_model_name_ending_in_no_iteration_gets_the_default_and_one_beyond_2_63_is_refused():
+    assert helm_iteration("model_-5", 7) == 7  # a minus sign is no iteration (it was recorded at -5)
+    assert helm_iteration("model/٣", 7) == 7  # an Arabic-Indic digit is a digit to Python, not to us
+    with pytest.raises(EvaluatorError, match=r"iteration 99999999999999999999 is beyond 9223372036854775807"):
+        helm_iteration("model/99999999999999999999", 0)
+
+
+def test_tokens_from_an_iteration_beyond_a_float_are_refused_not_recorded_as_infinity():
+    from recorder.sources import tokens_for
+    with pytest.raises(EvaluatorError, match=r"token_per_iteration: .* is beyond a float"):
+        tokens_for(10 ** 18, None, 1e300)
+
+
+def test_a_results_tree_without_one_readable_result_is_an_error_listing_what_was_skipped(tmp_path):
+    bad = tmp_path / "results" / "tiny" / "iter_0001000" / "qa"
+    bad.mkdir(parents=True)
+    (bad / "metrics.json").write_text("{torn")
+    with pytest.raises(EvaluatorError, match=r"no readable metrics.json under .*tiny/iter_\*/<benchmark>/\n  skipped "
+                                             r".*iter_0001000/qa/metrics.json"):
+        records_from_results("tiny", str(tmp_path / "results"))
+
+
+def test_a_results_folder_named_beyond_2_63_is_skipped_with_a_note(tmp_path):
+    root = tmp_path / "results"
+    write_result(root, "tiny", 1000, "qa", {"acc": 0.5})
+    big = root / "tiny" / "iter_99999999999999999999" / "qa"
+    big.mkdir(parents=True)
+    (big / "metrics.json").write_text(json.dumps({"metrics": {"acc": 0.9}}))
+    records, problems = records_from_results("tiny", str(root))
+    assert [r.iteration for r in records] == [1000]
+    assert len(problems) == 1 and "iteration 99999999999999999999 is not one" in problems[0]
+
+
+def test_leaderboard_of_metrics_near_the_float_limit_ranks_the_better_model_first():
+    entries, _ = leaderboard.build([rec("a", 0, "qa", -1e308), rec("b", 0, "qa", 1e308)], ["qa.EM"])
+    assert [(e.model, e.score) for e in entries] == [("b", 1.0), ("a", 0.0)]  # hi - lo overflowed: b got NaN, last
+
+
+def test_a_helm_scenario_whose_rows_have_no_number_says_so(tmp_path):
+    helm = helm_table(tmp_path, [("m/s/1000", "0.3"), ("m/s/2000", None)])  # a string is no HELM value
+    with pytest.raises(EvaluatorError, match=r"skipped HELM scenario s: .*s.json: no row has a number in the "
+                                             r"\['EM'\] column"):  # the reason list was empty
+        records_from_helm("m", helm, "suite", [{"name": "s", "metrics": ["EM"]}])

@@ -169,3 +169,85 @@ def test_a_backfill_after_a_rerun_logs_the_new_revision_once_and_keeps_fingerpri
     local = [json.loads(x) for x in (tmp_path / "cache" / "results" / "tiny" / "history.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["metrics"], r["revision"]) for r in local] == [
         (1000, {"acc": 0.1}, 0), (2000, {"acc": 0.25}, 1)]
+
+
+# ---- read everything, then write (probe of 2026-12-02) -------------------------------------------------------
+@pytest.mark.parametrize("second", [
+    {"evals": [{"model_name": "second", "source": "results", "results_dir": "./nope"}]},
+    {"leaderboard": True, "leaderboard_metrics": ["zz.acc"]},
+], ids=["an-eval-that-cannot-be-read", "a-leaderboard-that-cannot-be-built"])
+def test_a_writer_that_fails_on_a_later_eval_or_its_leaderboard_has_written_nothing(tmp_path, second):
+    first = {"model_name": "first", "source": "file", "eval_result": {"qa": {"acc": 0.9}}}
+    cfg = config(tmp_path, project="p", sinks=["local"],
+                 **{**second, "evals": [first] + second.get("evals", [])})
+    before = files_under(tmp_path)
+    proc = writer(cfg)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert files_under(tmp_path) == before, "eval 1 was written before eval 2 or the leaderboard failed"
+
+
+def test_two_results_of_one_model_iteration_and_benchmark_are_refused_naming_both(tmp_path):
+    one = {"model_name": "m", "source": "file", "eval_result": {"qa": {"acc": 0.2}}}
+    cfg = config(tmp_path, project="p", sinks=["local"], leaderboard=True, leaderboard_metrics=["qa.acc"],
+                 evals=[one, {**one, "eval_result": {"qa": {"acc": 0.9}}}])
+    before = files_under(tmp_path)
+    proc = writer(cfg)  # the sinks kept the first (0.2), the leaderboard ranked the last (0.9)
+    assert proc.returncode == 2, proc.stderr
+    assert "two results for model 'm' iteration 0 benchmark 'qa': evals[0] (file) and evals[1] (file)" in proc.stderr
+    assert files_under(tmp_path) == before
+
+
+def test_results_folders_iter_100_and_iter_0000100_are_one_iteration_twice_and_refused(tmp_path):
+    for name, acc in (("iter_0000100", 0.5), ("iter_100", 0.1)):
+        (tmp_path / "tree" / "m" / name / "qa").mkdir(parents=True)
+        (tmp_path / "tree" / "m" / name / "qa" / "metrics.json").write_text(json.dumps({"metrics": {"acc": acc}}))
+    cfg = config(tmp_path, project="p", sinks=["local"],
+                 evals=[{"model_name": "m", "source": "results", "results_dir": str(tmp_path / "tree")}])
+    proc = writer(cfg)
+    assert proc.returncode == 2 and "iteration 100 benchmark 'qa'" in proc.stderr
+    assert "iter_0000100/qa/metrics.json" in proc.stderr and "iter_100/qa/metrics.json" in proc.stderr
+
+
+def test_inline_results_take_numbers_as_written_and_refuse_true_or_a_quoted_number(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("project: p\nsinks: [local]\nevals:\n  - model_name: m\n    source: file\n"
+                   "    eval_result: {qa: {acc: true, f1: 1e-3}}\n")
+    proc = writer(cfg)  # pydantic's float read true as 1.0
+    assert proc.returncode == 2 and "evals[0].eval_result.qa: metrics.acc: expected a number, got True" in proc.stderr
+    cfg.write_text(cfg.read_text().replace("acc: true", "acc: '0.5'"))
+    proc = writer(cfg)
+    assert proc.returncode == 2 and "metrics.acc: expected a number, got '0.5'" in proc.stderr
+    cfg.write_text(cfg.read_text().replace("acc: '0.5'", "acc: 5e-1"))  # YAML 1.1 reads 5e-1 as a string
+    proc = writer(cfg)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads((tmp_path / "results" / "m" / "history.jsonl").read_text().splitlines()[-1])
+    assert row["metrics"] == {"acc": 0.5, "f1": 0.001}
+
+
+@pytest.mark.parametrize("top, message", [
+    ({"sinks": []}, "sinks: no sink to write the evals to"),
+    ({"sinks": ["local", "local"]}, "sinks[1]: 'local' is listed twice"),
+    ({"sinks": ["local"], "leaderboard": True, "leaderboard_metrics": []}, "leaderboard_metrics: list should have at least 1 item"),
+], ids=["no-sink", "a-sink-twice", "no-leaderboard-metric"])
+def test_a_writer_config_that_would_quietly_do_nothing_or_something_else_is_refused(tmp_path, top, message):
+    cfg = config(tmp_path, project="p", evals=[{"model_name": "m", "source": "file", "eval_result": {"qa": {"acc": 1}}}],
+                 **top)
+    proc = writer(cfg)
+    assert proc.returncode == 2 and message in proc.stderr.lower(), proc.stderr
+
+
+def test_a_metric_near_the_float_limit_is_recorded_and_its_curve_drawn_without_it(tmp_path):
+    cfg = config(tmp_path, project="p", sinks=["local"],
+                 evals=[{"model_name": "m", "source": "file", "eval_result": {"qa": {"x": 1e308, "acc": 0.5}}}])
+    proc = writer(cfg)  # matplotlib raised "arange: cannot compute length": curves.png and summary.md not written
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "results" / "m" / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results" / "m" / "history.jsonl").read_text())["metrics"]["x"] == 1e308
+
+
+def test_a_helm_benchmark_name_is_checked_as_the_folder_name_it_becomes(tmp_path):
+    cfg = config(tmp_path, project="p", sinks=["local"],
+                 evals=[{"model_name": "m", "source": "helm", "helm_output_dir": ".", "helm_suite_name": "s",
+                         "benchmarks": [{"name": "../../escaped", "metrics": ["EM"]}]}])
+    proc = writer(cfg)
+    assert proc.returncode == 2 and "evals[0].benchmarks[0].name: expected letters, digits" in proc.stderr, proc.stderr

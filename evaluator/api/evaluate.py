@@ -111,7 +111,11 @@ def load_config(path: str):
     file:line), and make it this process's defaults: cache_dir, the evaluation venv (`envs.evaluation`), seed,
     and its `benchmarks:` as the names `quick_eval(fn, benchmark=...)` takes. Returns the config."""
     from evaluator.daemon.config import load_config as load_daemon_config  # pydantic: only when a config is read
-    cfg = load_daemon_config(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise EvaluatorError(f"load_config: path: expected the config file's path, got {path!r}")
+    if not os.path.isfile(path):  # checked here: the daemon's own check names its --config flag
+        raise EvaluatorError(f"load_config: path: no such file: {os.fspath(path)}")
+    cfg = load_daemon_config(os.fspath(path))
     with _SETTINGS_LOCK:
         _SETTINGS.cache_dir = cfg.cache_dir
         _SETTINGS.evaluation_python = cfg.envs.evaluation
@@ -174,7 +178,10 @@ class EvaluationResult:
 
     def save_json(self, path: str) -> str:
         """Write the whole result as one JSON file (atomically); returns the path."""
-        write_json_atomic(path, self.to_dict())
+        try:
+            write_json_atomic(path, self.to_dict())
+        except OSError as e:
+            raise EvaluatorError(f"save_json: path: {path}: cannot be written ({write_problem(e)})") from None
         return path
 
     def to_dataframe(self):
@@ -240,7 +247,10 @@ def resolve_benchmark(dataset: Optional[str], benchmark_type: Optional[str], opt
     that path; else a registered benchmark name (its default data) or a canonical dataset directory."""
     from evaluator.benchmarks import registry
     if benchmark_type is not None:
-        registry.get(benchmark_type)  # raises naming the known types
+        try:
+            registry.get(benchmark_type)
+        except EvaluatorError as e:
+            raise EvaluatorError(f"benchmark_type: {e}") from None
         if dataset is not None and (not isinstance(dataset, str) or not dataset):
             raise EvaluatorError(f"dataset: expected a path, got {dataset!r}")
         spec_source = registry.get(benchmark_type).default_source
@@ -251,7 +261,14 @@ def resolve_benchmark(dataset: Optional[str], benchmark_type: Optional[str], opt
         raise EvaluatorError(f"dataset: expected a benchmark name or a path, got {dataset!r}")
     else:
         target = dataset if dataset in registry.BENCHMARKS else os.path.abspath(os.path.expanduser(dataset))
-        kind, source = registry.kind_for(target)
+        try:
+            kind, source = registry.kind_for(target)
+        except EvaluatorError:
+            if not os.path.exists(target):  # no such folder, nor a benchmark name: kind_for said so
+                raise
+            raise EvaluatorError(f"dataset: {target}: not a canonical dataset directory (test.jsonl + "
+                                 f"metadata.json); for another layout pass benchmark_type= (one of: "
+                                 f"{', '.join(registry.BENCHMARKS)})") from None
         if source is None and registry.get(kind).default_source:
             source = os.path.join(ROOT, registry.get(kind).default_source)
     default_name = os.path.basename(source.rstrip("/")) if kind == "dataset" and source else kind
@@ -375,16 +392,35 @@ def call_function(fn: Callable, inputs: list, batch_size: Optional[int], max_wor
 
 
 def work_folder(name: str, work_dir: Optional[str]) -> str:
-    if work_dir:
-        path = os.path.abspath(os.path.expanduser(work_dir))
-        os.makedirs(path, exist_ok=True)
-        return path
-    if _SETTINGS.cache_dir:
-        base = os.path.join(_SETTINGS.cache_dir, "api")
-        os.makedirs(base, exist_ok=True)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "run"
-        return tempfile.mkdtemp(prefix=f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=base)
-    return tempfile.mkdtemp(prefix="evaluator-api-")
+    """The run's work folder, made now: `work_dir`, else a new one under configure(cache_dir=)'s api/ or the
+    temporary folder. One that cannot be made or written is an error naming where it was asked for."""
+    if work_dir and not isinstance(work_dir, (str, os.PathLike)):
+        raise EvaluatorError(f"work_dir: expected a folder path, got {work_dir!r}")
+    where = "work_dir" if work_dir else "configure(cache_dir=...)" if _SETTINGS.cache_dir else "the temporary folder"
+    try:
+        if work_dir:
+            path = os.path.abspath(os.path.expanduser(work_dir))
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise EvaluatorError(f"work_dir: {path}: expected a folder, found a file")
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise EvaluatorError(f"work_dir: {path}: not writable")
+            return path
+        if _SETTINGS.cache_dir:
+            base = os.path.join(_SETTINGS.cache_dir, "api")
+            os.makedirs(base, exist_ok=True)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "run"
+            return tempfile.mkdtemp(prefix=f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=base)
+        return tempfile.mkdtemp(prefix="evaluator-api-")
+    except OSError as e:  # a file on the way, no permission
+        raise EvaluatorError(f"{where}: {e.filename}: cannot hold the run's files ({write_problem(e)})") from None
+
+
+def write_problem(e: OSError) -> str:
+    """Why a path could not be written, in words: a file on the way reads "File exists" or "Not a directory"."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        return "a file is where a folder of the path should be"
+    return e.strerror or str(e)
 
 
 def run_function(fn: Callable, dataset: Optional[str], *, benchmark_type: Optional[str] = None,
@@ -427,6 +463,7 @@ def run_function(fn: Callable, dataset: Optional[str], *, benchmark_type: Option
     name = name or _fn_name(fn)
     mode = input_mode(fn, bool(batch_size), input)
     inputs = [sample_input(s, mode) for s in data.samples]
+    folder = work_folder(name, work_dir)  # before the function runs: a work_dir that cannot be one fails first
     t0 = time.perf_counter()
     answers = call_function(fn, inputs, batch_size, max_workers)
     run_s = time.perf_counter() - t0
@@ -435,7 +472,6 @@ def run_function(fn: Callable, dataset: Optional[str], *, benchmark_type: Option
                          request_messages=s.messages, response={"text": text or "", "usage": {}},
                          status=OK if error is None else ERROR, latency_ms=round(latency, 3), error=error)
                for s, (text, error, latency) in zip(data.samples, answers)]
-    folder = work_folder(name, work_dir)
     write_results(os.path.join(folder, PREDICTIONS), results)
     errors = [r for r in results if not r.ok]
     info = {"name": name, "dataset_id": data.dataset_id, "benchmark": ref.name, "benchmark_type": ref.kind,
@@ -650,6 +686,8 @@ def model_folders(work_dir: Optional[str], names: list) -> dict:
     and the recorded results read them back)."""
     if not work_dir:
         return {name: None for name in names}
+    if not isinstance(work_dir, (str, os.PathLike)):
+        raise EvaluatorError(f"work_dir: expected a folder path, got {work_dir!r}")
     out, used = {}, set()
     for i, name in enumerate(names):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip(".") or "model"

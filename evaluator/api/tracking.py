@@ -26,8 +26,9 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
+from evaluator.common.checks import iteration_problem
 from evaluator.common.contracts import (COMPARE, METRICS, PREDICTIONS, SCORES, SCORES_SCHEMA_VERSION,
-                                        is_finite_number, result_dir, validate_metrics)
+                                        is_finite_number, read_metrics, result_dir, validate_metrics)
 from evaluator.common.errors import EvaluatorError, did_you_mean
 from recorder.sinks import (LocalHistorySink, RecorderSettings, ResultRecord, WandbSettings, mlflow_settings,
                             row_revision, versions)
@@ -72,8 +73,10 @@ def _check_name(kind: str, name: Any) -> str:
 
 
 def _check_iteration(iteration: Any) -> int:
-    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-        raise EvaluatorError(f"iteration: expected a whole number >= 0, got {iteration!r}")
+    """An iteration as the daemon's ledger holds it: a whole number from 0 to MAX_ITERATION (2**63-1)."""
+    problem = iteration_problem(iteration)
+    if problem:
+        raise EvaluatorError(f"iteration: {problem}")
     return iteration
 
 
@@ -180,6 +183,14 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
 
     `result`: a dict of metric -> number, or an EvaluationResult (its stderr, n, per-category values and, when its
     samples carry scores, a scores.jsonl that paired comparisons read)."""
+    return _checked_result(run, iteration, benchmark, result, cache_dir=cache_dir, metadata=metadata,
+                          tokens_b=tokens_b)()
+
+
+def _checked_result(run: str, iteration: int, benchmark: str, result: Any, *, cache_dir: Optional[str] = None,
+                   metadata: Optional[dict] = None, tokens_b: Optional[float] = None) -> Callable[[], ResultRecord]:
+    """Every check of record_result, nothing written yet: returns the call that writes the result, so that several
+    results are all checked before the first is written (end_run, a context's close)."""
     cache_dir = store_dir(cache_dir)
     run, benchmark, iteration = _check_name("run", run), _check_name("benchmark", benchmark), _check_iteration(iteration)
     tokens_b = _check_tokens(tokens_b)
@@ -218,23 +229,28 @@ def record_result(run: str, iteration: int, benchmark: str, result: Any, *, cach
     except ValueError as e:
         raise EvaluatorError(str(e)) from None
     doc = _jsonable(doc, where)
-    # checked: only now may an earlier revision's files go (they must not pair with this one's)
-    os.makedirs(out, exist_ok=True)
-    for name in (COMPARE, SCORES, METRICS, PREDICTIONS):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    if rows:  # before metrics.json, which stays the done file
-        write_text_atomic(os.path.join(out, SCORES), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        predictions = os.path.join(parts.get("work_dir") or "", PREDICTIONS)
-        if _own_work_dir(parts) and os.path.exists(predictions):  # the prompts a comparison's flips show
+    predictions = os.path.join(parts.get("work_dir") or "", PREDICTIONS)
+    with_predictions = bool(rows) and _own_work_dir(parts) and os.path.exists(predictions)
+
+    def write() -> ResultRecord:
+        # checked: only now may an earlier revision's files go (they must not pair with this one's)
+        os.makedirs(out, exist_ok=True)
+        for name in (COMPARE, SCORES, METRICS, PREDICTIONS):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        if rows:  # before metrics.json, which stays the done file
+            write_text_atomic(os.path.join(out, SCORES), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        if with_predictions:  # the prompts a comparison's flips show
             shutil.copyfile(predictions, os.path.join(out, PREDICTIONS) + ".tmp")
             os.replace(os.path.join(out, PREDICTIONS) + ".tmp", os.path.join(out, PREDICTIONS))
-    write_json_atomic(os.path.join(out, METRICS), doc)
-    record = ResultRecord(run=run, iteration=iteration, benchmark=benchmark, metrics=metrics, tokens_b=tokens_b,
-                          n=n, stderr=doc["stderr"], per_category=doc["per_category"],
-                          metrics_path=os.path.join(out, METRICS), versions=doc["versions"], revision=revision)
-    history.record(record)
-    return record
+        write_json_atomic(os.path.join(out, METRICS), doc)
+        record = ResultRecord(run=run, iteration=iteration, benchmark=benchmark, metrics=metrics, tokens_b=tokens_b,
+                              n=n, stderr=doc["stderr"], per_category=doc["per_category"],
+                              metrics_path=os.path.join(out, METRICS), versions=doc["versions"], revision=revision)
+        history.record(record)
+        return record
+
+    return write
 
 
 def _ledger_rows(cache_dir: str, run: str) -> int:
@@ -265,13 +281,16 @@ def _entry(cache_dir: str, row: dict) -> dict:
         result_dir(cache_dir, row["run"], row["iteration"], row["benchmark"]), METRICS)
     doc: dict = {}
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                doc = json.load(f)
-            except json.JSONDecodeError as e:
-                raise EvaluatorError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        try:
+            doc = read_metrics(path)  # the rules it was written by; a damaged file is named, never half-read
+            modified = os.path.getmtime(path)
+        except ValueError as e:
+            raise EvaluatorError(f"{e}; repair or remove that result folder") from None
+        except OSError as e:  # e.g. a folder where the file should be
+            raise EvaluatorError(f"{path}: cannot be read ({e.strerror}); repair or remove that result folder") \
+                from None
         recorded_at = doc.get("recorded_at") or _dt.datetime.fromtimestamp(
-            os.path.getmtime(path), _dt.timezone.utc).isoformat(timespec="milliseconds")
+            modified, _dt.timezone.utc).isoformat(timespec="milliseconds")
     else:
         recorded_at = None  # the folder was cleaned up: the history line is all there is
     return {"run": row["run"], "iteration": row["iteration"], "benchmark": row["benchmark"],
@@ -415,20 +434,27 @@ class MetricsTracker:
         self.current_run_metrics.setdefault(bench, {}).update(values)
 
     def end_run(self) -> dict:
-        """Record every benchmark logged in the run; returns {"metadata", "metrics", "records"}."""
+        """Record every benchmark logged in the run, or none when one is refused (the run stays open); returns
+        {"metadata", "metrics", "records"}."""
+        meta, writes = self._checked_end()
+        return self._ended(meta, [write() for write in writes])
+
+    def _checked_end(self) -> tuple[dict, list[Callable[[], ResultRecord]]]:
+        """(the run's metadata, the writes of its results), every result checked and nothing written."""
         if not self.run_metadata:
             raise EvaluatorError("end_run: no run started")
-        meta = self.run_metadata
-        meta["end_time"] = time.time()
-        meta["duration"] = meta["end_time"] - meta["start_time"]
+        end_time = time.time()
+        meta = dict(self.run_metadata, end_time=end_time, duration=end_time - self.run_metadata["start_time"])
         stored = {k: v for k, v in meta.items() if k not in ("run_name",)}
-        records = []
-        for bench, values in self.current_run_metrics.items():
-            result = self._results.get(bench, values)
-            records.append(record_result(meta["run_name"], self._iteration, bench, result, cache_dir=self.cache_dir,
-                                         metadata=stored, tokens_b=self._tokens_b))
+        writes = [_checked_result(meta["run_name"], self._iteration, bench, self._results.get(bench, values),
+                                  cache_dir=self.cache_dir, metadata=stored, tokens_b=self._tokens_b)
+                  for bench, values in self.current_run_metrics.items()]
+        return meta, writes
+
+    def _ended(self, meta: dict, records: list[ResultRecord]) -> dict:
+        """Close the run whose results were recorded; its end_run answer."""
         self.ended.append(meta["run_name"])
-        out = {"metadata": dict(meta), "metrics": {b: dict(v) for b, v in self.current_run_metrics.items()},
+        out = {"metadata": meta, "metrics": {b: dict(v) for b, v in self.current_run_metrics.items()},
                "records": records}
         self.run_metadata, self.current_run_metrics, self._results = {}, {}, {}
         return out
@@ -496,14 +522,17 @@ class EvaluationContext:
         self.run_name = run_name
         self.iteration = _check_iteration(iteration)
         self.benchmark_name = benchmark
-        self.tokens_b = tokens_b
+        self.tokens_b = _check_tokens(tokens_b)
         self.cache_dir = cache_dir
         from evaluator.api.evaluate import _check_keywords  # run_function's options, and HRET's that it replaces
 
         _check_keywords("evaluation_context", options)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise EvaluatorError(f"evaluation_context: metadata: expected a dict of name -> JSON value, got "
+                                 f"{metadata!r:.80}")
         self.options = options  # run_function's keyword arguments (metrics=, sample_size=, batch_size=, ...)
         self.metrics_tracker = MetricsTracker(cache_dir)
-        self._metadata = dict(metadata or {})
+        self._metadata = _jsonable(dict(metadata or {}), "evaluation_context")
         self.results: list = []
         self.records: list[ResultRecord] = []
         self.run_result: Optional[dict] = None
@@ -538,6 +567,7 @@ class EvaluationContext:
     def evaluate(self, fn: Callable, **kw):
         """Run `fn` over the context's dataset (evaluator.api.evaluate.run_function) and log its result."""
         result = self._run(fn, getattr(fn, "__name__", None), kw)
+        self._refuse_second_result(self.run_name, self._benchmark_of(result), self._recorded_keys())
         self.results.append(result)
         self.metrics_tracker.log_metrics(result, benchmark=self.benchmark_name)
         return result
@@ -547,15 +577,38 @@ class EvaluationContext:
         context's iteration), so compare_metric(..., runs=fns) pairs them."""
         from evaluator.api.evaluate import model_folders
 
+        if not isinstance(fns, dict) or not fns:
+            raise EvaluatorError(f"ctx.benchmark: expected a dict of run name -> function, got {fns!r:.80}")
+        for name, fn in fns.items():  # before any function runs
+            _check_name("run", name)
+            if not callable(fn):
+                raise EvaluatorError(f"ctx.benchmark: {name}: expected a function, got {type(fn).__name__}")
         out = {}
         folders = model_folders({**self.options, **kw}.get("work_dir"), list(fns))
         for name, fn in fns.items():
             result = self._run(fn, name, {**kw, "work_dir": folders[name]} if folders[name] else kw)
-            _check_name("run", name)
+            self._refuse_second_result(name, self._benchmark_of(result), self._recorded_keys())
             out[name] = result
             self.results.append(result)
             self._other_runs.append((name, result))
         return out
+
+    def _benchmark_of(self, result: Any) -> str:
+        """The benchmark a result of this context is recorded under."""
+        return self.benchmark_name or _parts(result).get("benchmark") or DEFAULT_BENCHMARK
+
+    def _recorded_keys(self) -> list[tuple[str, str]]:
+        """(run, benchmark) of each result close() records: the context's own run's, then ctx.benchmark's."""
+        return [(self.run_name, b) for b in self.metrics_tracker.current_run_metrics] + [
+            (name, self._benchmark_of(result)) for name, result in self._other_runs]
+
+    def _refuse_second_result(self, run: str, benchmark: str, taken: list[tuple[str, str]]) -> None:
+        """One result per (run, benchmark) in a context: a second would be recorded as a new revision of the
+        first, replacing it."""
+        if (run, benchmark) in taken:
+            raise EvaluatorError(f"evaluation_context: run {run!r} already has a {benchmark!r} result in this "
+                                 f"context (its run_name={self.run_name!r}, or a ctx.benchmark key); a second one "
+                                 f"would replace it: name the function's run differently")
 
     # -- integrations
     def add_mlops_integration(self, fn: Callable) -> None:
@@ -606,13 +659,17 @@ class EvaluationContext:
         Called by `with`; raises IntegrationFailed naming each integration that failed (the others still ran)."""
         if self.run_result is not None:
             return self.run_result
-        self.run_result = self.metrics_tracker.end_run()
-        self.records = list(self.run_result["records"])
-        meta = {k: v for k, v in self.run_result["metadata"].items() if k != "run_name"}
-        for name, result in self._other_runs:
-            self.records.append(record_result(name, self.iteration, self.benchmark_name or _parts(result).get(
-                "benchmark") or DEFAULT_BENCHMARK, result, cache_dir=self.cache_dir, metadata=meta,
-                tokens_b=self.tokens_b))
+        keys = self._recorded_keys()  # ctx.metrics_tracker.log_metrics may have added one after a ctx.benchmark
+        for i, (run, benchmark) in enumerate(keys):
+            self._refuse_second_result(run, benchmark, keys[:i])
+        meta, writes = self.metrics_tracker._checked_end()  # every result checked before the first is written
+        stored = {k: v for k, v in meta.items() if k != "run_name"}
+        writes += [_checked_result(name, self.iteration, self._benchmark_of(result), result, cache_dir=self.cache_dir,
+                                   metadata=stored, tokens_b=self.tokens_b) for name, result in self._other_runs]
+        records = [write() for write in writes]
+        own = len(self.metrics_tracker.current_run_metrics)
+        self.run_result = self.metrics_tracker._ended(meta, records[:own])
+        self.records = records
         failures = []
         for name, deliver in self._integrations:
             try:
@@ -632,8 +689,12 @@ class EvaluationContext:
         metrics = self.run_result["metrics"] if self.run_result else self.metrics_tracker.current_run_metrics
         doc = {"run_metadata": meta, "iteration": self.iteration, "metrics": metrics,
                "results": [_result_dict(r) for r in self.results]}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_json_atomic(path, _jsonable(doc, f"save_results({path})"))
+        try:
+            write_json_atomic(path, _jsonable(doc, f"save_results({path})"))
+        except OSError as e:
+            from evaluator.api.evaluate import write_problem
+
+            raise EvaluatorError(f"save_results: path: {path}: cannot be written ({write_problem(e)})") from None
         return path
 
 

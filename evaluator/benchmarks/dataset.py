@@ -349,6 +349,9 @@ def rows_to_samples(input_path: str, columns: ColumnMap) -> list:
                 prompt = columns.template.format(**row, choices_block=choices_block(choices or []))
             except KeyError as e:
                 raise DatasetError(f"--template: no column {e.args[0]!r} (columns: {', '.join(row)})") from None
+            except (ValueError, IndexError) as e:  # '{question' or '{0}': not a template of named columns
+                raise DatasetError(f"--template: expected a format string of {{column}} names, got {columns.template!r} "
+                                   f"({e})") from None
         else:
             if columns.prompt not in row:
                 raise DatasetError(f"{where}: no prompt column {columns.prompt!r} (columns: {', '.join(row)}); "

@@ -73,11 +73,10 @@ def register(spec: BenchmarkSpec) -> None:
 
 
 def get(name: str) -> BenchmarkSpec:
-    if name not in BENCHMARKS:
-        import difflib
-        close = difflib.get_close_matches(name, BENCHMARKS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise EvaluatorError(f"unknown benchmark type {name!r}{hint}; known: {', '.join(sorted(BENCHMARKS))}")
+    if not isinstance(name, str) or name not in BENCHMARKS:  # 1 or a list: the same answer, not a TypeError
+        from evaluator.common.errors import did_you_mean
+        raise EvaluatorError(f"unknown benchmark type {name!r} (known: {', '.join(sorted(BENCHMARKS))})"
+                             f"{did_you_mean(name, BENCHMARKS)}")
     return BENCHMARKS[name]
 
 

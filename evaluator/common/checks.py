@@ -1,10 +1,30 @@
-"""One numeric check for the free-form settings the config cannot type (generation parameters, metric options), and
-the rules for names that become folders of the results tree."""
+"""One numeric check for the free-form settings the config cannot type (generation parameters, metric options), the
+bounds of an iteration number, and the rules for names that become folders of the results tree."""
 from __future__ import annotations
 
 import os
 import re
 from typing import Optional
+
+
+# the largest iteration the ledger (an SQLite INTEGER) holds: an entry named beyond it is no checkpoint of ours
+MAX_ITERATION = 2 ** 63 - 1
+
+
+def iteration_number(digits: str) -> Optional[int]:
+    """The iteration that `digits` names, or None: not ASCII digits ('²' is a digit to Python), or beyond
+    MAX_ITERATION (a 20-digit name would stop every scan of its run at the ledger)."""
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    number = int(digits)
+    return number if number <= MAX_ITERATION else None
+
+
+def iteration_problem(value: object) -> Optional[str]:
+    """What keeps `value` from being an iteration (a whole number from 0 to MAX_ITERATION), or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ITERATION:
+        return f"expected a whole number from 0 to 2**63-1 (the largest the daemon's ledger holds), got {value!r:.40}"
+    return None
 
 
 def number_problem(value: object, low: Optional[float] = None, high: Optional[float] = None, integer: bool = False,
@@ -18,6 +38,8 @@ def number_problem(value: object, low: Optional[float] = None, high: Optional[fl
         number = float(int(value) if integer and isinstance(value, str) else value)  # int("2.0") fails
     except (TypeError, ValueError):
         return f"expected {what}, got {value!r}"
+    except OverflowError:  # an int beyond a float (10**400): its repr would fill the screen
+        return f"expected {what} a float can hold, got an integer of {len(str(int(value)).lstrip('-'))} digits"
     if number != number or (integer and not number.is_integer()):
         return f"expected {what}, got {value!r}"
     if low is not None and (number <= low if low_open else number < low):

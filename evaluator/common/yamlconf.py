@@ -7,6 +7,7 @@ their callers, which this module handles by duck typing (`model_fields`, `model_
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
@@ -33,6 +34,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} given twice (first on line {seen[key]})", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` and `1.5e3` as strings (its exponents need a dot and a sign); YAML 1.2 and every
+# user read numbers. Where a config's numbers are typed strictly (a quoted "0.5" is refused) they must be floats.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 class RecursiveAlias(ValueError):

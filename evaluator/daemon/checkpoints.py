@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable, Optional
 
 from evaluator.common.atomic import write_json_atomic
+from evaluator.common.checks import iteration_number
 
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 DEEPSPEED_TRACKER = "latest"
@@ -157,19 +158,6 @@ def _signature(path: str) -> tuple:
                 continue
             entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
     return tuple(sorted(entries))
-
-
-# the largest iteration the ledger (an SQLite INTEGER) holds: an entry named beyond it is no checkpoint of ours
-MAX_ITERATION = 2 ** 63 - 1
-
-
-def iteration_number(digits: str) -> Optional[int]:
-    """The iteration that `digits` names, or None: not ASCII digits ('²' is a digit to Python), or beyond
-    MAX_ITERATION (a 20-digit name would stop every scan of its run at the ledger)."""
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    number = int(digits)
-    return number if number <= MAX_ITERATION else None
 
 
 def _numbered_entries(root: str, rx: re.Pattern, want_dir: bool = True) -> list[tuple[int, str]]:

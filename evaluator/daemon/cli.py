@@ -20,7 +20,8 @@ from typing import Optional
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import ledger as L
 from evaluator.daemon import policy as P
-from evaluator.daemon.checkpoints import MAX_ITERATION, Selection
+from evaluator.common.checks import MAX_ITERATION
+from evaluator.daemon.checkpoints import Selection
 from evaluator.daemon.config import EVAL_TYPES, LAYOUT_NAMES, AutoEvalConfig, load_config
 
 EPILOG = """subcommands:

@@ -26,7 +26,7 @@ from evaluator.common.secrets import secret_paths
 from evaluator.common.yamlconf import Problem, config_error, read_yaml, validate
 from evaluator.daemon import alerts
 from evaluator.daemon import best as best_rule
-from evaluator.daemon.checkpoints import MAX_ITERATION
+from evaluator.common.checks import MAX_ITERATION
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.stages.evaluation import metrics as metric_registry  # pure Python: no torch until a metric runs
 from evaluator.stages.inference import backends, params  # standard library only
