@@ -23,7 +23,7 @@ from pathlib import Path
 from conftest import ROOT, megatron_checkpoint, set_tracker
 from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import Checkpoint, MegatronLayout
-from evaluator.daemon.snapshots import SnapshotKeeper
+from evaluator.daemon.snapshots import LINK_FROM_BYTES, SnapshotKeeper
 
 
 def by_iteration(checkpoints) -> dict:
@@ -205,14 +205,15 @@ def pinned(tmp_path, root, ck):
 # ---- a resumed job re-saving an iteration in place -----------------------------------------------------------------------
 def test_an_in_place_resave_under_a_hardlink_snapshot_is_caught_by_verify(tmp_path):
     root = tmp_path / "ckpt"
-    ck = megatron_checkpoint(root, 1000, payload=b"w" * 1_500_000)
+    ck = megatron_checkpoint(root, 1000, payload=b"w" * LINK_FROM_BYTES)  # weights: hardlinked
     ledger, keeper = pinned(tmp_path, root, ck)
     assert ledger.snapshot("run", 1000)["state"] == L.PINNED and keeper.verify("run", 1000) is None
     # torch.save opens the same path with "wb": the same inode, truncated, then written again
     with open(os.path.join(ck, "mp_rank_00", "model_optim_rng.pt"), "wb") as f:
         f.write(b"w" * 65536)
     change = keeper.verify("run", 1000)
-    assert change.startswith("mp_rank_00/model_optim_rng.pt is 65536 bytes, 1500000 when it was found complete")
+    assert change.startswith(f"mp_rank_00/model_optim_rng.pt is 65536 bytes, {LINK_FROM_BYTES} when it was found "
+                             f"complete")
     keeper.discard("run", 1000)  # the daemon drops the result and the snapshot, and pins the new save later
     assert ledger.snapshot("run", 1000) is None
     keeper.shutdown()
@@ -220,12 +221,31 @@ def test_an_in_place_resave_under_a_hardlink_snapshot_is_caught_by_verify(tmp_pa
 
 def test_an_in_place_resave_of_the_same_size_is_caught_by_its_mtime(tmp_path):
     root = tmp_path / "ckpt"
-    ck = megatron_checkpoint(root, 1000, payload=b"a" * 4096)
+    ck = megatron_checkpoint(root, 1000, payload=b"a" * LINK_FROM_BYTES)
     ledger, keeper = pinned(tmp_path, root, ck)
     rank_file = os.path.join(ck, "mp_rank_00", "model_optim_rng.pt")
     before = os.stat(rank_file).st_mtime_ns
     with open(rank_file, "wb") as f:
-        f.write(b"b" * 4096)
+        f.write(b"b" * LINK_FROM_BYTES)
     os.utime(rank_file, ns=(before + 10**9, before + 10**9))  # the re-save happens later than the first save
     assert keeper.verify("run", 1000).startswith("mp_rank_00/model_optim_rng.pt was rewritten in place")
+    keeper.shutdown()
+
+
+def test_small_files_a_resumed_trainer_rewrites_in_place_are_copied_so_the_snapshot_stays_whole(tmp_path):
+    root = tmp_path / "ckpt"
+    ck = megatron_checkpoint(root, 1000, payload=b"w" * LINK_FROM_BYTES)
+    with open(os.path.join(ck, "config.json"), "w") as f:
+        f.write('{"hidden_size": 8}')
+    ledger, keeper = pinned(tmp_path, root, ck)
+    with open(os.path.join(ck, "config.json"), "w") as f:  # a re-save of the iteration, in place
+        f.write('{"hidden_size": 16}')
+    # before: the hardlinked config.json changed too, verify discarded the snapshot, and with the original
+    # rotated away meanwhile the iteration vanished without any of its saves evaluated
+    assert keeper.verify("run", 1000) is None
+    snap = ledger.snapshot("run", 1000)["path"]
+    with open(os.path.join(snap, "config.json")) as f:
+        assert f.read() == '{"hidden_size": 8}'
+    weights = os.path.join(snap, "mp_rank_00", "model_optim_rng.pt")
+    assert os.stat(weights).st_ino == os.stat(os.path.join(ck, "mp_rank_00", "model_optim_rng.pt")).st_ino
     keeper.shutdown()

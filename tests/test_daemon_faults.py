@@ -539,3 +539,27 @@ def test_once_stopped_by_a_signal_before_its_work_is_done_does_not_exit_0(tmp_pa
     wait_until(lambda: states(cache) == {(1000, "qa"): "inferring"}, what="qa inferring")
     assert d.stop(sig) == 128 + sig
     assert states(cache) == {(1000, "qa"): "pending"}
+
+
+def test_a_checkpoint_rewritten_while_a_killed_daemons_stage_read_it_is_discarded_at_restart(tmp_path, venvs):
+    ck = megatron_checkpoint(tmp_path / "ckpt", 1000, payload=b"a" * 4096)
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=3.0)])
+    cache = tmp_path / "cache"
+    crash_daemon(tmp_path, cfg, "evaluator.daemon.daemon:Daemon.record_started:after")
+    row = ledger_rows(cache)[0]
+    assert row["state"] == "inferring" and row["token"], row
+    rank_file = os.path.join(ck, "mp_rank_00", "model_optim_rng.pt")
+    before = os.stat(rank_file).st_mtime_ns
+    with open(rank_file, "wb") as f:  # a resumed trainer's torch.save: the same inode (the snapshot's hardlink)
+        f.write(b"b" * 4096)
+    os.utime(rank_file, ns=(before + 10**9, before + 10**9))
+    deadline = time.time() + 60
+    while token_processes(row["token"]) and time.time() < deadline:  # the orphaned stage ends on its own
+        time.sleep(0.1)
+    assert not token_processes(row["token"])
+
+    proc = run_cli("--config", cfg, "--once", "-v", check=0)
+    # before: "recovered after restart: outputs complete", and the orphan's result of the old bytes was recorded
+    assert "the checkpoint changed while the stage read it" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert states(cache) == {(1000, "qa"): "recorded"} and history_keys(cache) == [(1000, "qa")]
+    assert len([i for i in invocations(cache, 1000, "qa") if i["stage"] == "infer"]) == 2  # read again, whole

@@ -936,7 +936,11 @@ class Daemon:
                 continue
             ready, _, done_state = P.STAGE_STATES[stage]
             if stage_done(stage, self.outdir(j)) is None:
-                self.apply(P.Move(j.key, done_state, "recovered after restart: outputs complete",
+                # checked as finish_stage checks a stage that ends: the checkpoint may have changed while the
+                # stage read it and no daemon was there to see
+                changed = self.keeper.verify(j.run, j.iteration) if stage == INFERENCE else None
+                self.apply(P.checkpoint_changed(j, stage, changed) if changed else
+                           P.Move(j.key, done_state, "recovered after restart: outputs complete",
                                   {"pid": None, "pid_start": None}))
             else:
                 self.apply(P.Move(j.key, ready, "recovered after restart: run again",

@@ -206,6 +206,14 @@ def _describe_exit(end: StageEnd) -> str:
     return text
 
 
+def checkpoint_changed(job: L.Job, stage: str, change: str) -> Move:
+    """The stage's result describes other bytes than the checkpoint found complete: discarded, the snapshot too,
+    and inference runs again (not an attempt)."""
+    why = f"{stage}: the checkpoint changed while the stage read it ({change}): result discarded"
+    return Move(job.key, L.PENDING, why, {"pid": None, "pid_start": None, "last_error": why, "token": None},
+                level="warning", discard_snapshot=True)
+
+
 def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) -> Move:
     """Done / retry at T / failed for good / vanished / discarded, for a stage that ended.
 
@@ -219,9 +227,7 @@ def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) ->
     clear = {"pid": None, "pid_start": None}
     ok = end.returncode == 0 and not end.timed_out and end.done_problem is None
     if end.changed:
-        why = f"{end.stage}: the checkpoint changed while the stage read it ({end.changed}): result discarded"
-        return Move(job.key, L.PENDING, why, {**clear, "last_error": why, "token": None}, level="warning",
-                    discard_snapshot=True)
+        return checkpoint_changed(job, end.stage, end.changed)
     if ok:
         return Move(job.key, done, f"{end.stage} done in {end.seconds:.1f}s",
                     {**clear, "attempts": 0, "last_error": None, "next_retry_at": None, "tempfail_since": None})

@@ -51,6 +51,10 @@ DEFAULT_EXCLUDES: dict[str, list[str]] = {
     "glob": [],
 }
 COPY_CHUNK = 64 << 20
+# in hardlink mode, files below this are copied: a trainer that re-saves an iteration (a resumed HF Trainer, a
+# restarted Megatron job) rewrites config.json, the tokenizer files and trainer_state.json in place, through the
+# hardlink, and the snapshot's complete checkpoint would be lost for metadata. Weights are far larger.
+LINK_FROM_BYTES = 16 << 20
 
 
 class SnapshotVanished(Exception):
@@ -233,7 +237,7 @@ def pin(source: str, root: str, manifest: Manifest, mode: str, markers: Optional
 
 
 def _link_or_copy(src: str, dst: str, mode: str, abort: Optional[threading.Event]) -> None:
-    if mode == "hardlink":
+    if mode == "hardlink" and os.path.getsize(src) >= LINK_FROM_BYTES:
         try:
             os.link(src, dst)
             return
