@@ -542,7 +542,9 @@ def test_once_stopped_by_a_signal_before_its_work_is_done_does_not_exit_0(tmp_pa
 
 
 def test_a_checkpoint_rewritten_while_a_killed_daemons_stage_read_it_is_discarded_at_restart(tmp_path, venvs):
-    ck = megatron_checkpoint(tmp_path / "ckpt", 1000, payload=b"a" * 4096)
+    from evaluator.daemon.snapshots import LINK_FROM_BYTES
+
+    ck = megatron_checkpoint(tmp_path / "ckpt", 1000, payload=b"a" * LINK_FROM_BYTES)  # hardlinked weights
     cfg = write_config(tmp_path, [bench("qa", infer_sleep=3.0)])
     cache = tmp_path / "cache"
     crash_daemon(tmp_path, cfg, "evaluator.daemon.daemon:Daemon.record_started:after")
@@ -551,7 +553,7 @@ def test_a_checkpoint_rewritten_while_a_killed_daemons_stage_read_it_is_discarde
     rank_file = os.path.join(ck, "mp_rank_00", "model_optim_rng.pt")
     before = os.stat(rank_file).st_mtime_ns
     with open(rank_file, "wb") as f:  # a resumed trainer's torch.save: the same inode (the snapshot's hardlink)
-        f.write(b"b" * 4096)
+        f.write(b"b" * LINK_FROM_BYTES)
     os.utime(rank_file, ns=(before + 10**9, before + 10**9))
     deadline = time.time() + 60
     while token_processes(row["token"]) and time.time() < deadline:  # the orphaned stage ends on its own
@@ -563,3 +565,30 @@ def test_a_checkpoint_rewritten_while_a_killed_daemons_stage_read_it_is_discarde
     assert "the checkpoint changed while the stage read it" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert states(cache) == {(1000, "qa"): "recorded"} and history_keys(cache) == [(1000, "qa")]
     assert len([i for i in invocations(cache, 1000, "qa") if i["stage"] == "infer"]) == 2  # read again, whole
+
+
+def test_a_checkpoint_rewritten_under_one_benchmark_is_evaluated_again_by_all_its_benchmarks(tmp_path, venvs,
+                                                                                           daemons):
+    """A resumed trainer re-saves an iteration while its second benchmark reads it: the first benchmark's result,
+    recorded from the earlier save, is evaluated again (revision 1), so both results describe one save."""
+    from evaluator.daemon.snapshots import LINK_FROM_BYTES
+
+    ck = megatron_checkpoint(tmp_path / "ckpt", 1000, payload=b"a" * LINK_FROM_BYTES)  # hardlinked weights
+    cfg = write_config(tmp_path, [bench("a_fast"), bench("b_slow", infer_sleep=4.0)])
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    wait_until(lambda: states(cache).get((1000, "a_fast")) == "recorded"
+               and states(cache).get((1000, "b_slow")) == "inferring", what="a recorded while b reads", timeout=60)
+    rank_file = os.path.join(ck, "mp_rank_00", "model_optim_rng.pt")
+    before = os.stat(rank_file).st_mtime_ns
+    with open(rank_file, "wb") as f:  # torch.save of the re-save: the same inode, the snapshot's hardlink
+        f.write(b"b" * LINK_FROM_BYTES)
+    os.utime(rank_file, ns=(before + 10**9, before + 10**9))
+    wait_until(lambda: "evaluated again as revision 1" in d.log(), what="a_fast rerun", timeout=60)
+    wait_until(lambda: set(states(cache).values()) == {"recorded"}
+               and rows_by_key(cache)[("tiny", 1000, "a_fast")]["revision"] == 1, what="both recorded again", timeout=60)
+    assert d.stop() == 0
+    # before: a_fast kept the earlier save's result, b_slow recorded the new save's, nothing said so
+    for name in ("a_fast", "b_slow"):
+        assert len([i for i in invocations(cache, 1000, name) if i["stage"] == "infer"]) == 2, name
+    assert {(r["benchmark"], r.get("revision", 0)) for r in history(cache)} == {("a_fast", 1), ("b_slow", 0)}

@@ -255,3 +255,17 @@ def test_a_vanished_row_whose_checkpoint_is_complete_again_goes_back_to_pending(
     assert P.reconcile(job, Checkpoint("r", 2000, "/ckpt/iter_0002000", False), False, None, 30.0, True) is None
     assert P.reconcile(job, back, False, None, 30.0, False) is None  # outside the selection now: left vanished
     assert P.reconcile(job, None, False, 99.0, 30.0, True) is None
+
+
+def test_after_a_checkpoint_change_its_iterations_other_benchmarks_start_over_by_what_a_sink_has_seen():
+    changed = ("a", 1000, "qa")
+    rows = [L.Job("a", 1000, b, "/", state) for b, state in (
+        ("qa", L.PENDING), ("inferring", L.INFERRING), ("inferred", L.INFERRED), ("scoring", L.SCORING),
+        ("scored", L.SCORED), ("recorded", L.RECORDED), ("failed", L.FAILED), ("pending", L.PENDING))]
+    rows += [L.Job("a", 2000, "inferring", "/", L.INFERRING), L.Job("b", 1000, "recorded", "/", L.RECORDED)]
+    moves, rerun, recording = P.siblings_after_change(rows, changed)
+    # not yet seen by a sink: back to pending, the running ones to be stopped by the loop
+    assert [(m.key, m.to) for m in moves] == [(("a", 1000, b), L.PENDING) for b in ("inferring", "inferred", "scoring")]
+    assert all(m.fields["token"] is None and "found the checkpoint changed" in m.note for m in moves)
+    assert [j.key for j in rerun] == [("a", 1000, "recorded")]  # a new revision of the new save
+    assert [j.key for j in recording] == [("a", 1000, "scored")]  # being recorded now: named, not touched

@@ -790,10 +790,32 @@ class Daemon:
         if move.to == L.SCORED:
             self.insight.scored(L.JobKey(*move.key))
         if move.discard_snapshot:
+            self.restart_siblings(move.key)  # first: none may go on reading the snapshot that goes now
             self.keeper.discard(move.key[0], move.key[1])
         if move.to is not None and P.is_final(move.to, move.fields.get("next_retry_at")):
             self.release_if_finished(move.key[0], move.key[1])
             self.drop_scratch(move.key)
+
+    def restart_siblings(self, key: tuple) -> None:
+        """The checkpoint of `key`'s iteration changed while a stage read it: its other benchmarks start over too
+        (policy.siblings_after_change), so the iteration's results never mix two saves."""
+        from evaluator.daemon import rerun
+
+        moves, recorded, recording = P.siblings_after_change(self.ledger.jobs(run=key[0], iteration=key[1]), key)
+        for move in moves:
+            self.executor.cancel(move.key)  # a stage of the old bytes: stopped, its exit never applied
+            self.apply(move)
+        for job in recorded:  # a new revision of the new save, recorded to every sink as a rerun is
+            try:
+                rerun.apply_one("rerun", self.cfg.cache_dir, self.ledger, job, self.cfg.recorder.plots)
+                log.warning("%s: recorded from the earlier save of this iteration; evaluated again as revision %d",
+                            job.key, job.revision + 1)
+            except (L.LedgerConflict, OSError) as e:
+                log.error("%s: recorded from the earlier save of this iteration and could not be rerun (%s): "
+                          "run `tools/evaluator.py rerun --run %s --iterations %d`", job.key, e, key[0], key[1])
+        for job in recording:
+            log.error("%s: being recorded from the earlier save of this iteration: once it is, run "
+                      "`tools/evaluator.py rerun --run %s --iterations %d`", job.key, key[0], key[1])
 
     def scratch(self, key: tuple) -> str:
         return scratch_dir(self.cfg.cache_dir, *key)

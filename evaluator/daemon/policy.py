@@ -214,6 +214,27 @@ def checkpoint_changed(job: L.Job, stage: str, change: str) -> Move:
                 level="warning", discard_snapshot=True)
 
 
+def siblings_after_change(jobs: list[L.Job], changed: tuple) -> tuple[list[Move], list[L.Job], list[L.Job]]:
+    """The other benchmarks of an iteration whose checkpoint changed under one of them (`changed`, its key), so
+    that all of the iteration's results describe one save: (moves back to pending for those no sink has seen, in
+    flight or not (the loop stops the running ones first); recorded ones, for a rerun as a new revision; ones
+    being recorded now, which can only be named)."""
+    why = (f"another benchmark of this iteration ({changed[2]}) found the checkpoint changed: its result here may "
+           f"describe the earlier save; inference again")
+    moves, rerun, recording = [], [], []
+    for job in jobs:
+        if job.key == tuple(changed) or (job.run, job.iteration) != tuple(changed[:2]):
+            continue
+        if job.state in (L.INFERRING, L.INFERRED, L.SCORING):
+            moves.append(Move(job.key, L.PENDING, why, {"pid": None, "pid_start": None, "token": None,
+                                                        "last_error": why}, level="warning"))
+        elif job.state == L.RECORDED:
+            rerun.append(job)
+        elif job.state == L.SCORED:
+            recording.append(job)
+    return moves, rerun, recording
+
+
 def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) -> Move:
     """Done / retry at T / failed for good / vanished / discarded, for a stage that ended.
 
