@@ -963,3 +963,37 @@ def test_settle_tracker_sweep_forgets_what_was_not_checked_since_the_last_sweep(
     tracker.sweep()  # 'b' was not looked at in this round (known now, or deleted): forgotten
     assert tracker.check(str(tmp_path / "a"))[0] is True
     assert tracker.check(str(tmp_path / "b"))[0] is False
+
+
+# ---- a run restarted from an earlier checkpoint saves below the first attempt's tracker -------------------------
+def backdate(path: Path, seconds: float) -> None:
+    """Every file below `path` (and `path`) written `seconds` earlier than now."""
+    when = time.time() - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (when, when))
+
+
+@pytest.mark.parametrize("kind", ["megatron", "deepspeed"])
+def test_a_save_below_the_tracker_written_after_it_waits_until_it_stood_still_or_the_tracker_names_it(tmp_path,
+                                                                                                      kind):
+    if kind == "megatron":
+        root = make_megatron(tmp_path / "ckpt", [300, 400], tracker="400")
+        tracker, new, layout = root / "latest_checkpointed_iteration.txt", root / "iter_0000350", MegatronLayout
+        make_megatron(root, [350])  # rank 0 of the restarted run's save; rank 1, on another node, not yet
+    else:
+        root = make_deepspeed(tmp_path / "ckpt", [300, 400], latest="global_step400")
+        tracker, new, layout = root / "latest", root / "global_step350", DeepSpeedLayout
+        make_deepspeed(root, [350])
+    backdate(root / new.name.replace("350", "300"), 600)
+    backdate(root / new.name.replace("350", "400"), 600)
+    backdate(tracker, 600)
+    found = by_iteration(settled_scan(layout("run", str(root))))
+    # before: 350 complete (at or below the tracker, its files there and settled for 2 s): half a save evaluated
+    assert not found[350].complete and "written after" in found[350].reason and found[350].settle_deadline
+    assert found[300].complete and found[400].complete
+    tracker.write_text("350" if kind == "megatron" else "global_step350")  # the save finished: the tracker says so
+    assert by_iteration(settled_scan(layout("run", str(root))))[350].complete
+    tracker.write_text("400" if kind == "megatron" else "global_step400")
+    backdate(tracker, 600)
+    backdate(new, 120)  # no tracker ever named it, but it stood still past any gap between ranks
+    assert by_iteration(settled_scan(layout("run", str(root))))[350].complete

@@ -323,6 +323,13 @@ class CheckpointLayout:
         return Checkpoint(self.run, iteration, path, False, problem)
 
 
+# a save below the tracker whose files are newer than the tracker is not vouched for by it (a run restarted from an
+# earlier checkpoint writes iter_350 under the first attempt's tracker of 400, rank by rank): it must stand still
+# this long, past any gap between ranks, unless the tracker is written after it (the writer saying it is done)
+RESAVE_SETTLE_SECONDS = 60.0
+MTIME_SLACK_NS = 2 * 10**9  # filesystems that keep mtimes to the second or two
+
+
 class TrackerLayout(CheckpointLayout):
     """A numbered directory is complete once a tracker file names an iteration >= its own, and it holds
     the files its kind of save writes, settled."""
@@ -332,6 +339,26 @@ class TrackerLayout(CheckpointLayout):
 
     def parse_tracker(self, text: str) -> Optional[int]:
         raise NotImplementedError
+
+    def _written_after_tracker(self, iteration: int, path: str) -> Optional[Checkpoint]:
+        """A waiting verdict for a save whose files are newer than the tracker and younger than
+        RESAVE_SETTLE_SECONDS (RESAVE_SETTLE_SECONDS above), else None: judge it as the tracker says."""
+        if self._noticed(iteration, path):
+            return None
+        try:
+            tracker = os.stat(os.path.join(self.root, self.tracker_name)).st_mtime_ns
+            newest = max((mtime for _, _, mtime in _signature(path)), default=0)
+        except OSError:
+            return None  # the usual verdict says what cannot be read
+        if newest <= tracker + MTIME_SLACK_NS:
+            return None
+        age = time.time() - newest / 1e9
+        if age >= RESAVE_SETTLE_SECONDS:
+            return None
+        return Checkpoint(self.run, iteration, path, False,
+                          f"written after {self.tracker_name}: a save below it (a restarted run?) waits for its "
+                          f"files to stand still {RESAVE_SETTLE_SECONDS:.0f}s or for {self.tracker_name} to name it",
+                          self.settle.clock() + RESAVE_SETTLE_SECONDS - age)
 
     def files_problem(self, path: str) -> Optional[str]:
         """What a save of this kind would have written and is not there; None = all there."""
@@ -352,6 +379,9 @@ class TrackerLayout(CheckpointLayout):
             if iteration > tracked:
                 return Checkpoint(self.run, iteration, path, False,
                                   f"beyond {self.tracker_name} ({tracked}): still being written")
+            wait = self._written_after_tracker(iteration, path)
+            if wait is not None:
+                return wait
             # below the tracker a later save finished, so a folder still lacking files is a crashed save
             return self._settled_verdict(iteration, path, self.files_problem(path), final=iteration < tracked)
 
