@@ -269,3 +269,10 @@ def test_after_a_checkpoint_change_its_iterations_other_benchmarks_start_over_by
     assert all(m.fields["token"] is None and "found the checkpoint changed" in m.note for m in moves)
     assert [j.key for j in rerun] == [("a", 1000, "recorded")]  # a new revision of the new save
     assert [j.key for j in recording] == [("a", 1000, "scored")]  # being recorded now: named, not touched
+
+
+def test_a_checkpoint_outside_the_selection_rotated_away_vanishes_without_a_warning():
+    skipped = P.reconcile(job(L.SKIPPED), None, protected=False, missing_for=99, grace=30, selected=False)
+    pending = P.reconcile(job(L.PENDING), None, protected=False, missing_for=99, grace=30, selected=True)
+    assert (skipped.to, skipped.level) == (L.VANISHED, "info")  # was a WARNING per benchmark per rotated save
+    assert (pending.to, pending.level) == (L.VANISHED, "warning")

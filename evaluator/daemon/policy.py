@@ -153,7 +153,9 @@ def reconcile(job: L.Job, present: Optional[Checkpoint], protected: bool, missin
         if missing_for is None or missing_for < grace:
             return None
         why = f"checkpoint deleted before evaluation (absent from every scan for {missing_for:.0f}s)"
-        return Move(job.key, L.VANISHED, why, {"next_retry_at": None, "last_error": why}, level="warning")
+        # a checkpoint outside the selection (rotated away as a trainer does) is no loss worth a warning
+        return Move(job.key, L.VANISHED, why, {"next_retry_at": None, "last_error": why},
+                    level="info" if job.state == L.SKIPPED else "warning")
     if job.state == L.VANISHED:  # gone before it was evaluated, and complete on disk again: evaluate it now
         if not (present.complete and selected):
             return None
