@@ -91,14 +91,17 @@ def synthetic_samples(n: int, n_choices: int, seed: int = 0) -> list:
 
 
 def fit(samples: list, runner, max_length: int) -> list:
-    """Synthetic questions shortened (first words dropped) until context + longest choice fit the model, as
-    lm-eval would otherwise cut them from the left and score something else."""
+    """Synthetic questions shortened (first words dropped) until their prompt (chat template included) + longest
+    choice fit the model, as lm-eval would otherwise cut them from the left and score something else."""
+    def too_long(s) -> bool:
+        return max(len(runner.tokenizer(runner.prompt(s) + runner.continuation(c))["input_ids"])
+                   for c in s.choices) >= max_length
+
     for s in samples:
         words = s.messages[0]["content"].split(" ")
-        while len(words) > 3 and max(len(runner.tokenizer(" ".join(words) + " " + c)["input_ids"])
-                                     for c in s.choices) >= max_length:
+        while len(words) > 3 and too_long(s):
             words = words[:1] + words[2:]
-        s.messages[0]["content"] = " ".join(words)
+            s.messages[0]["content"] = " ".join(words)
     return samples
 
 
