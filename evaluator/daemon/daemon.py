@@ -950,6 +950,9 @@ class Daemon:
             intents.append(Intent(j.key, stage, j.token or "", handle, j.pid_start))
         found = self.executor.recover(intents)
         for j in running:
+            now = self.ledger.get(j.key)
+            if now is None or now.state != j.state:  # a sibling's changed checkpoint restarted it just now
+                continue
             stage = INFERENCE if j.state == L.INFERRING else EVALUATION
             if (j.key, stage) in found:
                 started = found[(j.key, stage)]
@@ -968,7 +971,8 @@ class Daemon:
                 self.apply(P.Move(j.key, ready, "recovered after restart: run again",
                                   {"pid": None, "pid_start": None, "token": None if stage == INFERENCE else j.token}))
         for j in chained:
-            if (j.key, EVALUATION) in found:
+            now = self.ledger.get(j.key)
+            if (j.key, EVALUATION) in found and now is not None and now.state == j.state:
                 started = found[(j.key, EVALUATION)]
                 self.apply(P.Move(j.key, L.SCORING, f"re-attached to {started.where}",
                                   {"eval_job": started.handle, "started_at": time.time()}))
