@@ -131,23 +131,18 @@ class CheckpointEvaluation:
     states: dict = field(default_factory=dict)  # benchmark -> ledger state
     metrics: dict = field(default_factory=dict)  # benchmark -> metrics.json's metrics (once scored)
     errors: dict = field(default_factory=dict)  # benchmark -> last_error of a failed row
+    final: bool = False  # every row was final at the last refresh() (the same ledger read as `states`)
 
     @property
     def done(self) -> bool:
-        """Every row of this checkpoint is final (recorded, failed for good, ...)."""
-        from evaluator.daemon import ledger as L
-        from evaluator.daemon import policy as P
-        if not self.states:
-            return False
-        led = L.Ledger(self.cache_dir, readonly=True)
-        try:
-            return all(P.job_final(j) for j in led.jobs(run=self.run, iteration=self.iteration))
-        finally:
-            led.close()
+        """Every row of this checkpoint was final (recorded, failed for good, ...) when `states` was read: one
+        ledger read answers both, so `done` never holds beside a state that is not final."""
+        return self.final
 
     def refresh(self) -> "CheckpointEvaluation":
         from evaluator.common.contracts import DONE_FILE, EVALUATION, read_metrics, result_dir
         from evaluator.daemon import ledger as L
+        from evaluator.daemon import policy as P
         if not os.path.exists(os.path.join(self.cache_dir, "ledger.sqlite3")):
             return self
         led = L.Ledger(self.cache_dir, readonly=True)
@@ -156,6 +151,7 @@ class CheckpointEvaluation:
         finally:
             led.close()
         self.states = {j.benchmark: j.state for j in jobs}
+        self.final = bool(jobs) and all(P.job_final(j) for j in jobs)
         self.errors = {j.benchmark: j.last_error for j in jobs if j.state == L.FAILED and j.last_error}
         for j in jobs:
             done = os.path.join(result_dir(self.cache_dir, self.run, self.iteration, j.benchmark), DONE_FILE[EVALUATION])
