@@ -306,6 +306,10 @@ def test_configure_refuses_an_unknown_setting_naming_it():
         hret.configure(max_worker=2)
     with pytest.raises(EvaluatorError, match="configure: max_workers: "):
         hret.configure(max_workers=0)
+    with pytest.raises(EvaluatorError, match=r"configure: seed: expected an integer >= 0, got -1"):
+        hret.configure(seed=-1)  # the daemon config's range (MAX_SEED): numpy refuses a negative seed
+    with pytest.raises(EvaluatorError, match=r"configure: seed: expected an integer <= 4294967295"):
+        hret.configure(seed=2 ** 32)
 
 
 def test_a_configured_evaluation_python_that_is_missing_is_an_error_naming_the_setting(caption_dir, tmp_path):

@@ -157,9 +157,15 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys(tmp_path):
     ("  benchmarks:\n    - " + COMMAND_BENCH % "a" + "\n    - name: b\n      inference: run\n      evaluation: score\n"
      "      seed: abc\n", "auto_eval.benchmarks[1].seed", "valid integer"),
     ("  watch: [a, b]\n", "auto_eval.watch", "got ['a', 'b']"),
+    # transformers.set_seed seeds numpy, which refuses these: every hf inference stage failed at its start
+    ("  seed: -1\n", "auto_eval.seed", "greater than or equal to 0, got -1"),
+    ("  benchmarks:\n    - name: a\n      inference: run\n      evaluation: score\n      seed: 4294967296\n",
+     "auto_eval.benchmarks[0].seed",
+     "less than or equal to 4294967295"),
 ], ids=["settle-not-a-number", "settle-negative", "poll-zero", "begin-negative", "interval-zero", "order-enum",
         "layout-enum", "attempts-negative", "executor-type", "process-num-zero", "tokenizer-enum",
-        "tokens-negative", "benchmark-seed", "watch-not-a-mapping"])
+        "tokens-negative", "benchmark-seed", "watch-not-a-mapping", "seed-negative",
+        "benchmark-seed-beyond-numpy"])
 def test_wrong_value_names_key_path_line_and_what_was_expected(tmp_path, section, key_path, expected):
     path = write_config(tmp_path, HEADER + section)
     key = key_path.rsplit(".", 1)[-1]

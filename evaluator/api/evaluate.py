@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from evaluator.common.atomic import write_json_atomic, write_text_atomic
-from evaluator.common.checks import number_problem
+from evaluator.common.checks import MAX_SEED, number_problem
 from evaluator.common.contracts import EVALUATION, JOB_FILE, LOG_FILE, METRICS, PREDICTIONS, SCORES, StageJob
 from evaluator.common.errors import EvaluatorError, did_you_mean
 from evaluator.common.records import (DEFAULT_MAX_ERROR_RATE, ERROR, OK, RunError, RunResult, too_many_errors,
@@ -97,7 +97,7 @@ def configure(**settings) -> dict:
         candidate = dataclasses.replace(_SETTINGS, **new)
         candidate.max_workers, _, candidate.max_error_rate, _ = _check_run_numbers(
             "configure", candidate.max_workers, None, candidate.max_error_rate)
-        problem = number_problem(candidate.seed, integer=True)
+        problem = number_problem(candidate.seed, 0, MAX_SEED, integer=True)
         if problem:
             raise EvaluatorError(f"configure: seed: {problem}")
         candidate.seed = int(candidate.seed)

@@ -9,6 +9,8 @@ from typing import Optional
 
 # the largest iteration the ledger (an SQLite INTEGER) holds: an entry named beyond it is no checkpoint of ours
 MAX_ITERATION = 2 ** 63 - 1
+# the largest seed every backend takes: transformers.set_seed seeds numpy, which refuses a seed outside 0..2^32-1
+MAX_SEED = 2 ** 32 - 1
 
 
 def iteration_number(digits: str) -> Optional[int]:

@@ -19,14 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 
 from evaluator.benchmarks import registry as benchmark_registry  # standard library only
 from evaluator.common.atomic import read_json
-from evaluator.common.checks import folder_name_problem
+from evaluator.common.checks import MAX_ITERATION, MAX_SEED, folder_name_problem
 from evaluator.common.contracts import COMMAND_PLACEHOLDERS, render_template
 from evaluator.common.errors import EvaluatorError, UnavailableError, did_you_mean
 from evaluator.common.secrets import secret_paths
 from evaluator.common.yamlconf import Problem, config_error, read_yaml, validate
 from evaluator.daemon import alerts
 from evaluator.daemon import best as best_rule
-from evaluator.common.checks import MAX_ITERATION
 from evaluator.daemon.stages import BENCHMARK_TYPES
 from evaluator.stages.evaluation import metrics as metric_registry  # pure Python: no torch until a metric runs
 from evaluator.stages.inference import backends, params  # standard library only
@@ -236,7 +235,7 @@ class BenchmarkConfig(Section):
     type: str = "command"
     inference: Optional[str] = None  # command template (type: command)
     evaluation: Optional[str] = None  # command template (type: command)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)  # the run's seed when unset
     # dataset types: where the data is and how to load it (relative paths: against the config file's folder)
     dataset: Optional[str] = None
     options: dict[str, Any] = {}  # loader options: split, prompt, ...
@@ -313,7 +312,7 @@ class AutoEvalConfig(Section):
     alerts: AlertsConfig = AlertsConfig()
     # the best checkpoint of every run (a watch.paths entry's own `best:` replaces it); none: no best tracking
     best: Optional[BestConfig] = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # numpy's bound (transformers.set_seed): hf stages would fail
     _config_dir: str = PrivateAttr("")  # the config file's folder: base of relative paths, {config_dir}
     _config_path: str = PrivateAttr("")  # the file itself, for messages that give a command to run
 
