@@ -216,6 +216,26 @@ def test_a_checkpoints_states_and_done_come_from_one_ledger_read(tmp_path):
     led.close()
 
 
+def test_a_checkpoints_metrics_are_those_its_result_folders_hold_at_each_refresh(tmp_path):
+    """metrics were kept from an earlier refresh() after a rerun moved the result folder aside."""
+    from evaluator.api.training import CheckpointEvaluation
+    from evaluator.common.contracts import DONE_FILE, EVALUATION, result_dir
+    from evaluator.daemon import ledger as L
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    led = L.Ledger(str(cache))
+    led.add("tiny", 20, "qa", str(tmp_path / "ckpt"), state=L.SCORED)
+    led.close()
+    folder = result_dir(str(cache), "tiny", 20, "qa")
+    os.makedirs(folder)
+    with open(os.path.join(folder, DONE_FILE[EVALUATION]), "w") as f:
+        json.dump({"metrics": {"em": 0.5}}, f)
+    result = CheckpointEvaluation("tiny", 20, str(tmp_path / "ckpt"), str(cache), True, "notice").refresh()
+    assert result.metrics == {"qa": {"em": 0.5}}
+    os.rename(folder, folder + ".moved")  # `rerun` moves a result folder aside before the row starts again
+    assert result.refresh().metrics == {} and result.states == {"qa": "scored"}
+
+
 # ---- the Hugging Face Trainer callback (a real Trainer in the inference venv: the user's environment) --------------
 TRAIN = textwrap.dedent("""
     import sys

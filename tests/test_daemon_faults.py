@@ -280,7 +280,8 @@ def test_a_deleted_checkpoint_is_vanished_only_after_the_vanish_grace(tmp_path, 
     queued without one when it is deleted."""
     for k in range(1, 37):
         megatron_checkpoint(tmp_path / "ckpt", k * 1000)
-    cfg = write_config(tmp_path, [bench("qa", infer_sleep=0.3)],
+    # 1 s a stage: 2000 is still queued when a loaded machine gets to delete it after 1000 started
+    cfg = write_config(tmp_path, [bench("qa", infer_sleep=1.0)],
                        watch={"snapshot": "none", "poll_seconds": 0.2, "vanish_grace_seconds": 3})
     cache = tmp_path / "cache"
     d = daemons(cfg)

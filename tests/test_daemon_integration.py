@@ -240,8 +240,9 @@ def test_kill_9_mid_stage_then_restart_records_every_job_exactly_once(tmp_path, 
     cfg = write_config(tmp_path, [bench("qa", infer_sleep=2.0), bench("mc", eval_sleep=1.0)])
     cache = tmp_path / "cache"
     d = daemons(cfg)
-    running = wait_until(lambda: [r for r in ledger_rows(cache) if r["state"] == "inferring" and r["pid"]],
-                         what="a stage in flight")
+    # qa's stage (2 s): mc's is dispatched first and ends in a blink, so its pid may be gone before the kill
+    running = wait_until(lambda: [r for r in ledger_rows(cache) if r["state"] == "inferring" and r["pid"]
+                                  and r["benchmark"] == "qa"], what="qa's stage in flight")
     orphan = running[0]["pid"]
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
@@ -304,6 +305,28 @@ def test_pending_checkpoint_deleted_before_its_turn_is_vanished(tmp_path, venvs,
     wait_until(lambda: states(cache).get((1000, "qa")) == "recorded", what="1000 recorded")
     assert d.stop() == 0
     assert invocations(cache, 2000, "qa") == []
+
+
+def test_a_daemon_starting_while_another_process_holds_the_lock_for_a_moment_waits_it_out(tmp_path):
+    """evaluate_checkpoint asks whether a daemon runs by taking daemon.lock for a moment: a daemon (a systemd
+    service) starting in that moment exited 2, "another daemon is already running", and was not restarted."""
+    from filelock import FileLock
+
+    from evaluator.api.training import daemon_running
+    from evaluator.common.errors import EvaluatorError
+    from evaluator.daemon.build import LOCK_WAIT_SECONDS, take_lock
+    from evaluator.daemon.heartbeat import LOCK_FILE
+    moment = FileLock(str(tmp_path / LOCK_FILE), thread_local=False)  # released by the timer thread
+    moment.acquire()
+    threading.Timer(0.3, moment.release).start()
+    lock = take_lock(str(tmp_path))  # waits the moment out
+    assert lock.is_locked and daemon_running(str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(EvaluatorError, match="another daemon is already running"):
+        take_lock(str(tmp_path))  # a daemon holds it: refused once the wait is over
+    assert time.monotonic() - started >= LOCK_WAIT_SECONDS * 0.9
+    lock.release()
+    assert not daemon_running(str(tmp_path))
 
 
 def test_second_daemon_on_the_same_cache_dir_is_refused(tmp_path, venvs, daemons):

@@ -280,19 +280,19 @@ def _entry(cache_dir: str, row: dict) -> dict:
     path = row.get("metrics_path") or os.path.join(
         result_dir(cache_dir, row["run"], row["iteration"], row["benchmark"]), METRICS)
     doc: dict = {}
-    if os.path.exists(path):
-        try:
-            doc = read_metrics(path)  # the rules it was written by; a damaged file is named, never half-read
-            modified = os.path.getmtime(path)
-        except ValueError as e:
-            raise EvaluatorError(f"{e}; repair or remove that result folder") from None
-        except OSError as e:  # e.g. a folder where the file should be
-            raise EvaluatorError(f"{path}: cannot be read ({e.strerror}); repair or remove that result folder") \
-                from None
-        recorded_at = doc.get("recorded_at") or _dt.datetime.fromtimestamp(
-            modified, _dt.timezone.utc).isoformat(timespec="milliseconds")
-    else:
-        recorded_at = None  # the folder was cleaned up: the history line is all there is
+    modified = None
+    try:  # one read, no exists() first: a rerun may move the folder aside in between
+        doc = read_metrics(path)  # the rules it was written by; a damaged file is named, never half-read
+        modified = os.path.getmtime(path)
+    except FileNotFoundError:
+        pass  # the folder was cleaned up (or moved aside): the history line is all there is
+    except ValueError as e:
+        raise EvaluatorError(f"{e}; repair or remove that result folder") from None
+    except OSError as e:  # e.g. a folder where the file should be
+        raise EvaluatorError(f"{path}: cannot be read ({e.strerror}); repair or remove that result folder") \
+            from None
+    recorded_at = doc.get("recorded_at") or (None if modified is None else _dt.datetime.fromtimestamp(
+        modified, _dt.timezone.utc).isoformat(timespec="milliseconds"))
     return {"run": row["run"], "iteration": row["iteration"], "benchmark": row["benchmark"],
             "metrics": dict(row["metrics"]), "stderr": dict(row.get("stderr") or {}), "n": row.get("n"),
             "tokens_b": row.get("tokens_b"), "revision": row_revision(row), "fingerprint": row.get("fingerprint", ""),

@@ -100,8 +100,10 @@ def notify_checkpoint(path: str, iteration: int, config=None, run: Optional[str]
 
 
 def daemon_running(cache_dir: str) -> bool:
-    """Whether a daemon holds the cache_dir lock (evaluator/daemon/build.py takes it for its whole life)."""
-    lock_path = os.path.join(cache_dir, "daemon.lock")
+    """Whether a daemon holds the cache_dir lock (evaluator/daemon/build.py takes it for its whole life). Asked by
+    taking it for a moment: a daemon starting in that moment waits it out (build.LOCK_WAIT_SECONDS)."""
+    from evaluator.daemon.heartbeat import LOCK_FILE
+    lock_path = os.path.join(cache_dir, LOCK_FILE)
     if not os.path.exists(lock_path):
         return False
     from filelock import FileLock, Timeout
@@ -153,10 +155,15 @@ class CheckpointEvaluation:
         self.states = {j.benchmark: j.state for j in jobs}
         self.final = bool(jobs) and all(P.job_final(j) for j in jobs)
         self.errors = {j.benchmark: j.last_error for j in jobs if j.state == L.FAILED and j.last_error}
+        self.metrics = {}  # of this read's rows only: a row restarted at a new revision has none yet
         for j in jobs:
+            if j.state not in (L.SCORED, L.RECORDED):
+                continue
             done = os.path.join(result_dir(self.cache_dir, self.run, self.iteration, j.benchmark), DONE_FILE[EVALUATION])
-            if os.path.exists(done) and j.state in (L.SCORED, L.RECORDED):
+            try:
                 self.metrics[j.benchmark] = read_metrics(done).get("metrics", {})
+            except FileNotFoundError:
+                pass  # a rerun moved the folder aside since the ledger read: the next refresh() sees its row
         return self
 
     def wait(self, timeout: Optional[float] = None, interval: float = 1.0) -> "CheckpointEvaluation":

@@ -65,6 +65,25 @@ def check_cache_dir(cfg: AutoEvalConfig) -> None:
         raise EvaluatorError(f"auto_eval.cache_dir: {cfg.cache_dir} is a file, not a folder")
 
 
+# a daemon's lock is held for its whole life; another process holds it only for a moment (evaluate_checkpoint's
+# daemon_running asks by taking it): a daemon starting in that moment waits it out instead of exiting 2
+LOCK_WAIT_SECONDS = 2.0
+
+
+def take_lock(cache_dir: str) -> FileLock:
+    """<cache_dir>/daemon.lock, held: one daemon per cache_dir."""
+    lock = FileLock(os.path.join(cache_dir, heartbeat.LOCK_FILE))
+    try:
+        lock.acquire(timeout=LOCK_WAIT_SECONDS)
+    except Timeout:
+        raise EvaluatorError(f"another daemon is already running on cache_dir {cache_dir} "
+                             f"(it holds {lock.lock_file}); stop it first") from None
+    except OSError as e:  # read-only, full, or not ours: the daemon could keep no state there
+        error = UnavailableError if e.errno in PASSING_ERRNOS else EvaluatorError
+        raise error(f"auto_eval.cache_dir: cannot write {lock.lock_file}: {e.strerror or e}") from None
+    return lock
+
+
 def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] = None, once: bool = False) -> "Daemon":
     """The composition root: check what the daemon needs, take the cache_dir lock, make the parts."""
     runs = resolve_runs(cfg, model_type)
@@ -83,15 +102,7 @@ def build(cfg: AutoEvalConfig, selection: Selection, model_type: Optional[str] =
             if resolve_mode("auto", cfg.cache_dir, r.root) != "hardlink":
                 raise EvaluatorError(f"auto_eval.watch.snapshot: hardlink needs cache_dir ({cfg.cache_dir}) on the "
                                      f"same filesystem as {r.root}; use 'copy' (or 'auto')")
-    lock = FileLock(os.path.join(cfg.cache_dir, heartbeat.LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise EvaluatorError(f"another daemon is already running on cache_dir {cfg.cache_dir} "
-                             f"(it holds {lock.lock_file}); stop it first") from None
-    except OSError as e:  # read-only, full, or not ours: the daemon could keep no state there
-        error = UnavailableError if e.errno in PASSING_ERRNOS else EvaluatorError
-        raise error(f"auto_eval.cache_dir: cannot write {lock.lock_file}: {e.strerror or e}") from None
+    lock = take_lock(cfg.cache_dir)
     try:
         ledger = L.Ledger(cfg.cache_dir)
     except L.LedgerUnavailable as e:
