@@ -537,3 +537,22 @@ def test_a_daemon_json_with_a_field_of_the_wrong_type_is_named_not_a_traceback(s
         json.dump({"pid": 1, "host": "h", "beat_at": time.time(), "runs": {}, **damage}, f)
     code, out, _ = status(capsys, cfg)
     assert code == 0 and f"daemon: unknown: {os.path.join(cache, 'daemon.json')}: {said}" in out, out
+
+
+def test_a_daemon_that_stops_cleanly_while_status_reads_it_shows_as_stopped_not_killed(tmp_path, monkeypatch):
+    """status read daemon.json (running), the daemon then stopped cleanly and exited, and the pid check found it
+    gone: "NOT RUNNING ... (killed?)" for a clean stop. The interleaving cannot be timed for real, so the pid
+    check is wrapped to make the stop happen exactly there (the daemon's last write, then its exit)."""
+    cache = str(tmp_path)
+    pid = gone_pid()
+    heartbeat(cache, pid, beat_age=1)
+    real = H.pid_exists
+
+    def stop_in_between(doc):
+        if doc and doc.get("stopped_at") is None:
+            H.write_state(cache, {**doc, "stopped_at": time.time(), "stop_reason": "stopped by SIGTERM"})
+        return real(doc)
+
+    monkeypatch.setattr(H, "pid_exists", stop_in_between)
+    doc, state, text = S.daemon_liveness(cache, time.time())
+    assert state == H.STOPPED and "stopped by SIGTERM" in text and doc["stopped_at"]

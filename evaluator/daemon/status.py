@@ -287,12 +287,29 @@ def configured_runs(cfg: AutoEvalConfig) -> Optional[list]:
         return None  # a config that names no runs still shows its ledger
 
 
+def daemon_liveness(cache_dir: str, now: float) -> tuple[Optional[dict], str, str]:
+    """(daemon.json, liveness, what to say). A daemon that stops cleanly between the read of daemon.json and the
+    check of its pid is not "gone (killed?)": daemon.json is read again, and then says it stopped."""
+    for _ in range(2):
+        try:
+            doc = H.read_state(cache_dir)
+            state, text = H.liveness(doc, now, H.pid_exists(doc), H.holds_lock(cache_dir, doc))
+        except (OSError, ValueError) as e:
+            return None, "unknown", f"unknown: {e}"
+        if state != H.DEAD:
+            break
+    return doc, state, text
+
+
 def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last: Optional[int],
            now: float) -> Report:
     """Read the ledger, daemon.json, and the metrics / progress files of the rows shown."""
     if not os.path.exists(os.path.join(cfg.cache_dir, "ledger.sqlite3")):
         raise EvaluatorError(f"no ledger in cache_dir {cfg.cache_dir}: the daemon has not run with this config yet")
     specs = configured_runs(cfg)
+    # daemon.json before the rows: a daemon that stops in between shows as running beside rows it put back to
+    # pending, never as stopped beside rows still marked running
+    doc, state, text = daemon_liveness(cfg.cache_dir, now)
     try:
         led = L.Ledger(cfg.cache_dir, readonly=True)
         try:
@@ -309,11 +326,6 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
     except sqlite3.Error as e:
         raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
 
-    try:
-        doc = H.read_state(cfg.cache_dir)
-        state, text = H.liveness(doc, now, H.pid_exists(doc), H.holds_lock(cfg.cache_dir, doc))
-    except (OSError, ValueError) as e:
-        doc, state, text = None, "unknown", f"unknown: {e}"
     daemon_up = state in (H.ALIVE, H.STALLED)  # stalled: its process is there, paused or hung, its rows with it
     try:
         free = shutil.disk_usage(cfg.cache_dir).free
