@@ -269,8 +269,9 @@ def _history_row(line: str, path: str, number: int) -> dict:
         if not isinstance(row["run"], str) or not isinstance(row["benchmark"], str):
             raise ValueError(f"{path}:{number}: run, benchmark: expected names, got {row['run']!r}, "
                              f"{row['benchmark']!r}")
-        if iteration_problem(row["iteration"]):
-            raise ValueError(f"{path}:{number}: iteration: {iteration_problem(row['iteration'])}")
+        problem = iteration_problem(row["iteration"])
+        if problem:
+            raise ValueError(f"{path}:{number}: iteration: {problem}")
         validate_metrics(row, f"{path}:{number}")
     except ValueError as e:
         raise EvaluatorError(f"{e}; repair or remove that line") from None

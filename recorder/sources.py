@@ -72,7 +72,7 @@ def helm_iteration(model_cell: str, default: int) -> int:
         if iteration is not None:
             return iteration
         if digits.isascii() and digits.isdigit():
-            raise EvaluatorError(f"model {model_cell!r}: iteration {digits} is beyond {MAX_ITERATION} (2^63-1)")
+            raise EvaluatorError(f"model {model_cell!r:.80}: iteration {digits:.30} is beyond {MAX_ITERATION} (2^63-1)")
     return default
 
 

@@ -72,6 +72,16 @@ def test_a_metrics_json_that_is_not_utf8_fails_its_job_naming_the_file(tmp_path,
     assert "metrics.json" not in result_files(cache, "latin")
 
 
+def test_a_metric_of_thousands_of_digits_fails_its_job_naming_the_file(tmp_path, venvs):
+    """int() refuses over 4300 digits with a ValueError that named no file."""
+    (tmp_path / "huge.json").write_text('{"acc": ' + "9" * 5000 + "}")
+    cache = failed_once(tmp_path, "digits", "cp {config_dir}/huge.json metrics.json")
+
+    error = [r for r in ledger_rows(cache)][0]["last_error"]
+    assert "metrics.json: Exceeds the limit (4300 digits)" in error, error
+    assert "metrics.json" not in result_files(cache, "digits")
+
+
 def run_cli_writer(cfg):
     import subprocess
 

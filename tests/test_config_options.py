@@ -211,3 +211,14 @@ def test_a_config_number_in_exponent_form_is_a_number_as_yaml_1_2_reads_it(tmp_p
     path = tmp_path / "n.yaml"
     path.write_text("a: 1e-3\nb: 1.5e3\nc: '1e3'\nd: 12\n")
     assert read_yaml(str(path))[0] == {"a": 0.001, "b": 1500.0, "c": "1e3", "d": 12}  # PyYAML alone: "1e-3", "1.5e3"
+
+
+def test_an_integer_of_thousands_of_digits_is_a_config_error_at_its_line_not_a_traceback(tmp_path):
+    """int() refuses a string of over 4300 digits with a ValueError that escaped the YAML reader."""
+    from evaluator.common.yamlconf import read_yaml
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\nb: " + "9" * 5000 + "\n")
+    with pytest.raises(EvaluatorError, match=rf"{path}:2: not valid YAML \(an integer of 5000 digits, beyond"):
+        read_yaml(str(path))
+    path.write_text("a: 1\nb: " + "9" * 4000 + "\n")  # within int()'s limit: a number, checked by the setting
+    assert read_yaml(str(path))[0]["b"] == int("9" * 4000)

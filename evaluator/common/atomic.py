@@ -47,5 +47,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> Any:
+    """The JSON document in `path`. Raises json.JSONDecodeError, UnicodeDecodeError, OSError, or ValueError naming
+    the file for an integer of over 4300 digits (which int() refuses)."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None

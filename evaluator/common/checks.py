@@ -18,6 +18,8 @@ def iteration_number(digits: str) -> Optional[int]:
     MAX_ITERATION (a 20-digit name would stop every scan of its run at the ledger)."""
     if not (digits.isascii() and digits.isdigit()):
         return None
+    if len(digits.lstrip("0")) > len(str(MAX_ITERATION)):  # beyond, and int() refuses over 4300 digits
+        return None
     number = int(digits)
     return number if number <= MAX_ITERATION else None
 

@@ -43,6 +43,18 @@ _UniqueKeyLoader.add_implicit_resolver(
     list("-+.0123456789"))
 
 
+def _construct_int(loader, node):
+    """An integer, or a YAML error at its line: Python's int() refuses more than 4300 digits with a ValueError."""
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(node.value)} digits, beyond any setting", node.start_mark) from None
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 class RecursiveAlias(ValueError):
     """A YAML alias used inside the node it names (`a: &a [*a]`): data without end, never a config."""
 
