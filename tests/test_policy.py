@@ -15,6 +15,9 @@ SEL = Selection.make(1000, None, 1000)
 RUN = P.RunSpec("run", "/ckpt", "megatron")
 
 
+FULL = "the disk of cache_dir /c is full (12 KiB free)"
+
+
 def job(state=L.PENDING, **kw) -> L.Job:
     return L.Job(run=KEY.run, iteration=KEY.iteration, benchmark=KEY.benchmark, path="/ckpt/iter_0001000",
                  state=state, **kw)
@@ -36,6 +39,9 @@ def end(stage=INFERENCE, code=0, **kw) -> P.StageEnd:
     (end(INFERENCE, 2), 0, L.FAILED, None, True),                          # bad spec: failed for good at once
     (end(EVALUATION, 2), 0, L.FAILED, None, True),
     (end(INFERENCE, 75), 2, L.FAILED, 30, False),                          # retry later: not an attempt
+    (end(INFERENCE, 1, disk_full=FULL), 2, L.FAILED, 30, False),           # no room for its outputs: later,
+    (end(EVALUATION, 2, disk_full=FULL), 0, L.FAILED, 30, False),          # even a 2 (an empty metrics.json)
+    (end(EVALUATION, 0, done_problem="metrics.json: not valid JSON", disk_full=FULL), 2, L.FAILED, 30, False),
 ])
 def test_an_exit_outcome_follows_the_exit_code_protocol(stage_end, attempts, to, retry_in, counted):
     move = P.stage_outcome(job(P.STAGE_STATES[stage_end.stage][1], attempts=attempts), stage_end, RETRY, NOW)
@@ -72,6 +78,17 @@ def test_a_429_storm_of_90_seconds_does_not_fail_a_job():
         if now - NOW > 90:
             break
     assert P.stage_outcome(j, end(INFERENCE, 0), RETRY, now).to == L.INFERRED
+
+
+def test_a_stage_that_cannot_start_for_want_of_room_waits_for_it_without_spending_attempts():
+    """ENOSPC preparing the stage on a full cache_dir failed the job for good after max_attempts (3 quick
+    retries), and nothing reran it when the space came back."""
+    move = P.start_failed(job(L.PENDING, attempts=2), INFERENCE, "preparing the stage: [Errno 28] No space left",
+                          RETRY, NOW, disk_full=FULL)
+    assert move.to == L.FAILED and move.fields["next_retry_at"] == NOW + 30 and "attempts" not in move.fields
+    assert FULL in move.fields["last_error"] and "not counted as an attempt" in move.note
+    other = P.start_failed(job(L.PENDING, attempts=2), INFERENCE, "sbatch: error", RETRY, NOW)
+    assert other.fields["attempts"] == 3 and other.fields["next_retry_at"] is None  # anything else: an attempt
 
 
 def test_a_crash_after_tempfails_restarts_the_attempt_count_not_the_budget_clock():

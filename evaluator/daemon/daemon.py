@@ -13,6 +13,7 @@ restarts. Everything that could fail for one job fails that job; nothing one job
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from evaluator.common.atomic import read_json
+from evaluator.common.checks import iteration_number
 from evaluator.common.contracts import (
     DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob, read_metrics, result_dir,
     scratch_dir)
@@ -171,6 +173,7 @@ class Daemon:
         self.stop_reason = "crashed (the log says why)"  # what daemon.json says once it stops; set on clean ends
         self.held: dict[str, str] = {}  # benchmark -> why nothing of it may start now (policy.hold_reason)
         self.last_served: dict[str, str] = {}  # stage -> the run whose job started last (choose's turn)
+        self.disk_was_full = False  # dispatch said cache_dir's disk is full (and starts nothing until it has room)
         self.settings_changed: dict[str, dict] = {}  # benchmark -> {results, changes} while it is held for it
         self.hints: dict[str, list] = {}  # run -> hints.Hint: why its folder gives nothing (or less than expected)
         self.started_wall = time.time()
@@ -353,8 +356,10 @@ class Daemon:
             changed = self.keeper.verify(job.run, job.iteration)
         gone = (ex.stage == INFERENCE and not ok and not self.keeper.protects(job.run, job.iteration)
                 and not os.path.exists(job.path))
+        full = None if ok and done_problem is None else heartbeat.disk_full(self.cfg.cache_dir)
         end = P.StageEnd(stage=ex.stage, returncode=ex.returncode, seconds=ex.seconds, timed_out=ex.timed_out,
                          reason=ex.reason, done_problem=done_problem, changed=changed, checkpoint_gone=gone,
+                         disk_full=full,
                          timeout_minutes=self.timeouts[ex.stage] / 60,
                          log_tail="" if ok and done_problem is None else log_tail(os.path.join(out, LOG_FILE[ex.stage])))
         move = P.stage_outcome(job, end, self.policy, time.time())
@@ -659,6 +664,15 @@ class Daemon:
         self.settings[name] = a.settings
 
     def dispatch(self) -> None:
+        full = heartbeat.disk_full(self.cfg.cache_dir)
+        if bool(full) != self.disk_was_full:
+            if full:
+                log.warning("%s: no stage starts until there is room (its outputs could not be written)", full)
+            else:
+                log.info("cache_dir has room again: stages start")
+            self.disk_was_full = bool(full)
+        if full:
+            return
         for stage in (INFERENCE, EVALUATION):
             free = self.executor.free_slots(stage)
             if free <= 0 or self.stopping:
@@ -701,7 +715,9 @@ class Daemon:
         try:
             launch = self.launch(job, stage, checkpoint, token)
         except OSError as e:  # ENOSPC/EACCES writing the job spec: this job fails, the daemon goes on
-            self.fail_start(job.key, stage, f"preparing the stage: {e}")
+            full = heartbeat.disk_full(self.cfg.cache_dir) or (
+                f"cache_dir {self.cfg.cache_dir}: {e.strerror}" if e.errno in (errno.ENOSPC, errno.EDQUOT) else None)
+            self.fail_start(job.key, stage, f"preparing the stage: {e}", disk_full=full)
             return 0
         running = P.STAGE_STATES[stage][1]
         handle = "infer_job" if stage == INFERENCE else "eval_job"
@@ -727,14 +743,14 @@ class Daemon:
             fields["pid"] = int(started.handle)
         self.ledger.update(started.key, **fields)
 
-    def fail_start(self, key: tuple, stage: str, problem: str) -> None:
+    def fail_start(self, key: tuple, stage: str, problem: str, disk_full: Optional[str] = None) -> None:
         job = self.ledger.get(key)
         if job is None or job.state not in (P.STAGE_STATES[stage][0], P.STAGE_STATES[stage][1]):
             return
         if job.state == L.INFERRED:  # evaluation could not start: it still counts, from scoring's view
             self.apply(P.Move(job.key, L.SCORING, "starting"))
             job = self.ledger.get(key)
-        self.apply(P.start_failed(job, stage, problem, self.policy, time.time()))
+        self.apply(P.start_failed(job, stage, problem, self.policy, time.time(), disk_full))
 
     def launch(self, job: L.Job, stage: str, checkpoint: str, token: str) -> Launch:
         """Write the stage's job spec (and, for inference, the evaluation's: executors that chain
@@ -822,15 +838,21 @@ class Daemon:
 
     def sweep_scratch(self) -> None:
         """At start: scratch folders of jobs that are final (a crash between the final move and the delete)."""
+        def entries(path: str) -> list[str]:  # one folder that cannot be listed is left as it is, said once
+            try:
+                return os.listdir(path) if os.path.isdir(path) else []
+            except OSError as e:
+                log.warning("scratch folder %s cannot be read (%s): left as it is", path, e.strerror or e)
+                return []
+
         root = os.path.join(self.cfg.cache_dir, "scratch")
-        if not os.path.isdir(root):
-            return
-        for run in os.listdir(root):
-            for it_dir in os.listdir(os.path.join(root, run)) if os.path.isdir(os.path.join(root, run)) else []:
-                if not it_dir.startswith("iter_") or not it_dir[5:].isdigit():
+        for run in entries(root):
+            for it_dir in entries(os.path.join(root, run)):
+                iteration = iteration_number(it_dir[5:]) if it_dir.startswith("iter_") else None
+                if iteration is None:
                     continue
-                for bench in os.listdir(os.path.join(root, run, it_dir)):
-                    job = self.ledger.get((run, int(it_dir[5:]), bench))
+                for bench in entries(os.path.join(root, run, it_dir)):
+                    job = self.ledger.get((run, iteration, bench))
                     if job is not None and P.job_final(job):
                         self.drop_scratch(job.key)
 

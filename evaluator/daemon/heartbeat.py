@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import time
 from typing import Optional
@@ -31,6 +32,16 @@ STALE_BEATS = 3  # a beat older than this many intervals is a dead daemon even i
 ALIVE, STOPPED, DEAD, NEVER = "alive", "stopped", "dead", "never"
 STALLED = "stalled"  # no beat for a while, its pid holding the cache_dir lock: paused on its ledger, or hung
 LOCK_FILE = "daemon.lock"  # <cache_dir>/daemon.lock: held (flock) by the running daemon
+LOW_DISK_BYTES = 1 << 20  # below this much free space under cache_dir, its disk counts as full
+
+
+def disk_full(cache_dir: str) -> Optional[str]:
+    """What to say when the disk of cache_dir has less than LOW_DISK_BYTES free, else None (also when unknown)."""
+    try:
+        free = shutil.disk_usage(cache_dir).free
+    except OSError:
+        return None
+    return f"the disk of cache_dir {cache_dir} is full ({free // 1024} KiB free)" if free < LOW_DISK_BYTES else None
 
 
 def state_path(cache_dir: str) -> str:

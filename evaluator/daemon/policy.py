@@ -188,6 +188,7 @@ class StageEnd:
     checkpoint_gone: bool = False  # the original is deleted and no snapshot protects it
     timeout_minutes: float = 0.0
     log_tail: str = ""
+    disk_full: Optional[str] = None  # cache_dir's disk was full when it failed (heartbeat.disk_full's words)
 
 
 def _describe_exit(end: StageEnd) -> str:
@@ -244,6 +245,7 @@ def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) ->
     - the checkpoint changed under the stage: the result is discarded and inference runs again (not an attempt).
     - 2: the stage says its spec or data is wrong: failed for good at once, with its message.
     - 75: retried with backoff on its own time budget (policy.tempfail_seconds), not counted as an attempt.
+    - any failure while cache_dir's disk is full (`disk_full`): the same as 75 (the outputs had no room).
     - anything else (crash, timeout, exit 0 without a valid done-file): an attempt; up to max_attempts.
     - an inference that failed because its checkpoint was deleted: vanished (retrying cannot help)."""
     ready, _, done = STAGE_STATES[end.stage]
@@ -255,24 +257,20 @@ def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) ->
         return Move(job.key, done, f"{end.stage} done in {end.seconds:.1f}s",
                     {**clear, "attempts": 0, "last_error": None, "next_retry_at": None, "tempfail_since": None})
     problem = _describe_exit(end)
+    full = end.disk_full and not end.timed_out  # its outputs had no room (any exit, 2 too): not the job's fault
+    if full:
+        problem = f"{problem} while {end.disk_full}"
     error = f"{end.stage}: {problem}\n{end.log_tail}".rstrip()
     failed = {**clear, "resume_state": ready, "last_error": error, "token": None}
     if end.stage == INFERENCE and end.checkpoint_gone:
         why = f"checkpoint deleted before its inference finished ({problem})"
         return Move(job.key, L.VANISHED, f"inference: {problem}; checkpoint gone",
                     {**clear, "next_retry_at": None, "last_error": why}, level="warning")
+    if full or (end.returncode == EXIT_TEMPFAIL and not end.timed_out):
+        return _later(job, end.stage, problem, failed, policy, now)
     if end.returncode == EXIT_BAD_SPEC and not end.timed_out:
         return Move(job.key, L.FAILED, f"{end.stage}: {problem}; failed for good",
                     {**failed, "attempts": job.attempts + 1, "next_retry_at": None}, level="error")
-    if end.returncode == EXIT_TEMPFAIL and not end.timed_out:
-        since = job.tempfail_since if job.tempfail_since is not None else now
-        if now - since >= policy.tempfail_seconds:
-            return Move(job.key, L.FAILED, f"{end.stage}: {problem} for {(now - since) / 60:.0f} min "
-                        f"(executor.tempfail_minutes); failed for good",
-                        {**failed, "next_retry_at": None, "tempfail_since": since}, level="error")
-        delay = policy.tempfail_delay(since, now)
-        return Move(job.key, L.FAILED, f"{end.stage}: {problem}; retry in {delay:g}s (not counted as an attempt)",
-                    {**failed, "next_retry_at": now + delay, "tempfail_since": since}, level="warning")
     attempts = job.attempts + 1
     if attempts >= policy.max_attempts:
         return Move(job.key, L.FAILED, f"{end.stage}: {problem}; failed for good after {attempts} attempt(s)",
@@ -283,10 +281,24 @@ def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) ->
                 level="warning")
 
 
-def start_failed(job: L.Job, stage: str, problem: str, policy: RetryPolicy, now: float) -> Move:
-    """A stage that could not even be started (sbatch refused it, ENOSPC/EMFILE while preparing):
-    an attempt like a crash, so a deterministic failure ends after max_attempts instead of looping."""
-    end = StageEnd(stage=stage, returncode=1, seconds=0.0, reason=f"could not start: {problem}")
+def _later(job: L.Job, stage: str, problem: str, failed: dict, policy: RetryPolicy, now: float) -> Move:
+    """Retried with backoff on the tempfail budget (executor.tempfail_minutes), not counted as an attempt."""
+    since = job.tempfail_since if job.tempfail_since is not None else now
+    if now - since >= policy.tempfail_seconds:
+        return Move(job.key, L.FAILED, f"{stage}: {problem} for {(now - since) / 60:.0f} min "
+                    f"(executor.tempfail_minutes); failed for good",
+                    {**failed, "next_retry_at": None, "tempfail_since": since}, level="error")
+    delay = policy.tempfail_delay(since, now)
+    return Move(job.key, L.FAILED, f"{stage}: {problem}; retry in {delay:g}s (not counted as an attempt)",
+                {**failed, "next_retry_at": now + delay, "tempfail_since": since}, level="warning")
+
+
+def start_failed(job: L.Job, stage: str, problem: str, policy: RetryPolicy, now: float,
+                 disk_full: Optional[str] = None) -> Move:
+    """A stage that could not even be started (sbatch refused it, EMFILE while preparing): an attempt like a
+    crash, so a deterministic failure ends after max_attempts instead of looping. On a full cache_dir disk
+    (`disk_full`) it waits for room on the tempfail budget instead."""
+    end = StageEnd(stage=stage, returncode=1, seconds=0.0, reason=f"could not start: {problem}", disk_full=disk_full)
     return stage_outcome(job, end, policy, now)
 
 

@@ -54,7 +54,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import re
 import sqlite3
@@ -71,7 +70,6 @@ from evaluator.daemon.config import AutoEvalConfig, load_config
 
 # The inference stage writes <output_dir>/progress.json {"done", "total", "updated_at"} while it generates.
 SCHEMA_VERSION = 1
-LOW_DISK_BYTES = 1 << 20  # below this much free space under cache_dir, status says the disk is full
 INVALIDATED = L.INVALIDATED  # the ledger's withdrawn results (rerun / invalidate)
 DEFAULT_LAST = 30  # iterations per run in the table (the newest); --last 0 shows all
 DETAIL_LIMIT = 20  # lines per details section; --json lists every row
@@ -327,13 +325,9 @@ def gather(cfg: AutoEvalConfig, config_path: str, only_run: Optional[str], last:
         raise EvaluatorError(f"cannot read the ledger in {cfg.cache_dir}: {e}") from None
 
     daemon_up = state in (H.ALIVE, H.STALLED)  # stalled: its process is there, paused or hung, its rows with it
-    try:
-        free = shutil.disk_usage(cfg.cache_dir).free
-    except OSError:
-        free = None
-    if free is not None and free < LOW_DISK_BYTES and daemon_up:  # the usual reason a daemon pauses
-        text += (f"; the disk of cache_dir {cfg.cache_dir} is full ({free // 1024} KiB free): the daemon cannot "
-                 f"write its ledger and waits, losing nothing, until there is room")
+    full = H.disk_full(cfg.cache_dir)
+    if full and daemon_up:  # the usual reason a daemon pauses
+        text += f"; {full}: the daemon starts no stage and waits, losing nothing, until there is room"
 
     main_metric = {b.name: b.main_metric for b in cfg.benchmarks}
     by_run: dict[str, list[L.Job]] = {}
