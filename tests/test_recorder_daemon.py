@@ -86,3 +86,39 @@ def test_sink_choice_follows_the_config(tmp_path):
     assert names(wandb={"project": "p"}, recorder={"sinks": ["mlflow"]}) == ["local", "mlflow"]  # explicit wins; local stays
     proc = run_cli("--config", write_config(tmp_path, [bench("qa")], recorder={"sinks": ["local", "wandbb"]}), "--dry-run")
     assert proc.returncode == 2 and "unknown sink 'wandbb'" in proc.stderr and "did you mean 'wandb'" in proc.stderr
+
+
+def test_a_result_whose_metrics_are_lost_after_one_sink_recorded_it_is_scored_again_for_every_sink(
+        tmp_path, venvs, daemons):
+    """The local sink recorded revision 0, W&B could not yet (<cache_dir>/wandb is a file: a real fault), then
+    metrics.json was lost. It was scored again under the same revision: W&B and metrics.json got the second number
+    (a judge, sampling), history.jsonl kept the first for ever. Now it is a new revision every sink records."""
+    import json
+    import os
+
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    blocker = cache / "wandb"
+    blocker.write_text("in the way")
+    sample = "{python} -c \"import json, random; json.dump({{'acc': random.random()}}, open('metrics.json', 'w'))\""
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true", "evaluation": sample}],
+                       executor={"backoff_seconds": 0.3}, **ALL_SINKS)
+    d = daemons(cfg)
+    wait_until(lambda: [h["iteration"] for h in history(cache)] == [1000], timeout=120, what="local recorded 1000")
+    metrics = cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json"
+    first = json.loads(metrics.read_text())["metrics"]["acc"]
+    os.unlink(metrics)  # lost (or unreadable) before W&B took it
+    wait_until(lambda: "scored again as revision 1" in d.log(), timeout=60, what="scored again")
+    blocker.unlink()
+    wait_until(lambda: states(cache) == {(1000, "qa"): "recorded"} and ledger_rows(cache)[0]["revision"] == 1,
+               timeout=120, what="revision 1 recorded by every sink")
+    assert d.stop() == 0
+    second = json.loads(metrics.read_text())["metrics"]["acc"]
+    assert second != first  # random.random(): the second scoring gave another number
+    assert [(h["metrics"]["acc"], h["revision"]) for h in history(cache)] == [(second, 1)]
+    assert [r["qa/acc"] for r in wandb_history(cache / "wandb")] == [second]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{cache}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
+    assert run.data.metrics["qa/acc"] == second  # it took revision 0 as well: the newest value is the new one

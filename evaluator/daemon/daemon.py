@@ -903,7 +903,7 @@ class Daemon:
         try:
             m = read_metrics(path)
         except (OSError, ValueError) as e:
-            self.apply(P.Move(job.key, L.INFERRED, f"metrics unreadable ({e}): score again"))
+            self.score_again(job, f"metrics unreadable ({e})")
             return None
         return ResultRecord(run=job.run, iteration=job.iteration, benchmark=job.benchmark, metrics=m["metrics"],
                             tokens_b=self.tokens_b(job.iteration), n=m.get("n"), stderr=m.get("stderr") or {},
@@ -911,6 +911,18 @@ class Daemon:
                             versions=m.get("versions") or {}, revision=job.revision,
                             fingerprint=job.fingerprint or "", comparison=self.insight.comparison_of(job),
                             best=self.insight.best_summary(job.run))
+
+    def score_again(self, job: L.Job, why: str) -> None:
+        """A scored row's metrics.json is gone or unreadable: scored again from its predictions. Once a sink has
+        recorded it, as a new revision (every sink takes the new number; a judge or sampling may give another)."""
+        sinks = sorted(self.ledger.recorded_sinks(job.key))
+        if not sinks:
+            self.apply(P.Move(job.key, L.INFERRED, f"{why}: score again"))
+            return
+        self.ledger.restart(job.key, f"{why} after {', '.join(sinks)} recorded it: score again as a new revision",
+                            L.INFERRED)
+        log.warning("%s: %s after %s recorded it: scored again as revision %d, which every sink records", job.key,
+                    why, ", ".join(sinks), job.revision + 1)
 
     def delivered(self, reply) -> None:
         key = L.JobKey(*reply.key)
@@ -1000,7 +1012,7 @@ class Daemon:
                                   {"eval_job": started.handle, "started_at": time.time()}))
         for j in self.ledger.jobs([L.SCORED]):
             if stage_done(EVALUATION, self.outdir(j)):
-                self.apply(P.Move(j.key, L.INFERRED, "recovered: metrics missing, score again"))
+                self.score_again(j, "recovered: metrics missing")
             else:
                 doc = self.insight.comparison_of(j)
                 if doc is None:

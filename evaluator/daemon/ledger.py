@@ -413,23 +413,25 @@ class Ledger:
             self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)}, updated_at = ?"
                             " WHERE run=? AND iteration=? AND benchmark=?", (*fields.values(), time.time(), *key))
 
-    def restart(self, key: tuple, note: str, **fields) -> Job:
-        """`rerun`: back to pending as a new revision, with no attempts, and owed to every sink again."""
+    def restart(self, key: tuple, note: str, state: str = PENDING, **fields) -> Job:
+        """`rerun`: back to pending as a new revision, with no attempts, and owed to every sink again. state
+        INFERRED: a scored row whose metrics.json is lost after a sink recorded it is scored again from its kept
+        predictions as a new revision, so no sink keeps the first number beside another's second."""
         key = tuple(key)
         with self._tx():
             row = self.db.execute("SELECT state, revision FROM jobs WHERE run=? AND iteration=? AND benchmark=?",
                                   key).fetchone()
-            if row is None or row[0] not in RERUNNABLE:
+            if row is None or row[0] not in (RERUNNABLE if state == PENDING else (SCORED,)):
                 raise LedgerConflict(f"{key}: cannot re-run a row that is {row[0] if row else 'missing'}")
             values = {"attempts": 0, "resume_state": None, "next_retry_at": None, "last_error": None, "token": None,
                       "tempfail_since": None, "pid": None, "pid_start": None, "infer_job": None, "eval_job": None,
                       "revision": row[1] + (row[0] != PENDING), **fields}
             self.db.execute(
                 f"UPDATE jobs SET state = ?, updated_at = ?, {', '.join(f'{k} = ?' for k in values)}"
-                " WHERE run=? AND iteration=? AND benchmark=?", (PENDING, time.time(), *values.values(), *key))
+                " WHERE run=? AND iteration=? AND benchmark=?", (state, time.time(), *values.values(), *key))
             for table in ("recordings", "deliveries"):
                 self.db.execute(f"DELETE FROM {table} WHERE run=? AND iteration=? AND benchmark=?", key)
-            self._event(key, row[0], PENDING, note)
+            self._event(key, row[0], state, note)
         return self.get(key)
 
     def prune_events(self, now: Optional[float] = None, keep_seconds: float = EVENTS_KEEP_SECONDS) -> int:
