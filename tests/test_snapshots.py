@@ -3,8 +3,10 @@ slower evaluator is still behind; snapshots keep what was seen."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+import shutil
 import subprocess
 from concurrent.futures import wait
 
@@ -343,6 +345,28 @@ def test_release_removes_one_iterations_snapshot_and_keeps_the_others(tmp_path):
     keeper.shutdown()
 
 
+def test_a_snapshot_that_cannot_be_deleted_at_release_is_named_in_a_warning(tmp_path, caplog):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    keeper.ensure([c])
+    finish_pins(keeper)
+    locked = os.path.join(ledger.snapshot("run", 1000)["path"], "mp_rank_00")
+    # root ignores permissions, so the folder is made immutable; chattr needs root and ext4/xfs/btrfs
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", locked], capture_output=True).returncode:
+        pytest.skip("chattr +i does not work here: no folder can be made undeletable")
+    try:
+        with caplog.at_level(logging.INFO, logger="evaluator"):
+            keeper.release("run", 1000)  # does not raise
+    finally:
+        subprocess.run(["chattr", "-i", locked], check=True)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{locked}/model_optim_rng.pt: Operation not permitted" in warning and "delete them by hand" in warning
+    assert "snapshot released" not in caplog.text
+    assert os.path.exists(os.path.join(locked, "model_optim_rng.pt"))
+    assert ledger.snapshot("run", 1000)["state"] == L.RELEASED
+    keeper.shutdown()
+
+
 def test_release_closes_a_row_read_in_place(tmp_path):
     layout, (c,) = megatron_run(tmp_path, [1000])
     ledger, keeper = make_keeper(tmp_path, {"run": layout}, mode="none")
@@ -368,4 +392,59 @@ def test_hf_checkpoint_pinned_and_verified_without_its_optimizer_state(tmp_path)
     finish_pins(keeper)
     (ck / "optimizer.pt").write_text("the trainer may touch what is not pinned")
     assert keeper.verify("run", 10) is None
+    keeper.shutdown()
+
+
+def fail_next_ledger_write(ledger: L.Ledger, monkeypatch, after: int = 0) -> None:
+    """set_snapshot raises LedgerUnavailable once, after `after` writes: a full disk at the commit cannot be timed
+    for real, so the fault is injected."""
+    real, calls = ledger.set_snapshot, []
+
+    def write(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == after + 1:
+            raise L.LedgerUnavailable(f"cannot write the ledger {ledger.path}: database or disk is full")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "set_snapshot", write)
+
+
+@pytest.mark.parametrize("outcome", [L.PINNED, L.VANISHED, L.UNPINNED])
+def test_a_pin_outcome_the_ledger_could_not_record_is_recorded_by_the_next_collect(tmp_path, monkeypatch, outcome):
+    layout, (c,) = megatron_run(tmp_path, [1000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    if outcome == L.VANISHED:  # the manifest says 8 bytes, the file has 7: rewritten since it was found complete
+        ledger.put_snapshot("run", 1000, L.PINNING, c.path, manifest='{"mp_rank_00/model_optim_rng.pt": 8}')
+        keeper.recover()
+    else:
+        if outcome == L.UNPINNED:  # a file where the snapshot folder goes: pinning fails with an OSError
+            (tmp_path / "cache" / "snapshots").mkdir()
+            (tmp_path / "cache" / "snapshots" / "run").write_text("in the way")
+        keeper.ensure([c])
+    wait(list(keeper.futures.values()), timeout=30)
+    fail_next_ledger_write(ledger, monkeypatch)
+    with pytest.raises(L.LedgerUnavailable):
+        keeper.collect()  # the daemon pauses
+    assert ledger.snapshot("run", 1000)["state"] == L.PINNING and keeper.busy()
+    vanished = keeper.collect()  # the ledger can be written again
+    row = ledger.snapshot("run", 1000)
+    assert row["state"] == outcome and not keeper.busy()
+    assert [v[:2] for v in vanished] == ([("run", 1000)] if outcome == L.VANISHED else [])
+    assert keeper.checkpoint_for("run", 1000, c.path) == (row["path"] if outcome == L.PINNED else c.path)
+    keeper.shutdown()
+
+
+def test_a_vanished_pin_recorded_before_a_failed_ledger_write_is_still_returned(tmp_path, monkeypatch):
+    layout, checkpoints = megatron_run(tmp_path, [1000, 2000])
+    ledger, keeper = make_keeper(tmp_path, {"run": layout})
+    for c, size in zip(checkpoints, (8, 7)):  # 1000's manifest does not match its file: vanished mid-pin
+        manifest = json.dumps({"mp_rank_00/model_optim_rng.pt": size})
+        ledger.put_snapshot("run", c.iteration, L.PINNING, c.path, manifest=manifest)
+    keeper.recover()
+    wait(list(keeper.futures.values()), timeout=30)
+    fail_next_ledger_write(ledger, monkeypatch, after=1)  # 1000 is recorded vanished, 2000's write fails
+    with pytest.raises(L.LedgerUnavailable):
+        keeper.collect()
+    assert [v[:2] for v in keeper.collect()] == [("run", 1000)]
+    assert [r["state"] for r in ledger.snapshots()] == [L.VANISHED, L.PINNED]
     keeper.shutdown()

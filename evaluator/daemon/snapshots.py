@@ -283,6 +283,8 @@ class SnapshotKeeper:
         self.abort = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pin")
         self.futures: dict[tuple, Future] = {}
+        # vanished pins already in the ledger, not yet returned by collect (a later write of it failed)
+        self.vanished: list[tuple[str, int, str]] = []
         # (run, iteration) -> why it has no snapshot row yet (unreadable); retried by every ensure()
         self.waiting: dict[tuple[str, int], str] = {}
         # run -> {iteration: why}: snapshots exempt from release (the run's best checkpoints, keep_best); set by the
@@ -369,30 +371,33 @@ class SnapshotKeeper:
         self.futures[(run, iteration)] = future
 
     def collect(self) -> list[tuple[str, int, str]]:
-        """Record finished pins; returns the (run, iteration, why) whose checkpoint vanished mid-pin."""
-        vanished = []
+        """Record finished pins; returns the (run, iteration, why) whose checkpoint vanished mid-pin.
+
+        A pin's future is dropped only once its outcome is in the ledger: when the write fails (LedgerUnavailable,
+        the daemon pauses), the next collect applies it again."""
         for key, future in list(self.futures.items()):
             if not future.done():
                 continue
-            del self.futures[key]
             run, iteration = key
             try:
                 path, size, pinned = future.result()
             except PinAborted:
-                continue  # stays 'pinning': redone on the next start
+                pass  # stays 'pinning': redone on the next start
             except SnapshotVanished as e:
                 self.ledger.set_snapshot(run, iteration, L.VANISHED, note=str(e))
-                vanished.append((run, iteration, f"checkpoint deleted while pinning ({e})"))
-                continue
+                self.vanished.append((run, iteration, f"checkpoint deleted while pinning ({e})"))
             except (OSError, CheckpointUnreadable) as e:  # disk full, permissions: evaluate in place, loudly
                 note = f"pinning failed ({e}): evaluated in place"
                 self.ledger.set_snapshot(run, iteration, L.UNPINNED, note=note)
                 log.error("%s iteration %d: %s", run, iteration, note)
-                continue
-            # from now on the manifest describes the snapshot, the files the stages read
-            self.ledger.set_snapshot(run, iteration, L.PINNED, path=path, bytes=size, manifest=dump_manifest(pinned))
-            log.info("%s iteration %d: pinned %.1f MB (%s) at %s", run, iteration, size / 1e6,
-                     self.modes[run], path)
+            else:
+                # from now on the manifest describes the snapshot, the files the stages read
+                self.ledger.set_snapshot(run, iteration, L.PINNED, path=path, bytes=size,
+                                         manifest=dump_manifest(pinned))
+                log.info("%s iteration %d: pinned %.1f MB (%s) at %s", run, iteration, size / 1e6,
+                         self.modes[run], path)
+            del self.futures[key]
+        vanished, self.vanished = self.vanished, []
         return vanished
 
     def verify(self, run: str, iteration: int) -> Optional[str]:
@@ -444,8 +449,7 @@ class SnapshotKeeper:
             return
         if row["state"] == L.PINNED and self.is_kept(run, iteration):
             return  # an unpinned one has nothing to keep: closed as usual
-        if row["state"] == L.PINNED:
-            release(snapshot_root(self.cache_dir, run, iteration))
+        if row["state"] == L.PINNED and release(snapshot_root(self.cache_dir, run, iteration)):
             log.info("%s iteration %d: snapshot released", run, iteration)
         self.ledger.set_snapshot(run, iteration, L.RELEASED)
 
@@ -464,5 +468,17 @@ class SnapshotKeeper:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def release(root: str) -> None:
-    shutil.rmtree(root, ignore_errors=True)
+def release(root: str) -> bool:
+    """Delete a snapshot's files; what cannot be deleted (EPERM, EROFS, EIO) is named in a warning, not raised.
+    Returns whether nothing is left."""
+    errors = []
+
+    def failed(_func, path, exc_info) -> None:
+        if not issubclass(exc_info[0], FileNotFoundError):
+            errors.append(f"{path}: {exc_info[1].strerror or exc_info[1]}")
+
+    shutil.rmtree(root, onerror=failed)  # goes on past a failure: frees what it can
+    if errors:
+        log.warning("could not delete the snapshot %s (%s%s); its files stay on disk: delete them by hand", root,
+                    errors[0], f", and {len(errors) - 1} more" if len(errors) > 1 else "")
+    return not errors
