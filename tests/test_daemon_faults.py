@@ -647,3 +647,20 @@ def test_a_checkpoint_rewritten_under_one_benchmark_is_evaluated_again_by_all_it
     for name in ("a_fast", "b_slow"):
         assert len([i for i in invocations(cache, 1000, name) if i["stage"] == "infer"]) == 2, name
     assert {(r["benchmark"], r.get("revision", 0)) for r in history(cache)} == {("a_fast", 1), ("b_slow", 0)}
+
+
+def test_a_ledger_deleted_under_the_running_daemon_stops_it_with_a_clear_error(tmp_path, venvs, daemons):
+    """A cleanup script removed ledger.sqlite3*: the daemon kept writing into the deleted file, logged nothing, and
+    `status` said it had never run while it was alive; what it did next was lost at the next restart."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [bench("qa")], watch={"snapshot": "none"})
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    wait_until(lambda: states(cache) == {(1000, "qa"): "recorded"}, what="1000 recorded")
+    for suffix in ("", "-wal", "-shm"):
+        (cache / f"ledger.sqlite3{suffix}").unlink(missing_ok=True)
+    assert d.proc.wait(timeout=60) == 2
+    assert "ledger.sqlite3 was deleted under the running daemon: stopping" in d.log()
+    assert "Traceback" not in d.log()
+    run_cli("--config", cfg, "--once", timeout=120)  # a new ledger: 1000 evaluated again, recorded once
+    assert history_keys(cache) == [(1000, "qa")]

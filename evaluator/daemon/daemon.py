@@ -1147,6 +1147,12 @@ class Daemon:
             log.warning("could not write %s: %s", heartbeat.state_path(self.cfg.cache_dir), e)
 
     def heartbeat(self) -> None:
+        gone = self.ledger.replaced()
+        if gone:  # going on would evaluate and record into a file no restart reads: everything again after it
+            error = EvaluatorError(f"{gone}: stopping; a restart begins with the ledger file found then (the "
+                                   f"sinks skip results they already hold)")
+            self.stop_reason = f"exited {error.exit_code}: {error}"
+            raise error
         if time.monotonic() - self.last_state_write >= STATE_SECONDS:
             self.write_state()
         now = time.monotonic()

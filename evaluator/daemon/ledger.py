@@ -193,6 +193,14 @@ ADDED_COLUMNS = {"infer_job": "TEXT", "eval_job": "TEXT", "token": "TEXT", "temp
                  "fingerprint": "TEXT", "revision": "INTEGER NOT NULL DEFAULT 0"}
 
 
+def _identity(path: str) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Ledger:
     def __init__(self, cache_dir: str, readonly: bool = False):
         self.path = os.path.join(cache_dir, "ledger.sqlite3")
@@ -223,6 +231,7 @@ class Ledger:
                     raise
                 raise LedgerUnavailable(f"cannot open the ledger {self.path}: {e}") from None
         self.db.row_factory = sqlite3.Row
+        self.identity = _identity(self.path)  # the file this connection writes (replaced() compares)
         # a read-only look at a ledger written by an older version lacks newer columns: read what exists
         have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
         self.fields = [f for f in FIELDS if f in have]
@@ -230,6 +239,21 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    def replaced(self) -> Optional[str]:
+        """What became of the ledger file when it is no longer the one this connection writes (deleted, or
+        another file put in its place: what is written goes nowhere a restart finds), else None."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        except OSError:
+            return None  # unreadable for a moment (EIO): the ledger's own writes say what is wrong
+        else:
+            now = (st.st_dev, st.st_ino)
+        if now == self.identity or self.identity is None:
+            return None
+        return f"{self.path} was {'deleted' if now is None else 'replaced by another file'} under the running daemon"
 
     # ---- reads ---------------------------------------------------------------------------
     def jobs(self, states: Iterable[str] = (), run: Optional[str] = None, iteration: Optional[int] = None,
