@@ -82,6 +82,20 @@ def test_a_metric_of_thousands_of_digits_fails_its_job_naming_the_file(tmp_path,
     assert "metrics.json" not in result_files(cache, "digits")
 
 
+def test_an_empty_metrics_json_is_an_attempt_not_a_bad_spec(tmp_path, venvs):
+    """`json.dump(m, open('metrics.json', 'w'))` on a disk that fills exits 0 and leaves 0 bytes: it was exit 2
+    (not valid JSON), failed for good at once; it is a write that did not finish, so an attempt."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg = write_config(tmp_path, [command_eval("empty", "touch metrics.json")], executor={"max_attempts": 2,
+                                                                                        "backoff_seconds": 0.1})
+    cache = tmp_path / "cache"
+    run_cli("--config", cfg, "--once", check=1, timeout=240)
+    row = ledger_rows(cache)[0]
+    assert row["state"] == "failed" and row["attempts"] == 2, row  # retried, then failed after max_attempts
+    assert "metrics.json is empty: a write that did not finish" in row["last_error"], row["last_error"]
+    assert "metrics.json" not in result_files(cache, "empty")
+
+
 def run_cli_writer(cfg):
     import subprocess
 

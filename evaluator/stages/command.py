@@ -101,6 +101,8 @@ def _finish_metrics(job: StageJob) -> int:
     if not os.path.exists(path):
         print(f"command stage: the evaluation command exited 0 but wrote no {path}", file=sys.stderr)
         return 1
+    if os.path.getsize(path) == 0:  # `json.dump(m, open(...))` on a full disk exits 0 and leaves this
+        return _refused(job, f"{path} is empty: a write that did not finish (a full disk?); tried again", code=1)
     try:
         doc = contract_form(read_json(path), job, path)
     except json.JSONDecodeError as e:
