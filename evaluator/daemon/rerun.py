@@ -12,9 +12,12 @@ checkpoint is no longer on disk (and no snapshot holds it) is not touched, and t
 runs it again, and a later `rerun` brings it back. W&B and MLflow keep what they were sent (their history
 cannot be edited); see docs/recording.md.
 
-Rows that are running or being recorded right now are left alone (try again when they are done). Both commands
-need a selection (at least one of --run, --iterations, --benchmark) and exit 1 when a selected row could not be
-handled, 2 on a usage error.
+Rows that are running or being recorded right now are left alone (try again when they are done). Each row is done
+whole or left as it was: its outputs are moved aside before the ledger changes, and put back if the ledger refuses.
+A result folder that cannot be written (permissions, `chattr +i`, a read-only mount, a full disk) leaves its row
+as it was with one line naming the folder, and the other rows go on. Both commands need a selection (at least one
+of --run, --iterations, --benchmark) and exit 1 when a selected row could not be handled, 2 on a usage error or a
+ledger that cannot be written.
 """
 from __future__ import annotations
 
@@ -93,16 +96,31 @@ def checkpoint_gone(led: L.Ledger, job: L.Job) -> Optional[str]:
     return f"checkpoint no longer on disk ({job.path}) and no snapshot holds it"
 
 
+class ResultFilesError(OSError):
+    """A result folder's files could not be moved: the message says which folder, the error, the state the row is
+    left in and what to do. An OSError, so a caller that catches those (the daemon's restart_siblings) still does."""
+
+
 def set_aside(out: str, revision: int) -> list[str]:
-    """Move a result folder's outputs to superseded/rev<revision>/ (a rerun or an invalidation keeps them)."""
-    moved = []
+    """Move a result folder's outputs to superseded/rev<revision>/ (a rerun or an invalidation keeps them): all of
+    them or, on an OSError, none (those already moved go back, and the error is raised)."""
+    moved: list[str] = []
     dest = os.path.join(out, SUPERSEDED, f"rev{revision}")
-    for name in RESULT_FILES:
-        src = os.path.join(out, name)
-        if os.path.exists(src):
-            os.makedirs(dest, exist_ok=True)
-            os.replace(src, os.path.join(dest, name))
-            moved.append(name)
+    try:
+        for name in RESULT_FILES:
+            src = os.path.join(out, name)
+            if os.path.exists(src):
+                os.makedirs(dest, exist_ok=True)
+                os.replace(src, os.path.join(dest, name))
+                moved.append(name)
+    except OSError as e:
+        try:
+            restore(out, revision, moved)
+        except OSError as back:
+            raise ResultFilesError(
+                f"cannot move its outputs to {dest} ({e}), and {', '.join(moved)} could not be put back from there "
+                f"({back}): move them back into {out} by hand") from None
+        raise
     return moved
 
 
@@ -194,6 +212,10 @@ def main(command: str, argv: list[str]) -> int:
                 continue
             except L.LedgerUnavailable as e:  # locked too long, disk full, read-only: this row is as it was
                 raise EvaluatorError(f"{e}; {job.key} left as it was ({done} row(s) done before it): try again")
+            except ResultFilesError as e:  # this row's folder refused; the other rows go on
+                problems += 1
+                print(f"  {str(job.key):<40} {job.state:<11} {e}")
+                continue
             done += 1
             print(f"  {str(job.key):<40} {job.state:<11} -> "
                   f"{'pending (revision ' + str(job.revision + (job.state != L.PENDING)) + ')' if command == 'rerun' else 'invalidated'}")
@@ -249,25 +271,46 @@ def found_now(cfg, spec, iteration: int, scans: dict) -> Optional[str]:
 
 def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job, plots: bool = True,
               path: Optional[str] = None) -> None:
-    """`path`: where the checkpoint is now, when its run folder moved since the row was written."""
+    """Re-run or invalidate one row, whole or not at all; ResultFilesError (an OSError) when its files refuse.
+
+    `path`: where the checkpoint is now, when its run folder moved since the row was written."""
     out = result_dir(cache_dir, job.run, job.iteration, job.benchmark)
-    if command == "rerun":
+    try:  # first: a folder that cannot be written leaves the row as it was, the ledger untouched
         moved = set_aside(out, job.revision)
-        try:
+    except ResultFilesError:
+        raise
+    except OSError as e:
+        raise ResultFilesError(
+            f"left as it was: cannot move its outputs to {os.path.join(out, SUPERSEDED, f'rev{job.revision}')} "
+            f"({e}): make {out} writable (permissions, chattr -i, a read-only mount, a full disk) and run "
+            f"`{command}` again") from None
+    try:
+        if command == "rerun":
             # fingerprint None: the daemon stamps today's settings when the inference starts
             led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None,
                         **({"path": path} if path else {}))
-        except (L.LedgerConflict, L.LedgerUnavailable):
+        elif job.state != L.INVALIDATED:  # already: finishes what an interrupted invalidate left
+            led.transition(job.key, L.INVALIDATED, "invalidated by the operator", next_retry_at=None)
+    except (L.LedgerConflict, L.LedgerUnavailable) as e:
+        try:
             restore(out, job.revision, moved)  # the row moved on, or the ledger refused: outputs go back
-            raise
+        except OSError as back:
+            raise ResultFilesError(
+                f"left as it was in the ledger ({e}), but its outputs could not be put back from "
+                f"{os.path.join(out, SUPERSEDED, f'rev{job.revision}')} ({back}): move them back into {out} "
+                f"by hand") from None
+        raise
+    if command == "rerun":
         snap = led.snapshot(job.run, job.iteration)
         if snap is not None and snap["state"] in (L.RELEASED, L.VANISHED):
             led.drop_snapshot(job.run, job.iteration)  # pinned afresh, like a new checkpoint
-    else:
-        if job.state != L.INVALIDATED:
-            led.transition(job.key, L.INVALIDATED, "invalidated by the operator", next_retry_at=None)
-        set_aside(out, job.revision)  # both repeat safely: an interrupted invalidate is finished by running it again
+        return
+    try:
         withdraw_local(cache_dir, job, plots)
+    except OSError as e:  # the ledger cannot go back from invalidated; running invalidate again finishes it
+        raise ResultFilesError(
+            f"invalidated in the ledger, but the local history still shows it ({e}): make "
+            f"{os.path.join(cache_dir, 'results', job.run)} writable and run `invalidate` again to finish") from None
 
 
 def withdraw_local(cache_dir: str, job: L.Job, plots: bool = True) -> None:
