@@ -8,6 +8,7 @@ Everything else is produced for real.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -399,7 +400,10 @@ def test_an_oserror_preparing_one_job_fails_that_job_and_the_others_are_evaluate
 
 
 # ---- 11: cache_dir on a disk that fills up ----------------------------------------------------------------
-def test_a_full_cache_disk_pauses_the_daemon_and_it_resumes_when_space_returns(tmp_path, venvs, daemons):
+@contextlib.contextmanager
+def daemon_on_a_small_disk(tmp_path, daemons, **config):
+    """A daemon whose cache_dir is on a 4 MB tmpfs, iteration 1000 recorded; yields (daemon, cfg, cache, disk).
+    The mount goes however the test ends."""
     ckpt = tmp_path / "ckpt"
     megatron_checkpoint(ckpt, 1000)
     disk = tmp_path / "disk"
@@ -407,14 +411,23 @@ def test_a_full_cache_disk_pauses_the_daemon_and_it_resumes_when_space_returns(t
     mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
     d = None
     try:
-        cfg = write_config(tmp_path, [bench("qa")], cache_dir=str(disk / "cache"),
-                           watch={"snapshot": "none"}, recorder={"plots": False})
+        cfg = write_config(tmp_path, [bench("qa")], cache_dir=str(disk / "cache"), watch={"snapshot": "none"},
+                           recorder={"plots": False}, **config)
         cache = disk / "cache"
         d = daemons(cfg)
         wait_until(lambda: states(cache) == {(1000, "qa"): "recorded"}, what="1000 recorded")
+        yield d, cfg, cache, disk
+    finally:
+        if d is not None:
+            d.kill()  # a failed assertion must not leave the mount busy
+        umount(disk)
+
+
+def test_a_full_cache_disk_pauses_the_daemon_and_it_resumes_when_space_returns(tmp_path, venvs, daemons):
+    with daemon_on_a_small_disk(tmp_path, daemons) as (d, cfg, cache, disk):
         filler = disk / "filler"
         fill(filler)
-        megatron_checkpoint(ckpt, 2000)
+        megatron_checkpoint(tmp_path / "ckpt", 2000)
         wait_until(lambda: "cannot write the ledger" in d.log() and "paused" in d.log(), timeout=30,
                    what="the daemon to say it cannot write the ledger")
         assert d.proc.poll() is None, "the daemon must pause, not die"
@@ -425,32 +438,17 @@ def test_a_full_cache_disk_pauses_the_daemon_and_it_resumes_when_space_returns(t
         assert d.stop() == 0
         assert "Traceback" not in d.log(), d.log()
         assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa")]
-    finally:
-        if d is not None:
-            d.kill()  # a failed assertion must not leave the mount busy
-        umount(disk)
 
 
 def test_a_nearly_full_cache_disk_holds_new_stages_and_they_run_once_space_returns(tmp_path, venvs, daemons):
     """A ledger that still commits (a grown SQLite WAL is reused; here: 600 KB left for its pages) did not pause
     the daemon: every new job started, failed for want of room (ENOSPC preparing it, or inside the stage) and
     was failed for good after max_attempts; nothing reran it when the space came back."""
-    ckpt = tmp_path / "ckpt"
-    megatron_checkpoint(ckpt, 1000)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
-    d = None
-    try:
-        cfg = write_config(tmp_path, [bench("qa")], cache_dir=str(disk / "cache"), watch={"snapshot": "none"},
-                           executor={"max_attempts": 1}, recorder={"plots": False})
-        cache = disk / "cache"
-        d = daemons(cfg)
-        wait_until(lambda: states(cache) == {(1000, "qa"): "recorded"}, what="1000 recorded")
+    with daemon_on_a_small_disk(tmp_path, daemons, executor={"max_attempts": 1}) as (d, cfg, cache, disk):
         filler = disk / "filler"
         fill(filler)
         os.truncate(filler, os.path.getsize(filler) - 600 * 1024)  # under LOW_DISK_BYTES (1 MiB) free
-        megatron_checkpoint(ckpt, 2000)
+        megatron_checkpoint(tmp_path / "ckpt", 2000)
         wait_until(lambda: "no stage starts until there is room" in d.log(), timeout=30, what="the hold")
         wait_until(lambda: states(cache).get((2000, "qa")) == "pending", timeout=30, what="2000 queued")
         time.sleep(2)  # several dispatch passes: none starts it
@@ -463,26 +461,6 @@ def test_a_nearly_full_cache_disk_holds_new_stages_and_they_run_once_space_retur
         assert "cache_dir has room again: stages start" in d.log()
         assert d.stop() == 0
         assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa")]
-    finally:
-        if d is not None:
-            d.kill()  # a failed assertion must not leave the mount busy
-        umount(disk)
-
-
-def test_entries_under_scratch_that_cannot_be_listed_are_left_alone_and_the_daemon_starts(tmp_path, venvs):
-    """The start's sweep of scratch folders listed every entry named like an iteration: a dangling symlink (or a
-    file, or EIO) there ended the daemon with a traceback at every (service) restart."""
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cfg = write_config(tmp_path, [bench("qa")])
-    cache = tmp_path / "cache"
-    scratch = cache / "scratch" / "tiny"
-    scratch.mkdir(parents=True)
-    os.symlink(tmp_path / "gone", scratch / "iter_0002000")
-    (scratch / "iter_0003000").write_text("not a folder")
-    (scratch / "iter_²").mkdir()  # a digit to str.isdigit, not to int()
-    proc = run_cli("--config", cfg, "--once", timeout=120)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert history_keys(cache) == [(1000, "qa")]
 
 
 # ---- 12: inotify after the run folder was replaced --------------------------------------------------------
