@@ -202,7 +202,7 @@ def test_notify_checkpoint_lets_a_running_daemon_take_a_checkpoint_without_settl
 
 def test_a_checkpoints_states_and_done_come_from_one_ledger_read(tmp_path):
     """The flake CI met: wait() read 'scored', the daemon recorded the row, and `done` read the ledger again and
-    said final, so wait() returned {'qa': 'scored'}. `done` is now the finality of the rows `states` came from."""
+    said final, so wait() returned {'qa': 'scored'}. `done` now sets `states` from the read it answers from."""
     from evaluator.api.training import CheckpointEvaluation
     from evaluator.daemon import ledger as L
     cache = tmp_path / "cache"
@@ -210,9 +210,9 @@ def test_a_checkpoints_states_and_done_come_from_one_ledger_read(tmp_path):
     led = L.Ledger(str(cache))
     led.add("tiny", 20, "qa", str(tmp_path / "ckpt"), state=L.SCORED)
     result = CheckpointEvaluation("tiny", 20, str(tmp_path / "ckpt"), str(cache), True, "notice").refresh()
+    assert result.states == {"qa": "scored"}
     led.transition(("tiny", 20, "qa"), L.RECORDED)  # the daemon records it after refresh() read the ledger
-    assert result.states == {"qa": "scored"} and not result.done
-    assert result.refresh().states == {"qa": "recorded"} and result.done
+    assert result.done and result.states == {"qa": "recorded"}  # `done` read them again, `states` with it
     led.close()
 
 

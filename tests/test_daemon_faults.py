@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import (DAEMON_PY, ROOT, bench, daemons, history, invocations, ledger_events, ledger_rows,  # noqa: F401
+from conftest import (DAEMON_PY, ROOT, bench, daemons, fake, history, invocations, ledger_events, ledger_rows,  # noqa: F401
                       megatron_checkpoint, pid_alive, run_cli, venvs, wait_until, write_config)
 
 pytestmark = pytest.mark.slow
@@ -461,6 +461,34 @@ def test_a_nearly_full_cache_disk_holds_new_stages_and_they_run_once_space_retur
         assert "cache_dir has room again: stages start" in d.log()
         assert d.stop() == 0
         assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa")]
+
+
+def test_a_stage_that_fills_the_cache_disk_itself_gets_the_room_back_and_runs_again(tmp_path, venvs, daemons):
+    """A command benchmark's inference filled the disk with its {scratch_dir} (a model conversion) and failed. With
+    max_attempts 1 it failed for good; with the full-disk hold it waited for room its own files held, for ever.
+    The failed attempt's outputs and scratch are deleted, and it runs again without spending an attempt."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    marker = tmp_path / "filled-once"
+    fills = (f"if [ ! -e {marker} ]; then touch {marker}; mkdir -p {{scratch_dir}}; "
+             f"head -c 8M /dev/zero > {{scratch_dir}}/model.bin; exit 1; fi; " + fake("infer"))
+    d = None
+    try:
+        cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": fills,
+                                       "evaluation": fake("eval")}], cache_dir=str(disk / "cache"),
+                           watch={"snapshot": "none"}, executor={"max_attempts": 1}, recorder={"plots": False})
+        cache = disk / "cache"
+        d = daemons(cfg)
+        wait_until(lambda: states(cache) == {(1000, "qa"): "recorded"}, timeout=120, what="1000 recorded")
+        assert d.stop() == 0
+        assert marker.exists() and history_keys(cache) == [(1000, "qa")]
+        assert "cache_dir" in d.log() and "is full" in d.log() and "not counted as an attempt" in d.log()
+    finally:
+        if d is not None:
+            d.kill()
+        umount(disk)
 
 
 # ---- 12: inotify after the run folder was replaced --------------------------------------------------------

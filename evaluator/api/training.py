@@ -137,9 +137,9 @@ class CheckpointEvaluation:
 
     @property
     def done(self) -> bool:
-        """Every row of this checkpoint was final (recorded, failed for good, ...) when `states` was read: one
-        ledger read answers both, so `done` never holds beside a state that is not final."""
-        return self.final
+        """Every row of this checkpoint is final (recorded, failed for good, ...): read again now, with `states`
+        from the same ledger read, so `done` never holds beside a state that is not final."""
+        return self.refresh().final
 
     def refresh(self) -> "CheckpointEvaluation":
         from evaluator.common.contracts import DONE_FILE, EVALUATION, read_metrics, result_dir
@@ -171,8 +171,7 @@ class CheckpointEvaluation:
         TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self.refresh()
-            if self.done:
+            if self.done:  # refreshes
                 return self
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.run} iteration {self.iteration}: not final after {timeout}s "

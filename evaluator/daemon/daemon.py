@@ -362,6 +362,13 @@ class Daemon:
                          disk_full=full,
                          timeout_minutes=self.timeouts[ex.stage] / 60,
                          log_tail="" if ok and done_problem is None else log_tail(os.path.join(out, LOG_FILE[ex.stage])))
+        if full:  # what the failed attempt wrote may be what filled the disk: room first (the ledger needs it too)
+            try:
+                clear_outputs(ex.stage, out)
+            except OSError as e:
+                log.warning("%s %s: could not delete the failed attempt's outputs: %s", ex.stage, key, e)
+            if ex.stage == INFERENCE:  # its scratch (a converted model) is made again by the inference
+                self.drop_scratch(key)
         move = P.stage_outcome(job, end, self.policy, time.time())
         self.apply(move)
         if ex.then_started is not None:
@@ -777,9 +784,7 @@ class Daemon:
 
     def write_job(self, job: L.Job, stage: str, checkpoint: str, out: str) -> None:
         bench = self.benchmarks[job.benchmark]
-        for name in OUTPUT_FILES[stage]:  # a fresh attempt must not inherit an earlier one's outputs
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+        clear_outputs(stage, out)  # a fresh attempt must not inherit an earlier one's outputs
         spec = StageJob(stage=stage, run=job.run, iteration=job.iteration, checkpoint=checkpoint,
                         benchmark=bench.model_dump(), output_dir=out,
                         seed=bench.seed if bench.seed is not None else self.cfg.seed,
@@ -913,16 +918,20 @@ class Daemon:
                             best=self.insight.best_summary(job.run))
 
     def score_again(self, job: L.Job, why: str) -> None:
-        """A scored row's metrics.json is gone or unreadable: scored again from its predictions. Once a sink has
-        recorded it, as a new revision (every sink takes the new number; a judge or sampling may give another)."""
+        """A scored row's metrics.json is gone or unreadable: scored again from its predictions, as a new revision
+        that every sink records. A sink may hold the first number already (its reply on the way, or sent before a
+        crash), and a judge or sampling may give another: the same revision would leave two numbers for it."""
+        now = self.ledger.get(job.key)
+        if now is None or now.state != L.SCORED or now.revision != job.revision:
+            return  # handled already in this pass (another sink's delivery of the same result)
         sinks = sorted(self.ledger.recorded_sinks(job.key))
-        if not sinks:
-            self.apply(P.Move(job.key, L.INFERRED, f"{why}: score again"))
+        try:
+            self.ledger.restart(job.key, f"{why}: score again as a new revision", L.INFERRED)
+        except L.LedgerConflict as e:  # moved on meanwhile: nothing to do here
+            log.info("%s: %s", job.key, e)
             return
-        self.ledger.restart(job.key, f"{why} after {', '.join(sinks)} recorded it: score again as a new revision",
-                            L.INFERRED)
-        log.warning("%s: %s after %s recorded it: scored again as revision %d, which every sink records", job.key,
-                    why, ", ".join(sinks), job.revision + 1)
+        log.warning("%s: %s%s: scored again as revision %d, which every sink records", job.key, why,
+                    f" after {', '.join(sinks)} recorded it" if sinks else "", job.revision + 1)
 
     def delivered(self, reply) -> None:
         key = L.JobKey(*reply.key)
@@ -1207,6 +1216,13 @@ class Daemon:
 
     def outdir(self, job: L.Job) -> str:
         return result_dir(self.cfg.cache_dir, job.run, job.iteration, job.benchmark)
+
+
+def clear_outputs(stage: str, out: str) -> None:
+    """Delete a stage's output files (OUTPUT_FILES) in `out`."""
+    for name in OUTPUT_FILES[stage]:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def _describe(executor) -> str:
