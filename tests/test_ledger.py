@@ -132,3 +132,32 @@ def test_a_ledger_from_before_slurm_support_is_read_and_upgraded(tmp_path):
     writer.update(KEY, infer_job="42")
     assert writer.get(KEY).infer_job == "42"
     writer.close()
+
+
+def test_what_moves_with_a_row_runs_under_the_ledgers_write_lock_and_undoes_the_move_when_it_fails(led, tmp_path):
+    """invalidate moved a row's files before its transition: a daemon starting the row in between found its
+    outputs gone (a spurious attempt). `then` runs once the move is allowed, while no one else can write."""
+    led.add("r", 1000, "qa", "/ckpt/iter_0001000", state=L.INFERRED)
+    other = sqlite3.connect(str(tmp_path / "ledger.sqlite3"), timeout=0.1)
+    seen = []
+
+    def held() -> None:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("UPDATE jobs SET state='scoring'")  # the daemon starting the evaluation: it waits
+        seen.append(led.get(("r", 1000, "qa")).state)
+
+    assert led.transition(("r", 1000, "qa"), L.INVALIDATED, then=held).state == L.INVALIDATED
+    assert seen == [L.INFERRED]
+
+    def refused() -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    led.add("r", 2000, "qa", "/ckpt/iter_0002000", state=L.RECORDED)
+    with pytest.raises(PermissionError):
+        led.restart(("r", 2000, "qa"), "rerun", then=refused)
+    assert led.get(("r", 2000, "qa")).state == L.RECORDED and led.get(("r", 2000, "qa")).revision == 0
+    called = []
+    with pytest.raises(LedgerConflict):  # not allowed: nothing moves
+        led.transition(("r", 2000, "qa"), L.INFERRING, then=lambda: called.append(1))
+    assert called == []
+    other.close()

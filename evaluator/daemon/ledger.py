@@ -18,7 +18,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 PENDING, INFERRING, INFERRED, SCORING, SCORED, RECORDED = "pending", "inferring", "inferred", "scoring", "scored", "recorded"
 FAILED, VANISHED, SKIPPED, INVALIDATED = "failed", "vanished", "skipped", "invalidated"
@@ -408,8 +408,11 @@ class Ledger:
                     added.append(key)
         return added
 
-    def transition(self, key: tuple, to_state: str, note: str = "", **fields) -> Job:
-        """Move a row to `to_state` from any state ALLOWED lists; set `fields` in the same transaction."""
+    def transition(self, key: tuple, to_state: str, note: str = "", then: Optional[Callable[[], None]] = None,
+                   **fields) -> Job:
+        """Move a row to `to_state` from any state ALLOWED lists; set `fields` in the same transaction. `then`
+        runs once the move is allowed, before it is written, while no other process can write the ledger (files
+        moved with the row: an exception from it leaves the row as it was)."""
         bad = set(fields) - set(MUTABLE)
         if bad:
             raise ValueError(f"not mutable: {sorted(bad)}")
@@ -420,6 +423,8 @@ class Ledger:
                 "SELECT state FROM jobs WHERE run=? AND iteration=? AND benchmark=?", key).fetchone()
             if row is None or row[0] not in sources:
                 raise LedgerConflict(f"{key}: cannot go {row[0] if row else 'missing'} -> {to_state}")
+            if then is not None:
+                then()
             sets = ", ".join(f"{k} = ?" for k in fields)
             self.db.execute(
                 f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''}"
@@ -437,7 +442,8 @@ class Ledger:
             self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)}, updated_at = ?"
                             " WHERE run=? AND iteration=? AND benchmark=?", (*fields.values(), time.time(), *key))
 
-    def restart(self, key: tuple, note: str, state: str = PENDING, **fields) -> Job:
+    def restart(self, key: tuple, note: str, state: str = PENDING, then: Optional[Callable[[], None]] = None,
+                **fields) -> Job:
         """`rerun`: back to pending as a new revision, with no attempts, and owed to every sink again. state
         INFERRED: a scored row whose metrics.json is lost after a sink recorded it is scored again from its kept
         predictions as a new revision, so no sink keeps the first number beside another's second."""
@@ -447,6 +453,8 @@ class Ledger:
                                   key).fetchone()
             if row is None or row[0] not in (RERUNNABLE if state == PENDING else (SCORED,)):
                 raise LedgerConflict(f"{key}: cannot re-run a row that is {row[0] if row else 'missing'}")
+            if then is not None:  # as transition's
+                then()
             values = {"attempts": 0, "resume_state": None, "next_retry_at": None, "last_error": None, "token": None,
                       "tempfail_since": None, "pid": None, "pid_start": None, "infer_job": None, "eval_job": None,
                       "revision": row[1] + (row[0] != PENDING), **fields}

@@ -13,7 +13,8 @@ runs it again, and a later `rerun` brings it back. W&B and MLflow keep what they
 cannot be edited); see docs/recording.md.
 
 Rows that are running or being recorded right now are left alone (try again when they are done). Each row is done
-whole or left as it was: its outputs are moved aside before the ledger changes, and put back if the ledger refuses.
+whole or left as it was: its outputs are moved aside inside the ledger transaction that changes it (no daemon
+starts the row meanwhile), and put back if that transaction cannot be committed.
 A result folder that cannot be written (permissions, `chattr +i`, a read-only mount, a full disk) leaves its row
 as it was with one line naming the folder, and the other rows go on. Both commands need a selection (at least one
 of --run, --iterations, --benchmark) and exit 1 when a selected row could not be handled, 2 on a usage error or a
@@ -275,31 +276,37 @@ def apply_one(command: str, cache_dir: str, led: L.Ledger, job: L.Job, plots: bo
 
     `path`: where the checkpoint is now, when its run folder moved since the row was written."""
     out = result_dir(cache_dir, job.run, job.iteration, job.benchmark)
-    try:  # first: a folder that cannot be written leaves the row as it was, the ledger untouched
-        moved = set_aside(out, job.revision)
-    except ResultFilesError:
-        raise
-    except OSError as e:
-        raise ResultFilesError(
-            f"left as it was: cannot move its outputs to {os.path.join(out, SUPERSEDED, f'rev{job.revision}')} "
-            f"({e}): make {out} writable (permissions, chattr -i, a read-only mount, a full disk) and run "
-            f"`{command}` again") from None
+    moved: list[str] = []
+
+    def move_aside() -> None:  # inside the ledger's transaction: no daemon starts the row meanwhile
+        moved.extend(set_aside(out, job.revision))
+
     try:
         if command == "rerun":
             # fingerprint None: the daemon stamps today's settings when the inference starts
-            led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", fingerprint=None,
-                        **({"path": path} if path else {}))
-        elif job.state != L.INVALIDATED:  # already: finishes what an interrupted invalidate left
-            led.transition(job.key, L.INVALIDATED, "invalidated by the operator", next_retry_at=None)
-    except (L.LedgerConflict, L.LedgerUnavailable) as e:
+            led.restart(job.key, f"rerun requested at {time.strftime('%Y-%m-%d %H:%M:%S')}", then=move_aside,
+                        fingerprint=None, **({"path": path} if path else {}))
+        elif job.state != L.INVALIDATED:
+            led.transition(job.key, L.INVALIDATED, "invalidated by the operator", then=move_aside,
+                           next_retry_at=None)
+        else:
+            move_aside()  # finishes what an interrupted invalidate left
+    except ResultFilesError:
+        raise
+    except L.LedgerUnavailable as e:  # the commit failed after the files moved: they go back
         try:
-            restore(out, job.revision, moved)  # the row moved on, or the ledger refused: outputs go back
+            restore(out, job.revision, moved)
         except OSError as back:
             raise ResultFilesError(
                 f"left as it was in the ledger ({e}), but its outputs could not be put back from "
                 f"{os.path.join(out, SUPERSEDED, f'rev{job.revision}')} ({back}): move them back into {out} "
                 f"by hand") from None
         raise
+    except OSError as e:  # set_aside moved nothing (or put it back) and the transaction rolled back
+        raise ResultFilesError(
+            f"left as it was: cannot move its outputs to {os.path.join(out, SUPERSEDED, f'rev{job.revision}')} "
+            f"({e}): make {out} writable (permissions, chattr -i, a read-only mount, a full disk) and run "
+            f"`{command}` again") from None
     if command == "rerun":
         snap = led.snapshot(job.run, job.iteration)
         if snap is not None and snap["state"] in (L.RELEASED, L.VANISHED):
