@@ -445,8 +445,8 @@ class Ledger:
     def restart(self, key: tuple, note: str, state: str = PENDING, then: Optional[Callable[[], None]] = None,
                 **fields) -> Job:
         """`rerun`: back to pending as a new revision, with no attempts, and owed to every sink again. state
-        INFERRED: a scored row whose metrics.json is lost after a sink recorded it is scored again from its kept
-        predictions as a new revision, so no sink keeps the first number beside another's second."""
+        INFERRED: a scored row whose metrics.json is lost is scored again from its kept predictions as a new
+        revision (Daemon.score_again), so no sink keeps the first number beside another's second."""
         key = tuple(key)
         with self._tx():
             row = self.db.execute("SELECT state, revision FROM jobs WHERE run=? AND iteration=? AND benchmark=?",
