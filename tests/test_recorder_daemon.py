@@ -122,3 +122,52 @@ def test_a_result_whose_metrics_are_lost_after_one_sink_recorded_it_is_scored_ag
     client = MlflowClient(tracking_uri=f"sqlite:///{cache}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
     assert run.data.metrics["qa/acc"] == second  # it took revision 0 as well: the newest value is the new one
+
+
+def test_a_metrics_file_that_cannot_be_read_for_a_while_is_recorded_once_as_it_is_not_scored_again(
+        tmp_path, venvs, daemons):
+    """The local sink recorded revision 0, W&B could not yet; then metrics.json failed every read with EIO for a
+    while (storage trouble: the file is there). That was taken for a lost file and scored again as a new revision,
+    so W&B and MLflow got a second point (or a different number) beside the first. A read error of a file that is
+    there is a delivery failure with backoff: once the file reads again, every sink records revision 0's number.
+    The fault is real: metrics.json is swapped for a symlink to /proc/self/mem, which opens and fails every read
+    with EIO."""
+    import json
+    import os
+
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    blocker = cache / "wandb"
+    blocker.write_text("in the way")
+    sample = "{python} -c \"import json, random; json.dump({{'acc': random.random()}}, open('metrics.json', 'w'))\""
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true", "evaluation": sample}],
+                       executor={"backoff_seconds": 0.3}, recorder={"sinks": ["local", "wandb", "mlflow"],
+                                                                    "max_failures": 100}, wandb={"mode": "offline"})
+    d = daemons(cfg)
+    wait_until(lambda: [h["iteration"] for h in history(cache)] == [1000], timeout=120, what="local recorded 1000")
+    metrics = cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json"
+    saved = metrics.read_bytes()
+    first = json.loads(saved)["metrics"]["acc"]
+    aside = tmp_path / "eio-link"
+    os.symlink("/proc/self/mem", aside)
+    with pytest.raises(OSError):  # the fault is real on this machine
+        with open(aside, "rb") as f:
+            f.read(1)
+    os.replace(aside, metrics)
+    blocker.unlink()
+    wait_until(lambda: "Input/output error" in d.log(), timeout=60, what="the daemon meeting the read error")
+    assert d.stop() == 0
+    d = daemons(cfg)  # a restart's recovery meets the same fault
+    wait_until(lambda: "its metrics.json cannot be read now" in d.log(), timeout=60, what="recovery meeting it")
+    held = tmp_path / "metrics.json.tmp"
+    held.write_bytes(saved)
+    os.replace(held, metrics)
+    wait_until(lambda: states(cache) == {(1000, "qa"): "recorded"}, timeout=120, what="recorded by every sink")
+    assert d.stop() == 0
+    assert "scored again" not in d.log()
+    assert ledger_rows(cache)[0]["revision"] == 0
+    assert json.loads(metrics.read_text())["metrics"]["acc"] == first
+    assert [(h["metrics"]["acc"], h["revision"]) for h in history(cache)] == [(first, 0)]
+    assert [r["qa/acc"] for r in wandb_history(cache / "wandb")] == [first]
+    assert mlflow_steps(cache, "qa/acc") == [1000]

@@ -192,6 +192,11 @@ def _shown(value: Any) -> str:
     return repr(value)[:80]
 
 
+# what read_metrics raises for a metrics.json that is gone or not valid; any other OSError (EIO, EACCES, ESTALE) means
+# a file that is there but cannot be read now: storage trouble to retry, not a result to compute again
+METRICS_LOST = (FileNotFoundError, NotADirectoryError, ValueError)
+
+
 def read_metrics(path: str) -> dict:
     try:
         data = read_json(path)

@@ -28,8 +28,8 @@ from typing import Optional
 from evaluator.common.atomic import read_json
 from evaluator.common.checks import iteration_number
 from evaluator.common.contracts import (
-    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, OUTPUT_FILES, StageJob, read_metrics, result_dir,
-    scratch_dir)
+    DONE_FILE, EVALUATION, INFERENCE, JOB_FILE, LOG_FILE, METRICS_LOST, OUTPUT_FILES, StageJob, read_metrics,
+    result_dir, scratch_dir)
 from evaluator.common.errors import EvaluatorError, UnavailableError
 from evaluator.daemon import fingerprint as F
 from evaluator.daemon import heartbeat
@@ -74,6 +74,16 @@ def stage_done(stage: str, output_dir: str) -> Optional[str]:
     except (OSError, ValueError) as e:
         return str(e)
     return None
+
+
+def scored_metrics(path: str) -> tuple[Optional[dict], str]:
+    """A scored row's metrics.json: (its contents, ""), or (None, why) when it is gone or not valid (the row is scored
+    again). Raises OSError when the file is there but cannot be read now (EIO, EACCES, ESTALE): storage trouble,
+    retried later, never a reason to score again (a new revision would put a second point in every sink)."""
+    try:
+        return read_metrics(path), ""
+    except METRICS_LOST as e:
+        return None, str(e)
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -895,7 +905,11 @@ class Daemon:
         for job, sink in self.ledger.deliveries_due(idle, time.time(), limit=len(idle) * 4):
             if sink in offered:
                 continue
-            result = self.result_of(job)
+            try:
+                result = self.result_of(job)
+            except OSError as e:  # metrics.json is there but cannot be read now: this sink tries again later
+                self.delivery_failed(job.key, sink, f"reading its metrics.json: {e}")
+                continue
             if result is None:
                 continue
             if self.outbox.offer(job.key, sink, result):
@@ -905,10 +919,9 @@ class Daemon:
         if job.key in self.insight.comparing:
             return None  # offered once its compare.json is written (the sinks carry the comparison)
         path = os.path.join(self.outdir(job), DONE_FILE[EVALUATION])
-        try:
-            m = read_metrics(path)
-        except (OSError, ValueError) as e:
-            self.score_again(job, f"metrics unreadable ({e})")
+        m, why = scored_metrics(path)
+        if m is None:
+            self.score_again(job, f"metrics unreadable ({why})")
             return None
         return ResultRecord(run=job.run, iteration=job.iteration, benchmark=job.benchmark, metrics=m["metrics"],
                             tokens_b=self.tokens_b(job.iteration), n=m.get("n"), stderr=m.get("stderr") or {},
@@ -946,10 +959,15 @@ class Daemon:
             return
         if reply.late:
             return  # this call was already counted as failed when it ran past the timeout
-        failures = self.ledger.delivery_failures(key, reply.sink) + 1
+        self.delivery_failed(key, reply.sink, reply.error)
+
+    def delivery_failed(self, key: L.JobKey, sink: str, problem: str) -> None:
+        """One failed delivery of a result to `sink`: offered again after a backoff, set aside after
+        recorder.max_failures."""
+        failures = self.ledger.delivery_failures(key, sink) + 1
         retry_at = P.delivery_failed(failures, self.cfg.recorder.max_failures, self.policy, time.time())
-        error = f"recorder {reply.sink}: {reply.error}"
-        self.ledger.delivery_failed(key, reply.sink, failures, retry_at, error)
+        error = f"recorder {sink}: {problem}"
+        self.ledger.delivery_failed(key, sink, failures, retry_at, error)
         self.ledger.update(key, last_error=error)  # the result stays queued; status shows why
         if retry_at is None:
             log.error("%s: %s; set aside after %d failures (status lists it; `status --retry-recording` offers it "
@@ -1020,8 +1038,13 @@ class Daemon:
                 self.apply(P.Move(j.key, L.SCORING, f"re-attached to {started.where}",
                                   {"eval_job": started.handle, "started_at": time.time()}))
         for j in self.ledger.jobs([L.SCORED]):
-            if stage_done(EVALUATION, self.outdir(j)):
-                self.score_again(j, "recovered: metrics missing")
+            try:
+                metrics, why = scored_metrics(os.path.join(self.outdir(j), DONE_FILE[EVALUATION]))
+            except OSError as e:  # there but unreadable now: its delivery retries (deliver), nothing is scored again
+                log.warning("%s: its metrics.json cannot be read now (%s): its recording waits", j.key, e)
+                continue
+            if metrics is None:
+                self.score_again(j, f"recovered: metrics missing ({why})")
             else:
                 doc = self.insight.comparison_of(j)
                 if doc is None:

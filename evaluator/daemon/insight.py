@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from evaluator.common.atomic import read_json, write_json_atomic
 from evaluator.common.compare import compare_document
-from evaluator.common.contracts import COMPARE, DONE_FILE, EVALUATION, SCORES, read_metrics
+from evaluator.common.contracts import COMPARE, DONE_FILE, EVALUATION, METRICS_LOST, SCORES, read_metrics
 from evaluator.common.errors import EvaluatorError
 from evaluator.daemon import alerts as A
 from evaluator.daemon import best as B
@@ -207,9 +207,12 @@ class Insight:
             return seen[1]
         try:
             metrics = read_metrics(os.path.join(self.outdir(job), DONE_FILE[EVALUATION]))["metrics"]
-        except (OSError, ValueError) as e:
+        except METRICS_LOST as e:
             log.warning("%s: metrics unreadable, not a best-checkpoint candidate: %s", job.key, e)
             metrics = None
+        except OSError as e:  # there but unreadable now (EIO, EACCES): left out this time, read again next time
+            log.warning("%s: metrics cannot be read now, not a best-checkpoint candidate this time: %s", job.key, e)
+            return None
         self.metrics_seen[job.key] = (job.revision, metrics)
         return metrics
 
