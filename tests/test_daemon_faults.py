@@ -463,6 +463,34 @@ def test_a_nearly_full_cache_disk_holds_new_stages_and_they_run_once_space_retur
         assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa")]
 
 
+def test_once_on_a_nearly_full_cache_disk_exits_1_saying_the_jobs_wait_for_room(tmp_path, venvs):
+    """--once held the new stages for room, as a running daemon does, and waited for ever (nothing it runs frees
+    space). It exits 1 naming the waiting jobs and the full disk; they stay queued, not failed, for the next run."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    try:
+        cfg = write_config(tmp_path, [bench("qa")], cache_dir=str(disk / "cache"), watch={"snapshot": "none"},
+                           recorder={"plots": False})
+        cache = disk / "cache"
+        assert run_cli("--config", cfg, "--once").returncode == 0
+        filler = disk / "filler"
+        fill(filler)
+        os.truncate(filler, os.path.getsize(filler) - 600 * 1024)  # under LOW_DISK_BYTES (1 MiB) free
+        megatron_checkpoint(tmp_path / "ckpt", 2000)
+        proc = run_cli("--config", cfg, "--once", timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "1 job(s) waiting, none can start" in proc.stderr and "is full" in proc.stderr, proc.stderr[-3000:]
+        row = [r for r in ledger_rows(cache) if r["iteration"] == 2000][0]
+        assert row["state"] == "pending" and row["attempts"] == 0, row
+        filler.unlink()
+        assert run_cli("--config", cfg, "--once").returncode == 0
+        assert sorted(history_keys(cache)) == [(1000, "qa"), (2000, "qa")]
+    finally:
+        umount(disk)
+
+
 def test_a_stage_that_fills_the_cache_disk_itself_gets_the_room_back_and_runs_again(tmp_path, venvs, daemons):
     """A command benchmark's inference filled the disk with its {scratch_dir} (a model conversion) and failed. With
     max_attempts 1 it failed for good; with the full-disk hold it waited for room its own files held, for ever.

@@ -1072,13 +1072,18 @@ class Daemon:
         """--once: nothing running, nothing runnable, no retry, no settling checkpoint, no result to deliver."""
         if self.busy():
             return False  # the counts below are SQL: not asked while work is in flight
-        runnable = sum(n for run, bench, n in self.ledger.runnable()
-                       if bench not in self.held and P.wanted(self.runs, self.benchmarks, run, bench))
-        runnable -= len(self.unpinnable())  # waiting for their checkpoint to become readable: not now
+        # waiting for their checkpoint to become readable, or for room on a full disk (dispatch): not now; --once
+        # says so (once_outcome)
+        runnable = 0 if self.disk_was_full else self.runnable_now() - len(self.unpinnable())
         undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
         # alerts a channel refused that often stay pending in the ledger: the next start delivers them
         undelivered += self.ledger.alerts_undelivered(self.insight.alerts_out.names, self.cfg.executor.max_attempts)
         return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered))
+
+    def runnable_now(self) -> int:
+        """Wanted rows of benchmarks not held that are ready to start or due to be retried."""
+        return sum(n for run, bench, n in self.ledger.runnable()
+                   if bench not in self.held and P.wanted(self.runs, self.benchmarks, run, bench))
 
     def unpinnable(self) -> list[L.Job]:
         """Wanted pending rows of checkpoints that cannot be read to pin (SnapshotKeeper.waiting: permissions, a
@@ -1109,6 +1114,11 @@ class Daemon:
         for (run, iteration), n in sorted(blocked.items()):
             problems.append(f"{run} iteration {iteration}: {n} job(s) waiting, the checkpoint cannot be pinned: "
                             f"{self.keeper.waiting[(run, iteration)]}")
+        full = heartbeat.disk_full(self.cfg.cache_dir)
+        waiting_for_room = self.runnable_now() - len(self.unpinnable()) if full else 0
+        if waiting_for_room > 0:
+            problems.append(f"{waiting_for_room} job(s) waiting, none can start: {full}; they run when a daemon "
+                            f"starts with room")
         for run, hints in sorted(self.hints.items()) if in_range is None else ():  # a set-up mistake
             problems += [f"run {run}: {h.text}" for h in hints if h.level == "warning"]
         if self.undelivered_given_up():
