@@ -57,6 +57,19 @@ def test_a_flat_metrics_object_is_wrapped_into_the_contract(tmp_path, venvs):
                       "tokens_b": 2.0, "checkpoint": "/ckpt/iter 1"}
 
 
+def test_the_commands_metric_order_is_kept_so_its_first_metric_is_the_headline(tmp_path, venvs):
+    """The rewrite into the contract form sorted the keys: `status` headlined `torn`, not the `weights_hash` the
+    command wrote first (README: the headline is main_metric, else the first metric in metrics.json)."""
+    from evaluator.daemon.status import headline
+
+    proc, out = run_stage(venvs["evaluation"], tmp_path, "evaluation",
+                          writes_metrics('{"weights_hash": 7, "torn": 0, "acc": 0.5}'))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "metrics.json").read_text())
+    assert list(doc["metrics"]) == ["weights_hash", "torn", "acc"]
+    assert headline(doc, None).metric == "weights_hash"
+
+
 def test_a_flat_n_is_the_sample_count_not_a_metric(tmp_path, venvs):
     proc, out = run_stage(venvs["evaluation"], tmp_path, "evaluation",
                           writes_metrics('{"accuracy": 0.5, "n": 100, "stderr": {"accuracy": 0.05}}'))

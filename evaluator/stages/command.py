@@ -111,7 +111,7 @@ def _finish_metrics(job: StageJob) -> int:
         return _refused(job, f"{path}: not UTF-8 text (byte {e.start}: {e.reason})")
     except ValueError as e:
         return _refused(job, str(e))
-    write_json_atomic(path, doc)
+    write_json_atomic(path, doc, sort_keys=False)  # the command's metric order: its first is the headline (status)
     return EXIT_OK
 
 
