@@ -997,3 +997,41 @@ def test_a_save_below_the_tracker_written_after_it_waits_until_it_stood_still_or
     backdate(tracker, 600)
     backdate(new, 120)  # no tracker ever named it, but it stood still past any gap between ranks
     assert by_iteration(settled_scan(layout("run", str(root))))[350].complete
+
+
+def test_huggingface_save_crashed_before_training_args_in_a_trainer_run_is_not_complete(tmp_path):
+    """transformers 5 writes training_args.bin after the weights and the tokenizer: a Trainer killed in between
+    left a folder like a save_pretrained one, which was taken as complete once settled and evaluated (its weights
+    were not those the resumed run saved under the same name). In a run whose other checkpoints carry
+    trainer_state.json, one without it is a Trainer save not finished, however long it stands still."""
+    make_hf_checkpoint(tmp_path, 20)
+    crashed = make_hf_checkpoint(tmp_path, 25, trainer_state=False)
+    assert not (crashed / "training_args.bin").exists()
+    layout = HuggingFaceLayout("run", str(tmp_path), settle_seconds=0)
+    layout.scan()  # the first look starts the settle wait
+    for _ in range(2):  # settled, and long after
+        found = {c.iteration: c for c in layout.scan()}
+        assert found[20].complete
+        assert not found[25].complete and "Trainer save without trainer_state.json" in found[25].reason
+    (crashed / "trainer_state.json").write_text(json.dumps({"global_step": 25}))  # the resumed run's re-save
+    layout.scan()  # its files changed: settled again
+    assert {c.iteration: c.complete for c in layout.scan()} == {20: True, 25: True}
+
+
+def test_huggingface_trainer_run_is_known_from_checkpoints_already_evaluated(tmp_path):
+    """After a restart the run's finished checkpoints are known (not judged again): they still say it is a
+    Trainer run, so a crashed newest save waits."""
+    make_hf_checkpoint(tmp_path, 20)
+    make_hf_checkpoint(tmp_path, 25, trainer_state=False)
+    layout = HuggingFaceLayout("run", str(tmp_path), settle_seconds=0)
+    layout.scan(frozenset({20}))
+    found = {c.iteration: c for c in layout.scan(frozenset({20}))}
+    assert not found[25].complete and "Trainer save" in found[25].reason
+
+
+def test_huggingface_run_of_save_pretrained_folders_completes_by_settling(tmp_path):
+    make_hf_checkpoint(tmp_path, 20, trainer_state=False)
+    make_hf_checkpoint(tmp_path, 25, trainer_state=False)
+    layout = HuggingFaceLayout("run", str(tmp_path), settle_seconds=0)
+    layout.scan()
+    assert {c.iteration: c.complete for c in layout.scan()} == {20: True, 25: True}

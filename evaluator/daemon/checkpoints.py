@@ -567,22 +567,33 @@ class HuggingFaceLayout(CheckpointLayout):
     def incomplete_reason(self, path: str) -> Optional[str]:
         return huggingface_incomplete_reason(path)
 
+    # whether a checkpoint of this run has trainer_state.json: then every one is a Trainer save (None: not looked yet)
+    trainer_run: Optional[bool] = None
+
     def _scan(self, known_complete: frozenset) -> list[Checkpoint]:
+        entries = _numbered_entries(self.root, self.dir_pattern)
+        if self.trainer_run is None:  # once: the folders there (known ones too), up to the first found
+            self.trainer_run = any(_trainer_state_written(path) for _, path in entries)
+
         def judge(iteration: int, path: str) -> Checkpoint:
             problem = huggingface_incomplete_reason(path)
-            marker = _trainer_state_written(path) or self._noticed(iteration, path)
+            trainer_saved = _trainer_state_written(path)
+            self.trainer_run = self.trainer_run or trainer_saved
+            marker = trainer_saved or self._noticed(iteration, path)
             if problem and not marker:
                 return Checkpoint(self.run, iteration, path, False, problem)  # still being written
-            if not marker and os.path.exists(os.path.join(path, "training_args.bin")):
-                # the Trainer's save (it writes training_args.bin early, trainer_state.json last): one without
-                # trainer_state.json is still being written, or crashed; its resumed re-save completes it
+            if not marker and (self.trainer_run or os.path.exists(os.path.join(path, "training_args.bin"))):
+                # a Trainer save (its run's other checkpoints have trainer_state.json, or training_args.bin is
+                # here): the Trainer writes trainer_state.json last, after the weights, the tokenizer,
+                # training_args.bin and the optimizer; one without it is still being written, or crashed (its
+                # weights may be whole), and the resumed run's re-save completes it
                 return Checkpoint(self.run, iteration, path, False,
                                   "a Trainer save without trainer_state.json yet (the Trainer writes it last)")
             # trainer_state.json is written last, so a problem behind it stays; without it (save_pretrained)
             # settled sizes are the only completion signal
             return self._settled_verdict(iteration, path, problem, final=marker)
 
-        return self._judge_each(_numbered_entries(self.root, self.dir_pattern), known_complete, judge)
+        return self._judge_each(entries, known_complete, judge)
 
 
 def _trainer_state_written(path: str) -> bool:
