@@ -324,3 +324,46 @@ def test_a_first_save_still_being_written_is_information_not_advice_to_write_the
 def test_selection_summary_counts_what_the_selection_skips(tmp_path, iterations, selection, summary):
     root = megatron(tmp_path / "run", iterations) if iterations else tmp_path
     assert selection_summary(scan(root, "megatron"), selection) == summary
+
+
+def test_a_crashed_save_beside_complete_ones_is_named_with_why_it_waits(tmp_path):
+    """A Trainer killed mid-save left checkpoint-25 without trainer_state.json: it waits for the resumed run's
+    re-save, which is right, but without a word in the log or status (and --end-iteration 25 waited silently)."""
+    root = huggingface(tmp_path / "run", [10, 20])
+    hf_save(root / "checkpoint-25")
+    aged(root)
+    hint = only(hints_for(root, "huggingface", Selection.make(None, None, 5)))
+    assert hint == Hint(INFO, "1 checkpoint not complete, waited on (not evaluated until complete): a Trainer save "
+                              "without trainer_state.json yet (the Trainer writes it last) (iteration 25)")
+
+
+def test_a_save_in_progress_beside_complete_ones_gives_no_hint(tmp_path):
+    root = huggingface(tmp_path / "run", [10, 20])
+    hf_save(root / "checkpoint-25")  # just written
+    assert hints_for(root, "huggingface", Selection.make(None, None, 5)) == []
+
+
+def test_a_running_daemon_names_a_save_that_stalls_after_it_started_and_drops_the_hint_once_it_completes(
+        tmp_path, daemons):
+    """The hints of a run whose checkpoints were all known were looked for once: a save that stalled later (a
+    Trainer killed mid-save) waited without a word, in the log and in status."""
+    from conftest import ledger_rows, run_cli, wait_until, write_config
+
+    root = huggingface(tmp_path / "ckpt", [10])
+    crashed = hf_save(root / "checkpoint-20")  # the next save, being written
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true",
+                                   "evaluation": "echo '{{\"acc\": 1}}' > metrics.json"}],
+                       watch={"layout": "huggingface", "iteration_interval": 10}, recorder={"plots": False})
+    d = daemons(cfg)
+    wait_until(lambda: [r["state"] for r in ledger_rows(tmp_path / "cache")] == ["recorded"], what="10 recorded")
+    assert "not complete, waited on" not in d.log()  # a save in progress is not worth a line
+    aged(root)  # it stalls: untouched for SAVE_IN_PROGRESS_SECONDS
+    wait_until(lambda: "not complete, waited on" in d.log() and "(iteration 20)" in d.log(), timeout=30,
+               what="the stalled save named in the log")
+    assert "(iteration 20)" in run_cli("status", "--config", cfg, check=0).stdout
+    (crashed / "trainer_state.json").write_text(json.dumps({"global_step": 20}))  # the resumed run's re-save
+    wait_until(lambda: len([r for r in ledger_rows(tmp_path / "cache") if r["state"] == "recorded"]) == 2,
+               what="20 recorded")
+    wait_until(lambda: "waited on" not in run_cli("status", "--config", cfg, check=0).stdout, timeout=30,
+               what="the hint gone from status")
+    assert d.stop() == 0

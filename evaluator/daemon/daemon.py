@@ -155,6 +155,7 @@ class RunWatch:
     on_disk: set = field(default_factory=set)  # the iterations the last scan listed
     last_scan: float = float("-inf")
     hinted: bool = False  # set-up hints looked for once (a run whose checkpoints are all known needs no more)
+    had_incomplete: bool = False  # the last scan found a checkpoint not complete yet (hints.diagnose names it)
 
 
 class Daemon:
@@ -473,10 +474,13 @@ class Daemon:
             if c.iteration not in present or (c.complete and not present[c.iteration].complete):
                 present[c.iteration] = c
         self.admit(run, [c for it, c in present.items() if it not in full])
-        if not full or not st.hinted:  # a run with every checkpoint known and admitted needs no hint
-            self.set_hints(run, diagnose(layout.root, layout.name, checkpoints, self.selection, self.cfg.watch.pattern))
         incomplete = [c for c in checkpoints if not c.complete and not c.invalid
                       and c.iteration not in full]
+        # a run with every checkpoint known and admitted needs no hint; one with a checkpoint waited on (or that had
+        # one at the last scan, to clear its hint) is diagnosed again
+        if not full or not st.hinted or incomplete or st.had_incomplete:
+            self.set_hints(run, diagnose(layout.root, layout.name, checkpoints, self.selection, self.cfg.watch.pattern))
+        st.had_incomplete = bool(incomplete)
         now = time.monotonic()
         # a checkpoint outside the selection is never evaluated: its settling must not keep --once (or
         # evaluate_checkpoint's one-iteration run) from ending, nor wake the loop

@@ -85,8 +85,8 @@ def diagnose(path: str, layout: str, found: list[Checkpoint], selection: Selecti
             return [itself]
         mismatch = _layout_mismatch(path, listing, layout, pattern)
         return [mismatch] if mismatch else []
-    hints = [h for h in (_tracker_missing(path, layout, found) or _none_complete(path, found),
-                         _selection_hint(found, selection)) if h]
+    hints = [h for h in (_tracker_missing(path, layout, found) or _none_complete(path, found)
+                         or _waited_on(found, selection), _selection_hint(found, selection)) if h]
     return sorted(hints, key=lambda h: h.level != WARNING)
 
 
@@ -240,6 +240,29 @@ def _none_complete(path: str, found: list[Checkpoint]) -> Optional[Hint]:
     reasons = Counter(c.reason for c in found).most_common(2)
     said = "; ".join(f"{reason} ({k} of {len(found)})" for reason, k in reasons)
     return Hint(WARNING, f"{path}: {_n(len(iterations), 'checkpoint')} ({_span(iterations)}), none complete: {said}")
+
+
+def _waited_on(found: list[Checkpoint], selection: Selection) -> Optional[Hint]:
+    """Selected checkpoints not complete for a reason of their own (not the settle wait) and untouched for
+    SAVE_IN_PROGRESS_SECONDS, beside complete ones: a crashed save waiting for its resumed re-save would otherwise
+    wait without a word (--end-iteration too); a save in progress is not worth a line."""
+    now = time.time()
+
+    def stalled(c: Checkpoint) -> bool:
+        try:
+            return now - os.stat(c.path).st_mtime >= SAVE_IN_PROGRESS_SECONDS
+        except OSError:
+            return False
+
+    waiting = sorted({(c.iteration, c.reason) for c in found if not c.complete and not c.invalid
+                      and c.settle_deadline is None and c.reason != "settling" and selection.selects(c.iteration)
+                      and stalled(c)})
+    if not waiting:
+        return None
+    reasons = Counter(reason for _, reason in waiting).most_common(2)
+    said = "; ".join(f"{reason} ({_span(sorted(i for i, r in waiting if r == reason))})" for reason, _ in reasons)
+    return Hint(INFO, f"{_n(len(waiting), 'checkpoint')} not complete, waited on (not evaluated until complete): "
+                      f"{said}")
 
 
 def _count(found: list[Checkpoint], selection: Selection) -> _SelectionCounts:
