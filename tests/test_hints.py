@@ -367,3 +367,25 @@ def test_a_running_daemon_names_a_save_that_stalls_after_it_started_and_drops_th
     wait_until(lambda: "waited on" not in run_cli("status", "--config", cfg, check=0).stdout, timeout=30,
                what="the hint gone from status")
     assert d.stop() == 0
+
+
+def test_a_checkpoint_deleted_while_it_settled_is_named_in_the_log(tmp_path, daemons):
+    """A trainer rotating checkpoints away (save_total_limit) faster than settle_seconds: each was deleted before
+    it counted as complete, got no row, and nothing anywhere said it had existed."""
+    import shutil
+
+    from conftest import wait_until, write_config
+
+    root = huggingface(tmp_path / "ckpt", [10, 20])
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true",
+                                   "evaluation": "echo '{{\"acc\": 1}}' > metrics.json"}],
+                       watch={"layout": "huggingface", "iteration_interval": 10, "settle_seconds": 600},
+                       recorder={"plots": False})
+    d = daemons(cfg)
+    wait_until(lambda: "watching" in d.log(), what="the daemon up")
+    time.sleep(1.5)  # a few scans: it settles
+    shutil.rmtree(root / "checkpoint-10")  # rotated away once the next-but-one is saved
+    wait_until(lambda: "iteration 10 was deleted before it was complete (last seen: settling)" in d.log(),
+               timeout=30, what="the deletion named")
+    assert "lower it" in d.log() and "iteration 20 was deleted" not in d.log()
+    assert d.stop() == 0

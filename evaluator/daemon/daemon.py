@@ -156,6 +156,7 @@ class RunWatch:
     last_scan: float = float("-inf")
     hinted: bool = False  # set-up hints looked for once (a run whose checkpoints are all known needs no more)
     had_incomplete: bool = False  # the last scan found a checkpoint not complete yet (hints.diagnose names it)
+    unfinished: dict = field(default_factory=dict)  # iteration -> why the last scan found it not complete (selected)
 
 
 class Daemon:
@@ -481,6 +482,13 @@ class Daemon:
         if not full or not st.hinted or incomplete or st.had_incomplete:
             self.set_hints(run, diagnose(layout.root, layout.name, checkpoints, self.selection, self.cfg.watch.pattern))
         st.had_incomplete = bool(incomplete)
+        for it in sorted(set(st.unfinished) - set(present)):
+            # deleted before it ever counted as complete (a trainer's save_total_limit rotating faster than the settle
+            # wait, or a save given up): no row, so nothing else would ever say it existed
+            log.warning("run %s: iteration %d was deleted before it was complete (last seen: %s): not evaluated%s",
+                        run, it, st.unfinished[it], "; if saves come faster than watch.settle_seconds, lower it"
+                        if st.unfinished[it] == "settling" else "")
+        st.unfinished = {c.iteration: c.reason for c in incomplete if self.selection.selects(c.iteration)}
         now = time.monotonic()
         # a checkpoint outside the selection is never evaluated: its settling must not keep --once (or
         # evaluate_checkpoint's one-iteration run) from ending, nor wake the loop
