@@ -17,7 +17,7 @@ from conftest import (ROOT, VENVS, daemons, history, ledger_events, ledger_rows,
 from evaluator.daemon import ledger as L
 from evaluator.daemon.checkpoints import Checkpoint, HuggingFaceLayout, MegatronLayout
 from evaluator.daemon.snapshots import (DEFAULT_EXCLUDES, FileStat, SnapshotKeeper, SnapshotVanished, build_manifest,
-                                        load_manifest, manifest_bytes, pin)
+                                        dump_manifest, load_manifest, manifest_bytes, pin)
 
 LOADER = os.path.join(ROOT, "tests", "stage_scripts", "load_hf_checkpoint.py")
 TRAINER = os.path.join(ROOT, "tests", "stage_scripts", "hf_rotating_trainer.py")
@@ -392,6 +392,61 @@ def test_hf_checkpoint_pinned_and_verified_without_its_optimizer_state(tmp_path)
     finish_pins(keeper)
     (ck / "optimizer.pt").write_text("the trainer may touch what is not pinned")
     assert keeper.verify("run", 10) is None
+    keeper.shutdown()
+
+
+def save_again(path, data: bytes) -> None:
+    """What a resumed Trainer does to a file of an iteration it saves again: a new file in its place (new inode)."""
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(data)
+    os.replace(f"{path}.tmp", path)
+
+
+def pinned_hf(tmp_path, mode) -> tuple:
+    ck = make_hf(tmp_path)
+    ledger, keeper = make_keeper(tmp_path, {"run": HuggingFaceLayout("run", str(tmp_path))}, mode=mode)
+    keeper.ensure([Checkpoint("run", 10, str(ck), True)])
+    finish_pins(keeper)
+    assert ledger.snapshot("run", 10)["state"] == L.PINNED and keeper.verify("run", 10) is None
+    return ck, ledger, keeper
+
+
+def test_verify_catches_the_original_saved_again_after_a_copy_was_pinned(tmp_path):
+    ck, ledger, keeper = pinned_hf(tmp_path, "copy")
+    weights = ck / "model.safetensors"
+    save_again(weights, weights.read_bytes()[:-1] + b"\1")  # other weights, same size: only the inode tells
+    assert keeper.verify("run", 10) == (f"the original {ck} was saved again after the pin "
+                                        f"(model.safetensors was replaced by another file)")
+    keeper.shutdown()
+
+
+def test_verify_catches_the_original_saved_again_where_a_hardlink_snapshot_copied_a_small_file(tmp_path):
+    ck, ledger, keeper = pinned_hf(tmp_path, "hardlink")
+    save_again(ck / "tokenizer.json", b'{"vocab": "another"}')  # under LINK_FROM_BYTES: the snapshot has a copy
+    assert keeper.verify("run", 10).startswith(f"the original {ck} was saved again after the pin (tokenizer.json is ")
+    keeper.shutdown()
+
+
+@pytest.mark.parametrize("rotated", ["the whole checkpoint", "one file, the rest still being deleted"])
+def test_an_original_rotated_away_after_the_pin_is_not_a_change(tmp_path, rotated):
+    ck, ledger, keeper = pinned_hf(tmp_path, "copy")
+    if rotated == "the whole checkpoint":
+        shutil.rmtree(ck)
+    else:
+        (ck / "config.json").unlink()
+    assert keeper.verify("run", 10) is None
+    keeper.shutdown()
+
+
+def test_a_pinned_row_written_before_the_originals_manifest_was_kept_checks_only_the_snapshot(tmp_path):
+    ck, ledger, keeper = pinned_hf(tmp_path, "copy")
+    row = ledger.snapshot("run", 10)
+    ledger.set_snapshot("run", 10, L.PINNED, manifest=dump_manifest(load_manifest(row["manifest"])))  # the old form
+    save_again(ck / "model.safetensors", (ck / "model.safetensors").read_bytes())
+    assert keeper.verify("run", 10) is None  # nothing to compare the original with
+    with open(os.path.join(row["path"], "model.safetensors"), "r+b") as f:
+        f.truncate(3)
+    assert keeper.verify("run", 10).startswith("model.safetensors is 3 bytes")
     keeper.shutdown()
 
 

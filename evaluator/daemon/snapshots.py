@@ -17,6 +17,10 @@ Megatron job re-saving an iteration: torch.save truncates the same inode) change
 `verify` catches that after a stage: the files it read are compared with the manifest (size, mtime,
 inode), and the daemon discards the result instead of recording it. Runs that are not pinned (mode
 `none`, or over the budget) get a manifest too (an `unpinned` row), so the same check covers them.
+A re-save that writes new files (a resumed HF Trainer: new inodes) changes neither a copy nor a hardlink,
+so the snapshot alone cannot show it: a pinned row keeps the original's manifest too, and `verify`
+compares the original's files that are still there with it. One that is gone is no change: rotation is
+what the snapshot is for.
 
 A checkpoint that cannot be read (permissions) is not pinned as an empty folder: `ensure` leaves it
 without a row and lists it in `waiting` with the reason, and pins it once it can be read.
@@ -99,13 +103,31 @@ def manifest_bytes(manifest: Manifest) -> int:
     return sum(f.size for f in manifest.values())
 
 
-def dump_manifest(manifest: Manifest) -> str:
-    return json.dumps({rel: asdict(f) for rel, f in manifest.items()}, sort_keys=True)
+# a pinned row's manifest describes the snapshot; the original's, as found complete, rides along under this key,
+# which no relative path can be (so rows keep one column, and rows written before it read as they did)
+ORIGINAL_KEY = "/original"
+
+
+def dump_manifest(manifest: Manifest, original: Optional[Manifest] = None) -> str:
+    data: dict = {rel: asdict(f) for rel, f in manifest.items()}
+    if original is not None:
+        data[ORIGINAL_KEY] = {rel: asdict(f) for rel, f in original.items()}
+    return json.dumps(data, sort_keys=True)
+
+
+def _file_stats(data: dict) -> Manifest:
+    return {rel: FileStat(v) if isinstance(v, int) else FileStat(**v) for rel, v in data.items()}
 
 
 def load_manifest(text: str) -> Manifest:
-    """Reads both forms: {rel: {size, mtime_ns, inode}} and the older {rel: size}."""
-    return {rel: FileStat(v) if isinstance(v, int) else FileStat(**v) for rel, v in json.loads(text).items()}
+    """Reads both forms: {rel: {size, mtime_ns, inode}} and the older {rel: size}; without the original's."""
+    return _file_stats({rel: v for rel, v in json.loads(text).items() if rel != ORIGINAL_KEY})
+
+
+def load_original_manifest(text: str) -> Optional[Manifest]:
+    """The original's manifest kept in a pinned row's; None in rows written before it was kept."""
+    original = json.loads(text).get(ORIGINAL_KEY)
+    return None if original is None else _file_stats(original)
 
 
 def resolve_mode(mode: str, cache_dir: str, root: str) -> str:
@@ -175,13 +197,16 @@ def build_manifest(source: str, excludes: list[str]) -> Manifest:
     return manifest  # may be empty: an (odd) empty checkpoint folder pins as an empty folder
 
 
-def manifest_changes(base: str, manifest: Manifest) -> Optional[str]:
-    """What differs between the files under `base` and the manifest (the first difference), None if nothing."""
+def manifest_changes(base: str, manifest: Manifest, gone_is_change: bool = True) -> Optional[str]:
+    """What differs between the files under `base` and the manifest (the first difference), None if nothing.
+    gone_is_change=False compares only the files still there."""
     for rel, recorded in sorted(manifest.items()):
         path = os.path.join(base, rel) if rel else base
         try:
             now = FileStat.of(os.stat(path))
         except FileNotFoundError:
+            if not gone_is_change:
+                continue
             return f"{rel or os.path.basename(base)} is gone"
         change = recorded.change(now)
         if change:
@@ -256,11 +281,11 @@ def _link_or_copy(src: str, dst: str, mode: str, abort: Optional[threading.Event
     shutil.copymode(src, dst)
 
 
-def _pin_and_stat(source, root, manifest, mode, markers, abort) -> tuple[str, int, Manifest]:
-    """pin(), plus the manifest of the snapshot itself: what verify() compares the stage's input with
-    (a copy has its own inodes and mtimes; a hardlink shares the original's)."""
+def _pin_and_stat(source, root, manifest, mode, markers, abort) -> tuple[str, int, str]:
+    """pin(), plus the pinned row's manifest: the snapshot's own, what verify() compares the stage's input with
+    (a copy has its own inodes and mtimes; a hardlink shares the original's), and the original's."""
     path, size = pin(source, root, manifest, mode, markers, abort)
-    return path, size, build_manifest(path, [])
+    return path, size, dump_manifest(build_manifest(path, []), original=manifest)
 
 
 class SnapshotKeeper:
@@ -391,9 +416,8 @@ class SnapshotKeeper:
                 self.ledger.set_snapshot(run, iteration, L.UNPINNED, note=note)
                 log.error("%s iteration %d: %s", run, iteration, note)
             else:
-                # from now on the manifest describes the snapshot, the files the stages read
-                self.ledger.set_snapshot(run, iteration, L.PINNED, path=path, bytes=size,
-                                         manifest=dump_manifest(pinned))
+                # from now on the manifest describes the snapshot, the files the stages read (the original's kept in it)
+                self.ledger.set_snapshot(run, iteration, L.PINNED, path=path, bytes=size, manifest=pinned)
                 log.info("%s iteration %d: pinned %.1f MB (%s) at %s", run, iteration, size / 1e6,
                          self.modes[run], path)
             del self.futures[key]
@@ -402,15 +426,22 @@ class SnapshotKeeper:
 
     def verify(self, run: str, iteration: int) -> Optional[str]:
         """What changed in the files the stage read (the snapshot when pinned, else the original in place)
-        since their manifest was taken; None when nothing did. Call it when a stage ends: a change means
-        its result describes other bytes than the checkpoint found complete. A row without a manifest
-        (made by an older version) cannot be checked and reads as unchanged."""
+        since their manifest was taken, or, behind a snapshot, in the original's files still there (the
+        iteration saved again after the pin); None when nothing did. Call it when a stage ends: a change
+        means its result describes other bytes than the checkpoint found complete, or than the iteration's
+        latest save. A row without a manifest (made by an older version) cannot be checked and reads as
+        unchanged; a pinned row without the original's (older too) is checked on the snapshot only."""
         row = self.ledger.snapshot(run, iteration)
         if row is None or not row["manifest"] or row["state"] not in (L.PINNED, L.UNPINNED):
             return None
         base = row["path"] if row["state"] == L.PINNED else row["source"]
         change = manifest_changes(base, load_manifest(row["manifest"]))
-        return None if change is None else f"{change} (while it was being evaluated)"
+        if change is not None:
+            return f"{change} (while it was being evaluated)"
+        original = load_original_manifest(row["manifest"]) if row["state"] == L.PINNED else None
+        # an original file that is gone was rotated away (or is being deleted): the snapshot stands in for it
+        change = None if original is None else manifest_changes(row["source"], original, gone_is_change=False)
+        return None if change is None else f"the original {row['source']} was saved again after the pin ({change})"
 
     def discard(self, run: str, iteration: int) -> None:
         """Drop the snapshot of an iteration, files and row, so the next ensure() pins it again (e.g. after
