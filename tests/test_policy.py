@@ -39,9 +39,9 @@ def end(stage=INFERENCE, code=0, **kw) -> P.StageEnd:
     (end(INFERENCE, 2), 0, L.FAILED, None, True),                          # bad spec: failed for good at once
     (end(EVALUATION, 2), 0, L.FAILED, None, True),
     (end(INFERENCE, 75), 2, L.FAILED, 30, False),                          # retry later: not an attempt
-    (end(INFERENCE, 1, disk_full=FULL), 2, L.FAILED, 30, False),           # no room for its outputs: later,
-    (end(EVALUATION, 2, disk_full=FULL), 0, L.FAILED, 30, False),          # even a 2 (an empty metrics.json)
-    (end(EVALUATION, 0, done_problem="metrics.json: not valid JSON", disk_full=FULL), 2, L.FAILED, 30, False),
+    (end(INFERENCE, 1, outside_cause=FULL), 2, L.FAILED, 30, False),           # no room for its outputs: later,
+    (end(EVALUATION, 2, outside_cause=FULL), 0, L.FAILED, 30, False),          # even a 2 (an empty metrics.json)
+    (end(EVALUATION, 0, done_problem="metrics.json: not valid JSON", outside_cause=FULL), 2, L.FAILED, 30, False),
 ])
 def test_an_exit_outcome_follows_the_exit_code_protocol(stage_end, attempts, to, retry_in, counted):
     move = P.stage_outcome(job(P.STAGE_STATES[stage_end.stage][1], attempts=attempts), stage_end, RETRY, NOW)
@@ -84,11 +84,33 @@ def test_a_stage_that_cannot_start_for_want_of_room_waits_for_it_without_spendin
     """ENOSPC preparing the stage on a full cache_dir failed the job for good after max_attempts (3 quick
     retries), and nothing reran it when the space came back."""
     move = P.start_failed(job(L.PENDING, attempts=2), INFERENCE, "preparing the stage: [Errno 28] No space left",
-                          RETRY, NOW, disk_full=FULL)
+                          RETRY, NOW, outside_cause=FULL)
     assert move.to == L.FAILED and move.fields["next_retry_at"] == NOW + 30 and "attempts" not in move.fields
     assert FULL in move.fields["last_error"] and "not counted as an attempt" in move.note
     other = P.start_failed(job(L.PENDING, attempts=2), INFERENCE, "sbatch: error", RETRY, NOW)
     assert other.fields["attempts"] == 3 and other.fields["next_retry_at"] is None  # anything else: an attempt
+
+
+CONTROLLER_DOWN = "the Slurm controller could not be reached"
+
+
+@pytest.mark.parametrize("problem, outside_cause, waited, to, retry_in, counted", [
+    # a controller outage of a few minutes: waits on the tempfail budget, attempts untouched
+    ("sbatch: Unable to contact slurm controller (connect failure)", CONTROLLER_DOWN, 0, L.FAILED, 30, False),
+    ("sbatch: Socket timed out on send/recv operation", CONTROLLER_DOWN, 100, L.FAILED, 100, False),
+    ("sbatch: Unable to contact slurm controller", CONTROLLER_DOWN, 3600, L.FAILED, None, False),  # budget spent
+    ("preparing the stage: [Errno 28] No space left", FULL, 0, L.FAILED, 30, False),  # a full disk: the same path
+    ("sbatch: Invalid partition name specified", None, 0, L.FAILED, None, True),  # a refusal: the last attempt
+])
+def test_a_start_that_failed_for_a_cause_outside_the_job_waits_instead_of_spending_attempts(
+        problem, outside_cause, waited, to, retry_in, counted):
+    since = None if waited == 0 else NOW - waited
+    move = P.start_failed(job(L.INFERRING, attempts=2, tempfail_since=since), INFERENCE, problem, RETRY, NOW,
+                          outside_cause=outside_cause)
+    assert move.to == to
+    assert move.fields["next_retry_at"] == (None if retry_in is None else NOW + retry_in)
+    assert ("attempts" in move.fields) == counted
+    assert problem in move.fields["last_error"] and (outside_cause or "") in move.fields["last_error"]
 
 
 def test_a_crash_after_tempfails_restarts_the_attempt_count_not_the_budget_clock():

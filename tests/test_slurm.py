@@ -217,3 +217,25 @@ def test_kill_9_between_the_two_sbatch_calls_then_restart_runs_the_pipeline_once
     first, again = jobs[0], jobs[1:]
     assert first["name"].endswith(f"-{row['token']}-infer") and first["state"] == "CANCELLED"  # found by token
     assert [(j["name"][-6:], j["state"]) for j in again] == [("-infer", "COMPLETED"), ("-evalu", "COMPLETED")]
+
+
+def test_a_controller_outage_at_submission_is_waited_out_not_counted_as_attempts(tmp_path, venvs, slurm_cluster,
+                                                                                   monkeypatch):
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg, run = slurm_config(tmp_path, [bench("qa")])  # max_attempts 2
+    # fault injection: the first 3 sbatch calls answer as sbatch does while slurmctld is down; then it is back
+    real = shutil.which("sbatch")
+    count, fake_bin = tmp_path / "sbatch.count", tmp_path / "fake-bin"
+    fake_bin.mkdir()
+    (fake_bin / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f"n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}\n"
+        "if [ $n -le 3 ]; then echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller "
+        "(connect failure)' >&2; exit 1; fi\n"
+        f"exec {real} \"$@\"\n")
+    (fake_bin / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    proc = run_cli("--config", cfg, "--once", check=0, timeout=240)
+    assert "not counted as an attempt" in proc.stderr and "could not be reached" in proc.stderr
+    assert states(tmp_path / "cache") == {(1000, "qa"): "recorded"}
+    assert ledger_rows(tmp_path / "cache")[0]["attempts"] == 0

@@ -258,3 +258,109 @@ def test_a_job_slurm_no_longer_knows_fails_with_a_clear_reason(tmp_path, slurm_c
     ex.jobs["999999999"] = slurm.SlurmJob(("r", 1, "b"), EVALUATION, "tok", "999999999", time.monotonic())
     (gone,) = exits_until(ex, 1, timeout=10)
     assert gone.returncode == 1 and "unknown to squeue and sacct" in gone.reason
+
+
+# ---- a controller that does not answer, a scancel that fails --------------------------------------------
+
+
+@pytest.mark.parametrize("returncode, stderr, unreachable", [
+    (1, "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", True),
+    (1, "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", True),
+    (1, "sbatch: error: Slurm temporarily unavailable", True),
+    (124, "sbatch timed out after 30 s", True),  # our own timeout
+    (1, "sbatch: error: Batch job submission failed: Invalid partition name specified", False),  # a refusal
+    (1, "sbatch: error: Batch job submission failed: Invalid qos specification", False),
+    (127, "`sbatch` not found; is this a Slurm submit host?", False),
+])
+def test_a_slurm_client_that_could_not_reach_the_controller_is_told_from_a_refusal(returncode, stderr, unreachable):
+    assert slurm._unreachable(subprocess.CompletedProcess(["sbatch"], returncode, "", stderr)) == unreachable
+
+
+def fake_client(tmp_path, monkeypatch, name: str, body: str) -> str:
+    """Fault injection: a Slurm client `name` earlier on PATH running the shell lines `body` ($REAL is the real
+    client); returns the folder it is in."""
+    fake_bin = tmp_path / "fake-bin"
+    fake_bin.mkdir(exist_ok=True)
+    real = shutil.which(name, path=os.environ["PATH"].removeprefix(f"{fake_bin}:"))
+    (fake_bin / name).write_text(f"#!/bin/bash\nREAL={real}\n{body}\n")
+    (fake_bin / name).chmod(0o755)
+    if not os.environ["PATH"].startswith(f"{fake_bin}:"):
+        monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    return str(fake_bin)
+
+
+def queued_named(name: str) -> list[str]:
+    return subprocess.run(["squeue", "-h", "--me", f"--name={name}", "-o", "%i"], capture_output=True,
+                          text=True).stdout.split()
+
+
+@pytest.mark.slow
+def test_an_unreachable_controller_is_a_submit_failure_outside_the_job_and_a_refusal_is_not(tmp_path, slurm_cluster,
+                                                                                          monkeypatch):
+    # fault injection: sbatch answers as it does while slurmctld is down (`scontrol shutdown`), nothing is queued
+    fake_client(tmp_path, monkeypatch, "sbatch", "echo 'sbatch: error: Batch job submission failed: Unable to "
+                                                 "contact slurm controller (connect failure)' >&2; exit 1")
+    with pytest.raises(SubmitError, match="Unable to contact slurm controller") as err:
+        executor().submit(pipeline(tmp_path, "echo generated"))
+    assert err.value.outside_cause == slurm.CONTROLLER_DOWN
+    fake_client(tmp_path, monkeypatch, "sbatch", "exec $REAL --partition=no-such-partition \"$@\"")
+    with pytest.raises(SubmitError, match="(?i)invalid partition") as err:
+        executor().submit(pipeline(tmp_path, "echo generated"))
+    assert err.value.outside_cause is None  # the job's own settings: an attempt
+
+
+@pytest.mark.slow
+def test_a_failed_scancel_of_a_failed_inferences_evaluation_is_a_warning_and_slurm_removes_it(tmp_path,
+                                                                                           slurm_cluster, caplog,
+                                                                                           monkeypatch):
+    ex = executor()
+    started = ex.submit(pipeline(tmp_path, "sleep 1; exit 3"))
+    # fault injection: scancel fails as it does while the controller drops
+    fake_client(tmp_path, monkeypatch, "scancel", "echo 'scancel: error: Unable to contact slurm controller' >&2; "
+                                                  "exit 1")
+    (infer,) = exits_until(ex, 1)  # the daemon's poll goes on
+    assert infer.returncode == 3 and not ex.busy()
+    assert f"could not cancel Slurm job(s) {started.then_handle}" in caplog.text
+    assert "--cancel-jobs" not in caplog.text
+    assert slurm_state(started.then_handle) == "CANCELLED"  # --kill-on-invalid-dep=yes
+    with pytest.raises(slurm.EvaluatorError, match=f"--cancel-jobs: scancel {started.handle} failed"):
+        slurm.cancel([started.handle])  # `status --cancel-jobs` does say so
+
+
+@pytest.mark.slow
+def test_a_submission_the_controller_queued_after_sbatch_gave_up_is_cancelled_by_name_when_it_shows_up(
+        tmp_path, slurm_cluster, caplog, monkeypatch):
+    # fault injection: sbatch queues the job for real, then fails as it does when a hung controller answers after
+    # sbatch's own timeout; scancel cannot reach the controller until `down` is removed
+    down = tmp_path / "down"
+    down.touch()
+    fake_client(tmp_path, monkeypatch, "sbatch", "$REAL \"$@\" >/dev/null\n"
+                "echo 'sbatch: error: Batch job submission failed: Socket timed out on send/recv operation' >&2; "
+                "exit 1")
+    fake_client(tmp_path, monkeypatch, "scancel", f"if [ -e {down} ]; then echo 'scancel: error: Unable to contact "
+                                                  "slurm controller' >&2; exit 1; fi\nexec $REAL \"$@\"")
+    ex = executor()
+    lch = launch(tmp_path, EVALUATION, "sleep 60")
+    with pytest.raises(SubmitError, match="Socket timed out") as err:
+        ex.submit(lch)
+    assert err.value.outside_cause == slurm.CONTROLLER_DOWN
+    name = job_name(lch.key, EVALUATION, lch.token)
+    (stray,) = queued_named(name)  # nobody tracks it, and it would write the results folder of the next attempt
+    assert ex.poll() == [] and queued_named(name) == [stray]  # still unreachable: tried again later
+    down.unlink()
+    wait_until(lambda: ex.poll() == [] and not queued_named(name), timeout=20, interval=0.3, what="the stray cancelled")
+    assert slurm_state(stray) == "CANCELLED"
+    assert f"cancelled Slurm job {stray} ({name})" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_submission_sbatch_gave_up_on_is_cancelled_at_once_when_the_controller_answers_scancel(
+        tmp_path, slurm_cluster, monkeypatch):
+    # fault injection: sbatch queues the job for real, then reports a timeout (see above); scancel works
+    fake_client(tmp_path, monkeypatch, "sbatch", "$REAL \"$@\" >/dev/null\n"
+                "echo 'sbatch: error: Batch job submission failed: Socket timed out on send/recv operation' >&2; "
+                "exit 1")
+    lch = launch(tmp_path, EVALUATION, "sleep 60")
+    with pytest.raises(SubmitError):
+        executor().submit(lch)
+    assert queued_named(job_name(lch.key, EVALUATION, lch.token)) == []

@@ -371,7 +371,7 @@ class Daemon:
         full = None if ok and done_problem is None else heartbeat.disk_full(self.cfg.cache_dir)
         end = P.StageEnd(stage=ex.stage, returncode=ex.returncode, seconds=ex.seconds, timed_out=ex.timed_out,
                          reason=ex.reason, done_problem=done_problem, changed=changed, checkpoint_gone=gone,
-                         disk_full=full,
+                         outside_cause=full,
                          timeout_minutes=self.timeouts[ex.stage] / 60,
                          log_tail="" if ok and done_problem is None else log_tail(os.path.join(out, LOG_FILE[ex.stage])))
         if full:  # what the failed attempt wrote may be what filled the disk: room first (the ledger needs it too)
@@ -746,7 +746,7 @@ class Daemon:
         except OSError as e:  # ENOSPC/EACCES writing the job spec: this job fails, the daemon goes on
             full = heartbeat.disk_full(self.cfg.cache_dir) or (
                 f"cache_dir {self.cfg.cache_dir}: {e.strerror}" if e.errno in (errno.ENOSPC, errno.EDQUOT) else None)
-            self.fail_start(job.key, stage, f"preparing the stage: {e}", disk_full=full)
+            self.fail_start(job.key, stage, f"preparing the stage: {e}", outside_cause=full)
             return 0
         running = P.STAGE_STATES[stage][1]
         handle = "infer_job" if stage == INFERENCE else "eval_job"
@@ -757,7 +757,7 @@ class Daemon:
         try:
             started = self.executor.submit(launch)
         except SubmitError as e:
-            self.fail_start(job.key, stage, str(e))
+            self.fail_start(job.key, stage, str(e), outside_cause=e.outside_cause)
             return 0
         self.record_started(started)
         log.info("%s %s: started (%s)", stage, job.key, started.where)
@@ -772,14 +772,14 @@ class Daemon:
             fields["pid"] = int(started.handle)
         self.ledger.update(started.key, **fields)
 
-    def fail_start(self, key: tuple, stage: str, problem: str, disk_full: Optional[str] = None) -> None:
+    def fail_start(self, key: tuple, stage: str, problem: str, outside_cause: Optional[str] = None) -> None:
         job = self.ledger.get(key)
         if job is None or job.state not in (P.STAGE_STATES[stage][0], P.STAGE_STATES[stage][1]):
             return
         if job.state == L.INFERRED:  # evaluation could not start: it still counts, from scoring's view
             self.apply(P.Move(job.key, L.SCORING, "starting"))
             job = self.ledger.get(key)
-        self.apply(P.start_failed(job, stage, problem, self.policy, time.time(), disk_full))
+        self.apply(P.start_failed(job, stage, problem, self.policy, time.time(), outside_cause))
 
     def launch(self, job: L.Job, stage: str, checkpoint: str, token: str) -> Launch:
         """Write the stage's job spec (and, for inference, the evaluation's: executors that chain

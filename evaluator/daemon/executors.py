@@ -19,7 +19,14 @@ from evaluator.common.contracts import TOKEN_ENV  # noqa: F401  (re-exported: lo
 
 
 class SubmitError(RuntimeError):
-    """The executor could not start the work; nothing it started is left running."""
+    """The executor could not start the work; nothing it started is left running.
+
+    `outside_cause` says, in words, when the failure is not the work's fault (the Slurm controller could not be
+    reached): the daemon then retries on the tempfail budget instead of counting an attempt."""
+
+    def __init__(self, message: str, outside_cause: Optional[str] = None):
+        super().__init__(message)
+        self.outside_cause = outside_cause
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,9 @@ class StageEnd:
     checkpoint_gone: bool = False  # the original is deleted and no snapshot protects it
     timeout_minutes: float = 0.0
     log_tail: str = ""
-    disk_full: Optional[str] = None  # cache_dir's disk was full when it failed (heartbeat.disk_full's words)
+    # a cause outside the job, in words, that explains its failure: cache_dir's disk full (heartbeat.disk_full's
+    # words), or for a start, a Slurm controller that could not be reached (start_failed)
+    outside_cause: Optional[str] = None
 
 
 def _describe_exit(end: StageEnd) -> str:
@@ -245,7 +247,8 @@ def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) ->
     - the checkpoint changed under the stage: the result is discarded and inference runs again (not an attempt).
     - 2: the stage says its spec or data is wrong: failed for good at once, with its message.
     - 75: retried with backoff on its own time budget (policy.tempfail_seconds), not counted as an attempt.
-    - any failure while cache_dir's disk is full (`disk_full`): the same as 75 (the outputs had no room).
+    - any failure with a cause outside the job (`outside_cause`: cache_dir's disk full, so the outputs had no
+      room; a Slurm controller that could not be reached): the same as 75.
     - anything else (crash, timeout, exit 0 without a valid done-file): an attempt; up to max_attempts.
     - an inference that failed because its checkpoint was deleted: vanished (retrying cannot help)."""
     ready, _, done = STAGE_STATES[end.stage]
@@ -257,9 +260,9 @@ def stage_outcome(job: L.Job, end: StageEnd, policy: RetryPolicy, now: float) ->
         return Move(job.key, done, f"{end.stage} done in {end.seconds:.1f}s",
                     {**clear, "attempts": 0, "last_error": None, "next_retry_at": None, "tempfail_since": None})
     problem = _describe_exit(end)
-    full = end.disk_full and not end.timed_out  # its outputs had no room (any exit, 2 too): not the job's fault
+    full = end.outside_cause and not end.timed_out  # e.g. its outputs had no room (any exit, 2 too): not its fault
     if full:
-        problem = f"{problem} while {end.disk_full}"
+        problem = f"{problem} while {end.outside_cause}"
     error = f"{end.stage}: {problem}\n{end.log_tail}".rstrip()
     failed = {**clear, "resume_state": ready, "last_error": error, "token": None}
     if end.stage == INFERENCE and end.checkpoint_gone:
@@ -294,11 +297,13 @@ def _later(job: L.Job, stage: str, problem: str, failed: dict, policy: RetryPoli
 
 
 def start_failed(job: L.Job, stage: str, problem: str, policy: RetryPolicy, now: float,
-                 disk_full: Optional[str] = None) -> Move:
+                 outside_cause: Optional[str] = None) -> Move:
     """A stage that could not even be started (sbatch refused it, EMFILE while preparing): an attempt like a
-    crash, so a deterministic failure ends after max_attempts instead of looping. On a full cache_dir disk
-    (`disk_full`) it waits for room on the tempfail budget instead."""
-    end = StageEnd(stage=stage, returncode=1, seconds=0.0, reason=f"could not start: {problem}", disk_full=disk_full)
+    crash, so a deterministic failure ends after max_attempts instead of looping. When a cause outside the job
+    explains it (`outside_cause`: a full cache_dir disk, an unreachable Slurm controller) it waits on the
+    tempfail budget instead, like an exit 75: an outage of a few minutes must not fail every pending job."""
+    end = StageEnd(stage=stage, returncode=1, seconds=0.0, reason=f"could not start: {problem}",
+                   outside_cause=outside_cause)
     return stage_outcome(job, end, policy, now)
 
 

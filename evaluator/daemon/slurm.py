@@ -42,6 +42,12 @@ POLL_MIN = 1.0
 PURGED_AFTER_S = 60.0  # unknown to squeue and sacct this long: the job is gone (not just accounting lag)
 RECOVER_WINDOW = "now-30days"  # how far back recover looks for jobs that finished while no daemon ran
 NAMES_PER_CALL = 500  # one argument holds at most 128 KiB (MAX_ARG_STRLEN)
+# what sbatch/scancel print when the controller did not answer (down, restarting, hung): the request may or may
+# not have been queued, and the job is not at fault
+UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out on send/recv operation",
+               "Slurm temporarily unavailable")
+CONTROLLER_DOWN = "the Slurm controller could not be reached"
+STRAY_WATCH_S = 900.0  # how long a poll still cancels a job whose sbatch failed but that the controller may queue
 
 
 @dataclass(frozen=True)
@@ -135,13 +141,25 @@ def _minutes(m: float) -> str:
     return f"{total // 60}:{total % 60:02d}:00"
 
 
-def cancel(job_ids: list[str]) -> None:
-    """scancel these jobs (`status --cancel-jobs`; a finished one is ignored by Slurm); EvaluatorError when
-    scancel is missing or fails."""
+def _unreachable(proc: subprocess.CompletedProcess) -> bool:
+    """The Slurm client failed because the controller did not answer (or our own timeout cut it off)."""
+    return proc.returncode == 124 or any(m in proc.stderr + proc.stdout for m in UNREACHABLE)
+
+
+def _scancel(job_ids: list[str]) -> Optional[str]:
+    """scancel these jobs (a finished one is ignored by Slurm); None, or what went wrong."""
     for chunk in _chunks(job_ids):
         proc = _run(["scancel", *chunk])
         if proc.returncode != 0:
-            raise EvaluatorError(f"--cancel-jobs: scancel {' '.join(chunk)} failed: {_message(proc)}")
+            return f"scancel {' '.join(chunk)} failed: {_message(proc)}"
+    return None
+
+
+def cancel(job_ids: list[str]) -> None:
+    """scancel these jobs (`status --cancel-jobs`); EvaluatorError when scancel is missing or fails."""
+    problem = _scancel(job_ids)
+    if problem:
+        raise EvaluatorError(f"--cancel-jobs: {problem}")
 
 
 class SlurmExecutor:
@@ -151,6 +169,9 @@ class SlurmExecutor:
         self.jobs: dict[str, SlurmJob] = {}  # job id -> every job whose end poll has not reported yet
         self.next_poll = 0.0
         self.interval = POLL_MIN
+        # job name -> monotonic deadline: jobs that must not run but could not be cancelled when that was decided
+        # (an sbatch that failed ambiguously, a scancel the controller did not answer); poll cancels them
+        self.strays: dict[str, float] = {}
 
     # ---- capacity --------------------------------------------------------------------------------
     def _keys(self) -> set:
@@ -199,12 +220,35 @@ class SlurmExecutor:
         if after:
             argv += [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"]
         proc = _run(argv + [script])
-        if proc.returncode == 124:  # the controller may have queued it all the same: no job nobody follows
-            _run(["scancel", "--me", f"--name={job_name(launch.key, launch.stage, token)}"])
         job_id = proc.stdout.strip().split(";")[0]
-        if proc.returncode != 0 or not job_id.isdigit():
-            raise SubmitError(f"sbatch of the {launch.stage} stage failed: {_message(proc)}")
-        return job_id
+        if proc.returncode == 0 and job_id.isdigit():
+            return job_id
+        unreachable = _unreachable(proc)
+        if unreachable or proc.returncode == 0 or proc.returncode < 0:
+            # not a refusal: the controller may queue it all the same (a hung one does, once it resumes), and
+            # the next attempt's job would write the same results folder
+            self._cancel_by_name(job_name(launch.key, launch.stage, token), "its sbatch failed without a refusal")
+        raise SubmitError(f"sbatch of the {launch.stage} stage failed: {_message(proc)}",
+                          outside_cause=CONTROLLER_DOWN if unreachable else None)
+
+    def _cancel_by_name(self, name: str, why: str) -> None:
+        """Cancel any job of this name now, and in later polls for a while: the controller may queue it later,
+        or may not answer now."""
+        self.strays[name] = time.monotonic() + STRAY_WATCH_S
+        proc = _run(["scancel", "--me", f"--name={name}"])
+        if proc.returncode != 0:
+            log.warning("could not cancel Slurm jobs named %s (%s; %s); polls cancel one if it shows up in the next "
+                        "%.0f min", name, why, _message(proc), STRAY_WATCH_S / 60)
+
+    def _cancel_jobs(self, jobs: list[tuple[str, str]], why: str) -> None:
+        """scancel (job id, name) pairs the daemon no longer wants; a failed scancel is a warning and the names
+        are cancelled by a later poll (the controller may be down for a moment: the daemon goes on)."""
+        problem = _scancel([job_id for job_id, _ in jobs])
+        if problem:
+            log.warning("could not cancel Slurm job(s) %s (%s): %s; a later poll cancels them",
+                        ", ".join(i for i, _ in jobs), why, problem)
+            deadline = time.monotonic() + STRAY_WATCH_S
+            self.strays.update({name: deadline for _, name in jobs})
 
     def submit(self, launch: Launch) -> Started:
         """sbatch the stage and its chained `then`; tracks nothing unless every sbatch succeeded.
@@ -221,8 +265,11 @@ class SlurmExecutor:
             try:
                 second = self._sbatch(then, launch.token, scripts[1], after=first)
             except SubmitError as e:
-                cancel([first])  # a lone inference would finish into a pipeline nobody follows
-                raise SubmitError(f"{e} (its inference, Slurm job {first}, was cancelled)") from None
+                # a lone inference would finish into a pipeline nobody follows
+                self._cancel_jobs([(first, job_name(launch.key, launch.stage, launch.token))],
+                                  "the inference of an evaluation that could not be submitted")
+                raise SubmitError(f"{e} (its inference, Slurm job {first}, was cancelled)",
+                                  outside_cause=e.outside_cause) from None
         now = time.monotonic()
         self.jobs[first] = SlurmJob(launch.key, launch.stage, launch.token, first, now)
         if second is not None:
@@ -279,7 +326,8 @@ class SlurmExecutor:
             if intent.stage == INFERENCE and infer and not evalu:
                 log.warning("%s: Slurm job %s has no chained evaluation job (the daemon stopped between the two "
                             "sbatch calls); cancelled, the pipeline starts again", intent.key, infer)
-                cancel([infer])
+                self._cancel_jobs([(infer, job_name(intent.key, INFERENCE, intent.token))],
+                                  "an inference without its chained evaluation")
             elif intent.stage == INFERENCE and infer:
                 self.jobs[infer] = SlurmJob(intent.key, INFERENCE, intent.token, infer, now)
                 self.jobs[evalu] = SlurmJob(intent.key, EVALUATION, intent.token, evalu, now)
@@ -298,13 +346,28 @@ class SlurmExecutor:
         self.next_poll = 0.0
         self.interval = POLL_MIN
 
-    def _queued(self) -> Optional[set[str]]:
-        """Ids of this user's jobs Slurm still holds as queued/running; None if squeue did not answer."""
-        proc = _run(["squeue", "-h", "--me", "-o", "%i"])
+    def _queued(self) -> Optional[dict[str, str]]:
+        """{id: name} of this user's jobs Slurm still holds as queued/running; None if squeue did not answer."""
+        proc = _run(["squeue", "-h", "--me", "-o", "%i|%j"])
         if proc.returncode != 0:
             log.warning("squeue failed (%s); trying again later", _message(proc))
             return None
-        return {line.strip() for line in proc.stdout.splitlines()}
+        return dict(line.strip().partition("|")[::2] for line in proc.stdout.splitlines() if line.strip())
+
+    def _cancel_strays(self, queued: dict[str, str], now: float) -> None:
+        self.strays = {name: until for name, until in self.strays.items() if until > now}
+        found = [(job_id, name) for job_id, name in queued.items() if name in self.strays]
+        if not found:
+            return
+        problem = _scancel([job_id for job_id, _ in found])
+        if problem:
+            log.warning("could not cancel Slurm job(s) %s, which must not run: %s; trying again next poll",
+                        ", ".join(i for i, _ in found), problem)
+            return
+        for job_id, name in found:
+            log.warning("cancelled Slurm job %s (%s): its submission failed or it was abandoned, yet the "
+                        "controller holds it", job_id, name)
+            del self.strays[name]
 
     def _finished(self, job_ids: list[str]) -> dict[str, JobState]:
         """States of jobs squeue no longer lists: one sacct call; the controller's memory for what
@@ -327,12 +390,14 @@ class SlurmExecutor:
         """Jobs that ended since the last call. A failed inference takes its chained evaluation with it;
         a succeeded one hands it over as `then_started`, and that evaluation's end comes in a later poll."""
         now = time.monotonic()
-        if not self.jobs or now < self.next_poll:
+        if not (self.jobs or self.strays) or now < self.next_poll:
             return []
         queued = self._queued()
         if queued is None:
             self._back_off(now, changed=False)
             return []
+        if self.strays:
+            self._cancel_strays(queued, now)
         gone = [i for i in self.jobs if i not in queued]
         states = self._finished(gone) if gone else {}
         inferring = {j.key for j in self.jobs.values() if j.stage == INFERENCE}
@@ -371,7 +436,9 @@ class SlurmExecutor:
         if evalu is None:
             return None
         if returncode != 0:
-            cancel([evalu.job_id])  # its dependency can never be satisfied
+            # its dependency can never be satisfied: Slurm removes it anyway (--kill-on-invalid-dep=yes)
+            self._cancel_jobs([(evalu.job_id, job_name(evalu.key, EVALUATION, evalu.token))],
+                              f"the evaluation chained to failed Slurm job {infer.job_id}")
             del self.jobs[evalu.job_id]
             return None
         evalu.started = now
@@ -395,7 +462,8 @@ class SlurmExecutor:
 
     def cancel(self, key: tuple) -> None:
         """scancel and forget every job of this key."""
-        ids = [i for i, j in self.jobs.items() if j.key == key]
-        cancel(ids)
-        for i in ids:
+        jobs = [(i, job_name(j.key, j.stage, j.token)) for i, j in self.jobs.items() if j.key == key]
+        if jobs:
+            self._cancel_jobs(jobs, f"the jobs of {key}")
+        for i, _ in jobs:
             del self.jobs[i]
