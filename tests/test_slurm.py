@@ -186,6 +186,28 @@ def test_status_cancel_jobs_cancels_what_a_stopped_daemon_left_running(tmp_path,
                timeout=60, interval=1, what="both jobs cancelled in sacct")
 
 
+def test_status_cancel_jobs_finds_jobs_the_ledger_knows_only_by_their_token(tmp_path, venvs, slurm_cluster, daemons):
+    """A daemon killed between sbatch and noting the job ids leaves a row with its intent token and no ids:
+    --cancel-jobs said "cancelled 0 Slurm job(s)" and both jobs ran on. It finds them by name, as recovery does."""
+    import sqlite3
+
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=60)])
+    cache = tmp_path / "cache"
+    d = daemons(cfg)
+    wait_until(lambda: (ledger_rows(cache) or [{}])[0].get("eval_job"), timeout=60, what="a submitted pipeline")
+    d.kill()  # kill -9: the jobs run on
+    db = sqlite3.connect(cache / "ledger.sqlite3")
+    with db:  # as if it died before noting the ids: only the token the intent wrote first is there
+        db.execute("UPDATE jobs SET infer_job=NULL, eval_job=NULL")
+    db.close()
+    assert ledger_rows(cache)[0]["token"]
+    out = run_cli("status", "--config", cfg, "--cancel-jobs", check=0).stdout
+    assert "cancelled 2 Slurm job(s)" in out, out
+    wait_until(lambda: all(j["state"] == "CANCELLED" for j in sacct_jobs(run)) and len(sacct_jobs(run)) == 2,
+               timeout=60, interval=1, what="both jobs cancelled in sacct")
+
+
 def test_a_refused_evaluation_sbatch_fails_the_attempt_and_cancels_its_inference(tmp_path, venvs, slurm_cluster, monkeypatch):
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa", infer_sleep=5)])

@@ -51,6 +51,14 @@ def test_sacct_lines_give_state_first_word_exit_code_and_elapsed():
     assert states["13"] == JobState("COMPLETED", "0:0", "None", 9.0)  # a requeued job: its latest record
 
 
+def test_a_job_cancelled_after_it_ran_says_by_whom_not_why_it_once_waited():
+    """An evaluation that waited on its inference (Reason Dependency), ran 8 s and was scancel'ed by root was
+    reported as "CANCELLED (Dependency)", as if Slurm had dropped it for its dependency."""
+    (state,) = parse_sacct("16|CANCELLED by 0|0:15|Dependency|8\n").values()
+    assert state == JobState("CANCELLED", "0:15", "by uid 0", 8.0)
+    assert exit_of("16", state) == (-15, False, "Slurm job 16 CANCELLED (by uid 0)")
+
+
 def test_scontrol_one_liners_give_name_and_state_of_every_job_in_memory():
     text = ("JobId=1 JobName=eval-r-1-b-t-infer UserId=root(0) JobState=FAILED Reason=NonZeroExitCode "
             "Dependency=(null) ExitCode=3:0 RunTime=00:00:03\n"

@@ -103,7 +103,12 @@ def parse_sacct(text: str) -> dict[str, JobState]:
         if len(parts) < 5 or not parts[0]:
             continue
         elapsed = float(parts[4]) if parts[4].isdigit() else None
-        out[parts[0]] = JobState((parts[1].split() or ["UNKNOWN"])[0], parts[2], parts[3], elapsed)
+        words = parts[1].split() or ["UNKNOWN"]
+        reason = parts[3]
+        if words[1:2] == ["by"] and len(words) == 3 and elapsed:
+            # cancelled after it ran: Reason still holds why it once waited (Dependency), not why it ended
+            reason = f"by uid {words[2]}"
+        out[parts[0]] = JobState(words[0], parts[2], reason, elapsed)
     return out
 
 
@@ -153,6 +158,16 @@ def _scancel(job_ids: list[str]) -> Optional[str]:
         if proc.returncode != 0:
             return f"scancel {' '.join(chunk)} failed: {_message(proc)}"
     return None
+
+
+def queued_named(names: set[str]) -> list[str]:
+    """Ids of this user's queued or running jobs whose name is in `names` (one squeue call); EvaluatorError when
+    squeue does not answer."""
+    proc = _run(["squeue", "-h", "--me", "-o", "%i|%j"])
+    if proc.returncode != 0:
+        raise EvaluatorError(f"--cancel-jobs: squeue failed ({_message(proc)}); cannot tell which jobs run")
+    return [i for i, _, name in (line.strip().partition("|") for line in proc.stdout.splitlines())
+            if name in names and i.isdigit()]
 
 
 def cancel(job_ids: list[str]) -> None:

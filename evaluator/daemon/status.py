@@ -62,7 +62,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from evaluator.common.contracts import LOG_FILE, METRICS, PROGRESS, STAGES, read_metrics, result_dir
+from evaluator.common.contracts import (EVALUATION, INFERENCE, LOG_FILE, METRICS, PROGRESS, STAGES, read_metrics,
+                                         result_dir)
 from evaluator.common.errors import EvaluatorError, did_you_mean
 from evaluator.daemon import heartbeat as H
 from evaluator.daemon import ledger as L
@@ -804,7 +805,9 @@ def retry_recording(cfg: AutoEvalConfig, run: Optional[str]) -> str:
 
 
 def cancel_jobs(cfg, jobs: list[L.Job]) -> str:
-    from evaluator.daemon.slurm import cancel
+    """scancel the Slurm jobs of running rows: those the ledger holds the ids of, and those known only by the
+    row's intent token (a daemon killed between sbatch and noting the id): found by their names, as recovery does."""
+    from evaluator.daemon.slurm import cancel, job_name, queued_named
 
     if cfg.executor.type != "slurm":  # a local stage's handle is its pid: never a number to give scancel
         raise EvaluatorError(f"--cancel-jobs: cancels the Slurm jobs of executor.type slurm; this config runs "
@@ -812,6 +815,11 @@ def cancel_jobs(cfg, jobs: list[L.Job]) -> str:
 
     ids = [j.infer_job for j in jobs if j.state == L.INFERRING and j.infer_job]
     ids += [j.eval_job for j in jobs if j.state in (L.INFERRING, L.INFERRED, L.SCORING) and j.eval_job]
+    names = {job_name(j.key, stage, j.token) for j in jobs
+             if j.token and j.state in (L.INFERRING, L.INFERRED, L.SCORING)
+             for stage in ((INFERENCE, EVALUATION) if j.state == L.INFERRING else (EVALUATION,))}
+    if names:
+        ids += [i for i in queued_named(names) if i not in ids]
     cancel(ids)
     return f"cancelled {len(ids)} Slurm job(s): {' '.join(ids) or '-'}"
 
