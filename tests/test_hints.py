@@ -229,11 +229,12 @@ def test_a_huge_folder_is_read_only_up_to_the_listing_cap(tmp_path, monkeypatch)
 
 # ---- found, but nothing complete ------------------------------------------------------------------------
 def aged(root, seconds: float = 3600):
-    """Backdate every checkpoint folder: saves that finished long ago (a fresh one may still be being written)."""
-    for entry in os.scandir(root):
-        if entry.is_dir():
-            t = time.time() - seconds
-            os.utime(entry.path, (t, t))
+    """Backdate every checkpoint folder and what is in it: saves that finished long ago (a fresh one may still be
+    being written)."""
+    t = time.time() - seconds
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.utime(os.path.join(folder, name), (t, t))
     return root
 
 

@@ -427,6 +427,26 @@ def test_verify_catches_the_original_saved_again_where_a_hardlink_snapshot_copie
     keeper.shutdown()
 
 
+def test_an_original_that_cannot_be_checked_leaves_the_result_standing_with_a_warning(tmp_path, caplog):
+    """The trainer's storage failing a stat of the original (ESTALE mid-rotation on NFS, EIO) escaped verify: the
+    stage's end was dropped (its row left inferring) and a restarting daemon crashed in recovery. The fault is
+    real: the original's file is replaced by a symbolic link to itself, whose stat fails with ELOOP."""
+    import errno
+    import logging
+
+    ck, ledger, keeper = pinned_hf(tmp_path, "copy")
+    weights = ck / "model.safetensors"
+    weights.unlink()
+    os.symlink(weights, weights)
+    with pytest.raises(OSError) as e:
+        os.stat(weights)
+    assert e.value.errno == errno.ELOOP
+    with caplog.at_level(logging.WARNING, logger="evaluator"):
+        assert keeper.verify("run", 10) is None  # the snapshot, what the stage read, is whole
+    assert f"could not check whether {ck} was saved again" in caplog.text
+    keeper.shutdown()
+
+
 @pytest.mark.parametrize("rotated", ["the whole checkpoint", "one file, the rest still being deleted"])
 def test_an_original_rotated_away_after_the_pin_is_not_a_change(tmp_path, rotated):
     ck, ledger, keeper = pinned_hf(tmp_path, "copy")

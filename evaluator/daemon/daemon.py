@@ -185,7 +185,8 @@ class Daemon:
         self.stop_reason = "crashed (the log says why)"  # what daemon.json says once it stops; set on clean ends
         self.held: dict[str, str] = {}  # benchmark -> why nothing of it may start now (policy.hold_reason)
         self.last_served: dict[str, str] = {}  # stage -> the run whose job started last (choose's turn)
-        self.disk_was_full = False  # dispatch said cache_dir's disk is full (and starts nothing until it has room)
+        # what dispatch said of cache_dir's disk when it was full (it starts nothing until there is room), else None
+        self.disk_was_full: Optional[str] = None
         self.settings_changed: dict[str, dict] = {}  # benchmark -> {results, changes} while it is held for it
         self.hints: dict[str, list] = {}  # run -> hints.Hint: why its folder gives nothing (or less than expected)
         self.started_wall = time.time()
@@ -477,11 +478,12 @@ class Daemon:
         self.admit(run, [c for it, c in present.items() if it not in full])
         incomplete = [c for c in checkpoints if not c.complete and not c.invalid
                       and c.iteration not in full]
-        # a run with every checkpoint known and admitted needs no hint; one with a checkpoint waited on (or that had
-        # one at the last scan, to clear its hint) is diagnosed again
-        if not full or not st.hinted or incomplete or st.had_incomplete:
+        # a run with every checkpoint known and admitted needs no hint; one with a selected checkpoint waited on (or
+        # that had one at the last scan, to clear its hint) is diagnosed again
+        waited = any(self.selection.selects(c.iteration) for c in incomplete)
+        if not full or not st.hinted or waited or st.had_incomplete:
             self.set_hints(run, diagnose(layout.root, layout.name, checkpoints, self.selection, self.cfg.watch.pattern))
-        st.had_incomplete = bool(incomplete)
+        st.had_incomplete = waited
         for it in sorted(set(st.unfinished) - set(present)):
             # deleted before it ever counted as complete (a trainer's save_total_limit rotating faster than the settle
             # wait, or a save given up): no row, so nothing else would ever say it existed
@@ -694,12 +696,12 @@ class Daemon:
 
     def dispatch(self) -> None:
         full = heartbeat.disk_full(self.cfg.cache_dir)
-        if bool(full) != self.disk_was_full:
+        if bool(full) != bool(self.disk_was_full):
             if full:
                 log.warning("%s: no stage starts until there is room (its outputs could not be written)", full)
             else:
                 log.info("cache_dir has room again: stages start")
-            self.disk_was_full = bool(full)
+        self.disk_was_full = full
         if full:
             return
         for stage in (INFERENCE, EVALUATION):
@@ -721,6 +723,8 @@ class Daemon:
                     break
                 try:
                     n = self.start_stage(job, stage)
+                    if n < 0:  # the executor cannot be reached (a hung Slurm controller): no more tries this pass
+                        return
                     started += n
                     if n:
                         self.last_served[stage] = job.run  # the next pass starts with the run after it
@@ -731,7 +735,8 @@ class Daemon:
                     self.fail_start(job.key, stage, f"{type(e).__name__}: {e}")
 
     def start_stage(self, job: L.Job, stage: str) -> int:
-        """Two-phase: the intent (a token) is durable in the ledger before the executor starts anything."""
+        """Two-phase: the intent (a token) is durable in the ledger before the executor starts anything. Returns
+        the number started (0 or 1), or -1 when the executor could not be reached (each try may take its timeout)."""
         if stage == EVALUATION and stage_done(INFERENCE, self.outdir(job)):
             self.apply(P.Move(job.key, L.PENDING, "inference outputs missing: infer again"))
             return 0
@@ -758,7 +763,7 @@ class Daemon:
             started = self.executor.submit(launch)
         except SubmitError as e:
             self.fail_start(job.key, stage, str(e), outside_cause=e.outside_cause)
-            return 0
+            return -1 if e.outside_cause else 0
         self.record_started(started)
         log.info("%s %s: started (%s)", stage, job.key, started.where)
         return 1
@@ -1054,6 +1059,7 @@ class Daemon:
                 metrics, why = scored_metrics(os.path.join(self.outdir(j), DONE_FILE[EVALUATION]))
             except OSError as e:  # there but unreadable now: its delivery retries (deliver), nothing is scored again
                 log.warning("%s: its metrics.json cannot be read now (%s): its recording waits", j.key, e)
+                self.finish_recording(j.key)  # every sink may have accepted it just before a crash
                 continue
             if metrics is None:
                 self.score_again(j, f"recovered: metrics missing ({why})")
@@ -1086,16 +1092,18 @@ class Daemon:
             return False  # the counts below are SQL: not asked while work is in flight
         # waiting for their checkpoint to become readable, or for room on a full disk (dispatch): not now; --once
         # says so (once_outcome)
-        runnable = 0 if self.disk_was_full else self.runnable_now() - len(self.unpinnable())
+        runnable = 0 if self.disk_was_full else self.startable_now()
         undelivered = self.ledger.undelivered(self.outbox.names, give_up_after=self.cfg.executor.max_attempts)
         # alerts a channel refused that often stay pending in the ledger: the next start delivers them
         undelivered += self.ledger.alerts_undelivered(self.insight.alerts_out.names, self.cfg.executor.max_attempts)
         return P.idle(P.Backlog(runnable=runnable, undelivered=undelivered))
 
-    def runnable_now(self) -> int:
-        """Wanted rows of benchmarks not held that are ready to start or due to be retried."""
+    def startable_now(self) -> int:
+        """Wanted rows of benchmarks not held that are ready to start or due to be retried, less those waiting for
+        their checkpoint to become readable (unpinnable)."""
         return sum(n for run, bench, n in self.ledger.runnable()
-                   if bench not in self.held and P.wanted(self.runs, self.benchmarks, run, bench))
+                   if bench not in self.held and P.wanted(self.runs, self.benchmarks, run, bench)) - len(
+            self.unpinnable())
 
     def unpinnable(self) -> list[L.Job]:
         """Wanted pending rows of checkpoints that cannot be read to pin (SnapshotKeeper.waiting: permissions, a
@@ -1126,11 +1134,10 @@ class Daemon:
         for (run, iteration), n in sorted(blocked.items()):
             problems.append(f"{run} iteration {iteration}: {n} job(s) waiting, the checkpoint cannot be pinned: "
                             f"{self.keeper.waiting[(run, iteration)]}")
-        full = heartbeat.disk_full(self.cfg.cache_dir)
-        waiting_for_room = self.runnable_now() - len(self.unpinnable()) if full else 0
+        waiting_for_room = self.startable_now() if self.disk_was_full else 0  # the reading idle() went by
         if waiting_for_room > 0:
-            problems.append(f"{waiting_for_room} job(s) waiting, none can start: {full}; they run when a daemon "
-                            f"starts with room")
+            problems.append(f"{waiting_for_room} job(s) waiting, none can start: {self.disk_was_full}; they run "
+                            f"when a daemon starts with room")
         for run, hints in sorted(self.hints.items()) if in_range is None else ():  # a set-up mistake
             problems += [f"run {run}: {h.text}" for h in hints if h.level == "warning"]
         if self.undelivered_given_up():

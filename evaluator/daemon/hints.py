@@ -248,21 +248,35 @@ def _waited_on(found: list[Checkpoint], selection: Selection) -> Optional[Hint]:
     wait without a word (--end-iteration too); a save in progress is not worth a line."""
     now = time.time()
 
-    def stalled(c: Checkpoint) -> bool:
+    def stalled(c: Checkpoint) -> bool:  # nothing in it (two levels down: rank folders) written for a while
         try:
-            return now - os.stat(c.path).st_mtime >= SAVE_IN_PROGRESS_SECONDS
+            return now - _newest_mtime(c.path, depth=2) >= SAVE_IN_PROGRESS_SECONDS
         except OSError:
             return False
 
     waiting = sorted({(c.iteration, c.reason) for c in found if not c.complete and not c.invalid
                       and c.settle_deadline is None and c.reason != "settling" and selection.selects(c.iteration)
-                      and stalled(c)})
+                      and not c.reason.startswith("another folder names") and stalled(c)})
     if not waiting:
         return None
     reasons = Counter(reason for _, reason in waiting).most_common(2)
     said = "; ".join(f"{reason} ({_span(sorted(i for i, r in waiting if r == reason))})" for reason, _ in reasons)
     return Hint(INFO, f"{_n(len(waiting), 'checkpoint')} not complete, waited on (not evaluated until complete): "
                       f"{said}")
+
+
+def _newest_mtime(path: str, depth: int) -> float:
+    """The newest mtime of `path` and what lies under it, `depth` levels down (a file being written is fresh)."""
+    newest = os.stat(path).st_mtime
+    if depth and os.path.isdir(path):
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    newest = max(newest, _newest_mtime(entry.path, depth - 1) if entry.is_dir(follow_symlinks=False)
+                                 else entry.stat(follow_symlinks=False).st_mtime)
+                except OSError:  # gone meanwhile
+                    continue
+    return newest
 
 
 def _count(found: list[Checkpoint], selection: Selection) -> _SelectionCounts:

@@ -66,6 +66,7 @@ class Insight:
         self.best_rules = B.rules_by_run(cfg, runs)
         self.best: dict[str, list[B.Ranked]] = {}
         self.metrics_seen: dict[L.JobKey, tuple[int, Optional[dict]]] = {}  # key -> (revision, metrics.json metrics)
+        self.missed_now = False  # a metrics_of since update_best began could not read a file that is there
         # compare.json is written off the loop (a bootstrap over 10k samples takes seconds): key -> (revision, future)
         self.compare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compare")
         self.comparing: dict[L.JobKey, tuple[int, Future]] = {}
@@ -212,6 +213,7 @@ class Insight:
             metrics = None
         except OSError as e:  # there but unreadable now (EIO, EACCES): left out this time, read again next time
             log.warning("%s: metrics cannot be read now, not a best-checkpoint candidate this time: %s", job.key, e)
+            self.missed_now = True
             return None
         self.metrics_seen[job.key] = (job.revision, metrics)
         return metrics
@@ -233,7 +235,12 @@ class Insight:
         if rule is None:
             return
         rows = self.results_by_iteration(run) if rows is None else rows
+        self.missed_now = False
         kept = B.kept(rule, self.scores(rows, rule.benchmarks))
+        if self.missed_now:  # a ranking without a candidate that is only unreadable for now could release the best
+            log.warning("run %s: best checkpoint not ranked again now (a result could not be read); kept as it was",
+                        run)
+            return
         before = [r.iteration for r in self.best.get(run, [])]
         self.best[run] = kept
         if [r.iteration for r in kept] != before and kept:

@@ -440,7 +440,12 @@ class SnapshotKeeper:
             return f"{change} (while it was being evaluated)"
         original = load_original_manifest(row["manifest"]) if row["state"] == L.PINNED else None
         # an original file that is gone was rotated away (or is being deleted): the snapshot stands in for it
-        change = None if original is None else manifest_changes(row["source"], original, gone_is_change=False)
+        try:
+            change = None if original is None else manifest_changes(row["source"], original, gone_is_change=False)
+        except OSError as e:  # the trainer's storage (ESTALE mid-rotation, EIO): cannot tell; the snapshot was read
+            log.warning("%s iteration %d: could not check whether %s was saved again (%s); its result stands",
+                        run, iteration, row["source"], e)
+            return None
         return None if change is None else f"the original {row['source']} was saved again after the pin ({change})"
 
     def discard(self, run: str, iteration: int) -> None:

@@ -818,9 +818,14 @@ def cancel_jobs(cfg, jobs: list[L.Job]) -> str:
     names = {job_name(j.key, stage, j.token) for j in jobs
              if j.token and j.state in (L.INFERRING, L.INFERRED, L.SCORING)
              for stage in ((INFERENCE, EVALUATION) if j.state == L.INFERRING else (EVALUATION,))}
+    cancel(ids)  # those the ledger knows first, whatever squeue says next
     if names:
-        ids += [i for i in queued_named(names) if i not in ids]
-    cancel(ids)
+        try:
+            found = [i for i in queued_named(names) if i not in ids]
+        except EvaluatorError as e:
+            raise EvaluatorError(f"{e} (cancelled the {len(ids)} the ledger knows: {' '.join(ids) or '-'})") from None
+        cancel(found)
+        ids += found
     return f"cancelled {len(ids)} Slurm job(s): {' '.join(ids) or '-'}"
 
 
