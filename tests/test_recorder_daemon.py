@@ -26,6 +26,21 @@ def states(cache):
     return {(r["iteration"], r["benchmark"]): r["state"] for r in ledger_rows(cache)}
 
 
+def random_metric_with_wandb_blocked(tmp_path, sinks: dict):
+    """Iteration 1000 with a `command` benchmark scoring random.random() (a second scoring gives another number),
+    and W&B unable to record (<cache_dir>/wandb is a file: a real fault) until `blocker` is unlinked;
+    returns (cfg, cache, blocker)."""
+    megatron_checkpoint(tmp_path / "ckpt", 1000)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    blocker = cache / "wandb"
+    blocker.write_text("in the way")
+    sample = "{python} -c \"import json, random; json.dump({{'acc': random.random()}}, open('metrics.json', 'w'))\""
+    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true", "evaluation": sample}],
+                       executor={"backoff_seconds": 0.3}, **sinks)
+    return cfg, cache, blocker
+
+
 def test_a_sink_that_fails_several_times_then_recovers_records_each_result_exactly_once(tmp_path, venvs, daemons):
     """Fault injected for real: <cache_dir>/wandb is a regular file, so the W&B sink cannot write; then it is removed."""
     for it in (1000, 2000):
@@ -96,14 +111,7 @@ def test_a_result_whose_metrics_are_lost_after_one_sink_recorded_it_is_scored_ag
     import json
     import os
 
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    blocker = cache / "wandb"
-    blocker.write_text("in the way")
-    sample = "{python} -c \"import json, random; json.dump({{'acc': random.random()}}, open('metrics.json', 'w'))\""
-    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true", "evaluation": sample}],
-                       executor={"backoff_seconds": 0.3}, **ALL_SINKS)
+    cfg, cache, blocker = random_metric_with_wandb_blocked(tmp_path, ALL_SINKS)
     d = daemons(cfg)
     wait_until(lambda: [h["iteration"] for h in history(cache)] == [1000], timeout=120, what="local recorded 1000")
     metrics = cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json"
@@ -135,15 +143,8 @@ def test_a_metrics_file_that_cannot_be_read_for_a_while_is_recorded_once_as_it_i
     import json
     import os
 
-    megatron_checkpoint(tmp_path / "ckpt", 1000)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    blocker = cache / "wandb"
-    blocker.write_text("in the way")
-    sample = "{python} -c \"import json, random; json.dump({{'acc': random.random()}}, open('metrics.json', 'w'))\""
-    cfg = write_config(tmp_path, [{"name": "qa", "type": "command", "inference": "true", "evaluation": sample}],
-                       executor={"backoff_seconds": 0.3}, recorder={"sinks": ["local", "wandb", "mlflow"],
-                                                                    "max_failures": 100}, wandb={"mode": "offline"})
+    sinks = dict(ALL_SINKS, recorder=dict(ALL_SINKS["recorder"], max_failures=100))
+    cfg, cache, blocker = random_metric_with_wandb_blocked(tmp_path, sinks)
     d = daemons(cfg)
     wait_until(lambda: [h["iteration"] for h in history(cache)] == [1000], timeout=120, what="local recorded 1000")
     metrics = cache / "results" / "tiny" / "iter_0001000" / "qa" / "metrics.json"

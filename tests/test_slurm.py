@@ -49,16 +49,17 @@ def sacct_jobs(run: str) -> list[dict]:
     return sorted(jobs.values(), key=lambda r: int(r["id"]))
 
 
-def fake_sbatch(tmp_path, monkeypatch, second: str) -> None:
-    """Fault injection: an `sbatch` earlier on PATH that hands odd calls (the inference) to the real
-    sbatch and runs the shell line `second` instead of even ones (the chained evaluation)."""
+def fake_sbatch(tmp_path, monkeypatch, second: str, when: str = "$((n % 2)) = 0") -> None:
+    """Fault injection: an `sbatch` earlier on PATH that runs the shell line `second` on the calls where the test
+    `when` holds ($n counts the calls from 1; by default the even ones: the chained evaluation) and hands the
+    other calls to the real sbatch."""
     real = shutil.which("sbatch")
     count, fake_bin = tmp_path / "sbatch.count", tmp_path / "fake-bin"
     fake_bin.mkdir()
     (fake_bin / "sbatch").write_text(
         "#!/bin/bash\n"
         f"n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}\n"
-        f"if [ $((n % 2)) = 0 ]; then {second}; fi\n"
+        f"if [ {when} ]; then {second}; fi\n"
         f"exec {real} \"$@\"\n")
     (fake_bin / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
@@ -246,17 +247,8 @@ def test_a_controller_outage_at_submission_is_waited_out_not_counted_as_attempts
     megatron_checkpoint(tmp_path / "ckpt", 1000)
     cfg, run = slurm_config(tmp_path, [bench("qa")])  # max_attempts 2
     # fault injection: the first 3 sbatch calls answer as sbatch does while slurmctld is down; then it is back
-    real = shutil.which("sbatch")
-    count, fake_bin = tmp_path / "sbatch.count", tmp_path / "fake-bin"
-    fake_bin.mkdir()
-    (fake_bin / "sbatch").write_text(
-        "#!/bin/bash\n"
-        f"n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}\n"
-        "if [ $n -le 3 ]; then echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller "
-        "(connect failure)' >&2; exit 1; fi\n"
-        f"exec {real} \"$@\"\n")
-    (fake_bin / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    fake_sbatch(tmp_path, monkeypatch, "echo 'sbatch: error: Batch job submission failed: Unable to contact slurm "
+                                       "controller (connect failure)' >&2; exit 1", when="$n -le 3")
     proc = run_cli("--config", cfg, "--once", check=0, timeout=240)
     assert "not counted as an attempt" in proc.stderr and "could not be reached" in proc.stderr
     assert states(tmp_path / "cache") == {(1000, "qa"): "recorded"}
